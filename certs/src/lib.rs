@@ -1,0 +1,433 @@
+//! The cluster's certificate authority: creating it, issuing server and agent certificates, and
+//! writing them where the binaries expect them.
+//!
+//! All keys are ECDSA P-256: small, fast to verify on every handshake, and supported by every TLS
+//! stack that might inspect them. Private keys are written with mode 0600 and atomically (a
+//! temporary file renamed into place), so that a reader never sees half a key and a server that
+//! reloads on change never loads a torn file.
+#![forbid(unsafe_code)]
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use ring::rand::SecureRandom;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+
+/// File names inside a data directory. They are part of the command-line contract.
+pub mod files {
+    pub const CA_CERT: &str = "ca.crt";
+    pub const CA_KEY: &str = "ca.key";
+    pub const SERVER_CERT: &str = "server.crt";
+    pub const SERVER_KEY: &str = "server.key";
+    pub const AGENT_CERT: &str = "agent.crt";
+    pub const AGENT_KEY: &str = "agent.key";
+}
+
+/// Default lifetime of the CA: ten years, so that it outlives the clusters it anchors.
+pub const CA_DAYS: u32 = 3650;
+/// Default lifetime of server and agent certificates: one year.
+pub const LEAF_DAYS: u32 = 365;
+
+/// Why a certificate operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable {what}: {detail}")]
+    Invalid {
+        path: PathBuf,
+        what: &'static str,
+        detail: String,
+    },
+    #[error("invalid node name {0:?}: use 1 to 253 letters, digits, '-', '_' or '.'")]
+    BadNodeName(String),
+    #[error("invalid certificate name {name:?}: {detail}")]
+    BadName { name: String, detail: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+    #[error("only one of {0} and {1} exists; restore the other or remove both to create a new CA")]
+    HalfCa(PathBuf, PathBuf),
+}
+
+fn gen(e: rcgen::Error) -> CertError {
+    CertError::Generate(e.to_string())
+}
+
+/// When a certificate is valid.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetime {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Lifetime {
+    /// Valid from an hour ago (tolerating clock skew between hosts) for `days`.
+    pub fn days(days: u32) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Lifetime {
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(i64::from(days)),
+        }
+    }
+}
+
+/// A certificate and its private key, in PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The certificate authority of one cluster.
+pub struct Ca {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// Creates a new self-signed CA.
+    pub fn generate(common_name: &str, lifetime: Lifetime) -> Result<Self, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = lifetime.not_before;
+        params.not_after = lifetime.not_after;
+        params.serial_number = Some(random_serial()?);
+        let cert = params.self_signed(&key).map_err(gen)?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads `ca.crt` and `ca.key` from a data directory.
+    pub fn load(dir: &Path) -> Result<Self, CertError> {
+        let cert_path = dir.join(files::CA_CERT);
+        let key_path = dir.join(files::CA_KEY);
+        let cert_pem = read_string(&cert_path)?;
+        let key_pem = read_string(&key_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CertError::Invalid {
+            path: key_path.clone(),
+            what: "CA private key",
+            detail: e.to_string(),
+        })?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CertError::Invalid {
+                path: cert_path.clone(),
+                what: "CA certificate",
+                detail: e.to_string(),
+            })?;
+        Ok(Ca { cert_pem, issuer })
+    }
+
+    /// Whether `dir` already holds a CA; an error if it holds only half of one.
+    pub fn exists_in(dir: &Path) -> Result<bool, CertError> {
+        let cert = dir.join(files::CA_CERT);
+        let key = dir.join(files::CA_KEY);
+        match (cert.exists(), key.exists()) {
+            (true, true) => Ok(true),
+            (false, false) => Ok(false),
+            _ => Err(CertError::HalfCa(cert, key)),
+        }
+    }
+
+    /// Writes `ca.crt` (0644) and `ca.key` (0600).
+    pub fn save(&self, dir: &Path) -> Result<(), CertError> {
+        write_file(&dir.join(files::CA_CERT), self.cert_pem.as_bytes(), 0o644)?;
+        write_file(
+            &dir.join(files::CA_KEY),
+            self.issuer.key().serialize_pem().as_bytes(),
+            0o600,
+        )
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a server certificate valid for `names` (DNS names or IP literals). It serves both
+    /// as the TLS server identity towards agents and as the client identity towards peers.
+    pub fn issue_server(&self, names: &[String], lifetime: Lifetime) -> Result<Issued, CertError> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+        for name in names {
+            params.subject_alt_names.push(san(name)?);
+        }
+        let cn = names.first().map(String::as_str).unwrap_or("tether-server");
+        params.distinguished_name = dn(cn);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue_leaf(params, lifetime)
+    }
+
+    /// Issues an agent (client) certificate whose common name is the node name: the one
+    /// identity the server believes.
+    pub fn issue_agent(&self, node_name: &str, lifetime: Lifetime) -> Result<Issued, CertError> {
+        validate_node_name(node_name)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+        params.distinguished_name = dn(node_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue_leaf(params, lifetime)
+    }
+
+    fn issue_leaf(
+        &self,
+        mut params: CertificateParams,
+        lifetime: Lifetime,
+    ) -> Result<Issued, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen)?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = lifetime.not_before;
+        params.not_after = lifetime.not_after;
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+impl Issued {
+    /// Writes the certificate (0644) and key (0600).
+    pub fn save(&self, cert_path: &Path, key_path: &Path) -> Result<(), CertError> {
+        write_file(cert_path, self.cert_pem.as_bytes(), 0o644)?;
+        write_file(key_path, self.key_pem.as_bytes(), 0o600)
+    }
+}
+
+/// What `tether-server init` did.
+#[derive(Debug)]
+pub struct InitReport {
+    /// False when an existing CA was kept.
+    pub created_ca: bool,
+    /// The names in the new server certificate.
+    pub names: Vec<String>,
+}
+
+/// Prepares a server's data directory: creates the CA unless one exists, then issues a server
+/// certificate for localhost, the loopback addresses, the host name and `extra_names`.
+pub fn init(
+    dir: &Path,
+    extra_names: &[String],
+    ca_days: u32,
+    leaf_days: u32,
+) -> Result<InitReport, CertError> {
+    create_dir(dir)?;
+    let created_ca = !Ca::exists_in(dir)?;
+    let ca = if created_ca {
+        let ca = Ca::generate("tether CA", Lifetime::days(ca_days))?;
+        ca.save(dir)?;
+        ca
+    } else {
+        Ca::load(dir)?
+    };
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if let Some(h) = hostname() {
+        names.push(h);
+    }
+    names.extend(extra_names.iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    ca.issue_server(&names, Lifetime::days(leaf_days))?.save(
+        &dir.join(files::SERVER_CERT),
+        &dir.join(files::SERVER_KEY),
+    )?;
+    Ok(InitReport { created_ca, names })
+}
+
+/// Issues an agent certificate into `out_dir` as `ca.crt`, `agent.crt`, `agent.key`.
+pub fn issue_agent_files(
+    ca_dir: &Path,
+    node_name: &str,
+    out_dir: &Path,
+    days: u32,
+) -> Result<(), CertError> {
+    let ca = Ca::load(ca_dir)?;
+    let issued = ca.issue_agent(node_name, Lifetime::days(days))?;
+    create_dir(out_dir)?;
+    write_file(&out_dir.join(files::CA_CERT), ca.cert_pem().as_bytes(), 0o644)?;
+    issued.save(
+        &out_dir.join(files::AGENT_CERT),
+        &out_dir.join(files::AGENT_KEY),
+    )
+}
+
+/// Node names become certificate common names, log fields and metric labels: keep them to the
+/// characters Kubernetes allows in node names.
+pub fn validate_node_name(name: &str) -> Result<(), CertError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(CertError::BadNodeName(name.to_string()))
+    }
+}
+
+/// The machine's host name, if it can be read.
+pub fn hostname() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .find(|s| !s.is_empty())
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn san(name: &str) -> Result<rcgen::SanType, CertError> {
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Ok(rcgen::SanType::IpAddress(ip));
+    }
+    let dns = name.to_string().try_into().map_err(|e: rcgen::Error| CertError::BadName {
+        name: name.to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(rcgen::SanType::DnsName(dns))
+}
+
+fn random_serial() -> Result<SerialNumber, CertError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CertError::Generate("no randomness available".into()))?;
+    bytes[0] &= 0x7f; // keep it positive
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn read_string(path: &Path) -> Result<String, CertError> {
+    fs::read_to_string(path).map_err(|source| CertError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn create_dir(dir: &Path) -> Result<(), CertError> {
+    fs::create_dir_all(dir).map_err(|source| CertError::Write {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Writes a file atomically with the given mode: a temporary file beside it, then a rename.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    let err = |source| CertError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(contents).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tether-certs-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn parse(pem_text: &str) -> Vec<u8> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).unwrap();
+        pem.contents
+    }
+
+    #[test]
+    fn init_creates_then_keeps_the_ca() {
+        let d = tmpdir("init");
+        let r = init(&d, &["tether.example".into(), "10.0.0.1".into()], 3650, 365).unwrap();
+        assert!(r.created_ca);
+        let mode = fs::metadata(d.join("ca.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let der = parse(&fs::read_to_string(d.join("server.crt")).unwrap());
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let sans = cert.subject_alternative_name().unwrap().unwrap();
+        let text = format!("{:?}", sans.value.general_names);
+        assert!(text.contains("localhost"), "{text}");
+        assert!(text.contains("tether.example"), "{text}");
+        let ca1 = fs::read_to_string(d.join("ca.crt")).unwrap();
+        let r = init(&d, &[], 3650, 365).unwrap();
+        assert!(!r.created_ca);
+        assert_eq!(ca1, fs::read_to_string(d.join("ca.crt")).unwrap());
+
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn agent_certificate_names_the_node() {
+        let d = tmpdir("agent");
+        init(&d, &[], 3650, 365).unwrap();
+        let out = d.join("node");
+        issue_agent_files(&d, "node-1", &out, 365).unwrap();
+        let der = parse(&fs::read_to_string(out.join("agent.crt")).unwrap());
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let cn = cert.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "node-1");
+        let days = (cert.validity().not_after.timestamp()
+            - cert.validity().not_before.timestamp())
+            / 86400;
+        assert_eq!(days, 365);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn bad_inputs_are_refused() {
+        assert!(validate_node_name("").is_err());
+        assert!(validate_node_name("a b").is_err());
+        assert!(validate_node_name(&"x".repeat(254)).is_err());
+        assert!(validate_node_name("node-1.example_x").is_ok());
+        let d = tmpdir("half");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("ca.crt"), "x").unwrap();
+        assert!(matches!(init(&d, &[], 1, 1), Err(CertError::HalfCa(..))));
+        fs::write(d.join("ca.key"), "not a key").unwrap();
+        assert!(matches!(Ca::load(&d), Err(CertError::Invalid { .. })));
+        let _ = fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,14 @@
+//! Shared pieces of tether: the wire protocol, the transports, the relay, TLS set-up, telemetry
+//! and the admin endpoint.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod backoff;
+pub mod protocol;
+pub mod relay;
+pub mod telemetry;
+pub mod tls;
+pub mod transport;
+
+/// The version of this build, as shown in hellos, logs and `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

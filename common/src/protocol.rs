@@ -1,0 +1,755 @@
+//! The tether wire protocol: frames in, bytes out, no I/O.
+//!
+//! Everything that crosses a tunnel between an agent and a server, or between two servers, is a
+//! frame:
+//!
+//! ```text
+//! +---------+-----------------+------------------------+
+//! | type u8 | length u16 (BE) | body (length bytes)    |
+//! +---------+-----------------+------------------------+
+//! ```
+//!
+//! A tunnel carries one control stream, which opens with [`Message::Hello`], and one stream per
+//! relayed TCP connection, which opens with [`Message::Open`] and is answered by
+//! [`Message::Status`] before any payload flows. After the status, the stream carries raw bytes.
+//!
+//! The decoder is written for hostile input: it never panics, never allocates more than one frame
+//! ([`MAX_FRAME_BODY`]) and reports the first thing that is wrong. Frame types it does not know
+//! decode as [`Message::Unknown`], so that a newer peer can add control messages without breaking
+//! an older one. See `docs/protocol.md` for the full specification.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::fmt;
+
+/// The protocol version this build speaks. A peer announces the range it speaks in its hello.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// The oldest version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u8 = 1;
+/// Largest frame body accepted. Every message fits easily; anything bigger is hostile or broken.
+pub const MAX_FRAME_BODY: usize = 16 * 1024;
+/// Bytes before the body: type and length.
+pub const FRAME_HEADER_LEN: usize = 3;
+/// Largest number of items in any list carried by a message (servers, addresses, capabilities).
+pub const MAX_LIST_ITEMS: usize = 256;
+/// The service every server offers: its kube-apiserver.
+pub const SERVICE_APISERVER: &str = "apiserver";
+
+mod kind {
+    pub const HELLO: u8 = 0x01;
+    pub const WELCOME: u8 = 0x02;
+    pub const SERVER_LIST: u8 = 0x03;
+    pub const HEALTH: u8 = 0x04;
+    pub const DRAIN: u8 = 0x05;
+    pub const NODE_INFO: u8 = 0x06;
+    pub const OPEN: u8 = 0x10;
+    pub const STATUS: u8 = 0x11;
+}
+
+/// Application error codes used when a stream is reset or a tunnel is closed.
+pub mod code {
+    /// Normal close.
+    pub const OK: u32 = 0;
+    /// The TCP connection at the other end was reset; the reset travels on.
+    pub const RESET: u32 = 1;
+    /// The peer broke the protocol.
+    pub const PROTOCOL: u32 = 2;
+    /// The process is shutting down.
+    pub const SHUTDOWN: u32 = 3;
+    /// A limit was reached.
+    pub const LIMIT: u32 = 4;
+}
+
+/// What a stream asks the far side to reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A named service of the server, such as [`SERVICE_APISERVER`].
+    Service(String),
+    /// A host (name or IP literal) and port, reached by the far side. Used by the reverse path.
+    Address { host: String, port: u16 },
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Service(s) => write!(f, "service {s}"),
+            Target::Address { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Target::Address { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// The answer to [`Message::Open`]. Numbers are part of the protocol: never reuse one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusCode {
+    Ok,
+    UpstreamUnreachable,
+    RefusedByPolicy,
+    UnknownService,
+    Busy,
+    Draining,
+    Timeout,
+    NoRoute,
+    BadRequest,
+    /// A code this build does not know; treated as a failure.
+    Other(u8),
+}
+
+impl StatusCode {
+    pub fn to_u8(self) -> u8 {
+        match self {
+            StatusCode::Ok => 0,
+            StatusCode::UpstreamUnreachable => 1,
+            StatusCode::RefusedByPolicy => 2,
+            StatusCode::UnknownService => 3,
+            StatusCode::Busy => 4,
+            StatusCode::Draining => 5,
+            StatusCode::Timeout => 6,
+            StatusCode::NoRoute => 7,
+            StatusCode::BadRequest => 8,
+            StatusCode::Other(n) => n,
+        }
+    }
+
+    pub fn from_u8(n: u8) -> Self {
+        match n {
+            0 => StatusCode::Ok,
+            1 => StatusCode::UpstreamUnreachable,
+            2 => StatusCode::RefusedByPolicy,
+            3 => StatusCode::UnknownService,
+            4 => StatusCode::Busy,
+            5 => StatusCode::Draining,
+            6 => StatusCode::Timeout,
+            7 => StatusCode::NoRoute,
+            8 => StatusCode::BadRequest,
+            n => StatusCode::Other(n),
+        }
+    }
+
+    /// A short, stable label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            StatusCode::Ok => "ok",
+            StatusCode::UpstreamUnreachable => "upstream_unreachable",
+            StatusCode::RefusedByPolicy => "refused_by_policy",
+            StatusCode::UnknownService => "unknown_service",
+            StatusCode::Busy => "busy",
+            StatusCode::Draining => "draining",
+            StatusCode::Timeout => "timeout",
+            StatusCode::NoRoute => "no_route",
+            StatusCode::BadRequest => "bad_request",
+            StatusCode::Other(_) => "other",
+        }
+    }
+}
+
+impl fmt::Display for StatusCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StatusCode::Other(n) => write!(f, "unknown status {n}"),
+            s => f.write_str(&s.label().replace('_', " ")),
+        }
+    }
+}
+
+/// One server as announced to agents and peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// Address agents dial, `host:port`.
+    pub addr: String,
+    pub healthy: bool,
+    pub draining: bool,
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// First frame of the control stream, from the dialing side.
+    Hello {
+        min_version: u8,
+        max_version: u8,
+        /// What the dialer calls itself. Informational only: the server takes the node name from
+        /// the client certificate.
+        node_name: String,
+        capabilities: Vec<String>,
+    },
+    /// The accepting side's answer to [`Message::Hello`].
+    Welcome {
+        version: u8,
+        server_id: String,
+        capabilities: Vec<String>,
+    },
+    /// The servers of the control plane, as the sender knows them.
+    ServerList { servers: Vec<ServerInfo> },
+    /// The sender's upstream health.
+    Health { upstream_healthy: bool },
+    /// The sender is draining: open no new streams to it.
+    Drain,
+    /// The node's addresses, so that the control plane can find it by IP.
+    NodeInfo { addresses: Vec<String> },
+    /// First frame of every relayed stream.
+    Open {
+        version: u8,
+        target: Target,
+        /// How many servers have already relayed this stream (peer relay stops at one hop).
+        hops: u8,
+    },
+    /// The answer to [`Message::Open`]; payload follows only after [`StatusCode::Ok`].
+    Status { code: StatusCode, message: String },
+    /// A frame of a type this build does not know. Control streams skip it.
+    Unknown { kind: u8, len: usize },
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::ServerList { .. } => "server-list",
+            Message::Health { .. } => "health",
+            Message::Drain => "drain",
+            Message::NodeInfo { .. } => "node-info",
+            Message::Open { .. } => "open",
+            Message::Status { .. } => "status",
+            Message::Unknown { .. } => "unknown",
+        }
+    }
+}
+
+/// Why bytes could not be decoded. Every variant is a protocol violation by the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame body of {0} bytes exceeds the limit of {MAX_FRAME_BODY}")]
+    FrameTooLarge(usize),
+    #[error("{msg} frame is truncated")]
+    Truncated { msg: &'static str },
+    #[error("{msg} frame has {extra} trailing bytes")]
+    TrailingBytes { msg: &'static str, extra: usize },
+    #[error("{msg} frame has a string that is not UTF-8")]
+    BadUtf8 { msg: &'static str },
+    #[error("{msg} frame has a list of {count} items, more than {MAX_LIST_ITEMS}")]
+    TooManyItems { msg: &'static str, count: usize },
+    #[error("{msg} frame has an unknown target kind {kind}")]
+    BadTargetKind { msg: &'static str, kind: u8 },
+    #[error("{msg} frame has a bad boolean {value}")]
+    BadBool { msg: &'static str, value: u8 },
+}
+
+/// Why a message could not be encoded. Only oversized content can cause it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{0} message body exceeds {MAX_FRAME_BODY} bytes")]
+    TooLarge(&'static str),
+    #[error("{0} message has a string longer than 65535 bytes")]
+    StringTooLong(&'static str),
+    #[error("{0} message has a list longer than {MAX_LIST_ITEMS} items")]
+    TooManyItems(&'static str),
+    #[error("unknown messages cannot be encoded")]
+    Unknown,
+}
+
+/// Appends one framed message to `out`.
+pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
+    let name = msg.name();
+    let mut body = BytesMut::new();
+    let kind = match msg {
+        Message::Hello {
+            min_version,
+            max_version,
+            node_name,
+            capabilities,
+        } => {
+            body.put_u8(*min_version);
+            body.put_u8(*max_version);
+            put_str(&mut body, node_name, name)?;
+            put_str_list(&mut body, capabilities, name)?;
+            kind::HELLO
+        }
+        Message::Welcome {
+            version,
+            server_id,
+            capabilities,
+        } => {
+            body.put_u8(*version);
+            put_str(&mut body, server_id, name)?;
+            put_str_list(&mut body, capabilities, name)?;
+            kind::WELCOME
+        }
+        Message::ServerList { servers } => {
+            put_count(&mut body, servers.len(), name)?;
+            for s in servers {
+                put_str(&mut body, &s.addr, name)?;
+                body.put_u8(s.healthy as u8);
+                body.put_u8(s.draining as u8);
+            }
+            kind::SERVER_LIST
+        }
+        Message::Health { upstream_healthy } => {
+            body.put_u8(*upstream_healthy as u8);
+            kind::HEALTH
+        }
+        Message::Drain => kind::DRAIN,
+        Message::NodeInfo { addresses } => {
+            put_str_list(&mut body, addresses, name)?;
+            kind::NODE_INFO
+        }
+        Message::Open {
+            version,
+            target,
+            hops,
+        } => {
+            body.put_u8(*version);
+            match target {
+                Target::Service(s) => {
+                    body.put_u8(0);
+                    put_str(&mut body, s, name)?;
+                }
+                Target::Address { host, port } => {
+                    body.put_u8(1);
+                    put_str(&mut body, host, name)?;
+                    body.put_u16(*port);
+                }
+            }
+            body.put_u8(*hops);
+            kind::OPEN
+        }
+        Message::Status { code, message } => {
+            body.put_u8(code.to_u8());
+            put_str(&mut body, message, name)?;
+            kind::STATUS
+        }
+        Message::Unknown { .. } => return Err(EncodeError::Unknown),
+    };
+    if body.len() > MAX_FRAME_BODY {
+        return Err(EncodeError::TooLarge(name));
+    }
+    out.reserve(FRAME_HEADER_LEN + body.len());
+    out.put_u8(kind);
+    out.put_u16(body.len() as u16);
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Encodes one message into a fresh buffer.
+pub fn encode_to_bytes(msg: &Message) -> Result<Bytes, EncodeError> {
+    let mut out = BytesMut::new();
+    encode(msg, &mut out)?;
+    Ok(out.freeze())
+}
+
+/// Decodes the first frame in `buf`.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more and call again), or
+/// the message and how many bytes it used.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return Ok(None);
+    }
+    let kind = buf[0];
+    let len = u16::from_be_bytes([buf[1], buf[2]]) as usize;
+    if len > MAX_FRAME_BODY {
+        return Err(DecodeError::FrameTooLarge(len));
+    }
+    let total = FRAME_HEADER_LEN + len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let body = &buf[FRAME_HEADER_LEN..total];
+    let msg = decode_body(kind, body)?;
+    Ok(Some((msg, total)))
+}
+
+/// How many more bytes are needed before [`decode`] can return a frame, given what is buffered.
+/// Lets readers ask for exactly one frame and never consume payload that follows it.
+pub fn bytes_needed(buf: &[u8]) -> Result<usize, DecodeError> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return Ok(FRAME_HEADER_LEN - buf.len());
+    }
+    let len = u16::from_be_bytes([buf[1], buf[2]]) as usize;
+    if len > MAX_FRAME_BODY {
+        return Err(DecodeError::FrameTooLarge(len));
+    }
+    Ok((FRAME_HEADER_LEN + len).saturating_sub(buf.len()))
+}
+
+fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
+    let mut r = Reader {
+        buf: body,
+        msg: "unknown",
+    };
+    let msg = match kind {
+        kind::HELLO => {
+            r.msg = "hello";
+            Message::Hello {
+                min_version: r.u8()?,
+                max_version: r.u8()?,
+                node_name: r.string()?,
+                capabilities: r.string_list()?,
+            }
+        }
+        kind::WELCOME => {
+            r.msg = "welcome";
+            Message::Welcome {
+                version: r.u8()?,
+                server_id: r.string()?,
+                capabilities: r.string_list()?,
+            }
+        }
+        kind::SERVER_LIST => {
+            r.msg = "server-list";
+            let n = r.count()?;
+            let mut servers = Vec::with_capacity(n);
+            for _ in 0..n {
+                servers.push(ServerInfo {
+                    addr: r.string()?,
+                    healthy: r.bool()?,
+                    draining: r.bool()?,
+                });
+            }
+            Message::ServerList { servers }
+        }
+        kind::HEALTH => {
+            r.msg = "health";
+            Message::Health {
+                upstream_healthy: r.bool()?,
+            }
+        }
+        kind::DRAIN => {
+            r.msg = "drain";
+            Message::Drain
+        }
+        kind::NODE_INFO => {
+            r.msg = "node-info";
+            Message::NodeInfo {
+                addresses: r.string_list()?,
+            }
+        }
+        kind::OPEN => {
+            r.msg = "open";
+            let version = r.u8()?;
+            let target = match r.u8()? {
+                0 => Target::Service(r.string()?),
+                1 => Target::Address {
+                    host: r.string()?,
+                    port: r.u16()?,
+                },
+                k => return Err(DecodeError::BadTargetKind { msg: r.msg, kind: k }),
+            };
+            Message::Open {
+                version,
+                target,
+                hops: r.u8()?,
+            }
+        }
+        kind::STATUS => {
+            r.msg = "status";
+            Message::Status {
+                code: StatusCode::from_u8(r.u8()?),
+                message: r.string()?,
+            }
+        }
+        other => {
+            return Ok(Message::Unknown {
+                kind: other,
+                len: body.len(),
+            })
+        }
+    };
+    if !r.buf.is_empty() {
+        return Err(DecodeError::TrailingBytes {
+            msg: r.msg,
+            extra: r.buf.len(),
+        });
+    }
+    Ok(msg)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    msg: &'static str,
+}
+
+impl Reader<'_> {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.buf.remaining() < n {
+            Err(DecodeError::Truncated { msg: self.msg })
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(DecodeError::BadBool {
+                msg: self.msg,
+                value,
+            }),
+        }
+    }
+    fn count(&mut self) -> Result<usize, DecodeError> {
+        let n = self.u16()? as usize;
+        if n > MAX_LIST_ITEMS {
+            return Err(DecodeError::TooManyItems {
+                msg: self.msg,
+                count: n,
+            });
+        }
+        Ok(n)
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let n = self.u16()? as usize;
+        self.need(n)?;
+        let (s, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        String::from_utf8(s.to_vec()).map_err(|_| DecodeError::BadUtf8 { msg: self.msg })
+    }
+    fn string_list(&mut self) -> Result<Vec<String>, DecodeError> {
+        let n = self.count()?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.string()?);
+        }
+        Ok(v)
+    }
+}
+
+fn put_str(out: &mut BytesMut, s: &str, msg: &'static str) -> Result<(), EncodeError> {
+    let n = u16::try_from(s.len()).map_err(|_| EncodeError::StringTooLong(msg))?;
+    out.put_u16(n);
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_count(out: &mut BytesMut, n: usize, msg: &'static str) -> Result<(), EncodeError> {
+    if n > MAX_LIST_ITEMS {
+        return Err(EncodeError::TooManyItems(msg));
+    }
+    out.put_u16(n as u16);
+    Ok(())
+}
+
+fn put_str_list(out: &mut BytesMut, v: &[String], msg: &'static str) -> Result<(), EncodeError> {
+    put_count(out, v.len(), msg)?;
+    for s in v {
+        put_str(out, s, msg)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(msg: Message) {
+        let bytes = encode_to_bytes(&msg).expect("encodes");
+        let (back, used) = decode(&bytes).expect("decodes").expect("whole frame");
+        assert_eq!(back, msg);
+        assert_eq!(used, bytes.len());
+    }
+
+    #[test]
+    fn open_apiserver_is_stable_on_the_wire() {
+        let msg = Message::Open {
+            version: 1,
+            target: Target::Service("apiserver".into()),
+            hops: 0,
+        };
+        let bytes = encode_to_bytes(&msg).unwrap();
+        let mut expect = vec![0x10, 0, 14, 1, 0, 0, 9];
+        expect.extend_from_slice(b"apiserver");
+        expect.push(0);
+        assert_eq!(&bytes[..], &expect[..]);
+        roundtrip(msg);
+    }
+
+    #[test]
+    fn partial_frames_ask_for_more() {
+        let bytes = encode_to_bytes(&Message::Status {
+            code: StatusCode::Busy,
+            message: "too many streams".into(),
+        })
+        .unwrap();
+        for cut in 0..bytes.len() {
+            assert_eq!(decode(&bytes[..cut]), Ok(None), "cut at {cut}");
+            let expect = if cut < FRAME_HEADER_LEN {
+                FRAME_HEADER_LEN - cut
+            } else {
+                bytes.len() - cut
+            };
+            assert_eq!(bytes_needed(&bytes[..cut]).unwrap(), expect);
+        }
+        assert_eq!(bytes_needed(&bytes).unwrap(), 0);
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_buffering() {
+        let hdr = [kind::HELLO, 0xff, 0xff];
+        assert_eq!(decode(&hdr), Err(DecodeError::FrameTooLarge(65535)));
+        assert!(bytes_needed(&hdr).is_err());
+    }
+
+    #[test]
+    fn trailing_bytes_and_bad_fields_are_errors() {
+        let mut b = encode_to_bytes(&Message::Drain).unwrap().to_vec();
+        b[2] = 1;
+        b.push(0);
+        assert!(matches!(decode(&b), Err(DecodeError::TrailingBytes { .. })));
+        assert!(matches!(
+            decode(&[kind::HEALTH, 0, 1, 7]),
+            Err(DecodeError::BadBool { .. })
+        ));
+        assert!(matches!(
+            decode(&[kind::OPEN, 0, 2, 1, 9]),
+            Err(DecodeError::BadTargetKind { .. })
+        ));
+        assert!(matches!(
+            decode(&[kind::STATUS, 0, 3, 0, 0, 5]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&[kind::STATUS, 0, 5, 0, 0, 2, 0xff, 0xfe]),
+            Err(DecodeError::BadUtf8 { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_frames_are_skippable() {
+        assert_eq!(
+            decode(&[0x7f, 0, 2, 1, 2, 0x05]),
+            Ok(Some((Message::Unknown { kind: 0x7f, len: 2 }, 5)))
+        );
+    }
+
+    #[test]
+    fn unknown_status_codes_survive() {
+        roundtrip(Message::Status {
+            code: StatusCode::Other(200),
+            message: String::new(),
+        });
+        assert_eq!(StatusCode::from_u8(200), StatusCode::Other(200));
+    }
+
+    #[test]
+    fn encoder_refuses_oversized_content() {
+        let msg = Message::NodeInfo {
+            addresses: vec!["x".repeat(1000); 20],
+        };
+        assert_eq!(encode_to_bytes(&msg), Err(EncodeError::TooLarge("node-info")));
+        let msg = Message::NodeInfo {
+            addresses: vec![String::new(); MAX_LIST_ITEMS + 1],
+        };
+        assert_eq!(
+            encode_to_bytes(&msg),
+            Err(EncodeError::TooManyItems("node-info"))
+        );
+    }
+
+    fn small_string() -> impl Strategy<Value = String> {
+        ".{0,40}"
+    }
+
+    fn string_list() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::vec(small_string(), 0..8)
+    }
+
+    fn any_status() -> impl Strategy<Value = StatusCode> {
+        any::<u8>().prop_map(StatusCode::from_u8)
+    }
+
+    fn any_target() -> impl Strategy<Value = Target> {
+        prop_oneof![
+            small_string().prop_map(Target::Service),
+            (small_string(), any::<u16>()).prop_map(|(host, port)| Target::Address { host, port }),
+        ]
+    }
+
+    fn any_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (any::<u8>(), any::<u8>(), small_string(), string_list()).prop_map(
+                |(min_version, max_version, node_name, capabilities)| Message::Hello {
+                    min_version,
+                    max_version,
+                    node_name,
+                    capabilities
+                }
+            ),
+            (any::<u8>(), small_string(), string_list()).prop_map(
+                |(version, server_id, capabilities)| Message::Welcome {
+                    version,
+                    server_id,
+                    capabilities
+                }
+            ),
+            proptest::collection::vec(
+                (small_string(), any::<bool>(), any::<bool>()).prop_map(
+                    |(addr, healthy, draining)| ServerInfo {
+                        addr,
+                        healthy,
+                        draining
+                    }
+                ),
+                0..8
+            )
+            .prop_map(|servers| Message::ServerList { servers }),
+            any::<bool>().prop_map(|upstream_healthy| Message::Health { upstream_healthy }),
+            Just(Message::Drain),
+            string_list().prop_map(|addresses| Message::NodeInfo { addresses }),
+            (any::<u8>(), any_target(), any::<u8>()).prop_map(|(version, target, hops)| {
+                Message::Open {
+                    version,
+                    target,
+                    hops,
+                }
+            }),
+            (any_status(), small_string())
+                .prop_map(|(code, message)| Message::Status { code, message }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(msg in any_message()) {
+            roundtrip(msg);
+        }
+
+        #[test]
+        fn concatenated_messages_decode_in_order(msgs in proptest::collection::vec(any_message(), 1..6)) {
+            let mut buf = BytesMut::new();
+            for m in &msgs {
+                encode(m, &mut buf).unwrap();
+            }
+            let mut at = 0;
+            for m in &msgs {
+                let (back, used) = decode(&buf[at..]).unwrap().unwrap();
+                prop_assert_eq!(&back, m);
+                at += used;
+            }
+            prop_assert_eq!(at, buf.len());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+            let _ = bytes_needed(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut frame = vec![kind];
+            frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&body);
+            if let Ok(Some((_, used))) = decode(&frame) {
+                prop_assert_eq!(used, frame.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Moves bytes between a TCP connection and a tunnel stream, in both directions at once.
+//!
+//! The relay keeps TCP's meaning intact across the tunnel:
+//! - every byte arrives once and in order (the transport guarantees order; the relay never drops
+//!   or duplicates a chunk);
+//! - a half-close travels: end-of-file from the TCP side finishes the stream, and a finished
+//!   stream shuts down the TCP write side, each direction on its own;
+//! - a reset travels as a reset: a TCP reset resets the stream, and a reset (or stop) of the
+//!   stream resets the TCP connection (`SO_LINGER` 0), never a clean end-of-file;
+//! - memory is bounded: at most one chunk is in the relay's hands per direction, and flow control
+//!   (TCP windows on one side, transport windows on the other) pushes back on a fast sender. An
+//!   idle connection holds no buffer at all.
+
+use crate::protocol::code;
+use crate::transport::{RecvHalf, SendHalf, Stream, StreamError};
+use bytes::BytesMut;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Largest chunk the relay reads at once.
+pub const CHUNK: usize = 32 * 1024;
+
+/// Byte counters a relay adds to as data moves (for example the process-wide totals and a
+/// tunnel's own).
+#[derive(Debug, Default)]
+pub struct Meter {
+    /// Bytes read from TCP and sent into the tunnel.
+    pub to_tunnel: AtomicU64,
+    /// Bytes received from the tunnel and written to TCP.
+    pub from_tunnel: AtomicU64,
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions finished cleanly.
+    Closed,
+    /// The TCP side reset or failed; the stream was reset.
+    LocalReset(String),
+    /// The stream was reset, stopped or lost; the TCP side was reset.
+    RemoteReset(String),
+}
+
+/// Totals of one relayed connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub to_tunnel: u64,
+    pub from_tunnel: u64,
+    pub outcome: Outcome,
+}
+
+enum Abort {
+    Local(String),
+    Remote(String),
+}
+
+/// Relays until both directions are done or one side resets.
+pub async fn relay(tcp: TcpStream, stream: Stream, meters: &[&Meter]) -> Summary {
+    let _ = tcp.set_nodelay(true);
+    let (mut rd, mut wr) = tcp.into_split();
+    let Stream { mut send, mut recv } = stream;
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = tokio::try_join!(
+        tcp_to_tunnel(&mut rd, &mut send, meters, &up),
+        tunnel_to_tcp(&mut recv, &mut wr, meters, &down),
+    );
+    let outcome = match result {
+        Ok(_) => Outcome::Closed,
+        Err(abort) => {
+            send.reset(code::RESET);
+            recv.stop(code::RESET);
+            if let Ok(tcp) = rd.reunite(wr) {
+                // Dropping with linger 0 sends RST: the far side's reset arrives as a reset.
+                let _ = tcp.set_zero_linger();
+            }
+            match abort {
+                Abort::Local(e) => Outcome::LocalReset(e),
+                Abort::Remote(e) => Outcome::RemoteReset(e),
+            }
+        }
+    };
+    Summary {
+        to_tunnel: up.load(Ordering::Relaxed),
+        from_tunnel: down.load(Ordering::Relaxed),
+        outcome,
+    }
+}
+
+async fn tcp_to_tunnel(
+    rd: &mut OwnedReadHalf,
+    send: &mut SendHalf,
+    meters: &[&Meter],
+    total: &AtomicU64,
+) -> Result<(), Abort> {
+    let mut buf = BytesMut::new();
+    loop {
+        rd.readable()
+            .await
+            .map_err(|e| Abort::Local(e.to_string()))?;
+        if buf.capacity() < CHUNK / 4 {
+            buf.reserve(CHUNK);
+        }
+        match rd.try_read_buf(&mut buf) {
+            Ok(0) => {
+                send.finish();
+                return Ok(());
+            }
+            Ok(n) => {
+                let chunk = buf.split().freeze();
+                send.write_chunk(chunk).await.map_err(remote)?;
+                total.fetch_add(n as u64, Ordering::Relaxed);
+                for m in meters {
+                    m.to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The socket is drained: give the buffer back so an idle connection holds none.
+                buf = BytesMut::new();
+            }
+            Err(e) => return Err(Abort::Local(e.to_string())),
+        }
+    }
+}
+
+async fn tunnel_to_tcp(
+    recv: &mut RecvHalf,
+    wr: &mut OwnedWriteHalf,
+    meters: &[&Meter],
+    total: &AtomicU64,
+) -> Result<(), Abort> {
+    loop {
+        match recv.read_chunk(CHUNK).await.map_err(remote)? {
+            Some(chunk) => {
+                let n = chunk.len() as u64;
+                wr.write_all(&chunk)
+                    .await
+                    .map_err(|e| Abort::Local(e.to_string()))?;
+                total.fetch_add(n, Ordering::Relaxed);
+                for m in meters {
+                    m.from_tunnel.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            None => {
+                wr.shutdown()
+                    .await
+                    .map_err(|e| Abort::Local(e.to_string()))?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn remote(e: StreamError) -> Abort {
+    Abort::Remote(e.to_string())
+}

@@ -1,0 +1,253 @@
+//! TLS and QUIC endpoint setup shared by the agent and the server.
+//!
+//! Both sides use TLS 1.3 only, the `ring` crypto provider (set explicitly, never picked up from
+//! process-wide defaults), and mutual authentication against the cluster CA: the server requires
+//! a client certificate signed by the CA, and the agent trusts only servers whose certificate the
+//! CA signed. Nothing else is trusted: no system roots.
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// ALPN protocol name of tether tunnels; a peer speaking anything else fails the handshake.
+pub const ALPN: &[u8] = b"tether/1";
+
+/// Why TLS material could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate ({detail})")]
+    NoCertificate { path: PathBuf, detail: String },
+    #[error("{path} holds no PEM private key ({detail})")]
+    NoKey { path: PathBuf, detail: String },
+    #[error("the CA certificate in {path} is not usable: {detail}")]
+    BadCa { path: PathBuf, detail: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The crypto provider every TLS context of tether uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain and its key, as loaded from PEM files.
+#[derive(Debug)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(Identity {
+            chain: load_certs(cert)?,
+            key: load_key(key)?,
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Loads every certificate of a PEM file; at least one is required.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::NoCertificate {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+            detail: "the file has no CERTIFICATE block".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Loads the first private key of a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = read(path)?;
+    PrivateKeyDer::from_pem_slice(&data).map_err(|e| TlsError::NoKey {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Loads the CA certificate(s) that anchor all trust.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// Server side TLS: present `identity`, require a client certificate signed by `roots`.
+pub fn server_config(
+    roots: RootCertStore,
+    identity: Identity,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// Client side TLS: trust only `roots`, present `identity` as the client certificate.
+pub fn client_config(
+    roots: RootCertStore,
+    identity: Identity,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain, identity.key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// Liveness settings of a tunnel.
+///
+/// The defaults notice a silent peer in about 3 s: a keepalive every second keeps packets
+/// flowing on an idle tunnel, and a peer that has sent nothing for `idle_timeout` is declared
+/// gone. On a lossy link the keepalives are retransmitted like any packet, so one or two lost
+/// packets do not kill a tunnel; raise both values for links with long outages.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub keepalive_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            keepalive_interval: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(2500),
+        }
+    }
+}
+
+/// Limits of a tunnel: concurrent streams and flow-control windows.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelLimits {
+    /// Most concurrent streams the peer may open towards us.
+    pub max_streams: u32,
+    /// Per stream receive window: what one stream may have in flight towards us.
+    pub stream_window: u32,
+    /// Connection receive window: what all streams together may have in flight.
+    pub conn_window: u32,
+}
+
+impl Default for TunnelLimits {
+    fn default() -> Self {
+        TunnelLimits {
+            max_streams: 4096,
+            stream_window: 2 * 1024 * 1024,
+            conn_window: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The QUIC transport settings of every tether endpoint.
+pub fn quic_transport(liveness: Liveness, limits: TunnelLimits) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(liveness.keepalive_interval));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.max_concurrent_bidi_streams(limits.max_streams.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(limits.stream_window.into());
+    t.receive_window(limits.conn_window.into());
+    t.send_window(u64::from(limits.conn_window));
+    t.datagram_receive_buffer_size(None);
+    t
+}
+
+/// Wraps a server TLS config for QUIC.
+pub fn quic_server_config(
+    tls: rustls::ServerConfig,
+    transport: quinn::TransportConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// Wraps a client TLS config for QUIC.
+pub fn quic_client_config(
+    tls: rustls::ClientConfig,
+    transport: quinn::TransportConfig,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// What tether reads from a peer's certificate.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The subject common name: the node name of an agent, the server's name of a server.
+    pub common_name: String,
+    /// When the certificate expires, in seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// Reads the subject common name and expiry of a DER certificate.
+pub fn peer_info(cert: &CertificateDer<'_>) -> Option<PeerInfo> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
+    Some(PeerInfo {
+        common_name: cn,
+        not_after: parsed.validity().not_after.timestamp(),
+    })
+}

@@ -1,0 +1,300 @@
+//! One small interface over the transports a tunnel can ride on.
+//!
+//! Agent and server logic sees a [`Tunnel`] that opens and accepts [`Stream`]s, and a stream that
+//! moves chunks of bytes, finishes, and resets. Which transport carries the tunnel is a detail of
+//! this module, so that QUIC and the TLS-over-TCP fallback behave the same to everything above.
+
+use crate::protocol::{self, DecodeError, Message};
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::CertificateDer;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Why a tunnel failed or closed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    #[error("tunnel closed: {0}")]
+    Closed(String),
+    #[error("stream limit of the tunnel reached")]
+    StreamLimit,
+}
+
+/// Why a stream failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream reset by peer (code {0})")]
+    Reset(u32),
+    #[error("peer stopped reading (code {0})")]
+    Stopped(u32),
+    #[error("tunnel lost: {0}")]
+    ConnectionLost(String),
+    #[error("stream already closed")]
+    Closed,
+}
+
+/// Why a frame could not be read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+}
+
+/// A multiplexed, authenticated connection between an agent and a server (or two servers).
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    inner: Inner,
+}
+
+#[derive(Clone, Debug)]
+enum Inner {
+    Quic(quinn::Connection),
+}
+
+impl Tunnel {
+    pub fn from_quic(conn: quinn::Connection) -> Self {
+        Tunnel {
+            inner: Inner::Quic(conn),
+        }
+    }
+
+    /// Opens a bidirectional stream. The peer sees it once the first frame is written.
+    pub async fn open_stream(&self) -> Result<Stream, TransportError> {
+        match &self.inner {
+            Inner::Quic(c) => {
+                let (send, recv) = c.open_bi().await.map_err(conn_err)?;
+                Ok(Stream::quic(send, recv))
+            }
+        }
+    }
+
+    /// Waits for the peer's next stream; an error means the tunnel is gone.
+    pub async fn accept_stream(&self) -> Result<Stream, TransportError> {
+        match &self.inner {
+            Inner::Quic(c) => {
+                let (send, recv) = c.accept_bi().await.map_err(conn_err)?;
+                Ok(Stream::quic(send, recv))
+            }
+        }
+    }
+
+    /// Closes the tunnel at once; open streams are reset.
+    pub fn close(&self, code: u32, reason: &str) {
+        match &self.inner {
+            Inner::Quic(c) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+        }
+    }
+
+    /// Resolves when the tunnel is closed, for whatever reason.
+    pub async fn closed(&self) -> TransportError {
+        match &self.inner {
+            Inner::Quic(c) => conn_err(c.closed().await),
+        }
+    }
+
+    /// The reason the tunnel closed, if it has.
+    pub fn close_reason(&self) -> Option<TransportError> {
+        match &self.inner {
+            Inner::Quic(c) => c.close_reason().map(conn_err),
+        }
+    }
+
+    pub fn remote_addr(&self) -> SocketAddr {
+        match &self.inner {
+            Inner::Quic(c) => c.remote_address(),
+        }
+    }
+
+    /// Smoothed round-trip time, as the transport measures it.
+    pub fn rtt(&self) -> Duration {
+        match &self.inner {
+            Inner::Quic(c) => c.rtt(),
+        }
+    }
+
+    /// The name of the transport, for status, metrics and logs.
+    pub fn transport(&self) -> &'static str {
+        match &self.inner {
+            Inner::Quic(_) => "quic",
+        }
+    }
+
+    /// Identifies this tunnel among all of the process's tunnels.
+    pub fn id(&self) -> usize {
+        match &self.inner {
+            Inner::Quic(c) => c.stable_id(),
+        }
+    }
+
+    /// The certificate chain the peer presented during the handshake.
+    pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        match &self.inner {
+            Inner::Quic(c) => c
+                .peer_identity()?
+                .downcast::<Vec<CertificateDer<'static>>>()
+                .ok()
+                .map(|b| *b),
+        }
+    }
+}
+
+fn conn_err(e: quinn::ConnectionError) -> TransportError {
+    use quinn::ConnectionError as E;
+    match e {
+        E::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            TransportError::Closed(format!(
+                "closed by peer (code {}{}{})",
+                c.error_code,
+                if reason.is_empty() { "" } else { ": " },
+                reason
+            ))
+        }
+        E::LocallyClosed => TransportError::Closed("closed locally".into()),
+        E::TimedOut => TransportError::Closed("timed out: the peer stopped answering".into()),
+        other => TransportError::Closed(other.to_string()),
+    }
+}
+
+/// Both directions of one relayed connection.
+pub struct Stream {
+    pub send: SendHalf,
+    pub recv: RecvHalf,
+}
+
+impl Stream {
+    fn quic(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        Stream {
+            send: SendHalf {
+                inner: SendInner::Quic(send),
+            },
+            recv: RecvHalf {
+                inner: RecvInner::Quic(recv),
+            },
+        }
+    }
+
+    /// Abandons the stream in both directions; the peer sees a reset.
+    pub fn reset(&mut self, code: u32) {
+        self.send.reset(code);
+        self.recv.stop(code);
+    }
+}
+
+/// The sending half of a stream.
+pub struct SendHalf {
+    inner: SendInner,
+}
+
+enum SendInner {
+    Quic(quinn::SendStream),
+}
+
+impl SendHalf {
+    /// Queues a chunk; waits while the peer's flow-control window is full.
+    pub async fn write_chunk(&mut self, data: Bytes) -> Result<(), StreamError> {
+        match &mut self.inner {
+            SendInner::Quic(s) => s.write_chunk(data).await.map_err(write_err),
+        }
+    }
+
+    /// Writes one protocol frame.
+    pub async fn write_message(&mut self, msg: &Message) -> Result<(), StreamError> {
+        let bytes = protocol::encode_to_bytes(msg).map_err(|_| StreamError::Closed)?;
+        self.write_chunk(bytes).await
+    }
+
+    /// Ends the stream cleanly: the peer reads end-of-stream after the data.
+    pub fn finish(&mut self) {
+        match &mut self.inner {
+            SendInner::Quic(s) => {
+                let _ = s.finish();
+            }
+        }
+    }
+
+    /// Abandons the stream: the peer reads a reset, and unsent data is dropped.
+    pub fn reset(&mut self, code: u32) {
+        match &mut self.inner {
+            SendInner::Quic(s) => {
+                let _ = s.reset(quinn::VarInt::from_u32(code));
+            }
+        }
+    }
+}
+
+fn write_err(e: quinn::WriteError) -> StreamError {
+    use quinn::WriteError as E;
+    match e {
+        E::Stopped(code) => StreamError::Stopped(varint_code(code)),
+        E::ConnectionLost(c) => StreamError::ConnectionLost(conn_err(c).to_string()),
+        E::ClosedStream | E::ZeroRttRejected => StreamError::Closed,
+    }
+}
+
+fn varint_code(v: quinn::VarInt) -> u32 {
+    u32::try_from(v.into_inner()).unwrap_or(u32::MAX)
+}
+
+/// The receiving half of a stream.
+pub struct RecvHalf {
+    inner: RecvInner,
+}
+
+enum RecvInner {
+    Quic(quinn::RecvStream),
+}
+
+impl RecvHalf {
+    /// Reads up to `max` bytes; `None` means the peer finished the stream.
+    pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
+        match &mut self.inner {
+            RecvInner::Quic(s) => match s.read_chunk(max, true).await {
+                Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
+                Ok(None) => Ok(None),
+                Err(e) => Err(read_err(e)),
+            },
+        }
+    }
+
+    /// Reads exactly one frame and nothing after it, so that payload that follows stays unread.
+    /// `Ok(None)` means the stream ended cleanly before the frame began.
+    pub async fn read_message(&mut self) -> Result<Option<Message>, FrameError> {
+        let mut buf = BytesMut::new();
+        loop {
+            let need = protocol::bytes_needed(&buf)?;
+            if need == 0 {
+                return match protocol::decode(&buf)? {
+                    Some((msg, _)) => Ok(Some(msg)),
+                    None => Err(FrameError::Truncated),
+                };
+            }
+            match self.read_chunk(need).await? {
+                Some(chunk) => buf.extend_from_slice(&chunk),
+                None if buf.is_empty() => return Ok(None),
+                None => return Err(FrameError::Truncated),
+            }
+        }
+    }
+
+    /// Tells the peer to stop sending; it sees its stream stopped.
+    pub fn stop(&mut self, code: u32) {
+        match &mut self.inner {
+            RecvInner::Quic(s) => {
+                let _ = s.stop(quinn::VarInt::from_u32(code));
+            }
+        }
+    }
+}
+
+fn read_err(e: quinn::ReadError) -> StreamError {
+    use quinn::ReadError as E;
+    match e {
+        E::Reset(code) => StreamError::Reset(varint_code(code)),
+        E::ConnectionLost(c) => StreamError::ConnectionLost(conn_err(c).to_string()),
+        E::ClosedStream | E::IllegalOrderedRead | E::ZeroRttRejected => StreamError::Closed,
+    }
+}
