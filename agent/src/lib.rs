@@ -1,1 +1,201 @@
+//! `tether-agent`: listens where kubelet expects the API server and carries each connection
+//! through an outbound QUIC tunnel to a `tether-server`.
+//!
+//! The library runs a whole agent in-process ([`start`]), so that tests and the demo drive the
+//! same code the binary runs.
+#![forbid(unsafe_code)]
 
+pub mod config;
+pub mod forward;
+pub mod metrics;
+pub mod pool;
+pub mod reconnect;
+
+use crate::config::AgentConfig;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tether_common::admin::{self, AdminSource};
+use tether_common::backoff::Backoff;
+use tether_common::shutdown::Shutdown;
+use tether_common::tls;
+use tokio::task::JoinSet;
+use tracing::info;
+
+/// Why an agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}; issue certificates with `tether-server issue-agent` and point --data-dir (or --ca/--cert/--key) at them")]
+    Tls(#[from] tls::TlsError),
+    #[error("the agent certificate has no common name (node name)")]
+    NoNodeName,
+    #[error("no --server given: name at least one tether-server (host:port)")]
+    NoServers,
+    #[error("cannot open a UDP socket for QUIC: {0}")]
+    Socket(std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running agent. Call [`AgentHandle::shutdown`] to stop it.
+pub struct AgentHandle {
+    /// The local listener's address.
+    pub listen_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    /// The node name, from the agent's certificate.
+    pub node_name: String,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    endpoint: quinn::Endpoint,
+    tasks: JoinSet<()>,
+}
+
+impl AgentHandle {
+    /// Tunnels up now.
+    pub fn tunnels_up(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// The servers with a tunnel up now, as configured.
+    pub fn connected_servers(&self) -> Vec<String> {
+        self.pool
+            .candidates()
+            .iter()
+            .map(|l| l.server.clone())
+            .collect()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Stops accepting, closes the tunnels and waits for the tasks to end.
+    pub async fn shutdown(mut self) {
+        self.shutdown.trigger();
+        while self.tasks.join_next().await.is_some() {}
+        self.endpoint.close(
+            quinn::VarInt::from_u32(tether_common::protocol::code::SHUTDOWN),
+            b"agent shutting down",
+        );
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Loads the certificates, binds the local listener and starts keeping tunnels.
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    if config.servers.is_empty() {
+        return Err(AgentError::NoServers);
+    }
+    let roots = tls::load_roots(&config.ca)?;
+    let identity = tls::Identity::load(&config.cert, &config.key)?;
+    let node_name = identity
+        .chain
+        .first()
+        .and_then(tls::peer_info)
+        .map(|p| p.common_name)
+        .ok_or(AgentError::NoNodeName)?;
+    let tls_config = tls::client_config(roots, identity)?;
+    let transport = tls::quic_transport(config.liveness, config.limits);
+    let client_config = tls::quic_client_config(tls_config, transport)?;
+    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
+        .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0u8; 4], 0))))
+        .map_err(AgentError::Socket)?;
+
+    let listener =
+        tether_common::net::listen_tcp(config.listen).map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let listen_addr = listener.local_addr().map_err(|source| AgentError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+
+    let pool = Arc::new(Pool::default());
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = Shutdown::new();
+    let mut tasks = JoinSet::new();
+
+    let mut admin_addr = None;
+    if let Some(addr) = config.admin {
+        let l = tether_common::net::listen_tcp(addr)
+            .map_err(|source| AgentError::Listen { addr, source })?;
+        admin_addr = l.local_addr().ok();
+        let view = AdminView {
+            pool: pool.clone(),
+            metrics: metrics.clone(),
+        };
+        let mut stop = shutdown.signal();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = admin::serve(l, Arc::new(view)) => {}
+                _ = stop.wait() => {}
+            }
+        });
+    }
+
+    let dialer = Arc::new(reconnect::Dialer {
+        endpoint: endpoint.clone(),
+        client_config,
+        node_name: node_name.clone(),
+        handshake_timeout: config.handshake_timeout,
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+    });
+    for server in &config.servers {
+        let backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
+        tasks.spawn(reconnect::maintain(
+            server.clone(),
+            dialer.clone(),
+            backoff,
+            shutdown.signal(),
+        ));
+    }
+    let settings = forward::Forwarding {
+        stream_open_timeout: config.stream_open_timeout,
+        last_attempt_timeout: config.last_attempt_timeout,
+        max_connections: config.max_connections,
+    };
+    tasks.spawn(forward::serve(
+        listener,
+        pool.clone(),
+        metrics.clone(),
+        settings,
+        shutdown.signal(),
+    ));
+    info!(node = %node_name, listen = %listen_addr, servers = ?config.servers, "tether-agent started");
+    Ok(AgentHandle {
+        listen_addr,
+        admin_addr,
+        node_name,
+        pool,
+        metrics,
+        shutdown,
+        endpoint,
+        tasks,
+    })
+}
+
+struct AdminView {
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+}
+
+impl AdminSource for AdminView {
+    fn ready(&self) -> Result<(), String> {
+        if self.pool.is_empty() {
+            Err("no tunnel is up".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+}

@@ -1,1 +1,122 @@
-fn main() {}
+//! The `tether-agent` command.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tether_agent::config::AgentConfig;
+use tether_common::units::parse_duration;
+
+#[derive(Parser)]
+#[command(
+    name = "tether-agent",
+    version,
+    about = "tether's node side: listens where kubelet expects the API server and tunnels each connection to a tether-server"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a filter; RUST_LOG wins when set.
+    #[arg(long, env = "TETHER_LOG_LEVEL", default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A tether-server to keep a tunnel to, host:port (repeatable, or comma-separated).
+    #[arg(
+        long = "server",
+        env = "TETHER_SERVER",
+        value_delimiter = ',',
+        required = true
+    )]
+    servers: Vec<String>,
+    /// Directory holding ca.crt, agent.crt and agent.key.
+    #[arg(long, env = "TETHER_DATA_DIR")]
+    data_dir: PathBuf,
+    /// CA certificate (default DATA_DIR/ca.crt).
+    #[arg(long, env = "TETHER_CA")]
+    ca: Option<PathBuf>,
+    /// Agent certificate (default DATA_DIR/agent.crt).
+    #[arg(long, env = "TETHER_CERT")]
+    cert: Option<PathBuf>,
+    /// Agent private key (default DATA_DIR/agent.key).
+    #[arg(long, env = "TETHER_KEY")]
+    key: Option<PathBuf>,
+    /// Local listener for kubelet, kube-proxy and friends.
+    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Admin endpoint (/healthz, /readyz, /metrics); off when unset.
+    #[arg(long, env = "TETHER_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// How long a server may take to answer a new stream before the next one is tried.
+    #[arg(long, env = "TETHER_STREAM_OPEN_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    stream_open_timeout: Duration,
+    /// How long the last server left may take to answer a new stream.
+    #[arg(long, env = "TETHER_LAST_ATTEMPT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    last_attempt_timeout: Duration,
+    /// Longest a tunnel's handshake may take.
+    #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Interval of keepalive packets on idle tunnels.
+    #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+    /// A tunnel that hears nothing for this long is declared dead and reconnected.
+    #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "2500ms", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Upper bound of the reconnect delay.
+    #[arg(long, env = "TETHER_RECONNECT_MAX", default_value = "5s", value_parser = parse_duration)]
+    reconnect_max: Duration,
+    /// Most local connections carried at once; more are reset.
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = 16384)]
+    max_connections: usize,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tether_common::telemetry::init_logging(&cli.log_level);
+    let Command::Run(a) = cli.command;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(a))
+}
+
+async fn run(a: RunArgs) -> Result<()> {
+    let mut config = AgentConfig::new(a.servers, a.data_dir);
+    if let Some(ca) = a.ca {
+        config.ca = ca;
+    }
+    if let Some(cert) = a.cert {
+        config.cert = cert;
+    }
+    if let Some(key) = a.key {
+        config.key = key;
+    }
+    config.listen = a.listen;
+    config.admin = a.admin;
+    config.stream_open_timeout = a.stream_open_timeout;
+    config.last_attempt_timeout = a.last_attempt_timeout;
+    config.handshake_timeout = a.handshake_timeout;
+    config.liveness.keepalive_interval = a.keepalive_interval;
+    config.liveness.idle_timeout = a.idle_timeout;
+    config.reconnect_max = a.reconnect_max;
+    config.max_connections = a.max_connections;
+    let agent = tether_agent::start(config)
+        .await
+        .context("tether-agent cannot start")?;
+    let sig = tether_common::shutdown::terminate_signal()
+        .await
+        .context("cannot watch for SIGTERM and SIGINT")?;
+    tracing::info!(signal = sig, "shutting down");
+    agent.shutdown().await;
+    Ok(())
+}

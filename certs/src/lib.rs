@@ -8,8 +8,8 @@
 #![forbid(unsafe_code)]
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use ring::rand::SecureRandom;
 use std::fs;
@@ -130,12 +130,11 @@ impl Ca {
             what: "CA private key",
             detail: e.to_string(),
         })?;
-        let issuer =
-            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CertError::Invalid {
-                path: cert_path.clone(),
-                what: "CA certificate",
-                detail: e.to_string(),
-            })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CertError::Invalid {
+            path: cert_path.clone(),
+            what: "CA certificate",
+            detail: e.to_string(),
+        })?;
         Ok(Ca { cert_pem, issuer })
     }
 
@@ -250,10 +249,8 @@ pub fn init(
     names.extend(extra_names.iter().cloned());
     let mut seen = std::collections::HashSet::new();
     names.retain(|n| seen.insert(n.clone()));
-    ca.issue_server(&names, Lifetime::days(leaf_days))?.save(
-        &dir.join(files::SERVER_CERT),
-        &dir.join(files::SERVER_KEY),
-    )?;
+    ca.issue_server(&names, Lifetime::days(leaf_days))?
+        .save(&dir.join(files::SERVER_CERT), &dir.join(files::SERVER_KEY))?;
     Ok(InitReport { created_ca, names })
 }
 
@@ -267,7 +264,11 @@ pub fn issue_agent_files(
     let ca = Ca::load(ca_dir)?;
     let issued = ca.issue_agent(node_name, Lifetime::days(days))?;
     create_dir(out_dir)?;
-    write_file(&out_dir.join(files::CA_CERT), ca.cert_pem().as_bytes(), 0o644)?;
+    write_file(
+        &out_dir.join(files::CA_CERT),
+        ca.cert_pem().as_bytes(),
+        0o644,
+    )?;
     issued.save(
         &out_dir.join(files::AGENT_CERT),
         &out_dir.join(files::AGENT_KEY),
@@ -308,10 +309,13 @@ fn san(name: &str) -> Result<rcgen::SanType, CertError> {
     if let Ok(ip) = name.parse::<std::net::IpAddr>() {
         return Ok(rcgen::SanType::IpAddress(ip));
     }
-    let dns = name.to_string().try_into().map_err(|e: rcgen::Error| CertError::BadName {
-        name: name.to_string(),
-        detail: e.to_string(),
-    })?;
+    let dns = name
+        .to_string()
+        .try_into()
+        .map_err(|e: rcgen::Error| CertError::BadName {
+            name: name.to_string(),
+            detail: e.to_string(),
+        })?;
     Ok(rcgen::SanType::DnsName(dns))
 }
 
@@ -409,8 +413,7 @@ mod tests {
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         let cn = cert.subject().iter_common_name().next().unwrap();
         assert_eq!(cn.as_str().unwrap(), "node-1");
-        let days = (cert.validity().not_after.timestamp()
-            - cert.validity().not_before.timestamp())
+        let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
             / 86400;
         assert_eq!(days, 365);
         let _ = fs::remove_dir_all(&d);

@@ -4,11 +4,14 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod net;
 pub mod protocol;
 pub mod relay;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+pub mod units;
 
 /// The version of this build, as shown in hellos, logs and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

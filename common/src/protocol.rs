@@ -432,7 +432,12 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
                     host: r.string()?,
                     port: r.u16()?,
                 },
-                k => return Err(DecodeError::BadTargetKind { msg: r.msg, kind: k }),
+                k => {
+                    return Err(DecodeError::BadTargetKind {
+                        msg: r.msg,
+                        kind: k,
+                    })
+                }
             };
             Message::Open {
                 version,
@@ -643,7 +648,10 @@ mod tests {
         let msg = Message::NodeInfo {
             addresses: vec!["x".repeat(1000); 20],
         };
-        assert_eq!(encode_to_bytes(&msg), Err(EncodeError::TooLarge("node-info")));
+        assert_eq!(
+            encode_to_bytes(&msg),
+            Err(EncodeError::TooLarge("node-info"))
+        );
         let msg = Message::NodeInfo {
             addresses: vec![String::new(); MAX_LIST_ITEMS + 1],
         };

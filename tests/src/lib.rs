@@ -1,1 +1,344 @@
+//! The shared harness of tether's integration and end-to-end tests.
+//!
+//! Everything here is real: certificates made by `tether-certs`, servers and agents started
+//! in-process through their libraries (or as processes from the built binaries), TCP and UDP
+//! sockets on loopback, TLS end to end. Nothing is mocked. Waits are for conditions, each with a
+//! deadline, never bare sleeps.
 
+use ring::digest::{Context, SHA256};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tether_agent::config::AgentConfig;
+use tether_agent::AgentHandle;
+use tether_server::config::ServerConfig;
+use tether_server::ServerHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub mod process;
+
+/// Logs of the code under test show up in failing tests' output.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!(
+            "tether-test-{tag}-{}-{n}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A cluster's certificates: a server data directory and agent directories, all from one CA.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = TempDir::new("pki");
+        tether_certs::init(&dir.path().join("server"), &[], 3650, 365).expect("init");
+        Pki { dir }
+    }
+
+    pub fn server_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    /// Issues (once) and returns the directory of an agent certificate for `node`.
+    pub fn agent_dir(&self, node: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("agent-{node}"));
+        if !out.join("agent.crt").exists() {
+            tether_certs::issue_agent_files(&self.server_dir(), node, &out, 365)
+                .expect("issue agent");
+        }
+        out
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Server settings for tests: loopback, an ephemeral port, the given upstream.
+pub fn server_config(pki: &Pki, upstream: SocketAddr) -> ServerConfig {
+    let mut c = ServerConfig::new(pki.server_dir());
+    c.listen = "127.0.0.1:0".parse().expect("addr");
+    c.upstream = upstream.to_string();
+    c
+}
+
+pub async fn start_server(pki: &Pki, upstream: SocketAddr) -> ServerHandle {
+    tether_server::start(server_config(pki, upstream))
+        .await
+        .expect("server starts")
+}
+
+/// Agent settings for tests: loopback listener on an ephemeral port.
+pub fn agent_config(pki: &Pki, node: &str, servers: &[SocketAddr]) -> AgentConfig {
+    let mut c = AgentConfig::new(
+        servers.iter().map(|s| s.to_string()).collect(),
+        pki.agent_dir(node),
+    );
+    c.listen = "127.0.0.1:0".parse().expect("addr");
+    c
+}
+
+/// Starts an agent and waits until all its tunnels are up.
+pub async fn start_agent(pki: &Pki, node: &str, servers: &[SocketAddr]) -> AgentHandle {
+    let agent = tether_agent::start(agent_config(pki, node, servers))
+        .await
+        .expect("agent starts");
+    wait_for("agent tunnels up", Duration::from_secs(10), || {
+        agent.tunnels_up() == servers.len()
+    })
+    .await;
+    agent
+}
+
+/// Waits until `cond` holds, checking every 10 ms; panics with `what` after `deadline`.
+pub async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs `fut` with a deadline; panics with `what` if it does not finish in time.
+pub async fn within<T>(what: &str, deadline: Duration, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {deadline:?}: {what}"),
+    }
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&SHA256, data).as_ref())
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+/// 127.0.0.1 port 0: a fresh ephemeral port on loopback.
+pub fn loopback0() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// An upstream that echoes every byte and half-closes when its client does.
+pub struct Echo {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Echo {
+    pub async fn start() -> Self {
+        let l = tether_common::net::listen_tcp(loopback0()).expect("bind echo");
+        let addr = l.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = c.split();
+                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                        let _ = w.shutdown().await;
+                    }
+                });
+            }
+        });
+        Echo { addr, task }
+    }
+
+    /// Stops accepting; the port refuses connections from then on.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An upstream that hashes everything it receives and, at end of stream, answers with the
+/// hex SHA-256 and the byte count.
+pub struct Sink {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sink {
+    pub async fn start() -> Self {
+        let l = tether_common::net::listen_tcp(loopback0()).expect("bind sink");
+        let addr = l.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut ctx = Context::new(&SHA256);
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut n = 0u64;
+                    loop {
+                        match c.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(k) => {
+                                ctx.update(&buf[..k]);
+                                n += k as u64;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                    let answer = format!("{} {n}", hex::encode(ctx.finish().as_ref()));
+                    let _ = c.write_all(answer.as_bytes()).await;
+                    let _ = c.shutdown().await;
+                });
+            }
+        });
+        Sink { addr, task }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `data` through `addr` to an echo upstream, half-closes, reads the echo to the end, and
+/// checks it byte for byte.
+pub async fn echo_roundtrip(addr: SocketAddr, data: Vec<u8>) -> Result<(), String> {
+    let c = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut r, mut w) = c.into_split();
+    let expect = sha256(&data);
+    let len = data.len();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    });
+    let mut got = Vec::with_capacity(len);
+    r.read_to_end(&mut got)
+        .await
+        .map_err(|e| format!("read after {} of {len} bytes: {e}", got.len()))?;
+    writer
+        .await
+        .map_err(|e| format!("writer: {e}"))?
+        .map_err(|e| format!("write: {e}"))?;
+    if got.len() != len {
+        return Err(format!("echo returned {} of {len} bytes", got.len()));
+    }
+    if sha256(&got) != expect {
+        return Err("echo differs from what was sent".into());
+    }
+    Ok(())
+}
+
+/// Streams `len` pseudo-random bytes to a [`Sink`] through `addr` and checks its digest.
+pub async fn sink_transfer(addr: SocketAddr, len: u64, seed: u64) -> Result<(), String> {
+    let mut c = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut ctx = Context::new(&SHA256);
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < len {
+        let n = chunk.len().min((len - sent) as usize);
+        rng.fill(&mut chunk[..n]);
+        ctx.update(&chunk[..n]);
+        c.write_all(&chunk[..n])
+            .await
+            .map_err(|e| format!("write at {sent}: {e}"))?;
+        sent += n as u64;
+    }
+    c.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    let mut answer = String::new();
+    c.read_to_string(&mut answer)
+        .await
+        .map_err(|e| format!("read digest: {e}"))?;
+    let expect = format!("{} {len}", hex::encode(ctx.finish().as_ref()));
+    if answer != expect {
+        return Err(format!("sink saw {answer:?}, expected {expect:?}"));
+    }
+    Ok(())
+}
+
+/// Accepts the next connection that sends data, returning it and its first byte.
+///
+/// Servers check their upstream with a bare TCP connect every second; those connections close
+/// without a byte and are skipped here.
+pub async fn accept_data(l: &TcpListener) -> (TcpStream, u8) {
+    loop {
+        let (mut c, _) = l.accept().await.expect("accept");
+        let mut one = [0u8; 1];
+        if let Ok(Ok(1)) = tokio::time::timeout(Duration::from_secs(5), c.read(&mut one)).await {
+            return (c, one[0]);
+        }
+    }
+}
+
+/// Fetches a path from an admin endpoint; returns the status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut c = TcpStream::connect(addr).await?;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).await?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Reads one sample of a metric from Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok())?
+    })
+}

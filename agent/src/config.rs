@@ -1,0 +1,59 @@
+//! Run-time settings of an agent, as the library takes them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tether_common::tls::{Liveness, TunnelLimits};
+
+/// Everything `tether-agent run` can be told.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Servers to keep a tunnel to, `host:port` each.
+    pub servers: Vec<String>,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Local TCP listener (the address kubelet and kube-proxy use).
+    pub listen: SocketAddr,
+    /// Admin endpoint (health, readiness, metrics); none when unset.
+    pub admin: Option<SocketAddr>,
+    /// How long a server may take to answer a stream open before the next server is tried.
+    pub stream_open_timeout: Duration,
+    /// How long the last server left may take to answer. Longer than the server's upstream
+    /// connect timeout, so that the agent hears the server's verdict.
+    pub last_attempt_timeout: Duration,
+    /// Longest a tunnel's TLS handshake and hello may take.
+    pub handshake_timeout: Duration,
+    /// First reconnect delay bound; doubles per failure up to `reconnect_max`.
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+    /// Most local connections carried at once; more are reset.
+    pub max_connections: usize,
+    pub liveness: Liveness,
+    pub limits: TunnelLimits,
+}
+
+impl AgentConfig {
+    pub fn new(servers: Vec<String>, data_dir: PathBuf) -> Self {
+        AgentConfig {
+            servers,
+            ca: data_dir.join(tether_certs::files::CA_CERT),
+            cert: data_dir.join(tether_certs::files::AGENT_CERT),
+            key: data_dir.join(tether_certs::files::AGENT_KEY),
+            listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
+            admin: None,
+            stream_open_timeout: Duration::from_millis(500),
+            last_attempt_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            max_connections: 16384,
+            liveness: Liveness::default(),
+            limits: TunnelLimits {
+                // Servers never open streams to the agent in this version.
+                max_streams: 64,
+                ..TunnelLimits::default()
+            },
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The local listener: each accepted connection becomes a stream through the best tunnel.
+
+use crate::metrics::{Metrics, OpenFailure};
+use crate::pool::{Link, Pool};
+use std::sync::Arc;
+use std::time::Duration;
+use tether_common::protocol::{
+    code, Message, StatusCode, Target, PROTOCOL_VERSION, SERVICE_APISERVER,
+};
+use tether_common::relay::{self, Outcome};
+use tether_common::shutdown::ShutdownSignal;
+use tether_common::telemetry::GaugeGuard;
+use tether_common::transport::Stream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+/// Settings of the forwarder.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    pub stream_open_timeout: Duration,
+    pub last_attempt_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Accepts local connections until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    settings: Forwarding,
+    mut stop: ShutdownSignal,
+) {
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let settings = Arc::new(settings);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait() => return,
+        };
+        let (conn, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, mostly: wait a little rather than spin.
+                warn!(error = %e, "local accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        metrics.connections_accepted.inc();
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            metrics.connections_over_limit.inc();
+            warn!(%peer, limit = settings.max_connections, "connection limit reached; resetting new connection");
+            reset(conn);
+            continue;
+        };
+        let (pool, metrics, settings) = (pool.clone(), metrics.clone(), settings.clone());
+        tokio::spawn(async move {
+            forward(conn, &pool, &metrics, &settings).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Closes a connection with a reset, so that the client fails fast instead of waiting.
+fn reset(conn: TcpStream) {
+    let _ = conn.set_zero_linger();
+}
+
+async fn forward(conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &Forwarding) {
+    let candidates = pool.candidates();
+    let count = candidates.len();
+    for (i, link) in candidates.into_iter().enumerate() {
+        let last = i + 1 == count;
+        let wait = if last {
+            settings.last_attempt_timeout
+        } else {
+            settings.stream_open_timeout
+        };
+        match open(&link, wait).await {
+            Ok(stream) => {
+                let _guard = link.stream_guard();
+                let _open = GaugeGuard::new(&metrics.streams_open);
+                metrics.streams_total.inc();
+                let summary = relay::relay(conn, stream, &[&metrics.bytes]).await;
+                if summary.outcome != Outcome::Closed {
+                    metrics.stream_resets.inc();
+                }
+                debug!(server = %link.server, sent = summary.to_tunnel, received = summary.from_tunnel,
+                    outcome = ?summary.outcome, "stream done");
+                return;
+            }
+            Err((why, detail)) => {
+                metrics.open_failed(why);
+                debug!(server = %link.server, reason = %detail, "stream open failed");
+                if !last {
+                    metrics.retries.inc();
+                }
+            }
+        }
+    }
+    if count == 0 {
+        metrics.open_failed(OpenFailure::NoTunnel);
+    }
+    metrics.connections_failed.inc();
+    warn!(
+        tunnels = count,
+        "no server could carry a new connection; resetting it"
+    );
+    reset(conn);
+}
+
+/// Opens a stream and waits for the server's status. Nothing is read from the local client
+/// until this succeeds, so a retry on another server loses no byte.
+async fn open(link: &Link, wait: Duration) -> Result<Stream, (OpenFailure, String)> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let attempt = async {
+        let mut stream = link
+            .tunnel
+            .open_stream()
+            .await
+            .map_err(|e| (OpenFailure::TunnelLost, e.to_string()))?;
+        let header = Message::Open {
+            version: PROTOCOL_VERSION,
+            target: Target::Service(SERVICE_APISERVER.into()),
+            hops: 0,
+        };
+        if let Err(e) = stream.send.write_message(&header).await {
+            return Err((OpenFailure::TunnelLost, e.to_string()));
+        }
+        Ok(stream)
+    };
+    let mut stream = match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(r) => r?,
+        Err(_) => return Err((OpenFailure::Timeout, format!("no stream within {wait:?}"))),
+    };
+    match tokio::time::timeout_at(deadline, stream.recv.read_message()).await {
+        Ok(Ok(Some(Message::Status {
+            code: StatusCode::Ok,
+            ..
+        }))) => Ok(stream),
+        Ok(Ok(Some(Message::Status {
+            code: status,
+            message,
+        }))) => Err((OpenFailure::Refused, format!("{status}: {message}"))),
+        Ok(Ok(Some(other))) => {
+            stream.reset(code::PROTOCOL);
+            Err((
+                OpenFailure::Refused,
+                format!("unexpected {} message", other.name()),
+            ))
+        }
+        Ok(Ok(None)) => Err((
+            OpenFailure::TunnelLost,
+            "stream closed before status".into(),
+        )),
+        Ok(Err(e)) => {
+            stream.reset(code::PROTOCOL);
+            Err((OpenFailure::TunnelLost, e.to_string()))
+        }
+        Err(_) => {
+            stream.reset(code::RESET);
+            Err((OpenFailure::Timeout, format!("no status within {wait:?}")))
+        }
+    }
+}

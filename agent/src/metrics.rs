@@ -1,0 +1,126 @@
+//! What an agent counts, and its Prometheus rendering.
+
+use tether_common::relay::Meter;
+use tether_common::telemetry::{Counter, Exposition, Gauge};
+
+/// Why a stream could not be opened through one server. A fixed label set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenFailure {
+    /// The server answered with a failure status.
+    Refused,
+    /// The server did not answer in time.
+    Timeout,
+    /// The tunnel failed while opening.
+    TunnelLost,
+    /// No tunnel was up at all: the local connection was reset.
+    NoTunnel,
+}
+
+const FAILURES: [(OpenFailure, &str); 4] = [
+    (OpenFailure::Refused, "refused"),
+    (OpenFailure::Timeout, "timeout"),
+    (OpenFailure::TunnelLost, "tunnel_lost"),
+    (OpenFailure::NoTunnel, "no_tunnel"),
+];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub tunnels_up: Gauge,
+    pub tunnel_connects: Counter,
+    pub tunnel_connect_failures: Counter,
+    pub connections_accepted: Counter,
+    pub connections_failed: Counter,
+    pub connections_over_limit: Counter,
+    pub streams_open: Gauge,
+    pub streams_total: Counter,
+    pub open_failures: [Counter; FAILURES.len()],
+    pub retries: Counter,
+    pub stream_resets: Counter,
+    pub bytes: Meter,
+}
+
+impl Metrics {
+    pub fn open_failed(&self, why: OpenFailure) {
+        if let Some(i) = FAILURES.iter().position(|(f, _)| *f == why) {
+            self.open_failures[i].inc();
+        }
+    }
+
+    pub fn render(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut e = Exposition::new();
+        e.gauge(
+            "tether_tunnels_up",
+            "Tunnels to servers that are up.",
+            self.tunnels_up.get(),
+        );
+        e.counter(
+            "tether_tunnel_connects_total",
+            "Tunnels established since start.",
+            self.tunnel_connects.get(),
+        );
+        e.counter(
+            "tether_tunnel_connect_failures_total",
+            "Failed attempts to establish a tunnel.",
+            self.tunnel_connect_failures.get(),
+        );
+        e.counter(
+            "tether_connections_accepted_total",
+            "Local connections accepted.",
+            self.connections_accepted.get(),
+        );
+        e.counter(
+            "tether_connections_failed_total",
+            "Local connections reset because no server could carry them.",
+            self.connections_failed.get(),
+        );
+        e.counter(
+            "tether_connections_over_limit_total",
+            "Local connections reset because the connection limit was reached.",
+            self.connections_over_limit.get(),
+        );
+        e.gauge(
+            "tether_streams_open",
+            "Streams being relayed now.",
+            self.streams_open.get(),
+        );
+        e.counter(
+            "tether_streams_total",
+            "Streams relayed since start.",
+            self.streams_total.get(),
+        );
+        let failures: Vec<(&str, u64)> = FAILURES
+            .iter()
+            .zip(&self.open_failures)
+            .map(|((_, l), c)| (*l, c.get()))
+            .collect();
+        e.labeled(
+            "tether_stream_open_failures_total",
+            "Failed stream opens through one server, by reason.",
+            "counter",
+            "reason",
+            &failures,
+        );
+        e.counter(
+            "tether_stream_retries_total",
+            "Stream opens retried on another server.",
+            self.retries.get(),
+        );
+        e.counter(
+            "tether_stream_resets_total",
+            "Relayed streams that ended in a reset (either side).",
+            self.stream_resets.get(),
+        );
+        e.counter(
+            "tether_tunnel_bytes_sent_total",
+            "Bytes read from local clients and sent into tunnels.",
+            self.bytes.to_tunnel.load(Relaxed),
+        );
+        e.counter(
+            "tether_tunnel_bytes_received_total",
+            "Bytes received from tunnels and written to local clients.",
+            self.bytes.from_tunnel.load(Relaxed),
+        );
+        e.finish()
+    }
+}

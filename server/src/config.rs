@@ -1,0 +1,51 @@
+//! Run-time settings of a server, as the library takes them (the binary maps flags onto them).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tether_common::tls::{Liveness, TunnelLimits};
+
+/// Everything `tether-server run` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Holds `ca.crt`, `server.crt` and `server.key`.
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC listener.
+    pub listen: SocketAddr,
+    /// The kube-apiserver every stream is relayed to, `host:port`.
+    pub upstream: String,
+    /// Admin endpoint (health, readiness, metrics); none when unset.
+    pub admin: Option<SocketAddr>,
+    /// Longest wait for a TCP connection to the upstream. Shorter than the agent's last-attempt
+    /// wait, so that the agent always hears why a stream failed.
+    pub connect_timeout: Duration,
+    /// Longest a TLS handshake may take; a stalled client is dropped after it.
+    pub handshake_timeout: Duration,
+    /// Longest a new stream may take to send its header; a stalled client is reset after it.
+    pub header_timeout: Duration,
+    /// How often the upstream is checked.
+    pub health_interval: Duration,
+    /// Most streams relayed at once by this server; more are answered `busy`.
+    pub max_streams: usize,
+    pub liveness: Liveness,
+    pub limits: TunnelLimits,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but the data directory.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            data_dir,
+            listen: SocketAddr::from(([0, 0, 0, 0], 9443)),
+            upstream: "127.0.0.1:6443".into(),
+            admin: None,
+            connect_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            health_interval: Duration::from_secs(1),
+            max_streams: 65536,
+            liveness: Liveness::default(),
+            limits: TunnelLimits::default(),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! `tether-server demo`.
+
+pub async fn run() -> anyhow::Result<()> {
+    Ok(())
+}

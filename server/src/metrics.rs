@@ -1,0 +1,107 @@
+//! What a server counts, and its Prometheus rendering.
+
+use tether_common::protocol::StatusCode;
+use tether_common::relay::Meter;
+use tether_common::telemetry::{Counter, Exposition, Gauge};
+
+/// Stream-open failures are counted by reason; the label set is this fixed list.
+const REASONS: [StatusCode; 8] = [
+    StatusCode::UpstreamUnreachable,
+    StatusCode::RefusedByPolicy,
+    StatusCode::UnknownService,
+    StatusCode::Busy,
+    StatusCode::Draining,
+    StatusCode::Timeout,
+    StatusCode::NoRoute,
+    StatusCode::BadRequest,
+];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub tunnels_up: Gauge,
+    pub tunnels_total: Counter,
+    pub handshake_failures: Counter,
+    pub streams_open: Gauge,
+    pub streams_total: Counter,
+    pub stream_failures: [Counter; REASONS.len()],
+    pub stream_resets: Counter,
+    pub protocol_errors: Counter,
+    pub upstream_healthy: Gauge,
+    pub bytes: Meter,
+}
+
+impl Metrics {
+    pub fn stream_failed(&self, code: StatusCode) {
+        if let Some(i) = REASONS.iter().position(|r| *r == code) {
+            self.stream_failures[i].inc();
+        }
+    }
+
+    pub fn render(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut e = Exposition::new();
+        e.gauge(
+            "tether_tunnels_up",
+            "Agent tunnels connected to this server.",
+            self.tunnels_up.get(),
+        );
+        e.counter(
+            "tether_tunnels_accepted_total",
+            "Agent tunnels accepted since start.",
+            self.tunnels_total.get(),
+        );
+        e.counter(
+            "tether_handshake_failures_total",
+            "TLS handshakes refused or failed (no, foreign or bad certificate; timeout).",
+            self.handshake_failures.get(),
+        );
+        e.gauge(
+            "tether_streams_open",
+            "Streams being relayed now.",
+            self.streams_open.get(),
+        );
+        e.counter(
+            "tether_streams_total",
+            "Streams relayed since start.",
+            self.streams_total.get(),
+        );
+        let failures: Vec<(&str, u64)> = REASONS
+            .iter()
+            .zip(&self.stream_failures)
+            .map(|(r, c)| (r.label(), c.get()))
+            .collect();
+        e.labeled(
+            "tether_stream_open_failures_total",
+            "Streams answered with a failure status, by reason.",
+            "counter",
+            "reason",
+            &failures,
+        );
+        e.counter(
+            "tether_stream_resets_total",
+            "Relayed streams that ended in a reset (either side).",
+            self.stream_resets.get(),
+        );
+        e.counter(
+            "tether_protocol_errors_total",
+            "Streams or tunnels closed for breaking the protocol.",
+            self.protocol_errors.get(),
+        );
+        e.gauge(
+            "tether_upstream_healthy",
+            "1 when the last upstream check succeeded.",
+            self.upstream_healthy.get(),
+        );
+        e.counter(
+            "tether_tunnel_bytes_received_total",
+            "Bytes received from tunnels and written to the upstream.",
+            self.bytes.from_tunnel.load(Relaxed),
+        );
+        e.counter(
+            "tether_tunnel_bytes_sent_total",
+            "Bytes read from the upstream and sent into tunnels.",
+            self.bytes.to_tunnel.load(Relaxed),
+        );
+        e.finish()
+    }
+}

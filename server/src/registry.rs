@@ -1,0 +1,63 @@
+//! Which nodes are connected to this server, through which tunnels.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::SystemTime;
+use tether_common::transport::Tunnel;
+
+/// One agent tunnel.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub tunnel: Tunnel,
+    pub remote: SocketAddr,
+    pub since: SystemTime,
+    /// Expiry of the agent's certificate, seconds since the Unix epoch.
+    pub cert_not_after: i64,
+}
+
+/// Connected nodes by name. A node may hold several tunnels (a restart overlapping the old
+/// connection's timeout, or several NAT paths).
+#[derive(Debug, Default)]
+pub struct Registry {
+    nodes: Mutex<HashMap<String, Vec<Entry>>>,
+}
+
+impl Registry {
+    pub fn add(&self, node: &str, entry: Entry) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.entry(node.to_string()).or_default().push(entry);
+    }
+
+    pub fn remove(&self, node: &str, tunnel_id: usize) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = nodes.get_mut(node) {
+            list.retain(|e| e.tunnel.id() != tunnel_id);
+            if list.is_empty() {
+                nodes.remove(node);
+            }
+        }
+    }
+
+    /// The tunnels of one node, newest last.
+    pub fn tunnels(&self, node: &str) -> Vec<Entry> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(node).cloned().unwrap_or_default()
+    }
+
+    /// Names of the connected nodes, sorted.
+    pub fn node_names(&self) -> Vec<String> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = nodes.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Closes every tunnel (at shutdown).
+    pub fn close_all(&self, code: u32, reason: &str) {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        for e in nodes.values().flatten() {
+            e.tunnel.close(code, reason);
+        }
+    }
+}
