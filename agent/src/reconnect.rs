@@ -161,7 +161,11 @@ async fn serve(
     d.pool.remove(&link);
     d.metrics.tunnels_up.dec();
     tunnel.close(tether_common::protocol::code::SHUTDOWN, "tunnel closed");
-    warn!(server = %server, peer = %tunnel.remote_addr(), reason = %reason, "tunnel down");
+    if stop.fired() {
+        info!(server = %server, peer = %tunnel.remote_addr(), reason = %reason, "tunnel down");
+    } else {
+        warn!(server = %server, peer = %tunnel.remote_addr(), reason = %reason, "tunnel down");
+    }
 }
 
 /// Reads control messages until the stream ends; returns why it ended.

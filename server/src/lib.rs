@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod registry;
+pub mod standin;
 pub mod upstream;
 
 use crate::config::ServerConfig;

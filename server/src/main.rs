@@ -16,8 +16,9 @@ use tether_server::config::ServerConfig;
 )]
 struct Cli {
     /// Log level (error, warn, info, debug, trace) or a filter; RUST_LOG wins when set.
-    #[arg(long, env = "TETHER_LOG_LEVEL", default_value = "info", global = true)]
-    log_level: String,
+    /// Default: info (warn for the demo, whose own output tells the story).
+    #[arg(long, env = "TETHER_LOG_LEVEL", global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -105,7 +106,11 @@ struct RunArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tether_common::telemetry::init_logging(&cli.log_level);
+    let default_level = match cli.command {
+        Command::Demo => "warn",
+        _ => "info",
+    };
+    tether_common::telemetry::init_logging(cli.log_level.as_deref().unwrap_or(default_level));
     match cli.command {
         Command::Init(a) => init(a),
         Command::IssueAgent(a) => issue_agent(a),
