@@ -261,6 +261,7 @@ pub fn issue_agent_files(
     out_dir: &Path,
     days: u32,
 ) -> Result<(), CertError> {
+    validate_node_name(node_name)?;
     let ca = Ca::load(ca_dir)?;
     let issued = ca.issue_agent(node_name, Lifetime::days(days))?;
     create_dir(out_dir)?;

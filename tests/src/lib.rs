@@ -18,6 +18,7 @@ use tether_server::ServerHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod netns;
 pub mod process;
 
 /// Logs of the code under test show up in failing tests' output.
@@ -65,8 +66,13 @@ pub struct Pki {
 
 impl Pki {
     pub fn new() -> Self {
+        Self::with_sans(&[])
+    }
+
+    /// A PKI whose server certificate also names `sans` (the addresses of test hosts).
+    pub fn with_sans(sans: &[String]) -> Self {
         let dir = TempDir::new("pki");
-        tether_certs::init(&dir.path().join("server"), &[], 3650, 365).expect("init");
+        tether_certs::init(&dir.path().join("server"), sans, 3650, 365).expect("init");
         Pki { dir }
     }
 
@@ -172,7 +178,11 @@ pub struct Echo {
 
 impl Echo {
     pub async fn start() -> Self {
-        let l = tether_common::net::listen_tcp(loopback0()).expect("bind echo");
+        Self::start_on(loopback0()).await
+    }
+
+    pub async fn start_on(at: SocketAddr) -> Self {
+        let l = tether_common::net::listen_tcp(at).expect("bind echo");
         let addr = l.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             while let Ok((mut c, _)) = l.accept().await {

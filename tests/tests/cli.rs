@@ -1,0 +1,283 @@
+//! The command-line contract, with the real binaries as processes: `init`, `issue-agent`,
+//! `run` exactly as documented, flags also taken from `TETHER_*` variables, and the errors a new
+//! user meets.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+use tether_tests::process::{bin, free_port, run_ok, Proc};
+use tether_tests::*;
+use tokio::process::Command;
+
+async fn wait_ready(admin: SocketAddr, what: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok((200, _)) = http_get(admin, "/readyz").await {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{what} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_issue_agent_and_run_as_documented() {
+    let tmp = TempDir::new("cli");
+    let server_bin = bin("tether-server");
+    let agent_bin = bin("tether-agent");
+    let data = tmp.path().join("server");
+    let data_s = data.to_str().unwrap();
+
+    let out = run_ok(
+        &server_bin,
+        &["init", "--data-dir", data_s, "--san", "cp.example.test"],
+    );
+    assert!(out.contains("created a new CA"), "{out}");
+    for f in ["ca.crt", "ca.key", "server.crt", "server.key"] {
+        assert!(data.join(f).exists(), "{f} written");
+    }
+    let mode = std::fs::metadata(data.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A second server joins the same CA: copy ca.crt and ca.key, then init.
+    let data2 = tmp.path().join("server2");
+    std::fs::create_dir_all(&data2).unwrap();
+    for f in ["ca.crt", "ca.key"] {
+        std::fs::copy(data.join(f), data2.join(f)).unwrap();
+    }
+    let out = run_ok(
+        &server_bin,
+        &["init", "--data-dir", data2.to_str().unwrap()],
+    );
+    assert!(out.contains("kept the existing CA"), "{out}");
+    assert_eq!(
+        std::fs::read(data.join("ca.crt")).unwrap(),
+        std::fs::read(data2.join("ca.crt")).unwrap()
+    );
+
+    let node = tmp.path().join("node");
+    run_ok(
+        &server_bin,
+        &[
+            "issue-agent",
+            "--data-dir",
+            data_s,
+            "--node-name",
+            "node-1",
+            "--out-dir",
+            node.to_str().unwrap(),
+        ],
+    );
+    for f in ["ca.crt", "agent.crt", "agent.key"] {
+        assert!(node.join(f).exists(), "{f} written");
+    }
+
+    let echo = Echo::start().await;
+    let (port, sadmin, aport, aadmin) = (free_port(), free_port(), free_port(), free_port());
+    let listen = format!("127.0.0.1:{port}");
+    let sadmin_s = format!("127.0.0.1:{sadmin}");
+    let mut server = Proc::spawn(
+        "server",
+        &server_bin,
+        &[
+            "run",
+            "--data-dir",
+            data_s,
+            "--listen",
+            &listen,
+            "--upstream",
+            &echo.addr.to_string(),
+            "--admin",
+            &sadmin_s,
+        ],
+        tmp.path().join("server.log"),
+    );
+    // Every flag can come from a TETHER_* variable: this agent gets all of its settings that way.
+    let mut cmd = Command::new(&agent_bin);
+    cmd.arg("run")
+        .env("TETHER_SERVER", &listen)
+        .env("TETHER_DATA_DIR", &node)
+        .env("TETHER_LISTEN", format!("127.0.0.1:{aport}"))
+        .env("TETHER_ADMIN", format!("127.0.0.1:{aadmin}"));
+    let mut agent = Proc::spawn_cmd("agent", &mut cmd, tmp.path().join("agent.log"));
+
+    let aadmin_addr: SocketAddr = format!("127.0.0.1:{aadmin}").parse().unwrap();
+    wait_ready(aadmin_addr, "agent").await;
+    wait_ready(sadmin_s.parse().unwrap(), "server").await;
+
+    let via: SocketAddr = format!("127.0.0.1:{aport}").parse().unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300u64 {
+        let size = fastrand::Rng::with_seed(i).usize(..200_000);
+        tasks.spawn(async move { echo_roundtrip(via, random_bytes(size, i)).await });
+    }
+    let results = within("300 echoes", Duration::from_secs(120), tasks.join_all()).await;
+    let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+
+    // The upstream goes away: local connections are closed promptly.
+    echo.stop();
+    wait_for("echo port closed", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(echo.addr).is_err()
+    })
+    .await;
+    if let Ok(mut c) = tokio::net::TcpStream::connect(via).await {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 8];
+        let r = within("prompt close", Duration::from_secs(2), c.read(&mut b)).await;
+        assert!(matches!(r, Ok(0) | Err(_)));
+    }
+
+    // SIGTERM: both exit 0.
+    agent.signal("TERM");
+    server.signal("TERM");
+    for p in [&mut agent, &mut server] {
+        let status = within(
+            "exit after SIGTERM",
+            Duration::from_secs(10),
+            p.child.wait(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            status.success(),
+            "{} exited with {status}: {}",
+            p.name,
+            p.log_text()
+        );
+    }
+    let log = server.log_text();
+    assert!(log.contains("tunnel up") && log.contains("node-1"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_agent_is_refused_and_logged_with_its_address() {
+    let tmp = TempDir::new("cli-foreign");
+    let server_bin = bin("tether-server");
+    let ours = tmp.path().join("ours");
+    let theirs = tmp.path().join("theirs");
+    run_ok(&server_bin, &["init", "--data-dir", ours.to_str().unwrap()]);
+    run_ok(
+        &server_bin,
+        &["init", "--data-dir", theirs.to_str().unwrap()],
+    );
+    let node = tmp.path().join("node");
+    run_ok(
+        &server_bin,
+        &[
+            "issue-agent",
+            "--data-dir",
+            theirs.to_str().unwrap(),
+            "--node-name",
+            "intruder",
+            "--out-dir",
+            node.to_str().unwrap(),
+        ],
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = Proc::spawn(
+        "server",
+        &server_bin,
+        &[
+            "run",
+            "--data-dir",
+            ours.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+        tmp.path().join("server.log"),
+    );
+    // The intruder trusts our CA but holds a certificate from another one.
+    let aport = free_port();
+    let agent = Proc::spawn(
+        "agent",
+        &bin("tether-agent"),
+        &[
+            "run",
+            "--server",
+            &listen,
+            "--data-dir",
+            node.to_str().unwrap(),
+            "--ca",
+            ours.join("ca.crt").to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{aport}"),
+        ],
+        tmp.path().join("agent.log"),
+    );
+    wait_for("refusal logged", Duration::from_secs(15), || {
+        server.log_text().contains("refused tunnel")
+    })
+    .await;
+    let log = server.log_text();
+    let line = log.lines().find(|l| l.contains("refused tunnel")).unwrap();
+    assert!(
+        line.contains("127.0.0.1:"),
+        "the refusal names the peer address: {line}"
+    );
+    assert!(!log.contains("tunnel up"), "{log}");
+    drop(agent);
+}
+
+#[tokio::test]
+async fn errors_a_new_user_meets_say_what_to_do() {
+    let tmp = TempDir::new("cli-errors");
+    let empty = tmp.path().join("empty");
+    let out = std::process::Command::new(bin("tether-server"))
+        .args([
+            "run",
+            "--data-dir",
+            empty.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tether-server init"), "{err}");
+
+    let out = std::process::Command::new(bin("tether-agent"))
+        .args([
+            "run",
+            "--server",
+            "127.0.0.1:9443",
+            "--data-dir",
+            empty.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("issue-agent"), "{err}");
+
+    let out = std::process::Command::new(bin("tether-server"))
+        .args([
+            "issue-agent",
+            "--data-dir",
+            empty.to_str().unwrap(),
+            "--node-name",
+            "bad name",
+            "--out-dir",
+            "/tmp/x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid node name"), "{err}");
+}
