@@ -66,7 +66,7 @@ pub async fn maintain(
                 failures += 1;
                 // The first failure and then every tenth: a server that stays down for hours
                 // must not flood the log.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     warn!(server = %server, attempts = failures, error = %e, "cannot reach server; retrying");
                 } else {
                     debug!(server = %server, error = %e, "cannot reach server");

@@ -40,7 +40,7 @@ async fn setup() -> Option<Setup> {
         return None;
     }
     let lab = NatLab::new();
-    let pki = Pki::with_sans(&[lab.cp_ip.clone()]);
+    let pki = Pki::with_sans(std::slice::from_ref(&lab.cp_ip));
     let logs = TempDir::new("netns-logs");
     let probe = bin("tether-probe");
     let echo = lab.cp.spawn(
