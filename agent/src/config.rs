@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tether_common::pool::Policy;
 use tether_common::tls::{Liveness, TunnelLimits};
 
 /// Everything `tether-agent run` can be told.
@@ -10,6 +11,12 @@ use tether_common::tls::{Liveness, TunnelLimits};
 pub struct AgentConfig {
     /// Servers to keep a tunnel to, `host:port` each.
     pub servers: Vec<String>,
+    /// Where the last announced server list is kept (`servers` in the data directory).
+    pub state_dir: Option<PathBuf>,
+    /// How a new connection picks among healthy servers.
+    pub policy: Policy,
+    /// How long open streams may take to finish after SIGTERM.
+    pub drain_timeout: Duration,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -37,6 +44,9 @@ impl AgentConfig {
     pub fn new(servers: Vec<String>, data_dir: PathBuf) -> Self {
         AgentConfig {
             servers,
+            state_dir: Some(data_dir.clone()),
+            policy: Policy::LeastStreams,
+            drain_timeout: Duration::from_secs(30),
             ca: data_dir.join(tether_certs::files::CA_CERT),
             cert: data_dir.join(tether_certs::files::AGENT_CERT),
             key: data_dir.join(tether_certs::files::AGENT_KEY),

@@ -1,9 +1,9 @@
 //! The local listener: each accepted connection becomes a stream through the best tunnel.
 
 use crate::metrics::{Metrics, OpenFailure};
-use crate::pool::{Link, Pool};
 use std::sync::Arc;
 use std::time::Duration;
+use tether_common::pool::{Link, Policy, Pool};
 use tether_common::protocol::{
     code, Message, StatusCode, Target, PROTOCOL_VERSION, SERVICE_APISERVER,
 };
@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 /// Settings of the forwarder.
 #[derive(Debug, Clone)]
 pub struct Forwarding {
+    pub policy: Policy,
     pub stream_open_timeout: Duration,
     pub last_attempt_timeout: Duration,
     pub max_connections: usize,
@@ -68,7 +69,7 @@ fn reset(conn: TcpStream) {
 }
 
 async fn forward(conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &Forwarding) {
-    let candidates = pool.candidates();
+    let candidates = pool.candidates(settings.policy);
     let count = candidates.len();
     for (i, link) in candidates.into_iter().enumerate() {
         let last = i + 1 == count;
@@ -79,6 +80,9 @@ async fn forward(conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &For
         };
         match open(&link, wait).await {
             Ok(stream) => {
+                if i > 0 {
+                    metrics.failovers.inc();
+                }
                 let _guard = link.stream_guard();
                 let _open = GaugeGuard::new(&metrics.streams_open);
                 metrics.streams_total.inc();

@@ -1,23 +1,25 @@
 //! `tether-agent`: listens where kubelet expects the API server and carries each connection
-//! through an outbound QUIC tunnel to a `tether-server`.
+//! through an outbound QUIC tunnel to one of the `tether-server`s, keeping a tunnel to every
+//! server it knows.
 //!
 //! The library runs a whole agent in-process ([`start`]), so that tests and the demo drive the
 //! same code the binary runs.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod discovery;
 pub mod forward;
 pub mod metrics;
-pub mod pool;
-pub mod reconnect;
 
 use crate::config::AgentConfig;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tether_common::admin::{self, AdminSource};
-use tether_common::backoff::Backoff;
+use tether_common::pool::Pool;
+use tether_common::protocol::SERVICE_APISERVER;
+use tether_common::reconnect::Dialer;
 use tether_common::shutdown::Shutdown;
 use tether_common::tls;
 use tokio::task::JoinSet;
@@ -41,7 +43,7 @@ pub enum AgentError {
     },
 }
 
-/// A running agent. Call [`AgentHandle::shutdown`] to stop it.
+/// A running agent. Call [`AgentHandle::shutdown`] or [`AgentHandle::drain`] to stop it.
 pub struct AgentHandle {
     /// The local listener's address.
     pub listen_addr: SocketAddr,
@@ -50,6 +52,7 @@ pub struct AgentHandle {
     pub node_name: String,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
+    accepting: Shutdown,
     shutdown: Shutdown,
     endpoint: quinn::Endpoint,
     tasks: JoinSet<()>,
@@ -61,11 +64,17 @@ impl AgentHandle {
         self.pool.len()
     }
 
-    /// The servers with a tunnel up now, as configured.
+    /// The servers with a tunnel up now, in configured order.
     pub fn connected_servers(&self) -> Vec<String> {
+        self.pool.all().iter().map(|l| l.server.clone()).collect()
+    }
+
+    /// The connected servers that announced that they are draining.
+    pub fn draining_servers(&self) -> Vec<String> {
         self.pool
-            .candidates()
+            .all()
             .iter()
+            .filter(|l| l.draining())
             .map(|l| l.server.clone())
             .collect()
     }
@@ -74,8 +83,24 @@ impl AgentHandle {
         &self.metrics
     }
 
+    /// Stops accepting new connections, lets open streams finish for up to `timeout`, then
+    /// shuts down. Returns how many streams were still open at the end.
+    pub async fn drain(self, timeout: Duration) -> i64 {
+        info!(timeout = ?timeout, open = self.metrics.streams_open.get(), "draining: no new connections");
+        self.metrics.draining.set(1);
+        self.accepting.trigger();
+        let start = Instant::now();
+        while self.metrics.streams_open.get() > 0 && start.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.metrics.streams_open.get();
+        self.shutdown().await;
+        left
+    }
+
     /// Stops accepting, closes the tunnels and waits for the tasks to end.
     pub async fn shutdown(mut self) {
+        self.accepting.trigger();
         self.shutdown.trigger();
         while self.tasks.join_next().await.is_some() {}
         self.endpoint.close(
@@ -119,6 +144,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let pool = Arc::new(Pool::default());
     let metrics = Arc::new(Metrics::default());
     let shutdown = Shutdown::new();
+    let accepting = Shutdown::new();
     let mut tasks = JoinSet::new();
 
     let mut admin_addr = None;
@@ -139,24 +165,31 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         });
     }
 
-    let dialer = Arc::new(reconnect::Dialer {
+    let dialer = Arc::new(Dialer {
         endpoint: endpoint.clone(),
         client_config,
-        node_name: node_name.clone(),
+        hello_name: node_name.clone(),
+        capabilities: vec![SERVICE_APISERVER.into()],
+        own_server_id: None,
         handshake_timeout: config.handshake_timeout,
         pool: pool.clone(),
-        metrics: metrics.clone(),
+        stats: metrics.links.clone(),
+        changed: Arc::new(tokio::sync::Notify::new()),
+        kind: "server",
     });
-    for server in &config.servers {
-        let backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
-        tasks.spawn(reconnect::maintain(
-            server.clone(),
-            dialer.clone(),
-            backoff,
-            shutdown.signal(),
-        ));
-    }
+    let discovery = discovery::Discovery {
+        seeds: config.servers.clone(),
+        state_file: config
+            .state_dir
+            .as_ref()
+            .map(|d| d.join(discovery::STATE_FILE)),
+        dialer,
+        reconnect_initial: config.reconnect_initial,
+        reconnect_max: config.reconnect_max,
+    };
+    tasks.spawn(discovery.run(shutdown.signal()));
     let settings = forward::Forwarding {
+        policy: config.policy,
         stream_open_timeout: config.stream_open_timeout,
         last_attempt_timeout: config.last_attempt_timeout,
         max_connections: config.max_connections,
@@ -166,15 +199,17 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         pool.clone(),
         metrics.clone(),
         settings,
-        shutdown.signal(),
+        accepting.signal(),
     ));
-    info!(node = %node_name, listen = %listen_addr, servers = ?config.servers, "tether-agent started");
+    info!(node = %node_name, listen = %listen_addr, servers = ?config.servers,
+        policy = config.policy.name(), "tether-agent started");
     Ok(AgentHandle {
         listen_addr,
         admin_addr,
         node_name,
         pool,
         metrics,
+        accepting,
         shutdown,
         endpoint,
         tasks,
@@ -188,7 +223,9 @@ struct AdminView {
 
 impl AdminSource for AdminView {
     fn ready(&self) -> Result<(), String> {
-        if self.pool.is_empty() {
+        if self.metrics.draining.get() > 0 {
+            Err("draining".into())
+        } else if self.pool.is_empty() {
             Err("no tunnel is up".into())
         } else {
             Ok(())
@@ -196,6 +233,6 @@ impl AdminSource for AdminView {
     }
 
     fn metrics(&self) -> String {
-        self.metrics.render()
+        self.metrics.render(&self.pool)
     }
 }

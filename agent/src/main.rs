@@ -74,6 +74,12 @@ struct RunArgs {
     /// Upper bound of the reconnect delay.
     #[arg(long, env = "TETHER_RECONNECT_MAX", default_value = "5s", value_parser = parse_duration)]
     reconnect_max: Duration,
+    /// How a new connection picks among healthy servers: least-streams or ordered.
+    #[arg(long, env = "TETHER_POLICY", default_value = "least-streams")]
+    policy: tether_common::pool::Policy,
+    /// How long open streams may take to finish after SIGTERM.
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Most local connections carried at once; more are reset.
     #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = 16384)]
     max_connections: usize,
@@ -110,13 +116,22 @@ async fn run(a: RunArgs) -> Result<()> {
     config.liveness.idle_timeout = a.idle_timeout;
     config.reconnect_max = a.reconnect_max;
     config.max_connections = a.max_connections;
+    config.policy = a.policy;
+    config.drain_timeout = a.drain_timeout;
+    let drain_timeout = config.drain_timeout;
     let agent = tether_agent::start(config)
         .await
         .context("tether-agent cannot start")?;
     let sig = tether_common::shutdown::terminate_signal()
         .await
         .context("cannot watch for SIGTERM and SIGINT")?;
-    tracing::info!(signal = sig, "shutting down");
-    agent.shutdown().await;
+    tracing::info!(signal = sig, "draining, then exiting");
+    let left = agent.drain(drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            streams = left,
+            "drain timeout: closed streams that were still open"
+        );
+    }
     Ok(())
 }

@@ -1,5 +1,8 @@
 //! What an agent counts, and its Prometheus rendering.
 
+use std::sync::Arc;
+use tether_common::pool::Pool;
+use tether_common::reconnect::LinkStats;
 use tether_common::relay::Meter;
 use tether_common::telemetry::{Counter, Exposition, Gauge};
 
@@ -25,9 +28,9 @@ const FAILURES: [(OpenFailure, &str); 4] = [
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    pub tunnels_up: Gauge,
-    pub tunnel_connects: Counter,
-    pub tunnel_connect_failures: Counter,
+    pub links: Arc<LinkStats>,
+    pub failovers: Counter,
+    pub draining: Gauge,
     pub connections_accepted: Counter,
     pub connections_failed: Counter,
     pub connections_over_limit: Counter,
@@ -46,23 +49,68 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self) -> String {
+    pub fn render(&self, pool: &Pool) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         let mut e = Exposition::new();
         e.gauge(
             "tether_tunnels_up",
             "Tunnels to servers that are up.",
-            self.tunnels_up.get(),
+            self.links.up.get(),
         );
         e.counter(
             "tether_tunnel_connects_total",
             "Tunnels established since start.",
-            self.tunnel_connects.get(),
+            self.links.connects.get(),
         );
         e.counter(
             "tether_tunnel_connect_failures_total",
             "Failed attempts to establish a tunnel.",
-            self.tunnel_connect_failures.get(),
+            self.links.connect_failures.get(),
+        );
+        // One sample per server with a tunnel up: bounded by the size of the control plane.
+        let links = pool.all();
+        let healthy: Vec<(&str, i64)> = links
+            .iter()
+            .map(|l| (l.server.as_str(), l.healthy() as i64))
+            .collect();
+        e.labeled(
+            "tether_server_healthy",
+            "1 when the server reports a healthy upstream, per connected server.",
+            "gauge",
+            "server",
+            &healthy,
+        );
+        let draining: Vec<(&str, i64)> = links
+            .iter()
+            .map(|l| (l.server.as_str(), l.draining() as i64))
+            .collect();
+        e.labeled(
+            "tether_server_draining",
+            "1 when the server announced that it is draining, per connected server.",
+            "gauge",
+            "server",
+            &draining,
+        );
+        let streams: Vec<(&str, usize)> = links
+            .iter()
+            .map(|l| (l.server.as_str(), l.streams()))
+            .collect();
+        e.labeled(
+            "tether_server_streams",
+            "Streams open through each connected server.",
+            "gauge",
+            "server",
+            &streams,
+        );
+        e.counter(
+            "tether_failovers_total",
+            "New connections carried by another server than the first choice.",
+            self.failovers.get(),
+        );
+        e.gauge(
+            "tether_draining",
+            "1 while the agent drains after SIGTERM.",
+            self.draining.get(),
         );
         e.counter(
             "tether_connections_accepted_total",

@@ -5,7 +5,9 @@
 pub mod admin;
 pub mod backoff;
 pub mod net;
+pub mod pool;
 pub mod protocol;
+pub mod reconnect;
 pub mod relay;
 pub mod shutdown;
 pub mod telemetry;

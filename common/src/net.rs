@@ -21,3 +21,22 @@ pub fn listen_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
+
+/// The host's own addresses, loopback and link-local excluded: what a server advertises by
+/// default and what an agent reports as its node's addresses.
+pub fn host_addresses() -> Vec<std::net::IpAddr> {
+    let mut v: Vec<_> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| !i.is_loopback())
+        .map(|i| i.ip())
+        .filter(|ip| match ip {
+            std::net::IpAddr::V4(a) => !a.is_link_local(),
+            std::net::IpAddr::V6(a) => (a.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect();
+    // IPv4 first: it is what most clusters dial.
+    v.sort_by_key(|ip| ip.is_ipv6());
+    v.dedup();
+    v
+}

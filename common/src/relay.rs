@@ -156,3 +156,73 @@ async fn tunnel_to_tcp(
 fn remote(e: StreamError) -> Abort {
     Abort::Remote(e.to_string())
 }
+
+/// Relays between two tunnel streams (a server passing a stream on to a peer), with the same
+/// guarantees as [`relay`]: order, half-close per direction, resets that travel as resets.
+pub async fn splice(a: Stream, b: Stream, meters: &[&Meter]) -> Summary {
+    let Stream {
+        send: mut a_send,
+        recv: mut a_recv,
+    } = a;
+    let Stream {
+        send: mut b_send,
+        recv: mut b_recv,
+    } = b;
+    let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = tokio::try_join!(
+        pipe(&mut a_recv, &mut b_send, meters, &ab, true),
+        pipe(&mut b_recv, &mut a_send, meters, &ba, false),
+    );
+    let outcome = match result {
+        Ok(_) => Outcome::Closed,
+        Err(abort) => {
+            a_send.reset(code::RESET);
+            a_recv.stop(code::RESET);
+            b_send.reset(code::RESET);
+            b_recv.stop(code::RESET);
+            match abort {
+                Abort::Local(e) => Outcome::LocalReset(e),
+                Abort::Remote(e) => Outcome::RemoteReset(e),
+            }
+        }
+    };
+    Summary {
+        to_tunnel: ba.load(Ordering::Relaxed),
+        from_tunnel: ab.load(Ordering::Relaxed),
+        outcome,
+    }
+}
+
+/// One direction of a splice. `inbound` tells which meter side the bytes count on.
+async fn pipe(
+    from: &mut RecvHalf,
+    to: &mut SendHalf,
+    meters: &[&Meter],
+    total: &AtomicU64,
+    inbound: bool,
+) -> Result<(), Abort> {
+    loop {
+        match from.read_chunk(CHUNK).await {
+            Ok(Some(chunk)) => {
+                let n = chunk.len() as u64;
+                to.write_chunk(chunk)
+                    .await
+                    .map_err(|e| Abort::Remote(e.to_string()))?;
+                total.fetch_add(n, Ordering::Relaxed);
+                for m in meters {
+                    let side = if inbound {
+                        &m.from_tunnel
+                    } else {
+                        &m.to_tunnel
+                    };
+                    side.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            Ok(None) => {
+                to.finish();
+                return Ok(());
+            }
+            Err(e) => return Err(Abort::Local(e.to_string())),
+        }
+    }
+}

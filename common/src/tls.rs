@@ -234,6 +234,9 @@ pub struct PeerInfo {
     pub common_name: String,
     /// When the certificate expires, in seconds since the Unix epoch.
     pub not_after: i64,
+    /// Whether the certificate may serve as a TLS server: only server certificates can, so a
+    /// client presenting one is a peer server, not a node.
+    pub server_auth: bool,
 }
 
 /// Reads the subject common name and expiry of a DER certificate.
@@ -246,8 +249,13 @@ pub fn peer_info(cert: &CertificateDer<'_>) -> Option<PeerInfo> {
         .as_str()
         .ok()?
         .to_owned();
+    let server_auth = matches!(
+        parsed.extended_key_usage(),
+        Ok(Some(eku)) if eku.value.server_auth
+    );
     Some(PeerInfo {
         common_name: cn,
         not_after: parsed.validity().not_after.timestamp(),
+        server_auth,
     })
 }

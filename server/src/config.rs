@@ -14,6 +14,18 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// The kube-apiserver every stream is relayed to, `host:port`.
     pub upstream: String,
+    /// Other servers (`host:port`; a DNS name counts for every address) to connect to, relay
+    /// through, and announce to agents.
+    pub peers: Vec<String>,
+    /// The address agents and peers should dial for this server, as announced to them. Default:
+    /// the listen address when it names one, else the host's first address with the listen port.
+    pub advertise: Option<String>,
+    /// CA of the apiserver's certificate: when set, the health check is an HTTPS `GET /readyz`.
+    pub upstream_ca: Option<PathBuf>,
+    /// How long open streams may take to finish after SIGTERM.
+    pub drain_timeout: Duration,
+    /// How long a peer may take to answer a relayed stream.
+    pub peer_open_timeout: Duration,
     /// Admin endpoint (health, readiness, metrics); none when unset.
     pub admin: Option<SocketAddr>,
     /// Longest wait for a TCP connection to the upstream. Shorter than the agent's last-attempt
@@ -38,6 +50,11 @@ impl ServerConfig {
             data_dir,
             listen: SocketAddr::from(([0, 0, 0, 0], 9443)),
             upstream: "127.0.0.1:6443".into(),
+            peers: Vec::new(),
+            advertise: None,
+            upstream_ca: None,
+            drain_timeout: Duration::from_secs(30),
+            peer_open_timeout: Duration::from_millis(1500),
             admin: None,
             connect_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(10),

@@ -1,10 +1,11 @@
 //! `tether-server`: accepts agent tunnels over QUIC with mutual TLS and relays each of their
-//! streams to the kube-apiserver.
+//! streams to the kube-apiserver, or through a peer server when its own apiserver is down.
 //!
 //! The library runs a whole server in-process ([`start`]), so that tests and the demo drive the
 //! same code the binary runs.
 #![forbid(unsafe_code)]
 
+pub mod announce;
 pub mod config;
 pub mod demo;
 pub mod metrics;
@@ -12,25 +13,34 @@ pub mod registry;
 pub mod standin;
 pub mod upstream;
 
+use crate::announce::Announcer;
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::registry::{Entry, Registry};
 use crate::upstream::Upstream;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tether_certs::files;
 use tether_common::admin::{self, AdminSource};
+use tether_common::backoff::Backoff;
+use tether_common::pool::{Link, Policy, Pool};
 use tether_common::protocol::{
     code, Message, StatusCode, Target, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_APISERVER,
 };
+use tether_common::reconnect::{self, Dialer};
 use tether_common::relay::{self, Outcome};
 use tether_common::shutdown::{Shutdown, ShutdownSignal};
+use tether_common::telemetry::GaugeGuard;
 use tether_common::tls;
 use tether_common::transport::{Stream, Tunnel};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
+
+/// The capability a server puts in its hello when it dials a peer.
+pub const CAP_PEER: &str = "peer";
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +66,15 @@ struct State {
     registry: Registry,
     upstream: Arc<Upstream>,
     streams: Arc<Semaphore>,
-    server_id: String,
+    /// Random per process start: tells this server apart from its peers, and from itself.
+    instance_id: String,
+    /// Links this server dialed to its peers.
+    peers: Arc<Pool>,
+    announcer: Announcer,
+    draining: AtomicBool,
 }
 
-/// A running server. Dropping it does not stop it; call [`ServerHandle::shutdown`].
+/// A running server.
 pub struct ServerHandle {
     /// The UDP address the QUIC listener is bound to.
     pub local_addr: SocketAddr,
@@ -81,6 +96,34 @@ impl ServerHandle {
         self.state.registry.node_names()
     }
 
+    /// Peers this server has a link to now.
+    pub fn peers_up(&self) -> usize {
+        self.state.peers.len()
+    }
+
+    /// The address this server announces for itself.
+    pub fn advertise(&self) -> Option<String> {
+        self.state.announcer.advertise().map(String::from)
+    }
+
+    /// Tells agents and peers that this server is draining, refuses new tunnels and streams,
+    /// lets open streams finish for up to `timeout`, then shuts down. Returns how many streams
+    /// were still open at the end.
+    pub async fn drain(self, timeout: Duration) -> i64 {
+        let open = self.state.metrics.streams_open.get();
+        info!(timeout = ?timeout, open, "draining: agents and peers are told to send no new streams");
+        self.state.draining.store(true, Ordering::Relaxed);
+        self.state.metrics.draining.set(1);
+        self.state.announcer.set_draining();
+        let start = Instant::now();
+        while self.state.metrics.streams_open.get() > 0 && start.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.state.metrics.streams_open.get();
+        self.shutdown().await;
+        left
+    }
+
     /// Closes every tunnel and stops serving.
     pub async fn shutdown(mut self) {
         self.shutdown.trigger();
@@ -92,13 +135,26 @@ impl ServerHandle {
             b"server shutting down",
         );
         self.tasks.shutdown().await;
-        self.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
+}
 
-    /// Waits until the server stops on its own (it does not, short of a fatal error).
-    pub async fn wait(&mut self) {
-        while self.tasks.join_next().await.is_some() {}
+fn random_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+/// The address to announce: the configured one, else the listen address when it names one,
+/// else the host's first address with the listen port.
+fn advertise_address(config: &ServerConfig, bound: SocketAddr) -> Option<String> {
+    if let Some(a) = &config.advertise {
+        return Some(a.clone());
     }
+    let ip = if bound.ip().is_unspecified() {
+        *tether_common::net::host_addresses().first()?
+    } else {
+        bound.ip()
+    };
+    Some(SocketAddr::new(ip, bound.port()).to_string())
 }
 
 /// Loads the certificates, binds the listeners and starts serving.
@@ -107,13 +163,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let roots = tls::load_roots(&dir.join(files::CA_CERT))?;
     let identity =
         tls::Identity::load(&dir.join(files::SERVER_CERT), &dir.join(files::SERVER_KEY))?;
-    let server_id = identity
-        .chain
-        .first()
-        .and_then(tls::peer_info)
-        .map(|p| p.common_name)
-        .unwrap_or_else(|| "tether-server".into());
-    let tls_config = tls::server_config(roots, identity)?;
+    let tls_config = tls::server_config(roots.clone(), identity.clone())?;
     let transport = tls::quic_transport(config.liveness, config.limits);
     let quic_config = tls::quic_server_config(tls_config, transport)?;
     let endpoint = quinn::Endpoint::server(quic_config, config.listen).map_err(|source| {
@@ -128,18 +178,36 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             addr: config.listen,
             source,
         })?;
-
-    let metrics = Arc::new(Metrics::default());
+    // Towards peers this server is a client, presenting its own server certificate.
+    let peer_tls = tls::client_config(roots, identity)?;
+    let peer_client = tls::quic_client_config(
+        peer_tls,
+        tls::quic_transport(config.liveness, config.limits),
+    )?;
+    let upstream_ca = match &config.upstream_ca {
+        Some(path) => Some(tls::load_roots(path)?),
+        None => None,
+    };
     let upstream = Arc::new(Upstream::new(
         config.upstream.clone(),
         config.connect_timeout,
-    ));
+        upstream_ca,
+    )?);
+
+    let metrics = Arc::new(Metrics::default());
+    let instance_id = random_id();
+    let advertise = advertise_address(&config, local_addr);
+    let peers = Arc::new(Pool::default());
+    let announcer = Announcer::new(advertise.clone(), config.peers.clone(), peers.clone());
     let state = Arc::new(State {
         streams: Arc::new(Semaphore::new(config.max_streams)),
         registry: Registry::default(),
         metrics: metrics.clone(),
         upstream: upstream.clone(),
-        server_id,
+        instance_id: instance_id.clone(),
+        peers: peers.clone(),
+        announcer,
+        draining: AtomicBool::new(false),
         config,
     });
     let shutdown = Shutdown::new();
@@ -153,20 +221,62 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         tasks.spawn(admin::serve(listener, Arc::new(AdminView(state.clone()))));
     }
 
-    let m = metrics.clone();
+    let s = state.clone();
     tasks.spawn(
         upstream
             .clone()
             .watch(state.config.health_interval, move |ok| {
-                m.upstream_healthy.set(ok as i64)
+                s.metrics.upstream_healthy.set(ok as i64);
+                s.announcer.set_healthy(ok);
             }),
     );
+
+    // A link to every peer, kept up like an agent keeps its tunnels.
+    let dialer = Arc::new(Dialer {
+        endpoint: endpoint.clone(),
+        client_config: peer_client,
+        hello_name: advertise.clone().unwrap_or_default(),
+        capabilities: vec![CAP_PEER.into()],
+        own_server_id: Some(instance_id),
+        handshake_timeout: state.config.handshake_timeout,
+        pool: peers,
+        stats: metrics.peer_links.clone(),
+        changed: state.announcer.changed(),
+        kind: "peer",
+    });
+    for (rank, peer) in state.config.peers.iter().enumerate() {
+        if Some(peer) == advertise.as_ref() {
+            continue;
+        }
+        let (peer, dialer, stop) = (peer.clone(), dialer.clone(), shutdown.signal());
+        let liveness_max = Duration::from_secs(5);
+        tasks.spawn(async move {
+            // Resolve until it works: a peer's name may not resolve yet while the cluster boots.
+            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+            let targets = loop {
+                match reconnect::resolve(&peer, rank).await {
+                    Ok(t) if !t.is_empty() => break t,
+                    Ok(_) => warn!(peer = %peer, "peer name resolves to no address"),
+                    Err(e) => warn!(peer = %peer, error = %e, "cannot resolve peer"),
+                }
+                tokio::time::sleep(backoff.next_delay(fastrand::f64())).await;
+            };
+            let mut set = JoinSet::new();
+            for t in targets {
+                let b = Backoff::new(Duration::from_millis(100), liveness_max);
+                set.spawn(reconnect::maintain(t, dialer.clone(), b, stop.clone()));
+            }
+            while set.join_next().await.is_some() {}
+        });
+    }
+    tasks.spawn(state.announcer.clone().run(shutdown.signal()));
     tasks.spawn(accept_loop(
         endpoint.clone(),
         state.clone(),
         shutdown.signal(),
     ));
-    info!(listen = %local_addr, upstream = %state.config.upstream, "tether-server listening (QUIC)");
+    info!(listen = %local_addr, upstream = %state.config.upstream, advertise = ?advertise,
+        peers = ?state.config.peers, "tether-server listening (QUIC)");
     Ok(ServerHandle {
         local_addr,
         admin_addr,
@@ -184,6 +294,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
             _ = stop.wait() => return,
         };
         let Some(incoming) = incoming else { return };
+        if state.draining.load(Ordering::Relaxed) {
+            incoming.refuse();
+            continue;
+        }
         let state = state.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
@@ -210,6 +324,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
     }
 }
 
+/// Who is on the other end of an inbound tunnel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Party {
+    Agent,
+    Peer,
+}
+
 /// Serves one authenticated tunnel until it closes.
 async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
     let remote = tunnel.remote_addr();
@@ -223,38 +344,63 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         tunnel.close(code::PROTOCOL, "certificate has no common name");
         return;
     };
-    let node = peer.common_name;
-    state.registry.add(
-        &node,
-        Entry {
-            tunnel: tunnel.clone(),
-            remote,
-            since: SystemTime::now(),
-            cert_not_after: peer.not_after,
-        },
-    );
-    state.metrics.tunnels_total.inc();
-    state.metrics.tunnels_up.inc();
-    info!(node = %node, peer = %remote, transport = tunnel.transport(), "tunnel up");
+    let party = if peer.server_auth {
+        Party::Peer
+    } else {
+        Party::Agent
+    };
+    let name = peer.common_name;
+    if party == Party::Agent {
+        state.registry.add(
+            &name,
+            Entry {
+                tunnel: tunnel.clone(),
+                remote,
+                since: SystemTime::now(),
+                cert_not_after: peer.not_after,
+            },
+        );
+        state.metrics.tunnels_total.inc();
+        state.metrics.tunnels_up.inc();
+        info!(node = %name, peer = %remote, transport = tunnel.transport(), "tunnel up");
+    } else {
+        state.metrics.peer_tunnels_in.inc();
+        info!(server = %name, peer = %remote, "peer tunnel up");
+    }
 
     loop {
         let stream = match tunnel.accept_stream().await {
             Ok(s) => s,
             Err(e) => {
-                info!(node = %node, peer = %remote, reason = %e, "tunnel down");
+                if party == Party::Agent {
+                    info!(node = %name, peer = %remote, reason = %e, "tunnel down");
+                } else {
+                    info!(server = %name, peer = %remote, reason = %e, "peer tunnel down");
+                }
                 break;
             }
         };
         let state = state.clone();
-        let node = node.clone();
-        tokio::spawn(async move { serve_stream(stream, &node, &state).await });
+        let (name, id) = (name.clone(), tunnel.id());
+        tokio::spawn(async move { serve_stream(stream, &name, party, id, &state).await });
     }
-    state.registry.remove(&node, tunnel.id());
-    state.metrics.tunnels_up.dec();
+    if party == Party::Agent {
+        state.registry.remove(&name, tunnel.id());
+        state.metrics.tunnels_up.dec();
+    } else {
+        state.announcer.remove_inbound_peer(tunnel.id());
+        state.metrics.peer_tunnels_in.dec();
+    }
 }
 
 /// Serves one stream: the control stream, or a stream to relay.
-async fn serve_stream(mut stream: Stream, node: &str, state: &State) {
+async fn serve_stream(
+    mut stream: Stream,
+    node: &str,
+    party: Party,
+    tunnel_id: usize,
+    state: &State,
+) {
     let first = tokio::time::timeout(state.config.header_timeout, stream.recv.read_message()).await;
     let msg = match first {
         Ok(Ok(Some(msg))) => msg,
@@ -276,11 +422,19 @@ async fn serve_stream(mut stream: Stream, node: &str, state: &State) {
         Message::Hello {
             min_version,
             max_version,
+            node_name,
             ..
-        } => control(stream, node, min_version, max_version, state).await,
+        } => {
+            if party == Party::Peer && !node_name.is_empty() {
+                state.announcer.add_inbound_peer(tunnel_id, node_name);
+            }
+            control(stream, node, min_version, max_version, state).await
+        }
         Message::Open {
-            version, target, ..
-        } => open(stream, node, version, target, state).await,
+            version,
+            target,
+            hops,
+        } => open(stream, node, version, target, hops, state).await,
         other => {
             state.metrics.protocol_errors.inc();
             warn!(
@@ -293,7 +447,8 @@ async fn serve_stream(mut stream: Stream, node: &str, state: &State) {
     }
 }
 
-/// The control stream: version agreement now, announcements in later versions.
+/// The control stream: version agreement, then this server's announcements (health, the
+/// server list, drain) as they change.
 async fn control(mut stream: Stream, node: &str, min: u8, max: u8, state: &State) {
     if !(min..=max).contains(&PROTOCOL_VERSION) {
         state.metrics.protocol_errors.inc();
@@ -303,24 +458,35 @@ async fn control(mut stream: Stream, node: &str, min: u8, max: u8, state: &State
             max,
             ours = PROTOCOL_VERSION,
             oldest = MIN_PROTOCOL_VERSION,
-            "no common protocol version with agent"
+            "no common protocol version"
         );
         stream.reset(code::PROTOCOL);
         return;
     }
     let welcome = Message::Welcome {
         version: PROTOCOL_VERSION,
-        server_id: state.server_id.clone(),
+        server_id: state.instance_id.clone(),
         capabilities: vec![SERVICE_APISERVER.into()],
     };
     if stream.send.write_message(&welcome).await.is_err() {
         return;
     }
-    // Read until the agent closes, skipping messages this version does not act on.
+    let mut rx = state.announcer.subscribe();
+    let mut sent: Option<announce::Announcement> = None;
     loop {
-        match stream.recv.read_message().await {
-            Ok(Some(m)) => debug!(node, message = m.name(), "control message"),
-            Ok(None) | Err(_) => return,
+        let now = rx.borrow_and_update().clone();
+        for msg in announce::diff(sent.as_ref(), &now) {
+            if stream.send.write_message(&msg).await.is_err() {
+                return;
+            }
+        }
+        sent = Some(now);
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            m = stream.recv.read_message() => match m {
+                Ok(Some(m)) => debug!(node, message = m.name(), "control message"),
+                Ok(None) | Err(_) => return,
+            },
         }
     }
 }
@@ -334,8 +500,22 @@ async fn refuse(stream: &mut Stream, code: StatusCode, message: String, state: &
     stream.send.finish();
 }
 
-/// A stream to relay: check it, connect upstream, answer the status, relay.
-async fn open(mut stream: Stream, node: &str, version: u8, target: Target, state: &State) {
+fn ok_status() -> Message {
+    Message::Status {
+        code: StatusCode::Ok,
+        message: String::new(),
+    }
+}
+
+/// A stream to relay: check it, then reach an apiserver, answer the status, relay.
+async fn open(
+    mut stream: Stream,
+    node: &str,
+    version: u8,
+    target: Target,
+    hops: u8,
+    state: &State,
+) {
     if version != PROTOCOL_VERSION {
         let why = format!("unsupported stream version {version}");
         warn!(node, "stream refused: {why}");
@@ -354,6 +534,10 @@ async fn open(mut stream: Stream, node: &str, version: u8, target: Target, state
             return refuse(&mut stream, StatusCode::RefusedByPolicy, why, state).await;
         }
     }
+    if state.draining.load(Ordering::Relaxed) {
+        let why = "server is draining".to_string();
+        return refuse(&mut stream, StatusCode::Draining, why, state).await;
+    }
     let Ok(_permit) = state.streams.clone().try_acquire_owned() else {
         warn!(
             node,
@@ -363,23 +547,45 @@ async fn open(mut stream: Stream, node: &str, version: u8, target: Target, state
         let why = "server stream limit reached".to_string();
         return refuse(&mut stream, StatusCode::Busy, why, state).await;
     };
-    let tcp = match state.upstream.connect().await {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            debug!(node, upstream = %state.upstream.addr(), error = %e, "upstream unreachable");
-            let why = format!("upstream {} unreachable: {e}", state.upstream.addr());
-            return refuse(&mut stream, StatusCode::UpstreamUnreachable, why, state).await;
+
+    // A healthy upstream first. When it is known to be down, a peer first, and the upstream
+    // only as a last resort (the check may be a second old). A relayed stream (hops > 0) is
+    // never relayed again: one hop at most, so no loop.
+    let healthy = state.upstream.is_healthy();
+    let mut last_error = String::from("no healthy peer");
+    if healthy {
+        match state.upstream.connect().await {
+            Ok(tcp) => return relay_upstream(stream, tcp, node, state).await,
+            Err(e) => last_error = format!("upstream {} unreachable: {e}", state.upstream.addr()),
         }
-    };
-    let ok = Message::Status {
-        code: StatusCode::Ok,
-        message: String::new(),
-    };
-    if stream.send.write_message(&ok).await.is_err() {
+    }
+    if hops == 0 {
+        if let Some((link, peer_stream)) = open_via_peer(state).await {
+            return relay_peer(stream, link, peer_stream, node, state).await;
+        }
+    }
+    if !healthy {
+        match state.upstream.connect().await {
+            Ok(tcp) => return relay_upstream(stream, tcp, node, state).await,
+            Err(e) => last_error = format!("upstream {} unreachable: {e}", state.upstream.addr()),
+        }
+    }
+    debug!(node, error = %last_error, "no way to an apiserver");
+    refuse(
+        &mut stream,
+        StatusCode::UpstreamUnreachable,
+        last_error,
+        state,
+    )
+    .await;
+}
+
+async fn relay_upstream(mut stream: Stream, tcp: tokio::net::TcpStream, node: &str, state: &State) {
+    if stream.send.write_message(&ok_status()).await.is_err() {
         return;
     }
     state.metrics.streams_total.inc();
-    let _open = tether_common::telemetry::GaugeGuard::new(&state.metrics.streams_open);
+    let _open = GaugeGuard::new(&state.metrics.streams_open);
     let summary = relay::relay(tcp, stream, &[&state.metrics.bytes]).await;
     if summary.outcome != Outcome::Closed {
         state.metrics.stream_resets.inc();
@@ -388,12 +594,66 @@ async fn open(mut stream: Stream, node: &str, version: u8, target: Target, state
         "stream done");
 }
 
+/// Opens a stream through the first healthy peer that accepts it.
+async fn open_via_peer(state: &State) -> Option<(Arc<Link>, Stream)> {
+    for link in state.peers.candidates(Policy::LeastStreams) {
+        if !link.healthy() {
+            continue;
+        }
+        let attempt = async {
+            let mut s = link.tunnel.open_stream().await.ok()?;
+            let open = Message::Open {
+                version: PROTOCOL_VERSION,
+                target: Target::Service(SERVICE_APISERVER.into()),
+                hops: 1,
+            };
+            s.send.write_message(&open).await.ok()?;
+            match s.recv.read_message().await {
+                Ok(Some(Message::Status {
+                    code: StatusCode::Ok,
+                    ..
+                })) => Some(s),
+                Ok(Some(Message::Status { code, message })) => {
+                    debug!(peer = %link.server, %code, %message, "peer refused a relayed stream");
+                    None
+                }
+                _ => {
+                    s.reset(code::PROTOCOL);
+                    None
+                }
+            }
+        };
+        match tokio::time::timeout(state.config.peer_open_timeout, attempt).await {
+            Ok(Some(s)) => return Some((link, s)),
+            _ => state.metrics.peer_relay_failures.inc(),
+        }
+    }
+    None
+}
+
+async fn relay_peer(mut stream: Stream, link: Arc<Link>, peer: Stream, node: &str, state: &State) {
+    if stream.send.write_message(&ok_status()).await.is_err() {
+        return;
+    }
+    state.metrics.streams_total.inc();
+    state.metrics.peer_relayed.inc();
+    let _open = GaugeGuard::new(&state.metrics.streams_open);
+    let _on_link = link.stream_guard();
+    debug!(node, peer = %link.server, "relaying through peer");
+    let summary = relay::splice(stream, peer, &[&state.metrics.bytes]).await;
+    if summary.outcome != Outcome::Closed {
+        state.metrics.stream_resets.inc();
+    }
+}
+
 /// What the admin endpoint shows of a server.
 struct AdminView(Arc<State>);
 
 impl AdminSource for AdminView {
     fn ready(&self) -> Result<(), String> {
-        if self.0.upstream.is_healthy() {
+        if self.0.draining.load(Ordering::Relaxed) {
+            Err("draining".into())
+        } else if self.0.upstream.is_healthy() {
             Ok(())
         } else {
             Err(format!("upstream {} unreachable", self.0.upstream.addr()))
@@ -401,6 +661,6 @@ impl AdminSource for AdminView {
     }
 
     fn metrics(&self) -> String {
-        self.0.metrics.render()
+        self.0.metrics.render(&self.0.peers)
     }
 }

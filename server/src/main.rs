@@ -30,7 +30,7 @@ enum Command {
     /// Issue an agent certificate for one node.
     IssueAgent(IssueAgentArgs),
     /// Run the server.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a self-contained demo: two servers, an agent, traffic, and a failover.
     Demo,
 }
@@ -81,6 +81,19 @@ struct RunArgs {
     /// Admin endpoint (/healthz, /readyz, /metrics); off when unset.
     #[arg(long, env = "TETHER_ADMIN")]
     admin: Option<SocketAddr>,
+    /// Another tether-server, host:port (repeatable; a DNS name counts for all its addresses).
+    #[arg(long = "peer", env = "TETHER_PEER", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// The address agents and peers dial for this server, as announced to them (default: the
+    /// listen address, or the host's first address with the listen port).
+    #[arg(long, env = "TETHER_ADVERTISE")]
+    advertise: Option<String>,
+    /// CA of the apiserver's certificate: check the upstream with HTTPS GET /readyz.
+    #[arg(long, env = "TETHER_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+    /// How long open streams may take to finish after SIGTERM.
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Longest wait for a connection to the upstream.
     #[arg(long, env = "TETHER_CONNECT_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -114,7 +127,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Init(a) => init(a),
         Command::IssueAgent(a) => issue_agent(a),
-        Command::Run(a) => runtime()?.block_on(run(a)),
+        Command::Run(a) => runtime()?.block_on(run(*a)),
         Command::Demo => runtime()?.block_on(tether_server::demo::run()),
     }
 }
@@ -164,13 +177,24 @@ async fn run(a: RunArgs) -> Result<()> {
     config.liveness.idle_timeout = a.idle_timeout;
     config.limits.max_streams = a.max_streams_per_tunnel;
     config.max_streams = a.max_streams;
+    config.peers = a.peers;
+    config.advertise = a.advertise;
+    config.upstream_ca = a.upstream_ca;
+    config.drain_timeout = a.drain_timeout;
+    let drain_timeout = config.drain_timeout;
     let server = tether_server::start(config)
         .await
         .context("tether-server cannot start")?;
     let sig = tether_common::shutdown::terminate_signal()
         .await
         .context("cannot watch for SIGTERM and SIGINT")?;
-    tracing::info!(signal = sig, "shutting down");
-    server.shutdown().await;
+    tracing::info!(signal = sig, "draining, then exiting");
+    let left = server.drain(drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            streams = left,
+            "drain timeout: closed streams that were still open"
+        );
+    }
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! What a server counts, and its Prometheus rendering.
 
+use std::sync::Arc;
+use tether_common::pool::Pool;
 use tether_common::protocol::StatusCode;
+use tether_common::reconnect::LinkStats;
 use tether_common::relay::Meter;
 use tether_common::telemetry::{Counter, Exposition, Gauge};
 
@@ -28,6 +31,13 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     pub upstream_healthy: Gauge,
     pub bytes: Meter,
+    /// Links this server dialed to its peers.
+    pub peer_links: Arc<LinkStats>,
+    /// Peers that dialed this server.
+    pub peer_tunnels_in: Gauge,
+    pub peer_relayed: Counter,
+    pub peer_relay_failures: Counter,
+    pub draining: Gauge,
 }
 
 impl Metrics {
@@ -37,7 +47,7 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self) -> String {
+    pub fn render(&self, peers: &Pool) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         let mut e = Exposition::new();
         e.gauge(
@@ -101,6 +111,48 @@ impl Metrics {
             "tether_tunnel_bytes_sent_total",
             "Bytes read from the upstream and sent into tunnels.",
             self.bytes.to_tunnel.load(Relaxed),
+        );
+        e.gauge(
+            "tether_peer_tunnels_up",
+            "Links this server dialed to its peers that are up.",
+            self.peer_links.up.get(),
+        );
+        e.counter(
+            "tether_peer_tunnel_connect_failures_total",
+            "Failed attempts to reach a peer.",
+            self.peer_links.connect_failures.get(),
+        );
+        e.gauge(
+            "tether_peer_tunnels_in",
+            "Peers connected to this server.",
+            self.peer_tunnels_in.get(),
+        );
+        let links = peers.all();
+        let healthy: Vec<(&str, i64)> = links
+            .iter()
+            .map(|l| (l.server.as_str(), (l.healthy() && !l.draining()) as i64))
+            .collect();
+        e.labeled(
+            "tether_peer_healthy",
+            "1 when a connected peer reports a healthy upstream and is not draining.",
+            "gauge",
+            "peer",
+            &healthy,
+        );
+        e.counter(
+            "tether_peer_relayed_streams_total",
+            "Streams relayed through a peer because this server's upstream failed.",
+            self.peer_relayed.get(),
+        );
+        e.counter(
+            "tether_peer_relay_failures_total",
+            "Attempts to relay a stream through a peer that failed.",
+            self.peer_relay_failures.get(),
+        );
+        e.gauge(
+            "tether_draining",
+            "1 while the server drains after SIGTERM.",
+            self.draining.get(),
         );
         e.finish()
     }

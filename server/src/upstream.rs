@@ -1,26 +1,58 @@
 //! The server's way to its kube-apiserver: connecting for a stream, and checking its health.
+//!
+//! The check runs every second. Without `--upstream-ca` it is a TCP connect, which notices a
+//! dead process or host. With it, it is an HTTPS `GET /readyz` verified against that CA, which
+//! also notices an apiserver that is up but not ready (etcd lost, still starting): the case a
+//! TCP check misses and the one that hurts most.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpStream};
 
-/// Where streams go, and whether the last check found it reachable.
-#[derive(Debug)]
+/// Where streams go, and whether the last check found it healthy.
 pub struct Upstream {
     addr: String,
     connect_timeout: Duration,
     healthy: AtomicBool,
+    https: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("addr", &self.addr)
+            .finish()
+    }
 }
 
 impl Upstream {
-    pub fn new(addr: String, connect_timeout: Duration) -> Self {
-        Upstream {
+    /// `ca`: the CA that signed the apiserver's certificate, to check `/readyz` over HTTPS.
+    pub fn new(
+        addr: String,
+        connect_timeout: Duration,
+        ca: Option<rustls::RootCertStore>,
+    ) -> Result<Self, tether_common::tls::TlsError> {
+        let https = match ca {
+            Some(roots) => {
+                let cfg =
+                    rustls::ClientConfig::builder_with_provider(tether_common::tls::provider())
+                        .with_safe_default_protocol_versions()
+                        .map_err(|e| tether_common::tls::TlsError::Config(e.to_string()))?
+                        .with_root_certificates(roots)
+                        .with_no_client_auth();
+                Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+            }
+            None => None,
+        };
+        Ok(Upstream {
             addr,
             connect_timeout,
             healthy: AtomicBool::new(false),
-        }
+            https,
+        })
     }
 
     pub fn addr(&self) -> &str {
@@ -56,12 +88,44 @@ impl Upstream {
         }
     }
 
+    /// One health check: a connect, and `GET /readyz` when a CA was given.
+    pub async fn check(&self) -> Result<(), String> {
+        let tcp = self.connect().await.map_err(|e| e.to_string())?;
+        let Some(https) = &self.https else {
+            return Ok(());
+        };
+        let host = tether_common::reconnect::host_of(&self.addr).to_string();
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("bad upstream name {host:?}: {e}"))?;
+        let probe = async {
+            let mut tls = https
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            let req = format!("GET /readyz HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+            tls.write_all(req.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut head = vec![0u8; 64];
+            let n = tls.read(&mut head).await.map_err(|e| e.to_string())?;
+            let line = String::from_utf8_lossy(&head[..n]);
+            match line.split_whitespace().nth(1) {
+                Some("200") => Ok(()),
+                Some(code) => Err(format!("/readyz answered {code}")),
+                None => Err("/readyz gave no HTTP answer".to_string()),
+            }
+        };
+        tokio::time::timeout(self.connect_timeout, probe)
+            .await
+            .unwrap_or_else(|_| Err("/readyz did not answer in time".into()))
+    }
+
     /// Checks the upstream every `interval` until the task is dropped, logging each change.
     pub async fn watch(self: Arc<Self>, interval: Duration, on_change: impl Fn(bool)) {
         let mut first = true;
         loop {
-            let ok = match self.connect().await {
-                Ok(_) => true,
+            let ok = match self.check().await {
+                Ok(()) => true,
                 Err(e) => {
                     if self.is_healthy() || first {
                         tracing::warn!(upstream = %self.addr, error = %e, "upstream unhealthy");

@@ -19,7 +19,9 @@ const PREFIX: &str = "tt";
 
 /// Whether the suite can run here. Skips loudly, or panics under CI.
 pub fn available() -> bool {
-    let missing = missing_requirement();
+    // Checked once per test process: parallel tests would race to create the probe namespace.
+    static MISSING: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let missing = MISSING.get_or_init(missing_requirement).clone();
     match missing {
         None => {
             static CLEAN: Once = Once::new();

@@ -216,7 +216,7 @@ async fn upstream_down_closes_the_local_connection_promptly() {
         );
         assert!(start.elapsed() < Duration::from_secs(2));
     }
-    let m = server.metrics().render();
+    let m = server.metrics().render(&Default::default());
     assert!(
         metric(
             &m,
@@ -275,7 +275,7 @@ async fn a_server_with_a_foreign_certificate_is_refused_by_the_agent() {
         .await
         .expect("agent starts");
     wait_for("tunnel refused", Duration::from_secs(10), || {
-        agent.metrics().tunnel_connect_failures.get() >= 1
+        agent.metrics().links.connect_failures.get() >= 1
     })
     .await;
     assert_eq!(agent.tunnels_up(), 0);

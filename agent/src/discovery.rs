@@ -1,0 +1,176 @@
+//! Which servers the agent keeps tunnels to.
+//!
+//! The set is the `--server` addresses (each DNS name counts for every address it resolves to)
+//! plus the servers that the connected servers announce. Servers that no announcement names any
+//! more are dropped. The last announced list is kept in the data directory (`servers`), and at
+//! start the agent dials those too, so that it finds the control plane even when its `--server`
+//! addresses no longer answer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_common::backoff::Backoff;
+use tether_common::reconnect::{self, DialTarget, Dialer};
+use tether_common::shutdown::{Shutdown, ShutdownSignal};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+/// Name of the file that keeps the last announced server list.
+pub const STATE_FILE: &str = "servers";
+
+/// How often DNS names are resolved again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Settings of the discovery loop.
+pub struct Discovery {
+    pub seeds: Vec<String>,
+    /// Where the last announced list is kept; none to keep nothing.
+    pub state_file: Option<PathBuf>,
+    pub dialer: Arc<Dialer>,
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+}
+
+struct Running {
+    stop: Shutdown,
+    task: JoinHandle<()>,
+}
+
+impl Discovery {
+    /// Keeps the dial loops in step with the known servers until shutdown.
+    pub async fn run(self, mut stop: ShutdownSignal) {
+        let mut remembered: Vec<String> = self.load();
+        let mut running: HashMap<(String, std::net::SocketAddr), Running> = HashMap::new();
+        let mut resolved: HashMap<String, Vec<DialTarget>> = HashMap::new();
+        let mut last_resolve = tokio::time::Instant::now();
+        loop {
+            // What the servers announce now; when none has spoken, what they said last time.
+            let mut announced: Vec<String> = Vec::new();
+            let mut heard = false;
+            for link in self.dialer.pool.all() {
+                if let Some(list) = link.servers() {
+                    heard = true;
+                    for s in list {
+                        if !announced.contains(&s.addr) {
+                            announced.push(s.addr);
+                        }
+                    }
+                }
+            }
+            if heard {
+                if announced != remembered {
+                    info!(servers = ?announced, "server list changed");
+                    remembered = announced.clone();
+                    self.save(&remembered);
+                }
+            } else {
+                announced = remembered.clone();
+            }
+
+            let mut labels: Vec<(String, usize)> = Vec::new();
+            for (i, s) in self.seeds.iter().enumerate() {
+                labels.push((s.clone(), i));
+            }
+            for (i, s) in announced.iter().enumerate() {
+                if !labels.iter().any(|(l, _)| l == s) {
+                    labels.push((s.clone(), 1000 + i));
+                }
+            }
+            if last_resolve.elapsed() >= RESOLVE_INTERVAL {
+                resolved.clear();
+                last_resolve = tokio::time::Instant::now();
+            }
+            let mut wanted: HashMap<(String, std::net::SocketAddr), DialTarget> = HashMap::new();
+            for (label, rank) in &labels {
+                if !resolved.contains_key(label) {
+                    match reconnect::resolve(label, *rank).await {
+                        Ok(targets) => {
+                            resolved.insert(label.clone(), targets);
+                        }
+                        Err(e) => {
+                            warn!(server = %label, error = %e, "cannot resolve server address")
+                        }
+                    }
+                }
+                for t in resolved.get(label).into_iter().flatten() {
+                    let mut t = t.clone();
+                    t.rank = *rank;
+                    wanted.insert((t.label.clone(), t.addr), t);
+                }
+            }
+            // Names that failed to resolve keep their running loops until they resolve again.
+            let unresolved: BTreeSet<&String> = labels
+                .iter()
+                .map(|(l, _)| l)
+                .filter(|l| !resolved.contains_key(*l))
+                .collect();
+
+            let gone: Vec<_> = running
+                .keys()
+                .filter(|k| !wanted.contains_key(*k) && !unresolved.contains(&k.0))
+                .cloned()
+                .collect();
+            for key in gone {
+                if let Some(r) = running.remove(&key) {
+                    info!(server = %key.0, addr = %key.1, "server no longer announced; dropping its tunnel");
+                    r.stop.trigger();
+                    let _ = r.task.await;
+                }
+            }
+            for (key, target) in wanted {
+                if running.contains_key(&key) {
+                    continue;
+                }
+                let s = Shutdown::new();
+                let backoff = Backoff::new(self.reconnect_initial, self.reconnect_max);
+                let task = tokio::spawn(reconnect::maintain(
+                    target,
+                    self.dialer.clone(),
+                    backoff,
+                    s.signal(),
+                ));
+                running.insert(key, Running { stop: s, task });
+            }
+
+            tokio::select! {
+                _ = self.dialer.changed.notified() => {}
+                _ = tokio::time::sleep(RESOLVE_INTERVAL) => {}
+                _ = stop.wait() => break,
+            }
+        }
+        for (_, r) in running {
+            r.stop.trigger();
+            let _ = r.task.await;
+        }
+    }
+
+    fn load(&self) -> Vec<String> {
+        let Some(path) = &self.state_file else {
+            return Vec::new();
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn save(&self, list: &[String]) {
+        let Some(path) = &self.state_file else { return };
+        let mut text = String::from(
+            "# Servers last announced to this agent; dialed at start in addition to --server.\n",
+        );
+        for s in list {
+            text.push_str(s);
+            text.push('\n');
+        }
+        if let Err(e) = tether_certs::write_file(path, text.as_bytes(), 0o644) {
+            warn!(file = %path.display(), error = %e, "cannot save the server list");
+        }
+    }
+}

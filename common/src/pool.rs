@@ -1,0 +1,184 @@
+//! The live links to servers, what each server announced, and the choice of one link for a new
+//! stream. Agents keep one link per server; servers keep one per peer.
+
+use crate::protocol::ServerInfo;
+use crate::transport::Tunnel;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+/// How a new stream picks among healthy links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Fewest open streams first, ties in configured order: spreads load.
+    LeastStreams,
+    /// Configured order: the first healthy server takes everything, the others are standbys.
+    Ordered,
+}
+
+impl FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "least-streams" => Ok(Policy::LeastStreams),
+            "ordered" => Ok(Policy::Ordered),
+            other => Err(format!(
+                "unknown policy {other:?}: use least-streams or ordered"
+            )),
+        }
+    }
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::LeastStreams => "least-streams",
+            Policy::Ordered => "ordered",
+        }
+    }
+}
+
+/// One live tunnel to one server, and what that server told us about itself.
+#[derive(Debug)]
+pub struct Link {
+    /// The address dialed (`host:port` as configured or announced).
+    pub server: String,
+    pub tunnel: Tunnel,
+    /// The server's instance id, from its welcome: tells two addresses of one server apart.
+    pub server_id: String,
+    pub since: Instant,
+    pub since_wall: SystemTime,
+    /// Position in the configured order (lower first).
+    pub rank: usize,
+    streams: AtomicUsize,
+    healthy: AtomicBool,
+    draining: AtomicBool,
+    servers: Mutex<Option<Vec<ServerInfo>>>,
+}
+
+impl Link {
+    pub fn new(server: String, tunnel: Tunnel, server_id: String, rank: usize) -> Self {
+        Link {
+            server,
+            tunnel,
+            server_id,
+            since: Instant::now(),
+            since_wall: SystemTime::now(),
+            rank,
+            streams: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            servers: Mutex::new(None),
+        }
+    }
+
+    /// Streams open through this link now.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+
+    /// Counts a stream for as long as the guard lives.
+    pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.clone())
+    }
+
+    /// Whether the server's upstream was healthy when it last said.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, v: bool) {
+        self.healthy.store(v, Ordering::Relaxed);
+    }
+
+    /// Whether the server announced that it is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The server list this server announced last, if any.
+    pub fn servers(&self) -> Option<Vec<ServerInfo>> {
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_servers(&self, list: Vec<ServerInfo>) {
+        *self.servers.lock().unwrap_or_else(|p| p.into_inner()) = Some(list);
+    }
+}
+
+/// Counts one open stream on a link.
+pub struct StreamGuard(Arc<Link>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The live links.
+#[derive(Debug, Default)]
+pub struct Pool {
+    links: Mutex<Vec<Arc<Link>>>,
+}
+
+impl Pool {
+    pub fn add(&self, link: Arc<Link>) {
+        self.lock().push(link);
+    }
+
+    pub fn remove(&self, link: &Arc<Link>) {
+        self.lock().retain(|l| !Arc::ptr_eq(l, link));
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every live link, in configured order.
+    pub fn all(&self) -> Vec<Arc<Link>> {
+        let mut v = self.lock().clone();
+        v.sort_by_key(|l| l.rank);
+        v
+    }
+
+    /// Whether a link to the server with this instance id is up (other than `except`).
+    pub fn has_server(&self, server_id: &str, except: &str) -> bool {
+        self.lock()
+            .iter()
+            .any(|l| l.server_id == server_id && l.server != except)
+    }
+
+    /// The links to try for a new stream, best first: draining links never; healthy ones
+    /// before unhealthy ones (an unhealthy server may still relay through a peer); within
+    /// each group, by `policy`.
+    pub fn candidates(&self, policy: Policy) -> Vec<Arc<Link>> {
+        let mut v: Vec<_> = self
+            .lock()
+            .iter()
+            .filter(|l| !l.draining())
+            .cloned()
+            .collect();
+        match policy {
+            Policy::LeastStreams => v.sort_by_key(|l| (!l.healthy(), l.streams(), l.rank)),
+            Policy::Ordered => v.sort_by_key(|l| (!l.healthy(), l.rank)),
+        }
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Link>>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

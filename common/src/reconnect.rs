@@ -1,0 +1,278 @@
+//! Keeps one tunnel to one server up: dial, hello, serve, and on any failure dial again with
+//! exponential backoff and jitter. Agents run one loop per server; servers run one per peer.
+
+use crate::backoff::Backoff;
+use crate::pool::{Link, Pool};
+use crate::protocol::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::shutdown::ShutdownSignal;
+use crate::telemetry::{Counter, Gauge};
+use crate::transport::{Stream, Tunnel};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+/// How long to leave an address alone that turned out to be a second address of a server we
+/// already have a tunnel to.
+pub const DUPLICATE_RETRY: Duration = Duration::from_secs(30);
+
+/// Tunnel counters of one kind of link (agent to server, or server to peer).
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub up: Gauge,
+    pub connects: Counter,
+    pub connect_failures: Counter,
+}
+
+/// One address to keep a tunnel to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DialTarget {
+    /// The address as configured or announced, `host:port`: the key, and what logs show.
+    pub label: String,
+    /// The resolved address to dial.
+    pub addr: SocketAddr,
+    /// The name the server's certificate must carry.
+    pub name: String,
+    /// Position in the configured order.
+    pub rank: usize,
+}
+
+/// What a reconnect loop needs.
+pub struct Dialer {
+    pub endpoint: quinn::Endpoint,
+    pub client_config: quinn::ClientConfig,
+    /// Sent in the hello: the node name (agents) or the advertised address (servers).
+    pub hello_name: String,
+    pub capabilities: Vec<String>,
+    /// This process's own instance id when it is a server, to skip dialing itself.
+    pub own_server_id: Option<String>,
+    pub handshake_timeout: Duration,
+    pub pool: Arc<Pool>,
+    pub stats: Arc<LinkStats>,
+    /// Notified whenever a link comes, goes, or announces a server list.
+    pub changed: Arc<Notify>,
+    /// What kind of link this is, for logs: "server" or "peer".
+    pub kind: &'static str,
+}
+
+/// Why one dial failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("{0}")]
+    Connect(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("hello failed: {0}")]
+    Hello(String),
+    #[error("this is our own address")]
+    Itself,
+    #[error("already connected to this server (instance {0}) through another address")]
+    Duplicate(String),
+}
+
+/// Runs until shutdown, keeping a tunnel to `target` in the pool whenever one can be had.
+pub async fn maintain(
+    target: DialTarget,
+    dialer: Arc<Dialer>,
+    mut backoff: Backoff,
+    mut stop: ShutdownSignal,
+) {
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::time::timeout(dialer.handshake_timeout, dial(&target, &dialer));
+        let result = tokio::select! {
+            r = attempt => r.unwrap_or(Err(DialError::Timeout(dialer.handshake_timeout))),
+            _ = stop.wait() => return,
+        };
+        let mut delay = None;
+        match result {
+            Ok((tunnel, server_id, control)) => {
+                backoff.reset();
+                failures = 0;
+                serve(&target, tunnel, server_id, control, &dialer, &mut stop).await;
+                if stop.fired() {
+                    return;
+                }
+            }
+            Err(DialError::Itself) => {
+                info!(kind = dialer.kind, server = %target.label, "this address is this server itself; not dialing it");
+                stop.wait().await;
+                return;
+            }
+            Err(e @ DialError::Duplicate(_)) => {
+                debug!(kind = dialer.kind, server = %target.label, "{e}");
+                delay = Some(DUPLICATE_RETRY);
+            }
+            Err(e) => {
+                dialer.stats.connect_failures.inc();
+                failures += 1;
+                // The first failure and then every tenth: a server that stays down for hours
+                // must not flood the log.
+                if failures == 1 || failures.is_multiple_of(10) {
+                    warn!(kind = dialer.kind, server = %target.label, attempts = failures, error = %e,
+                        "cannot reach server; retrying");
+                } else {
+                    debug!(kind = dialer.kind, server = %target.label, error = %e, "cannot reach server");
+                }
+            }
+        }
+        let delay = delay.unwrap_or_else(|| backoff.next_delay(fastrand::f64()));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait() => return,
+        }
+    }
+}
+
+async fn dial(target: &DialTarget, d: &Dialer) -> Result<(Tunnel, String, Stream), DialError> {
+    let connecting = d
+        .endpoint
+        .connect_with(d.client_config.clone(), target.addr, &target.name)
+        .map_err(|e| DialError::Connect(e.to_string()))?;
+    let conn = connecting
+        .await
+        .map_err(|e| DialError::Connect(e.to_string()))?;
+    let tunnel = Tunnel::from_quic(conn);
+    let (server_id, control) = match hello(&tunnel, d).await {
+        Ok(v) => v,
+        Err(e) => {
+            tunnel.close(code::OK, "hello failed");
+            return Err(e);
+        }
+    };
+    if d.own_server_id.as_deref() == Some(server_id.as_str()) {
+        tunnel.close(code::OK, "dialed itself");
+        return Err(DialError::Itself);
+    }
+    if d.pool.has_server(&server_id, &target.label) {
+        tunnel.close(code::OK, "duplicate tunnel");
+        return Err(DialError::Duplicate(server_id));
+    }
+    Ok((tunnel, server_id, control))
+}
+
+/// Resolves `label` (`host:port`; a DNS name counts for every address) into dial targets.
+pub async fn resolve(label: &str, rank: usize) -> std::io::Result<Vec<DialTarget>> {
+    let name = host_of(label).to_string();
+    let mut out: Vec<DialTarget> = tokio::net::lookup_host(label)
+        .await?
+        .map(|addr| DialTarget {
+            label: label.to_string(),
+            addr,
+            name: name.clone(),
+            rank,
+        })
+        .collect();
+    out.dedup();
+    Ok(out)
+}
+
+/// The name the server's certificate must carry: the host part of `host:port`.
+pub fn host_of(server: &str) -> &str {
+    let host = server.rsplit_once(':').map(|(h, _)| h).unwrap_or(server);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Opens the control stream and agrees on the protocol version.
+async fn hello(tunnel: &Tunnel, d: &Dialer) -> Result<(String, Stream), DialError> {
+    let err = |e: String| DialError::Hello(e);
+    let mut control = tunnel.open_stream().await.map_err(|e| err(e.to_string()))?;
+    let msg = Message::Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        node_name: d.hello_name.clone(),
+        capabilities: d.capabilities.clone(),
+    };
+    control
+        .send
+        .write_message(&msg)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    match control.recv.read_message().await {
+        Ok(Some(Message::Welcome {
+            version, server_id, ..
+        })) if version == PROTOCOL_VERSION => Ok((server_id, control)),
+        Ok(Some(Message::Welcome { version, .. })) => {
+            Err(err(format!("server chose unsupported version {version}")))
+        }
+        Ok(Some(other)) => Err(err(format!("unexpected {} message", other.name()))),
+        Ok(None) => Err(err("control stream closed".into())),
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Serves a connected tunnel until it closes or the process stops.
+async fn serve(
+    target: &DialTarget,
+    tunnel: Tunnel,
+    server_id: String,
+    mut control: Stream,
+    d: &Dialer,
+    stop: &mut ShutdownSignal,
+) {
+    let link = Arc::new(Link::new(
+        target.label.clone(),
+        tunnel.clone(),
+        server_id,
+        target.rank,
+    ));
+    d.pool.add(link.clone());
+    d.stats.connects.inc();
+    d.stats.up.inc();
+    d.changed.notify_one();
+    info!(kind = d.kind, server = %target.label, peer = %tunnel.remote_addr(),
+        transport = tunnel.transport(), "tunnel up");
+    let reason = tokio::select! {
+        e = tunnel.closed() => e.to_string(),
+        r = read_control(&mut control, &link, d) => r,
+        _ = stop.wait() => "shutting down".to_string(),
+    };
+    d.pool.remove(&link);
+    d.stats.up.dec();
+    d.changed.notify_one();
+    tunnel.close(code::SHUTDOWN, "tunnel closed");
+    if stop.fired() {
+        info!(kind = d.kind, server = %target.label, reason = %reason, "tunnel down");
+    } else {
+        warn!(kind = d.kind, server = %target.label, peer = %tunnel.remote_addr(), reason = %reason,
+            "tunnel down");
+    }
+}
+
+/// Applies the server's announcements until the control stream ends; returns why it ended.
+async fn read_control(control: &mut Stream, link: &Link, d: &Dialer) -> String {
+    loop {
+        match control.recv.read_message().await {
+            Ok(Some(Message::Health { upstream_healthy })) => {
+                if upstream_healthy != link.healthy() {
+                    info!(kind = d.kind, server = %link.server, healthy = upstream_healthy,
+                        "server's upstream health changed");
+                }
+                link.set_healthy(upstream_healthy);
+            }
+            Ok(Some(Message::Drain)) => {
+                info!(kind = d.kind, server = %link.server, "server is draining; sending it no new streams");
+                link.set_draining();
+            }
+            Ok(Some(Message::ServerList { servers })) => {
+                debug!(kind = d.kind, server = %link.server, count = servers.len(), "server list");
+                link.set_servers(servers);
+                d.changed.notify_one();
+            }
+            Ok(Some(m)) => debug!(message = m.name(), "control message ignored"),
+            Ok(None) => return "server closed the control stream".into(),
+            Err(e) => return format!("control stream failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_names() {
+        assert_eq!(super::host_of("10.0.0.1:9443"), "10.0.0.1");
+        assert_eq!(super::host_of("[::1]:9443"), "::1");
+        assert_eq!(super::host_of("cp.example:9443"), "cp.example");
+    }
+}

@@ -1,0 +1,286 @@
+//! High availability on loopback, in-process: discovery, health, peer relay, drain, policy.
+//! The process-level failures (kill -9, dropped packets) are in the network-namespace suite.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tether_common::pool::Policy;
+use tether_server::config::ServerConfig;
+use tether_server::ServerHandle;
+use tether_tests::process::free_port;
+use tether_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Servers on fixed loopback ports so that each can name the others as peers before start.
+fn mesh(pki: &Pki, upstreams: &[SocketAddr]) -> Vec<ServerConfig> {
+    let addrs: Vec<SocketAddr> = upstreams
+        .iter()
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    upstreams
+        .iter()
+        .zip(&addrs)
+        .map(|(up, me)| {
+            let mut c = server_config(pki, *up);
+            c.listen = *me;
+            c.peers = addrs
+                .iter()
+                .filter(|a| *a != me)
+                .map(|a| a.to_string())
+                .collect();
+            c
+        })
+        .collect()
+}
+
+async fn start_all(configs: Vec<ServerConfig>) -> Vec<ServerHandle> {
+    let mut v = Vec::new();
+    for c in configs {
+        v.push(tether_server::start(c).await.expect("server starts"));
+    }
+    v
+}
+
+/// A dead upstream: a port that refuses connections.
+fn dead_upstream() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_given_one_server_learns_the_others_and_remembers_them() {
+    init_logging();
+    let pki = Pki::new();
+    let echoes = [
+        Echo::start().await,
+        Echo::start().await,
+        Echo::start().await,
+    ];
+    let servers = start_all(mesh(
+        &pki,
+        &echoes.iter().map(|e| e.addr).collect::<Vec<_>>(),
+    ))
+    .await;
+    wait_for("peers linked", Duration::from_secs(10), || {
+        servers.iter().all(|s| s.peers_up() == 2)
+    })
+    .await;
+
+    let agent = tether_agent::start(agent_config(&pki, "node-a", &[servers[0].local_addr]))
+        .await
+        .unwrap();
+    wait_for("tunnels to all three", Duration::from_secs(10), || {
+        agent.tunnels_up() == 3
+    })
+    .await;
+    let state = std::fs::read_to_string(pki.agent_dir("node-a").join("servers")).unwrap();
+    for s in &servers {
+        assert!(state.contains(&s.local_addr.to_string()), "{state}");
+    }
+    // Spread by fewest streams: 30 held connections land on all three servers.
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let mut c = tokio::net::TcpStream::connect(agent.listen_addr)
+            .await
+            .unwrap();
+        c.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).await.unwrap();
+        held.push(c);
+    }
+    for s in &servers {
+        assert_eq!(
+            s.metrics().streams_open.get(),
+            10,
+            "least-streams spreads evenly"
+        );
+    }
+    drop(held);
+    agent.shutdown().await;
+
+    // A restarted agent whose --server no longer answers finds the others from its saved list.
+    let mut cfg = agent_config(&pki, "node-a", &["127.0.0.1:1".parse().unwrap()]);
+    cfg.reconnect_max = Duration::from_millis(500);
+    let agent = tether_agent::start(cfg).await.unwrap();
+    wait_for(
+        "tunnels from the saved list",
+        Duration::from_secs(10),
+        || agent.tunnels_up() == 3,
+    )
+    .await;
+    echo_roundtrip(agent.listen_addr, random_bytes(10_000, 1))
+        .await
+        .unwrap();
+    agent.shutdown().await;
+    for s in servers {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_dead_upstream_relays_through_a_healthy_peer() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut configs = mesh(&pki, &[dead_upstream(), echo.addr]);
+    // The agent must reach only the first server: the second advertises an address that goes
+    // nowhere (peers still dial it by its real one).
+    configs[1].advertise = Some("127.0.0.1:1".into());
+    let servers = start_all(configs).await;
+    wait_for("peers linked", Duration::from_secs(10), || {
+        servers.iter().all(|s| s.peers_up() == 1)
+    })
+    .await;
+    let mut cfg = agent_config(&pki, "node-a", &[servers[0].local_addr]);
+    cfg.state_dir = None;
+    let agent = tether_agent::start(cfg).await.unwrap();
+    wait_for(
+        "tunnel to the first server",
+        Duration::from_secs(10),
+        || agent.tunnels_up() == 1,
+    )
+    .await;
+    wait_for("first server unhealthy", Duration::from_secs(10), || {
+        servers[0].metrics().upstream_healthy.get() == 0
+    })
+    .await;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50u64 {
+        let addr = agent.listen_addr;
+        tasks
+            .spawn(async move { echo_roundtrip(addr, random_bytes(50_000 + i as usize, i)).await });
+    }
+    let failed: Vec<_> = tasks
+        .join_all()
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(servers[0].metrics().peer_relayed.get(), 50);
+    assert_eq!(servers[1].metrics().streams_total.get(), 50);
+    agent.shutdown().await;
+    for s in servers {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_streams_never_loop() {
+    init_logging();
+    let pki = Pki::new();
+    // Both upstreams dead: each server may try the other once, and neither relays further.
+    let servers = start_all(mesh(&pki, &[dead_upstream(), dead_upstream()])).await;
+    wait_for("peers linked", Duration::from_secs(10), || {
+        servers.iter().all(|s| s.peers_up() == 1)
+    })
+    .await;
+    let agent = start_agent(
+        &pki,
+        "node-a",
+        &[servers[0].local_addr, servers[1].local_addr],
+    )
+    .await;
+    wait_for("both unhealthy", Duration::from_secs(10), || {
+        servers
+            .iter()
+            .all(|s| s.metrics().upstream_healthy.get() == 0)
+    })
+    .await;
+    let mut c = tokio::net::TcpStream::connect(agent.listen_addr)
+        .await
+        .unwrap();
+    let mut b = [0u8; 1];
+    let r = within("prompt failure", Duration::from_secs(10), c.read(&mut b)).await;
+    assert!(matches!(r, Ok(0) | Err(_)));
+    for s in &servers {
+        assert_eq!(s.metrics().peer_relayed.get(), 0);
+    }
+    agent.shutdown().await;
+    for s in servers {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
+    init_logging();
+    let pki = Pki::new();
+    let echoes = [Echo::start().await, Echo::start().await];
+    let mut servers = start_all(mesh(&pki, &[echoes[0].addr, echoes[1].addr]))
+        .await
+        .into_iter();
+    let (s1, s2) = (servers.next().unwrap(), servers.next().unwrap());
+    let mut cfg = agent_config(&pki, "node-a", &[s1.local_addr, s2.local_addr]);
+    cfg.policy = Policy::Ordered;
+    let agent = tether_agent::start(cfg).await.unwrap();
+    wait_for("both tunnels", Duration::from_secs(10), || {
+        agent.tunnels_up() == 2
+    })
+    .await;
+
+    // A long-lived stream on the first server (ordered policy: it takes everything).
+    let mut held = tokio::net::TcpStream::connect(agent.listen_addr)
+        .await
+        .unwrap();
+    held.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).await.unwrap();
+    assert_eq!(s1.metrics().streams_open.get(), 1);
+
+    let s1_addr = s1.local_addr;
+    let s2_before = s2.metrics().streams_total.get();
+    let drain = tokio::spawn(s1.drain(Duration::from_secs(20)));
+    wait_for("agent sees the drain", Duration::from_secs(5), || {
+        agent.draining_servers() == vec![s1_addr.to_string()]
+    })
+    .await;
+    // New connections go to the second server; the held one still works.
+    for i in 0..10 {
+        echo_roundtrip(agent.listen_addr, random_bytes(1000, i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(s2.metrics().streams_total.get(), s2_before + 10);
+    held.write_all(b"b").await.unwrap();
+    held.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"b");
+    drop(held);
+    let left = within(
+        "drain ends once the stream closes",
+        Duration::from_secs(10),
+        drain,
+    )
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    agent.shutdown().await;
+    s2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_drains_on_request() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let server = start_server(&pki, echo.addr).await;
+    let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
+    let addr = agent.listen_addr;
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).await.unwrap();
+    let drain = tokio::spawn(agent.drain(Duration::from_secs(20)));
+    // The listener closes: new connections are refused.
+    wait_for("listener closed", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    held.write_all(b"b").await.unwrap();
+    held.read_exact(&mut b).await.unwrap();
+    drop(held);
+    let left = within("agent drain ends", Duration::from_secs(10), drain)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    server.shutdown().await;
+}
