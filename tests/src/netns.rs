@@ -148,40 +148,47 @@ impl Host {
     }
 }
 
-/// A node behind a NAT router, and a control-plane host that cannot open connections to it.
+/// A node behind a NAT router, and control-plane hosts on a LAN behind it that cannot open
+/// connections to the node.
 ///
 /// ```text
-///  node 198.18.N.2 --- 198.18.N.1 nat 198.19.N.1 --- 198.19.N.2 cp
-///                       (masquerades node -> cp)
+///  node 198.18.N.2 --- 198.18.N.1 nat 198.19.N.1 ---[bridge]--- 198.19.N.2 cp0
+///                       (masquerades node -> LAN)        `----- 198.19.N.3 cp1 ...
 /// ```
 pub struct NatLab {
     pub node: Host,
     pub nat: Host,
-    pub cp: Host,
+    pub cps: Vec<Host>,
     pub node_ip: String,
-    pub cp_ip: String,
+    pub cp_ips: Vec<String>,
 }
 
 impl NatLab {
+    /// One control-plane host.
     pub fn new() -> Self {
+        Self::with_control_plane(1)
+    }
+
+    pub fn with_control_plane(count: usize) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let name = |role: &str| format!("{PREFIX}-{pid}-{n}-{role}");
-        let (node, nat, cp) = (
-            Host { ns: name("node") },
-            Host { ns: name("nat") },
-            Host { ns: name("cp") },
-        );
         let net = n % 250 + 1;
         let lab = NatLab {
+            node: Host { ns: name("node") },
+            nat: Host { ns: name("nat") },
+            cps: (0..count)
+                .map(|i| Host {
+                    ns: name(&format!("cp{i}")),
+                })
+                .collect(),
             node_ip: format!("198.18.{net}.2"),
-            cp_ip: format!("198.19.{net}.2"),
-            node,
-            nat,
-            cp,
+            cp_ips: (0..count)
+                .map(|i| format!("198.19.{net}.{}", i + 2))
+                .collect(),
         };
-        for h in [&lab.node, &lab.nat, &lab.cp] {
+        for h in [&lab.node, &lab.nat].into_iter().chain(lab.cps.iter()) {
             sh_ok(&format!("ip netns add {}", h.ns));
             h.sh_ok("ip link set lo up");
         }
@@ -189,26 +196,39 @@ impl NatLab {
             "ip -n {} link add eth0 type veth peer name eth0 netns {}",
             lab.node.ns, lab.nat.ns
         ));
-        sh_ok(&format!(
-            "ip -n {} link add eth1 type veth peer name eth0 netns {}",
-            lab.nat.ns, lab.cp.ns
-        ));
         lab.node.sh_ok(&format!(
             "ip addr add {}/24 dev eth0 && ip link set eth0 up && ip route add default via 198.18.{net}.1",
             lab.node_ip
         ));
         lab.nat.sh_ok(&format!(
             "ip addr add 198.18.{net}.1/24 dev eth0 && ip link set eth0 up && \
-             ip addr add 198.19.{net}.1/24 dev eth1 && ip link set eth1 up && \
+             ip link add br0 type bridge && ip addr add 198.19.{net}.1/24 dev br0 && ip link set br0 up && \
              sysctl -qw net.ipv4.ip_forward=1 && \
-             iptables -t nat -A POSTROUTING -o eth1 -j MASQUERADE && \
-             iptables -A FORWARD -i eth1 -o eth0 -m conntrack --ctstate NEW -j DROP"
+             iptables -t nat -A POSTROUTING -o br0 -j MASQUERADE && \
+             iptables -A FORWARD -i br0 -o eth0 -m conntrack --ctstate NEW -j DROP"
         ));
-        lab.cp.sh_ok(&format!(
-            "ip addr add {}/24 dev eth0 && ip link set eth0 up",
-            lab.cp_ip
-        ));
+        for (i, (cp, ip)) in lab.cps.iter().zip(&lab.cp_ips).enumerate() {
+            sh_ok(&format!(
+                "ip -n {} link add cp{i} type veth peer name eth0 netns {}",
+                lab.nat.ns, cp.ns
+            ));
+            lab.nat.sh_ok(&format!(
+                "ip link set cp{i} master br0 && ip link set cp{i} up"
+            ));
+            cp.sh_ok(&format!(
+                "ip addr add {ip}/24 dev eth0 && ip link set eth0 up"
+            ));
+        }
         lab
+    }
+
+    /// The first control-plane host.
+    pub fn cp(&self) -> &Host {
+        &self.cps[0]
+    }
+
+    pub fn cp_ip(&self) -> &str {
+        &self.cp_ips[0]
     }
 
     /// Drops (silently) the node's UDP on the NAT router, or lets it pass again.
@@ -216,6 +236,15 @@ impl NatLab {
         let op = if drop { "-I" } else { "-D" };
         self.nat
             .sh_ok(&format!("iptables {op} FORWARD -p udp -j DROP"));
+    }
+
+    /// Drops (silently) every packet from the node to one control-plane host, or stops.
+    pub fn drop_node_to(&self, cp: usize, drop: bool) {
+        let op = if drop { "-I" } else { "-D" };
+        self.nat.sh_ok(&format!(
+            "iptables {op} FORWARD -s {} -d {} -j DROP",
+            self.node_ip, self.cp_ips[cp]
+        ));
     }
 }
 
@@ -227,7 +256,7 @@ impl Default for NatLab {
 
 impl Drop for NatLab {
     fn drop(&mut self) {
-        for h in [&self.node, &self.nat, &self.cp] {
+        for h in [&self.node, &self.nat].into_iter().chain(self.cps.iter()) {
             let _ = sh(&format!("ip netns pids {} | xargs -r kill -9", h.ns));
             let _ = sh(&format!("ip netns del {}", h.ns));
         }

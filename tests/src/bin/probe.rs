@@ -5,14 +5,19 @@
 //! - `tether-probe check ADDR STREAMS MAX_BYTES SEED` runs STREAMS concurrent echo round trips of
 //!   random sizes through ADDR, checks each by SHA-256, prints `probe: passed=N failed=M`, and
 //!   exits 0 only when all passed.
-//! - `tether-probe get ADDR PATH` prints the HTTP status code of a GET.
+//! - `tether-probe get ADDR PATH` prints the HTTP status code of a GET, then the body.
+//! - `tether-probe load ADDR RATE STOP_FILE` opens RATE new connections a second (each a
+//!   checksummed 1 KiB echo) until STOP_FILE exists, then prints `probe: passed=N failed=M` and
+//!   one `probe: error at-ms=T ...` line per failure (T: Unix time in milliseconds).
+//! - `tether-probe hold ADDR` keeps one connection busy (a small echo every 20 ms) until it
+//!   fails, then prints `probe: hold broke at-ms=T: error`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 use tether_tests::{echo_roundtrip, http_get, random_bytes, Echo};
 
 fn usage() -> ! {
-    eprintln!("usage: tether-probe echo ADDR | check ADDR STREAMS MAX_BYTES SEED | get ADDR PATH");
+    eprintln!("usage: tether-probe echo ADDR | check ADDR STREAMS MAX_BYTES SEED | get ADDR PATH | load ADDR RATE STOP_FILE | hold ADDR");
     std::process::exit(2)
 }
 
@@ -64,10 +69,12 @@ async fn main() {
             }
             std::process::exit(if errors.is_empty() { 0 } else { 1 });
         }
+        Some("load") => load(addr(args.get(1)), num(args.get(2)), args.get(3)).await,
+        Some("hold") => hold(addr(args.get(1))).await,
         Some("get") => {
             let path = args.get(2).cloned().unwrap_or_else(|| usage());
             match http_get(addr(args.get(1)), &path).await {
-                Ok((code, _)) => println!("{code}"),
+                Ok((code, body)) => println!("{code}\n{body}"),
                 Err(e) => {
                     println!("000 {e}");
                     std::process::exit(1);
@@ -75,5 +82,62 @@ async fn main() {
             }
         }
         _ => usage(),
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+async fn load(via: SocketAddr, rate: u64, stop: Option<&String>) {
+    let stop = std::path::PathBuf::from(stop.cloned().unwrap_or_else(|| usage()));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut i = 0u64;
+    while !stop.exists() {
+        tick.tick().await;
+        i += 1;
+        tasks.spawn(async move {
+            let r = tokio::time::timeout(
+                Duration::from_secs(20),
+                echo_roundtrip(via, random_bytes(1024, i)),
+            )
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+            r.map_err(|e| format!("at-ms={} {e}", now_ms()))
+        });
+    }
+    let results = tasks.join_all().await;
+    let errors: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    println!(
+        "probe: passed={} failed={}",
+        i as usize - errors.len(),
+        errors.len()
+    );
+    for e in &errors {
+        println!("probe: error {e}");
+    }
+}
+
+async fn hold(via: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let result: Result<(), String> = async {
+        let mut c = tokio::net::TcpStream::connect(via)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        println!("probe: hold connected");
+        loop {
+            c.write_all(&[7u8; 64]).await.map_err(|e| e.to_string())?;
+            c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        println!("probe: hold broke at-ms={}: {e}", now_ms());
     }
 }
