@@ -11,6 +11,10 @@ use tether_common::tls::{Liveness, TunnelLimits};
 pub struct AgentConfig {
     /// Servers to keep a tunnel to, `host:port` each.
     pub servers: Vec<String>,
+    /// A join token, used when the data directory holds no certificate yet.
+    pub token: Option<String>,
+    /// The node name to join as (default: the host name).
+    pub node_name: Option<String>,
     /// Where the last announced server list is kept (`servers` in the data directory).
     pub state_dir: Option<PathBuf>,
     /// How a new connection picks among healthy servers.
@@ -44,6 +48,8 @@ impl AgentConfig {
     pub fn new(servers: Vec<String>, data_dir: PathBuf) -> Self {
         AgentConfig {
             servers,
+            token: None,
+            node_name: None,
             state_dir: Some(data_dir.clone()),
             policy: Policy::LeastStreams,
             drain_timeout: Duration::from_secs(30),

@@ -9,7 +9,9 @@
 pub mod config;
 pub mod discovery;
 pub mod forward;
+pub mod join;
 pub mod metrics;
+pub mod renew;
 
 use crate::config::AgentConfig;
 use crate::metrics::Metrics;
@@ -41,6 +43,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Join(#[from] join::JoinError),
 }
 
 /// A running agent. Call [`AgentHandle::shutdown`] or [`AgentHandle::drain`] to stop it.
@@ -116,6 +120,13 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     if config.servers.is_empty() {
         return Err(AgentError::NoServers);
     }
+    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
+        .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0u8; 4], 0))))
+        .map_err(AgentError::Socket)?;
+    if !config.cert.exists() || !config.key.exists() {
+        let token = config.token.clone().ok_or(join::JoinError::NoToken)?;
+        join::join(&config, &endpoint, &token).await?;
+    }
     let roots = tls::load_roots(&config.ca)?;
     let identity = tls::Identity::load(&config.cert, &config.key)?;
     let node_name = identity
@@ -127,9 +138,6 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let tls_config = tls::client_config(roots, identity)?;
     let transport = tls::quic_transport(config.liveness, config.limits);
     let client_config = tls::quic_client_config(tls_config, transport)?;
-    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
-        .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0u8; 4], 0))))
-        .map_err(AgentError::Socket)?;
 
     let listener =
         tether_common::net::listen_tcp(config.listen).map_err(|source| AgentError::Listen {
@@ -167,7 +175,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
 
     let dialer = Arc::new(Dialer {
         endpoint: endpoint.clone(),
-        client_config,
+        client_config: std::sync::RwLock::new(client_config),
         hello_name: node_name.clone(),
         capabilities: vec![SERVICE_APISERVER.into()],
         own_server_id: None,
@@ -176,7 +184,16 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         stats: metrics.links.clone(),
         changed: Arc::new(tokio::sync::Notify::new()),
         kind: "server",
+        on_message: None,
     });
+    tasks.spawn(renew::run(
+        config.clone(),
+        node_name.clone(),
+        pool.clone(),
+        dialer.clone(),
+        metrics.clone(),
+        shutdown.signal(),
+    ));
     let discovery = discovery::Discovery {
         seeds: config.servers.clone(),
         state_file: config

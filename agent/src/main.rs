@@ -74,6 +74,13 @@ struct RunArgs {
     /// Upper bound of the reconnect delay.
     #[arg(long, env = "TETHER_RECONNECT_MAX", default_value = "5s", value_parser = parse_duration)]
     reconnect_max: Duration,
+    /// Join token (from `tether-server init` or `token create`), used when DATA_DIR holds no
+    /// certificate yet.
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The node name to join as (default: the host name).
+    #[arg(long, env = "TETHER_NODE_NAME")]
+    node_name: Option<String>,
     /// How a new connection picks among healthy servers: least-streams or ordered.
     #[arg(long, env = "TETHER_POLICY", default_value = "least-streams")]
     policy: tether_common::pool::Policy,
@@ -117,6 +124,8 @@ async fn run(a: RunArgs) -> Result<()> {
     config.reconnect_max = a.reconnect_max;
     config.max_connections = a.max_connections;
     config.policy = a.policy;
+    config.token = a.token;
+    config.node_name = a.node_name;
     config.drain_timeout = a.drain_timeout;
     let drain_timeout = config.drain_timeout;
     let agent = tether_agent::start(config)

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub links: Arc<LinkStats>,
     pub failovers: Counter,
     pub draining: Gauge,
+    pub renewals: Counter,
+    /// Expiry of the agent's certificate, Unix seconds.
+    pub cert_expiry: Gauge,
     pub connections_accepted: Counter,
     pub connections_failed: Counter,
     pub connections_over_limit: Counter,
@@ -111,6 +114,16 @@ impl Metrics {
             "tether_draining",
             "1 while the agent drains after SIGTERM.",
             self.draining.get(),
+        );
+        e.counter(
+            "tether_renewals_total",
+            "Certificate renewals done by this agent.",
+            self.renewals.get(),
+        );
+        e.gauge(
+            "tether_certificate_expiry_timestamp_seconds",
+            "When the agent's certificate expires (Unix time).",
+            self.cert_expiry.get(),
         );
         e.counter(
             "tether_connections_accepted_total",

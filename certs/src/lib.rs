@@ -7,6 +7,9 @@
 //! reloads on change never loads a torn file.
 #![forbid(unsafe_code)]
 
+pub mod records;
+pub mod token;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
@@ -60,6 +63,8 @@ pub enum CertError {
     Generate(String),
     #[error("only one of {0} and {1} exists; restore the other or remove both to create a new CA")]
     HalfCa(PathBuf, PathBuf),
+    #[error("invalid certificate signing request: {0}")]
+    BadCsr(String),
 }
 
 fn gen(e: rcgen::Error) -> CertError {
@@ -189,6 +194,31 @@ impl Ca {
         self.issue_leaf(params, lifetime)
     }
 
+    /// Signs a node's certificate signing request. Only the CSR's public key is used: the
+    /// certificate names `node_name` (checked by the caller against a token) and may only
+    /// authenticate a client.
+    pub fn sign_agent_csr(
+        &self,
+        csr_der: &[u8],
+        node_name: &str,
+        lifetime: Lifetime,
+    ) -> Result<String, CertError> {
+        validate_node_name(node_name)?;
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
+        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der)
+            .map_err(|e| CertError::BadCsr(e.to_string()))?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+        params.distinguished_name = dn(node_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = lifetime.not_before;
+        params.not_after = lifetime.not_after;
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        csr.params = params;
+        Ok(csr.signed_by(&self.issuer).map_err(gen)?.pem())
+    }
+
     fn issue_leaf(
         &self,
         mut params: CertificateParams,
@@ -223,6 +253,8 @@ pub struct InitReport {
     pub created_ca: bool,
     /// The names in the new server certificate.
     pub names: Vec<String>,
+    /// The join token in `DIR/token` (created unless one was there).
+    pub token: token::Token,
 }
 
 /// Prepares a server's data directory: creates the CA unless one exists, then issues a server
@@ -251,7 +283,24 @@ pub fn init(
     names.retain(|n| seen.insert(n.clone()));
     ca.issue_server(&names, Lifetime::days(leaf_days))?
         .save(&dir.join(files::SERVER_CERT), &dir.join(files::SERVER_KEY))?;
-    Ok(InitReport { created_ca, names })
+    let token_path = dir.join(token::TOKEN_FILE);
+    let existing = std::fs::read_to_string(&token_path)
+        .ok()
+        .and_then(|t| t.trim().parse::<token::Token>().ok())
+        .filter(|t| matches!(token::verify(dir, t), Ok(Ok(()))));
+    let token = match existing {
+        Some(t) => t,
+        None => {
+            let t = token::create(dir, 0, "created by init")?;
+            write_file(&token_path, format!("{t}\n").as_bytes(), 0o600)?;
+            t
+        }
+    };
+    Ok(InitReport {
+        created_ca,
+        names,
+        token,
+    })
 }
 
 /// Issues an agent certificate into `out_dir` as `ca.crt`, `agent.crt`, `agent.key`.
@@ -264,6 +313,9 @@ pub fn issue_agent_files(
     validate_node_name(node_name)?;
     let ca = Ca::load(ca_dir)?;
     let issued = ca.issue_agent(node_name, Lifetime::days(days))?;
+    // The operator's word is final: the new key owns the name from now on.
+    let key = key_hash_of_cert_pem(&issued.cert_pem)?;
+    records::write_local(ca_dir, node_name, records::NodeState::Owned(key))?;
     create_dir(out_dir)?;
     write_file(
         &out_dir.join(files::CA_CERT),
@@ -329,7 +381,73 @@ fn random_serial() -> Result<SerialNumber, CertError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn read_string(path: &Path) -> Result<String, CertError> {
+/// Holds the data directory's lock (`DIR/.lock`) while alive, so that the commands and a
+/// running server never interleave their read-modify-write of the stores.
+pub struct DirLock(#[allow(dead_code)] fs::File);
+
+pub(crate) fn lock_file(dir: &Path) -> Result<DirLock, CertError> {
+    let path = dir.join(".lock");
+    let err = |source| CertError::Write {
+        path: path.clone(),
+        source,
+    };
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(err)?;
+    f.lock().map_err(err)?;
+    Ok(DirLock(f))
+}
+
+/// The DER of the first certificate in a PEM text.
+pub fn pem_to_der(pem_text: &str, path: &Path) -> Result<Vec<u8>, CertError> {
+    x509_parser::pem::parse_x509_pem(pem_text.as_bytes())
+        .map(|(_, p)| p.contents)
+        .map_err(|e| CertError::Invalid {
+            path: path.to_owned(),
+            what: "PEM certificate",
+            detail: e.to_string(),
+        })
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+}
+
+/// Hex SHA-256 of a certificate's SubjectPublicKeyInfo: the key a node name belongs to.
+pub fn key_hash_of_cert(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(sha256_hex(cert.tbs_certificate.subject_pki.raw))
+}
+
+fn key_hash_of_cert_pem(pem_text: &str) -> Result<String, CertError> {
+    let der = pem_to_der(pem_text, Path::new("(issued certificate)"))?;
+    key_hash_of_cert(&der)
+        .ok_or_else(|| CertError::Generate("unreadable issued certificate".into()))
+}
+
+/// Hex SHA-256 of a signing request's SubjectPublicKeyInfo.
+pub fn key_hash_of_csr(der: &[u8]) -> Result<String, CertError> {
+    use x509_parser::prelude::FromDer;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+        .map_err(|e| CertError::BadCsr(e.to_string()))?;
+    Ok(sha256_hex(csr.certification_request_info.subject_pki.raw))
+}
+
+/// A new key and a signing request for `node_name`: the key never leaves the node.
+pub fn make_csr(node_name: &str) -> Result<(Vec<u8>, String), CertError> {
+    validate_node_name(node_name)?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+    params.distinguished_name = dn(node_name);
+    let csr = params.serialize_request(&key).map_err(gen)?;
+    Ok((csr.der().to_vec(), key.serialize_pem()))
+}
+
+pub(crate) fn read_string(path: &Path) -> Result<String, CertError> {
     fs::read_to_string(path).map_err(|source| CertError::Read {
         path: path.to_owned(),
         source,

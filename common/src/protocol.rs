@@ -41,8 +41,12 @@ mod kind {
     pub const HEALTH: u8 = 0x04;
     pub const DRAIN: u8 = 0x05;
     pub const NODE_INFO: u8 = 0x06;
+    pub const NODE_RECORD: u8 = 0x07;
     pub const OPEN: u8 = 0x10;
     pub const STATUS: u8 = 0x11;
+    pub const JOIN: u8 = 0x20;
+    pub const RENEW: u8 = 0x21;
+    pub const CERTIFICATE: u8 = 0x22;
 }
 
 /// Application error codes used when a stream is reset or a tunnel is closed.
@@ -57,6 +61,10 @@ pub mod code {
     pub const SHUTDOWN: u32 = 3;
     /// A limit was reached.
     pub const LIMIT: u32 = 4;
+    /// The node was revoked.
+    pub const REVOKED: u32 = 5;
+    /// The peer's credentials were refused.
+    pub const REFUSED: u32 = 6;
 }
 
 /// What a stream asks the far side to reach.
@@ -160,6 +168,15 @@ pub struct ServerInfo {
     pub draining: bool,
 }
 
+/// The state of a node name, as servers tell each other (see `tether_certs::records`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordState {
+    /// Owned by the key with this hex SHA-256.
+    Owned(String),
+    Revoked,
+    Forgotten,
+}
+
 /// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -195,6 +212,28 @@ pub enum Message {
     },
     /// The answer to [`Message::Open`]; payload follows only after [`StatusCode::Ok`].
     Status { code: StatusCode, message: String },
+    /// One node record, from a server to its peers on the control stream.
+    NodeRecord {
+        name: String,
+        state: RecordState,
+        at_ms: u64,
+    },
+    /// First frame of the one stream of a join connection: a token and a signing request.
+    Join {
+        token_id: String,
+        secret: String,
+        node_name: String,
+        csr: Vec<u8>,
+    },
+    /// First frame of a renewal stream on an authenticated tunnel: a new signing request.
+    Renew { csr: Vec<u8> },
+    /// The answer to `Join` or `Renew`: a certificate, or why not.
+    Certificate {
+        code: StatusCode,
+        message: String,
+        cert_pem: String,
+        ca_pem: String,
+    },
     /// A frame of a type this build does not know. Control streams skip it.
     Unknown { kind: u8, len: usize },
 }
@@ -210,6 +249,10 @@ impl Message {
             Message::NodeInfo { .. } => "node-info",
             Message::Open { .. } => "open",
             Message::Status { .. } => "status",
+            Message::NodeRecord { .. } => "node-record",
+            Message::Join { .. } => "join",
+            Message::Renew { .. } => "renew",
+            Message::Certificate { .. } => "certificate",
             Message::Unknown { .. } => "unknown",
         }
     }
@@ -316,6 +359,51 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             body.put_u8(code.to_u8());
             put_str(&mut body, message, name)?;
             kind::STATUS
+        }
+        Message::NodeRecord {
+            name: n,
+            state,
+            at_ms,
+        } => {
+            put_str(&mut body, n, name)?;
+            match state {
+                RecordState::Owned(k) => {
+                    body.put_u8(0);
+                    put_str(&mut body, k, name)?;
+                }
+                RecordState::Revoked => body.put_u8(1),
+                RecordState::Forgotten => body.put_u8(2),
+            }
+            body.put_u64(*at_ms);
+            kind::NODE_RECORD
+        }
+        Message::Join {
+            token_id,
+            secret,
+            node_name,
+            csr,
+        } => {
+            put_str(&mut body, token_id, name)?;
+            put_str(&mut body, secret, name)?;
+            put_str(&mut body, node_name, name)?;
+            put_bytes(&mut body, csr, name)?;
+            kind::JOIN
+        }
+        Message::Renew { csr } => {
+            put_bytes(&mut body, csr, name)?;
+            kind::RENEW
+        }
+        Message::Certificate {
+            code,
+            message,
+            cert_pem,
+            ca_pem,
+        } => {
+            body.put_u8(code.to_u8());
+            put_str(&mut body, message, name)?;
+            put_str(&mut body, cert_pem, name)?;
+            put_str(&mut body, ca_pem, name)?;
+            kind::CERTIFICATE
         }
         Message::Unknown { .. } => return Err(EncodeError::Unknown),
     };
@@ -452,6 +540,48 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
                 message: r.string()?,
             }
         }
+        kind::NODE_RECORD => {
+            r.msg = "node-record";
+            let name = r.string()?;
+            let state = match r.u8()? {
+                0 => RecordState::Owned(r.string()?),
+                1 => RecordState::Revoked,
+                2 => RecordState::Forgotten,
+                k => {
+                    return Err(DecodeError::BadTargetKind {
+                        msg: r.msg,
+                        kind: k,
+                    })
+                }
+            };
+            Message::NodeRecord {
+                name,
+                state,
+                at_ms: r.u64()?,
+            }
+        }
+        kind::JOIN => {
+            r.msg = "join";
+            Message::Join {
+                token_id: r.string()?,
+                secret: r.string()?,
+                node_name: r.string()?,
+                csr: r.bytes()?,
+            }
+        }
+        kind::RENEW => {
+            r.msg = "renew";
+            Message::Renew { csr: r.bytes()? }
+        }
+        kind::CERTIFICATE => {
+            r.msg = "certificate";
+            Message::Certificate {
+                code: StatusCode::from_u8(r.u8()?),
+                message: r.string()?,
+                cert_pem: r.string()?,
+                ca_pem: r.string()?,
+            }
+        }
         other => {
             return Ok(Message::Unknown {
                 kind: other,
@@ -488,6 +618,17 @@ impl Reader<'_> {
     fn u16(&mut self) -> Result<u16, DecodeError> {
         self.need(2)?;
         Ok(self.buf.get_u16())
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, DecodeError> {
+        let n = self.u16()? as usize;
+        self.need(n)?;
+        let (b, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(b.to_vec())
     }
     fn bool(&mut self) -> Result<bool, DecodeError> {
         match self.u8()? {
@@ -530,6 +671,13 @@ fn put_str(out: &mut BytesMut, s: &str, msg: &'static str) -> Result<(), EncodeE
     let n = u16::try_from(s.len()).map_err(|_| EncodeError::StringTooLong(msg))?;
     out.put_u16(n);
     out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_bytes(out: &mut BytesMut, b: &[u8], msg: &'static str) -> Result<(), EncodeError> {
+    let n = u16::try_from(b.len()).map_err(|_| EncodeError::StringTooLong(msg))?;
+    out.put_u16(n);
+    out.extend_from_slice(b);
     Ok(())
 }
 
@@ -720,6 +868,41 @@ mod tests {
             }),
             (any_status(), small_string())
                 .prop_map(|(code, message)| Message::Status { code, message }),
+            (
+                small_string(),
+                prop_oneof![
+                    small_string().prop_map(RecordState::Owned),
+                    Just(RecordState::Revoked),
+                    Just(RecordState::Forgotten)
+                ],
+                any::<u64>()
+            )
+                .prop_map(|(name, state, at_ms)| Message::NodeRecord {
+                    name,
+                    state,
+                    at_ms
+                }),
+            (
+                small_string(),
+                small_string(),
+                small_string(),
+                proptest::collection::vec(any::<u8>(), 0..600)
+            )
+                .prop_map(|(token_id, secret, node_name, csr)| Message::Join {
+                    token_id,
+                    secret,
+                    node_name,
+                    csr
+                }),
+            proptest::collection::vec(any::<u8>(), 0..600).prop_map(|csr| Message::Renew { csr }),
+            (any_status(), small_string(), small_string(), small_string()).prop_map(
+                |(code, message, cert_pem, ca_pem)| Message::Certificate {
+                    code,
+                    message,
+                    cert_pem,
+                    ca_pem
+                }
+            ),
         ]
     }
 

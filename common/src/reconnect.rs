@@ -38,10 +38,14 @@ pub struct DialTarget {
     pub rank: usize,
 }
 
+/// Receives the control messages the reconnect loop does not act on itself.
+pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
+
 /// What a reconnect loop needs.
 pub struct Dialer {
     pub endpoint: quinn::Endpoint,
-    pub client_config: quinn::ClientConfig,
+    /// Replaced when the certificate is renewed or reloaded; tunnels that are up keep theirs.
+    pub client_config: std::sync::RwLock<quinn::ClientConfig>,
     /// Sent in the hello: the node name (agents) or the advertised address (servers).
     pub hello_name: String,
     pub capabilities: Vec<String>,
@@ -54,6 +58,24 @@ pub struct Dialer {
     pub changed: Arc<Notify>,
     /// What kind of link this is, for logs: "server" or "peer".
     pub kind: &'static str,
+    /// Control messages this module does not act on itself (a server's node records).
+    pub on_message: Option<MessageHook>,
+}
+
+impl Dialer {
+    pub fn client_config(&self) -> quinn::ClientConfig {
+        self.client_config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_client_config(&self, c: quinn::ClientConfig) {
+        *self
+            .client_config
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = c;
+    }
 }
 
 /// Why one dial failed.
@@ -128,7 +150,7 @@ pub async fn maintain(
 async fn dial(target: &DialTarget, d: &Dialer) -> Result<(Tunnel, String, Stream), DialError> {
     let connecting = d
         .endpoint
-        .connect_with(d.client_config.clone(), target.addr, &target.name)
+        .connect_with(d.client_config(), target.addr, &target.name)
         .map_err(|e| DialError::Connect(e.to_string()))?;
     let conn = connecting
         .await
@@ -260,7 +282,10 @@ async fn read_control(control: &mut Stream, link: &Link, d: &Dialer) -> String {
                 link.set_servers(servers);
                 d.changed.notify_one();
             }
-            Ok(Some(m)) => debug!(message = m.name(), "control message ignored"),
+            Ok(Some(m)) => match &d.on_message {
+                Some(f) => f(&m),
+                None => debug!(message = m.name(), "control message ignored"),
+            },
             Ok(None) => return "server closed the control stream".into(),
             Err(e) => return format!("control stream failed: {e}"),
         }

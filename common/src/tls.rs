@@ -16,6 +16,9 @@ use std::time::Duration;
 
 /// ALPN protocol name of tether tunnels; a peer speaking anything else fails the handshake.
 pub const ALPN: &[u8] = b"tether/1";
+/// ALPN protocol name of a join: the one connection an agent makes without a certificate, to
+/// exchange a token for one. Nothing else is served on it.
+pub const ALPN_JOIN: &[u8] = b"tether-join/1";
 
 /// Why TLS material could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -111,13 +114,17 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Server side TLS: present `identity`, require a client certificate signed by `roots`.
+/// Server side TLS: present `identity`; a client certificate, when presented, must be signed by
+/// `roots`. A connection without one is let through the handshake only so that the server can
+/// serve a join on it (ALPN `tether-join/1`) or refuse it with a log line naming the peer; it
+/// never gets a tunnel.
 pub fn server_config(
     roots: RootCertStore,
     identity: Identity,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -126,8 +133,104 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain, identity.key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![ALPN.to_vec(), ALPN_JOIN.to_vec()];
     Ok(cfg)
+}
+
+/// Client side TLS for a join: no client certificate; the server is trusted only if its chain
+/// carries a CA whose SHA-256 (of the DER) is `ca_hash`, and its certificate verifies against
+/// that CA for the dialed name.
+pub fn join_client_config(ca_hash: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let verifier = Arc::new(PinnedCa {
+        pin: ca_hash.to_ascii_lowercase(),
+        provider: provider(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_JOIN.to_vec()];
+    Ok(cfg)
+}
+
+/// Hex SHA-256 of a DER certificate.
+pub fn cert_hash(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Trusts a server only through the CA that a join token pins.
+#[derive(Debug)]
+struct PinnedCa {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates.iter().find(|c| cert_hash(c) == self.pin) else {
+            let sent: Vec<String> = intermediates.iter().map(|c| cert_hash(c)).collect();
+            return Err(rustls::Error::General(format!(
+                "the server's CA does not match the join token: the token pins {}, the server presented {}; check the token, or the server is not the one it claims to be",
+                self.pin,
+                if sent.is_empty() { "no CA".to_string() } else { sent.join(", ") }
+            )));
+        };
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(format!("pinned CA unusable: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Client side TLS: trust only `roots`, present `identity` as the client certificate.
@@ -232,11 +335,21 @@ pub fn quic_client_config(
 pub struct PeerInfo {
     /// The subject common name: the node name of an agent, the server's name of a server.
     pub common_name: String,
+    /// When the certificate became valid, in seconds since the Unix epoch.
+    pub not_before: i64,
     /// When the certificate expires, in seconds since the Unix epoch.
     pub not_after: i64,
     /// Whether the certificate may serve as a TLS server: only server certificates can, so a
     /// client presenting one is a peer server, not a node.
     pub server_auth: bool,
+}
+
+/// The ALPN protocol a QUIC connection agreed on.
+pub fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// Reads the subject common name and expiry of a DER certificate.
@@ -255,6 +368,7 @@ pub fn peer_info(cert: &CertificateDer<'_>) -> Option<PeerInfo> {
     );
     Some(PeerInfo {
         common_name: cn,
+        not_before: parsed.validity().not_before.timestamp(),
         not_after: parsed.validity().not_after.timestamp(),
         server_auth,
     })

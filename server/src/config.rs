@@ -26,6 +26,14 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// How long a peer may take to answer a relayed stream.
     pub peer_open_timeout: Duration,
+    /// Most tunnels one node identity may hold at once (restarts overlapping, several paths).
+    pub max_tunnels_per_node: usize,
+    /// Join attempts allowed per source address per minute.
+    pub join_rate_per_minute: u32,
+    /// Lifetime of certificates signed for joining and renewing agents.
+    pub agent_cert_lifetime: Duration,
+    /// How often the node records and certificate files are checked for changes.
+    pub reload_interval: Duration,
     /// Admin endpoint (health, readiness, metrics); none when unset.
     pub admin: Option<SocketAddr>,
     /// Longest wait for a TCP connection to the upstream. Shorter than the agent's last-attempt
@@ -50,6 +58,10 @@ impl ServerConfig {
             data_dir,
             listen: SocketAddr::from(([0, 0, 0, 0], 9443)),
             upstream: "127.0.0.1:6443".into(),
+            max_tunnels_per_node: 8,
+            join_rate_per_minute: 10,
+            agent_cert_lifetime: Duration::from_secs(365 * 86400),
+            reload_interval: Duration::from_secs(1),
             peers: Vec::new(),
             advertise: None,
             upstream_ca: None,

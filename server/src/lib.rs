@@ -6,15 +6,19 @@
 #![forbid(unsafe_code)]
 
 pub mod announce;
+pub mod authority;
 pub mod config;
 pub mod demo;
+pub mod join;
 pub mod metrics;
 pub mod registry;
 pub mod standin;
 pub mod upstream;
 
 use crate::announce::Announcer;
+use crate::authority::Authority;
 use crate::config::ServerConfig;
+use crate::join::JoinLimiter;
 use crate::metrics::Metrics;
 use crate::registry::{Entry, Registry};
 use crate::upstream::Upstream;
@@ -23,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tether_certs::files;
+use tether_certs::records::Verdict;
 use tether_common::admin::{self, AdminSource};
 use tether_common::backoff::Backoff;
 use tether_common::pool::{Link, Policy, Pool};
@@ -60,7 +65,7 @@ pub enum ServerError {
 }
 
 /// Shared state of a running server.
-struct State {
+pub struct State {
     config: ServerConfig,
     metrics: Arc<Metrics>,
     registry: Registry,
@@ -72,6 +77,13 @@ struct State {
     peers: Arc<Pool>,
     announcer: Announcer,
     draining: AtomicBool,
+    authority: Authority,
+    join_limiter: JoinLimiter,
+    /// The CA certificate, handed to joining nodes.
+    ca_pem: String,
+    endpoint: quinn::Endpoint,
+    /// The dialer of peer links, whose client identity is reloaded with the certificate.
+    peer_dialer: std::sync::OnceLock<Arc<Dialer>>,
 }
 
 /// A running server.
@@ -124,6 +136,12 @@ impl ServerHandle {
         left
     }
 
+    /// Reloads the certificate and key from disk (SIGHUP): new handshakes use them, tunnels
+    /// that are up keep going.
+    pub fn reload_certificates(&self) -> Result<(), ServerError> {
+        reload_certificates(&self.state)
+    }
+
     /// Closes every tunnel and stops serving.
     pub async fn shutdown(mut self) {
         self.shutdown.trigger();
@@ -137,6 +155,15 @@ impl ServerHandle {
         self.tasks.shutdown().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
+}
+
+/// The transport's stream limit sits a little above the server's own, so that the server's
+/// check (a clear `busy` status, a log line, a metric) bites first and the control and renewal
+/// streams always fit.
+fn transport_limits(config: &ServerConfig) -> tls::TunnelLimits {
+    let mut l = config.limits;
+    l.max_streams = l.max_streams.saturating_add(16);
+    l
 }
 
 fn random_id() -> String {
@@ -160,11 +187,9 @@ fn advertise_address(config: &ServerConfig, bound: SocketAddr) -> Option<String>
 /// Loads the certificates, binds the listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let dir = &config.data_dir;
-    let roots = tls::load_roots(&dir.join(files::CA_CERT))?;
-    let identity =
-        tls::Identity::load(&dir.join(files::SERVER_CERT), &dir.join(files::SERVER_KEY))?;
+    let (roots, identity, ca_pem) = load_identity(dir)?;
     let tls_config = tls::server_config(roots.clone(), identity.clone())?;
-    let transport = tls::quic_transport(config.liveness, config.limits);
+    let transport = tls::quic_transport(config.liveness, transport_limits(&config));
     let quic_config = tls::quic_server_config(tls_config, transport)?;
     let endpoint = quinn::Endpoint::server(quic_config, config.listen).map_err(|source| {
         ServerError::Listen {
@@ -200,6 +225,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let peers = Arc::new(Pool::default());
     let announcer = Announcer::new(advertise.clone(), config.peers.clone(), peers.clone());
     let state = Arc::new(State {
+        authority: Authority::new(config.data_dir.clone()),
+        join_limiter: JoinLimiter::new(config.join_rate_per_minute),
+        ca_pem,
+        endpoint: endpoint.clone(),
+        peer_dialer: std::sync::OnceLock::new(),
         streams: Arc::new(Semaphore::new(config.max_streams)),
         registry: Registry::default(),
         metrics: metrics.clone(),
@@ -234,7 +264,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     // A link to every peer, kept up like an agent keeps its tunnels.
     let dialer = Arc::new(Dialer {
         endpoint: endpoint.clone(),
-        client_config: peer_client,
+        client_config: std::sync::RwLock::new(peer_client),
         hello_name: advertise.clone().unwrap_or_default(),
         capabilities: vec![CAP_PEER.into()],
         own_server_id: Some(instance_id),
@@ -243,7 +273,19 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         stats: metrics.peer_links.clone(),
         changed: state.announcer.changed(),
         kind: "peer",
+        on_message: Some(Box::new({
+            let s = state.clone();
+            move |m: &Message| {
+                if let Some(r) = authority::from_message(m) {
+                    if let Err(e) = s.authority.merge(vec![r]) {
+                        warn!(error = %e, "cannot store a node record from a peer");
+                    }
+                }
+            }
+        })),
     });
+    let _ = state.peer_dialer.set(dialer.clone());
+    cert_expiry(&state);
     for (rank, peer) in state.config.peers.iter().enumerate() {
         if Some(peer) == advertise.as_ref() {
             continue;
@@ -270,6 +312,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         });
     }
     tasks.spawn(state.announcer.clone().run(shutdown.signal()));
+    tasks.spawn(watch_files(state.clone(), shutdown.signal()));
     tasks.spawn(accept_loop(
         endpoint.clone(),
         state.clone(),
@@ -314,11 +357,15 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
                 }
                 Err(_) => {
                     state.metrics.handshake_failures.inc();
+                    state.metrics.limit_hit("handshake_timeout");
                     warn!(peer = %remote, timeout = ?state.config.handshake_timeout,
                         "refused tunnel: handshake did not complete in time");
                     return;
                 }
             };
+            if tls::alpn_of(&conn).as_deref() == Some(tls::ALPN_JOIN) {
+                return join::serve(Tunnel::from_quic(conn), remote, &state).await;
+            }
             serve_tunnel(Tunnel::from_quic(conn), state).await;
         });
     }
@@ -335,9 +382,16 @@ enum Party {
 async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
     let remote = tunnel.remote_addr();
     // The node name comes from the verified certificate, never from what the agent says.
-    let Some(peer) = tunnel
+    let Some(cert) = tunnel
         .peer_certificates()
-        .and_then(|chain| chain.first().and_then(tls::peer_info))
+        .and_then(|c| c.into_iter().next())
+    else {
+        state.metrics.handshake_failures.inc();
+        warn!(peer = %remote, "refused tunnel: no client certificate (join with a token, or issue one with `tether-server issue-agent`)");
+        tunnel.close(code::REFUSED, "a client certificate is required");
+        return;
+    };
+    let (Some(peer), Some(key)) = (tls::peer_info(&cert), tether_certs::key_hash_of_cert(&cert))
     else {
         state.metrics.handshake_failures.inc();
         warn!(peer = %remote, "refused tunnel: client certificate has no common name");
@@ -351,6 +405,28 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
     };
     let name = peer.common_name;
     if party == Party::Agent {
+        match state.authority.check(&name, &key) {
+            Verdict::Allowed => {}
+            Verdict::Revoked => {
+                state.metrics.handshake_failures.inc();
+                warn!(node = %name, peer = %remote, "refused tunnel: node is revoked");
+                tunnel.close(code::REVOKED, "this node is revoked");
+                return;
+            }
+            Verdict::OtherOwner => {
+                state.metrics.handshake_failures.inc();
+                warn!(node = %name, peer = %remote, "refused tunnel: the node name belongs to another key");
+                tunnel.close(code::REFUSED, "the node name belongs to another key");
+                return;
+            }
+        }
+        if state.registry.tunnels(&name).len() >= state.config.max_tunnels_per_node {
+            state.metrics.limit_hit("tunnels_per_node");
+            warn!(node = %name, peer = %remote, limit = state.config.max_tunnels_per_node,
+                "refused tunnel: too many tunnels for this node");
+            tunnel.close(code::LIMIT, "too many tunnels for this node");
+            return;
+        }
         state.registry.add(
             &name,
             Entry {
@@ -358,6 +434,7 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
                 remote,
                 since: SystemTime::now(),
                 cert_not_after: peer.not_after,
+                key_hash: key.clone(),
             },
         );
         state.metrics.tunnels_total.inc();
@@ -368,6 +445,7 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         info!(server = %name, peer = %remote, "peer tunnel up");
     }
 
+    let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let stream = match tunnel.accept_stream().await {
             Ok(s) => s,
@@ -382,7 +460,8 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         };
         let state = state.clone();
         let (name, id) = (name.clone(), tunnel.id());
-        tokio::spawn(async move { serve_stream(stream, &name, party, id, &state).await });
+        let counter = StreamCount::new(open_streams.clone());
+        tokio::spawn(async move { serve_stream(stream, &name, party, id, counter, &state).await });
     }
     if party == Party::Agent {
         state.registry.remove(&name, tunnel.id());
@@ -399,6 +478,7 @@ async fn serve_stream(
     node: &str,
     party: Party,
     tunnel_id: usize,
+    count: StreamCount,
     state: &State,
 ) {
     let first = tokio::time::timeout(state.config.header_timeout, stream.recv.read_message()).await;
@@ -428,13 +508,28 @@ async fn serve_stream(
             if party == Party::Peer && !node_name.is_empty() {
                 state.announcer.add_inbound_peer(tunnel_id, node_name);
             }
-            control(stream, node, min_version, max_version, state).await
+            control(stream, node, party, min_version, max_version, state).await
         }
         Message::Open {
             version,
             target,
             hops,
-        } => open(stream, node, version, target, hops, state).await,
+        } => {
+            if count.current() > state.config.limits.max_streams as usize {
+                state.metrics.limit_hit("streams_per_tunnel");
+                warn!(
+                    node,
+                    limit = state.config.limits.max_streams,
+                    "stream refused: stream limit of the tunnel reached"
+                );
+                let why = "stream limit of the tunnel reached".to_string();
+                return refuse(&mut stream, StatusCode::Busy, why, state).await;
+            }
+            open(stream, node, version, target, hops, state).await
+        }
+        Message::Renew { csr } if party == Party::Agent => {
+            join::renew(stream, node, csr, state).await
+        }
         other => {
             state.metrics.protocol_errors.inc();
             warn!(
@@ -449,7 +544,7 @@ async fn serve_stream(
 
 /// The control stream: version agreement, then this server's announcements (health, the
 /// server list, drain) as they change.
-async fn control(mut stream: Stream, node: &str, min: u8, max: u8, state: &State) {
+async fn control(mut stream: Stream, node: &str, party: Party, min: u8, max: u8, state: &State) {
     if !(min..=max).contains(&PROTOCOL_VERSION) {
         state.metrics.protocol_errors.inc();
         warn!(
@@ -473,6 +568,9 @@ async fn control(mut stream: Stream, node: &str, min: u8, max: u8, state: &State
     }
     let mut rx = state.announcer.subscribe();
     let mut sent: Option<announce::Announcement> = None;
+    // Peers also get the node records, each when it is new to them.
+    let mut records_rx = state.authority.subscribe();
+    let mut records_sent: std::collections::HashMap<String, u64> = Default::default();
     loop {
         let now = rx.borrow_and_update().clone();
         for msg in announce::diff(sent.as_ref(), &now) {
@@ -481,8 +579,25 @@ async fn control(mut stream: Stream, node: &str, min: u8, max: u8, state: &State
             }
         }
         sent = Some(now);
+        if party == Party::Peer {
+            records_rx.borrow_and_update();
+            for r in state.authority.all() {
+                if records_sent.get(&r.name) != Some(&r.at) {
+                    if stream
+                        .send
+                        .write_message(&authority::to_message(&r))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    records_sent.insert(r.name.clone(), r.at);
+                }
+            }
+        }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
+            r = records_rx.changed(), if party == Party::Peer => if r.is_err() { return },
             m = stream.recv.read_message() => match m {
                 Ok(Some(m)) => debug!(node, message = m.name(), "control message"),
                 Ok(None) | Err(_) => return,
@@ -643,6 +758,123 @@ async fn relay_peer(mut stream: Stream, link: Arc<Link>, peer: Stream, node: &st
     let summary = relay::splice(stream, peer, &[&state.metrics.bytes]).await;
     if summary.outcome != Outcome::Closed {
         state.metrics.stream_resets.inc();
+    }
+}
+
+/// Counts a tunnel's open streams while alive.
+struct StreamCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamCount {
+    fn new(c: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        StreamCount(c)
+    }
+
+    fn current(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The CA roots, this server's identity (its certificate followed by the CA, so that joining
+/// agents can check the CA against their token), and the CA in PEM.
+fn load_identity(
+    dir: &std::path::Path,
+) -> Result<(rustls::RootCertStore, tls::Identity, String), tls::TlsError> {
+    let ca_path = dir.join(files::CA_CERT);
+    let roots = tls::load_roots(&ca_path)?;
+    let mut identity =
+        tls::Identity::load(&dir.join(files::SERVER_CERT), &dir.join(files::SERVER_KEY))?;
+    for ca in tls::load_certs(&ca_path)? {
+        if !identity.chain.contains(&ca) {
+            identity.chain.push(ca);
+        }
+    }
+    let ca_pem = std::fs::read_to_string(&ca_path).map_err(|source| tls::TlsError::Read {
+        path: ca_path,
+        source,
+    })?;
+    Ok((roots, identity, ca_pem))
+}
+
+fn cert_expiry(state: &State) {
+    let path = state.config.data_dir.join(files::SERVER_CERT);
+    if let Some(info) = tls::load_certs(&path)
+        .ok()
+        .and_then(|c| c.first().and_then(tls::peer_info))
+    {
+        state.metrics.cert_expiry.set(info.not_after);
+    }
+}
+
+/// Reloads the certificate and key from disk and uses them for new handshakes (agents and
+/// peers); tunnels that are up keep going.
+fn reload_certificates(state: &State) -> Result<(), ServerError> {
+    let (roots, identity, _) = load_identity(&state.config.data_dir)?;
+    let cfg = tls::server_config(roots.clone(), identity.clone())?;
+    let transport = tls::quic_transport(state.config.liveness, transport_limits(&state.config));
+    state
+        .endpoint
+        .set_server_config(Some(tls::quic_server_config(cfg, transport)?));
+    if let Some(d) = state.peer_dialer.get() {
+        let client = tls::client_config(roots, identity)?;
+        let transport = tls::quic_transport(state.config.liveness, state.config.limits);
+        d.set_client_config(tls::quic_client_config(client, transport)?);
+    }
+    state.metrics.cert_reloads.inc();
+    cert_expiry(state);
+    info!("reloaded the server certificate");
+    Ok(())
+}
+
+fn files_mtime(dir: &std::path::Path) -> Vec<Option<SystemTime>> {
+    [files::CA_CERT, files::SERVER_CERT, files::SERVER_KEY]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(dir.join(f))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .collect()
+}
+
+/// Watches the data directory: node records (revocations close tunnels within a second or
+/// two) and the certificate files (reloaded when they change).
+async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
+    let mut certs = files_mtime(&state.config.data_dir);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(state.config.reload_interval) => {}
+            _ = stop.wait() => return,
+        }
+        state.authority.poll();
+        close_refused(&state);
+        let now = files_mtime(&state.config.data_dir);
+        if now != certs {
+            certs = now;
+            if let Err(e) = reload_certificates(&state) {
+                warn!(error = %e, "cannot reload the server certificate; keeping the old one");
+            }
+        }
+    }
+}
+
+/// Closes the tunnels of revoked nodes.
+fn close_refused(state: &State) {
+    for name in state.registry.node_names() {
+        for e in state.registry.tunnels(&name) {
+            if state.authority.check(&name, &e.key_hash) == Verdict::Revoked {
+                state.metrics.revoked_closed.inc();
+                warn!(node = %name, peer = %e.remote, "closing tunnel: node revoked");
+                e.tunnel.close(code::REVOKED, "this node is revoked");
+                state.registry.remove(&name, e.tunnel.id());
+            }
+        }
     }
 }
 

@@ -33,6 +33,56 @@ enum Command {
     Run(Box<RunArgs>),
     /// Run a self-contained demo: two servers, an agent, traffic, and a failover.
     Demo,
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage nodes: revoke a node, or forget a name so that a new key may join under it.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token and print it.
+    Create {
+        #[arg(long, env = "TETHER_DATA_DIR")]
+        data_dir: PathBuf,
+        /// How long the token is valid (e.g. 24h, 7d); default: until revoked.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// A note to tell tokens apart in `token list`.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List the tokens (ids, expiry, description; never secrets).
+    List {
+        #[arg(long, env = "TETHER_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Revoke a token by its id: no new node can join with it.
+    Revoke {
+        id: String,
+        #[arg(long, env = "TETHER_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Revoke a node: its tunnels close within seconds and it is refused from then on, on every
+    /// server (peers pass the revocation on).
+    Revoke {
+        name: String,
+        #[arg(long, env = "TETHER_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Forget a node name: the next join under it may use a new key (a reinstalled node). Also
+    /// lifts a revocation.
+    Forget {
+        name: String,
+        #[arg(long, env = "TETHER_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -112,6 +162,15 @@ struct RunArgs {
     /// Most concurrent streams per tunnel.
     #[arg(long, env = "TETHER_MAX_STREAMS_PER_TUNNEL", default_value_t = 4096)]
     max_streams_per_tunnel: u32,
+    /// Most tunnels one node identity may hold at once.
+    #[arg(long, env = "TETHER_MAX_TUNNELS_PER_NODE", default_value_t = 8)]
+    max_tunnels_per_node: usize,
+    /// Join attempts allowed per source address per minute.
+    #[arg(long, env = "TETHER_JOIN_RATE_LIMIT", default_value_t = 10)]
+    join_rate_limit: u32,
+    /// Lifetime of certificates signed for joining and renewing agents.
+    #[arg(long, env = "TETHER_AGENT_CERT_LIFETIME", default_value = "365d", value_parser = parse_duration)]
+    agent_cert_lifetime: Duration,
     /// Most streams relayed at once by this server; more are answered busy.
     #[arg(long, env = "TETHER_MAX_STREAMS", default_value_t = 65536)]
     max_streams: usize,
@@ -129,6 +188,8 @@ fn main() -> Result<()> {
         Command::IssueAgent(a) => issue_agent(a),
         Command::Run(a) => runtime()?.block_on(run(*a)),
         Command::Demo => runtime()?.block_on(tether_server::demo::run()),
+        Command::Token(t) => token(t),
+        Command::Agent(a) => agent(a),
     }
 }
 
@@ -149,7 +210,86 @@ fn init(a: InitArgs) -> Result<()> {
         println!("kept the existing CA in {dir} (this server joins that CA)");
     }
     println!("issued {dir}/server.crt for: {}", report.names.join(", "));
-    println!("next: tether-server issue-agent --data-dir {dir} --node-name NODE --out-dir OUT, then tether-server run --data-dir {dir}");
+    println!("next: tether-server run --data-dir {dir}; on each node: tether-agent run --server THIS_HOST:9443 --data-dir /var/lib/tether-agent --token TOKEN");
+    println!("join token (also in {dir}/token):");
+    println!("{}", report.token);
+    Ok(())
+}
+
+fn token(t: TokenCommand) -> Result<()> {
+    use tether_certs::token;
+    match t {
+        TokenCommand::Create {
+            data_dir,
+            ttl,
+            description,
+        } => {
+            let secs = ttl.map(|d| d.as_secs().max(1)).unwrap_or(0);
+            let tok = token::create(&data_dir, secs, &description)
+                .with_context(|| format!("cannot create a token in {}", data_dir.display()))?;
+            println!("{tok}");
+        }
+        TokenCommand::List { data_dir } => {
+            let entries = token::list(&data_dir)
+                .with_context(|| format!("cannot read the tokens of {}", data_dir.display()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            println!("{:<8} {:<22} DESCRIPTION", "ID", "EXPIRES");
+            for e in entries {
+                let expires = if e.expires == 0 {
+                    "never".to_string()
+                } else if e.expired(now) {
+                    "expired".to_string()
+                } else {
+                    format!("in {}", human(e.expires - now))
+                };
+                println!("{:<8} {:<22} {}", e.id, expires, e.description);
+            }
+        }
+        TokenCommand::Revoke { id, data_dir } => {
+            if token::revoke(&data_dir, &id)? {
+                println!("revoked token {id}: no new node can join with it");
+            } else {
+                anyhow::bail!(
+                    "no token with id {id:?} in {} (see `tether-server token list`)",
+                    data_dir.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human(secs: i64) -> String {
+    match secs {
+        s if s >= 86400 => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
+        s if s >= 3600 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}m {}s", s / 60, s % 60),
+    }
+}
+
+fn agent(a: AgentCommand) -> Result<()> {
+    use tether_certs::records::{write_local, NodeState};
+    let (name, dir, state, what) = match a {
+        AgentCommand::Revoke { name, data_dir } => (
+            name,
+            data_dir,
+            NodeState::Revoked,
+            "revoked: its tunnels close within seconds, on every server its peers reach",
+        ),
+        AgentCommand::Forget { name, data_dir } => (
+            name,
+            data_dir,
+            NodeState::Forgotten,
+            "forgotten: the next join under this name may use a new key",
+        ),
+    };
+    tether_certs::validate_node_name(&name)?;
+    write_local(&dir, &name, state)
+        .with_context(|| format!("cannot update the node records in {}", dir.display()))?;
+    println!("node {name:?} {what}");
     Ok(())
 }
 
@@ -181,13 +321,27 @@ async fn run(a: RunArgs) -> Result<()> {
     config.advertise = a.advertise;
     config.upstream_ca = a.upstream_ca;
     config.drain_timeout = a.drain_timeout;
+    config.max_tunnels_per_node = a.max_tunnels_per_node;
+    config.join_rate_per_minute = a.join_rate_limit;
+    config.agent_cert_lifetime = a.agent_cert_lifetime;
     let drain_timeout = config.drain_timeout;
     let server = tether_server::start(config)
         .await
         .context("tether-server cannot start")?;
-    let sig = tether_common::shutdown::terminate_signal()
-        .await
-        .context("cannot watch for SIGTERM and SIGINT")?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch for SIGHUP")?;
+    let term = tether_common::shutdown::terminate_signal();
+    tokio::pin!(term);
+    let sig = loop {
+        tokio::select! {
+            s = &mut term => break s.context("cannot watch for SIGTERM and SIGINT")?,
+            _ = hup.recv() => {
+                if let Err(e) = server.reload_certificates() {
+                    tracing::error!(error = %e, "SIGHUP: cannot reload the certificate; keeping the old one");
+                }
+            }
+        }
+    };
     tracing::info!(signal = sig, "draining, then exiting");
     let left = server.drain(drain_timeout).await;
     if left > 0 {

@@ -38,9 +38,32 @@ pub struct Metrics {
     pub peer_relayed: Counter,
     pub peer_relay_failures: Counter,
     pub draining: Gauge,
+    pub joins: Counter,
+    pub join_failures: Counter,
+    pub renewals: Counter,
+    pub revoked_closed: Counter,
+    pub cert_reloads: Counter,
+    /// Expiry of this server's own certificate, Unix seconds.
+    pub cert_expiry: Gauge,
+    pub limit_hits: [Counter; LIMITS.len()],
 }
 
+/// The limits whose hits are counted; a fixed label set.
+pub const LIMITS: [&str; 5] = [
+    "tunnels_per_node",
+    "streams_per_tunnel",
+    "streams_per_server",
+    "join_rate",
+    "handshake_timeout",
+];
+
 impl Metrics {
+    pub fn limit_hit(&self, limit: &str) {
+        if let Some(i) = LIMITS.iter().position(|l| *l == limit) {
+            self.limit_hits[i].inc();
+        }
+    }
+
     pub fn stream_failed(&self, code: StatusCode) {
         if let Some(i) = REASONS.iter().position(|r| *r == code) {
             self.stream_failures[i].inc();
@@ -153,6 +176,48 @@ impl Metrics {
             "tether_draining",
             "1 while the server drains after SIGTERM.",
             self.draining.get(),
+        );
+        e.counter(
+            "tether_joins_total",
+            "Nodes that joined with a token.",
+            self.joins.get(),
+        );
+        e.counter(
+            "tether_join_failures_total",
+            "Join attempts refused (bad token, taken name, bad request, no request).",
+            self.join_failures.get(),
+        );
+        e.counter(
+            "tether_renewals_total",
+            "Agent certificates renewed over a tunnel.",
+            self.renewals.get(),
+        );
+        e.counter(
+            "tether_revoked_tunnels_closed_total",
+            "Tunnels closed because their node was revoked.",
+            self.revoked_closed.get(),
+        );
+        e.counter(
+            "tether_certificate_reloads_total",
+            "Times the server certificate was reloaded from disk.",
+            self.cert_reloads.get(),
+        );
+        e.gauge(
+            "tether_certificate_expiry_timestamp_seconds",
+            "When this server's certificate expires (Unix time).",
+            self.cert_expiry.get(),
+        );
+        let hits: Vec<(&str, u64)> = LIMITS
+            .iter()
+            .zip(&self.limit_hits)
+            .map(|(l, c)| (*l, c.get()))
+            .collect();
+        e.labeled(
+            "tether_limit_hits_total",
+            "Times a limit refused something, by limit.",
+            "counter",
+            "limit",
+            &hits,
         );
         e.finish()
     }

@@ -14,6 +14,8 @@ pub struct Entry {
     pub since: SystemTime,
     /// Expiry of the agent's certificate, seconds since the Unix epoch.
     pub cert_not_after: i64,
+    /// SHA-256 of the certificate's public key: checked against the node records.
+    pub key_hash: String,
 }
 
 /// Connected nodes by name. A node may hold several tunnels (a restart overlapping the old

@@ -1,0 +1,173 @@
+//! Joining with a token: the first start of a node that has no certificate.
+//!
+//! The agent dials a server with the join protocol and no client certificate. Its TLS verifier
+//! trusts the server only through a CA whose hash the token pins, so a wrong server, or a wrong
+//! token, stops the join before anything is sent. Then it makes its key (which never leaves the
+//! node), sends a signing request with the token, and stores what comes back: `ca.crt`,
+//! `agent.crt`, `agent.key` (0600).
+
+use crate::config::AgentConfig;
+use std::time::Duration;
+use tether_certs::token::Token;
+use tether_common::backoff::Backoff;
+use tether_common::protocol::{Message, StatusCode};
+use tether_common::reconnect;
+use tether_common::tls;
+use tether_common::transport::Tunnel;
+use tracing::{info, warn};
+
+/// Why a join failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("the agent has no certificate in its data directory and no --token to join with: pass the token that `tether-server init` printed (or one from `tether-server token create`) with --token, or copy in the files of `tether-server issue-agent`")]
+    NoToken,
+    #[error("invalid --token: {0}")]
+    BadToken(#[from] tether_certs::token::TokenFormatError),
+    #[error("join refused: {0}")]
+    CaMismatch(String),
+    #[error("the server refused the join: {0}")]
+    Refused(String),
+    #[error("cannot store the certificate: {0}")]
+    Store(#[from] tether_certs::CertError),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// Joins through the first server that answers, retrying with backoff while none does.
+pub async fn join(
+    config: &AgentConfig,
+    endpoint: &quinn::Endpoint,
+    token: &str,
+) -> Result<(), JoinError> {
+    let token: Token = token.parse()?;
+    let node_name = config
+        .node_name
+        .clone()
+        .or_else(tether_certs::hostname)
+        .unwrap_or_else(|| "node".into());
+    tether_certs::validate_node_name(&node_name)?;
+    let client = tls::quic_client_config(
+        tls::join_client_config(&token.ca_hash)?,
+        tls::quic_transport(config.liveness, config.limits),
+    )?;
+    let (csr, key_pem) = tether_certs::make_csr(&node_name)?;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut attempts = 0u32;
+    loop {
+        for server in &config.servers {
+            let targets = match reconnect::resolve(server, 0).await {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(server = %server, error = %e, "join: cannot resolve server");
+                    continue;
+                }
+            };
+            for t in targets {
+                match attempt(&client, endpoint, &t, &token, &node_name, &csr).await {
+                    Ok((cert_pem, ca_pem)) => {
+                        store(config, &token, &cert_pem, &ca_pem, &key_pem)?;
+                        info!(node = %node_name, server = %server, "joined the cluster; certificate stored");
+                        return Ok(());
+                    }
+                    Err(Attempt::Fatal(e)) => return Err(e),
+                    Err(Attempt::Retry(why)) => {
+                        attempts += 1;
+                        if attempts == 1 || attempts.is_multiple_of(10) {
+                            warn!(server = %server, error = %why, "join: server not reachable; retrying");
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff.next_delay(fastrand::f64())).await;
+    }
+}
+
+enum Attempt {
+    Fatal(JoinError),
+    Retry(String),
+}
+
+async fn attempt(
+    client: &quinn::ClientConfig,
+    endpoint: &quinn::Endpoint,
+    t: &reconnect::DialTarget,
+    token: &Token,
+    node_name: &str,
+    csr: &[u8],
+) -> Result<(String, String), Attempt> {
+    let connecting = endpoint
+        .connect_with(client.clone(), t.addr, &t.name)
+        .map_err(|e| Attempt::Retry(e.to_string()))?;
+    let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let text = e.to_string();
+            if text.contains("does not match the join token") {
+                return Err(Attempt::Fatal(JoinError::CaMismatch(text)));
+            }
+            return Err(Attempt::Retry(text));
+        }
+        Err(_) => return Err(Attempt::Retry("no answer within 10s".into())),
+    };
+    let tunnel = Tunnel::from_quic(conn);
+    let exchange = async {
+        let mut s = tunnel.open_stream().await.map_err(|e| e.to_string())?;
+        let req = Message::Join {
+            token_id: token.id.clone(),
+            secret: token.secret.clone(),
+            node_name: node_name.to_string(),
+            csr: csr.to_vec(),
+        };
+        s.send
+            .write_message(&req)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.send.finish();
+        s.recv.read_message().await.map_err(|e| e.to_string())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(15), exchange).await;
+    tunnel.close(0, "joined");
+    match answer {
+        Ok(Ok(Some(Message::Certificate {
+            code: StatusCode::Ok,
+            cert_pem,
+            ca_pem,
+            ..
+        }))) => Ok((cert_pem, ca_pem)),
+        Ok(Ok(Some(Message::Certificate { message, .. }))) => {
+            Err(Attempt::Fatal(JoinError::Refused(message)))
+        }
+        Ok(Ok(other)) => Err(Attempt::Retry(format!("unexpected answer: {other:?}"))),
+        Ok(Err(e)) => Err(Attempt::Retry(e)),
+        Err(_) => Err(Attempt::Retry("no answer to the join within 15s".into())),
+    }
+}
+
+fn store(
+    config: &AgentConfig,
+    token: &Token,
+    cert_pem: &str,
+    ca_pem: &str,
+    key_pem: &str,
+) -> Result<(), JoinError> {
+    // The CA handed over must be the one the token pins (it is the one TLS verified).
+    let ca_der = tether_certs::pem_to_der(ca_pem, &config.ca)?;
+    if tether_certs::token::ca_hash(&ca_der) != token.ca_hash {
+        return Err(JoinError::CaMismatch(
+            "the CA sent with the certificate is not the one the token pins".into(),
+        ));
+    }
+    for p in [&config.ca, &config.cert, &config.key] {
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| tether_certs::CertError::Write {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+    }
+    tether_certs::write_file(&config.key, key_pem.as_bytes(), 0o600)?;
+    tether_certs::write_file(&config.ca, ca_pem.as_bytes(), 0o644)?;
+    tether_certs::write_file(&config.cert, cert_pem.as_bytes(), 0o644)?;
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Join tokens: `K10<hex SHA-256 of the CA certificate>::<id>.<secret>`.
+//!
+//! The first part pins the CA: a joining agent checks the CA the server presents against it
+//! before it trusts anything. The second part is the credential: the server keeps only the
+//! SHA-256 of each secret (in `DIR/tokens`, one line per token), so a copy of the data
+//! directory does not leak usable tokens. `DIR/token` holds the first token in full, for the
+//! operator who ran `init`.
+
+use crate::{lock_file, read_string, write_file, CertError};
+use ring::digest::{digest, SHA256};
+use ring::rand::SecureRandom;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+/// Prefix of every token: the format's version, as in k3s.
+pub const PREFIX: &str = "K10";
+/// The token store of a data directory.
+pub const TOKENS_FILE: &str = "tokens";
+/// The first token, in full, as written by `init`.
+pub const TOKEN_FILE: &str = "token";
+
+/// A parsed token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    /// Hex SHA-256 of the CA certificate (DER).
+    pub ca_hash: String,
+    pub id: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret.
+        write!(f, "Token({}::{}.***)", self.ca_hash, self.id)
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{PREFIX}{}::{}.{}", self.ca_hash, self.id, self.secret)
+    }
+}
+
+/// Why a token string is not a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenFormatError {
+    #[error("a token starts with {PREFIX}")]
+    Prefix,
+    #[error("a token has the form K10<64 hex digits>::<id>.<secret>")]
+    Shape,
+    #[error("the CA hash of a token is 64 hex digits")]
+    CaHash,
+    #[error("the token id and secret are lower-case letters and digits")]
+    Credential,
+}
+
+impl FromStr for Token {
+    type Err = TokenFormatError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or(TokenFormatError::Prefix)?;
+        let (hash, cred) = rest.split_once("::").ok_or(TokenFormatError::Shape)?;
+        let (id, secret) = cred.split_once('.').ok_or(TokenFormatError::Shape)?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(TokenFormatError::CaHash);
+        }
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 64
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        };
+        if !ok(id) || !ok(secret) {
+            return Err(TokenFormatError::Credential);
+        }
+        Ok(Token {
+            ca_hash: hash.to_ascii_lowercase(),
+            id: id.to_string(),
+            secret: secret.to_string(),
+        })
+    }
+}
+
+/// Hex SHA-256 of a CA certificate's DER: what a token pins. The same as
+/// `openssl x509 -in ca.crt -outform der | sha256sum`.
+pub fn ca_hash(ca_der: &[u8]) -> String {
+    hex::encode(digest(&SHA256, ca_der))
+}
+
+/// Compares without an early exit, so that timing tells nothing about where hashes differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn secret_hash(secret: &str) -> String {
+    hex::encode(digest(&SHA256, secret.as_bytes()))
+}
+
+fn random_hex(bytes: usize) -> Result<String, CertError> {
+    let mut b = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| CertError::Generate("no randomness available".into()))?;
+    Ok(hex::encode(b))
+}
+
+/// One entry of the token store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub id: String,
+    secret_hash: String,
+    /// Unix seconds; 0 for never.
+    pub expires: i64,
+    pub created: i64,
+    pub description: String,
+}
+
+impl TokenEntry {
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires != 0 && now >= self.expires
+    }
+}
+
+/// Why a token was not accepted. Said to the joining agent as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejection {
+    #[error("unknown token id {0:?} (revoked, or created on another server)")]
+    Unknown(String),
+    #[error("token {0:?} expired")]
+    Expired(String),
+    #[error("wrong secret for token {0:?}")]
+    WrongSecret(String),
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Reads the token store; a missing store is empty.
+pub fn list(dir: &Path) -> Result<Vec<TokenEntry>, CertError> {
+    let path = dir.join(TOKENS_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = read_string(&path)?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.splitn(5, ' ');
+            Some(TokenEntry {
+                id: f.next()?.to_string(),
+                secret_hash: f.next()?.to_string(),
+                expires: f.next()?.parse().ok()?,
+                created: f.next()?.parse().ok()?,
+                description: f.next().unwrap_or("").to_string(),
+            })
+        })
+        .collect())
+}
+
+fn save(dir: &Path, entries: &[TokenEntry]) -> Result<(), CertError> {
+    let mut text = String::from("# id sha256(secret) expires created description\n");
+    for e in entries {
+        text.push_str(&format!(
+            "{} {} {} {} {}\n",
+            e.id,
+            e.secret_hash,
+            e.expires,
+            e.created,
+            e.description.replace('\n', " ")
+        ));
+    }
+    write_file(&dir.join(TOKENS_FILE), text.as_bytes(), 0o600)
+}
+
+/// Creates a token valid for `ttl_secs` (0: no expiry) and stores its hash.
+pub fn create(dir: &Path, ttl_secs: u64, description: &str) -> Result<Token, CertError> {
+    let ca_pem = read_string(&dir.join(crate::files::CA_CERT))?;
+    let ca_der = crate::pem_to_der(&ca_pem, &dir.join(crate::files::CA_CERT))?;
+    let _guard = lock_file(dir)?;
+    let mut entries = list(dir)?;
+    let token = Token {
+        ca_hash: ca_hash(&ca_der),
+        id: random_hex(3)?,
+        secret: random_hex(16)?,
+    };
+    let created = now();
+    entries.push(TokenEntry {
+        id: token.id.clone(),
+        secret_hash: secret_hash(&token.secret),
+        expires: if ttl_secs == 0 {
+            0
+        } else {
+            created.saturating_add(ttl_secs as i64)
+        },
+        created,
+        description: description.to_string(),
+    });
+    save(dir, &entries)?;
+    Ok(token)
+}
+
+/// Removes a token; false when there was none with that id.
+pub fn revoke(dir: &Path, id: &str) -> Result<bool, CertError> {
+    let _guard = lock_file(dir)?;
+    let mut entries = list(dir)?;
+    let before = entries.len();
+    entries.retain(|e| e.id != id);
+    if entries.len() == before {
+        return Ok(false);
+    }
+    save(dir, &entries)?;
+    Ok(true)
+}
+
+/// Checks a token's credential against the store as it is on disk now, so that tokens created
+/// or revoked while the server runs take effect at once.
+pub fn verify(dir: &Path, token: &Token) -> Result<Result<(), TokenRejection>, CertError> {
+    let entries = list(dir)?;
+    let Some(e) = entries.iter().find(|e| e.id == token.id) else {
+        return Ok(Err(TokenRejection::Unknown(token.id.clone())));
+    };
+    if e.expired(now()) {
+        return Ok(Err(TokenRejection::Expired(token.id.clone())));
+    }
+    let given = secret_hash(&token.secret);
+    if !same(given.as_bytes(), e.secret_hash.as_bytes()) {
+        return Ok(Err(TokenRejection::WrongSecret(token.id.clone())));
+    }
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_print() {
+        let t: Token = format!("K10{}::abc123.s3cr3t", "a".repeat(64))
+            .parse()
+            .unwrap();
+        assert_eq!(t.id, "abc123");
+        assert_eq!(
+            t.to_string(),
+            format!("K10{}::abc123.s3cr3t", "a".repeat(64))
+        );
+        assert!(!format!("{t:?}").contains("s3cr3t"));
+        assert_eq!("X10".parse::<Token>(), Err(TokenFormatError::Prefix));
+        assert_eq!("K10abc".parse::<Token>(), Err(TokenFormatError::Shape));
+        assert_eq!(
+            "K10abc::a.b".parse::<Token>(),
+            Err(TokenFormatError::CaHash)
+        );
+        let bad = format!("K10{}::ID.x", "a".repeat(64));
+        assert_eq!(bad.parse::<Token>(), Err(TokenFormatError::Credential));
+    }
+
+    #[test]
+    fn create_verify_revoke_expire() {
+        let d = std::env::temp_dir().join(format!("tether-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        crate::init(&d, &[], 10, 1).unwrap();
+        let t = create(&d, 0, "first").unwrap();
+        assert_eq!(verify(&d, &t).unwrap(), Ok(()));
+        let text = std::fs::read_to_string(d.join(TOKENS_FILE)).unwrap();
+        assert!(!text.contains(&t.secret), "only the hash is stored");
+        let wrong = Token {
+            secret: "nope".into(),
+            ..t.clone()
+        };
+        assert!(matches!(
+            verify(&d, &wrong).unwrap(),
+            Err(TokenRejection::WrongSecret(_))
+        ));
+        let short = create(&d, 1, "short").unwrap();
+        let mut entries = list(&d).unwrap();
+        entries.iter_mut().for_each(|e| {
+            if e.id == short.id {
+                e.expires = 1;
+            }
+        });
+        save(&d, &entries).unwrap();
+        assert!(matches!(
+            verify(&d, &short).unwrap(),
+            Err(TokenRejection::Expired(_))
+        ));
+        assert!(revoke(&d, &t.id).unwrap());
+        assert!(matches!(
+            verify(&d, &t).unwrap(),
+            Err(TokenRejection::Unknown(_))
+        ));
+        assert!(!revoke(&d, &t.id).unwrap());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,223 @@
+//! Joins: a node without a certificate trades a token and a signing request for one.
+//!
+//! The joining agent has already checked this server's CA against the token (in its TLS
+//! verifier); here the server checks the token's credential against `DIR/tokens` as it is on
+//! disk now, the node name's owner in the node records, and signs the request. The node's key
+//! never leaves the node.
+
+use crate::State;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tether_certs::token::{self, Token};
+use tether_common::protocol::{code, Message, StatusCode};
+use tether_common::transport::{Stream, Tunnel};
+use tracing::{info, warn};
+
+/// Most distinct source addresses the rate limiter remembers; beyond it, the oldest are
+/// forgotten (a flood of spoofed sources cannot grow memory).
+const MAX_TRACKED_SOURCES: usize = 65_536;
+
+/// Join attempts per source address per minute.
+pub struct JoinLimiter {
+    per_minute: u32,
+    seen: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl JoinLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        JoinLimiter {
+            per_minute,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts an attempt; false when the source is over its limit.
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if seen.len() >= MAX_TRACKED_SOURCES {
+            seen.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
+            if seen.len() >= MAX_TRACKED_SOURCES {
+                return false;
+            }
+        }
+        let entry = seen.entry(ip).or_insert((now, 0));
+        if now.duration_since(entry.0) >= Duration::from_secs(60) {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= self.per_minute
+    }
+}
+
+fn answer(code: StatusCode, message: String, cert_pem: String, ca_pem: String) -> Message {
+    Message::Certificate {
+        code,
+        message,
+        cert_pem,
+        ca_pem,
+    }
+}
+
+/// Serves one join connection: one stream, one request, one answer.
+pub async fn serve(tunnel: Tunnel, remote: SocketAddr, state: &State) {
+    if !state.join_limiter.allow(remote.ip()) {
+        state.metrics.limit_hit("join_rate");
+        warn!(peer = %remote, limit = state.config.join_rate_per_minute,
+            "refused join: too many attempts from this address this minute");
+        tunnel.close(code::LIMIT, "too many join attempts; wait a minute");
+        return;
+    }
+    let first = tokio::time::timeout(state.config.header_timeout, async {
+        let mut s = tunnel.accept_stream().await.ok()?;
+        let m = s.recv.read_message().await.ok()??;
+        Some((s, m))
+    })
+    .await;
+    let Ok(Some((mut stream, msg))) = first else {
+        state.metrics.join_failures.inc();
+        warn!(peer = %remote, "refused join: no request in time");
+        tunnel.close(code::PROTOCOL, "no join request");
+        return;
+    };
+    let reply = match msg {
+        Message::Join {
+            token_id,
+            secret,
+            node_name,
+            csr,
+        } => decide(&token_id, &secret, &node_name, &csr, remote, state),
+        other => {
+            warn!(peer = %remote, message = other.name(), "refused join: not a join request");
+            answer(
+                StatusCode::BadRequest,
+                "expected a join request".into(),
+                String::new(),
+                String::new(),
+            )
+        }
+    };
+    let ok = matches!(
+        reply,
+        Message::Certificate {
+            code: StatusCode::Ok,
+            ..
+        }
+    );
+    if !ok {
+        state.metrics.join_failures.inc();
+    }
+    let _ = stream.send.write_message(&reply).await;
+    stream.send.finish();
+    // Let the answer arrive before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.closed()).await;
+    tunnel.close(code::OK, "join done");
+}
+
+fn decide(
+    token_id: &str,
+    secret: &str,
+    node_name: &str,
+    csr: &[u8],
+    remote: SocketAddr,
+    state: &State,
+) -> Message {
+    let refuse = |why: String| {
+        warn!(peer = %remote, node = node_name, reason = %why, "refused join");
+        answer(
+            StatusCode::RefusedByPolicy,
+            why,
+            String::new(),
+            String::new(),
+        )
+    };
+    let dir = &state.config.data_dir;
+    let parsed =
+        format!("{}{}::{token_id}.{secret}", token::PREFIX, "0".repeat(64)).parse::<Token>();
+    let Ok(tok) = parsed else {
+        return refuse("malformed token credential".into());
+    };
+    match token::verify(dir, &tok) {
+        Ok(Ok(())) => {}
+        Ok(Err(rejection)) => return refuse(rejection.to_string()),
+        Err(e) => return refuse(format!("server cannot read its token store: {e}")),
+    }
+    if let Err(e) = tether_certs::validate_node_name(node_name) {
+        return refuse(e.to_string());
+    }
+    let key = match tether_certs::key_hash_of_csr(csr) {
+        Ok(k) => k,
+        Err(e) => return refuse(e.to_string()),
+    };
+    match state.authority.claim(node_name, &key) {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => return refuse(why),
+        Err(e) => return refuse(format!("server cannot record the node: {e}")),
+    }
+    match sign(csr, node_name, state) {
+        Ok(cert_pem) => {
+            state.metrics.joins.inc();
+            info!(peer = %remote, node = node_name, token = token_id, "node joined");
+            answer(
+                StatusCode::Ok,
+                String::new(),
+                cert_pem,
+                state.ca_pem.clone(),
+            )
+        }
+        Err(why) => refuse(why),
+    }
+}
+
+/// Signs a node's request with this server's copy of the CA, for the configured lifetime.
+pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<String, String> {
+    let ca = tether_certs::Ca::load(&state.config.data_dir)
+        .map_err(|e| format!("this server cannot sign: {e}"))?;
+    let now = time::OffsetDateTime::now_utc();
+    let life = time::Duration::try_from(state.config.agent_cert_lifetime)
+        .unwrap_or(time::Duration::days(365));
+    let lifetime = tether_certs::Lifetime {
+        not_before: now - time::Duration::minutes(5),
+        not_after: now + life,
+    };
+    ca.sign_agent_csr(csr, node_name, lifetime)
+        .map_err(|e| e.to_string())
+}
+
+/// A renewal on an authenticated tunnel: the node proves its current identity by the tunnel,
+/// and the new key becomes the name's owner.
+pub async fn renew(mut stream: Stream, node: &str, csr: Vec<u8>, state: &State) {
+    let reply = match tether_certs::key_hash_of_csr(&csr) {
+        Err(e) => answer(
+            StatusCode::BadRequest,
+            e.to_string(),
+            String::new(),
+            String::new(),
+        ),
+        Ok(key) => {
+            match state
+                .authority
+                .write_local(node, tether_certs::records::NodeState::Owned(key))
+            {
+                Err(e) => answer(
+                    StatusCode::Busy,
+                    format!("cannot record the new key: {e}"),
+                    String::new(),
+                    String::new(),
+                ),
+                Ok(_) => match sign(&csr, node, state) {
+                    Ok(cert) => {
+                        state.metrics.renewals.inc();
+                        info!(node, "renewed the node's certificate");
+                        answer(StatusCode::Ok, String::new(), cert, state.ca_pem.clone())
+                    }
+                    Err(why) => answer(StatusCode::Busy, why, String::new(), String::new()),
+                },
+            }
+        }
+    };
+    let _ = stream.send.write_message(&reply).await;
+    stream.send.finish();
+}
