@@ -460,7 +460,7 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         };
         let state = state.clone();
         let (name, id) = (name.clone(), tunnel.id());
-        let counter = StreamCount::new(open_streams.clone());
+        let counter = open_streams.clone();
         tokio::spawn(async move { serve_stream(stream, &name, party, id, counter, &state).await });
     }
     if party == Party::Agent {
@@ -478,7 +478,7 @@ async fn serve_stream(
     node: &str,
     party: Party,
     tunnel_id: usize,
-    count: StreamCount,
+    open_streams: Arc<std::sync::atomic::AtomicUsize>,
     state: &State,
 ) {
     let first = tokio::time::timeout(state.config.header_timeout, stream.recv.read_message()).await;
@@ -515,6 +515,7 @@ async fn serve_stream(
             target,
             hops,
         } => {
+            let count = StreamCount::new(open_streams);
             if count.current() > state.config.limits.max_streams as usize {
                 state.metrics.limit_hit("streams_per_tunnel");
                 warn!(
