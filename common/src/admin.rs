@@ -57,14 +57,13 @@ async fn handle(mut conn: TcpStream, source: &dyn AdminSource) -> std::io::Resul
         Ok(Err(e)) => return Err(e),
         Err(_) => return respond(&mut conn, 408, "text/plain", "request timeout\n").await,
     };
-    let line = head.lines().next().unwrap_or_default();
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let Some((method, path)) = parse_request(head.as_bytes()) else {
+        return respond(&mut conn, 400, "text/plain", "bad request\n").await;
+    };
     if method != "GET" {
         return respond(&mut conn, 405, "text/plain", "only GET is served\n").await;
     }
-    let path = path.split('?').next().unwrap_or("");
-    match path {
+    match path.as_str() {
         "/healthz" => respond(&mut conn, 200, "text/plain", "ok\n").await,
         "/readyz" => match source.ready() {
             Ok(()) => respond(&mut conn, 200, "text/plain", "ok\n").await,
@@ -76,6 +75,21 @@ async fn handle(mut conn: TcpStream, source: &dyn AdminSource) -> std::io::Resul
         }
         _ => respond(&mut conn, 404, "text/plain", "not found\n").await,
     }
+}
+
+/// The method and path (without query) of a request head, if its first line is one.
+pub fn parse_request(head: &[u8]) -> Option<(String, String)> {
+    let text = std::str::from_utf8(head).ok()?;
+    let line = text.lines().next()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?;
+    let target = parts.next()?;
+    let version = parts.next()?;
+    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
+        return None;
+    }
+    let path = target.split('?').next().unwrap_or("");
+    Some((method.to_string(), path.to_string()))
 }
 
 /// Reads up to the blank line that ends a request head; `None` when it is too large.
@@ -105,6 +119,7 @@ async fn respond(
 ) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",

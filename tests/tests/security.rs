@@ -633,3 +633,113 @@ async fn limits_bite_with_a_metric() {
     a1.shutdown().await;
     server.shutdown().await;
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One round of hostile input: garbage datagrams, certificate-less connections, bad stream
+/// headers, garbage at the admin port.
+async fn flood(pki: &Pki, udp: SocketAddr, admin: SocketAddr, round: u64) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(round);
+    for _ in 0..10_000 {
+        let mut d = vec![0u8; rng.usize(1..=1400)];
+        rng.fill(&mut d);
+        let _ = sock.send_to(&d, udp).await;
+    }
+    for _ in 0..50 {
+        if let Ok(c) = raw_client(pki, None, udp).await {
+            let _ = within("refused", Duration::from_secs(5), c.closed()).await;
+        }
+    }
+    let conn = raw_client(pki, Some("flooder"), udp).await.unwrap();
+    for i in 0..300u64 {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let _ = send.write_all(&random_bytes(64, round * 1000 + i)).await;
+        // Ended mid-frame: refused at once, not after the header timeout.
+        let _ = send.finish();
+        let mut b = [0u8; 8];
+        let _ = within(
+            "bad header reset",
+            Duration::from_secs(5),
+            recv.read(&mut b),
+        )
+        .await;
+    }
+    conn.close(0u32.into(), b"");
+    for i in 0..50u64 {
+        let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let _ = c.write_all(&random_bytes(10_000, i)).await;
+        let mut out = Vec::new();
+        let _ = within("admin", Duration::from_secs(10), c.read_to_end(&mut out)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_input_leaves_the_process_serving_and_its_memory_flat() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let logs = TempDir::new("flood");
+    let (port, admin_port) = (
+        tether_tests::process::free_port(),
+        tether_tests::process::free_port(),
+    );
+    let udp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let server = tether_tests::process::Proc::spawn(
+        "server",
+        &tether_tests::process::bin("tether-server"),
+        &[
+            "run",
+            "--data-dir",
+            pki.server_dir().to_str().unwrap(),
+            "--listen",
+            &udp.to_string(),
+            "--upstream",
+            &echo.addr.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--header-timeout",
+            "300ms",
+        ],
+        logs.path().join("server.log"),
+    );
+    let agent = start_agent(&pki, "good", &[udp]).await;
+    echo_roundtrip(agent.listen_addr, random_bytes(100_000, 1))
+        .await
+        .unwrap();
+
+    let mut rss = Vec::new();
+    for round in 0..3 {
+        flood(&pki, udp, admin, round).await;
+        // Serving: the good agent still relays, health still answers.
+        echo_roundtrip(agent.listen_addr, random_bytes(100_000, round + 2))
+            .await
+            .unwrap();
+        assert_eq!(http_get(admin, "/healthz").await.unwrap().0, 200);
+        rss.push(rss_kib(server.pid()));
+    }
+    // The first round warms caches and allocator arenas; later rounds must not grow.
+    let growth = rss[2].saturating_sub(rss[1]);
+    eprintln!("server RSS after each flood: {rss:?} KiB");
+    assert!(
+        growth < 4096,
+        "memory grew by {growth} KiB between identical floods: {rss:?} KiB"
+    );
+    let log = server.log_text();
+    for expected in [
+        "refused tunnel: no client certificate",
+        "stream refused: bad header",
+        "peer=127.0.0.1:",
+    ] {
+        assert!(log.contains(expected), "the log says {expected:?}");
+    }
+    agent.shutdown().await;
+}
