@@ -15,6 +15,12 @@ pub struct AgentConfig {
     pub token: Option<String>,
     /// The node name to join as (default: the host name).
     pub node_name: Option<String>,
+    /// The node's addresses as reported to the servers; empty: discovered from the interfaces.
+    pub node_ips: Vec<std::net::IpAddr>,
+    /// Extra targets the control plane may reach on this node.
+    pub allow: Vec<SocketAddr>,
+    /// Extra ports the control plane may reach on loopback and the node's addresses.
+    pub allow_ports: Vec<u16>,
     /// Where the last announced server list is kept (`servers` in the data directory).
     pub state_dir: Option<PathBuf>,
     /// How a new connection picks among healthy servers.
@@ -48,6 +54,9 @@ impl AgentConfig {
     pub fn new(servers: Vec<String>, data_dir: PathBuf) -> Self {
         AgentConfig {
             servers,
+            node_ips: Vec::new(),
+            allow: Vec::new(),
+            allow_ports: Vec::new(),
             token: None,
             node_name: None,
             state_dir: Some(data_dir.clone()),
@@ -66,8 +75,8 @@ impl AgentConfig {
             max_connections: 16384,
             liveness: Liveness::default(),
             limits: TunnelLimits {
-                // Servers never open streams to the agent in this version.
-                max_streams: 64,
+                // Servers open streams to the agent for the reverse path.
+                max_streams: 1024,
                 ..TunnelLimits::default()
             },
         }

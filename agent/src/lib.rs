@@ -12,6 +12,7 @@ pub mod forward;
 pub mod join;
 pub mod metrics;
 pub mod renew;
+pub mod reverse;
 
 use crate::config::AgentConfig;
 use crate::metrics::Metrics;
@@ -173,6 +174,22 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         });
     }
 
+    let node_ips = if config.node_ips.is_empty() {
+        tether_common::net::host_addresses()
+    } else {
+        config.node_ips.clone()
+    };
+    let policy = reverse::Policy::new(
+        node_name.clone(),
+        node_ips.clone(),
+        &config.allow,
+        &config.allow_ports,
+    );
+    let reverse = Arc::new(reverse::Reverse {
+        policy,
+        metrics: metrics.clone(),
+        limit: Arc::new(tokio::sync::Semaphore::new(reverse::MAX_REVERSE_STREAMS)),
+    });
     let dialer = Arc::new(Dialer {
         endpoint: endpoint.clone(),
         client_config: std::sync::RwLock::new(client_config),
@@ -185,6 +202,13 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         changed: Arc::new(tokio::sync::Notify::new()),
         kind: "server",
         on_message: None,
+        after_welcome: vec![tether_common::protocol::Message::NodeInfo {
+            addresses: node_ips.iter().take(64).map(|ip| ip.to_string()).collect(),
+        }],
+        on_stream: Some(Arc::new(move |s| {
+            let r = reverse.clone();
+            Box::pin(async move { r.serve(s).await })
+        })),
     });
     tasks.spawn(renew::run(
         config.clone(),

@@ -81,6 +81,17 @@ struct RunArgs {
     /// The node name to join as (default: the host name).
     #[arg(long, env = "TETHER_NODE_NAME")]
     node_name: Option<String>,
+    /// The node's address as reported to the control plane (repeatable); default: the
+    /// addresses of its interfaces.
+    #[arg(long = "node-ip", env = "TETHER_NODE_IP", value_delimiter = ',')]
+    node_ips: Vec<std::net::IpAddr>,
+    /// Let the control plane reach this address on the node too (repeatable); by default it
+    /// reaches only the kubelet (port 10250 on loopback and the node's addresses).
+    #[arg(long = "allow", env = "TETHER_ALLOW", value_delimiter = ',')]
+    allow: Vec<SocketAddr>,
+    /// Let the control plane reach this port on loopback and the node's addresses (repeatable).
+    #[arg(long = "allow-port", env = "TETHER_ALLOW_PORT", value_delimiter = ',')]
+    allow_ports: Vec<u16>,
     /// How a new connection picks among healthy servers: least-streams or ordered.
     #[arg(long, env = "TETHER_POLICY", default_value = "least-streams")]
     policy: tether_common::pool::Policy,
@@ -125,6 +136,9 @@ async fn run(a: RunArgs) -> Result<()> {
     config.max_connections = a.max_connections;
     config.policy = a.policy;
     config.token = a.token;
+    config.node_ips = a.node_ips;
+    config.allow = a.allow;
+    config.allow_ports = a.allow_ports;
     config.node_name = a.node_name;
     config.drain_timeout = a.drain_timeout;
     let drain_timeout = config.drain_timeout;

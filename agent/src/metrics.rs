@@ -32,6 +32,9 @@ pub struct Metrics {
     pub failovers: Counter,
     pub draining: Gauge,
     pub renewals: Counter,
+    pub reverse_streams: Counter,
+    pub reverse_open: Gauge,
+    pub reverse_refused: Counter,
     /// Expiry of the agent's certificate, Unix seconds.
     pub cert_expiry: Gauge,
     pub connections_accepted: Counter,
@@ -114,6 +117,21 @@ impl Metrics {
             "tether_draining",
             "1 while the agent drains after SIGTERM.",
             self.draining.get(),
+        );
+        e.counter(
+            "tether_reverse_streams_total",
+            "Streams from the control plane to a target on this node.",
+            self.reverse_streams.get(),
+        );
+        e.gauge(
+            "tether_reverse_streams_open",
+            "Reverse streams open now.",
+            self.reverse_open.get(),
+        );
+        e.counter(
+            "tether_reverse_refused_total",
+            "Reverse streams refused because the target is not allowed.",
+            self.reverse_refused.get(),
         );
         e.counter(
             "tether_renewals_total",

@@ -41,6 +41,12 @@ pub struct DialTarget {
 /// Receives the control messages the reconnect loop does not act on itself.
 pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
 
+/// Serves a stream the server opened towards us (the reverse path); run on a task of its own.
+pub type StreamHook = Arc<dyn Fn(Stream) -> BoxedFuture + Send + Sync>;
+
+/// A pinned, boxed, sendable future with no output.
+pub type BoxedFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// What a reconnect loop needs.
 pub struct Dialer {
     pub endpoint: quinn::Endpoint,
@@ -60,6 +66,10 @@ pub struct Dialer {
     pub kind: &'static str,
     /// Control messages this module does not act on itself (a server's node records).
     pub on_message: Option<MessageHook>,
+    /// Messages sent on the control stream right after the welcome (an agent's node info).
+    pub after_welcome: Vec<Message>,
+    /// Streams the far side opens towards us; without a hook they are refused.
+    pub on_stream: Option<StreamHook>,
 }
 
 impl Dialer {
@@ -245,8 +255,26 @@ async fn serve(
     d.changed.notify_one();
     info!(kind = d.kind, server = %target.label, peer = %tunnel.remote_addr(),
         transport = tunnel.transport(), "tunnel up");
+    for m in &d.after_welcome {
+        if let Err(e) = control.send.write_message(m).await {
+            debug!(kind = d.kind, server = %target.label, error = %e, "cannot send after welcome");
+        }
+    }
+    let incoming = async {
+        loop {
+            match tunnel.accept_stream().await {
+                Ok(mut s) => match &d.on_stream {
+                    Some(hook) => {
+                        tokio::spawn(hook(s));
+                    }
+                    None => s.reset(code::PROTOCOL),
+                },
+                Err(e) => return e.to_string(),
+            }
+        }
+    };
     let reason = tokio::select! {
-        e = tunnel.closed() => e.to_string(),
+        e = incoming => e,
         r = read_control(&mut control, &link, d) => r,
         _ = stop.wait() => "shutting down".to_string(),
     };

@@ -16,7 +16,7 @@ use crate::transport::{RecvHalf, SendHalf, Stream, StreamError};
 use bytes::BytesMut;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -224,5 +224,86 @@ async fn pipe(
             }
             Err(e) => return Err(Abort::Local(e.to_string())),
         }
+    }
+}
+
+/// Relays between any byte stream (a TLS or Unix-socket client of the egress proxy) and a
+/// tunnel stream, with the guarantees of [`relay`] except that a reset towards the client can
+/// only be a close: such streams have no reset of their own. `initial` is sent into the tunnel
+/// first (bytes the client sent along with its request).
+pub async fn relay_io<S: AsyncRead + AsyncWrite>(
+    io: S,
+    initial: bytes::Bytes,
+    stream: Stream,
+    meters: &[&Meter],
+) -> Summary {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let Stream { mut send, mut recv } = stream;
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let to_tunnel = async {
+        if !initial.is_empty() {
+            let n = initial.len() as u64;
+            send.write_chunk(initial).await.map_err(remote)?;
+            up.fetch_add(n, Ordering::Relaxed);
+        }
+        let mut buf = BytesMut::new();
+        loop {
+            buf.reserve(CHUNK);
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => {
+                    send.finish();
+                    return Ok(());
+                }
+                Ok(n) => {
+                    send.write_chunk(buf.split().freeze())
+                        .await
+                        .map_err(remote)?;
+                    up.fetch_add(n as u64, Ordering::Relaxed);
+                    for m in meters {
+                        m.to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => return Err(Abort::Local(e.to_string())),
+            }
+        }
+    };
+    let from_tunnel = async {
+        loop {
+            match recv.read_chunk(CHUNK).await.map_err(remote)? {
+                Some(chunk) => {
+                    let n = chunk.len() as u64;
+                    wr.write_all(&chunk)
+                        .await
+                        .map_err(|e| Abort::Local(e.to_string()))?;
+                    down.fetch_add(n, Ordering::Relaxed);
+                    for m in meters {
+                        m.from_tunnel.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                None => {
+                    wr.shutdown()
+                        .await
+                        .map_err(|e| Abort::Local(e.to_string()))?;
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let result = tokio::try_join!(to_tunnel, from_tunnel);
+    let outcome = match result {
+        Ok(_) => Outcome::Closed,
+        Err(abort) => {
+            send.reset(code::RESET);
+            recv.stop(code::RESET);
+            match abort {
+                Abort::Local(e) => Outcome::LocalReset(e),
+                Abort::Remote(e) => Outcome::RemoteReset(e),
+            }
+        }
+    };
+    Summary {
+        to_tunnel: up.load(Ordering::Relaxed),
+        from_tunnel: down.load(Ordering::Relaxed),
+        outcome,
     }
 }

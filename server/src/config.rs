@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub agent_cert_lifetime: Duration,
     /// How often the node records and certificate files are checked for changes.
     pub reload_interval: Duration,
+    /// The egress proxy (reverse path) listeners.
+    pub egress: crate::egress::EgressConfig,
     /// Admin endpoint (health, readiness, metrics); none when unset.
     pub admin: Option<SocketAddr>,
     /// Longest wait for a TCP connection to the upstream. Shorter than the agent's last-attempt
@@ -58,6 +60,7 @@ impl ServerConfig {
             data_dir,
             listen: SocketAddr::from(([0, 0, 0, 0], 9443)),
             upstream: "127.0.0.1:6443".into(),
+            egress: Default::default(),
             max_tunnels_per_node: 8,
             join_rate_per_minute: 10,
             agent_cert_lifetime: Duration::from_secs(365 * 86400),

@@ -9,6 +9,7 @@ pub mod announce;
 pub mod authority;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod join;
 pub mod metrics;
 pub mod registry;
@@ -62,6 +63,11 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot serve the egress proxy on {what}: {source}")]
+    Egress {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// Shared state of a running server.
@@ -92,6 +98,8 @@ pub struct ServerHandle {
     pub local_addr: SocketAddr,
     /// The admin endpoint's address, when one was asked for.
     pub admin_addr: Option<SocketAddr>,
+    /// The egress proxy's TCP address, when one was asked for.
+    pub egress_addr: Option<SocketAddr>,
     state: Arc<State>,
     shutdown: Shutdown,
     endpoint: quinn::Endpoint,
@@ -251,6 +259,24 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         tasks.spawn(admin::serve(listener, Arc::new(AdminView(state.clone()))));
     }
 
+    let mut egress_addr = None;
+    let acceptor = egress::tls_acceptor(&state.config.egress)?;
+    if let Some(addr) = state.config.egress.listen {
+        let l = tether_common::net::listen_tcp(addr).map_err(|source| ServerError::Egress {
+            what: addr.to_string(),
+            source,
+        })?;
+        egress_addr = l.local_addr().ok();
+        tasks.spawn(egress::serve_tcp(l, acceptor.clone(), state.clone()));
+    }
+    if let Some(path) = &state.config.egress.uds {
+        let l = egress::bind_uds(path).map_err(|source| ServerError::Egress {
+            what: path.display().to_string(),
+            source,
+        })?;
+        tasks.spawn(egress::serve_uds(l, state.clone()));
+    }
+
     let s = state.clone();
     tasks.spawn(
         upstream
@@ -283,6 +309,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
                 }
             }
         })),
+        after_welcome: Vec::new(),
+        on_stream: None,
     });
     let _ = state.peer_dialer.set(dialer.clone());
     cert_expiry(&state);
@@ -323,6 +351,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     Ok(ServerHandle {
         local_addr,
         admin_addr,
+        egress_addr,
         state,
         shutdown,
         endpoint,
@@ -435,6 +464,7 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
                 since: SystemTime::now(),
                 cert_not_after: peer.not_after,
                 key_hash: key.clone(),
+                addresses: Vec::new(),
             },
         );
         state.metrics.tunnels_total.inc();
@@ -508,7 +538,23 @@ async fn serve_stream(
             if party == Party::Peer && !node_name.is_empty() {
                 state.announcer.add_inbound_peer(tunnel_id, node_name);
             }
-            control(stream, node, party, min_version, max_version, state).await
+            control(
+                stream,
+                node,
+                party,
+                tunnel_id,
+                min_version,
+                max_version,
+                state,
+            )
+            .await
+        }
+        Message::Open {
+            target: Target::Address { host, port },
+            hops,
+            ..
+        } if party == Party::Peer && hops >= 1 => {
+            egress::serve_peer_request(stream, host, port, state).await
         }
         Message::Open {
             version,
@@ -545,7 +591,15 @@ async fn serve_stream(
 
 /// The control stream: version agreement, then this server's announcements (health, the
 /// server list, drain) as they change.
-async fn control(mut stream: Stream, node: &str, party: Party, min: u8, max: u8, state: &State) {
+async fn control(
+    mut stream: Stream,
+    node: &str,
+    party: Party,
+    tunnel_id: usize,
+    min: u8,
+    max: u8,
+    state: &State,
+) {
     if !(min..=max).contains(&PROTOCOL_VERSION) {
         state.metrics.protocol_errors.inc();
         warn!(
@@ -600,6 +654,10 @@ async fn control(mut stream: Stream, node: &str, party: Party, min: u8, max: u8,
             r = rx.changed() => if r.is_err() { return },
             r = records_rx.changed(), if party == Party::Peer => if r.is_err() { return },
             m = stream.recv.read_message() => match m {
+                Ok(Some(Message::NodeInfo { addresses })) if party == Party::Agent => {
+                    debug!(node, ?addresses, "node addresses");
+                    state.registry.set_addresses(node, tunnel_id, addresses);
+                }
                 Ok(Some(m)) => debug!(node, message = m.name(), "control message"),
                 Ok(None) | Err(_) => return,
             },

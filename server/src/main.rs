@@ -131,6 +131,21 @@ struct RunArgs {
     /// Admin endpoint (/healthz, /readyz, /metrics); off when unset.
     #[arg(long, env = "TETHER_ADMIN")]
     admin: Option<SocketAddr>,
+    /// Serve the egress proxy (HTTP CONNECT, for kube-apiserver's EgressSelectorConfiguration)
+    /// on this TCP address; given without a value: 127.0.0.1:8131.
+    #[arg(long, env = "TETHER_EGRESS_LISTEN", num_args = 0..=1, default_missing_value = "127.0.0.1:8131")]
+    egress_listen: Option<SocketAddr>,
+    /// Serve the egress proxy on this Unix socket too.
+    #[arg(long, env = "TETHER_EGRESS_UDS")]
+    egress_uds: Option<PathBuf>,
+    /// Serve the egress proxy over TLS with this certificate (with --egress-tls-key).
+    #[arg(long, env = "TETHER_EGRESS_TLS_CERT", requires = "egress_tls_key")]
+    egress_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "TETHER_EGRESS_TLS_KEY", requires = "egress_tls_cert")]
+    egress_tls_key: Option<PathBuf>,
+    /// Require egress clients to present a certificate signed by this CA (with TLS).
+    #[arg(long, env = "TETHER_EGRESS_CLIENT_CA", requires = "egress_tls_cert")]
+    egress_client_ca: Option<PathBuf>,
     /// Another tether-server, host:port (repeatable; a DNS name counts for all its addresses).
     #[arg(long = "peer", env = "TETHER_PEER", value_delimiter = ',')]
     peers: Vec<String>,
@@ -324,6 +339,13 @@ async fn run(a: RunArgs) -> Result<()> {
     config.max_tunnels_per_node = a.max_tunnels_per_node;
     config.join_rate_per_minute = a.join_rate_limit;
     config.agent_cert_lifetime = a.agent_cert_lifetime;
+    config.egress = tether_server::egress::EgressConfig {
+        listen: a.egress_listen,
+        uds: a.egress_uds,
+        tls_cert: a.egress_tls_cert,
+        tls_key: a.egress_tls_key,
+        client_ca: a.egress_client_ca,
+    };
     let drain_timeout = config.drain_timeout;
     let server = tether_server::start(config)
         .await

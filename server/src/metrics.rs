@@ -46,7 +46,12 @@ pub struct Metrics {
     /// Expiry of this server's own certificate, Unix seconds.
     pub cert_expiry: Gauge,
     pub limit_hits: [Counter; LIMITS.len()],
+    pub egress_streams: Counter,
+    pub egress_failures: [Counter; EGRESS_CODES.len()],
 }
+
+/// HTTP statuses of failed egress requests; a fixed label set.
+pub const EGRESS_CODES: [u16; 7] = [400, 403, 404, 405, 502, 503, 504];
 
 /// The limits whose hits are counted; a fixed label set.
 pub const LIMITS: [&str; 5] = [
@@ -58,6 +63,12 @@ pub const LIMITS: [&str; 5] = [
 ];
 
 impl Metrics {
+    pub fn egress_failed(&self, code: u16) {
+        if let Some(i) = EGRESS_CODES.iter().position(|c| *c == code) {
+            self.egress_failures[i].inc();
+        }
+    }
+
     pub fn limit_hit(&self, limit: &str) {
         if let Some(i) = LIMITS.iter().position(|l| *l == limit) {
             self.limit_hits[i].inc();
@@ -218,6 +229,24 @@ impl Metrics {
             "counter",
             "limit",
             &hits,
+        );
+        e.counter(
+            "tether_egress_streams_total",
+            "CONNECT requests of the control plane relayed to a node.",
+            self.egress_streams.get(),
+        );
+        let codes: Vec<String> = EGRESS_CODES.iter().map(|c| c.to_string()).collect();
+        let failed: Vec<(&str, u64)> = codes
+            .iter()
+            .zip(&self.egress_failures)
+            .map(|(c, n)| (c.as_str(), n.get()))
+            .collect();
+        e.labeled(
+            "tether_egress_failures_total",
+            "CONNECT requests that failed, by the HTTP status answered.",
+            "counter",
+            "code",
+            &failed,
         );
         e.finish()
     }

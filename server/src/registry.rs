@@ -16,6 +16,8 @@ pub struct Entry {
     pub cert_not_after: i64,
     /// SHA-256 of the certificate's public key: checked against the node records.
     pub key_hash: String,
+    /// The node's addresses, as its agent reported them.
+    pub addresses: Vec<String>,
 }
 
 /// Connected nodes by name. A node may hold several tunnels (a restart overlapping the old
@@ -39,6 +41,33 @@ impl Registry {
                 nodes.remove(node);
             }
         }
+    }
+
+    /// Records the addresses a node's agent reported on one tunnel.
+    pub fn set_addresses(&self, node: &str, tunnel_id: usize, addresses: Vec<String>) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = nodes
+            .get_mut(node)
+            .and_then(|l| l.iter_mut().find(|e| e.tunnel.id() == tunnel_id))
+        {
+            e.addresses = addresses;
+        }
+    }
+
+    /// The tunnels of the node called `host`, or whose agent reported `host` as an address;
+    /// newest first.
+    pub fn find(&self, host: &str) -> Vec<(String, Entry)> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(String, Entry)> = match nodes.get(host) {
+            Some(list) => list.iter().map(|e| (host.to_string(), e.clone())).collect(),
+            None => nodes
+                .iter()
+                .flat_map(|(n, l)| l.iter().map(move |e| (n.clone(), e.clone())))
+                .filter(|(_, e)| e.addresses.iter().any(|a| a == host))
+                .collect(),
+        };
+        out.sort_by_key(|(_, e)| std::cmp::Reverse(e.since));
+        out
     }
 
     /// The tunnels of one node, newest last.

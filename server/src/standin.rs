@@ -28,6 +28,22 @@ pub const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 impl StandIn {
     /// Serves HTTPS with `identity` on an ephemeral loopback port.
     pub async fn start(name: &str, identity: Identity) -> Result<Self, tls::TlsError> {
+        Self::start_on(
+            name,
+            identity,
+            "127.0.0.1:0"
+                .parse()
+                .map_err(|_| tls::TlsError::Config("addr".into()))?,
+        )
+        .await
+    }
+
+    /// Serves HTTPS with `identity` on `addr`.
+    pub async fn start_on(
+        name: &str,
+        identity: Identity,
+        addr: std::net::SocketAddr,
+    ) -> Result<Self, tls::TlsError> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| tls::TlsError::Config(e.to_string()))?
@@ -36,7 +52,7 @@ impl StandIn {
             .map_err(|e| tls::TlsError::Config(e.to_string()))?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| tls::TlsError::Config(format!("bind: {e}")))?;
         let addr = listener

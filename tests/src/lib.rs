@@ -326,6 +326,57 @@ pub async fn accept_data(l: &TcpListener) -> (TcpStream, u8) {
     }
 }
 
+/// Opens a tunnel through an HTTP CONNECT proxy; the error carries the proxy's status line.
+pub async fn connect_proxy(proxy: SocketAddr, target: &str) -> Result<TcpStream, String> {
+    let mut c = TcpStream::connect(proxy)
+        .await
+        .map_err(|e| format!("connect to proxy: {e}"))?;
+    c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Read the answer head byte by byte, so that nothing after it is consumed.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = c.read(&mut b).await.map_err(|e| e.to_string())?;
+        if n == 0 || head.len() > 8192 {
+            return Err(format!("proxy closed: {}", String::from_utf8_lossy(&head)));
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    if text.starts_with("HTTP/1.1 200") {
+        Ok(c)
+    } else {
+        Err(text.lines().next().unwrap_or_default().to_string())
+    }
+}
+
+/// Echo round trip through a CONNECT proxy.
+pub async fn proxy_echo(proxy: SocketAddr, target: &str, data: Vec<u8>) -> Result<(), String> {
+    let c = connect_proxy(proxy, target).await?;
+    let (mut r, mut w) = c.into_split();
+    let expect = sha256(&data);
+    let len = data.len();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    });
+    let mut got = Vec::with_capacity(len);
+    r.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
+    writer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if got.len() != len || sha256(&got) != expect {
+        return Err(format!(
+            "echo returned {} of {len} bytes, or other ones",
+            got.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Fetches a path from an admin endpoint; returns the status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut c = TcpStream::connect(addr).await?;

@@ -457,3 +457,215 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
     );
     assert!(relayed >= Some(50.0), "relayed through peers: {relayed:?}");
 }
+
+/// curl's answer through an egress proxy: the CONNECT status, and the body when it worked.
+fn curl_via(host: &Host, proxy: &str, url: &str, ca: &std::path::Path) -> (String, String) {
+    let out = host.sh(&format!(
+        "curl -sS --max-time 20 --proxytunnel --proxy http://{proxy} --cacert {} -w '\\n%{{http_connect}}' {url}",
+        ca.display()
+    ));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (code.trim().to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_reaches_a_kubelet_behind_nat() {
+    if !netns::available() {
+        return;
+    }
+    let lab = NatLab::with_control_plane(2);
+    let dir = TempDir::new("reverse");
+    let server_bin = bin("tether-server");
+    let (d0, d1) = (dir.path().join("s0"), dir.path().join("s1"));
+    tether_tests::process::run_ok(
+        &server_bin,
+        &[
+            "init",
+            "--data-dir",
+            d0.to_str().unwrap(),
+            "--san",
+            &lab.cp_ips[0],
+        ],
+    );
+    std::fs::create_dir_all(&d1).unwrap();
+    for f in ["ca.crt", "ca.key"] {
+        std::fs::copy(d0.join(f), d1.join(f)).unwrap();
+    }
+    tether_tests::process::run_ok(
+        &server_bin,
+        &[
+            "init",
+            "--data-dir",
+            d1.to_str().unwrap(),
+            "--san",
+            &lab.cp_ips[1],
+        ],
+    );
+    let node_dir = dir.path().join("node");
+    tether_tests::process::run_ok(
+        &server_bin,
+        &[
+            "issue-agent",
+            "--data-dir",
+            d0.to_str().unwrap(),
+            "--node-name",
+            "edge-1",
+            "--out-dir",
+            node_dir.to_str().unwrap(),
+        ],
+    );
+    // The kubelet's serving certificate names the node and its address.
+    let ca = tether_certs::Ca::load(&d0).unwrap();
+    ca.issue_server(
+        &["edge-1".into(), lab.node_ip.clone()],
+        tether_certs::Lifetime::days(1),
+    )
+    .unwrap()
+    .save(
+        &dir.path().join("kubelet.crt"),
+        &dir.path().join("kubelet.key"),
+    )
+    .unwrap();
+    let probe = bin("tether-probe");
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
+    let mut procs = Vec::new();
+    for (i, d) in [&d0, &d1].iter().enumerate() {
+        let other = &lab.cp_ips[1 - i];
+        procs.push(lab.cps[i].spawn(
+            "server",
+            &server_bin,
+            &[
+                "run",
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--listen",
+                "0.0.0.0:9443",
+                "--upstream",
+                "127.0.0.1:7000",
+                "--egress-listen",
+                "127.0.0.1:8131",
+                "--peer",
+                &format!("{other}:9443"),
+            ],
+            log(&format!("server{i}")),
+        ));
+    }
+    procs.push(lab.node.spawn(
+        "kubelet",
+        &probe,
+        &[
+            "kubelet",
+            "0.0.0.0:10250",
+            dir.path().join("kubelet.crt").to_str().unwrap(),
+            dir.path().join("kubelet.key").to_str().unwrap(),
+        ],
+        log("kubelet"),
+    ));
+    procs.push(lab.node.spawn(
+        "kubelet-http",
+        &probe,
+        &["kubelet", "0.0.0.0:10251"],
+        log("kubelet-http"),
+    ));
+    procs.push(
+        lab.node
+            .spawn("echo", &probe, &["echo", "0.0.0.0:7001"], log("echo")),
+    );
+    // The node reaches only the first server.
+    lab.drop_node_to(1, true);
+    procs.push(lab.node.spawn(
+        "agent",
+        &bin("tether-agent"),
+        &[
+            "run",
+            "--server",
+            &format!("{}:9443", lab.cp_ips[0]),
+            "--data-dir",
+            node_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:6443",
+            "--admin",
+            "127.0.0.1:9090",
+            "--allow-port",
+            "7001",
+        ],
+        log("agent"),
+    ));
+    wait_host("agent ready", Duration::from_secs(20), || {
+        agent_ready(&lab.node)
+    })
+    .await;
+    let ca_file = d0.join("ca.crt");
+
+    // By node name and by node IP: TLS end to end to the kubelet, through the tunnel.
+    let mut ok = (String::new(), String::new());
+    wait_host("CONNECT by name", Duration::from_secs(10), || {
+        ok = curl_via(
+            &lab.cps[0],
+            "127.0.0.1:8131",
+            "https://edge-1:10250/version",
+            &ca_file,
+        );
+        ok.0 == "200"
+    })
+    .await;
+    assert!(ok.1.contains("kubelet"), "{ok:?}");
+    let mut by_ip = (String::new(), String::new());
+    wait_host("CONNECT by node IP", Duration::from_secs(10), || {
+        by_ip = curl_via(
+            &lab.cps[0],
+            "127.0.0.1:8131",
+            &format!("https://{}:10250/version", lab.node_ip),
+            &ca_file,
+        );
+        by_ip.0 == "200"
+    })
+    .await;
+    assert!(by_ip.1.contains("kubelet"), "{by_ip:?}");
+    // A port the agent does not allow, and an unknown node.
+    let (code, _) = curl_via(
+        &lab.cps[0],
+        "127.0.0.1:8131",
+        "http://edge-1:10251/",
+        &ca_file,
+    );
+    assert_eq!(code, "403");
+    let (code, _) = curl_via(
+        &lab.cps[0],
+        "127.0.0.1:8131",
+        &format!("http://{}:10251/", lab.node_ip),
+        &ca_file,
+    );
+    assert_eq!(code, "403");
+    let (code, _) = curl_via(
+        &lab.cps[0],
+        "127.0.0.1:8131",
+        "https://no-such-node:10250/",
+        &ca_file,
+    );
+    assert_eq!(code, "404");
+    // The second server has no tunnel from the node: it serves the CONNECT through its peer.
+    let mut via_peer = (String::new(), String::new());
+    wait_host("CONNECT through the peer", Duration::from_secs(10), || {
+        via_peer = curl_via(
+            &lab.cps[1],
+            "127.0.0.1:8131",
+            "https://edge-1:10250/version",
+            &ca_file,
+        );
+        via_peer.0 == "200"
+    })
+    .await;
+    assert!(via_peer.1.contains("kubelet"), "{via_peer:?}");
+    // Throughput and many concurrent reverse streams, byte-exact, from both servers.
+    for cp in &lab.cps {
+        let out = cp.sh(&format!(
+            "{} connect-check 127.0.0.1:8131 edge-1:7001 100 1048576 5",
+            probe.display()
+        ));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("passed=100 failed=0"), "{text}");
+    }
+    drop(procs);
+}

@@ -9,6 +9,10 @@
 //! - `tether-probe load ADDR RATE STOP_FILE` opens RATE new connections a second (each a
 //!   checksummed 1 KiB echo) until STOP_FILE exists, then prints `probe: passed=N failed=M` and
 //!   one `probe: error at-ms=T ...` line per failure (T: Unix time in milliseconds).
+//! - `tether-probe connect-check PROXY TARGET STREAMS MAX_BYTES SEED` is `check` through an
+//!   HTTP CONNECT proxy to TARGET (host:port).
+//! - `tether-probe kubelet ADDR CERT KEY` serves a stand-in kubelet over HTTPS; `kubelet ADDR`
+//!   serves plain HTTP.
 //! - `tether-probe hold ADDR` keeps one connection busy (a small echo every 20 ms) until it
 //!   fails, then prints `probe: hold broke at-ms=T: error`.
 
@@ -68,6 +72,71 @@ async fn main() {
                 println!("probe: error: {e}");
             }
             std::process::exit(if errors.is_empty() { 0 } else { 1 });
+        }
+        Some("connect-check") => {
+            let (proxy, target) = (
+                addr(args.get(1)),
+                args.get(2).cloned().unwrap_or_else(|| usage()),
+            );
+            let (streams, max, seed) = (num(args.get(3)), num(args.get(4)), num(args.get(5)));
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..streams {
+                let size = fastrand::Rng::with_seed(seed + i).usize(..=max as usize);
+                let target = target.clone();
+                tasks.spawn(async move {
+                    tokio::time::timeout(
+                        Duration::from_secs(60),
+                        tether_tests::proxy_echo(proxy, &target, random_bytes(size, seed + i)),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()))
+                });
+            }
+            let errors: Vec<_> = tasks
+                .join_all()
+                .await
+                .into_iter()
+                .filter_map(Result::err)
+                .collect();
+            println!(
+                "probe: passed={} failed={}",
+                streams as usize - errors.len(),
+                errors.len()
+            );
+            for e in errors.iter().take(5) {
+                println!("probe: error: {e}");
+            }
+            std::process::exit(if errors.is_empty() { 0 } else { 1 });
+        }
+        Some("kubelet") => {
+            let at = addr(args.get(1));
+            match (args.get(2), args.get(3)) {
+                (Some(cert), Some(key)) => {
+                    let id = tether_common::tls::Identity::load(cert.as_ref(), key.as_ref())
+                        .unwrap_or_else(|e| panic!("kubelet identity: {e}"));
+                    let _k = tether_server::standin::StandIn::start_on("kubelet", id, at)
+                        .await
+                        .unwrap_or_else(|e| panic!("kubelet: {e}"));
+                    println!("probe: kubelet (https) on {at}");
+                    std::future::pending::<()>().await;
+                }
+                _ => {
+                    let l = tokio::net::TcpListener::bind(at)
+                        .await
+                        .unwrap_or_else(|e| panic!("bind {at}: {e}"));
+                    println!("probe: kubelet (http) on {at}");
+                    loop {
+                        if let Ok((mut c, _)) = l.accept().await {
+                            tokio::spawn(async move {
+                                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                                let mut b = [0u8; 2048];
+                                let _ = c.read(&mut b).await;
+                                let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n").await;
+                            });
+                        }
+                    }
+                }
+            }
         }
         Some("load") => load(addr(args.get(1)), num(args.get(2)), args.get(3)).await,
         Some("hold") => hold(addr(args.get(1))).await,

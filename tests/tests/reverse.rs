@@ -1,0 +1,245 @@
+//! The reverse path on loopback: the control plane reaches a node through the egress proxy
+//! (HTTP CONNECT) and the agent's outbound tunnel.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tether_tests::process::free_port;
+use tether_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+
+/// Sends CONNECT through a proxy connection; returns the status and, on 200, the connection.
+async fn connect_via<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    target: &str,
+) -> (u16, String, BufReader<S>) {
+    let mut r = BufReader::new(io);
+    r.get_mut()
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut status = String::new();
+    r.read_line(&mut status).await.unwrap();
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut body = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    if code != 200 {
+        use tokio::io::AsyncReadExt;
+        let _ = r.read_to_string(&mut body).await;
+    }
+    (code, body, r)
+}
+
+async fn connect(
+    proxy: SocketAddr,
+    target: &str,
+) -> (u16, String, BufReader<tokio::net::TcpStream>) {
+    connect_via(tokio::net::TcpStream::connect(proxy).await.unwrap(), target).await
+}
+
+/// Echoes through an established CONNECT tunnel and checks the bytes.
+async fn echo_through<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    conn: BufReader<S>,
+    data: Vec<u8>,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let io = conn.into_inner();
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let expect = sha256(&data);
+    let len = data.len();
+    let w = tokio::spawn(async move {
+        wr.write_all(&data).await?;
+        wr.shutdown().await
+    });
+    let mut got = Vec::new();
+    rd.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
+    w.await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if got.len() != len || sha256(&got) != expect {
+        return Err(format!(
+            "got {} of {len} bytes, or different ones",
+            got.len()
+        ));
+    }
+    Ok(())
+}
+
+/// An echo listening on the same port on 127.0.0.1 and 127.0.0.2 (the test node's "address").
+async fn node_echo() -> (Echo, Echo, u16) {
+    loop {
+        let a = Echo::start().await;
+        let port = a.addr.port();
+        if std::net::TcpListener::bind(("127.0.0.2", port)).is_ok() {
+            let b = Echo::start_on(SocketAddr::from(([127, 0, 0, 2], port))).await;
+            return (a, b, port);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_reaches_an_allowed_target_and_nothing_else() {
+    init_logging();
+    let pki = Pki::new();
+    let (_e1, _e2, port) = node_echo().await;
+    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = tether_server::start(sc).await.unwrap();
+    let proxy = server.egress_addr.unwrap();
+    let mut ac = agent_config(&pki, "edge-1", &[server.local_addr]);
+    ac.node_ips = vec!["127.0.0.2".parse().unwrap()];
+    ac.allow_ports = vec![port];
+    let agent = tether_agent::start(ac).await.unwrap();
+    wait_for("tunnel", Duration::from_secs(10), || {
+        agent.tunnels_up() == 1
+    })
+    .await;
+
+    // By node name (loopback on the node) and by node IP.
+    let (code, _, c) = connect(proxy, &format!("edge-1:{port}")).await;
+    assert_eq!(code, 200);
+    echo_through(c, random_bytes(100_000, 1)).await.unwrap();
+    let mut by_ip = 0;
+    for _ in 0..100 {
+        let (code, _, c) = connect(proxy, &format!("127.0.0.2:{port}")).await;
+        if code == 200 {
+            echo_through(c, random_bytes(10_000, 2)).await.unwrap();
+            by_ip += 1;
+            break;
+        }
+        // The node reports its addresses just after its tunnel comes up.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(by_ip, 1, "reached the node by its IP");
+
+    // A port the agent does not allow: 403, with the reason. An unknown node: 404.
+    let (code, body, _) = connect(proxy, "edge-1:22").await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("not allowed"), "{body}");
+    let (code, body, _) = connect(proxy, "127.0.0.2:10251").await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body, _) = connect(proxy, "nowhere:10250").await;
+    assert_eq!(code, 404, "{body}");
+    // The kubelet port is allowed, but nothing listens: 502.
+    let (code, body, _) = connect(proxy, "edge-1:10250").await;
+    assert!(code == 502 || code == 200, "{code} {body}");
+    // Not a CONNECT: 405.
+    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    use tokio::io::AsyncReadExt;
+    c.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+    assert!(agent.metrics().reverse_refused.get() >= 2);
+
+    // Many concurrent reverse streams, byte-exact.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200u64 {
+        let target = format!("edge-1:{port}");
+        tasks.spawn(async move {
+            let (code, body, c) = connect(proxy, &target).await;
+            if code != 200 {
+                return Err(format!("{code} {body}"));
+            }
+            echo_through(
+                c,
+                random_bytes(fastrand::Rng::with_seed(i).usize(..300_000), i),
+            )
+            .await
+        });
+    }
+    let failed: Vec<_> = within(
+        "200 reverse streams",
+        Duration::from_secs(120),
+        tasks.join_all(),
+    )
+    .await
+    .into_iter()
+    .filter_map(Result::err)
+    .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_a_server_without_the_node_goes_through_its_peer() {
+    init_logging();
+    let pki = Pki::new();
+    let (_e1, _e2, port) = node_echo().await;
+    let (p1, p2) = (free_port(), free_port());
+    let a1: SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
+    let a2: SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
+    let mut c1 = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    c1.listen = a1;
+    c1.peers = vec![a2.to_string()];
+    c1.advertise = Some("127.0.0.1:1".into()); // agents cannot reach the first server
+    c1.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut c2 = c1.clone();
+    c2.listen = a2;
+    c2.peers = vec![a1.to_string()];
+    c2.advertise = None;
+    c2.egress.listen = None;
+    let s1 = tether_server::start(c1).await.unwrap();
+    let s2 = tether_server::start(c2).await.unwrap();
+    wait_for("peers", Duration::from_secs(10), || {
+        s1.peers_up() == 1 && s2.peers_up() == 1
+    })
+    .await;
+    let mut ac = agent_config(&pki, "edge-2", &[a2]);
+    ac.allow_ports = vec![port];
+    ac.state_dir = None;
+    let agent = tether_agent::start(ac).await.unwrap();
+    wait_for(
+        "tunnel to the second server",
+        Duration::from_secs(10),
+        || agent.tunnels_up() == 1,
+    )
+    .await;
+    assert!(s1.connected_nodes().is_empty());
+
+    let (code, body, c) = connect(s1.egress_addr.unwrap(), &format!("edge-2:{port}")).await;
+    assert_eq!(code, 200, "{body}");
+    echo_through(c, random_bytes(500_000, 3)).await.unwrap();
+    let (code, _, _) = connect(s1.egress_addr.unwrap(), "edge-2:22").await;
+    assert_eq!(
+        code, 403,
+        "the agent's verdict travels back through the peer"
+    );
+    agent.shutdown().await;
+    s1.shutdown().await;
+    s2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_proxy_serves_a_unix_socket() {
+    init_logging();
+    let pki = Pki::new();
+    let (_e1, _e2, port) = node_echo().await;
+    let dir = TempDir::new("uds");
+    let path = dir.path().join("egress.sock");
+    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.uds = Some(path.clone());
+    let server = tether_server::start(sc).await.unwrap();
+    let mut ac = agent_config(&pki, "edge-3", &[server.local_addr]);
+    ac.allow_ports = vec![port];
+    let agent = tether_agent::start(ac).await.unwrap();
+    wait_for("tunnel", Duration::from_secs(10), || {
+        agent.tunnels_up() == 1
+    })
+    .await;
+    let io = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let (code, body, c) = connect_via(io, &format!("edge-3:{port}")).await;
+    assert_eq!(code, 200, "{body}");
+    echo_through(c, random_bytes(50_000, 4)).await.unwrap();
+    agent.shutdown().await;
+    server.shutdown().await;
+}
