@@ -11,6 +11,8 @@ use tether_common::tls::{Liveness, TunnelLimits};
 pub struct AgentConfig {
     /// Servers to keep a tunnel to, `host:port` each.
     pub servers: Vec<String>,
+    /// QUIC, TLS over TCP, or QUIC with TCP as the fallback.
+    pub transport: tether_common::reconnect::TransportChoice,
     /// A join token, used when the data directory holds no certificate yet.
     pub token: Option<String>,
     /// The node name to join as (default: the host name).
@@ -54,6 +56,7 @@ impl AgentConfig {
     pub fn new(servers: Vec<String>, data_dir: PathBuf) -> Self {
         AgentConfig {
             servers,
+            transport: tether_common::reconnect::TransportChoice::Auto,
             node_ips: Vec::new(),
             allow: Vec::new(),
             allow_ports: Vec::new(),

@@ -148,7 +148,7 @@ async fn open(link: &Link, wait: Duration) -> Result<Stream, (OpenFailure, Strin
             message,
         }))) => Err((OpenFailure::Refused, format!("{status}: {message}"))),
         Ok(Ok(Some(other))) => {
-            stream.reset(code::PROTOCOL);
+            stream.reset(code::PROTOCOL).await;
             Err((
                 OpenFailure::Refused,
                 format!("unexpected {} message", other.name()),
@@ -159,11 +159,11 @@ async fn open(link: &Link, wait: Duration) -> Result<Stream, (OpenFailure, Strin
             "stream closed before status".into(),
         )),
         Ok(Err(e)) => {
-            stream.reset(code::PROTOCOL);
+            stream.reset(code::PROTOCOL).await;
             Err((OpenFailure::TunnelLost, e.to_string()))
         }
         Err(_) => {
-            stream.reset(code::RESET);
+            stream.reset(code::RESET).await;
             Err((OpenFailure::Timeout, format!("no status within {wait:?}")))
         }
     }

@@ -123,7 +123,7 @@ async fn attempt(
             .write_message(&req)
             .await
             .map_err(|e| e.to_string())?;
-        s.send.finish();
+        s.send.finish().await;
         s.recv.read_message().await.map_err(|e| e.to_string())
     };
     let answer = tokio::time::timeout(Duration::from_secs(15), exchange).await;

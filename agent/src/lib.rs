@@ -138,7 +138,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         .ok_or(AgentError::NoNodeName)?;
     let tls_config = tls::client_config(roots, identity)?;
     let transport = tls::quic_transport(config.liveness, config.limits);
-    let client_config = tls::quic_client_config(tls_config, transport)?;
+    let client_config = tls::quic_client_config(tls_config.clone(), transport)?;
 
     let listener =
         tether_common::net::listen_tcp(config.listen).map_err(|source| AgentError::Listen {
@@ -193,6 +193,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let dialer = Arc::new(Dialer {
         endpoint: endpoint.clone(),
         client_config: std::sync::RwLock::new(client_config),
+        tcp_tls: std::sync::RwLock::new(Arc::new(tls_config)),
+        transport: config.transport,
+        liveness: config.liveness,
         hello_name: node_name.clone(),
         capabilities: vec![SERVICE_APISERVER.into()],
         own_server_id: None,

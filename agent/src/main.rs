@@ -92,6 +92,10 @@ struct RunArgs {
     /// Let the control plane reach this port on loopback and the node's addresses (repeatable).
     #[arg(long = "allow-port", env = "TETHER_ALLOW_PORT", value_delimiter = ',')]
     allow_ports: Vec<u16>,
+    /// The transport of the tunnels: auto (QUIC, falling back to TLS over TCP when UDP does not
+    /// get through, and back to QUIC when it does), quic, or tcp.
+    #[arg(long, env = "TETHER_TRANSPORT", default_value = "auto")]
+    transport: tether_common::reconnect::TransportChoice,
     /// How a new connection picks among healthy servers: least-streams or ordered.
     #[arg(long, env = "TETHER_POLICY", default_value = "least-streams")]
     policy: tether_common::pool::Policy,
@@ -136,6 +140,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.max_connections = a.max_connections;
     config.policy = a.policy;
     config.token = a.token;
+    config.transport = a.transport;
     config.node_ips = a.node_ips;
     config.allow = a.allow;
     config.allow_ports = a.allow_ports;

@@ -108,6 +108,17 @@ impl Metrics {
             "server",
             &streams,
         );
+        let quic = links
+            .iter()
+            .filter(|l| l.tunnel.transport() == "quic")
+            .count();
+        e.labeled(
+            "tether_tunnels_by_transport",
+            "Tunnels up, by the transport that carries them.",
+            "gauge",
+            "transport",
+            &[("quic", quic), ("tcp", links.len() - quic)],
+        );
         e.counter(
             "tether_failovers_total",
             "New connections carried by another server than the first choice.",

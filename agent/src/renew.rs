@@ -90,7 +90,7 @@ async fn renew(
             .write_message(&Message::Renew { csr })
             .await
             .map_err(|e| e.to_string())?;
-        s.send.finish();
+        s.send.finish().await;
         s.recv.read_message().await.map_err(|e| e.to_string())
     };
     let answer = tokio::time::timeout(Duration::from_secs(15), exchange)
@@ -111,8 +111,11 @@ async fn renew(
     let roots = tls::load_roots(&config.ca).map_err(|e| e.to_string())?;
     let identity = tls::Identity::load(&config.cert, &config.key).map_err(|e| e.to_string())?;
     let client = tls::client_config(roots, identity).map_err(|e| e.to_string())?;
-    let quic = tls::quic_client_config(client, tls::quic_transport(config.liveness, config.limits))
-        .map_err(|e| e.to_string())?;
-    dialer.set_client_config(quic);
+    let quic = tls::quic_client_config(
+        client.clone(),
+        tls::quic_transport(config.liveness, config.limits),
+    )
+    .map_err(|e| e.to_string())?;
+    dialer.set_client_config(quic, client);
     Ok(due(config).map(|(_, exp)| exp).unwrap_or(0))
 }

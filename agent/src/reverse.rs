@@ -114,7 +114,7 @@ impl Reverse {
                 return answer(&mut stream, StatusCode::BadRequest, why).await;
             }
             _ => {
-                stream.reset(code::PROTOCOL);
+                stream.reset(code::PROTOCOL).await;
                 return;
             }
         };
@@ -162,7 +162,7 @@ async fn answer(stream: &mut Stream, code: StatusCode, message: String) {
         .send
         .write_message(&Message::Status { code, message })
         .await;
-    stream.send.finish();
+    stream.send.finish().await;
 }
 
 #[cfg(test)]

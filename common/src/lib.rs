@@ -10,6 +10,7 @@ pub mod protocol;
 pub mod reconnect;
 pub mod relay;
 pub mod shutdown;
+pub mod tcp;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

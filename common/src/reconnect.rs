@@ -38,6 +38,35 @@ pub struct DialTarget {
     pub rank: usize,
 }
 
+/// Which transport a dialer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// QUIC, falling back to TLS over TCP when no QUIC handshake completes within
+    /// [`QUIC_HEAD_START`]; a link on TCP keeps trying QUIC and moves to it when it works.
+    Auto,
+    Quic,
+    Tcp,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TransportChoice::Auto),
+            "quic" => Ok(TransportChoice::Quic),
+            "tcp" => Ok(TransportChoice::Tcp),
+            other => Err(format!(
+                "unknown transport {other:?}: use auto, quic or tcp"
+            )),
+        }
+    }
+}
+
+/// How long QUIC has, in `auto`, before TLS over TCP is tried beside it.
+pub const QUIC_HEAD_START: Duration = Duration::from_secs(1);
+/// How often a link on TCP (in `auto`) tries to move to QUIC.
+pub const QUIC_RETRY: Duration = Duration::from_secs(5);
+
 /// Receives the control messages the reconnect loop does not act on itself.
 pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
 
@@ -52,6 +81,10 @@ pub struct Dialer {
     pub endpoint: quinn::Endpoint,
     /// Replaced when the certificate is renewed or reloaded; tunnels that are up keep theirs.
     pub client_config: std::sync::RwLock<quinn::ClientConfig>,
+    /// The same identity for TLS over TCP.
+    pub tcp_tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
+    pub transport: TransportChoice,
+    pub liveness: crate::tls::Liveness,
     /// Sent in the hello: the node name (agents) or the advertised address (servers).
     pub hello_name: String,
     pub capabilities: Vec<String>,
@@ -80,11 +113,20 @@ impl Dialer {
             .clone()
     }
 
-    pub fn set_client_config(&self, c: quinn::ClientConfig) {
+    /// Uses a new identity for the tunnels dialed from now on.
+    pub fn set_client_config(&self, quic: quinn::ClientConfig, tcp: rustls::ClientConfig) {
         *self
             .client_config
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = c;
+            .unwrap_or_else(|p| p.into_inner()) = quic;
+        *self.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tcp);
+    }
+
+    fn tcp_tls(&self) -> Arc<rustls::ClientConfig> {
+        self.tcp_tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -111,20 +153,32 @@ pub async fn maintain(
     mut stop: ShutdownSignal,
 ) {
     let mut failures = 0u32;
+    let mut next = None;
     loop {
-        let attempt = tokio::time::timeout(dialer.handshake_timeout, dial(&target, &dialer));
-        let result = tokio::select! {
-            r = attempt => r.unwrap_or(Err(DialError::Timeout(dialer.handshake_timeout))),
-            _ = stop.wait() => return,
+        let result = match next.take() {
+            Some(upgraded) => Ok(upgraded),
+            None => {
+                let attempt = tokio::time::timeout(
+                    dialer.handshake_timeout,
+                    dial(&target, &dialer, dialer.transport),
+                );
+                tokio::select! {
+                    r = attempt => r.unwrap_or(Err(DialError::Timeout(dialer.handshake_timeout))),
+                    _ = stop.wait() => return,
+                }
+            }
         };
         let mut delay = None;
         match result {
             Ok((tunnel, server_id, control)) => {
                 backoff.reset();
                 failures = 0;
-                serve(&target, tunnel, server_id, control, &dialer, &mut stop).await;
+                next = serve(&target, tunnel, server_id, control, &dialer, &mut stop).await;
                 if stop.fired() {
                     return;
+                }
+                if next.is_some() {
+                    continue;
                 }
             }
             Err(DialError::Itself) => {
@@ -157,7 +211,7 @@ pub async fn maintain(
     }
 }
 
-async fn dial(target: &DialTarget, d: &Dialer) -> Result<(Tunnel, String, Stream), DialError> {
+async fn dial_quic(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError> {
     let connecting = d
         .endpoint
         .connect_with(d.client_config(), target.addr, &target.name)
@@ -165,7 +219,63 @@ async fn dial(target: &DialTarget, d: &Dialer) -> Result<(Tunnel, String, Stream
     let conn = connecting
         .await
         .map_err(|e| DialError::Connect(e.to_string()))?;
-    let tunnel = Tunnel::from_quic(conn);
+    Ok(Tunnel::from_quic(conn))
+}
+
+async fn dial_tcp(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError> {
+    let t = crate::tcp::TcpTunnel::connect(target.addr, &target.name, d.tcp_tls(), d.liveness)
+        .await
+        .map_err(|e| DialError::Connect(format!("over TCP: {e}")))?;
+    Ok(Tunnel::from_tcp(t))
+}
+
+/// QUIC first; in `auto`, TLS over TCP too once QUIC has had its head start, the first to
+/// succeed winning (QUIC when both do).
+async fn connect(
+    target: &DialTarget,
+    d: &Dialer,
+    choice: TransportChoice,
+) -> Result<Tunnel, DialError> {
+    match choice {
+        TransportChoice::Quic => dial_quic(target, d).await,
+        TransportChoice::Tcp => dial_tcp(target, d).await,
+        TransportChoice::Auto => {
+            let quic = dial_quic(target, d);
+            tokio::pin!(quic);
+            let quic_err = tokio::select! {
+                r = &mut quic => match r {
+                    Ok(t) => return Ok(t),
+                    Err(e) => Some(e),
+                },
+                _ = tokio::time::sleep(QUIC_HEAD_START) => None,
+            };
+            let tcp = dial_tcp(target, d);
+            tokio::pin!(tcp);
+            if quic_err.is_some() {
+                return tcp.await;
+            }
+            tokio::select! {
+                r = &mut quic => match r {
+                    Ok(t) => Ok(t),
+                    Err(_) => tcp.await,
+                },
+                r = &mut tcp => match r {
+                    Ok(t) => Ok(t),
+                    Err(tcp_err) => quic.await.map_err(|q| {
+                        DialError::Connect(format!("QUIC: {q}; TCP: {tcp_err}"))
+                    }),
+                },
+            }
+        }
+    }
+}
+
+async fn dial(
+    target: &DialTarget,
+    d: &Dialer,
+    choice: TransportChoice,
+) -> Result<(Tunnel, String, Stream), DialError> {
+    let tunnel = connect(target, d, choice).await?;
     let (server_id, control) = match hello(&tunnel, d).await {
         Ok(v) => v,
         Err(e) => {
@@ -234,7 +344,11 @@ async fn hello(tunnel: &Tunnel, d: &Dialer) -> Result<(String, Stream), DialErro
     }
 }
 
-/// Serves a connected tunnel until it closes or the process stops.
+/// A tunnel, the server's instance id, and its control stream.
+type Established = (Tunnel, String, Stream);
+
+/// Serves a connected tunnel until it closes or the process stops; returns a QUIC tunnel that
+/// replaces it, when a link on TCP (in `auto`) managed to move to QUIC.
 async fn serve(
     target: &DialTarget,
     tunnel: Tunnel,
@@ -242,7 +356,7 @@ async fn serve(
     mut control: Stream,
     d: &Dialer,
     stop: &mut ShutdownSignal,
-) {
+) -> Option<Established> {
     let link = Arc::new(Link::new(
         target.label.clone(),
         tunnel.clone(),
@@ -267,20 +381,51 @@ async fn serve(
                     Some(hook) => {
                         tokio::spawn(hook(s));
                     }
-                    None => s.reset(code::PROTOCOL),
+                    None => s.reset(code::PROTOCOL).await,
                 },
                 Err(e) => return e.to_string(),
             }
         }
     };
+    let upgrade = async {
+        if d.transport != TransportChoice::Auto || tunnel.transport() != "tcp" {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(QUIC_RETRY).await;
+            let attempt =
+                tokio::time::timeout(d.handshake_timeout, dial(target, d, TransportChoice::Quic));
+            if let Ok(Ok(quic)) = attempt.await {
+                return quic;
+            }
+        }
+    };
+    let mut upgraded = None;
     let reason = tokio::select! {
         e = incoming => e,
         r = read_control(&mut control, &link, d) => r,
+        q = upgrade => {
+            upgraded = Some(q);
+            "moved to QUIC".to_string()
+        }
         _ = stop.wait() => "shutting down".to_string(),
     };
     d.pool.remove(&link);
     d.stats.up.dec();
     d.changed.notify_one();
+    if upgraded.is_some() {
+        // New streams go to QUIC from now on; the ones open on TCP finish there.
+        info!(kind = d.kind, server = %target.label, streams = link.streams(),
+            "QUIC works again: moving to it; open streams finish over TCP");
+        let old = link.clone();
+        tokio::spawn(async move {
+            while old.streams() > 0 && old.tunnel.close_reason().is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            old.tunnel.close(code::OK, "moved to QUIC");
+        });
+        return upgraded;
+    }
     tunnel.close(code::SHUTDOWN, "tunnel closed");
     if stop.fired() {
         info!(kind = d.kind, server = %target.label, reason = %reason, "tunnel down");
@@ -288,6 +433,7 @@ async fn serve(
         warn!(kind = d.kind, server = %target.label, peer = %tunnel.remote_addr(), reason = %reason,
             "tunnel down");
     }
+    None
 }
 
 /// Applies the server's announcements until the control stream ends; returns why it ended.

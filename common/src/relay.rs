@@ -70,7 +70,7 @@ pub async fn relay(tcp: TcpStream, stream: Stream, meters: &[&Meter]) -> Summary
     let outcome = match result {
         Ok(_) => Outcome::Closed,
         Err(abort) => {
-            send.reset(code::RESET);
+            send.reset(code::RESET).await;
             recv.stop(code::RESET);
             if let Ok(tcp) = rd.reunite(wr) {
                 // Dropping with linger 0 sends RST: the far side's reset arrives as a reset.
@@ -105,7 +105,7 @@ async fn tcp_to_tunnel(
         }
         match rd.try_read_buf(&mut buf) {
             Ok(0) => {
-                send.finish();
+                send.finish().await;
                 return Ok(());
             }
             Ok(n) => {
@@ -176,9 +176,9 @@ pub async fn splice(a: Stream, b: Stream, meters: &[&Meter]) -> Summary {
     let outcome = match result {
         Ok(_) => Outcome::Closed,
         Err(abort) => {
-            a_send.reset(code::RESET);
+            a_send.reset(code::RESET).await;
             a_recv.stop(code::RESET);
-            b_send.reset(code::RESET);
+            b_send.reset(code::RESET).await;
             b_recv.stop(code::RESET);
             match abort {
                 Abort::Local(e) => Outcome::LocalReset(e),
@@ -219,7 +219,7 @@ async fn pipe(
                 }
             }
             Ok(None) => {
-                to.finish();
+                to.finish().await;
                 return Ok(());
             }
             Err(e) => return Err(Abort::Local(e.to_string())),
@@ -251,7 +251,7 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite>(
             buf.reserve(CHUNK);
             match rd.read_buf(&mut buf).await {
                 Ok(0) => {
-                    send.finish();
+                    send.finish().await;
                     return Ok(());
                 }
                 Ok(n) => {
@@ -293,7 +293,7 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite>(
     let outcome = match result {
         Ok(_) => Outcome::Closed,
         Err(abort) => {
-            send.reset(code::RESET);
+            send.reset(code::RESET).await;
             recv.stop(code::RESET);
             match abort {
                 Abort::Local(e) => Outcome::LocalReset(e),

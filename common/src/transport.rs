@@ -52,6 +52,7 @@ pub struct Tunnel {
 #[derive(Clone, Debug)]
 enum Inner {
     Quic(quinn::Connection),
+    Tcp(std::sync::Arc<crate::tcp::TcpTunnel>),
 }
 
 impl Tunnel {
@@ -61,12 +62,30 @@ impl Tunnel {
         }
     }
 
+    pub fn from_tcp(t: crate::tcp::TcpTunnel) -> Self {
+        Tunnel {
+            inner: Inner::Tcp(std::sync::Arc::new(t)),
+        }
+    }
+
+    /// The ALPN protocol agreed in the handshake.
+    pub fn alpn(&self) -> Option<Vec<u8>> {
+        match &self.inner {
+            Inner::Quic(c) => crate::tls::alpn_of(c),
+            Inner::Tcp(t) => t.alpn.clone(),
+        }
+    }
+
     /// Opens a bidirectional stream. The peer sees it once the first frame is written.
     pub async fn open_stream(&self) -> Result<Stream, TransportError> {
         match &self.inner {
             Inner::Quic(c) => {
                 let (send, recv) = c.open_bi().await.map_err(conn_err)?;
                 Ok(Stream::quic(send, recv))
+            }
+            Inner::Tcp(t) => {
+                let (send, recv) = t.open().await.map_err(TransportError::Closed)?;
+                Ok(Stream::tcp(send, recv))
             }
         }
     }
@@ -78,6 +97,10 @@ impl Tunnel {
                 let (send, recv) = c.accept_bi().await.map_err(conn_err)?;
                 Ok(Stream::quic(send, recv))
             }
+            Inner::Tcp(t) => {
+                let (send, recv) = t.accept_stream().await.map_err(TransportError::Closed)?;
+                Ok(Stream::tcp(send, recv))
+            }
         }
     }
 
@@ -85,6 +108,7 @@ impl Tunnel {
     pub fn close(&self, code: u32, reason: &str) {
         match &self.inner {
             Inner::Quic(c) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+            Inner::Tcp(t) => t.close(&format!("closed by peer (code {code}: {reason})")),
         }
     }
 
@@ -92,6 +116,7 @@ impl Tunnel {
     pub async fn closed(&self) -> TransportError {
         match &self.inner {
             Inner::Quic(c) => conn_err(c.closed().await),
+            Inner::Tcp(t) => TransportError::Closed(t.closed().await),
         }
     }
 
@@ -99,12 +124,14 @@ impl Tunnel {
     pub fn close_reason(&self) -> Option<TransportError> {
         match &self.inner {
             Inner::Quic(c) => c.close_reason().map(conn_err),
+            Inner::Tcp(t) => t.close_reason().map(TransportError::Closed),
         }
     }
 
     pub fn remote_addr(&self) -> SocketAddr {
         match &self.inner {
             Inner::Quic(c) => c.remote_address(),
+            Inner::Tcp(t) => t.remote,
         }
     }
 
@@ -112,6 +139,7 @@ impl Tunnel {
     pub fn rtt(&self) -> Duration {
         match &self.inner {
             Inner::Quic(c) => c.rtt(),
+            Inner::Tcp(_) => Duration::ZERO,
         }
     }
 
@@ -119,6 +147,7 @@ impl Tunnel {
     pub fn transport(&self) -> &'static str {
         match &self.inner {
             Inner::Quic(_) => "quic",
+            Inner::Tcp(_) => "tcp",
         }
     }
 
@@ -126,6 +155,7 @@ impl Tunnel {
     pub fn id(&self) -> usize {
         match &self.inner {
             Inner::Quic(c) => c.stable_id(),
+            Inner::Tcp(t) => t.id,
         }
     }
 
@@ -137,6 +167,7 @@ impl Tunnel {
                 .downcast::<Vec<CertificateDer<'static>>>()
                 .ok()
                 .map(|b| *b),
+            Inner::Tcp(t) => (!t.peer_certs.is_empty()).then(|| t.peer_certs.clone()),
         }
     }
 }
@@ -166,6 +197,17 @@ pub struct Stream {
 }
 
 impl Stream {
+    fn tcp(send: crate::tcp::SendHalf, recv: crate::tcp::RecvHalf) -> Self {
+        Stream {
+            send: SendHalf {
+                inner: SendInner::Tcp(send),
+            },
+            recv: RecvHalf {
+                inner: RecvInner::Tcp(recv),
+            },
+        }
+    }
+
     fn quic(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         Stream {
             send: SendHalf {
@@ -178,8 +220,8 @@ impl Stream {
     }
 
     /// Abandons the stream in both directions; the peer sees a reset.
-    pub fn reset(&mut self, code: u32) {
-        self.send.reset(code);
+    pub async fn reset(&mut self, code: u32) {
+        self.send.reset(code).await;
         self.recv.stop(code);
     }
 }
@@ -191,6 +233,7 @@ pub struct SendHalf {
 
 enum SendInner {
     Quic(quinn::SendStream),
+    Tcp(crate::tcp::SendHalf),
 }
 
 impl SendHalf {
@@ -198,6 +241,7 @@ impl SendHalf {
     pub async fn write_chunk(&mut self, data: Bytes) -> Result<(), StreamError> {
         match &mut self.inner {
             SendInner::Quic(s) => s.write_chunk(data).await.map_err(write_err),
+            SendInner::Tcp(s) => s.write_chunk(data).await,
         }
     }
 
@@ -208,20 +252,22 @@ impl SendHalf {
     }
 
     /// Ends the stream cleanly: the peer reads end-of-stream after the data.
-    pub fn finish(&mut self) {
+    pub async fn finish(&mut self) {
         match &mut self.inner {
             SendInner::Quic(s) => {
                 let _ = s.finish();
             }
+            SendInner::Tcp(s) => s.finish().await,
         }
     }
 
     /// Abandons the stream: the peer reads a reset, and unsent data is dropped.
-    pub fn reset(&mut self, code: u32) {
+    pub async fn reset(&mut self, code: u32) {
         match &mut self.inner {
             SendInner::Quic(s) => {
                 let _ = s.reset(quinn::VarInt::from_u32(code));
             }
+            SendInner::Tcp(s) => s.reset(code).await,
         }
     }
 }
@@ -246,6 +292,7 @@ pub struct RecvHalf {
 
 enum RecvInner {
     Quic(quinn::RecvStream),
+    Tcp(crate::tcp::RecvHalf),
 }
 
 impl RecvHalf {
@@ -257,6 +304,7 @@ impl RecvHalf {
                 Ok(None) => Ok(None),
                 Err(e) => Err(read_err(e)),
             },
+            RecvInner::Tcp(s) => s.read_chunk(max).await,
         }
     }
 
@@ -286,6 +334,7 @@ impl RecvHalf {
             RecvInner::Quic(s) => {
                 let _ = s.stop(quinn::VarInt::from_u32(code));
             }
+            RecvInner::Tcp(s) => s.stop(code),
         }
     }
 }

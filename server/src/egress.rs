@@ -265,7 +265,7 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
                 .send
                 .write_message(&Message::Status { code, message })
                 .await;
-            stream.send.finish();
+            stream.send.finish().await;
         }
     }
 }

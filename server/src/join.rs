@@ -110,7 +110,7 @@ pub async fn serve(tunnel: Tunnel, remote: SocketAddr, state: &State) {
         state.metrics.join_failures.inc();
     }
     let _ = stream.send.write_message(&reply).await;
-    stream.send.finish();
+    stream.send.finish().await;
     // Let the answer arrive before the connection goes.
     let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.closed()).await;
     tunnel.close(code::OK, "join done");
@@ -219,5 +219,5 @@ pub async fn renew(mut stream: Stream, node: &str, csr: Vec<u8>, state: &State) 
         }
     };
     let _ = stream.send.write_message(&reply).await;
-    stream.send.finish();
+    stream.send.finish().await;
 }

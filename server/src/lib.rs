@@ -90,6 +90,8 @@ pub struct State {
     endpoint: quinn::Endpoint,
     /// The dialer of peer links, whose client identity is reloaded with the certificate.
     peer_dialer: std::sync::OnceLock<Arc<Dialer>>,
+    /// TLS for tunnels over TCP; replaced when the certificate is reloaded.
+    tcp_tls: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
 }
 
 /// A running server.
@@ -197,24 +199,42 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let dir = &config.data_dir;
     let (roots, identity, ca_pem) = load_identity(dir)?;
     let tls_config = tls::server_config(roots.clone(), identity.clone())?;
+    let tcp_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config.clone()));
     let transport = tls::quic_transport(config.liveness, transport_limits(&config));
     let quic_config = tls::quic_server_config(tls_config, transport)?;
-    let endpoint = quinn::Endpoint::server(quic_config, config.listen).map_err(|source| {
-        ServerError::Listen {
-            addr: config.listen,
-            source,
+    // QUIC on UDP and TLS on TCP share the port number. With port 0 (tests), retry until the
+    // port the kernel picked for UDP is free for TCP too.
+    let mut attempts = 0;
+    let (endpoint, local_addr, tcp_listener) = loop {
+        attempts += 1;
+        let endpoint =
+            quinn::Endpoint::server(quic_config.clone(), config.listen).map_err(|source| {
+                ServerError::Listen {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        match tether_common::net::listen_tcp(local_addr) {
+            Ok(l) => break (endpoint, local_addr, l),
+            Err(_) if config.listen.port() == 0 && attempts < 20 => continue,
+            Err(source) => {
+                return Err(ServerError::Listen {
+                    addr: local_addr,
+                    source,
+                })
+            }
         }
-    })?;
-    let local_addr = endpoint
-        .local_addr()
-        .map_err(|source| ServerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    };
     // Towards peers this server is a client, presenting its own server certificate.
     let peer_tls = tls::client_config(roots, identity)?;
     let peer_client = tls::quic_client_config(
-        peer_tls,
+        peer_tls.clone(),
         tls::quic_transport(config.liveness, config.limits),
     )?;
     let upstream_ca = match &config.upstream_ca {
@@ -238,6 +258,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         ca_pem,
         endpoint: endpoint.clone(),
         peer_dialer: std::sync::OnceLock::new(),
+        tcp_tls: std::sync::RwLock::new(tcp_tls),
         streams: Arc::new(Semaphore::new(config.max_streams)),
         registry: Registry::default(),
         metrics: metrics.clone(),
@@ -291,6 +312,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let dialer = Arc::new(Dialer {
         endpoint: endpoint.clone(),
         client_config: std::sync::RwLock::new(peer_client),
+        tcp_tls: std::sync::RwLock::new(Arc::new(peer_tls)),
+        // Servers sit on one network: peers talk QUIC.
+        transport: reconnect::TransportChoice::Quic,
+        liveness: state.config.liveness,
         hello_name: advertise.clone().unwrap_or_default(),
         capabilities: vec![CAP_PEER.into()],
         own_server_id: Some(instance_id),
@@ -346,8 +371,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         state.clone(),
         shutdown.signal(),
     ));
+    tasks.spawn(accept_tcp(tcp_listener, state.clone(), shutdown.signal()));
     info!(listen = %local_addr, upstream = %state.config.upstream, advertise = ?advertise,
-        peers = ?state.config.peers, "tether-server listening (QUIC)");
+        peers = ?state.config.peers, "tether-server listening (QUIC on UDP, TLS on TCP)");
     Ok(ServerHandle {
         local_addr,
         admin_addr,
@@ -392,10 +418,71 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
                     return;
                 }
             };
-            if tls::alpn_of(&conn).as_deref() == Some(tls::ALPN_JOIN) {
-                return join::serve(Tunnel::from_quic(conn), remote, &state).await;
-            }
-            serve_tunnel(Tunnel::from_quic(conn), state).await;
+            serve_connection(Tunnel::from_quic(conn), remote, state).await;
+        });
+    }
+}
+
+/// A tunnel whose handshake completed, on either transport: a join, or a tunnel to serve.
+async fn serve_connection(tunnel: Tunnel, remote: SocketAddr, state: Arc<State>) {
+    if tunnel.alpn().as_deref() == Some(tls::ALPN_JOIN) {
+        return join::serve(tunnel, remote, &state).await;
+    }
+    serve_tunnel(tunnel, state).await;
+}
+
+/// Accepts tunnels over TLS on TCP (the fallback transport).
+async fn accept_tcp(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    mut stop: ShutdownSignal,
+) {
+    let limit = Arc::new(Semaphore::new(4096));
+    loop {
+        let (tcp, remote) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait() => return,
+        };
+        if state.draining.load(Ordering::Relaxed) {
+            continue;
+        }
+        // Bounds the handshakes in progress; a flood waits in the kernel's queue.
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(peer = %remote, "refused TCP tunnel: too many handshakes in progress");
+            continue;
+        };
+        let state = state.clone();
+        let acceptor = state
+            .tcp_tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        tokio::spawn(async move {
+            let handshake =
+                tether_common::tcp::TcpTunnel::accept(tcp, acceptor, state.config.liveness);
+            let t = match tokio::time::timeout(state.config.handshake_timeout, handshake).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    state.metrics.handshake_failures.inc();
+                    warn!(peer = %remote, error = %e, transport = "tcp", "refused tunnel: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    state.metrics.handshake_failures.inc();
+                    state.metrics.limit_hit("handshake_timeout");
+                    warn!(peer = %remote, transport = "tcp", "refused tunnel: handshake did not complete in time");
+                    return;
+                }
+            };
+            drop(permit);
+            serve_connection(Tunnel::from_tcp(t), remote, state).await;
         });
     }
 }
@@ -518,13 +605,13 @@ async fn serve_stream(
         Ok(Err(e)) => {
             state.metrics.protocol_errors.inc();
             warn!(node, error = %e, "stream refused: bad header");
-            stream.reset(code::PROTOCOL);
+            stream.reset(code::PROTOCOL).await;
             return;
         }
         Err(_) => {
             state.metrics.protocol_errors.inc();
             warn!(node, timeout = ?state.config.header_timeout, "stream refused: no header in time");
-            stream.reset(code::PROTOCOL);
+            stream.reset(code::PROTOCOL).await;
             return;
         }
     };
@@ -584,7 +671,7 @@ async fn serve_stream(
                 message = other.name(),
                 "stream refused: unexpected first message"
             );
-            stream.reset(code::PROTOCOL);
+            stream.reset(code::PROTOCOL).await;
         }
     }
 }
@@ -610,7 +697,7 @@ async fn control(
             oldest = MIN_PROTOCOL_VERSION,
             "no common protocol version"
         );
-        stream.reset(code::PROTOCOL);
+        stream.reset(code::PROTOCOL).await;
         return;
     }
     let welcome = Message::Welcome {
@@ -671,7 +758,7 @@ async fn refuse(stream: &mut Stream, code: StatusCode, message: String, state: &
         .send
         .write_message(&Message::Status { code, message })
         .await;
-    stream.send.finish();
+    stream.send.finish().await;
 }
 
 fn ok_status() -> Message {
@@ -792,7 +879,7 @@ async fn open_via_peer(state: &State) -> Option<(Arc<Link>, Stream)> {
                     None
                 }
                 _ => {
-                    s.reset(code::PROTOCOL);
+                    s.reset(code::PROTOCOL).await;
                     None
                 }
             }
@@ -876,6 +963,8 @@ fn cert_expiry(state: &State) {
 fn reload_certificates(state: &State) -> Result<(), ServerError> {
     let (roots, identity, _) = load_identity(&state.config.data_dir)?;
     let cfg = tls::server_config(roots.clone(), identity.clone())?;
+    *state.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) =
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg.clone()));
     let transport = tls::quic_transport(state.config.liveness, transport_limits(&state.config));
     state
         .endpoint
@@ -883,7 +972,7 @@ fn reload_certificates(state: &State) -> Result<(), ServerError> {
     if let Some(d) = state.peer_dialer.get() {
         let client = tls::client_config(roots, identity)?;
         let transport = tls::quic_transport(state.config.liveness, state.config.limits);
-        d.set_client_config(tls::quic_client_config(client, transport)?);
+        d.set_client_config(tls::quic_client_config(client.clone(), transport)?, client);
     }
     state.metrics.cert_reloads.inc();
     cert_expiry(state);

@@ -123,9 +123,21 @@ pub fn agent_config(pki: &Pki, node: &str, servers: &[SocketAddr]) -> AgentConfi
 
 /// Starts an agent and waits until all its tunnels are up.
 pub async fn start_agent(pki: &Pki, node: &str, servers: &[SocketAddr]) -> AgentHandle {
-    let agent = tether_agent::start(agent_config(pki, node, servers))
-        .await
-        .expect("agent starts");
+    start_agent_over(pki, node, servers, TransportChoice::Auto).await
+}
+
+pub use tether_common::reconnect::TransportChoice;
+
+/// Starts an agent on the given transport and waits until all its tunnels are up.
+pub async fn start_agent_over(
+    pki: &Pki,
+    node: &str,
+    servers: &[SocketAddr],
+    transport: TransportChoice,
+) -> AgentHandle {
+    let mut c = agent_config(pki, node, servers);
+    c.transport = transport;
+    let agent = tether_agent::start(c).await.expect("agent starts");
     wait_for("agent tunnels up", Duration::from_secs(10), || {
         agent.tunnels_up() == servers.len()
     })

@@ -6,13 +6,12 @@ use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_hundred_concurrent_streams_are_byte_exact() {
+async fn five_hundred_concurrent_streams_are_byte_exact(transport: TransportChoice) {
     init_logging();
     let pki = Pki::new();
     let echo = Echo::start().await;
     let server = start_server(&pki, echo.addr).await;
-    let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
+    let agent = start_agent_over(&pki, "node-a", &[server.local_addr], transport).await;
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut rng = fastrand::Rng::with_seed(7);
@@ -52,13 +51,12 @@ async fn five_hundred_concurrent_streams_are_byte_exact() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_gibibyte_transfer_is_byte_exact() {
+async fn one_gibibyte_transfer_is_byte_exact(transport: TransportChoice) {
     init_logging();
     let pki = Pki::new();
     let sink = Sink::start().await;
     let server = start_server(&pki, sink.addr).await;
-    let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
+    let agent = start_agent_over(&pki, "node-a", &[server.local_addr], transport).await;
     within(
         "1 GiB transfer",
         Duration::from_secs(300),
@@ -70,8 +68,7 @@ async fn one_gibibyte_transfer_is_byte_exact() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_travels_both_ways() {
+async fn half_close_travels_both_ways(transport: TransportChoice) {
     init_logging();
     let pki = Pki::new();
     // An upstream that answers a first byte, half-closes, and then still reads what the client
@@ -87,7 +84,7 @@ async fn half_close_travels_both_ways() {
         got
     });
     let server = start_server(&pki, up_addr).await;
-    let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
+    let agent = start_agent_over(&pki, "node-a", &[server.local_addr], transport).await;
 
     let mut c = TcpStream::connect(agent.listen_addr).await.unwrap();
     c.write_all(b"?").await.unwrap();
@@ -116,7 +113,7 @@ async fn half_close_travels_both_ways() {
     // And the plain direction: the client half-closes first, the echo answers after it.
     let echo = Echo::start().await;
     let server2 = start_server(&pki, echo.addr).await;
-    let agent2 = start_agent(&pki, "node-b", &[server2.local_addr]).await;
+    let agent2 = start_agent_over(&pki, "node-b", &[server2.local_addr], transport).await;
     echo_roundtrip(agent2.listen_addr, b"after my FIN".to_vec())
         .await
         .unwrap();
@@ -145,14 +142,13 @@ async fn expect_reset(c: &mut TcpStream, what: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_travels_as_a_reset() {
+async fn a_reset_travels_as_a_reset(transport: TransportChoice) {
     init_logging();
     let pki = Pki::new();
     let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up_addr = up.local_addr().unwrap();
     let server = start_server(&pki, up_addr).await;
-    let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
+    let agent = start_agent_over(&pki, "node-a", &[server.local_addr], transport).await;
 
     // Client resets: the upstream sees a reset.
     let mut c = TcpStream::connect(agent.listen_addr).await.unwrap();
@@ -178,13 +174,12 @@ async fn a_reset_travels_as_a_reset() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_down_closes_the_local_connection_promptly() {
+async fn upstream_down_closes_the_local_connection_promptly(transport: TransportChoice) {
     init_logging();
     let pki = Pki::new();
     let echo = Echo::start().await;
     let server = start_server(&pki, echo.addr).await;
-    let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
+    let agent = start_agent_over(&pki, "node-a", &[server.local_addr], transport).await;
     echo_roundtrip(agent.listen_addr, b"up".to_vec())
         .await
         .unwrap();
@@ -388,3 +383,33 @@ async fn admin_endpoint_serves_health_readiness_and_metrics() {
     assert_eq!(http_get(aa, "/readyz").await.unwrap().0, 503);
     agent.shutdown().await;
 }
+
+/// The foundation's byte-exact cases, over each transport.
+macro_rules! over_each_transport {
+    ($($case:ident),* $(,)?) => {
+        mod over_quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::TransportChoice::Quic).await
+                }
+            )*
+        }
+        mod over_tcp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::TransportChoice::Tcp).await
+                }
+            )*
+        }
+    };
+}
+
+over_each_transport!(
+    five_hundred_concurrent_streams_are_byte_exact,
+    one_gibibyte_transfer_is_byte_exact,
+    half_close_travels_both_ways,
+    a_reset_travels_as_a_reset,
+    upstream_down_closes_the_local_connection_promptly,
+);

@@ -27,6 +27,18 @@ async fn wait_host(what: &str, deadline: Duration, mut cond: impl FnMut() -> boo
     start.elapsed()
 }
 
+/// Like `wait_host`, but says whether the condition came true instead of panicking.
+async fn within_host(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
 /// A server on the control plane with an echo upstream, and an agent on the node behind NAT.
 struct Setup {
     _procs: Vec<Proc>,
@@ -668,4 +680,175 @@ async fn the_control_plane_reaches_a_kubelet_behind_nat() {
         assert!(text.contains("passed=100 failed=0"), "{text}");
     }
     drop(procs);
+}
+
+fn agent_metric(node: &Host, name: &str) -> f64 {
+    metric_on(node, "127.0.0.1:9090", name).unwrap_or(-1.0)
+}
+
+/// A server on the control plane and an agent (default transport: auto) behind the NAT host,
+/// started with the NAT host dropping or passing UDP.
+async fn transport_setup(udp_blocked: bool) -> Option<(Setup, std::time::Instant)> {
+    if !netns::available() {
+        return None;
+    }
+    let lab = NatLab::new();
+    if udp_blocked {
+        lab.drop_udp(true);
+    }
+    let pki = Pki::with_sans(&[lab.cp_ip().to_string()]);
+    let logs = TempDir::new("transport");
+    let probe = bin("tether-probe");
+    let echo = lab.cp().spawn(
+        "echo",
+        &probe,
+        &["echo", "127.0.0.1:7000"],
+        logs.path().join("echo.log"),
+    );
+    let server = lab.cp().spawn(
+        "server",
+        &bin("tether-server"),
+        &[
+            "run",
+            "--data-dir",
+            pki.server_dir().to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:9443",
+            "--upstream",
+            "127.0.0.1:7000",
+        ],
+        logs.path().join("server.log"),
+    );
+    // The server is listening before the clock starts.
+    wait_host("server listening", Duration::from_secs(10), || {
+        lab.cp()
+            .sh("ss -Hltn 'sport = :9443' | grep -q LISTEN")
+            .status
+            .success()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let agent = lab.node.spawn(
+        "agent",
+        &bin("tether-agent"),
+        &[
+            "run",
+            "--server",
+            &format!("{}:9443", lab.cp_ip()),
+            "--data-dir",
+            pki.agent_dir("edge-1").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:6443",
+            "--admin",
+            "127.0.0.1:9090",
+        ],
+        logs.path().join("agent.log"),
+    );
+    Some((
+        Setup {
+            _procs: vec![echo, server, agent],
+            lab,
+            _pki: pki,
+            logs,
+        },
+        started,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_udp_the_agent_falls_back_to_tcp_and_returns_to_quic() {
+    let Some((s, started)) = transport_setup(true).await else {
+        return;
+    };
+    let up = within_host(Duration::from_secs(10), || agent_ready(&s.lab.node)).await;
+    let log = std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default();
+    assert!(up, "agent not up over TCP:\n{log}");
+    let took = started.elapsed();
+    assert!(took <= Duration::from_secs(3), "up over TCP after {took:?}");
+    assert_eq!(
+        agent_metric(
+            &s.lab.node,
+            "tether_tunnels_by_transport{transport=\"tcp\"}"
+        ),
+        1.0
+    );
+    eprintln!("phase: traffic over TCP");
+    check_traffic(&s.lab.node, 100, 500_000, 11);
+
+    // UDP gets through again: the agent moves to QUIC, and traffic keeps flowing throughout.
+    let hold = s.lab.node.spawn(
+        "hold",
+        &bin("tether-probe"),
+        &["hold", "127.0.0.1:6443"],
+        s.logs.path().join("hold.log"),
+    );
+    wait_host("hold connected", Duration::from_secs(10), || {
+        hold.log_text().contains("connected")
+    })
+    .await;
+    s.lab.drop_udp(false);
+    wait_host("moved to QUIC", Duration::from_secs(30), || {
+        agent_metric(
+            &s.lab.node,
+            "tether_tunnels_by_transport{transport=\"quic\"}",
+        ) == 1.0
+    })
+    .await;
+    eprintln!("phase: traffic over QUIC");
+    check_traffic(&s.lab.node, 100, 500_000, 12);
+    assert!(
+        !hold.log_text().contains("broke"),
+        "the stream open on TCP finished there: {}",
+        hold.log_text()
+    );
+    let log = std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default();
+    assert!(log.contains("moving to it"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nat_rebinding_does_not_drop_a_quic_tunnel() {
+    let Some((s, _)) = transport_setup(false).await else {
+        return;
+    };
+    wait_host("agent up", Duration::from_secs(10), || {
+        agent_ready(&s.lab.node)
+    })
+    .await;
+    assert_eq!(
+        agent_metric(
+            &s.lab.node,
+            "tether_tunnels_by_transport{transport=\"quic\"}"
+        ),
+        1.0
+    );
+    let hold = s.lab.node.spawn(
+        "hold",
+        &bin("tether-probe"),
+        &["hold", "127.0.0.1:6443"],
+        s.logs.path().join("hold.log"),
+    );
+    wait_host("hold connected", Duration::from_secs(10), || {
+        hold.log_text().contains("connected")
+    })
+    .await;
+    let before = s.lab.nat.sh("conntrack -L -p udp 2>/dev/null");
+    // The NAT host forgets its mapping and maps the node's UDP to a new port range.
+    s.lab.nat.sh_ok(
+        "iptables -t nat -I POSTROUTING 1 -o br0 -p udp -j MASQUERADE --to-ports 41000-41999 && conntrack -D -p udp >/dev/null 2>&1; true",
+    );
+    // Traffic across the change, then a check that the mapping really moved.
+    check_traffic(&s.lab.node, 50, 1_000_000, 13);
+    let after = s.lab.nat.sh("conntrack -L -p udp 2>/dev/null");
+    let after = String::from_utf8_lossy(&after.stdout);
+    assert!(
+        after.contains("sport=41") || after.contains("dport=41"),
+        "new mapping: {after}\nbefore: {}",
+        String::from_utf8_lossy(&before.stdout)
+    );
+    assert!(!hold.log_text().contains("broke"), "{}", hold.log_text());
+    assert_eq!(
+        agent_metric(&s.lab.node, "tether_tunnel_connects_total"),
+        1.0,
+        "no reconnect"
+    );
 }

@@ -1,0 +1,417 @@
+//! The fallback transport: TLS 1.3 over TCP, multiplexed with yamux, for networks that block
+//! or throttle UDP.
+//!
+//! One driver task owns each connection and polls it; callers talk to it through bounded
+//! channels (open requests, accepted streams). yamux reads a peer's reset as a clean end of
+//! stream, so each stream carries a small framing of its own, which restores the meaning of
+//! finish and reset that QUIC has:
+//!
+//! ```text
+//! DATA:  0x00, length u32 (BE), bytes     FIN: 0x01     RESET: 0x02, code u32 (BE)
+//! ```
+//!
+//! A stream that ends without FIN (the connection died, or the peer dropped it) reads as a reset.
+//!
+//! Windows: yamux grows each stream's receive window on demand from 256 KiB; a tunnel carries at
+//! most [`MAX_STREAMS`] streams, and its total window is 256 KiB for each of them (a ceiling on
+//! data in flight: the relays read as data arrives, so it is not memory held). Liveness: TCP keepalives (every second
+//! on an idle connection, the kernel's finest step) and `TCP_USER_TIMEOUT` (the idle timeout, for
+//! unacknowledged data) close a silent connection in about the same time as QUIC does.
+
+use crate::tls::Liveness;
+use crate::transport::StreamError;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{AsyncReadExt as _, AsyncWriteExt as _};
+use rustls::pki_types::CertificateDer;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Poll;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+const DATA: u8 = 0;
+const FIN: u8 = 1;
+const RESET: u8 = 2;
+/// Streams accepted but not yet taken by the tunnel's owner; more are refused (reset).
+const ACCEPT_QUEUE: usize = 256;
+
+type Io = Box<dyn AsyncIo>;
+trait AsyncIo: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin + Send {}
+impl<T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin + Send> AsyncIo for T {}
+
+/// The shared end of a yamux connection.
+#[derive(Debug)]
+pub struct TcpTunnel {
+    open_tx: mpsc::Sender<oneshot::Sender<io::Result<yamux::Stream>>>,
+    inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
+    closed: watch::Receiver<Option<String>>,
+    close_tx: mpsc::Sender<String>,
+    pub remote: SocketAddr,
+    pub id: usize,
+    pub peer_certs: Vec<CertificateDer<'static>>,
+    pub alpn: Option<Vec<u8>>,
+}
+
+fn next_id() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Far above quinn's ids, so the two never collide.
+    static N: AtomicUsize = AtomicUsize::new(1 << 40);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// TCP settings that notice a silent peer: keepalive probes on an idle connection, and a user
+/// timeout on unacknowledged data.
+fn tune(tcp: &TcpStream, liveness: Liveness) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(tcp);
+    // The kernel counts keepalive times in whole seconds, at least one.
+    let interval = liveness
+        .keepalive_interval
+        .max(std::time::Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(interval)
+        .with_interval(interval)
+        .with_retries(
+            (liveness.idle_timeout.as_millis() / interval.as_millis().max(1)).clamp(1, 30) as u32,
+        );
+    sock.set_tcp_keepalive(&ka)?;
+    sock.set_tcp_user_timeout(Some(liveness.idle_timeout))?;
+    Ok(())
+}
+
+/// Streams one TCP tunnel carries at once.
+pub const MAX_STREAMS: usize = 2048;
+
+fn yamux_config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    // yamux wants room for its 256 KiB default window on every stream it allows. This is a
+    // ceiling on data in flight, not an allocation: the relays read as data arrives.
+    c.set_max_num_streams(MAX_STREAMS);
+    c.set_max_connection_receive_window(Some(256 * 1024 * MAX_STREAMS));
+    c
+}
+
+impl TcpTunnel {
+    /// Dials `addr`, runs TLS as a client (verifying the server as `name`) and yamux on top.
+    pub async fn connect(
+        addr: SocketAddr,
+        name: &str,
+        tls: Arc<rustls::ClientConfig>,
+        liveness: Liveness,
+    ) -> io::Result<Self> {
+        let ctx = |what: &'static str| {
+            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        let tcp = TcpStream::connect(addr).await.map_err(ctx("connect"))?;
+        tune(&tcp, liveness).map_err(ctx("socket options"))?;
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(server_name, tcp)
+            .await
+            .map_err(ctx("TLS"))?;
+        let (_, session) = tls.get_ref();
+        let peer_certs = session
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let alpn = session.alpn_protocol().map(|a| a.to_vec());
+        Ok(Self::start(
+            Box::new(tls.compat()),
+            yamux::Mode::Client,
+            addr,
+            peer_certs,
+            alpn,
+        ))
+    }
+
+    /// Runs TLS as a server on an accepted connection, and yamux on top.
+    pub async fn accept(
+        tcp: TcpStream,
+        acceptor: tokio_rustls::TlsAcceptor,
+        liveness: Liveness,
+    ) -> io::Result<Self> {
+        let remote = tcp.peer_addr()?;
+        tune(&tcp, liveness)?;
+        let tls = acceptor.accept(tcp).await?;
+        let (_, session) = tls.get_ref();
+        let peer_certs = session
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let alpn = session.alpn_protocol().map(|a| a.to_vec());
+        Ok(Self::start(
+            Box::new(tls.compat()),
+            yamux::Mode::Server,
+            remote,
+            peer_certs,
+            alpn,
+        ))
+    }
+
+    fn start(
+        io: Io,
+        mode: yamux::Mode,
+        remote: SocketAddr,
+        peer_certs: Vec<CertificateDer<'static>>,
+        alpn: Option<Vec<u8>>,
+    ) -> Self {
+        let conn = yamux::Connection::new(io, yamux_config(), mode);
+        let (open_tx, open_rx) = mpsc::channel(64);
+        let (inbound_tx, inbound_rx) = mpsc::channel(ACCEPT_QUEUE);
+        let (closed_tx, closed) = watch::channel(None);
+        let (close_tx, close_rx) = mpsc::channel(1);
+        tokio::spawn(drive(conn, open_rx, inbound_tx, closed_tx, close_rx));
+        TcpTunnel {
+            open_tx,
+            inbound: Mutex::new(inbound_rx),
+            closed,
+            close_tx,
+            remote,
+            id: next_id(),
+            peer_certs,
+            alpn,
+        }
+    }
+
+    pub async fn open(&self) -> Result<(SendHalf, RecvHalf), String> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx.send(tx).await.map_err(|_| self.reason())?;
+        let stream = rx
+            .await
+            .map_err(|_| self.reason())?
+            .map_err(|e| e.to_string())?;
+        Ok(split(stream))
+    }
+
+    pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), String> {
+        let mut rx = self.inbound.lock().await;
+        match rx.recv().await {
+            Some(s) => Ok(split(s)),
+            None => Err(self.reason()),
+        }
+    }
+
+    pub fn close(&self, reason: &str) {
+        let _ = self.close_tx.try_send(reason.to_string());
+    }
+
+    pub async fn closed(&self) -> String {
+        let mut rx = self.closed.clone();
+        let reason = match rx.wait_for(|r| r.is_some()).await {
+            Ok(r) => r.clone().unwrap_or_default(),
+            Err(_) => "connection closed".into(),
+        };
+        reason
+    }
+
+    pub fn close_reason(&self) -> Option<String> {
+        self.closed.borrow().clone()
+    }
+
+    fn reason(&self) -> String {
+        self.close_reason()
+            .unwrap_or_else(|| "connection closed".into())
+    }
+}
+
+/// Owns the connection: serves open requests, hands out inbound streams, drives the I/O.
+async fn drive(
+    mut conn: yamux::Connection<Io>,
+    mut open_rx: mpsc::Receiver<oneshot::Sender<io::Result<yamux::Stream>>>,
+    inbound_tx: mpsc::Sender<yamux::Stream>,
+    closed_tx: watch::Sender<Option<String>>,
+    mut close_rx: mpsc::Receiver<String>,
+) {
+    let mut pending: Option<oneshot::Sender<io::Result<yamux::Stream>>> = None;
+    let reason = std::future::poll_fn(|cx| {
+        if let Poll::Ready(Some(why)) = close_rx.poll_recv(cx) {
+            return Poll::Ready(Some(why));
+        }
+        loop {
+            if pending.is_none() {
+                match open_rx.poll_recv(cx) {
+                    Poll::Ready(Some(tx)) => pending = Some(tx),
+                    Poll::Ready(None) => return Poll::Ready(Some("tunnel dropped".into())),
+                    Poll::Pending => break,
+                }
+            }
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(r) => {
+                    if let Some(tx) = pending.take() {
+                        let _ = tx.send(r.map_err(|e| io::Error::other(e.to_string())));
+                    }
+                }
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(s))) => {
+                    // A full queue refuses the stream: dropping it resets it.
+                    let _ = inbound_tx.try_send(s);
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(e.to_string())),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    let reason = reason.unwrap_or_else(|| "closed by peer".into());
+    let closed_locally = !reason.contains("closed by peer");
+    if closed_locally {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            std::future::poll_fn(|cx| conn.poll_close(cx)),
+        )
+        .await;
+    }
+    closed_tx.send_replace(Some(reason));
+}
+
+fn split(s: yamux::Stream) -> (SendHalf, RecvHalf) {
+    let (r, w) = s.split();
+    (
+        SendHalf { w: Some(w) },
+        RecvHalf {
+            r: Some(r),
+            buf: BytesMut::new(),
+            left: 0,
+            ended: None,
+        },
+    )
+}
+
+/// The sending half of a stream over TCP.
+pub struct SendHalf {
+    w: Option<futures_util::io::WriteHalf<yamux::Stream>>,
+}
+
+impl SendHalf {
+    pub async fn write_chunk(&mut self, data: Bytes) -> Result<(), StreamError> {
+        let w = self.w.as_mut().ok_or(StreamError::Closed)?;
+        let mut head = [0u8; 5];
+        head[0] = DATA;
+        head[1..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        w.write_all(&head).await.map_err(write_err)?;
+        w.write_all(&data).await.map_err(write_err)
+    }
+
+    /// Writes FIN and closes. Awaited by the caller's own task: yamux wakes one task per
+    /// stream, so writing from a task of its own could lose the reading task's wake-up.
+    pub async fn finish(&mut self) {
+        if let Some(mut w) = self.w.take() {
+            let _ = w.write_all(&[FIN]).await;
+            let _ = w.close().await;
+        }
+    }
+
+    /// Writes RESET and closes; a peer that does not read within a second gets a yamux reset
+    /// instead (dropping an open stream resets it), which reads as a reset all the same.
+    pub async fn reset(&mut self, code: u32) {
+        if let Some(mut w) = self.w.take() {
+            let mut m = [0u8; 5];
+            m[0] = RESET;
+            m[1..].copy_from_slice(&code.to_be_bytes());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                let _ = w.write_all(&m).await;
+                let _ = w.close().await;
+            })
+            .await;
+        }
+    }
+}
+
+fn write_err(e: io::Error) -> StreamError {
+    match e.kind() {
+        io::ErrorKind::WriteZero | io::ErrorKind::BrokenPipe => StreamError::Stopped(0),
+        _ => StreamError::ConnectionLost(e.to_string()),
+    }
+}
+
+/// The receiving half of a stream over TCP.
+pub struct RecvHalf {
+    r: Option<futures_util::io::ReadHalf<yamux::Stream>>,
+    buf: BytesMut,
+    /// Bytes of the current DATA frame not yet handed out.
+    left: usize,
+    ended: Option<Result<(), StreamError>>,
+}
+
+impl RecvHalf {
+    async fn fill(&mut self, n: usize) -> Result<bool, StreamError> {
+        let r = self.r.as_mut().ok_or(StreamError::Closed)?;
+        while self.buf.len() < n {
+            let mut chunk = [0u8; 16 * 1024];
+            let k = r
+                .read(&mut chunk)
+                .await
+                .map_err(|e| StreamError::ConnectionLost(e.to_string()))?;
+            if k == 0 {
+                return Ok(false);
+            }
+            self.buf.put_slice(&chunk[..k]);
+        }
+        Ok(true)
+    }
+
+    pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
+        loop {
+            if let Some(end) = &self.ended {
+                return end.clone().map(|_| None);
+            }
+            if self.left > 0 {
+                if self.buf.is_empty() && !self.fill(1).await? {
+                    self.ended = Some(Err(StreamError::Reset(0)));
+                    continue;
+                }
+                let n = self.left.min(self.buf.len()).min(max.max(1));
+                self.left -= n;
+                return Ok(Some(self.buf.split_to(n).freeze()));
+            }
+            if !self.fill(1).await? {
+                // Ended without FIN: the peer went away or dropped the stream.
+                self.ended = Some(Err(StreamError::Reset(0)));
+                continue;
+            }
+            match self.buf[0] {
+                DATA => {
+                    if !self.fill(5).await? {
+                        self.ended = Some(Err(StreamError::Reset(0)));
+                        continue;
+                    }
+                    self.buf.advance(1);
+                    self.left = self.buf.get_u32() as usize;
+                }
+                FIN => {
+                    self.buf.advance(1);
+                    self.ended = Some(Ok(()));
+                }
+                RESET => {
+                    let code = if self.fill(5).await? {
+                        self.buf.advance(1);
+                        self.buf.get_u32()
+                    } else {
+                        0
+                    };
+                    self.ended = Some(Err(StreamError::Reset(code)));
+                }
+                other => {
+                    self.ended = Some(Err(StreamError::ConnectionLost(format!(
+                        "bad stream framing byte {other:#x}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    pub fn stop(&mut self, _code: u32) {
+        // Dropping our read half, with the write half gone too, resets the yamux stream: the
+        // peer's writes fail from then on.
+        self.r = None;
+        self.ended = Some(Err(StreamError::Closed));
+    }
+}
