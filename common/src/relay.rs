@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 /// Largest chunk the relay reads at once.
@@ -125,9 +125,11 @@ async fn tcp_to_tunnel(
     }
 }
 
-async fn tunnel_to_tcp(
+/// Tunnel to a local writer (a TCP socket, or any byte stream), shutting its write side down
+/// at the end of the stream.
+async fn tunnel_to_tcp<W: AsyncWrite + Unpin>(
     recv: &mut RecvHalf,
-    wr: &mut OwnedWriteHalf,
+    wr: &mut W,
     meters: &[&Meter],
     total: &AtomicU64,
 ) -> Result<(), Abort> {
@@ -267,28 +269,7 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite>(
             }
         }
     };
-    let from_tunnel = async {
-        loop {
-            match recv.read_chunk(CHUNK).await.map_err(remote)? {
-                Some(chunk) => {
-                    let n = chunk.len() as u64;
-                    wr.write_all(&chunk)
-                        .await
-                        .map_err(|e| Abort::Local(e.to_string()))?;
-                    down.fetch_add(n, Ordering::Relaxed);
-                    for m in meters {
-                        m.from_tunnel.fetch_add(n, Ordering::Relaxed);
-                    }
-                }
-                None => {
-                    wr.shutdown()
-                        .await
-                        .map_err(|e| Abort::Local(e.to_string()))?;
-                    return Ok(());
-                }
-            }
-        }
-    };
+    let from_tunnel = tunnel_to_tcp(&mut recv, &mut wr, meters, &down);
     let result = tokio::try_join!(to_tunnel, from_tunnel);
     let outcome = match result {
         Ok(_) => Outcome::Closed,

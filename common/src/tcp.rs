@@ -84,6 +84,17 @@ fn tune(tcp: &TcpStream, liveness: Liveness) -> io::Result<()> {
 /// Streams one TCP tunnel carries at once.
 pub const MAX_STREAMS: usize = 2048;
 
+/// The peer's certificates and the agreed ALPN protocol of a finished TLS handshake.
+fn session_info<D>(
+    session: &rustls::ConnectionCommon<D>,
+) -> (Vec<CertificateDer<'static>>, Option<Vec<u8>>) {
+    let certs = session
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    (certs, session.alpn_protocol().map(|a| a.to_vec()))
+}
+
 fn yamux_config() -> yamux::Config {
     let mut c = yamux::Config::default();
     // yamux wants room for its 256 KiB default window on every stream it allows. This is a
@@ -112,12 +123,7 @@ impl TcpTunnel {
             .connect(server_name, tcp)
             .await
             .map_err(ctx("TLS"))?;
-        let (_, session) = tls.get_ref();
-        let peer_certs = session
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
-        let alpn = session.alpn_protocol().map(|a| a.to_vec());
+        let (peer_certs, alpn) = session_info(tls.get_ref().1);
         Ok(Self::start(
             Box::new(tls.compat()),
             yamux::Mode::Client,
@@ -136,12 +142,7 @@ impl TcpTunnel {
         let remote = tcp.peer_addr()?;
         tune(&tcp, liveness)?;
         let tls = acceptor.accept(tcp).await?;
-        let (_, session) = tls.get_ref();
-        let peer_certs = session
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
-        let alpn = session.alpn_protocol().map(|a| a.to_vec());
+        let (peer_certs, alpn) = session_info(tls.get_ref().1);
         Ok(Self::start(
             Box::new(tls.compat()),
             yamux::Mode::Server,

@@ -48,10 +48,24 @@ struct Setup {
 }
 
 async fn setup() -> Option<Setup> {
+    let (s, _) = start_pair(false).await?;
+    wait_host("agent ready", Duration::from_secs(20), || {
+        agent_ready(&s.lab.node)
+    })
+    .await;
+    Some(s)
+}
+
+/// A server on the control plane and an agent (default transport: auto) behind the NAT host,
+/// the NAT host dropping UDP or not; with the time the agent was started.
+async fn start_pair(udp_blocked: bool) -> Option<(Setup, std::time::Instant)> {
     if !netns::available() {
         return None;
     }
     let lab = NatLab::new();
+    if udp_blocked {
+        lab.drop_udp(true);
+    }
     let pki = Pki::with_sans(&[lab.cp_ip().to_string()]);
     let logs = TempDir::new("netns-logs");
     let probe = bin("tether-probe");
@@ -75,6 +89,15 @@ async fn setup() -> Option<Setup> {
         ],
         logs.path().join("server.log"),
     );
+    // The server is listening before the clock starts.
+    wait_host("server listening", Duration::from_secs(10), || {
+        lab.cp()
+            .sh("ss -Hltn 'sport = :9443' | grep -q LISTEN")
+            .status
+            .success()
+    })
+    .await;
+    let started = std::time::Instant::now();
     let agent = lab.node.spawn(
         "agent",
         &bin("tether-agent"),
@@ -91,17 +114,15 @@ async fn setup() -> Option<Setup> {
         ],
         logs.path().join("agent.log"),
     );
-    let s = Setup {
-        _procs: vec![echo, server, agent],
-        lab,
-        _pki: pki,
-        logs,
-    };
-    wait_host("agent ready", Duration::from_secs(20), || {
-        agent_ready(&s.lab.node)
-    })
-    .await;
-    Some(s)
+    Some((
+        Setup {
+            _procs: vec![echo, server, agent],
+            lab,
+            _pki: pki,
+            logs,
+        },
+        started,
+    ))
 }
 
 fn check_traffic(node: &Host, streams: u32, max: u32, seed: u32) {
@@ -686,78 +707,9 @@ fn agent_metric(node: &Host, name: &str) -> f64 {
     metric_on(node, "127.0.0.1:9090", name).unwrap_or(-1.0)
 }
 
-/// A server on the control plane and an agent (default transport: auto) behind the NAT host,
-/// started with the NAT host dropping or passing UDP.
-async fn transport_setup(udp_blocked: bool) -> Option<(Setup, std::time::Instant)> {
-    if !netns::available() {
-        return None;
-    }
-    let lab = NatLab::new();
-    if udp_blocked {
-        lab.drop_udp(true);
-    }
-    let pki = Pki::with_sans(&[lab.cp_ip().to_string()]);
-    let logs = TempDir::new("transport");
-    let probe = bin("tether-probe");
-    let echo = lab.cp().spawn(
-        "echo",
-        &probe,
-        &["echo", "127.0.0.1:7000"],
-        logs.path().join("echo.log"),
-    );
-    let server = lab.cp().spawn(
-        "server",
-        &bin("tether-server"),
-        &[
-            "run",
-            "--data-dir",
-            pki.server_dir().to_str().unwrap(),
-            "--listen",
-            "0.0.0.0:9443",
-            "--upstream",
-            "127.0.0.1:7000",
-        ],
-        logs.path().join("server.log"),
-    );
-    // The server is listening before the clock starts.
-    wait_host("server listening", Duration::from_secs(10), || {
-        lab.cp()
-            .sh("ss -Hltn 'sport = :9443' | grep -q LISTEN")
-            .status
-            .success()
-    })
-    .await;
-    let started = std::time::Instant::now();
-    let agent = lab.node.spawn(
-        "agent",
-        &bin("tether-agent"),
-        &[
-            "run",
-            "--server",
-            &format!("{}:9443", lab.cp_ip()),
-            "--data-dir",
-            pki.agent_dir("edge-1").to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:6443",
-            "--admin",
-            "127.0.0.1:9090",
-        ],
-        logs.path().join("agent.log"),
-    );
-    Some((
-        Setup {
-            _procs: vec![echo, server, agent],
-            lab,
-            _pki: pki,
-            logs,
-        },
-        started,
-    ))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_udp_the_agent_falls_back_to_tcp_and_returns_to_quic() {
-    let Some((s, started)) = transport_setup(true).await else {
+    let Some((s, started)) = start_pair(true).await else {
         return;
     };
     let up = within_host(Duration::from_secs(10), || agent_ready(&s.lab.node)).await;
@@ -807,7 +759,7 @@ async fn without_udp_the_agent_falls_back_to_tcp_and_returns_to_quic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nat_rebinding_does_not_drop_a_quic_tunnel() {
-    let Some((s, _)) = transport_setup(false).await else {
+    let Some((s, _)) = start_pair(false).await else {
         return;
     };
     wait_host("agent up", Duration::from_secs(10), || {
