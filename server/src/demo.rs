@@ -169,20 +169,22 @@ pub async fn run() -> Result<()> {
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     println!("tether demo: two servers, two stand-in apiservers, one node agent, one failover\n");
 
-    // 1. Certificates: server 1 makes the CA, server 2 joins it, the node gets an agent cert.
+    // 1. Certificates: server 1 makes the CA and a join token, server 2 joins the CA.
     let (d1, d2, dn) = (
         root.join("server-1"),
         root.join("server-2"),
         root.join("node"),
     );
-    tether_certs::init(&d1, &[], 1, 1)?;
+    let report = tether_certs::init(&d1, &[], 1, 1)?;
     std::fs::create_dir_all(&d2)?;
     for f in [files::CA_CERT, files::CA_KEY] {
         std::fs::copy(d1.join(f), d2.join(f))?;
     }
     tether_certs::init(&d2, &[], 1, 1)?;
-    tether_certs::issue_agent_files(&d1, "demo-node", &dn, 1)?;
-    println!(" 1. made a CA and certificates in {}", root.display());
+    println!(
+        " 1. made a CA, server certificates and a join token in {}",
+        root.display()
+    );
 
     // 2. Stand-in apiservers, with certificates from the same CA for "localhost".
     let ca = Ca::load(&d1)?;
@@ -221,12 +223,15 @@ pub async fn run() -> Result<()> {
         servers[0].name, servers[0].addr, servers[1].name, servers[1].addr
     );
 
-    // 4. The node's agent, in this process.
+    // 4. The node's agent, in this process: it joins with the token (the token pins the CA;
+    // its key is made here and never leaves), then keeps a tunnel to each server.
     let mut config = tether_agent::config::AgentConfig::new(
         servers.iter().map(|s| s.addr.to_string()).collect(),
         dn.clone(),
     );
     config.listen = "127.0.0.1:0".parse()?;
+    config.token = Some(report.token.to_string());
+    config.node_name = Some("demo-node".into());
     let agent = tether_agent::start(config)
         .await
         .context("the demo agent cannot start")?;
@@ -241,7 +246,7 @@ pub async fn run() -> Result<()> {
         return Err(e);
     }
     println!(
-        " 4. tether-agent for node demo-node listens on {}; tunnels up: 2",
+        " 4. tether-agent joined as node demo-node with the token; it listens on {}; tunnels up: 2",
         agent.listen_addr
     );
 
