@@ -33,6 +33,20 @@ pub struct Meter {
     pub from_tunnel: AtomicU64,
 }
 
+impl Meter {
+    fn add_to_tunnel(meters: &[&Meter], n: u64) {
+        for m in meters {
+            m.to_tunnel.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn add_from_tunnel(meters: &[&Meter], n: u64) {
+        for m in meters {
+            m.from_tunnel.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
 /// How a relay ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -57,6 +71,15 @@ enum Abort {
     Remote(String),
 }
 
+impl From<Abort> for Outcome {
+    fn from(a: Abort) -> Self {
+        match a {
+            Abort::Local(e) => Outcome::LocalReset(e),
+            Abort::Remote(e) => Outcome::RemoteReset(e),
+        }
+    }
+}
+
 /// Relays until both directions are done or one side resets.
 pub async fn relay(tcp: TcpStream, stream: Stream, meters: &[&Meter]) -> Summary {
     let _ = tcp.set_nodelay(true);
@@ -76,10 +99,7 @@ pub async fn relay(tcp: TcpStream, stream: Stream, meters: &[&Meter]) -> Summary
                 // Dropping with linger 0 sends RST: the far side's reset arrives as a reset.
                 let _ = tcp.set_zero_linger();
             }
-            match abort {
-                Abort::Local(e) => Outcome::LocalReset(e),
-                Abort::Remote(e) => Outcome::RemoteReset(e),
-            }
+            abort.into()
         }
     };
     Summary {
@@ -112,9 +132,7 @@ async fn tcp_to_tunnel(
                 let chunk = buf.split().freeze();
                 send.write_chunk(chunk).await.map_err(remote)?;
                 total.fetch_add(n as u64, Ordering::Relaxed);
-                for m in meters {
-                    m.to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
-                }
+                Meter::add_to_tunnel(meters, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // The socket is drained: give the buffer back so an idle connection holds none.
@@ -141,9 +159,7 @@ async fn tunnel_to_tcp<W: AsyncWrite + Unpin>(
                     .await
                     .map_err(|e| Abort::Local(e.to_string()))?;
                 total.fetch_add(n, Ordering::Relaxed);
-                for m in meters {
-                    m.from_tunnel.fetch_add(n, Ordering::Relaxed);
-                }
+                Meter::add_from_tunnel(meters, n);
             }
             None => {
                 wr.shutdown()
@@ -182,10 +198,7 @@ pub async fn splice(a: Stream, b: Stream, meters: &[&Meter]) -> Summary {
             a_recv.stop(code::RESET);
             b_send.reset(code::RESET).await;
             b_recv.stop(code::RESET);
-            match abort {
-                Abort::Local(e) => Outcome::LocalReset(e),
-                Abort::Remote(e) => Outcome::RemoteReset(e),
-            }
+            abort.into()
         }
     };
     Summary {
@@ -211,13 +224,10 @@ async fn pipe(
                     .await
                     .map_err(|e| Abort::Remote(e.to_string()))?;
                 total.fetch_add(n, Ordering::Relaxed);
-                for m in meters {
-                    let side = if inbound {
-                        &m.from_tunnel
-                    } else {
-                        &m.to_tunnel
-                    };
-                    side.fetch_add(n, Ordering::Relaxed);
+                if inbound {
+                    Meter::add_from_tunnel(meters, n);
+                } else {
+                    Meter::add_to_tunnel(meters, n);
                 }
             }
             Ok(None) => {
@@ -261,9 +271,7 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite>(
                         .await
                         .map_err(remote)?;
                     up.fetch_add(n as u64, Ordering::Relaxed);
-                    for m in meters {
-                        m.to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
-                    }
+                    Meter::add_to_tunnel(meters, n as u64);
                 }
                 Err(e) => return Err(Abort::Local(e.to_string())),
             }
@@ -276,10 +284,7 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite>(
         Err(abort) => {
             send.reset(code::RESET).await;
             recv.stop(code::RESET);
-            match abort {
-                Abort::Local(e) => Outcome::LocalReset(e),
-                Abort::Remote(e) => Outcome::RemoteReset(e),
-            }
+            abort.into()
         }
     };
     Summary {

@@ -270,6 +270,12 @@ pub async fn echo_roundtrip(addr: SocketAddr, data: Vec<u8>) -> Result<(), Strin
     let c = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    echo_on(c, data).await
+}
+
+/// Sends `data` on a connection whose far end echoes, half-closes, reads the echo to the end,
+/// and checks it byte for byte.
+pub async fn echo_on(c: TcpStream, data: Vec<u8>) -> Result<(), String> {
     let (mut r, mut w) = c.into_split();
     let expect = sha256(&data);
     let len = data.len();
@@ -366,27 +372,7 @@ pub async fn connect_proxy(proxy: SocketAddr, target: &str) -> Result<TcpStream,
 
 /// Echo round trip through a CONNECT proxy.
 pub async fn proxy_echo(proxy: SocketAddr, target: &str, data: Vec<u8>) -> Result<(), String> {
-    let c = connect_proxy(proxy, target).await?;
-    let (mut r, mut w) = c.into_split();
-    let expect = sha256(&data);
-    let len = data.len();
-    let writer = tokio::spawn(async move {
-        w.write_all(&data).await?;
-        w.shutdown().await
-    });
-    let mut got = Vec::with_capacity(len);
-    r.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
-    writer
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    if got.len() != len || sha256(&got) != expect {
-        return Err(format!(
-            "echo returned {} of {len} bytes, or other ones",
-            got.len()
-        ));
-    }
-    Ok(())
+    echo_on(connect_proxy(proxy, target).await?, data).await
 }
 
 /// Fetches a path from an admin endpoint; returns the status code and body.

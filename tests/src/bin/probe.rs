@@ -43,35 +43,9 @@ async fn main() {
             std::future::pending::<()>().await;
         }
         Some("check") => {
-            let (via, streams, max, seed) = (
-                addr(args.get(1)),
-                num(args.get(2)),
-                num(args.get(3)),
-                num(args.get(4)),
-            );
-            let mut tasks = tokio::task::JoinSet::new();
-            for i in 0..streams {
-                let size = fastrand::Rng::with_seed(seed + i).usize(..=max as usize);
-                tasks.spawn(async move {
-                    tokio::time::timeout(
-                        Duration::from_secs(60),
-                        echo_roundtrip(via, random_bytes(size, seed + i)),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()))
-                });
-            }
-            let results = tasks.join_all().await;
-            let errors: Vec<_> = results.into_iter().filter_map(Result::err).collect();
-            println!(
-                "probe: passed={} failed={}",
-                streams as usize - errors.len(),
-                errors.len()
-            );
-            for e in errors.iter().take(5) {
-                println!("probe: error: {e}");
-            }
-            std::process::exit(if errors.is_empty() { 0 } else { 1 });
+            let via = addr(args.get(1));
+            let (streams, max, seed) = (num(args.get(2)), num(args.get(3)), num(args.get(4)));
+            check(streams, max, seed, move |data| echo_roundtrip(via, data)).await
         }
         Some("connect-check") => {
             let (proxy, target) = (
@@ -79,34 +53,11 @@ async fn main() {
                 args.get(2).cloned().unwrap_or_else(|| usage()),
             );
             let (streams, max, seed) = (num(args.get(3)), num(args.get(4)), num(args.get(5)));
-            let mut tasks = tokio::task::JoinSet::new();
-            for i in 0..streams {
-                let size = fastrand::Rng::with_seed(seed + i).usize(..=max as usize);
+            check(streams, max, seed, move |data| {
                 let target = target.clone();
-                tasks.spawn(async move {
-                    tokio::time::timeout(
-                        Duration::from_secs(60),
-                        tether_tests::proxy_echo(proxy, &target, random_bytes(size, seed + i)),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()))
-                });
-            }
-            let errors: Vec<_> = tasks
-                .join_all()
-                .await
-                .into_iter()
-                .filter_map(Result::err)
-                .collect();
-            println!(
-                "probe: passed={} failed={}",
-                streams as usize - errors.len(),
-                errors.len()
-            );
-            for e in errors.iter().take(5) {
-                println!("probe: error: {e}");
-            }
-            std::process::exit(if errors.is_empty() { 0 } else { 1 });
+                async move { tether_tests::proxy_echo(proxy, &target, data).await }
+            })
+            .await
         }
         Some("kubelet") => {
             let at = addr(args.get(1));
@@ -209,4 +160,38 @@ async fn hold(via: SocketAddr) {
     if let Err(e) = result {
         println!("probe: hold broke at-ms={}: {e}", now_ms());
     }
+}
+
+/// Runs `streams` concurrent checked round trips of random sizes up to `max`, prints the
+/// report, and exits 0 only when all passed.
+async fn check<F, Fut>(streams: u64, max: u64, seed: u64, roundtrip: F) -> !
+where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..streams {
+        let size = fastrand::Rng::with_seed(seed + i).usize(..=max as usize);
+        let attempt = roundtrip(random_bytes(size, seed + i));
+        tasks.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(60), attempt)
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()))
+        });
+    }
+    let errors: Vec<_> = tasks
+        .join_all()
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    println!(
+        "probe: passed={} failed={}",
+        streams as usize - errors.len(),
+        errors.len()
+    );
+    for e in errors.iter().take(5) {
+        println!("probe: error: {e}");
+    }
+    std::process::exit(if errors.is_empty() { 0 } else { 1 });
 }
