@@ -186,12 +186,12 @@ async fn relayed_streams_never_loop() {
             .all(|s| s.metrics().upstream_healthy.get() == 0)
     })
     .await;
-    let mut c = tokio::net::TcpStream::connect(agent.listen_addr)
-        .await
-        .unwrap();
-    let mut b = [0u8; 1];
-    let r = within("prompt failure", Duration::from_secs(10), c.read(&mut b)).await;
-    assert!(matches!(r, Ok(0) | Err(_)));
+    // A prompt failure: a reset, which may arrive before connect() even returns.
+    if let Ok(mut c) = tokio::net::TcpStream::connect(agent.listen_addr).await {
+        let mut b = [0u8; 1];
+        let r = within("prompt failure", Duration::from_secs(10), c.read(&mut b)).await;
+        assert!(matches!(r, Ok(0) | Err(_)));
+    }
     for s in &servers {
         assert_eq!(s.metrics().peer_relayed.get(), 0);
     }
