@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub key: PathBuf,
     /// Local TCP listener (the address kubelet and kube-proxy use).
     pub listen: SocketAddr,
+    /// More local listeners, each carried to a named service of the servers (`--forward`).
+    pub forwards: Vec<(SocketAddr, String)>,
     /// Admin endpoint (health, readiness, metrics); none when unset.
     pub admin: Option<SocketAddr>,
     /// How long a server may take to answer a stream open before the next server is tried.
@@ -69,6 +71,7 @@ impl AgentConfig {
             cert: data_dir.join(tether_certs::files::AGENT_CERT),
             key: data_dir.join(tether_certs::files::AGENT_KEY),
             listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
+            forwards: Vec::new(),
             admin: None,
             stream_open_timeout: Duration::from_millis(500),
             last_attempt_timeout: Duration::from_secs(5),
@@ -83,5 +86,31 @@ impl AgentConfig {
                 ..TunnelLimits::default()
             },
         }
+    }
+}
+
+/// Parses `LISTEN=NAME` for `--forward`: a local address and the server-side service it reaches.
+pub fn parse_forward(s: &str) -> Result<(SocketAddr, String), String> {
+    let (addr, name) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{s:?}: expected LISTEN_ADDR=SERVICE"))?;
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?}: not an address ({e})"))?;
+    tether_common::protocol::validate_service_name(name)?;
+    Ok((addr, name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_forward;
+
+    #[test]
+    fn forwards_parse_and_bad_ones_say_why() {
+        let (addr, name) = parse_forward("127.0.0.1:7000=bulk").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((addr.port(), name.as_str()), (7000, "bulk"));
+        assert!(parse_forward("127.0.0.1:7000").is_err());
+        assert!(parse_forward("nohost=bulk").is_err());
+        assert!(parse_forward("127.0.0.1:1=UPPER").is_err());
     }
 }

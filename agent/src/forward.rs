@@ -4,9 +4,7 @@ use crate::metrics::{Metrics, OpenFailure};
 use std::sync::Arc;
 use std::time::Duration;
 use tether_common::pool::{Link, Policy, Pool};
-use tether_common::protocol::{
-    code, Message, StatusCode, Target, PROTOCOL_VERSION, SERVICE_APISERVER,
-};
+use tether_common::protocol::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
 use tether_common::relay::{self, Outcome};
 use tether_common::shutdown::ShutdownSignal;
 use tether_common::telemetry::GaugeGuard;
@@ -18,6 +16,8 @@ use tracing::{debug, warn};
 /// Settings of the forwarder.
 #[derive(Debug, Clone)]
 pub struct Forwarding {
+    /// The server-side service each connection is carried to.
+    pub service: String,
     pub policy: Policy,
     pub stream_open_timeout: Duration,
     pub last_attempt_timeout: Duration,
@@ -78,7 +78,7 @@ async fn forward(conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &For
         } else {
             settings.stream_open_timeout
         };
-        match open(&link, wait).await {
+        match open(&link, &settings.service, wait).await {
             Ok(stream) => {
                 if i > 0 {
                     metrics.failovers.inc();
@@ -116,7 +116,7 @@ async fn forward(conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &For
 
 /// Opens a stream and waits for the server's status. Nothing is read from the local client
 /// until this succeeds, so a retry on another server loses no byte.
-async fn open(link: &Link, wait: Duration) -> Result<Stream, (OpenFailure, String)> {
+async fn open(link: &Link, service: &str, wait: Duration) -> Result<Stream, (OpenFailure, String)> {
     let deadline = tokio::time::Instant::now() + wait;
     let attempt = async {
         let mut stream = link
@@ -126,7 +126,7 @@ async fn open(link: &Link, wait: Duration) -> Result<Stream, (OpenFailure, Strin
             .map_err(|e| (OpenFailure::TunnelLost, e.to_string()))?;
         let header = Message::Open {
             version: PROTOCOL_VERSION,
-            target: Target::Service(SERVICE_APISERVER.into()),
+            target: Target::Service(service.into()),
             hops: 0,
         };
         if let Err(e) = stream.send.write_message(&header).await {

@@ -52,6 +52,8 @@ pub enum AgentError {
 pub struct AgentHandle {
     /// The local listener's address.
     pub listen_addr: SocketAddr,
+    /// The `--forward` listeners' addresses and services, in the order given.
+    pub forward_addrs: Vec<(SocketAddr, String)>,
     pub admin_addr: Option<SocketAddr>,
     /// The node name, from the agent's certificate.
     pub node_name: String,
@@ -140,15 +142,25 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let transport = tls::quic_transport(config.liveness, config.limits);
     let client_config = tls::quic_client_config(tls_config.clone(), transport)?;
 
-    let listener =
-        tether_common::net::listen_tcp(config.listen).map_err(|source| AgentError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let listen_addr = listener.local_addr().map_err(|source| AgentError::Listen {
-        addr: config.listen,
-        source,
-    })?;
+    // The apiserver listener first, then one per --forward; all bound before anything starts,
+    // so that a taken port fails the start with its address.
+    let mut listeners = Vec::new();
+    let wanted = std::iter::once((config.listen, SERVICE_APISERVER.to_string()))
+        .chain(config.forwards.iter().cloned());
+    for (addr, service) in wanted {
+        let l = tether_common::net::listen_tcp(addr)
+            .map_err(|source| AgentError::Listen { addr, source })?;
+        let bound = l
+            .local_addr()
+            .map_err(|source| AgentError::Listen { addr, source })?;
+        listeners.push((l, bound, service));
+    }
+    let listen_addr = listeners[0].1;
+    let forward_addrs: Vec<(SocketAddr, String)> = listeners
+        .iter()
+        .skip(1)
+        .map(|(_, a, s)| (*a, s.clone()))
+        .collect();
 
     let pool = Arc::new(Pool::default());
     let metrics = Arc::new(Metrics::default());
@@ -232,23 +244,27 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         reconnect_max: config.reconnect_max,
     };
     tasks.spawn(discovery.run(shutdown.signal()));
-    let settings = forward::Forwarding {
-        policy: config.policy,
-        stream_open_timeout: config.stream_open_timeout,
-        last_attempt_timeout: config.last_attempt_timeout,
-        max_connections: config.max_connections,
-    };
-    tasks.spawn(forward::serve(
-        listener,
-        pool.clone(),
-        metrics.clone(),
-        settings,
-        accepting.signal(),
-    ));
+    for (listener, _, service) in listeners {
+        let settings = forward::Forwarding {
+            service,
+            policy: config.policy,
+            stream_open_timeout: config.stream_open_timeout,
+            last_attempt_timeout: config.last_attempt_timeout,
+            max_connections: config.max_connections,
+        };
+        tasks.spawn(forward::serve(
+            listener,
+            pool.clone(),
+            metrics.clone(),
+            settings,
+            accepting.signal(),
+        ));
+    }
     info!(node = %node_name, listen = %listen_addr, servers = ?config.servers,
         policy = config.policy.name(), "tether-agent started");
     Ok(AgentHandle {
         listen_addr,
+        forward_addrs,
         admin_addr,
         node_name,
         pool,

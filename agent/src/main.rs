@@ -53,6 +53,10 @@ struct RunArgs {
     /// Local listener for kubelet, kube-proxy and friends.
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:6443")]
     listen: SocketAddr,
+    /// Another local listener carried to a named service of the servers, LISTEN=NAME
+    /// (repeatable; the servers map NAME with --service).
+    #[arg(long = "forward", env = "TETHER_FORWARD", value_delimiter = ',', value_parser = tether_agent::config::parse_forward)]
+    forwards: Vec<(SocketAddr, String)>,
     /// Admin endpoint (/healthz, /readyz, /metrics); off when unset.
     #[arg(long, env = "TETHER_ADMIN")]
     admin: Option<SocketAddr>,
@@ -130,6 +134,7 @@ async fn run(a: RunArgs) -> Result<()> {
         config.key = key;
     }
     config.listen = a.listen;
+    config.forwards = a.forwards;
     config.admin = a.admin;
     config.stream_open_timeout = a.stream_open_timeout;
     config.last_attempt_timeout = a.last_attempt_timeout;

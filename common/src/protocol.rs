@@ -34,6 +34,23 @@ pub const MAX_LIST_ITEMS: usize = 256;
 /// The service every server offers: its kube-apiserver.
 pub const SERVICE_APISERVER: &str = "apiserver";
 
+/// Checks a service name: 1 to 63 lowercase letters, digits and dashes, as in a DNS label, so
+/// that names read the same in flags, logs and metrics.
+pub fn validate_service_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "service name {name:?}: use 1 to 63 lowercase letters, digits and dashes"
+        ))
+    }
+}
+
 mod kind {
     pub const HELLO: u8 = 0x01;
     pub const WELCOME: u8 = 0x02;

@@ -14,6 +14,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// The kube-apiserver every stream is relayed to, `host:port`.
     pub upstream: String,
+    /// More upstreams that agents may reach by name (`name -> host:port`): for example a
+    /// konnectivity or registry endpoint next to the apiserver. Only these names are relayed:
+    /// a server never opens an address an agent chooses.
+    pub services: Vec<(String, String)>,
     /// Other servers (`host:port`; a DNS name counts for every address) to connect to, relay
     /// through, and announce to agents.
     pub peers: Vec<String>,
@@ -60,6 +64,7 @@ impl ServerConfig {
             data_dir,
             listen: SocketAddr::from(([0, 0, 0, 0], 9443)),
             upstream: "127.0.0.1:6443".into(),
+            services: Vec::new(),
             egress: Default::default(),
             max_tunnels_per_node: 8,
             join_rate_per_minute: 10,
@@ -79,5 +84,40 @@ impl ServerConfig {
             liveness: Liveness::default(),
             limits: TunnelLimits::default(),
         }
+    }
+}
+
+/// Parses `NAME=HOST:PORT` for `--service`. Names are what agents put in their stream header,
+/// so they follow the same rule as node names; `apiserver` is the upstream itself.
+pub fn parse_service(s: &str) -> Result<(String, String), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT"))?;
+    tether_common::protocol::validate_service_name(name)?;
+    if name == tether_common::protocol::SERVICE_APISERVER {
+        return Err("the apiserver is set with --upstream, not --service".into());
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => return Err(format!("{addr:?}: expected HOST:PORT")),
+    }
+    Ok((name.to_string(), addr.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_service;
+
+    #[test]
+    fn services_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_service("bulk=127.0.0.1:5201"),
+            Ok(("bulk".into(), "127.0.0.1:5201".into()))
+        );
+        assert!(parse_service("bulk").is_err());
+        assert!(parse_service("apiserver=1.2.3.4:6443").is_err());
+        assert!(parse_service("Bad Name=1.2.3.4:1").is_err());
+        assert!(parse_service("x=host").is_err());
+        assert!(parse_service("x=host:99999").is_err());
     }
 }

@@ -76,6 +76,8 @@ pub struct State {
     metrics: Arc<Metrics>,
     registry: Registry,
     upstream: Arc<Upstream>,
+    /// The named upstreams besides the apiserver (`--service`); not health-checked.
+    services: std::collections::HashMap<String, Arc<Upstream>>,
     streams: Arc<Semaphore>,
     /// Random per process start: tells this server apart from its peers, and from itself.
     instance_id: String,
@@ -246,6 +248,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config.connect_timeout,
         upstream_ca,
     )?);
+    let mut services = std::collections::HashMap::new();
+    for (name, addr) in &config.services {
+        let up = Upstream::new(addr.clone(), config.connect_timeout, None)?;
+        services.insert(name.clone(), Arc::new(up));
+    }
 
     let metrics = Arc::new(Metrics::default());
     let instance_id = random_id();
@@ -263,6 +270,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         registry: Registry::default(),
         metrics: metrics.clone(),
         upstream: upstream.clone(),
+        services,
         instance_id: instance_id.clone(),
         peers: peers.clone(),
         announcer,
@@ -782,19 +790,23 @@ async fn open(
         warn!(node, "stream refused: {why}");
         return refuse(&mut stream, StatusCode::BadRequest, why, state).await;
     }
-    match &target {
-        Target::Service(s) if s == SERVICE_APISERVER => {}
-        Target::Service(s) => {
-            warn!(node, service = %s, "stream refused: unknown service");
-            let why = format!("unknown service {s:?}");
-            return refuse(&mut stream, StatusCode::UnknownService, why, state).await;
-        }
+    // The apiserver is health-checked; a named service is tried as if healthy.
+    let (service, upstream, checked) = match &target {
+        Target::Service(s) if s == SERVICE_APISERVER => (s.as_str(), state.upstream.clone(), true),
+        Target::Service(s) => match state.services.get(s) {
+            Some(up) => (s.as_str(), up.clone(), false),
+            None => {
+                warn!(node, service = %s, "stream refused: unknown service");
+                let why = format!("unknown service {s:?}");
+                return refuse(&mut stream, StatusCode::UnknownService, why, state).await;
+            }
+        },
         Target::Address { .. } => {
             warn!(node, %target, "stream refused: servers do not open arbitrary addresses");
             let why = "servers do not open arbitrary addresses".to_string();
             return refuse(&mut stream, StatusCode::RefusedByPolicy, why, state).await;
         }
-    }
+    };
     if state.draining.load(Ordering::Relaxed) {
         let why = "server is draining".to_string();
         return refuse(&mut stream, StatusCode::Draining, why, state).await;
@@ -812,26 +824,26 @@ async fn open(
     // A healthy upstream first. When it is known to be down, a peer first, and the upstream
     // only as a last resort (the check may be a second old). A relayed stream (hops > 0) is
     // never relayed again: one hop at most, so no loop.
-    let healthy = state.upstream.is_healthy();
+    let healthy = !checked || upstream.is_healthy();
     let mut last_error = String::from("no healthy peer");
     if healthy {
-        match state.upstream.connect().await {
+        match upstream.connect().await {
             Ok(tcp) => return relay_upstream(stream, tcp, node, state).await,
-            Err(e) => last_error = format!("upstream {} unreachable: {e}", state.upstream.addr()),
+            Err(e) => last_error = format!("upstream {} unreachable: {e}", upstream.addr()),
         }
     }
     if hops == 0 {
-        if let Some((link, peer_stream)) = open_via_peer(state).await {
+        if let Some((link, peer_stream)) = open_via_peer(state, service).await {
             return relay_peer(stream, link, peer_stream, node, state).await;
         }
     }
     if !healthy {
-        match state.upstream.connect().await {
+        match upstream.connect().await {
             Ok(tcp) => return relay_upstream(stream, tcp, node, state).await,
-            Err(e) => last_error = format!("upstream {} unreachable: {e}", state.upstream.addr()),
+            Err(e) => last_error = format!("upstream {} unreachable: {e}", upstream.addr()),
         }
     }
-    debug!(node, error = %last_error, "no way to an apiserver");
+    debug!(node, error = %last_error, service, "no way to the upstream");
     refuse(
         &mut stream,
         StatusCode::UpstreamUnreachable,
@@ -855,8 +867,8 @@ async fn relay_upstream(mut stream: Stream, tcp: tokio::net::TcpStream, node: &s
         "stream done");
 }
 
-/// Opens a stream through the first healthy peer that accepts it.
-async fn open_via_peer(state: &State) -> Option<(Arc<Link>, Stream)> {
+/// Opens a stream to `service` through the first healthy peer that accepts it.
+async fn open_via_peer(state: &State, service: &str) -> Option<(Arc<Link>, Stream)> {
     for link in state.peers.candidates(Policy::LeastStreams) {
         if !link.healthy() {
             continue;
@@ -865,7 +877,7 @@ async fn open_via_peer(state: &State) -> Option<(Arc<Link>, Stream)> {
             let mut s = link.tunnel.open_stream().await.ok()?;
             let open = Message::Open {
                 version: PROTOCOL_VERSION,
-                target: Target::Service(SERVICE_APISERVER.into()),
+                target: Target::Service(service.into()),
                 hops: 1,
             };
             s.send.write_message(&open).await.ok()?;

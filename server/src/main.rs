@@ -128,6 +128,10 @@ struct RunArgs {
     /// The kube-apiserver to relay to (host:port).
     #[arg(long, env = "TETHER_UPSTREAM", default_value = "127.0.0.1:6443")]
     upstream: String,
+    /// Another upstream agents may reach by name, NAME=HOST:PORT (repeatable); agents ask for
+    /// it with `--forward LISTEN=NAME`. Only named services are relayed.
+    #[arg(long = "service", env = "TETHER_SERVICE", value_delimiter = ',', value_parser = tether_server::config::parse_service)]
+    services: Vec<(String, String)>,
     /// Admin endpoint (/healthz, /readyz, /metrics); off when unset.
     #[arg(long, env = "TETHER_ADMIN")]
     admin: Option<SocketAddr>,
@@ -324,6 +328,7 @@ async fn run(a: RunArgs) -> Result<()> {
     let mut config = ServerConfig::new(a.data_dir);
     config.listen = a.listen;
     config.upstream = a.upstream;
+    config.services = a.services;
     config.admin = a.admin;
     config.connect_timeout = a.connect_timeout;
     config.handshake_timeout = a.handshake_timeout;

@@ -9,7 +9,8 @@ use ring::digest::{Context, SHA256};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_agent::config::AgentConfig;
 use tether_agent::AgentHandle;
@@ -185,6 +186,7 @@ pub fn loopback0() -> SocketAddr {
 /// An upstream that echoes every byte and half-closes when its client does.
 pub struct Echo {
     pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -196,8 +198,11 @@ impl Echo {
     pub async fn start_on(at: SocketAddr) -> Self {
         let l = tether_common::net::listen_tcp(at).expect("bind echo");
         let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut c, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let (mut r, mut w) = c.split();
                     if tokio::io::copy(&mut r, &mut w).await.is_ok() {
@@ -206,7 +211,16 @@ impl Echo {
                 });
             }
         });
-        Echo { addr, task }
+        Echo {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// Stops accepting; the port refuses connections from then on.
@@ -232,8 +246,11 @@ impl Sink {
     pub async fn start() -> Self {
         let l = tether_common::net::listen_tcp(loopback0()).expect("bind sink");
         let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut c, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let mut ctx = Context::new(&SHA256);
                     let mut buf = vec![0u8; 256 * 1024];

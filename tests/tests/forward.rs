@@ -384,6 +384,60 @@ async fn admin_endpoint_serves_health_readiness_and_metrics() {
     agent.shutdown().await;
 }
 
+/// `--forward LISTEN=NAME` reaches the server's `--service NAME=ADDR`, byte-exact and beside
+/// the apiserver listener; a name the server does not map is refused, not guessed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_services_are_carried_and_unknown_ones_refused() {
+    init_logging();
+    let pki = Pki::new();
+    let api = Echo::start().await;
+    let other = Echo::start().await;
+    let mut sc = server_config(&pki, api.addr);
+    sc.services = vec![("bulk".into(), other.addr.to_string())];
+    let server = tether_server::start(sc).await.expect("server starts");
+    let mut ac = agent_config(&pki, "node-a", &[server.local_addr]);
+    ac.forwards = vec![
+        (loopback0(), "bulk".into()),
+        (loopback0(), "nowhere".into()),
+    ];
+    let agent = tether_agent::start(ac).await.expect("agent starts");
+    wait_for("tunnel up", Duration::from_secs(10), || {
+        agent.tunnels_up() == 1
+    })
+    .await;
+    let bulk = agent.forward_addrs[0].0;
+    let nowhere = agent.forward_addrs[1].0;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50u64 {
+        let to = if i % 2 == 0 { bulk } else { agent.listen_addr };
+        tasks.spawn(async move { echo_roundtrip(to, random_bytes(64 * 1024, i)).await });
+    }
+    for r in within("50 streams", Duration::from_secs(60), tasks.join_all()).await {
+        r.expect("byte-exact echo");
+    }
+    assert_eq!(
+        other.accepted(),
+        25,
+        "half the streams went to the named service"
+    );
+
+    let mut c = TcpStream::connect(nowhere).await.unwrap();
+    expect_reset(&mut c, "unknown service is reset").await;
+    wait_for("refusal counted", Duration::from_secs(5), || {
+        server
+            .metrics()
+            .stream_failures
+            .iter()
+            .map(|c| c.get())
+            .sum::<u64>()
+            >= 1
+    })
+    .await;
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
 /// The foundation's byte-exact cases, over each transport.
 macro_rules! over_each_transport {
     ($($case:ident),* $(,)?) => {
