@@ -123,6 +123,10 @@ fn main() -> Result<()> {
 }
 
 async fn run(a: RunArgs) -> Result<()> {
+    match tether_common::net::raise_fd_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     let mut config = AgentConfig::new(a.servers, a.data_dir);
     if let Some(ca) = a.ca {
         config.ca = ca;

@@ -40,3 +40,16 @@ pub fn host_addresses() -> Vec<std::net::IpAddr> {
     v.dedup();
     v
 }
+
+/// Raises the soft limit on open files to the hard limit and returns the new soft limit.
+///
+/// A server on TLS over TCP holds one descriptor per agent and per relayed stream, and the
+/// default soft limit (often 1,024) would cap it far below what it can carry; the hard limit is
+/// what the operator (or systemd's `LimitNOFILE`) allows.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get()?;
+    if soft < hard {
+        rlimit::Resource::NOFILE.set(hard, hard)?;
+    }
+    Ok(hard.max(soft))
+}

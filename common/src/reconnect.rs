@@ -437,9 +437,26 @@ async fn serve(
 }
 
 /// Applies the server's announcements until the control stream ends; returns why it ended.
+/// Over TCP the server repeats its health every keepalive interval, so silence for the idle
+/// timeout means the server is gone even when something still answers for its TCP connection.
 async fn read_control(control: &mut Stream, link: &Link, d: &Dialer) -> String {
+    let heartbeat = control.needs_heartbeat();
     loop {
-        match control.recv.read_message().await {
+        let next = control.recv.read_message();
+        let msg = if heartbeat {
+            match tokio::time::timeout(d.liveness.idle_timeout, next).await {
+                Ok(m) => m,
+                Err(_) => {
+                    return format!(
+                        "no heartbeat from the server for {:?}",
+                        d.liveness.idle_timeout
+                    )
+                }
+            }
+        } else {
+            next.await
+        };
+        match msg {
             Ok(Some(Message::Health { upstream_healthy })) => {
                 if upstream_healthy != link.healthy() {
                     info!(kind = d.kind, server = %link.server, healthy = upstream_healthy,

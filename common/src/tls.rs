@@ -60,6 +60,24 @@ impl Clone for Identity {
 }
 
 impl Identity {
+    /// An identity from PEM text, for certificates made in memory (tests, the benchmark's
+    /// simulated agents) rather than read from files.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let what = || std::path::PathBuf::from("(in memory)");
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::NoCertificate {
+                path: what(),
+                detail: e.to_string(),
+            })?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TlsError::NoKey {
+                path: what(),
+                detail: e.to_string(),
+            })?;
+        Ok(Identity { chain, key })
+    }
+
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         Ok(Identity {
             chain: load_certs(cert)?,

@@ -219,6 +219,14 @@ impl Stream {
         }
     }
 
+    /// Whether the stream's transport notices a silent peer by itself. QUIC does (its
+    /// keepalives and idle timeout are end to end); TCP's keepalives are answered by whatever
+    /// terminates the TCP connection, which may be a middlebox, so a control stream over TCP
+    /// carries heartbeats of its own.
+    pub fn needs_heartbeat(&self) -> bool {
+        matches!(self.send.inner, SendInner::Tcp(_))
+    }
+
     /// Abandons the stream in both directions; the peer sees a reset.
     pub async fn reset(&mut self, code: u32) {
         self.send.reset(code).await;

@@ -718,6 +718,11 @@ async fn control(
     }
     let mut rx = state.announcer.subscribe();
     let mut sent: Option<announce::Announcement> = None;
+    // Over TCP the health is repeated every keepalive interval: the agent's proof that this
+    // server is alive end to end (see `Stream::needs_heartbeat`).
+    let heartbeat = stream.needs_heartbeat();
+    let mut beat = tokio::time::interval(state.config.liveness.keepalive_interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Peers also get the node records, each when it is new to them.
     let mut records_rx = state.authority.subscribe();
     let mut records_sent: std::collections::HashMap<String, u64> = Default::default();
@@ -748,6 +753,13 @@ async fn control(
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             r = records_rx.changed(), if party == Party::Peer => if r.is_err() { return },
+            _ = beat.tick(), if heartbeat => {
+                let healthy = sent.as_ref().is_some_and(|a| a.healthy);
+                let msg = Message::Health { upstream_healthy: healthy };
+                if stream.send.write_message(&msg).await.is_err() {
+                    return;
+                }
+            }
             m = stream.recv.read_message() => match m {
                 Ok(Some(Message::NodeInfo { addresses })) if party == Party::Agent => {
                     debug!(node, ?addresses, "node addresses");

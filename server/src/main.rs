@@ -325,6 +325,10 @@ fn issue_agent(a: IssueAgentArgs) -> Result<()> {
 }
 
 async fn run(a: RunArgs) -> Result<()> {
+    match tether_common::net::raise_fd_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     let mut config = ServerConfig::new(a.data_dir);
     config.listen = a.listen;
     config.upstream = a.upstream;

@@ -1,0 +1,287 @@
+//! The upstream (an echo server and a bulk sink) and the load clients, on plain blocking
+//! sockets and threads: the same code measures the direct path and every tunnel, so whatever
+//! it costs is on both sides of every ratio.
+
+use anyhow::{bail, Context, Result};
+use socket2::{Domain, Socket, Type};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Request and response size of the round-trip and connection-rate tests.
+pub const MESSAGE: usize = 64;
+/// What a bulk client writes per call.
+const BULK_CHUNK: usize = 256 * 1024;
+/// Threads of the upstream and of `hold` need little stack.
+const SMALL_STACK: usize = 128 * 1024;
+/// Longest a single blocking socket call may take before a run counts it as an error.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds a loopback listener with a deep backlog (connection bursts of the rate test).
+pub fn listen() -> Result<TcpListener> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).context("socket")?;
+    s.set_reuse_address(true).context("SO_REUSEADDR")?;
+    let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
+    s.bind(&addr.into()).context("bind 127.0.0.1:0")?;
+    s.listen(4096).context("listen")?;
+    Ok(s.into())
+}
+
+/// A free loopback port: bound, then released for a child process to take.
+pub fn free_port() -> Result<u16> {
+    Ok(listen()?.local_addr()?.port())
+}
+
+/// The upstream every path leads to: an echo server and a sink that answers the byte count.
+pub struct Upstream {
+    pub echo: SocketAddr,
+    pub sink: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    pub fn start() -> Result<Upstream> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo = serve(listen()?, stop.clone(), echo_conn)?;
+        let sink = serve(listen()?, stop.clone(), sink_conn)?;
+        Ok(Upstream { echo, sink, stop })
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loops so that they see the flag.
+        let _ = TcpStream::connect_timeout(&self.echo, Duration::from_millis(100));
+        let _ = TcpStream::connect_timeout(&self.sink, Duration::from_millis(100));
+    }
+}
+
+fn serve(l: TcpListener, stop: Arc<AtomicBool>, conn: fn(TcpStream)) -> Result<SocketAddr> {
+    let addr = l.local_addr()?;
+    thread::Builder::new()
+        .name("upstream-accept".into())
+        .spawn(move || {
+            for c in l.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(c) = c else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = c.set_nodelay(true);
+                let _ = thread::Builder::new()
+                    .stack_size(SMALL_STACK)
+                    .spawn(move || conn(c));
+            }
+        })
+        .context("spawn the upstream")?;
+    Ok(addr)
+}
+
+fn echo_conn(mut c: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = c.shutdown(Shutdown::Write);
+}
+
+fn sink_conn(mut c: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+    let _ = c.write_all(&total.to_be_bytes());
+    let _ = c.shutdown(Shutdown::Write);
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let c = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(c)
+}
+
+fn exchange(
+    c: &mut TcpStream,
+    msg: &[u8; MESSAGE],
+    back: &mut [u8; MESSAGE],
+) -> std::io::Result<()> {
+    c.write_all(msg)?;
+    c.read_exact(back)
+}
+
+/// Round trips of one 64-byte message on one connection, after `warmup` unrecorded ones; the
+/// time of each in nanoseconds.
+pub fn rr(addr: SocketAddr, count: usize, warmup: usize) -> Result<Vec<u64>> {
+    let mut c = connect(addr).with_context(|| format!("connect {addr}"))?;
+    let msg = [7u8; MESSAGE];
+    let mut back = [0u8; MESSAGE];
+    let mut times = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let t = Instant::now();
+        exchange(&mut c, &msg, &mut back).with_context(|| format!("round trip {i}"))?;
+        if i >= warmup {
+            times.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    if back != msg {
+        bail!("the echo came back changed");
+    }
+    Ok(times)
+}
+
+/// What a connection-rate run counted.
+pub struct Crr {
+    pub connections: u64,
+    pub errors: u64,
+    pub secs: f64,
+    /// Median time of one connect, exchange and close, in nanoseconds.
+    pub p50_ns: u64,
+}
+
+/// Connect, one 64-byte exchange, close, again and again for `secs`.
+pub fn crr(addr: SocketAddr, secs: f64) -> Crr {
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let msg = [9u8; MESSAGE];
+    let mut back = [0u8; MESSAGE];
+    let (mut connections, mut errors) = (0u64, 0u64);
+    let mut times = Vec::new();
+    while Instant::now() < end {
+        let t = Instant::now();
+        let ok = connect(addr).and_then(|mut c| exchange(&mut c, &msg, &mut back));
+        match ok {
+            Ok(()) => {
+                connections += 1;
+                times.push(t.elapsed().as_nanos() as u64);
+            }
+            Err(_) => {
+                errors += 1;
+                if errors > 1000 {
+                    break;
+                }
+            }
+        }
+    }
+    times.sort_unstable();
+    Crr {
+        connections,
+        errors,
+        secs: start.elapsed().as_secs_f64(),
+        p50_ns: percentile(&times, 50.0),
+    }
+}
+
+/// Bytes that arrived at the sink and the seconds they took, over `streams` connections
+/// each writing for `secs`.
+pub fn bulk(addr: SocketAddr, streams: usize, secs: f64) -> Result<(u64, f64)> {
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let workers: Vec<_> = (0..streams)
+        .map(|_| {
+            thread::spawn(move || -> Result<u64> {
+                let mut c = connect(addr).with_context(|| format!("connect {addr}"))?;
+                let chunk = vec![0x5au8; BULK_CHUNK];
+                while Instant::now() < end {
+                    c.write_all(&chunk).context("write")?;
+                }
+                c.shutdown(Shutdown::Write).context("shutdown")?;
+                let mut count = [0u8; 8];
+                c.set_read_timeout(Some(Duration::from_secs(60)))?;
+                c.read_exact(&mut count).context("the sink's count")?;
+                Ok(u64::from_be_bytes(count))
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in workers {
+        match w.join() {
+            Ok(r) => total += r?,
+            Err(_) => bail!("a bulk client thread panicked"),
+        }
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
+}
+
+/// Opens `n` connections, each proven end to end with one exchange, and returns them to be
+/// held idle; `failed` counts the ones that could not be opened.
+pub fn hold(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, usize) {
+    let msg = [3u8; MESSAGE];
+    let mut back = [0u8; MESSAGE];
+    let mut held = Vec::with_capacity(n);
+    let mut failed = 0;
+    for _ in 0..n {
+        match connect(addr).and_then(|mut c| exchange(&mut c, &msg, &mut back).map(|_| c)) {
+            Ok(c) => held.push(c),
+            Err(_) => failed += 1,
+        }
+    }
+    (held, failed)
+}
+
+/// One successful exchange on a new connection within `timeout`, or why not.
+pub fn probe(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let mut c = TcpStream::connect_timeout(&addr, timeout)?;
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(timeout))?;
+    let mut back = [0u8; MESSAGE];
+    exchange(&mut c, &[1u8; MESSAGE], &mut back)
+}
+
+/// The `p`th percentile (0 to 100) of sorted values; 0 for none.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_work_against_the_upstream() -> Result<()> {
+        let up = Upstream::start()?;
+        let mut t = rr(up.echo, 100, 10)?;
+        t.sort_unstable();
+        assert_eq!(t.len(), 100);
+        assert!(percentile(&t, 50.0) <= percentile(&t, 99.0));
+        let c = crr(up.echo, 0.2);
+        assert!(c.connections > 0 && c.errors == 0);
+        let (bytes, secs) = bulk(up.sink, 2, 0.2)?;
+        assert!(bytes > 0 && secs > 0.0);
+        let (held, failed) = hold(up.echo, 20);
+        assert_eq!((held.len(), failed), (20, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 51);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+}

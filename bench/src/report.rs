@@ -1,0 +1,586 @@
+//! Results of one run: raw rows (the same shape as the peers harness's results.csv, so both
+//! pool), medians and ratios to the direct runs interleaved with each path, the targets, and
+//! the three outputs: markdown, JSON and a PNG chart.
+
+use crate::failover::Failover;
+use crate::png::{Canvas, GRID, INK, SERIES};
+use crate::scale::ScalePoint;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One measurement. `pair` is the path being compared, `target` is `direct` or the path.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub pair: String,
+    pub target: String,
+    pub rep: u32,
+    pub metric: String,
+    pub value: f64,
+}
+
+/// A round-trip latency distribution: (percentile, microseconds) points.
+#[derive(Debug, Clone, Serialize)]
+pub struct Distribution {
+    pub path: String,
+    pub pinned: bool,
+    pub points: Vec<(f64, f64)>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub date: String,
+    pub machine: String,
+    pub settings: BTreeMap<String, String>,
+    pub rows: Vec<Row>,
+    pub latency: Vec<Distribution>,
+    pub failover: Vec<Failover>,
+    pub scale: Vec<ScalePoint>,
+    /// Medians and ratios, filled in by [`Results::summarize`].
+    pub summary: Vec<Summary>,
+    pub targets: Vec<TargetCheck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub path: String,
+    pub metric: String,
+    pub median: f64,
+    /// Median of the direct runs interleaved with this path (none for memory figures).
+    pub direct: Option<f64>,
+    pub ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    pub path: String,
+    pub what: String,
+    pub target: String,
+    pub measured: Option<f64>,
+    pub met: Option<bool>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+impl Results {
+    pub fn add(&mut self, pair: &str, target: &str, rep: u32, metric: &str, value: f64) {
+        self.rows.push(Row {
+            pair: pair.into(),
+            target: target.into(),
+            rep,
+            metric: metric.into(),
+            value,
+        });
+    }
+
+    /// Paths in the order they were first measured.
+    pub fn paths(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in &self.rows {
+            if !out.contains(&r.pair) {
+                out.push(r.pair.clone());
+            }
+        }
+        out
+    }
+
+    fn values(&self, pair: Option<&str>, target_direct: bool, metric: &str) -> Vec<f64> {
+        self.rows
+            .iter()
+            .filter(|r| pair.map_or(true, |p| r.pair == p))
+            .filter(|r| (r.target == "direct") == target_direct && r.metric == metric)
+            .map(|r| r.value)
+            .collect()
+    }
+
+    pub fn get(&self, path: &str, metric: &str) -> Option<&Summary> {
+        self.summary
+            .iter()
+            .find(|s| s.path == path && s.metric == metric)
+    }
+
+    /// Medians per path and metric, ratios to the direct runs of the same pair, memory per
+    /// idle connection, and the targets of tether's paths.
+    pub fn summarize(&mut self) {
+        let mut summary = Vec::new();
+        let metrics: Vec<String> = {
+            let mut m: Vec<String> = Vec::new();
+            for r in &self.rows {
+                if !m.contains(&r.metric) {
+                    m.push(r.metric.clone());
+                }
+            }
+            m
+        };
+        for metric in &metrics {
+            if let Some(all) = median(self.values(None, true, metric)) {
+                summary.push(Summary {
+                    path: "direct".into(),
+                    metric: metric.clone(),
+                    median: all,
+                    direct: None,
+                    ratio: None,
+                });
+            }
+        }
+        for path in self.paths() {
+            for metric in &metrics {
+                let Some(m) = median(self.values(Some(&path), false, metric)) else {
+                    continue;
+                };
+                let direct = median(self.values(Some(&path), true, metric));
+                summary.push(Summary {
+                    path: path.clone(),
+                    metric: metric.clone(),
+                    median: m,
+                    direct,
+                    ratio: direct.filter(|d| *d > 0.0).map(|d| m / d),
+                });
+            }
+            // KiB per idle connection, both ends together.
+            let idle = median(self.values(Some(&path), false, "mem_idle_rss_kb"));
+            let hold = median(self.values(Some(&path), false, "mem_hold_rss_kb"));
+            let ok = median(self.values(Some(&path), false, "hold_ok"));
+            if let (Some(i), Some(h), Some(n)) = (idle, hold, ok) {
+                if n > 0.0 {
+                    summary.push(Summary {
+                        path: path.clone(),
+                        metric: "kib_per_idle_conn".into(),
+                        median: (h - i).max(0.0) / n,
+                        direct: None,
+                        ratio: None,
+                    });
+                }
+            }
+        }
+        self.summary = summary;
+        self.targets = self.check_targets();
+    }
+
+    fn check_targets(&self) -> Vec<TargetCheck> {
+        let mut out = Vec::new();
+        let ratio = |p: &str, m: &str| self.get(p, m).and_then(|s| s.ratio);
+        let value = |p: &str, m: &str| self.get(p, m).map(|s| s.median);
+        for path in self.paths().into_iter().filter(|p| p.starts_with("tether")) {
+            let mut add =
+                |what: &str, target: &str, measured: Option<f64>, ok: &dyn Fn(f64) -> bool| {
+                    out.push(TargetCheck {
+                        path: path.clone(),
+                        what: what.into(),
+                        target: target.into(),
+                        measured,
+                        met: measured.map(ok),
+                    });
+                };
+            add(
+                "bulk, 1 stream (ratio)",
+                ">= x0.40",
+                ratio(&path, "bulk1_gbps"),
+                &|v| v >= 0.40,
+            );
+            add(
+                "bulk, 8 streams (ratio)",
+                ">= x0.40",
+                ratio(&path, "bulk8_gbps"),
+                &|v| v >= 0.40,
+            );
+            add(
+                "RR pinned p50 (ratio)",
+                "<= x4.0",
+                ratio(&path, "rr1cpu_p50_us"),
+                &|v| v <= 4.0,
+            );
+            add(
+                "RR pinned p99 (ratio)",
+                "<= x5.0",
+                ratio(&path, "rr1cpu_p99_us"),
+                &|v| v <= 5.0,
+            );
+            add(
+                "new connections/s (ratio)",
+                ">= x0.45",
+                ratio(&path, "crr_cps"),
+                &|v| v >= 0.45,
+            );
+            add(
+                "KiB per idle connection",
+                "<= 16",
+                value(&path, "kib_per_idle_conn"),
+                &|v| v <= 16.0,
+            );
+            let cpu = match (
+                value(&path, "bulk1_cpu_s_per_gb"),
+                value(&path, "bulk8_cpu_s_per_gb"),
+            ) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            add(
+                "CPU s per GB (worst of bulk 1 and 8)",
+                "<= 1.0",
+                cpu,
+                &|v| v <= 1.0,
+            );
+            let transport = path.strip_prefix("tether-").unwrap_or("quic");
+            let points: Vec<&ScalePoint> = self
+                .scale
+                .iter()
+                .filter(|p| p.transport == transport)
+                .collect();
+            let worst = points
+                .iter()
+                .map(|p| p.server_kib_per_agent)
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            add(
+                "server KiB per idle agent (worst N)",
+                "<= 64",
+                worst,
+                &|v| v <= 64.0,
+            );
+            let biggest = points.iter().max_by_key(|p| p.agents);
+            if let Some(p) = biggest {
+                let target = format!("{} of {} up (10,000 wanted)", p.connected, p.agents);
+                add(
+                    "agents held by one server",
+                    &target,
+                    Some(p.connected as f64),
+                    &|v| v >= 10_000.0,
+                );
+            }
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!(
+            "## tether-bench, {}\n\n{}\n\n",
+            self.date, self.machine
+        ));
+        let settings: Vec<String> = self
+            .settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        s.push_str(&format!("Settings: {}\n\n", settings.join(" ")));
+        s.push_str(
+            "Medians over reps; in brackets the ratio to the direct runs interleaved with that path.\n\
+             RR is a 64-byte ping-pong; pinned = client, echo server and every process of the path \
+             on CPU 0.\n\n",
+        );
+        s.push_str("| path | bulk, 1 stream | bulk, 8 streams | RR pinned p50 | RR pinned p99 | RR p50 | RR p99 | RR p99.9 | new connections/s | KiB per idle connection | CPU s per GB |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let mut paths = vec!["direct".to_string()];
+        paths.extend(self.paths());
+        for p in &paths {
+            let cell = |metric: &str, unit: &str, digits: usize| -> String {
+                match self.get(p, metric) {
+                    None => "-".into(),
+                    Some(x) => {
+                        let v = format!("{:.*}{unit}", digits, x.median);
+                        match x.ratio {
+                            Some(r) => format!("{v} (x{r:.2})"),
+                            None => v,
+                        }
+                    }
+                }
+            };
+            let cpu = match (
+                self.get(p, "bulk1_cpu_s_per_gb"),
+                self.get(p, "bulk8_cpu_s_per_gb"),
+            ) {
+                (Some(a), Some(b)) => format!("{:.2} / {:.2}", a.median, b.median),
+                (Some(a), None) | (None, Some(a)) => format!("{:.2}", a.median),
+                _ => "-".into(),
+            };
+            s.push_str(&format!(
+                "| {p} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {cpu} |\n",
+                cell("bulk1_gbps", " Gbit/s", 2),
+                cell("bulk8_gbps", " Gbit/s", 2),
+                cell("rr1cpu_p50_us", " us", 1),
+                cell("rr1cpu_p99_us", " us", 1),
+                cell("rr_p50_us", " us", 1),
+                cell("rr_p99_us", " us", 1),
+                cell("rr_p999_us", " us", 1),
+                cell("crr_cps", "", 0),
+                cell("kib_per_idle_conn", "", 1),
+            ));
+        }
+        s.push_str(
+            "\nCPU s per GB: bulk 1 stream / bulk 8 streams, both ends of the path together.\n",
+        );
+        if !self.targets.is_empty() {
+            s.push_str("\n### Targets\n\n| path | what | target | measured | met |\n|---|---|---|---|---|\n");
+            for t in &self.targets {
+                let m = t.measured.map_or("-".into(), |v| format!("{v:.2}"));
+                let met = match t.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "not measured",
+                };
+                s.push_str(&format!(
+                    "| {} | {} | {} | {m} | {met} |\n",
+                    t.path, t.what, t.target
+                ));
+            }
+        }
+        if !self.failover.is_empty() {
+            s.push_str("\n### Failover\n\n| transport | kill -9 of the server in use to the first new connection that succeeds | failed attempts meanwhile | silent drop to tunnel closed |\n|---|---|---|---|\n");
+            for f in &self.failover {
+                s.push_str(&format!(
+                    "| {} | {:.0} ms | {} | {:.0} ms |\n",
+                    f.transport,
+                    f.kill_to_first_success_ms,
+                    f.failed_attempts,
+                    f.silent_drop_detected_ms
+                ));
+            }
+        }
+        if !self.scale.is_empty() {
+            s.push_str("\n### Scale: idle agents on one server\n\n| transport | agents | connected | seconds to connect | server RSS | KiB per agent | server CPU (idle agents) |\n|---|---|---|---|---|---|---|\n");
+            for p in &self.scale {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {:.1} | {:.1} MiB | {:.1} | {:.1}% |\n",
+                    p.transport,
+                    p.agents,
+                    p.connected,
+                    p.seconds_to_connect,
+                    p.server_rss_kb as f64 / 1024.0,
+                    p.server_kib_per_agent,
+                    p.server_cpu_percent
+                ));
+            }
+        }
+        s
+    }
+
+    /// Throughput per path (bars) above the round-trip latency distributions (unpinned and
+    /// pinned), latency on a log scale against percentiles on a "nines" scale.
+    pub fn chart(&self) -> Vec<u8> {
+        let mut c = Canvas::new(1200, 860);
+        c.text(20, 14, "TETHER-BENCH", 3, INK);
+        c.text(300, 20, &self.date, 2, INK);
+
+        // Throughput bars.
+        let mut paths = vec!["direct".to_string()];
+        paths.extend(self.paths());
+        let bars: Vec<(String, f64, f64)> = paths
+            .iter()
+            .map(|p| {
+                let v = |m: &str| self.get(p, m).map_or(0.0, |s| s.median);
+                (p.clone(), v("bulk1_gbps"), v("bulk8_gbps"))
+            })
+            .collect();
+        let top = bars
+            .iter()
+            .map(|b| b.1.max(b.2))
+            .fold(0.0f64, f64::max)
+            .max(0.1);
+        let (x0, y0, w, h) = (90i64, 70i64, 1080i64, 280i64);
+        c.text(
+            x0,
+            y0 - 8,
+            "THROUGHPUT, GBIT/S (LEFT 1 STREAM, RIGHT 8 STREAMS)",
+            2,
+            INK,
+        );
+        for i in 0..=4 {
+            let y = y0 + 20 + h - h * i / 4;
+            c.rect(x0, y, w, 1, GRID);
+            c.text(10, y - 6, &format!("{:.1}", top * i as f64 / 4.0), 2, INK);
+        }
+        let slot = w / bars.len().max(1) as i64;
+        for (i, (name, b1, b8)) in bars.iter().enumerate() {
+            let x = x0 + slot * i as i64 + slot / 8;
+            let bw = (slot * 3 / 8).max(4);
+            let base = y0 + 20 + h;
+            let colour = SERIES[i % SERIES.len()];
+            for (j, v) in [b1, b8].iter().enumerate() {
+                let bh = (h as f64 * (*v / top)) as i64;
+                c.rect(x + j as i64 * bw, base - bh, bw - 4, bh, colour);
+            }
+            c.text(x, base + 8, name, 2, INK);
+        }
+
+        // Latency distributions.
+        let panels = [
+            (false, 60i64, "RR LATENCY, UNPINNED"),
+            (true, 630i64, "RR LATENCY, PINNED TO ONE CPU"),
+        ];
+        let all: Vec<f64> = self
+            .latency
+            .iter()
+            .flat_map(|d| d.points.iter().map(|p| p.1))
+            .filter(|v| *v > 0.0)
+            .collect();
+        let lo = all
+            .iter()
+            .copied()
+            .fold(f64::MAX, f64::min)
+            .max(0.5)
+            .log10()
+            .floor();
+        let hi = all
+            .iter()
+            .copied()
+            .fold(0.0f64, f64::max)
+            .max(10.0)
+            .log10()
+            .ceil();
+        let nines = |p: f64| -(1.0 - p / 100.0).max(1e-4).log10();
+        for (pinned, px, title) in panels {
+            let (py, pw, ph) = (440i64, 500i64, 330i64);
+            c.text(px, py - 26, title, 2, INK);
+            for (p, label) in [
+                (0.0, "P0"),
+                (50.0, "P50"),
+                (90.0, "P90"),
+                (99.0, "P99"),
+                (99.9, "P99.9"),
+                (99.99, "P99.99"),
+            ] {
+                let y = py + ph - (nines(p) / 4.0 * ph as f64) as i64;
+                c.rect(px, y, pw, 1, GRID);
+                c.text(px + pw + 6, y - 6, label, 2, INK);
+            }
+            let mut e = lo;
+            while e <= hi {
+                let x = px + ((e - lo) / (hi - lo).max(1.0) * pw as f64) as i64;
+                c.rect(x, py, 1, ph, GRID);
+                c.text(x - 10, py + ph + 8, &format!("{}", 10f64.powf(e)), 2, INK);
+                e += 1.0;
+            }
+            c.text(px + pw / 2 - 20, py + ph + 30, "US", 2, INK);
+            for d in self.latency.iter().filter(|d| d.pinned == pinned) {
+                let idx = paths.iter().position(|p| *p == d.path).unwrap_or(0);
+                let colour = SERIES[idx % SERIES.len()];
+                let pts: Vec<(i64, i64)> = d
+                    .points
+                    .iter()
+                    .filter(|(_, us)| *us > 0.0)
+                    .map(|(p, us)| {
+                        let x = px + ((us.log10() - lo) / (hi - lo).max(1.0) * pw as f64) as i64;
+                        let y = py + ph - (nines(*p) / 4.0 * ph as f64) as i64;
+                        (x, y)
+                    })
+                    .collect();
+                for w in pts.windows(2) {
+                    c.line(w[0], w[1], colour);
+                }
+            }
+        }
+        // Legend.
+        let mut lx = 60;
+        for (i, p) in paths.iter().enumerate() {
+            c.rect(lx, 830, 16, 16, SERIES[i % SERIES.len()]);
+            lx += 24 + c.text(lx + 24, 832, p, 2, INK);
+        }
+        c.encode()
+    }
+}
+
+/// Points of a latency distribution from sorted nanosecond samples: percentiles spaced evenly
+/// on the "nines" scale (50, 90, 99, 99.9 ...), in microseconds.
+pub fn distribution(sorted_ns: &[u64]) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    for k in 0..=80 {
+        let p = 100.0 * (1.0 - 10f64.powf(-(k as f64) / 20.0));
+        out.push((p, crate::load::percentile(sorted_ns, p) as f64 / 1000.0));
+    }
+    out.push((
+        100.0,
+        sorted_ns.last().copied().unwrap_or(0) as f64 / 1000.0,
+    ));
+    out
+}
+
+/// Rows of a peers harness results.csv (`pair,target,rep,metric,value`); unparsable values
+/// (nan, empty) are left out.
+pub fn parse_peer_csv(text: &str) -> Vec<Row> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let [pair, target, rep, metric, value] = f[..] else {
+                return None;
+            };
+            let value: f64 = value.parse().ok().filter(|v: &f64| v.is_finite())?;
+            // The harness records memory rows with target = the path itself.
+            let metric = match metric {
+                "hold_ok" | "mem_idle_rss_kb" | "mem_hold_rss_kb" => metric.to_string(),
+                m if m.starts_with("mem_") || m.starts_with("hold_") => return None,
+                m => m.to_string(),
+            };
+            Some(Row {
+                pair: pair.into(),
+                target: if target == "direct" {
+                    "direct".into()
+                } else {
+                    pair.into()
+                },
+                rep: rep.parse().unwrap_or(0),
+                metric,
+                value,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_against_the_direct_runs_of_the_same_pair() {
+        let mut r = Results::default();
+        for rep in 1..=3 {
+            r.add("tether-quic", "direct", rep, "bulk1_gbps", 10.0);
+            r.add("tether-quic", "tether-quic", rep, "bulk1_gbps", 5.0);
+            r.add("nginx", "direct", rep, "bulk1_gbps", 20.0);
+            r.add("nginx", "nginx", rep, "bulk1_gbps", 12.0);
+        }
+        r.add("tether-quic", "tether-quic", 0, "mem_idle_rss_kb", 1000.0);
+        r.add("tether-quic", "tether-quic", 0, "mem_hold_rss_kb", 9000.0);
+        r.add("tether-quic", "tether-quic", 0, "hold_ok", 1000.0);
+        r.summarize();
+        assert_eq!(
+            r.get("tether-quic", "bulk1_gbps").and_then(|s| s.ratio),
+            Some(0.5)
+        );
+        assert_eq!(
+            r.get("nginx", "bulk1_gbps").and_then(|s| s.ratio),
+            Some(0.6)
+        );
+        assert_eq!(r.get("direct", "bulk1_gbps").map(|s| s.median), Some(15.0));
+        assert_eq!(
+            r.get("tether-quic", "kib_per_idle_conn").map(|s| s.median),
+            Some(8.0)
+        );
+        let md = r.markdown();
+        assert!(md.contains("| tether-quic | 5.00 Gbit/s (x0.50)"), "{md}");
+        assert!(r
+            .targets
+            .iter()
+            .any(|t| t.what.starts_with("bulk, 1") && t.met == Some(true)));
+        assert!(r.chart().starts_with(b"\x89PNG"));
+    }
+
+    #[test]
+    fn peer_rows_parse_and_nan_is_dropped() {
+        let csv = "pair,target,rep,metric,value\nnginx,direct,1,bulk1_gbps,18.1\nnginx,path,1,bulk1_gbps,nan\nnginx,nginx,0,mem_idle_rss_kb,5000\nnginx,nginx,0,mem_hold_rss_kb[nginx],1\n";
+        let rows = parse_peer_csv(csv);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].metric, "mem_idle_rss_kb");
+    }
+}
