@@ -110,7 +110,7 @@ async fn attempt(
         }
         Err(_) => return Err(Attempt::Retry("no answer within 10s".into())),
     };
-    let tunnel = Tunnel::from_quic(conn);
+    let tunnel = Tunnel::from_quic(conn, tether_common::tls::INITIAL_STREAMS);
     let exchange = async {
         let mut s = tunnel.open_stream().await.map_err(|e| e.to_string())?;
         let req = Message::Join {

@@ -123,8 +123,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     if config.servers.is_empty() {
         return Err(AgentError::NoServers);
     }
-    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
-        .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0u8; 4], 0))))
+    let endpoint = tether_common::net::quic_endpoint(SocketAddr::from(([0u16; 8], 0)), None)
+        .or_else(|_| tether_common::net::quic_endpoint(SocketAddr::from(([0u8; 4], 0)), None))
         .map_err(AgentError::Socket)?;
     if !config.cert.exists() || !config.key.exists() {
         let token = config.token.clone().ok_or(join::JoinError::NoToken)?;
@@ -208,6 +208,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         tcp_tls: std::sync::RwLock::new(Arc::new(tls_config)),
         transport: config.transport,
         liveness: config.liveness,
+        max_streams: config.limits.max_streams,
         hello_name: node_name.clone(),
         capabilities: vec![SERVICE_APISERVER.into()],
         own_server_id: None,

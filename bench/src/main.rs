@@ -51,6 +51,12 @@ struct Cli {
     /// Simulated agent counts for the scale figure, comma-separated (empty: skip).
     #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     scale: Vec<usize>,
+    /// Runtime threads of the tether-server under test (its --threads; 0: one per CPU).
+    #[arg(long)]
+    server_threads: Option<usize>,
+    /// Runtime threads of the tether-agent under test (its --threads).
+    #[arg(long)]
+    agent_threads: Option<usize>,
     /// Skip the failover measurements.
     #[arg(long)]
     no_failover: bool,
@@ -95,6 +101,9 @@ impl Cli {
         m.insert("crr_secs".into(), self.crr_secs.to_string());
         m.insert("hold".into(), self.hold.to_string());
         m.insert("transports".into(), self.transports.join(","));
+        let t = |n: Option<usize>| n.map_or("default".to_string(), |n| n.to_string());
+        m.insert("server_threads".into(), t(self.server_threads));
+        m.insert("agent_threads".into(), t(self.agent_threads));
         let scale: Vec<String> = self.scale.iter().map(|n| n.to_string()).collect();
         m.insert("scale".into(), scale.join(","));
         let profile = if cfg!(debug_assertions) {
@@ -167,7 +176,18 @@ fn run() -> Result<()> {
     for transport in &cli.transports {
         let name = format!("tether-{transport}");
         eprintln!("== {name}");
-        let tether = path::Tether::start(&work, &pki, transport, up.echo, up.sink)?;
+        let threads = |n: Option<usize>| -> Vec<String> {
+            n.map(|n| vec!["--threads".to_string(), n.to_string()])
+                .unwrap_or_default()
+        };
+        let tether = path::Tether::start(
+            &work,
+            &pki,
+            transport,
+            up.echo,
+            up.sink,
+            (&threads(cli.server_threads), &threads(cli.agent_threads)),
+        )?;
         measure_path(&cli, &name, &tether, &up, &mut results, &mut samples)?;
     }
     for ((path, pinned), mut v) in samples {

@@ -196,21 +196,30 @@ pub struct Tether {
 }
 
 impl Tether {
+    /// `extra`: more arguments for the server's and the agent's `run`.
     pub fn start(
         work: &Path,
         pki: &Pki,
         transport: &str,
         echo: SocketAddr,
         sink: SocketAddr,
+        extra: (&[String], &[String]),
     ) -> Result<Tether> {
-        let server = Server::start(work, pki, &format!("server-{transport}"), echo, sink, &[])?;
+        let server = Server::start(
+            work,
+            pki,
+            &format!("server-{transport}"),
+            echo,
+            sink,
+            extra.0,
+        )?;
         let agent = Agent::start(
             work,
             pki,
             &format!("agent-{transport}"),
             &[server.addr.to_string()],
             transport,
-            &[],
+            extra.1,
         )?;
         Ok(Tether { server, agent })
     }

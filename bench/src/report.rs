@@ -98,7 +98,10 @@ impl Results {
     fn values(&self, pair: Option<&str>, target_direct: bool, metric: &str) -> Vec<f64> {
         self.rows
             .iter()
-            .filter(|r| pair.map_or(true, |p| r.pair == p))
+            .filter(|r| match pair {
+                Some(p) => r.pair == p,
+                None => true,
+            })
             .filter(|r| (r.target == "direct") == target_direct && r.metric == metric)
             .map(|r| r.value)
             .collect()
@@ -440,7 +443,7 @@ impl Results {
             .ceil();
         let nines = |p: f64| -(1.0 - p / 100.0).max(1e-4).log10();
         for (pinned, px, title) in panels {
-            let (py, pw, ph) = (440i64, 500i64, 330i64);
+            let (py, pw, ph) = (440i64, 450i64, 330i64);
             c.text(px, py - 26, title, 2, INK);
             for (p, label) in [
                 (0.0, "P0"),
@@ -484,7 +487,7 @@ impl Results {
         let mut lx = 60;
         for (i, p) in paths.iter().enumerate() {
             c.rect(lx, 830, 16, 16, SERIES[i % SERIES.len()]);
-            lx += 24 + c.text(lx + 24, 832, p, 2, INK);
+            lx += 48 + c.text(lx + 24, 832, p, 2, INK);
         }
         c.encode()
     }

@@ -117,6 +117,7 @@ fn hold_agents(
                 tcp_tls: std::sync::RwLock::new(cfg.clone()),
                 transport: choice,
                 liveness: Default::default(),
+                max_streams: tls::TunnelLimits::default().max_streams,
                 hello_name: format!("sim-{i}"),
                 capabilities: vec![tether_common::protocol::SERVICE_APISERVER.into()],
                 own_server_id: None,

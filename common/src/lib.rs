@@ -9,6 +9,7 @@ pub mod pool;
 pub mod protocol;
 pub mod reconnect;
 pub mod relay;
+pub mod runtime;
 pub mod shutdown;
 pub mod tcp;
 pub mod telemetry;

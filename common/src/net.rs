@@ -53,3 +53,54 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     }
     Ok(hard.max(soft))
 }
+
+/// What QUIC sockets ask for as send and receive buffers. Linux's default (208 KiB) overflows
+/// at a few hundred megabits per second and every overflow is a lost packet, which QUIC's
+/// congestion control answers by slowing down; the kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max` (see docs/performance.md).
+pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// A QUIC endpoint on a UDP socket with large buffers: a server when `server` is given.
+pub fn quic_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> io::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // One socket for both families when bound to [::].
+        let _ = sock.set_only_v6(false);
+    }
+    // Best effort: the kernel silently caps both at its maximum.
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    sock.bind(&addr.into())?;
+    sock.set_nonblocking(true)?;
+    if let Ok(got) = sock.recv_buffer_size() {
+        // Linux reports twice what it grants.
+        if got / 2 < UDP_BUFFER / 4 {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!(
+                    granted_kib = got / 2 / 1024,
+                    wanted_kib = UDP_BUFFER / 1024,
+                    "the kernel caps the UDP receive buffer; QUIC throughput will suffer: \
+                     raise net.core.rmem_max and net.core.wmem_max (docs/performance.md)"
+                )
+            });
+        }
+    }
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        sock.into(),
+        runtime,
+    )
+}

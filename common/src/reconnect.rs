@@ -85,6 +85,8 @@ pub struct Dialer {
     pub tcp_tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
     pub transport: TransportChoice,
     pub liveness: crate::tls::Liveness,
+    /// Most streams the far side may open at once on a tunnel (its limit grows up to this).
+    pub max_streams: u32,
     /// Sent in the hello: the node name (agents) or the advertised address (servers).
     pub hello_name: String,
     pub capabilities: Vec<String>,
@@ -219,7 +221,7 @@ async fn dial_quic(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError>
     let conn = connecting
         .await
         .map_err(|e| DialError::Connect(e.to_string()))?;
-    Ok(Tunnel::from_quic(conn))
+    Ok(Tunnel::from_quic(conn, d.max_streams))
 }
 
 async fn dial_tcp(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError> {

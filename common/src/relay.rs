@@ -22,6 +22,8 @@ use tokio::net::TcpStream;
 
 /// Largest chunk the relay reads at once.
 pub const CHUNK: usize = 32 * 1024;
+/// Most bytes gathered from a tunnel stream for one write to a socket.
+const GATHER_BYTES: usize = 256 * 1024;
 
 /// Byte counters a relay adds to as data moves (for example the process-wide totals and a
 /// tunnel's own).
@@ -151,15 +153,19 @@ async fn tunnel_to_tcp<W: AsyncWrite + Unpin>(
     meters: &[&Meter],
     total: &AtomicU64,
 ) -> Result<(), Abort> {
+    let mut chunks = Vec::with_capacity(crate::transport::MAX_GATHER);
     loop {
-        match recv.read_chunk(CHUNK).await.map_err(remote)? {
-            Some(chunk) => {
-                let n = chunk.len() as u64;
-                wr.write_all(&chunk)
+        match recv
+            .read_chunks(&mut chunks, GATHER_BYTES)
+            .await
+            .map_err(remote)?
+        {
+            Some(n) => {
+                write_all_chunks(wr, &mut chunks)
                     .await
                     .map_err(|e| Abort::Local(e.to_string()))?;
-                total.fetch_add(n, Ordering::Relaxed);
-                Meter::add_from_tunnel(meters, n);
+                total.fetch_add(n as u64, Ordering::Relaxed);
+                Meter::add_from_tunnel(meters, n as u64);
             }
             None => {
                 wr.shutdown()
@@ -169,6 +175,40 @@ async fn tunnel_to_tcp<W: AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Writes every chunk, as few system calls as the socket allows (one `writev` when it takes
+/// them all), and empties the list.
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    chunks: &mut Vec<bytes::Bytes>,
+) -> io::Result<()> {
+    use bytes::Buf;
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| io::IoSlice::new(c))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let c = &mut chunks[first];
+            let k = n.min(c.len());
+            c.advance(k);
+            n -= k;
+            if c.is_empty() {
+                first += 1;
+            }
+        }
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+    }
+    chunks.clear();
+    Ok(())
 }
 
 fn remote(e: StreamError) -> Abort {

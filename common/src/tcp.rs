@@ -20,7 +20,7 @@
 
 use crate::tls::Liveness;
 use crate::transport::StreamError;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{AsyncReadExt as _, AsyncWriteExt as _};
 use rustls::pki_types::CertificateDer;
 use std::io;
@@ -333,6 +333,9 @@ fn write_err(e: io::Error) -> StreamError {
     }
 }
 
+/// Most bytes one read from a yamux stream takes.
+const READ_SIZE: usize = 2048;
+
 /// The receiving half of a stream over TCP.
 pub struct RecvHalf {
     r: Option<futures_util::io::ReadHalf<yamux::Stream>>,
@@ -343,10 +346,13 @@ pub struct RecvHalf {
 }
 
 impl RecvHalf {
+    /// Reads until `buf` holds `n` bytes; false at the end of the yamux stream. The read buffer
+    /// is part of every relay task's future, idle or not, so it is kept small: yamux has the
+    /// data in memory already, and a read is a copy.
     async fn fill(&mut self, n: usize) -> Result<bool, StreamError> {
         let r = self.r.as_mut().ok_or(StreamError::Closed)?;
         while self.buf.len() < n {
-            let mut chunk = [0u8; 16 * 1024];
+            let mut chunk = [0u8; READ_SIZE];
             let k = r
                 .read(&mut chunk)
                 .await
@@ -354,7 +360,7 @@ impl RecvHalf {
             if k == 0 {
                 return Ok(false);
             }
-            self.buf.put_slice(&chunk[..k]);
+            self.buf.extend_from_slice(&chunk[..k]);
         }
         Ok(true)
     }
@@ -371,7 +377,12 @@ impl RecvHalf {
                 }
                 let n = self.left.min(self.buf.len()).min(max.max(1));
                 self.left -= n;
-                return Ok(Some(self.buf.split_to(n).freeze()));
+                let chunk = self.buf.split_to(n).freeze();
+                if self.buf.is_empty() {
+                    // Idle streams hold no buffer.
+                    self.buf = BytesMut::new();
+                }
+                return Ok(Some(chunk));
             }
             if !self.fill(1).await? {
                 // Ended without FIN: the peer went away or dropped the stream.

@@ -308,6 +308,9 @@ impl Default for TunnelLimits {
     }
 }
 
+/// Streams a peer may open at first on a QUIC tunnel; doubled whenever half are in use.
+pub const INITIAL_STREAMS: u32 = 64;
+
 /// The QUIC transport settings of every tether endpoint.
 pub fn quic_transport(liveness: Liveness, limits: TunnelLimits) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -315,7 +318,10 @@ pub fn quic_transport(liveness: Liveness, limits: TunnelLimits) -> quinn::Transp
     if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.idle_timeout) {
         t.max_idle_timeout(Some(idle));
     }
-    t.max_concurrent_bidi_streams(limits.max_streams.into());
+    // Start small: QUIC implementations keep state for every stream the peer may open, about
+    // 86 bytes each in quinn, whether used or not. The limit grows with use up to
+    // `max_streams` (see `Tunnel::accept_stream`).
+    t.max_concurrent_bidi_streams(limits.max_streams.min(INITIAL_STREAMS).into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window(limits.stream_window.into());
     t.receive_window(limits.conn_window.into());

@@ -51,14 +51,41 @@ pub struct Tunnel {
 
 #[derive(Clone, Debug)]
 enum Inner {
-    Quic(quinn::Connection),
+    Quic(quinn::Connection, std::sync::Arc<Credit>),
     Tcp(std::sync::Arc<crate::tcp::TcpTunnel>),
 }
 
+/// How many streams the peer may open on a QUIC tunnel: it starts at
+/// [`crate::tls::INITIAL_STREAMS`] and doubles, up to `max`, whenever half of it is in use, so
+/// that an idle tunnel holds little state and a busy one is not throttled.
+#[derive(Debug)]
+struct Credit {
+    open: std::sync::atomic::AtomicU32,
+    limit: std::sync::atomic::AtomicU32,
+    max: u32,
+}
+
+/// Counts one accepted stream until dropped.
+struct CreditGuard(std::sync::Arc<Credit>);
+
+impl Drop for CreditGuard {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Tunnel {
-    pub fn from_quic(conn: quinn::Connection) -> Self {
+    /// `max_streams`: the most streams the peer may ever have open at once on this tunnel.
+    pub fn from_quic(conn: quinn::Connection, max_streams: u32) -> Self {
+        let credit = Credit {
+            open: 0.into(),
+            limit: max_streams.min(crate::tls::INITIAL_STREAMS).into(),
+            max: max_streams,
+        };
         Tunnel {
-            inner: Inner::Quic(conn),
+            inner: Inner::Quic(conn, std::sync::Arc::new(credit)),
         }
     }
 
@@ -71,7 +98,7 @@ impl Tunnel {
     /// The ALPN protocol agreed in the handshake.
     pub fn alpn(&self) -> Option<Vec<u8>> {
         match &self.inner {
-            Inner::Quic(c) => crate::tls::alpn_of(c),
+            Inner::Quic(c, _) => crate::tls::alpn_of(c),
             Inner::Tcp(t) => t.alpn.clone(),
         }
     }
@@ -79,7 +106,7 @@ impl Tunnel {
     /// Opens a bidirectional stream. The peer sees it once the first frame is written.
     pub async fn open_stream(&self) -> Result<Stream, TransportError> {
         match &self.inner {
-            Inner::Quic(c) => {
+            Inner::Quic(c, _) => {
                 let (send, recv) = c.open_bi().await.map_err(conn_err)?;
                 Ok(Stream::quic(send, recv))
             }
@@ -93,9 +120,19 @@ impl Tunnel {
     /// Waits for the peer's next stream; an error means the tunnel is gone.
     pub async fn accept_stream(&self) -> Result<Stream, TransportError> {
         match &self.inner {
-            Inner::Quic(c) => {
+            Inner::Quic(c, credit) => {
+                use std::sync::atomic::Ordering::Relaxed;
                 let (send, recv) = c.accept_bi().await.map_err(conn_err)?;
-                Ok(Stream::quic(send, recv))
+                let open = credit.open.fetch_add(1, Relaxed) + 1;
+                let limit = credit.limit.load(Relaxed);
+                if open * 2 > limit && limit < credit.max {
+                    let grown = limit.saturating_mul(2).min(credit.max);
+                    credit.limit.store(grown, Relaxed);
+                    c.set_max_concurrent_bi_streams(grown.into());
+                }
+                let mut stream = Stream::quic(send, recv);
+                stream.recv.credit = Some(CreditGuard(credit.clone()));
+                Ok(stream)
             }
             Inner::Tcp(t) => {
                 let (send, recv) = t.accept_stream().await.map_err(TransportError::Closed)?;
@@ -107,7 +144,7 @@ impl Tunnel {
     /// Closes the tunnel at once; open streams are reset.
     pub fn close(&self, code: u32, reason: &str) {
         match &self.inner {
-            Inner::Quic(c) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+            Inner::Quic(c, _) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
             Inner::Tcp(t) => t.close(&format!("closed by peer (code {code}: {reason})")),
         }
     }
@@ -115,7 +152,7 @@ impl Tunnel {
     /// Resolves when the tunnel is closed, for whatever reason.
     pub async fn closed(&self) -> TransportError {
         match &self.inner {
-            Inner::Quic(c) => conn_err(c.closed().await),
+            Inner::Quic(c, _) => conn_err(c.closed().await),
             Inner::Tcp(t) => TransportError::Closed(t.closed().await),
         }
     }
@@ -123,14 +160,14 @@ impl Tunnel {
     /// The reason the tunnel closed, if it has.
     pub fn close_reason(&self) -> Option<TransportError> {
         match &self.inner {
-            Inner::Quic(c) => c.close_reason().map(conn_err),
+            Inner::Quic(c, _) => c.close_reason().map(conn_err),
             Inner::Tcp(t) => t.close_reason().map(TransportError::Closed),
         }
     }
 
     pub fn remote_addr(&self) -> SocketAddr {
         match &self.inner {
-            Inner::Quic(c) => c.remote_address(),
+            Inner::Quic(c, _) => c.remote_address(),
             Inner::Tcp(t) => t.remote,
         }
     }
@@ -138,7 +175,7 @@ impl Tunnel {
     /// Smoothed round-trip time, as the transport measures it.
     pub fn rtt(&self) -> Duration {
         match &self.inner {
-            Inner::Quic(c) => c.rtt(),
+            Inner::Quic(c, _) => c.rtt(),
             Inner::Tcp(_) => Duration::ZERO,
         }
     }
@@ -146,7 +183,7 @@ impl Tunnel {
     /// The name of the transport, for status, metrics and logs.
     pub fn transport(&self) -> &'static str {
         match &self.inner {
-            Inner::Quic(_) => "quic",
+            Inner::Quic(..) => "quic",
             Inner::Tcp(_) => "tcp",
         }
     }
@@ -154,7 +191,7 @@ impl Tunnel {
     /// Identifies this tunnel among all of the process's tunnels.
     pub fn id(&self) -> usize {
         match &self.inner {
-            Inner::Quic(c) => c.stable_id(),
+            Inner::Quic(c, _) => c.stable_id(),
             Inner::Tcp(t) => t.id,
         }
     }
@@ -162,7 +199,7 @@ impl Tunnel {
     /// The certificate chain the peer presented during the handshake.
     pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
         match &self.inner {
-            Inner::Quic(c) => c
+            Inner::Quic(c, _) => c
                 .peer_identity()?
                 .downcast::<Vec<CertificateDer<'static>>>()
                 .ok()
@@ -204,6 +241,7 @@ impl Stream {
             },
             recv: RecvHalf {
                 inner: RecvInner::Tcp(recv),
+                credit: None,
             },
         }
     }
@@ -215,6 +253,7 @@ impl Stream {
             },
             recv: RecvHalf {
                 inner: RecvInner::Quic(recv),
+                credit: None,
             },
         }
     }
@@ -293,9 +332,14 @@ fn varint_code(v: quinn::VarInt) -> u32 {
     u32::try_from(v.into_inner()).unwrap_or(u32::MAX)
 }
 
+/// Most chunks [`RecvHalf::read_chunks`] takes at once (the kernel's `writev` takes 1,024).
+pub const MAX_GATHER: usize = 64;
+
 /// The receiving half of a stream.
 pub struct RecvHalf {
     inner: RecvInner,
+    /// Holds a place in the tunnel's stream count while the stream is open.
+    credit: Option<CreditGuard>,
 }
 
 enum RecvInner {
@@ -314,6 +358,33 @@ impl RecvHalf {
             },
             RecvInner::Tcp(s) => s.read_chunk(max).await,
         }
+    }
+
+    /// Waits for data, then takes every chunk already received, up to `max` bytes in all, so
+    /// that the caller can write them with one vectored call instead of one call per packet.
+    /// `None` means the peer finished the stream (and nothing was left to take).
+    pub async fn read_chunks(
+        &mut self,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Result<Option<usize>, StreamError> {
+        use futures_util::FutureExt;
+        let Some(first) = self.read_chunk(max).await? else {
+            return Ok(None);
+        };
+        let mut total = first.len();
+        out.push(first);
+        while total < max && out.len() < MAX_GATHER {
+            match self.read_chunk(max - total).now_or_never() {
+                Some(Ok(Some(chunk))) => {
+                    total += chunk.len();
+                    out.push(chunk);
+                }
+                // Finished, failed or nothing more yet: the next call finds out.
+                _ => break,
+            }
+        }
+        Ok(Some(total))
     }
 
     /// Reads exactly one frame and nothing after it, so that payload that follows stays unread.

@@ -209,12 +209,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let mut attempts = 0;
     let (endpoint, local_addr, tcp_listener) = loop {
         attempts += 1;
-        let endpoint =
-            quinn::Endpoint::server(quic_config.clone(), config.listen).map_err(|source| {
-                ServerError::Listen {
-                    addr: config.listen,
-                    source,
-                }
+        let endpoint = tether_common::net::quic_endpoint(config.listen, Some(quic_config.clone()))
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
             })?;
         let local_addr = endpoint
             .local_addr()
@@ -324,6 +322,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         // Servers sit on one network: peers talk QUIC.
         transport: reconnect::TransportChoice::Quic,
         liveness: state.config.liveness,
+        max_streams: transport_limits(&state.config).max_streams,
         hello_name: advertise.clone().unwrap_or_default(),
         capabilities: vec![CAP_PEER.into()],
         own_server_id: Some(instance_id),
@@ -426,7 +425,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
                     return;
                 }
             };
-            serve_connection(Tunnel::from_quic(conn), remote, state).await;
+            let max = transport_limits(&state.config).max_streams;
+            serve_connection(Tunnel::from_quic(conn, max), remote, state).await;
         });
     }
 }

@@ -128,6 +128,9 @@ struct RunArgs {
     /// The kube-apiserver to relay to (host:port).
     #[arg(long, env = "TETHER_UPSTREAM", default_value = "127.0.0.1:6443")]
     upstream: String,
+    /// Runtime threads: 0 (the default) is one per CPU; 1 runs everything on one thread.
+    #[arg(long, env = "TETHER_THREADS", default_value_t = 0)]
+    threads: usize,
     /// Another upstream agents may reach by name, NAME=HOST:PORT (repeatable); agents ask for
     /// it with `--forward LISTEN=NAME`. Only named services are relayed.
     #[arg(long = "service", env = "TETHER_SERVICE", value_delimiter = ',', value_parser = tether_server::config::parse_service)]
@@ -205,18 +208,15 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Init(a) => init(a),
         Command::IssueAgent(a) => issue_agent(a),
-        Command::Run(a) => runtime()?.block_on(run(*a)),
-        Command::Demo => runtime()?.block_on(tether_server::demo::run()),
+        Command::Run(a) => runtime(a.threads)?.block_on(run(*a)),
+        Command::Demo => runtime(0)?.block_on(tether_server::demo::run()),
         Command::Token(t) => token(t),
         Command::Agent(a) => agent(a),
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    tether_common::runtime::build(threads).context("cannot start the async runtime")
 }
 
 fn init(a: InitArgs) -> Result<()> {
