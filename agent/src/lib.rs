@@ -176,6 +176,11 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         let view = AdminView {
             pool: pool.clone(),
             metrics: metrics.clone(),
+            node: node_name.clone(),
+            listeners: std::iter::once((listen_addr, SERVICE_APISERVER.to_string()))
+                .chain(forward_addrs.iter().cloned())
+                .collect(),
+            seeds: config.servers.clone(),
         };
         let mut stop = shutdown.signal();
         tasks.spawn(async move {
@@ -280,6 +285,11 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
 struct AdminView {
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
+    node: String,
+    /// Local listeners and the service each reaches.
+    listeners: Vec<(SocketAddr, String)>,
+    /// The servers given with `--server`, shown as down while no tunnel to them is up.
+    seeds: Vec<String>,
 }
 
 impl AdminSource for AdminView {
@@ -295,5 +305,52 @@ impl AdminSource for AdminView {
 
     fn metrics(&self) -> String {
         self.metrics.render(&self.pool)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        use serde_json::json;
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let links = self.pool.all();
+        let mut servers: Vec<_> = links
+            .iter()
+            .map(|l| {
+                json!({
+                    "address": l.server,
+                    "instance": l.server_id,
+                    "remote": l.tunnel.remote_addr().to_string(),
+                    "transport": l.tunnel.transport(),
+                    "state": "up",
+                    "healthy": l.healthy(),
+                    "draining": l.draining(),
+                    "streams": l.streams(),
+                    "rtt_ms": (l.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0,
+                    "connected_since": unix(l.since_wall),
+                })
+            })
+            .collect();
+        for seed in &self.seeds {
+            if !links.iter().any(|l| &l.server == seed) {
+                servers.push(json!({"address": seed, "state": "down"}));
+            }
+        }
+        let listeners: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|(a, s)| json!({"address": a.to_string(), "service": s}))
+            .collect();
+        let expiry = self.metrics.cert_expiry.get();
+        json!({
+            "kind": "agent",
+            "version": env!("CARGO_PKG_VERSION"),
+            "node": self.node,
+            "draining": self.metrics.draining.get() > 0,
+            "certificate_expiry": if expiry > 0 { Some(expiry) } else { None },
+            "servers": servers,
+            "listeners": listeners,
+        })
     }
 }

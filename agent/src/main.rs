@@ -18,6 +18,15 @@ struct Cli {
     /// Log level (error, warn, info, debug, trace) or a filter; RUST_LOG wins when set.
     #[arg(long, env = "TETHER_LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
+    /// Log format: text for people, json for log collectors.
+    #[arg(
+        long,
+        env = "TETHER_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: tether_common::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,10 +35,23 @@ struct Cli {
 enum Command {
     /// Run the agent.
     Run(RunArgs),
+    /// Show what a running process reports: its tunnels, their state and health.
+    Status(tether_common::cli::StatusArgs),
+    /// Settings files.
+    #[command(subcommand)]
+    Config(tether_common::cli::ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(tether_common::cli::CompletionsArgs),
+    /// Write man pages into a directory.
+    Man(tether_common::cli::ManArgs),
 }
 
 #[derive(Args)]
 struct RunArgs {
+    /// Settings file (TOML; `config example` prints one). Flags and TETHER_* variables win
+    /// over it.
+    #[arg(long, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
     /// A tether-server to keep a tunnel to, host:port (repeatable, or comma-separated).
     #[arg(
         long = "server",
@@ -116,12 +138,27 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
-    tether_common::telemetry::init_logging(&cli.log_level);
-    let Command::Run(a) = cli.command;
-    tether_common::runtime::build(a.threads)
-        .context("cannot start the async runtime")?
-        .block_on(run(a))
+    let cli: Cli = tether_common::cli::parse();
+    tether_common::telemetry::init_logging(&cli.log_level, cli.log_format);
+    match cli.command {
+        Command::Run(a) => tether_common::runtime::build(a.threads)
+            .context("cannot start the async runtime")?
+            .block_on(run(a)),
+        Command::Status(a) => tether_common::cli::status(&a).map_err(anyhow::Error::msg),
+        Command::Config(tether_common::cli::ConfigCommand::Example) => {
+            use clap::CommandFactory;
+            print!(
+                "{}",
+                tether_common::config_file::example(&Cli::command(), "run")
+            );
+            Ok(())
+        }
+        Command::Completions(a) => {
+            tether_common::cli::completions::<Cli>(a.shell);
+            Ok(())
+        }
+        Command::Man(a) => tether_common::cli::man::<Cli>(&a).map_err(anyhow::Error::msg),
+    }
 }
 
 async fn run(a: RunArgs) -> Result<()> {
@@ -161,10 +198,29 @@ async fn run(a: RunArgs) -> Result<()> {
     let agent = tether_agent::start(config)
         .await
         .context("tether-agent cannot start")?;
-    let sig = tether_common::shutdown::terminate_signal()
-        .await
-        .context("cannot watch for SIGTERM and SIGINT")?;
+    // Ready for systemd once a first tunnel is up, or after a while without one: kubelet
+    // retries by itself, and a node must boot even with its control plane out of reach.
+    let term = tether_common::shutdown::terminate_signal();
+    tokio::pin!(term);
+    let first_tunnel = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while agent.tunnels_up() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        _ = first_tunnel => {}
+        s = &mut term => {
+            let s = s.context("cannot watch for SIGTERM and SIGINT")?;
+            tracing::info!(signal = s, "stopping before the first tunnel");
+            agent.drain(Duration::ZERO).await;
+            return Ok(());
+        }
+    }
+    tether_common::notify::ready(&format!("{} tunnel(s) up", agent.tunnels_up()));
+    let sig = term.await.context("cannot watch for SIGTERM and SIGINT")?;
     tracing::info!(signal = sig, "draining, then exiting");
+    tether_common::notify::stopping("draining");
     let left = agent.drain(drain_timeout).await;
     if left > 0 {
         tracing::warn!(

@@ -1,4 +1,4 @@
-//! The admin endpoint: `/healthz`, `/readyz`, `/metrics` (and later `/status`) over plain HTTP.
+//! The admin endpoint: `/healthz`, `/readyz`, `/metrics` and `/status` (JSON) over plain HTTP.
 //!
 //! A deliberately tiny HTTP/1.1 server: one request per connection, `GET` only, the request head
 //! bounded in size and time, a bounded number of connections at once. Monitoring needs nothing
@@ -23,6 +23,8 @@ pub trait AdminSource: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
+    /// What `status` shows, as a JSON document: the connected parties and their state.
+    fn status(&self) -> serde_json::Value;
 }
 
 /// Serves the admin endpoint until the task is dropped.
@@ -72,6 +74,10 @@ async fn handle(mut conn: TcpStream, source: &dyn AdminSource) -> std::io::Resul
         "/metrics" => {
             let body = source.metrics();
             respond(&mut conn, 200, "text/plain; version=0.0.4", &body).await
+        }
+        "/status" => {
+            let body = source.status().to_string();
+            respond(&mut conn, 200, "application/json", &body).await
         }
         _ => respond(&mut conn, 404, "text/plain", "not found\n").await,
     }

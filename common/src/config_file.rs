@@ -57,7 +57,11 @@ fn settings<'a>(root: &'a Command, sub: &'a Command) -> Vec<&'a Arg> {
 fn takes_value(a: &Arg) -> bool {
     !matches!(
         a.get_action(),
-        ArgAction::SetTrue | ArgAction::SetFalse | ArgAction::Count | ArgAction::Help | ArgAction::Version
+        ArgAction::SetTrue
+            | ArgAction::SetFalse
+            | ArgAction::Count
+            | ArgAction::Help
+            | ArgAction::Version
     )
 }
 
@@ -138,10 +142,12 @@ fn flags_from(
     text: &str,
     args: &[OsString],
 ) -> Result<Vec<OsString>, ConfigError> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-        path: path.to_owned(),
-        detail: e.message().to_string(),
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.to_owned(),
+            detail: e.message().to_string(),
+        })?;
     let known = settings(root, sub);
     let bad = |key: &str, detail: String| ConfigError::BadValue {
         path: path.to_owned(),
@@ -160,7 +166,10 @@ fn flags_from(
         let values: Vec<String> = match value {
             toml::Value::Array(items) if repeatable(arg) => items
                 .iter()
-                .map(|v| scalar(v).ok_or_else(|| bad(key, "a list of strings or numbers expected".into())))
+                .map(|v| {
+                    scalar(v)
+                        .ok_or_else(|| bad(key, "a list of strings or numbers expected".into()))
+                })
                 .collect::<Result<_, _>>()?,
             toml::Value::Array(_) => return Err(bad(key, "takes one value, not a list".into())),
             toml::Value::Boolean(b) if !takes_value(arg) => {
@@ -170,7 +179,10 @@ fn flags_from(
                     vec![]
                 }
             }
-            v => vec![scalar(v).ok_or_else(|| bad(key, "a string, number or boolean expected".into()))?],
+            v => {
+                vec![scalar(v)
+                    .ok_or_else(|| bad(key, "a string, number or boolean expected".into()))?]
+            }
         };
         if !takes_value(arg) && !matches!(value, toml::Value::Boolean(_)) {
             return Err(bad(key, "true or false expected".into()));
@@ -180,11 +192,7 @@ fn flags_from(
         }
         for v in values {
             if takes_value(arg) {
-                let parser = arg.get_value_parser();
-                let mut cmd = sub.clone();
-                parser
-                    .parse_ref(&mut cmd, Some(arg), &OsString::from(&v))
-                    .map_err(|e| bad(key, first_line(&e.to_string())))?;
+                check_value(arg, key, &v).map_err(|e| bad(key, e))?;
                 out.push(OsString::from(format!("--{key}={v}")));
             } else {
                 out.push(OsString::from(format!("--{key}")));
@@ -192,6 +200,21 @@ fn flags_from(
         }
     }
     Ok(out)
+}
+
+/// Runs `value` through the flag's own parser, alone (without the flag's relations to others,
+/// which the full parse checks later).
+fn check_value(arg: &Arg, key: &str, value: &str) -> Result<(), String> {
+    let probe = Arg::new("value")
+        .long(key.to_string())
+        .value_parser(arg.get_value_parser().clone())
+        .action(ArgAction::Set);
+    Command::new("tether")
+        .no_binary_name(true)
+        .arg(probe)
+        .try_get_matches_from([format!("--{key}={value}")])
+        .map(|_| ())
+        .map_err(|e| first_line(&e.to_string()))
 }
 
 fn first_line(s: &str) -> String {
@@ -262,7 +285,14 @@ pub fn example(root: &Command, sub: &str) -> String {
             out.push_str(&format!("{long} = false\n"));
         } else if repeatable(a) {
             let items: Vec<String> = defaults.iter().map(|d| toml_value(d)).collect();
-            if items.is_empty() {
+            if items.is_empty() && a.is_required_set() {
+                let name = a
+                    .get_value_names()
+                    .and_then(|v| v.first())
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "VALUE".into());
+                out.push_str(&format!("# {long} = [\"{name}\"]\n"));
+            } else if items.is_empty() {
                 out.push_str(&format!("{long} = []\n"));
             } else {
                 out.push_str(&format!("{long} = [{}]\n", items.join(", ")));
@@ -315,7 +345,12 @@ mod tests {
     #[derive(Parser, Debug)]
     #[command(name = "t")]
     struct Cli {
-        #[arg(long, env = "TETHER_TEST_LOG_LEVEL", default_value = "info", global = true)]
+        #[arg(
+            long,
+            env = "TETHER_TEST_LOG_LEVEL",
+            default_value = "info",
+            global = true
+        )]
         log_level: String,
         #[command(subcommand)]
         cmd: Cmd,
@@ -343,11 +378,20 @@ mod tests {
 
     fn parse(file: &str, line: &[&str]) -> Result<Cli, String> {
         use clap::CommandFactory;
-        let dir = std::env::temp_dir().join(format!("tether-cfg-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir = std::env::temp_dir().join(format!(
+            "tether-cfg-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let path = dir.join("c.toml");
         std::fs::write(&path, file).map_err(|e| e.to_string())?;
-        let mut args: Vec<OsString> = vec!["t".into(), "run".into(), "--config".into(), path.clone().into()];
+        let mut args: Vec<OsString> = vec![
+            "t".into(),
+            "run".into(),
+            "--config".into(),
+            path.clone().into(),
+        ];
         args.extend(line.iter().map(OsString::from));
         let merged = merge(&Cli::command(), "run", args).map_err(|e| e.to_string());
         let _ = std::fs::remove_dir_all(&dir);
@@ -371,15 +415,26 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key_and_file() {
-        let e = parse("data-dir = \"/x\"\nprot = 1\n", &[]).err().unwrap_or_default();
-        assert!(e.contains("unknown key `prot`") && e.contains("c.toml"), "{e}");
-        let e = parse("data-dir = \"/x\"\nport = \"many\"\n", &[]).err().unwrap_or_default();
+        let e = parse("data-dir = \"/x\"\nprot = 1\n", &[])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("unknown key `prot`") && e.contains("c.toml"),
+            "{e}"
+        );
+        let e = parse("data-dir = \"/x\"\nport = \"many\"\n", &[])
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("key `port`") && e.contains("c.toml"), "{e}");
-        let e = parse("data-dir = \"/x\"\nport = [1, 2]\n", &[]).err().unwrap_or_default();
+        let e = parse("data-dir = \"/x\"\nport = [1, 2]\n", &[])
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("not a list"), "{e}");
         let e = parse("data-dir = \n", &[]).err().unwrap_or_default();
         assert!(e.contains("not valid TOML"), "{e}");
-        let e = parse("data-dir = \"/x\"\nquiet = \"yes\"\n", &[]).err().unwrap_or_default();
+        let e = parse("data-dir = \"/x\"\nquiet = \"yes\"\n", &[])
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("true or false"), "{e}");
     }
 

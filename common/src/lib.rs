@@ -4,7 +4,10 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod cli;
+pub mod config_file;
 pub mod net;
+pub mod notify;
 pub mod pool;
 pub mod protocol;
 pub mod reconnect;

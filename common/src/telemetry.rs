@@ -7,20 +7,83 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 /// Installs the process's log subscriber. `RUST_LOG`, when set, wins over `level`.
-pub fn init_logging(level: &str) {
+pub fn init_logging(level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
         // Colours only on a terminal: journald and log files get plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
+}
+
+/// Lets one log line through per `interval` for a repeated error (a client that keeps sending
+/// garbage, a socket that keeps failing) and counts the rest, so that the next line says how
+/// many were left out and a flood cannot fill the disk.
+#[derive(Debug)]
+pub struct Throttle {
+    interval_ms: u64,
+    start: std::time::Instant,
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(interval: std::time::Duration) -> Self {
+        Throttle {
+            interval_ms: interval.as_millis() as u64,
+            start: std::time::Instant::now(),
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be written now (`n` lines were left out since the last one),
+    /// `None` when this one is to be left out.
+    pub fn allow(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + self.interval_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 /// A monotonically increasing count.
@@ -128,6 +191,17 @@ fn escape(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_throttle_lets_one_through_and_counts_the_rest() {
+        let t = super::Throttle::new(std::time::Duration::from_secs(3600));
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        let t = super::Throttle::new(std::time::Duration::ZERO);
+        assert_eq!(t.allow(), Some(0));
+        assert!(t.allow().is_some());
+    }
+
     use super::*;
 
     #[test]

@@ -528,6 +528,7 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         Party::Agent
     };
     let name = peer.common_name;
+    let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if party == Party::Agent {
         match state.authority.check(&name, &key) {
             Verdict::Allowed => {}
@@ -560,6 +561,8 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
                 cert_not_after: peer.not_after,
                 key_hash: key.clone(),
                 addresses: Vec::new(),
+                streams: open_streams.clone(),
+                meter: Arc::default(),
             },
         );
         state.metrics.tunnels_total.inc();
@@ -570,7 +573,6 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         info!(server = %name, peer = %remote, "peer tunnel up");
     }
 
-    let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let stream = match tunnel.accept_stream().await {
             Ok(s) => s,
@@ -871,7 +873,8 @@ async fn relay_upstream(mut stream: Stream, tcp: tokio::net::TcpStream, node: &s
     }
     state.metrics.streams_total.inc();
     let _open = GaugeGuard::new(&state.metrics.streams_open);
-    let summary = relay::relay(tcp, stream, &[&state.metrics.bytes]).await;
+    let node_meter = state.registry.meter(node).unwrap_or_default();
+    let summary = relay::relay(tcp, stream, &[&state.metrics.bytes, &*node_meter]).await;
     if summary.outcome != Outcome::Closed {
         state.metrics.stream_resets.inc();
     }
@@ -925,7 +928,8 @@ async fn relay_peer(mut stream: Stream, link: Arc<Link>, peer: Stream, node: &st
     let _open = GaugeGuard::new(&state.metrics.streams_open);
     let _on_link = link.stream_guard();
     debug!(node, peer = %link.server, "relaying through peer");
-    let summary = relay::splice(stream, peer, &[&state.metrics.bytes]).await;
+    let node_meter = state.registry.meter(node).unwrap_or_default();
+    let summary = relay::splice(stream, peer, &[&state.metrics.bytes, &*node_meter]).await;
     if summary.outcome != Outcome::Closed {
         state.metrics.stream_resets.inc();
     }
@@ -1066,5 +1070,74 @@ impl AdminSource for AdminView {
 
     fn metrics(&self) -> String {
         self.0.metrics.render(&self.0.peers)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        use serde_json::json;
+        let s = &self.0;
+        let unix = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let nodes: Vec<_> = s
+            .registry
+            .snapshot()
+            .into_iter()
+            .map(|(name, tunnels)| {
+                let newest = tunnels.iter().max_by_key(|e| e.since);
+                let sum = |f: fn(&Entry) -> u64| tunnels.iter().map(f).sum::<u64>();
+                json!({
+                    "name": name,
+                    "address": newest.map(|e| e.remote.to_string()),
+                    "addresses": newest.map(|e| e.addresses.clone()).unwrap_or_default(),
+                    "transport": newest.map(|e| e.tunnel.transport()),
+                    "tunnels": tunnels.len(),
+                    "streams": sum(|e| e.streams.load(Ordering::Relaxed) as u64),
+                    "bytes_from_node": sum(|e| e.meter.from_tunnel.load(Ordering::Relaxed)),
+                    "bytes_to_node": sum(|e| e.meter.to_tunnel.load(Ordering::Relaxed)),
+                    "connected_since": tunnels.iter().map(|e| unix(e.since)).min(),
+                    "certificate_expiry": newest.map(|e| e.cert_not_after),
+                })
+            })
+            .collect();
+        let peers: Vec<_> = s
+            .peers
+            .all()
+            .into_iter()
+            .map(|l| {
+                json!({
+                    "address": l.server,
+                    "instance": l.server_id,
+                    "transport": l.tunnel.transport(),
+                    "healthy": l.healthy(),
+                    "draining": l.draining(),
+                    "streams": l.streams(),
+                    "rtt_ms": (l.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0,
+                    "connected_since": unix(l.since_wall),
+                })
+            })
+            .collect();
+        let services: Vec<_> = s
+            .config
+            .services
+            .iter()
+            .map(|(name, addr)| json!({"name": name, "address": addr}))
+            .collect();
+        let expiry = s.metrics.cert_expiry.get();
+        json!({
+            "kind": "server",
+            "version": env!("CARGO_PKG_VERSION"),
+            "instance": s.instance_id,
+            "listen": s.endpoint.local_addr().map(|a| a.to_string()).ok(),
+            "advertise": s.announcer.advertise(),
+            "draining": s.draining.load(Ordering::Relaxed),
+            "upstream": {"address": s.upstream.addr(), "healthy": s.upstream.is_healthy()},
+            "services": services,
+            "certificate_expiry": if expiry > 0 { Some(expiry) } else { None },
+            "nodes": nodes,
+            "configured_peers": s.config.peers,
+            "peers": peers,
+        })
     }
 }

@@ -19,6 +19,15 @@ struct Cli {
     /// Default: info (warn for the demo, whose own output tells the story).
     #[arg(long, env = "TETHER_LOG_LEVEL", global = true)]
     log_level: Option<String>,
+    /// Log format: text for people, json for log collectors.
+    #[arg(
+        long,
+        env = "TETHER_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: tether_common::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,6 +40,15 @@ enum Command {
     IssueAgent(IssueAgentArgs),
     /// Run the server.
     Run(Box<RunArgs>),
+    /// Show what a running process reports: its tunnels, their state and health.
+    Status(tether_common::cli::StatusArgs),
+    /// Settings files.
+    #[command(subcommand)]
+    Config(tether_common::cli::ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(tether_common::cli::CompletionsArgs),
+    /// Write man pages into a directory.
+    Man(tether_common::cli::ManArgs),
     /// Run a self-contained demo: two servers, an agent, traffic, and a failover.
     Demo,
     /// Manage join tokens.
@@ -119,6 +137,10 @@ struct IssueAgentArgs {
 
 #[derive(Args)]
 struct RunArgs {
+    /// Settings file (TOML; `config example` prints one). Flags and TETHER_* variables win
+    /// over it.
+    #[arg(long, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
     /// Data directory holding ca.crt, server.crt and server.key.
     #[arg(long, env = "TETHER_DATA_DIR")]
     data_dir: PathBuf,
@@ -199,12 +221,15 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = tether_common::cli::parse();
     let default_level = match cli.command {
         Command::Demo => "warn",
         _ => "info",
     };
-    tether_common::telemetry::init_logging(cli.log_level.as_deref().unwrap_or(default_level));
+    tether_common::telemetry::init_logging(
+        cli.log_level.as_deref().unwrap_or(default_level),
+        cli.log_format,
+    );
     match cli.command {
         Command::Init(a) => init(a),
         Command::IssueAgent(a) => issue_agent(a),
@@ -212,6 +237,20 @@ fn main() -> Result<()> {
         Command::Demo => runtime(0)?.block_on(tether_server::demo::run()),
         Command::Token(t) => token(t),
         Command::Agent(a) => agent(a),
+        Command::Status(a) => tether_common::cli::status(&a).map_err(anyhow::Error::msg),
+        Command::Config(tether_common::cli::ConfigCommand::Example) => {
+            use clap::CommandFactory;
+            print!(
+                "{}",
+                tether_common::config_file::example(&Cli::command(), "run")
+            );
+            Ok(())
+        }
+        Command::Completions(a) => {
+            tether_common::cli::completions::<Cli>(a.shell);
+            Ok(())
+        }
+        Command::Man(a) => tether_common::cli::man::<Cli>(&a).map_err(anyhow::Error::msg),
     }
 }
 
@@ -363,17 +402,21 @@ async fn run(a: RunArgs) -> Result<()> {
         .context("cannot watch for SIGHUP")?;
     let term = tether_common::shutdown::terminate_signal();
     tokio::pin!(term);
+    tether_common::notify::ready(&format!("serving on {}", server.local_addr));
     let sig = loop {
         tokio::select! {
             s = &mut term => break s.context("cannot watch for SIGTERM and SIGINT")?,
             _ = hup.recv() => {
+                tether_common::notify::notify("RELOADING=1");
                 if let Err(e) = server.reload_certificates() {
                     tracing::error!(error = %e, "SIGHUP: cannot reload the certificate; keeping the old one");
                 }
+                tether_common::notify::notify("READY=1");
             }
         }
     };
     tracing::info!(signal = sig, "draining, then exiting");
+    tether_common::notify::stopping("draining");
     let left = server.drain(drain_timeout).await;
     if left > 0 {
         tracing::warn!(

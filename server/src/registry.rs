@@ -18,6 +18,10 @@ pub struct Entry {
     pub key_hash: String,
     /// The node's addresses, as its agent reported them.
     pub addresses: Vec<String>,
+    /// Streams open on this tunnel.
+    pub streams: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes relayed for streams of this tunnel (for `status`).
+    pub meter: std::sync::Arc<tether_common::relay::Meter>,
 }
 
 /// Connected nodes by name. A node may hold several tunnels (a restart overlapping the old
@@ -74,6 +78,23 @@ impl Registry {
     pub fn tunnels(&self, node: &str) -> Vec<Entry> {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes.get(node).cloned().unwrap_or_default()
+    }
+
+    /// The byte meter of a node's newest tunnel: where its streams' bytes are counted.
+    pub fn meter(&self, node: &str) -> Option<std::sync::Arc<tether_common::relay::Meter>> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .get(node)
+            .and_then(|l| l.iter().max_by_key(|e| e.since))
+            .map(|e| e.meter.clone())
+    }
+
+    /// Every node with its tunnels, sorted by name.
+    pub fn snapshot(&self) -> Vec<(String, Vec<Entry>)> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = nodes.iter().map(|(n, l)| (n.clone(), l.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Names of the connected nodes, sorted.
