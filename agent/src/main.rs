@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what a running process reports: its tunnels, their state and health.
     Status(tether_common::cli::StatusArgs),
     /// Settings files.
@@ -143,7 +143,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run(a) => tether_common::runtime::build(a.threads)
             .context("cannot start the async runtime")?
-            .block_on(run(a)),
+            .block_on(run(*a)),
         Command::Status(a) => tether_common::cli::status(&a).map_err(anyhow::Error::msg),
         Command::Config(tether_common::cli::ConfigCommand::Example) => {
             use clap::CommandFactory;

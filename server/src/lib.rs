@@ -94,6 +94,9 @@ pub struct State {
     peer_dialer: std::sync::OnceLock<Arc<Dialer>>,
     /// TLS for tunnels over TCP; replaced when the certificate is reloaded.
     tcp_tls: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
+    /// One line per second for failures anyone on the network can cause (handshakes that
+    /// fail or stall); `left_out` in the next line counts the rest.
+    noisy_log: tether_common::telemetry::Throttle,
 }
 
 /// A running server.
@@ -264,6 +267,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         endpoint: endpoint.clone(),
         peer_dialer: std::sync::OnceLock::new(),
         tcp_tls: std::sync::RwLock::new(tcp_tls),
+        noisy_log: tether_common::telemetry::Throttle::new(Duration::from_secs(1)),
         streams: Arc::new(Semaphore::new(config.max_streams)),
         registry: Registry::default(),
         metrics: metrics.clone(),
@@ -414,14 +418,18 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     state.metrics.handshake_failures.inc();
-                    warn!(peer = %remote, error = %e, "refused tunnel: TLS handshake failed");
+                    if let Some(left_out) = state.noisy_log.allow() {
+                        warn!(left_out,peer = %remote, error = %e, "refused tunnel: TLS handshake failed");
+                    }
                     return;
                 }
                 Err(_) => {
                     state.metrics.handshake_failures.inc();
                     state.metrics.limit_hit("handshake_timeout");
-                    warn!(peer = %remote, timeout = ?state.config.handshake_timeout,
-                        "refused tunnel: handshake did not complete in time");
+                    if let Some(left_out) = state.noisy_log.allow() {
+                        warn!(left_out,peer = %remote, timeout = ?state.config.handshake_timeout,
+                            "refused tunnel: handshake did not complete in time");
+                    }
                     return;
                 }
             };
@@ -451,7 +459,9 @@ async fn accept_tcp(
             a = listener.accept() => match a {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(error = %e, "TCP accept failed");
+                    if let Some(left_out) = state.noisy_log.allow() {
+                        warn!(left_out,error = %e, "TCP accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -463,7 +473,9 @@ async fn accept_tcp(
         }
         // Bounds the handshakes in progress; a flood waits in the kernel's queue.
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            warn!(peer = %remote, "refused TCP tunnel: too many handshakes in progress");
+            if let Some(left_out) = state.noisy_log.allow() {
+                warn!(left_out,peer = %remote, "refused TCP tunnel: too many handshakes in progress");
+            }
             continue;
         };
         let state = state.clone();
@@ -479,13 +491,17 @@ async fn accept_tcp(
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     state.metrics.handshake_failures.inc();
-                    warn!(peer = %remote, error = %e, transport = "tcp", "refused tunnel: TLS handshake failed");
+                    if let Some(left_out) = state.noisy_log.allow() {
+                        warn!(left_out,peer = %remote, error = %e, transport = "tcp", "refused tunnel: TLS handshake failed");
+                    }
                     return;
                 }
                 Err(_) => {
                     state.metrics.handshake_failures.inc();
                     state.metrics.limit_hit("handshake_timeout");
-                    warn!(peer = %remote, transport = "tcp", "refused tunnel: handshake did not complete in time");
+                    if let Some(left_out) = state.noisy_log.allow() {
+                        warn!(left_out,peer = %remote, transport = "tcp", "refused tunnel: handshake did not complete in time");
+                    }
                     return;
                 }
             };
