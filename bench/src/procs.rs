@@ -124,16 +124,26 @@ pub fn usage_of(pids: &[u32]) -> Result<Usage> {
         .try_fold(Usage::default(), |acc, p| Ok(acc + usage(*p)?))
 }
 
-/// Sets the CPU affinity of every thread of each process (`taskset -a -p`).
+/// Sets the CPU affinity of every thread of each process (`taskset -a -p`). A thread that
+/// exits while taskset walks the list makes it fail, so each process gets a few tries.
 pub fn pin(pids: &[u32], cpus: &str) -> Result<()> {
     for pid in pids {
-        let ok = Command::new("taskset")
-            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-            .stdout(Stdio::null())
-            .status()
-            .context("run taskset (util-linux)")?;
-        if !ok.success() {
-            bail!("taskset could not pin process {pid} to CPUs {cpus}");
+        let mut tries = 0;
+        loop {
+            let ok = Command::new("taskset")
+                .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .context("run taskset (util-linux)")?;
+            if ok.success() {
+                break;
+            }
+            tries += 1;
+            if tries == 5 {
+                bail!("taskset could not pin process {pid} to CPUs {cpus}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
     Ok(())

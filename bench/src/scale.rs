@@ -105,8 +105,9 @@ fn hold_agents(
             .next()
             .context("the server address resolves to nothing")?;
         for (i, cfg) in configs.iter().enumerate() {
-            let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
-                .context("a UDP socket for a simulated agent (raise the open file limit)")?;
+            let endpoint =
+                tether_common::net::quic_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None)
+                    .context("a UDP socket for a simulated agent (raise the open file limit)")?;
             let quic = tls::quic_client_config(
                 (**cfg).clone(),
                 tls::quic_transport(Default::default(), Default::default()),

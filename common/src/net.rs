@@ -60,6 +60,9 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 /// `net.core.rmem_max` / `wmem_max` (see docs/performance.md).
 pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
 
+/// Largest UDP payload a tether endpoint receives: an Ethernet frame's, over IPv4.
+pub const MAX_UDP_PAYLOAD: u16 = 1472;
+
 /// A QUIC endpoint on a UDP socket with large buffers: a server when `server` is given.
 pub fn quic_endpoint(
     addr: SocketAddr,
@@ -97,10 +100,12 @@ pub fn quic_endpoint(
     }
     let runtime =
         quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        sock.into(),
-        runtime,
-    )
+    // quinn sizes each endpoint's receive buffers by the largest datagram it accepts (64 KiB
+    // by default, for every slot of a receive batch: megabytes per agent). Paths carry at most
+    // Ethernet-sized datagrams, and MTU discovery stops at 1452 bytes anyway.
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    quinn::Endpoint::new(config, server, sock.into(), runtime)
 }
