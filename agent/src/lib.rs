@@ -309,11 +309,7 @@ impl AdminSource for AdminView {
 
     fn status(&self) -> serde_json::Value {
         use serde_json::json;
-        let unix = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        };
+        let unix = tether_common::cli::unix_seconds;
         let links = self.pool.all();
         let mut servers: Vec<_> = links
             .iter()

@@ -406,3 +406,40 @@ pub fn man<C: CommandFactory>(a: &ManArgs) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The commands both binaries have besides their own: `status`, `config`, `completions`, `man`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Tools {
+    /// Show what a running process reports: its tunnels, their state and health.
+    Status(StatusArgs),
+    /// Settings files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Write man pages into a directory.
+    Man(ManArgs),
+}
+
+/// Runs one of [`Tools`] for the binary whose command line is `C`.
+pub fn run_tool<C: CommandFactory>(tool: Tools) -> Result<(), String> {
+    match tool {
+        Tools::Status(a) => status(&a),
+        Tools::Config(ConfigCommand::Example) => {
+            print!("{}", config_file::example(&C::command(), "run"));
+            Ok(())
+        }
+        Tools::Completions(a) => {
+            completions::<C>(a.shell);
+            Ok(())
+        }
+        Tools::Man(a) => man::<C>(&a),
+    }
+}
+
+/// Seconds since the Unix epoch, as `status` documents carry times.
+pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -445,7 +445,7 @@ mod tests {
         let table: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(table.get("port").and_then(|v| v.as_integer()), Some(9443));
         assert!(text.contains("# data-dir = "), "{text}");
-        assert!(text.contains("Where state lives."));
+        assert!(text.contains("# Where state lives"), "{text}");
         assert!(text.contains("peer = []"));
         assert!(text.contains("log-level = \"info\""));
         assert!(!text.contains("config ="));

@@ -1091,11 +1091,7 @@ impl AdminSource for AdminView {
     fn status(&self) -> serde_json::Value {
         use serde_json::json;
         let s = &self.0;
-        let unix = |t: SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        };
+        let unix = tether_common::cli::unix_seconds;
         let nodes: Vec<_> = s
             .registry
             .snapshot()

@@ -40,15 +40,8 @@ enum Command {
     IssueAgent(IssueAgentArgs),
     /// Run the server.
     Run(Box<RunArgs>),
-    /// Show what a running process reports: its tunnels, their state and health.
-    Status(tether_common::cli::StatusArgs),
-    /// Settings files.
-    #[command(subcommand)]
-    Config(tether_common::cli::ConfigCommand),
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions(tether_common::cli::CompletionsArgs),
-    /// Write man pages into a directory.
-    Man(tether_common::cli::ManArgs),
+    #[command(flatten)]
+    Tools(tether_common::cli::Tools),
     /// Run a self-contained demo: two servers, an agent, traffic, and a failover.
     Demo,
     /// Manage join tokens.
@@ -237,20 +230,7 @@ fn main() -> Result<()> {
         Command::Demo => runtime(0)?.block_on(tether_server::demo::run()),
         Command::Token(t) => token(t),
         Command::Agent(a) => agent(a),
-        Command::Status(a) => tether_common::cli::status(&a).map_err(anyhow::Error::msg),
-        Command::Config(tether_common::cli::ConfigCommand::Example) => {
-            use clap::CommandFactory;
-            print!(
-                "{}",
-                tether_common::config_file::example(&Cli::command(), "run")
-            );
-            Ok(())
-        }
-        Command::Completions(a) => {
-            tether_common::cli::completions::<Cli>(a.shell);
-            Ok(())
-        }
-        Command::Man(a) => tether_common::cli::man::<Cli>(&a).map_err(anyhow::Error::msg),
+        Command::Tools(t) => tether_common::cli::run_tool::<Cli>(t).map_err(anyhow::Error::msg),
     }
 }
 
