@@ -351,17 +351,18 @@ impl Results {
             }
         }
         if !self.scale.is_empty() {
-            s.push_str("\n### Scale: idle agents on one server\n\n| transport | agents | connected | seconds to connect | server RSS | KiB per agent | server CPU (idle agents) |\n|---|---|---|---|---|---|---|\n");
+            s.push_str("\n### Scale: idle agents on one server\n\n| transport | agents | connected | seconds to connect | server RSS | KiB per agent | server CPU (idle agents) | keepalive |\n|---|---|---|---|---|---|---|---|\n");
             for p in &self.scale {
                 s.push_str(&format!(
-                    "| {} | {} | {} | {:.1} | {:.1} MiB | {:.1} | {:.1}% |\n",
+                    "| {} | {} | {} | {:.1} | {:.1} MiB | {:.1} | {:.1}% | {} ms |\n",
                     p.transport,
                     p.agents,
                     p.connected,
                     p.seconds_to_connect,
                     p.server_rss_kb as f64 / 1024.0,
                     p.server_kib_per_agent,
-                    p.server_cpu_percent
+                    p.server_cpu_percent,
+                    p.keepalive_ms
                 ));
             }
         }

@@ -22,6 +22,9 @@ use tether_common::tls;
 /// New tunnels started per second: a storm of thousands of handshakes at once would measure
 /// the handshake queue, not the cost of an idle agent.
 const RAMP_PER_SECOND: usize = 1000;
+/// Handshakes outstanding at most: on a small machine the bench's and the server's handshakes
+/// compete for the same CPUs, and past a few hundred they time out and retry in a storm.
+const IN_FLIGHT: usize = 200;
 /// How long the server is watched, idle with N agents, for its CPU figure.
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -37,6 +40,8 @@ pub struct ScalePoint {
     pub server_kib_per_agent: f64,
     /// Share of one CPU the server spends on N idle agents (keepalives both ways).
     pub server_cpu_percent: f64,
+    /// The keepalive interval of both ends, which the CPU figure is proportional to.
+    pub keepalive_ms: u64,
 }
 
 pub fn measure(
@@ -45,7 +50,19 @@ pub fn measure(
     up: &Upstream,
     transport: &str,
     counts: &[usize],
+    keepalive: Duration,
 ) -> Result<Vec<ScalePoint>> {
+    let liveness = tls::Liveness {
+        keepalive_interval: keepalive,
+        idle_timeout: keepalive * 5,
+    };
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let server_args = [
+        "--keepalive-interval".to_string(),
+        ms(liveness.keepalive_interval),
+        "--idle-timeout".to_string(),
+        ms(liveness.idle_timeout),
+    ];
     let max = counts.iter().copied().max().unwrap_or(0);
     let ca = tether_certs::Ca::load(&pki.server_dir).context("load the bench CA")?;
     let roots = tls::load_roots(&pki.server_dir.join(tether_certs::files::CA_CERT))?;
@@ -69,9 +86,9 @@ pub fn measure(
             &format!("scale-{transport}-{n}"),
             up.echo,
             up.sink,
-            &[],
+            &server_args,
         )?;
-        let point = hold_agents(&server, choice, &configs[..n], transport)?;
+        let point = hold_agents(&server, choice, &configs[..n], transport, liveness)?;
         eprintln!(
             "  scale {transport} {n}: {} up in {:.1} s, server {:.1} KiB per agent, {:.1}% CPU idle",
             point.connected, point.seconds_to_connect, point.server_kib_per_agent, point.server_cpu_percent
@@ -86,6 +103,7 @@ fn hold_agents(
     choice: TransportChoice,
     configs: &[Arc<rustls::ClientConfig>],
     transport: &str,
+    liveness: tls::Liveness,
 ) -> Result<ScalePoint> {
     let pid = server.proc.pid();
     std::thread::sleep(Duration::from_secs(1));
@@ -104,20 +122,27 @@ fn hold_agents(
             .into_iter()
             .next()
             .context("the server address resolves to nothing")?;
+        let shared = match choice {
+            TransportChoice::Tcp => Some(sim_endpoint()?),
+            _ => None,
+        };
         for (i, cfg) in configs.iter().enumerate() {
-            let endpoint =
-                tether_common::net::quic_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None)
-                    .context("a UDP socket for a simulated agent (raise the open file limit)")?;
+            let endpoint = match &shared {
+                // Over TCP the endpoint is never used: one for all spares a descriptor each.
+                Some(e) => e.clone(),
+                None => sim_endpoint()
+                    .context("a UDP socket for a simulated agent (raise the open file limit)")?,
+            };
             let quic = tls::quic_client_config(
                 (**cfg).clone(),
-                tls::quic_transport(Default::default(), Default::default()),
+                tls::quic_transport(liveness, Default::default()),
             )?;
             let dialer = Arc::new(Dialer {
                 endpoint,
                 client_config: std::sync::RwLock::new(quic),
                 tcp_tls: std::sync::RwLock::new(cfg.clone()),
                 transport: choice,
-                liveness: Default::default(),
+                liveness,
                 max_streams: tls::TunnelLimits::default().max_streams,
                 hello_name: format!("sim-{i}"),
                 capabilities: vec![tether_common::protocol::SERVICE_APISERVER.into()],
@@ -140,6 +165,20 @@ fn hold_agents(
             ));
             if (i + 1) % (RAMP_PER_SECOND / 10) == 0 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Closed loop: past IN_FLIGHT handshakes outstanding, wait for them, as long as
+            // tunnels keep coming up (a server that stops accepting must not stall the bench).
+            let mut seen = stats.up.get();
+            let mut progress = Instant::now();
+            while (i + 1).saturating_sub(seen.max(0) as usize) >= IN_FLIGHT
+                && progress.elapsed() < Duration::from_secs(5)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let now = stats.up.get();
+                if now > seen {
+                    seen = now;
+                    progress = Instant::now();
+                }
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30 + n as u64 / 100);
@@ -169,5 +208,85 @@ fn hold_agents(
             0.0
         },
         server_cpu_percent: (u2.cpu_s - u1.cpu_s) / IDLE_WINDOW.as_secs_f64() * 100.0,
+        keepalive_ms: liveness.keepalive_interval.as_millis() as u64,
     })
+}
+
+/// A simulated agent's QUIC endpoint: tether's own socket and settings, one datagram per
+/// receive. quinn's own socket layer sizes an endpoint's receive buffer as largest datagram x
+/// GRO segments (64) x batch (32), about 3 MB; a real agent has one endpoint, whose untouched
+/// pages cost nothing, but with thousands in one process the allocator hands out recycled
+/// memory that calloc must clear, and the bench, not the server, runs out of memory.
+fn sim_endpoint() -> std::io::Result<quinn::Endpoint> {
+    let sock = tether_common::net::udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let sock: Arc<dyn quinn::AsyncUdpSocket> =
+        Arc::new(PlainUdp(Arc::new(tokio::net::UdpSocket::from_std(sock)?)));
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new_with_abstract_socket(
+        tether_common::net::endpoint_config()?,
+        None,
+        sock,
+        runtime,
+    )
+}
+
+/// A UDP socket without batching, GSO or GRO: a datagram per system call, plenty for an idle
+/// agent's keepalives.
+#[derive(Debug)]
+struct PlainUdp(Arc<tokio::net::UdpSocket>);
+
+impl quinn::AsyncUdpSocket for PlainUdp {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        Box::pin(Writable(self.0.clone()))
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        // max_transmit_segments is 1, so quinn hands over one datagram at a time.
+        self.0
+            .try_send_to(transmit.contents, transmit.destination)
+            .map(|_| ())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let (Some(buf), Some(m)) = (bufs.first_mut(), meta.first_mut()) else {
+            return std::task::Poll::Ready(Ok(0));
+        };
+        let mut rb = tokio::io::ReadBuf::new(buf);
+        let from = std::task::ready!(self.0.poll_recv_from(cx, &mut rb))?;
+        let len = rb.filled().len();
+        *m = quinn::udp::RecvMeta {
+            addr: from,
+            len,
+            stride: len,
+            ecn: None,
+            dst_ip: None,
+        };
+        std::task::Poll::Ready(Ok(1))
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Debug)]
+struct Writable(Arc<tokio::net::UdpSocket>);
+
+impl quinn::UdpPoller for Writable {
+    fn poll_writable(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll_send_ready(cx)
+    }
 }

@@ -68,6 +68,27 @@ pub fn quic_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> io::Result<quinn::Endpoint> {
+    let sock = udp_socket(addr)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(endpoint_config()?, server, sock, runtime)
+}
+
+/// The endpoint settings every tether QUIC endpoint shares.
+pub fn endpoint_config() -> io::Result<quinn::EndpointConfig> {
+    // quinn sizes each endpoint's receive buffers by the largest datagram it accepts (64 KiB
+    // by default, for every slot of a receive batch: megabytes per agent). Paths carry at most
+    // Ethernet-sized datagrams, and MTU discovery stops at 1452 bytes anyway.
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(config)
+}
+
+/// A non-blocking UDP socket for QUIC, bound to `addr`, with buffers of [`UDP_BUFFER`] where
+/// the kernel grants them (a warning, once, where it does not).
+pub fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if addr.is_ipv6() {
         Domain::IPV6
@@ -98,14 +119,5 @@ pub fn quic_endpoint(
             });
         }
     }
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
-    // quinn sizes each endpoint's receive buffers by the largest datagram it accepts (64 KiB
-    // by default, for every slot of a receive batch: megabytes per agent). Paths carry at most
-    // Ethernet-sized datagrams, and MTU discovery stops at 1452 bytes anyway.
-    let mut config = quinn::EndpointConfig::default();
-    config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    quinn::Endpoint::new(config, server, sock.into(), runtime)
+    Ok(sock.into())
 }

@@ -268,7 +268,7 @@ pub fn client_config(
 
 /// Liveness settings of a tunnel.
 ///
-/// The defaults notice a silent peer in about 3 s: a keepalive every second keeps packets
+/// The defaults notice a silent peer in about 2.5 s: a keepalive every 500 ms keeps packets
 /// flowing on an idle tunnel, and a peer that has sent nothing for `idle_timeout` is declared
 /// gone. On a lossy link the keepalives are retransmitted like any packet, so one or two lost
 /// packets do not kill a tunnel; raise both values for links with long outages.

@@ -9,9 +9,10 @@
 #
 # Binaries: $TETHER_BIN_DIR if set, else the repository's target/release next to this file
 # (build with `cargo build --release --bins`), else tether-server/tether-agent on PATH.
-# This file works when copied into another copy of the harness, given TETHER_BIN_DIR or PATH.
+# Linked into another copy of the harness (ln -s .../bench/peers/paths.d/tether.sh paths.d/),
+# it still finds the repository's build; copied, it needs TETHER_BIN_DIR or PATH.
 
-TETHER_PATHS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TETHER_PATHS_DIR=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 
 tether_bin() { # NAME -> path of the binary
     local name=$1 d
