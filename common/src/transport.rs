@@ -374,6 +374,13 @@ impl RecvHalf {
         };
         let mut total = first.len();
         out.push(first);
+        // Not over TCP: yamux keeps one waker per stream for its reader and one for the window
+        // update it owes the peer, and a poll with a no-op waker (below) can leave a wake-up
+        // with nobody to receive it: 500 concurrent streams stalled. A yamux read hands out
+        // whole frames anyway, so there is little to gather.
+        if matches!(self.inner, RecvInner::Tcp(_)) {
+            return Ok(Some(total));
+        }
         while total < max && out.len() < MAX_GATHER {
             match self.read_chunk(max - total).now_or_never() {
                 Some(Ok(Some(chunk))) => {
