@@ -309,25 +309,8 @@ impl AdminSource for AdminView {
 
     fn status(&self) -> serde_json::Value {
         use serde_json::json;
-        let unix = tether_common::cli::unix_seconds;
         let links = self.pool.all();
-        let mut servers: Vec<_> = links
-            .iter()
-            .map(|l| {
-                json!({
-                    "address": l.server,
-                    "instance": l.server_id,
-                    "remote": l.tunnel.remote_addr().to_string(),
-                    "transport": l.tunnel.transport(),
-                    "state": "up",
-                    "healthy": l.healthy(),
-                    "draining": l.draining(),
-                    "streams": l.streams(),
-                    "rtt_ms": (l.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0,
-                    "connected_since": unix(l.since_wall),
-                })
-            })
-            .collect();
+        let mut servers: Vec<_> = links.iter().map(|l| l.status()).collect();
         for seed in &self.seeds {
             if !links.iter().any(|l| &l.server == seed) {
                 servers.push(json!({"address": seed, "state": "down"}));

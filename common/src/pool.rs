@@ -102,6 +102,22 @@ impl Link {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// What `status` shows of this link, the same for an agent's servers and a server's peers.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "address": self.server,
+            "instance": self.server_id,
+            "remote": self.tunnel.remote_addr().to_string(),
+            "transport": self.tunnel.transport(),
+            "state": "up",
+            "healthy": self.healthy(),
+            "draining": self.draining(),
+            "streams": self.streams(),
+            "rtt_ms": (self.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0,
+            "connected_since": crate::cli::unix_seconds(self.since_wall),
+        })
+    }
+
     /// The server list this server announced last, if any.
     pub fn servers(&self) -> Option<Vec<ServerInfo>> {
         self.servers

@@ -1113,23 +1113,7 @@ impl AdminSource for AdminView {
                 })
             })
             .collect();
-        let peers: Vec<_> = s
-            .peers
-            .all()
-            .into_iter()
-            .map(|l| {
-                json!({
-                    "address": l.server,
-                    "instance": l.server_id,
-                    "transport": l.tunnel.transport(),
-                    "healthy": l.healthy(),
-                    "draining": l.draining(),
-                    "streams": l.streams(),
-                    "rtt_ms": (l.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0,
-                    "connected_since": unix(l.since_wall),
-                })
-            })
-            .collect();
+        let peers: Vec<_> = s.peers.all().into_iter().map(|l| l.status()).collect();
         let services: Vec<_> = s
             .config
             .services
