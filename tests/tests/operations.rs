@@ -98,6 +98,9 @@ async fn settings_files_status_and_metrics_work_together() {
     agent_toml = set(&agent_toml, "data-dir", &format!("{a:?}"));
     agent_toml = set(&agent_toml, "listen", "\"127.0.0.1:1\"");
     agent_toml = set(&agent_toml, "admin", &format!("\"127.0.0.1:{aadmin}\""));
+    // QUIC, not auto: on a busy machine auto may settle on TCP first, and status is checked
+    // for the transport below.
+    agent_toml = set(&agent_toml, "transport", "\"quic\"");
     let agent_file = tmp.path().join("agent.toml");
     std::fs::write(&agent_file, &agent_toml).unwrap();
 
