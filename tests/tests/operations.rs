@@ -110,6 +110,12 @@ async fn settings_files_status_and_metrics_work_together() {
         &["run", "--config", server_file.to_str().unwrap()],
         tmp.path().join("server.log"),
     );
+    // The agent starts once the server serves, so that its first handshake is not lost.
+    let server_admin = format!("127.0.0.1:{sadmin}");
+    wait_for("server admin", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&server_admin).is_ok()
+    })
+    .await;
     // The flag beats the file's listen; the variable beats the file's admin.
     let listen = format!("127.0.0.1:{}", free_port());
     let agent = Proc::spawn_cmd(
@@ -126,8 +132,10 @@ async fn settings_files_status_and_metrics_work_together() {
         std::net::TcpStream::connect(&aadmin).is_ok()
     })
     .await;
+    // Generous: under a loaded CI machine the first QUIC handshake can time out and the agent
+    // retries after its backoff.
     let mut ready = false;
-    for _ in 0..200 {
+    for _ in 0..1200 {
         if let Ok((200, _)) = http_get(aadmin.parse().unwrap(), "/readyz").await {
             ready = true;
             break;
