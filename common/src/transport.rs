@@ -376,8 +376,8 @@ impl RecvHalf {
         out.push(first);
         // Not over TCP: yamux keeps one waker per stream for its reader and one for the window
         // update it owes the peer, and a poll with a no-op waker (below) can leave a wake-up
-        // with nobody to receive it: 500 concurrent streams stalled. A yamux read hands out
-        // whole frames anyway, so there is little to gather.
+        // with nobody to receive it: 500 concurrent streams stalled. Over TCP each write thus
+        // carries one read from yamux (at most 2 KiB).
         if matches!(self.inner, RecvInner::Tcp(_)) {
             return Ok(Some(total));
         }
