@@ -215,7 +215,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         liveness: config.liveness,
         max_streams: config.limits.max_streams,
         hello_name: node_name.clone(),
-        capabilities: vec![SERVICE_APISERVER.into()],
+        capabilities: tether_common::protocol::capability::Capabilities::ours(&[]),
         own_server_id: None,
         handshake_timeout: config.handshake_timeout,
         pool: pool.clone(),

@@ -145,7 +145,7 @@ fn hold_agents(
                 liveness,
                 max_streams: tls::TunnelLimits::default().max_streams,
                 hello_name: format!("sim-{i}"),
-                capabilities: vec![tether_common::protocol::SERVICE_APISERVER.into()],
+                capabilities: tether_common::protocol::capability::Capabilities::ours(&[]),
                 own_server_id: None,
                 handshake_timeout: Duration::from_secs(10),
                 pool: Arc::new(Pool::default()),

@@ -1,6 +1,7 @@
 //! The live links to servers, what each server announced, and the choice of one link for a new
 //! stream. Agents keep one link per server; servers keep one per peer.
 
+use crate::protocol::capability::Capabilities;
 use crate::protocol::ServerInfo;
 use crate::transport::Tunnel;
 use std::str::FromStr;
@@ -55,6 +56,8 @@ pub struct Link {
     healthy: AtomicBool,
     draining: AtomicBool,
     servers: Mutex<Option<Vec<ServerInfo>>>,
+    /// What the server announced in its welcome (empty from a 0.1 server).
+    capabilities: Capabilities,
 }
 
 impl Link {
@@ -70,7 +73,23 @@ impl Link {
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             servers: Mutex::new(None),
+            capabilities: Capabilities::default(),
         }
+    }
+
+    /// The capabilities the server announced in its welcome.
+    pub fn with_capabilities(mut self, capabilities: Capabilities) -> Self {
+        self.capabilities = capabilities;
+        self
+    }
+
+    /// Whether the server announced `capability`: new behaviour is used only then.
+    pub fn has(&self, capability: &str) -> bool {
+        self.capabilities.has(capability)
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
     }
 
     /// Streams open through this link now.
@@ -115,6 +134,7 @@ impl Link {
             "streams": self.streams(),
             "rtt_ms": (self.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0,
             "connected_since": crate::cli::unix_seconds(self.since_wall),
+            "capabilities": self.capabilities.names(),
         })
     }
 

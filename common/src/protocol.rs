@@ -34,6 +34,65 @@ pub const MAX_LIST_ITEMS: usize = 256;
 /// The service every server offers: its kube-apiserver.
 pub const SERVICE_APISERVER: &str = "apiserver";
 
+/// Capabilities: the named features a side announces in its [`Message::Hello`] or
+/// [`Message::Welcome`].
+///
+/// A behaviour that an older release does not know is used only when the other side announced
+/// its capability, so agents and servers one minor release apart keep working together (the
+/// promise in `docs/protocol.md`). Names a side does not know are kept but mean nothing to it.
+pub mod capability {
+    use std::collections::BTreeSet;
+
+    /// Offered by every server since 0.1: the kube-apiserver service.
+    pub const APISERVER: &str = super::SERVICE_APISERVER;
+    /// Said by a server that dials a peer (since 0.1): the tunnel is a server-to-server link.
+    pub const PEER: &str = "peer";
+    /// Since 0.2: the side announces its capabilities. A hello or welcome without it comes from
+    /// 0.1, which knows only [`APISERVER`] and [`PEER`].
+    pub const CAPABILITIES: &str = "caps";
+
+    /// What this build announces on every tunnel, besides the role-specific [`PEER`].
+    pub const ANNOUNCED: &[&str] = &[APISERVER, CAPABILITIES];
+
+    /// Longest capability name kept; longer ones are ignored.
+    pub const MAX_NAME: usize = 64;
+
+    /// The capabilities the other side announced.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct Capabilities(BTreeSet<String>);
+
+    impl Capabilities {
+        /// What this build announces, plus `extra` (for example [`PEER`]).
+        pub fn ours(extra: &[&str]) -> Vec<String> {
+            ANNOUNCED
+                .iter()
+                .chain(extra.iter())
+                .map(|s| s.to_string())
+                .collect()
+        }
+
+        /// The set a peer announced. The list is already bounded by the decoder
+        /// ([`super::MAX_LIST_ITEMS`]); names longer than [`MAX_NAME`] are dropped.
+        pub fn from_announced(list: &[String]) -> Self {
+            Capabilities(
+                list.iter()
+                    .filter(|c| !c.is_empty() && c.len() <= MAX_NAME)
+                    .cloned()
+                    .collect(),
+            )
+        }
+
+        pub fn has(&self, name: &str) -> bool {
+            self.0.contains(name)
+        }
+
+        /// The names, sorted (for `status`).
+        pub fn names(&self) -> Vec<String> {
+            self.0.iter().cloned().collect()
+        }
+    }
+}
+
 /// Checks a service name: 1 to 63 lowercase letters, digits and dashes, as in a DNS label, so
 /// that names read the same in flags, logs and metrics.
 pub fn validate_service_name(name: &str) -> Result<(), String> {
@@ -724,6 +783,25 @@ mod tests {
         let (back, used) = decode(&bytes).expect("decodes").expect("whole frame");
         assert_eq!(back, msg);
         assert_eq!(used, bytes.len());
+    }
+
+    #[test]
+    fn capabilities_keep_unknown_names_and_drop_absurd_ones() {
+        use capability::Capabilities;
+        let ours = Capabilities::ours(&[capability::PEER]);
+        assert!(ours.iter().any(|c| c == capability::CAPABILITIES));
+        let long = "x".repeat(capability::MAX_NAME + 1);
+        let theirs = Capabilities::from_announced(&[
+            "apiserver".into(),
+            "from-the-future".into(),
+            String::new(),
+            long.clone(),
+        ]);
+        assert!(theirs.has("apiserver") && theirs.has("from-the-future"));
+        assert!(!theirs.has(capability::CAPABILITIES) && !theirs.has(&long) && !theirs.has(""));
+        // A 0.1 hello: nothing new may be used.
+        let old = Capabilities::from_announced(&["apiserver".into()]);
+        assert!(!old.has(capability::CAPABILITIES));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::backoff::Backoff;
 use crate::pool::{Link, Pool};
+use crate::protocol::capability::Capabilities;
 use crate::protocol::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use crate::shutdown::ShutdownSignal;
 use crate::telemetry::{Counter, Gauge};
@@ -172,10 +173,10 @@ pub async fn maintain(
         };
         let mut delay = None;
         match result {
-            Ok((tunnel, server_id, control)) => {
+            Ok(established) => {
                 backoff.reset();
                 failures = 0;
-                next = serve(&target, tunnel, server_id, control, &dialer, &mut stop).await;
+                next = serve(&target, established, &dialer, &mut stop).await;
                 if stop.fired() {
                     return;
                 }
@@ -276,24 +277,24 @@ async fn dial(
     target: &DialTarget,
     d: &Dialer,
     choice: TransportChoice,
-) -> Result<(Tunnel, String, Stream), DialError> {
+) -> Result<Established, DialError> {
     let tunnel = connect(target, d, choice).await?;
-    let (server_id, control) = match hello(&tunnel, d).await {
+    let welcomed = match hello(&tunnel, d).await {
         Ok(v) => v,
         Err(e) => {
             tunnel.close(code::OK, "hello failed");
             return Err(e);
         }
     };
-    if d.own_server_id.as_deref() == Some(server_id.as_str()) {
+    if d.own_server_id.as_deref() == Some(welcomed.server_id.as_str()) {
         tunnel.close(code::OK, "dialed itself");
         return Err(DialError::Itself);
     }
-    if d.pool.has_server(&server_id, &target.label) {
+    if d.pool.has_server(&welcomed.server_id, &target.label) {
         tunnel.close(code::OK, "duplicate tunnel");
-        return Err(DialError::Duplicate(server_id));
+        return Err(DialError::Duplicate(welcomed.server_id));
     }
-    Ok((tunnel, server_id, control))
+    Ok(Established { tunnel, welcomed })
 }
 
 /// Resolves `label` (`host:port`; a DNS name counts for every address) into dial targets.
@@ -319,7 +320,7 @@ pub fn host_of(server: &str) -> &str {
 }
 
 /// Opens the control stream and agrees on the protocol version.
-async fn hello(tunnel: &Tunnel, d: &Dialer) -> Result<(String, Stream), DialError> {
+async fn hello(tunnel: &Tunnel, d: &Dialer) -> Result<Welcomed, DialError> {
     let err = |e: String| DialError::Hello(e);
     let mut control = tunnel.open_stream().await.map_err(|e| err(e.to_string()))?;
     let msg = Message::Hello {
@@ -335,8 +336,14 @@ async fn hello(tunnel: &Tunnel, d: &Dialer) -> Result<(String, Stream), DialErro
         .map_err(|e| err(e.to_string()))?;
     match control.recv.read_message().await {
         Ok(Some(Message::Welcome {
-            version, server_id, ..
-        })) if version == PROTOCOL_VERSION => Ok((server_id, control)),
+            version,
+            server_id,
+            capabilities,
+        })) if version == PROTOCOL_VERSION => Ok(Welcomed {
+            server_id,
+            capabilities: Capabilities::from_announced(&capabilities),
+            control,
+        }),
         Ok(Some(Message::Welcome { version, .. })) => {
             Err(err(format!("server chose unsupported version {version}")))
         }
@@ -346,25 +353,40 @@ async fn hello(tunnel: &Tunnel, d: &Dialer) -> Result<(String, Stream), DialErro
     }
 }
 
-/// A tunnel, the server's instance id, and its control stream.
-type Established = (Tunnel, String, Stream);
+/// What the accepting side said in its welcome, and the control stream it came on.
+struct Welcomed {
+    /// The accepting server's instance id.
+    server_id: String,
+    /// What it announced: new behaviour is used only when it is here.
+    capabilities: Capabilities,
+    control: Stream,
+}
+
+/// A tunnel whose control stream has agreed on the protocol.
+struct Established {
+    tunnel: Tunnel,
+    welcomed: Welcomed,
+}
 
 /// Serves a connected tunnel until it closes or the process stops; returns a QUIC tunnel that
 /// replaces it, when a link on TCP (in `auto`) managed to move to QUIC.
 async fn serve(
     target: &DialTarget,
-    tunnel: Tunnel,
-    server_id: String,
-    mut control: Stream,
+    established: Established,
     d: &Dialer,
     stop: &mut ShutdownSignal,
 ) -> Option<Established> {
-    let link = Arc::new(Link::new(
-        target.label.clone(),
-        tunnel.clone(),
-        server_id,
-        target.rank,
-    ));
+    let Established { tunnel, welcomed } = established;
+    let mut control = welcomed.control;
+    let link = Arc::new(
+        Link::new(
+            target.label.clone(),
+            tunnel.clone(),
+            welcomed.server_id,
+            target.rank,
+        )
+        .with_capabilities(welcomed.capabilities),
+    );
     d.pool.add(link.clone());
     d.stats.connects.inc();
     d.stats.up.inc();

@@ -32,6 +32,7 @@ use tether_certs::records::Verdict;
 use tether_common::admin::{self, AdminSource};
 use tether_common::backoff::Backoff;
 use tether_common::pool::{Link, Policy, Pool};
+use tether_common::protocol::capability::{self, Capabilities};
 use tether_common::protocol::{
     code, Message, StatusCode, Target, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_APISERVER,
 };
@@ -44,9 +45,6 @@ use tether_common::transport::{Stream, Tunnel};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
-
-/// The capability a server puts in its hello when it dials a peer.
-pub const CAP_PEER: &str = "peer";
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -328,7 +326,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         liveness: state.config.liveness,
         max_streams: transport_limits(&state.config).max_streams,
         hello_name: advertise.clone().unwrap_or_default(),
-        capabilities: vec![CAP_PEER.into()],
+        capabilities: Capabilities::ours(&[capability::PEER]),
         own_server_id: Some(instance_id),
         handshake_timeout: state.config.handshake_timeout,
         pool: peers,
@@ -579,6 +577,7 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
                 addresses: Vec::new(),
                 streams: open_streams.clone(),
                 meter: Arc::default(),
+                capabilities: Capabilities::default(),
             },
         );
         state.metrics.tunnels_total.inc();
@@ -646,10 +645,16 @@ async fn serve_stream(
             min_version,
             max_version,
             node_name,
-            ..
+            capabilities,
         } => {
+            let capabilities = Capabilities::from_announced(&capabilities);
             if party == Party::Peer && !node_name.is_empty() {
                 state.announcer.add_inbound_peer(tunnel_id, node_name);
+            }
+            if party == Party::Agent {
+                state
+                    .registry
+                    .set_capabilities(node, tunnel_id, capabilities);
             }
             control(
                 stream,
@@ -729,7 +734,7 @@ async fn control(
     let welcome = Message::Welcome {
         version: PROTOCOL_VERSION,
         server_id: state.instance_id.clone(),
-        capabilities: vec![SERVICE_APISERVER.into()],
+        capabilities: Capabilities::ours(&[]),
     };
     if stream.send.write_message(&welcome).await.is_err() {
         return;
@@ -1110,6 +1115,7 @@ impl AdminSource for AdminView {
                     "bytes_to_node": sum(|e| e.meter.to_tunnel.load(Ordering::Relaxed)),
                     "connected_since": tunnels.iter().map(|e| unix(e.since)).min(),
                     "certificate_expiry": newest.map(|e| e.cert_not_after),
+                    "capabilities": newest.map(|e| e.capabilities.names()).unwrap_or_default(),
                 })
             })
             .collect();

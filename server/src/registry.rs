@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::SystemTime;
+use tether_common::protocol::capability::Capabilities;
 use tether_common::transport::Tunnel;
 
 /// One agent tunnel.
@@ -22,6 +23,9 @@ pub struct Entry {
     pub streams: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Bytes relayed for streams of this tunnel (for `status`).
     pub meter: std::sync::Arc<tether_common::relay::Meter>,
+    /// What the agent announced in its hello (empty until the hello, and from a 0.1 agent
+    /// nothing but `apiserver`): new behaviour towards it is used only when announced.
+    pub capabilities: Capabilities,
 }
 
 /// Connected nodes by name. A node may hold several tunnels (a restart overlapping the old
@@ -55,6 +59,17 @@ impl Registry {
             .and_then(|l| l.iter_mut().find(|e| e.tunnel.id() == tunnel_id))
         {
             e.addresses = addresses;
+        }
+    }
+
+    /// Records what a node's agent announced in its hello on one tunnel.
+    pub fn set_capabilities(&self, node: &str, tunnel_id: usize, capabilities: Capabilities) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = nodes
+            .get_mut(node)
+            .and_then(|l| l.iter_mut().find(|e| e.tunnel.id() == tunnel_id))
+        {
+            e.capabilities = capabilities;
         }
     }
 
