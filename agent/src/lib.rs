@@ -223,6 +223,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         changed: Arc::new(tokio::sync::Notify::new()),
         kind: "server",
         on_message: None,
+        outbox: None,
         after_welcome: vec![tether_common::protocol::Message::NodeInfo {
             addresses: node_ips.iter().take(64).map(|ip| ip.to_string()).collect(),
         }],

@@ -153,6 +153,7 @@ fn hold_agents(
                 changed: Arc::new(tokio::sync::Notify::new()),
                 kind: "server",
                 on_message: None,
+                outbox: None,
                 after_welcome: Vec::new(),
                 on_stream: None,
             });

@@ -55,8 +55,14 @@ pub enum CertError {
         what: &'static str,
         detail: String,
     },
-    #[error("invalid node name {0:?}: use 1 to 253 letters, digits, '-', '_' or '.'")]
+    #[error("invalid node name {0:?}: use 1 to 253 letters, digits, '-', '_' or '.', and not an IP address")]
     BadNodeName(String),
+    #[error("{path}, line {line}: {detail}; fix or remove the line (a records file that cannot be read would mean nothing is revoked, so the start stops)")]
+    Records {
+        path: PathBuf,
+        line: usize,
+        detail: String,
+    },
     #[error("invalid certificate name {name:?}: {detail}")]
     BadName { name: String, detail: String },
     #[error("certificate generation failed: {0}")]
@@ -330,12 +336,17 @@ pub fn issue_agent_files(
 
 /// Node names become certificate common names, log fields and metric labels: keep them to the
 /// characters Kubernetes allows in node names.
+///
+/// A name that reads as an IP address is refused: the egress proxy finds a node by its name or
+/// by an address, and a node called `10.0.0.5` would stand in for whichever node has that
+/// address.
 pub fn validate_node_name(name: &str) -> Result<(), CertError> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name.parse::<std::net::IpAddr>().is_err();
     if ok {
         Ok(())
     } else {
@@ -434,6 +445,10 @@ pub fn key_hash_of_csr(der: &[u8]) -> Result<String, CertError> {
     use x509_parser::prelude::FromDer;
     let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
         .map_err(|e| CertError::BadCsr(e.to_string()))?;
+    // The signature proves the requester holds the key: checked before the key is recorded as
+    // a name's owner.
+    csr.verify_signature()
+        .map_err(|e| CertError::BadCsr(format!("signature does not verify: {e}")))?;
     Ok(sha256_hex(csr.certification_request_info.subject_pki.raw))
 }
 

@@ -1,14 +1,29 @@
 //! Node records: who owns a node name, and which names are revoked.
 //!
-//! Each name has at most one record, and the newest record wins (last writer wins, by its
-//! timestamp): `owned` (the SHA-256 of the public key that first joined or was issued under the
-//! name), `revoked` (no tunnel, no join), or `forgotten` (a tombstone: the name is free again).
-//! Servers exchange records with their peers and merge them by the same rule, so a revocation
-//! or a forget on any server reaches all of them, and the order in which they hear of it does
-//! not matter.
+//! Each name has at most one record: `owned` (the SHA-256 of the public key that joined, was
+//! issued or last renewed under the name), `revoked` (no tunnel, no join, no renewal), or
+//! `forgotten` (the name is free for a new join; no certificate is good for it until then).
+//! Servers exchange records with their peers and merge them by one rule, so a revocation or a
+//! forget on any server reaches all of them, and the order in which they hear of it does not
+//! matter.
+//!
+//! No clock decides anything. A record carries:
+//! - `epoch`: how many times the name was forgotten. A higher epoch wins outright: a forget
+//!   ends everything that came before it.
+//! - within an epoch, `revoked` wins over any other state, whatever its version: only a forget
+//!   lifts a revocation, so a renewal that races with one (on this server, or on a peer that
+//!   has not heard of it yet) loses.
+//! - otherwise `version` (bumped by one at every write of the name): the higher wins; ties
+//!   break on the state and then on `writer`, the id of the server or command that wrote it,
+//!   so every server picks the same record.
+//!
+//! `at` (Unix milliseconds) is kept for people and for 0.1 servers, which order by it.
 //!
 //! The records of a data directory live in `DIR/nodes`, one per line, changed under a lock
-//! (`DIR/.lock`) by the commands and by the running server alike.
+//! (`DIR/.lock`) by the commands and by the running server alike. A line 0.1 wrote (`name state
+//! at`) reads as epoch 0, version 0; 0.1 reads the first three fields of a line this release
+//! writes. A line that does not parse stops the load with the file and line number: a records
+//! file that cannot be read never means "nothing is revoked".
 
 use crate::{lock_file, read_string, write_file, CertError};
 use std::collections::BTreeMap;
@@ -16,6 +31,12 @@ use std::path::Path;
 
 /// The record file of a data directory.
 pub const NODES_FILE: &str = "nodes";
+
+/// Largest version or epoch accepted from a file or a peer: a name is written a few times a
+/// year, so anything near `u64::MAX` is an attempt to pin a record for good.
+pub const MAX_VERSION: u64 = 1 << 32;
+/// Longest writer id kept.
+pub const MAX_WRITER: usize = 64;
 
 /// The state of one node name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,30 +52,128 @@ pub enum NodeState {
 pub struct NodeRecord {
     pub name: String,
     pub state: NodeState,
-    /// When it was written, Unix milliseconds: the newer record wins.
+    /// Forgets of this name so far.
+    pub epoch: u32,
+    /// Writes of this name within the epoch.
+    pub version: u64,
+    /// Who wrote it (a server's id, or the host name of the command that did).
+    pub writer: String,
+    /// When it was written, Unix milliseconds: for people, and the order 0.1 servers use.
     pub at: u64,
 }
 
+/// Why a record from a file or a peer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("invalid node name {0:?}")]
+    Name(String),
+    #[error("key {0:?} is not a hex SHA-256")]
+    Key(String),
+    #[error("{what} {value} is absurd (at most {max})")]
+    Absurd {
+        what: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("writer id {0:?} is too long or not printable")]
+    Writer(String),
+    #[error("{0}")]
+    Syntax(String),
+}
+
+fn is_sha256_hex(k: &str) -> bool {
+    k.len() == 64
+        && k.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl NodeRecord {
-    pub fn new(name: &str, state: NodeState) -> Self {
-        NodeRecord {
-            name: name.to_string(),
-            state,
-            at: now_ms(),
+    /// Checks everything a peer or a file could get wrong: the name, the key, the counters.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        crate::validate_node_name(&self.name).map_err(|_| RecordError::Name(self.name.clone()))?;
+        if let NodeState::Owned(k) = &self.state {
+            if !is_sha256_hex(k) {
+                return Err(RecordError::Key(k.clone()));
+            }
         }
+        if self.version > MAX_VERSION {
+            return Err(RecordError::Absurd {
+                what: "version",
+                value: self.version,
+                max: MAX_VERSION,
+            });
+        }
+        if u64::from(self.epoch) > MAX_VERSION {
+            return Err(RecordError::Absurd {
+                what: "epoch",
+                value: u64::from(self.epoch),
+                max: MAX_VERSION,
+            });
+        }
+        if self.writer.len() > MAX_WRITER || !self.writer.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(RecordError::Writer(self.writer.clone()));
+        }
+        Ok(())
     }
 
-    /// Whether this record should replace `old`. Ties break on the state so that every server
-    /// picks the same one.
+    /// Whether this record should replace `old` (see the module's documentation).
     pub fn beats(&self, old: &NodeRecord) -> bool {
-        (self.at, rank(&self.state)) > (old.at, rank(&old.state))
+        if self.epoch != old.epoch {
+            return self.epoch > old.epoch;
+        }
+        match (&self.state, &old.state) {
+            (NodeState::Revoked, NodeState::Revoked) => {}
+            (NodeState::Revoked, _) => return true,
+            (_, NodeState::Revoked) => return false,
+            _ => {}
+        }
+        (self.version, rank(&self.state), self.writer.as_str())
+            > (old.version, rank(&old.state), old.writer.as_str())
+    }
+
+    /// A record as a 0.1 server sends it (ordered by time), given what this server holds for
+    /// the name. It becomes the next write of the name if it is newer by time, and never lifts
+    /// a revocation; `None` when it loses.
+    pub fn from_v1(
+        name: &str,
+        state: NodeState,
+        at: u64,
+        held: Option<&NodeRecord>,
+    ) -> Option<NodeRecord> {
+        let mut rec = NodeRecord {
+            name: name.to_string(),
+            state,
+            epoch: 0,
+            version: 0,
+            writer: "v1-peer".into(),
+            at,
+        };
+        if let Some(old) = held {
+            if (at, rank(&rec.state)) <= (old.at, rank(&old.state)) {
+                return None;
+            }
+            rec.epoch = old.epoch;
+            rec.version = old.version.saturating_add(1);
+            if rec.state == NodeState::Forgotten && old.state != NodeState::Forgotten {
+                rec.epoch = old.epoch.saturating_add(1);
+                rec.version = 0;
+            }
+        }
+        rec.beats_or_new(held).then_some(rec)
+    }
+
+    fn beats_or_new(&self, held: Option<&NodeRecord>) -> bool {
+        match held {
+            Some(old) => self.beats(old),
+            None => true,
+        }
     }
 }
 
 fn rank(s: &NodeState) -> (u8, &str) {
     match s {
-        NodeState::Forgotten => (0, ""),
-        NodeState::Owned(k) => (1, k.as_str()),
+        NodeState::Owned(k) => (0, k.as_str()),
+        NodeState::Forgotten => (1, ""),
         NodeState::Revoked => (2, ""),
     }
 }
@@ -64,6 +183,19 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Who writes records made on this machine: its host name, else `local`.
+pub fn local_writer() -> String {
+    crate::hostname()
+        .map(|h| {
+            h.chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(MAX_WRITER)
+                .collect()
+        })
+        .filter(|h: &String| !h.is_empty())
+        .unwrap_or_else(|| "local".into())
 }
 
 /// All records, by name.
@@ -79,6 +211,9 @@ pub enum Verdict {
     Revoked,
     /// The name is owned by another key.
     OtherOwner,
+    /// The name was forgotten: it is free for a new join, and no certificate is good for it
+    /// until one has joined.
+    Forgotten,
 }
 
 impl Records {
@@ -93,61 +228,108 @@ impl Records {
         }
     }
 
-    /// Whether a certificate for `name` with public key hash `key` may connect. A name with no
-    /// record (certificates issued before records existed) is allowed.
+    /// Whether a certificate for `name` with public key hash `key` may connect. A forgotten
+    /// name admits no certificate (a certificate made before the forget is exactly what the
+    /// forget is for); a name with no record at all is allowed, since a peer's record of a
+    /// fresh join or `issue-agent` may not have arrived yet.
     pub fn check(&self, name: &str, key: &str) -> Verdict {
         match self.by_name.get(name).map(|r| &r.state) {
             Some(NodeState::Revoked) => Verdict::Revoked,
+            Some(NodeState::Forgotten) => Verdict::Forgotten,
             Some(NodeState::Owned(k)) if k != key => Verdict::OtherOwner,
             _ => Verdict::Allowed,
         }
     }
 
+    /// Reads `DIR/nodes`; a missing file is no records, a line that does not parse is an
+    /// error naming the file and the line.
     pub fn load(dir: &Path) -> Result<Self, CertError> {
         let path = dir.join(NODES_FILE);
         let mut r = Records::default();
         if !path.exists() {
             return Ok(r);
         }
-        for line in read_string(&path)?.lines() {
+        for (i, line) in read_string(&path)?.lines().enumerate() {
             if line.starts_with('#') || line.trim().is_empty() {
                 continue;
             }
-            let mut f = line.split(' ');
-            let (Some(name), Some(state), Some(at)) = (f.next(), f.next(), f.next()) else {
-                continue;
-            };
-            let Ok(at) = at.parse() else { continue };
-            let state = match state {
-                "revoked" => NodeState::Revoked,
-                "forgotten" => NodeState::Forgotten,
-                other => match other.strip_prefix("owned:") {
-                    Some(k) => NodeState::Owned(k.to_string()),
-                    None => continue,
-                },
-            };
-            r.merge(NodeRecord {
-                name: name.to_string(),
-                state,
-                at,
-            });
+            let rec = parse_line(line).map_err(|e| CertError::Records {
+                path: path.clone(),
+                line: i + 1,
+                detail: e.to_string(),
+            })?;
+            r.merge(rec);
         }
         Ok(r)
     }
 
     fn save(&self, dir: &Path) -> Result<(), CertError> {
-        let mut text =
-            String::from("# name state at-ms (state: owned:<sha256 of key>, revoked, forgotten)\n");
+        let mut text = String::from(
+            "# name state at-ms e=epoch v=version w=writer (state: owned:<sha256 of key>, revoked, forgotten)\n",
+        );
         for r in self.by_name.values() {
             let state = match &r.state {
                 NodeState::Owned(k) => format!("owned:{k}"),
                 NodeState::Revoked => "revoked".into(),
                 NodeState::Forgotten => "forgotten".into(),
             };
-            text.push_str(&format!("{} {state} {}\n", r.name, r.at));
+            text.push_str(&format!(
+                "{} {state} {} e={} v={} w={}\n",
+                r.name, r.at, r.epoch, r.version, r.writer
+            ));
         }
         write_file(&dir.join(NODES_FILE), text.as_bytes(), 0o600)
     }
+}
+
+/// One line of `DIR/nodes`: `name state at [e=N] [v=N] [w=ID]`.
+pub fn parse_line(line: &str) -> Result<NodeRecord, RecordError> {
+    let mut f = line.split(' ');
+    let (Some(name), Some(state), Some(at)) = (f.next(), f.next(), f.next()) else {
+        return Err(RecordError::Syntax(
+            "expected `name state at-ms`".to_string(),
+        ));
+    };
+    let at: u64 = at
+        .parse()
+        .map_err(|_| RecordError::Syntax(format!("{at:?} is not a time in milliseconds")))?;
+    let state = match state {
+        "revoked" => NodeState::Revoked,
+        "forgotten" => NodeState::Forgotten,
+        other => match other.strip_prefix("owned:") {
+            Some(k) => NodeState::Owned(k.to_string()),
+            None => return Err(RecordError::Syntax(format!("unknown state {other:?}"))),
+        },
+    };
+    let mut rec = NodeRecord {
+        name: name.to_string(),
+        state,
+        epoch: 0,
+        version: 0,
+        writer: String::new(),
+        at,
+    };
+    let number = |v: &str, what: &str| {
+        v.parse::<u64>()
+            .map_err(|_| RecordError::Syntax(format!("{what} {v:?} is not a number")))
+    };
+    for field in f {
+        match field.split_once('=') {
+            Some(("e", v)) => {
+                let e = number(v, "epoch")?;
+                rec.epoch = u32::try_from(e).map_err(|_| RecordError::Absurd {
+                    what: "epoch",
+                    value: e,
+                    max: MAX_VERSION,
+                })?;
+            }
+            Some(("v", v)) => rec.version = number(v, "version")?,
+            Some(("w", v)) => rec.writer = v.to_string(),
+            _ => return Err(RecordError::Syntax(format!("unknown field {field:?}"))),
+        }
+    }
+    rec.validate()?;
+    Ok(rec)
 }
 
 /// Merges `records` into the directory's file under its lock; returns the merged whole.
@@ -175,15 +357,58 @@ pub fn write_local(dir: &Path, name: &str, state: NodeState) -> Result<Records, 
 }
 
 impl Records {
+    /// Writes a record made here and now (an operator's command, a join, a renewal): the next
+    /// version of the name, or the first of a new epoch for a forget.
     fn write_local(&mut self, name: &str, state: NodeState) {
-        let after = self.by_name.get(name).map(|r| r.at + 1).unwrap_or(0);
+        let old = self.by_name.get(name);
+        let (mut epoch, mut version) = old
+            .map(|r| (r.epoch, r.version.saturating_add(1)))
+            .unwrap_or((0, 1));
+        if state == NodeState::Forgotten && old.is_some_and(|r| r.state != NodeState::Forgotten) {
+            epoch = epoch.saturating_add(1);
+            version = 1;
+        }
+        let after = old.map(|r| r.at.saturating_add(1)).unwrap_or(0);
         let rec = NodeRecord {
             name: name.to_string(),
             state,
+            epoch,
+            version,
+            writer: local_writer(),
             at: now_ms().max(after),
         };
         self.by_name.insert(name.to_string(), rec);
     }
+}
+
+/// Moves `name` to `new_key` for a renewal presented with `current_key`, under the file's
+/// lock: only the current owner may renew, never a revoked or forgotten name, so a renewal
+/// cannot undo a revocation however it races with one.
+pub fn renew(
+    dir: &Path,
+    name: &str,
+    current_key: &str,
+    new_key: &str,
+) -> Result<Result<(), String>, CertError> {
+    let _guard = lock_file(dir)?;
+    let mut all = Records::load(dir)?;
+    match all.by_name.get(name).map(|r| r.state.clone()) {
+        Some(NodeState::Revoked) => return Ok(Err(format!("node {name:?} is revoked"))),
+        Some(NodeState::Forgotten) => {
+            return Ok(Err(format!(
+                "node name {name:?} was forgotten; the node must join again"
+            )))
+        }
+        Some(NodeState::Owned(k)) if k != current_key => {
+            return Ok(Err(format!(
+                "the key of this certificate no longer owns node name {name:?}"
+            )))
+        }
+        _ => {}
+    }
+    all.write_local(name, NodeState::Owned(new_key.to_string()));
+    all.save(dir)?;
+    Ok(Ok(()))
 }
 
 /// Records the owner of `name` unless another key owns it; the check and the write happen under
@@ -214,54 +439,181 @@ pub fn claim(dir: &Path, name: &str, key: &str) -> Result<Result<(), String>, Ce
 mod tests {
     use super::*;
 
+    fn key(n: u8) -> String {
+        hex_of(n)
+    }
+
+    fn hex_of(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    fn rec(state: NodeState, epoch: u32, version: u64, writer: &str) -> NodeRecord {
+        NodeRecord {
+            name: "n".into(),
+            state,
+            epoch,
+            version,
+            writer: writer.into(),
+            at: 0,
+        }
+    }
+
+    fn merged(order: &[&NodeRecord]) -> Records {
+        let mut r = Records::default();
+        for x in order {
+            r.merge((*x).clone());
+        }
+        r
+    }
+
     #[test]
-    fn newest_wins_in_any_order() {
-        let a = NodeRecord {
-            name: "n".into(),
-            state: NodeState::Owned("k1".into()),
-            at: 1,
-        };
-        let b = NodeRecord {
-            name: "n".into(),
-            state: NodeState::Revoked,
-            at: 2,
-        };
-        let c = NodeRecord {
-            name: "n".into(),
-            state: NodeState::Forgotten,
-            at: 3,
-        };
-        let mut x = Records::default();
-        let mut y = Records::default();
-        for r in [&a, &b, &c] {
-            x.merge(r.clone());
+    fn the_same_records_merge_to_the_same_result_in_any_order() {
+        let owned = rec(NodeState::Owned(key(1)), 0, 1, "a");
+        let renewed = rec(NodeState::Owned(key(2)), 0, 2, "b");
+        let revoked = rec(NodeState::Revoked, 0, 2, "a");
+        let forgotten = rec(NodeState::Forgotten, 1, 1, "a");
+        let rejoined = rec(NodeState::Owned(key(3)), 1, 2, "b");
+        let all = [&owned, &renewed, &revoked, &forgotten, &rejoined];
+        let want = merged(&all);
+        // Every one of the 120 orders.
+        fn permutations<'a>(items: &[&'a NodeRecord], out: &mut Vec<Vec<&'a NodeRecord>>) {
+            if items.len() <= 1 {
+                out.push(items.to_vec());
+                return;
+            }
+            for i in 0..items.len() {
+                let mut rest = items.to_vec();
+                let first = rest.remove(i);
+                let mut tails = Vec::new();
+                permutations(&rest, &mut tails);
+                for mut t in tails {
+                    t.insert(0, first);
+                    out.push(t);
+                }
+            }
         }
-        for r in [&c, &a, &b] {
-            y.merge(r.clone());
+        let mut orders = Vec::new();
+        permutations(&all, &mut orders);
+        assert_eq!(orders.len(), 120);
+        for order in orders {
+            assert_eq!(merged(&order), want);
         }
-        assert_eq!(x, y);
-        assert_eq!(x.check("n", "k2"), Verdict::Allowed);
-        let mut z = Records::default();
-        z.merge(a.clone());
-        assert_eq!(z.check("n", "k2"), Verdict::OtherOwner);
-        assert_eq!(z.check("n", "k1"), Verdict::Allowed);
-        z.merge(b);
-        assert_eq!(z.check("n", "k1"), Verdict::Revoked);
+        assert_eq!(want.check("n", &key(3)), Verdict::Allowed);
+        assert_eq!(want.check("n", &key(2)), Verdict::OtherOwner);
+    }
+
+    #[test]
+    fn a_renewal_never_lifts_a_revocation_and_a_forget_does() {
+        let revoked = rec(NodeState::Revoked, 0, 2, "a");
+        // Renewals on a server that had not heard of the revocation, however many.
+        for v in [2, 3, 1000] {
+            let renewal = rec(NodeState::Owned(key(9)), 0, v, "zzz");
+            assert!(!renewal.beats(&revoked), "version {v}");
+            assert!(revoked.beats(&renewal));
+        }
+        let forgotten = rec(NodeState::Forgotten, 1, 1, "a");
+        assert!(forgotten.beats(&revoked));
+        let r = merged(&[&revoked, &forgotten]);
+        assert_eq!(r.check("n", &key(1)), Verdict::Forgotten);
+        // No clock: a record's time does not matter.
+        let mut late = rec(NodeState::Owned(key(9)), 0, 1, "a");
+        late.at = u64::MAX;
+        assert!(!late.beats(&revoked));
+    }
+
+    #[test]
+    fn records_from_0_1_peers_order_by_time_and_never_lift_a_revocation() {
+        let mut revoked = rec(NodeState::Revoked, 0, 2, "a");
+        revoked.at = 100;
+        assert!(NodeRecord::from_v1("n", NodeState::Owned(key(1)), 200, Some(&revoked)).is_none());
+        assert!(NodeRecord::from_v1("n", NodeState::Forgotten, 50, Some(&revoked)).is_none());
+        let f = NodeRecord::from_v1("n", NodeState::Forgotten, 200, Some(&revoked)).unwrap();
+        assert!(f.beats(&revoked) && f.epoch == 1);
+        let fresh = NodeRecord::from_v1("n", NodeState::Owned(key(1)), 5, None).unwrap();
+        assert_eq!((fresh.epoch, fresh.version), (0, 0));
+    }
+
+    #[test]
+    fn absurd_and_malformed_records_are_refused() {
+        let mut r = rec(NodeState::Owned("not-hex".into()), 0, 1, "a");
+        assert!(matches!(r.validate(), Err(RecordError::Key(_))));
+        r.state = NodeState::Owned(key(1));
+        r.version = u64::MAX;
+        assert!(matches!(r.validate(), Err(RecordError::Absurd { .. })));
+        r.version = 1;
+        r.name = "10.0.0.1".into();
+        assert!(matches!(r.validate(), Err(RecordError::Name(_))));
+        r.name = "n".into();
+        r.writer = "a b".into();
+        assert!(r.validate().is_err());
+        for bad in [
+            "n",
+            "n owned:zz 1",
+            "n sleeping 1",
+            "n revoked soon",
+            "n revoked 1 e=x",
+            "n revoked 1 q=1",
+            "n revoked 1 e=99999999999",
+        ] {
+            assert!(parse_line(bad).is_err(), "{bad}");
+        }
+        // A line 0.1 wrote reads as epoch 0, version 0.
+        let old = parse_line(&format!("n owned:{} 17", key(1))).unwrap();
+        assert_eq!((old.epoch, old.version, old.at), (0, 0, 17));
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_naming_its_line() {
+        let d = std::env::temp_dir().join(format!("tether-records-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join(NODES_FILE),
+            format!(
+                "# header\nn1 revoked 1\nn2 owned:{} 2\nn3 garbage\n",
+                key(1)
+            ),
+        )
+        .unwrap();
+        let err = Records::load(&d).unwrap_err().to_string();
+        assert!(err.contains("line 4") && err.contains("nodes"), "{err}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
     fn claims_and_files() {
+        let (k1, k2, k3, k4, k9) = (key(1), key(2), key(3), key(4), key(9));
         let d = std::env::temp_dir().join(format!("tether-records-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        assert_eq!(claim(&d, "n1", "k1").unwrap(), Ok(()));
-        assert_eq!(claim(&d, "n1", "k1").unwrap(), Ok(()));
-        assert!(claim(&d, "n1", "k2").unwrap().is_err());
+        assert_eq!(claim(&d, "n1", &k1).unwrap(), Ok(()));
+        assert_eq!(claim(&d, "n1", &k1).unwrap(), Ok(()));
+        assert!(claim(&d, "n1", &k2).unwrap().is_err());
         write_local(&d, "n1", NodeState::Forgotten).unwrap();
-        assert_eq!(claim(&d, "n1", "k2").unwrap(), Ok(()));
+        assert_eq!(claim(&d, "n1", &k2).unwrap(), Ok(()));
         let r = Records::load(&d).unwrap();
-        assert_eq!(r.check("n1", "k2"), Verdict::Allowed);
-        assert_eq!(r.check("n1", "k1"), Verdict::OtherOwner);
+        assert_eq!(r.check("n1", &k2), Verdict::Allowed);
+        assert_eq!(r.check("n1", &k1), Verdict::OtherOwner);
+        assert_eq!(r.by_name["n1"].epoch, 1);
+        // Renewal: only by the current owner, never once revoked or forgotten.
+        assert!(renew(&d, "n1", &k1, &k9).unwrap().is_err(), "not the owner");
+        assert_eq!(renew(&d, "n1", &k2, &k3).unwrap(), Ok(()));
+        assert_eq!(
+            Records::load(&d).unwrap().check("n1", &k3),
+            Verdict::Allowed
+        );
+        write_local(&d, "n1", NodeState::Revoked).unwrap();
+        assert!(renew(&d, "n1", &k3, &k4).unwrap().is_err(), "revoked");
+        assert_eq!(
+            Records::load(&d).unwrap().check("n1", &k3),
+            Verdict::Revoked
+        );
+        write_local(&d, "n1", NodeState::Forgotten).unwrap();
+        assert!(renew(&d, "n1", &k3, &k4).unwrap().is_err(), "forgotten");
+        assert_eq!(
+            Records::load(&d).unwrap().check("n1", &k3),
+            Verdict::Forgotten
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 }

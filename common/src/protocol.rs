@@ -47,12 +47,15 @@ pub mod capability {
     pub const APISERVER: &str = super::SERVICE_APISERVER;
     /// Said by a server that dials a peer (since 0.1): the tunnel is a server-to-server link.
     pub const PEER: &str = "peer";
+    /// Since 0.2: node records travel as [`super::Message::NodeRecordV2`], ordered by epoch and
+    /// version instead of clocks, in both directions of a server-to-server link.
+    pub const RECORDS_V2: &str = "records-v2";
     /// Since 0.2: the side announces its capabilities. A hello or welcome without it comes from
     /// 0.1, which knows only [`APISERVER`] and [`PEER`].
     pub const CAPABILITIES: &str = "caps";
 
     /// What this build announces on every tunnel, besides the role-specific [`PEER`].
-    pub const ANNOUNCED: &[&str] = &[APISERVER, CAPABILITIES];
+    pub const ANNOUNCED: &[&str] = &[APISERVER, CAPABILITIES, RECORDS_V2];
 
     /// Longest capability name kept; longer ones are ignored.
     pub const MAX_NAME: usize = 64;
@@ -118,6 +121,7 @@ mod kind {
     pub const DRAIN: u8 = 0x05;
     pub const NODE_INFO: u8 = 0x06;
     pub const NODE_RECORD: u8 = 0x07;
+    pub const NODE_RECORD_V2: u8 = 0x08;
     pub const OPEN: u8 = 0x10;
     pub const STATUS: u8 = 0x11;
     pub const JOIN: u8 = 0x20;
@@ -294,6 +298,17 @@ pub enum Message {
         state: RecordState,
         at_ms: u64,
     },
+    /// One node record, ordered without clocks (since 0.2, to peers that announced
+    /// [`capability::RECORDS_V2`]): `epoch` counts the name's forgets, `version` its writes
+    /// within the epoch, `writer` breaks ties; `at_ms` is informational.
+    NodeRecordV2 {
+        name: String,
+        state: RecordState,
+        epoch: u32,
+        version: u64,
+        writer: String,
+        at_ms: u64,
+    },
     /// First frame of the one stream of a join connection: a token and a signing request.
     Join {
         token_id: String,
@@ -326,6 +341,7 @@ impl Message {
             Message::Open { .. } => "open",
             Message::Status { .. } => "status",
             Message::NodeRecord { .. } => "node-record",
+            Message::NodeRecordV2 { .. } => "node-record-v2",
             Message::Join { .. } => "join",
             Message::Renew { .. } => "renew",
             Message::Certificate { .. } => "certificate",
@@ -442,16 +458,25 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             at_ms,
         } => {
             put_str(&mut body, n, name)?;
-            match state {
-                RecordState::Owned(k) => {
-                    body.put_u8(0);
-                    put_str(&mut body, k, name)?;
-                }
-                RecordState::Revoked => body.put_u8(1),
-                RecordState::Forgotten => body.put_u8(2),
-            }
+            put_record_state(&mut body, state, name)?;
             body.put_u64(*at_ms);
             kind::NODE_RECORD
+        }
+        Message::NodeRecordV2 {
+            name: n,
+            state,
+            epoch,
+            version,
+            writer,
+            at_ms,
+        } => {
+            put_str(&mut body, n, name)?;
+            put_record_state(&mut body, state, name)?;
+            body.put_u32(*epoch);
+            body.put_u64(*version);
+            put_str(&mut body, writer, name)?;
+            body.put_u64(*at_ms);
+            kind::NODE_RECORD_V2
         }
         Message::Join {
             token_id,
@@ -618,21 +643,20 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
         }
         kind::NODE_RECORD => {
             r.msg = "node-record";
-            let name = r.string()?;
-            let state = match r.u8()? {
-                0 => RecordState::Owned(r.string()?),
-                1 => RecordState::Revoked,
-                2 => RecordState::Forgotten,
-                k => {
-                    return Err(DecodeError::BadTargetKind {
-                        msg: r.msg,
-                        kind: k,
-                    })
-                }
-            };
             Message::NodeRecord {
-                name,
-                state,
+                name: r.string()?,
+                state: r.record_state()?,
+                at_ms: r.u64()?,
+            }
+        }
+        kind::NODE_RECORD_V2 => {
+            r.msg = "node-record-v2";
+            Message::NodeRecordV2 {
+                name: r.string()?,
+                state: r.record_state()?,
+                epoch: r.u32()?,
+                version: r.u64()?,
+                writer: r.string()?,
                 at_ms: r.u64()?,
             }
         }
@@ -695,6 +719,10 @@ impl Reader<'_> {
         self.need(2)?;
         Ok(self.buf.get_u16())
     }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
     fn u64(&mut self) -> Result<u64, DecodeError> {
         self.need(8)?;
         Ok(self.buf.get_u64())
@@ -733,6 +761,20 @@ impl Reader<'_> {
         self.buf = rest;
         String::from_utf8(s.to_vec()).map_err(|_| DecodeError::BadUtf8 { msg: self.msg })
     }
+    fn record_state(&mut self) -> Result<RecordState, DecodeError> {
+        Ok(match self.u8()? {
+            0 => RecordState::Owned(self.string()?),
+            1 => RecordState::Revoked,
+            2 => RecordState::Forgotten,
+            k => {
+                return Err(DecodeError::BadTargetKind {
+                    msg: self.msg,
+                    kind: k,
+                })
+            }
+        })
+    }
+
     fn string_list(&mut self) -> Result<Vec<String>, DecodeError> {
         let n = self.count()?;
         let mut v = Vec::with_capacity(n);
@@ -741,6 +783,22 @@ impl Reader<'_> {
         }
         Ok(v)
     }
+}
+
+fn put_record_state(
+    out: &mut BytesMut,
+    state: &RecordState,
+    msg: &'static str,
+) -> Result<(), EncodeError> {
+    match state {
+        RecordState::Owned(k) => {
+            out.put_u8(0);
+            put_str(out, k, msg)?;
+        }
+        RecordState::Revoked => out.put_u8(1),
+        RecordState::Forgotten => out.put_u8(2),
+    }
+    Ok(())
 }
 
 fn put_str(out: &mut BytesMut, s: &str, msg: &'static str) -> Result<(), EncodeError> {
@@ -976,6 +1034,27 @@ mod tests {
                     name,
                     state,
                     at_ms
+                }),
+            (
+                small_string(),
+                prop_oneof![
+                    small_string().prop_map(RecordState::Owned),
+                    Just(RecordState::Revoked),
+                    Just(RecordState::Forgotten)
+                ],
+                (any::<u32>(), any::<u64>()),
+                small_string(),
+                any::<u64>()
+            )
+                .prop_map(|(name, state, (epoch, version), writer, at_ms)| {
+                    Message::NodeRecordV2 {
+                        name,
+                        state,
+                        epoch,
+                        version,
+                        writer,
+                        at_ms,
+                    }
                 }),
             (
                 small_string(),

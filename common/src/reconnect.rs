@@ -7,7 +7,7 @@ use crate::protocol::capability::Capabilities;
 use crate::protocol::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use crate::shutdown::ShutdownSignal;
 use crate::telemetry::{Counter, Gauge};
-use crate::transport::{Stream, Tunnel};
+use crate::transport::{RecvHalf, SendHalf, Stream, Tunnel};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,30 @@ pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
 /// Serves a stream the server opened towards us (the reverse path); run on a task of its own.
 pub type StreamHook = Arc<dyn Fn(Stream) -> BoxedFuture + Send + Sync>;
 
+/// The messages one link sends on its control stream as something changes (a server's node
+/// records, to each peer it dials). Made per link, with what the far side announced.
+pub trait Outbox: Send {
+    /// Waits until there is something new to send, and returns it. Cancel-safe: what it
+    /// returns is marked as sent only when it returns.
+    fn next(
+        &mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Message>> + Send + '_>>;
+}
+
+/// An outbox that never has anything to send.
+pub struct NoOutbox;
+
+impl Outbox for NoOutbox {
+    fn next(
+        &mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Message>> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Makes the [`Outbox`] of a new link from the capabilities its far side announced.
+pub type OutboxHook = Box<dyn Fn(&Capabilities) -> Box<dyn Outbox> + Send + Sync>;
+
 /// A pinned, boxed, sendable future with no output.
 pub type BoxedFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -104,6 +128,9 @@ pub struct Dialer {
     pub on_message: Option<MessageHook>,
     /// Messages sent on the control stream right after the welcome (an agent's node info).
     pub after_welcome: Vec<Message>,
+    /// Messages sent on the control stream whenever there is something new (a server's node
+    /// records to its peers).
+    pub outbox: Option<OutboxHook>,
     /// Streams the far side opens towards us; without a hook they are refused.
     pub on_stream: Option<StreamHook>,
 }
@@ -424,10 +451,13 @@ async fn serve(
             }
         }
     };
+    let heartbeat = control.needs_heartbeat();
+    let mut outbox = d.outbox.as_ref().map(|make| make(link.capabilities()));
     let mut upgraded = None;
     let reason = tokio::select! {
         e = incoming => e,
-        r = read_control(&mut control, &link, d) => r,
+        r = read_control(&mut control.recv, heartbeat, &link, d) => r,
+        e = send_outbox(&mut control.send, outbox.as_mut()) => e,
         q = upgrade => {
             upgraded = Some(q);
             "moved to QUIC".to_string()
@@ -460,13 +490,26 @@ async fn serve(
     None
 }
 
+/// Sends what the link's outbox has, as it comes; returns why it stopped (never, without one).
+async fn send_outbox(send: &mut SendHalf, outbox: Option<&mut Box<dyn Outbox>>) -> String {
+    let Some(outbox) = outbox else {
+        return std::future::pending().await;
+    };
+    loop {
+        for m in outbox.next().await {
+            if let Err(e) = send.write_message(&m).await {
+                return format!("control stream failed: {e}");
+            }
+        }
+    }
+}
+
 /// Applies the server's announcements until the control stream ends; returns why it ended.
 /// Over TCP the server repeats its health every keepalive interval, so silence for the idle
 /// timeout means the server is gone even when something still answers for its TCP connection.
-async fn read_control(control: &mut Stream, link: &Link, d: &Dialer) -> String {
-    let heartbeat = control.needs_heartbeat();
+async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dialer) -> String {
     loop {
-        let next = control.recv.read_message();
+        let next = recv.read_message();
         let msg = if heartbeat {
             match tokio::time::timeout(d.liveness.idle_timeout, next).await {
                 Ok(m) => m,

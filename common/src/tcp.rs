@@ -95,8 +95,19 @@ fn session_info<D>(
     (certs, session.alpn_protocol().map(|a| a.to_vec()))
 }
 
-fn yamux_config() -> yamux::Config {
+/// Streams a join connection may have: its one exchange (the `Join` and its answer).
+pub const JOIN_MAX_STREAMS: usize = 1;
+
+/// yamux settings for a connection of this ALPN. A join connection is unauthenticated, so it
+/// gets one stream and the smallest window yamux allows (its fixed 256 KiB initial credit):
+/// whatever a stranger sends, it holds at most that much of this server's memory.
+fn yamux_config(alpn: Option<&[u8]>) -> yamux::Config {
     let mut c = yamux::Config::default();
+    if alpn == Some(crate::tls::ALPN_JOIN) {
+        c.set_max_num_streams(JOIN_MAX_STREAMS);
+        c.set_max_connection_receive_window(Some(256 * 1024 * JOIN_MAX_STREAMS));
+        return c;
+    }
     // yamux wants room for its 256 KiB default window on every stream it allows. This is a
     // ceiling on data in flight, not an allocation: the relays read as data arrives.
     c.set_max_num_streams(MAX_STREAMS);
@@ -159,7 +170,7 @@ impl TcpTunnel {
         peer_certs: Vec<CertificateDer<'static>>,
         alpn: Option<Vec<u8>>,
     ) -> Self {
-        let conn = yamux::Connection::new(io, yamux_config(), mode);
+        let conn = yamux::Connection::new(io, yamux_config(alpn.as_deref()), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (closed_tx, closed) = watch::channel(None);

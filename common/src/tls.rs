@@ -152,6 +152,11 @@ pub fn server_config(
         .with_single_cert(identity.chain, identity.key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec(), ALPN_JOIN.to_vec()];
+    // No session resumption: a resumed session skips the client certificate's verification,
+    // so it could bring back a certificate that has expired since. Every tunnel does a full
+    // handshake (tunnels are long-lived; the cost is one signature per connect).
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 

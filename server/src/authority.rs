@@ -2,13 +2,19 @@
 //! memory, reloaded when the file changes, merged with what peers announce, and applied to the
 //! tunnels that are up.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::RwLock;
 use std::time::SystemTime;
-use tether_certs::records::{self, NodeRecord, NodeState, Records, Verdict};
+use tether_certs::records::{self, NodeRecord, NodeState, RecordError, Records, Verdict};
+use tether_common::protocol::capability::{self, Capabilities};
 use tether_common::protocol::{Message, RecordState};
+use tether_common::reconnect::Outbox;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{error, warn};
 
 pub struct Authority {
     dir: PathBuf,
@@ -25,17 +31,16 @@ fn mtime(dir: &std::path::Path) -> Option<SystemTime> {
 }
 
 impl Authority {
-    pub fn new(dir: PathBuf) -> Self {
-        let records = Records::load(&dir).unwrap_or_else(|e| {
-            warn!(error = %e, "cannot read node records; starting with none");
-            Records::default()
-        });
-        Authority {
+    /// Loads the records of `dir`. A file that cannot be read or parsed is an error: starting
+    /// without it would mean that nothing is revoked.
+    pub fn new(dir: PathBuf) -> Result<Self, tether_certs::CertError> {
+        let records = Records::load(&dir)?;
+        Ok(Authority {
             mtime: std::sync::Mutex::new(mtime(&dir)),
             dir,
             records: RwLock::new(records),
             version: watch::channel(0).0,
-        }
+        })
     }
 
     pub fn check(&self, name: &str, key: &str) -> Verdict {
@@ -55,7 +60,9 @@ impl Authority {
         match Records::load(&self.dir) {
             Ok(r) => self.replace(r),
             Err(e) => {
-                warn!(error = %e, "cannot reload node records");
+                // The records in memory stay in force: a broken edit revokes nothing and
+                // un-revokes nothing.
+                error!(error = %e, "cannot reload node records; keeping the ones loaded before");
                 false
             }
         }
@@ -81,12 +88,18 @@ impl Authority {
         Ok(self.replace(all))
     }
 
-    /// Writes a record made here (a renewal's new key), newer than the one it replaces.
-    pub fn write_local(&self, name: &str, state: NodeState) -> Result<(), tether_certs::CertError> {
-        let all = records::write_local(&self.dir, name, state)?;
-        *self.mtime.lock().unwrap_or_else(|p| p.into_inner()) = mtime(&self.dir);
-        self.replace(all);
-        Ok(())
+    /// Moves a name to a renewal's new key, if `current` owns it now (under the file's lock).
+    pub fn renew(
+        &self,
+        name: &str,
+        current: &str,
+        new: &str,
+    ) -> Result<Result<(), String>, tether_certs::CertError> {
+        let r = records::renew(&self.dir, name, current, new)?;
+        if r.is_ok() {
+            self.poll();
+        }
+        Ok(r)
     }
 
     /// Claims a node name for a key, under the file's lock.
@@ -106,40 +119,189 @@ impl Authority {
         self.version.subscribe()
     }
 
-    /// Every record, for a peer's control stream.
-    pub fn all(&self) -> Vec<NodeRecord> {
-        self.read().by_name.values().cloned().collect()
-    }
-
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Records> {
         self.records.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-pub fn to_message(r: &NodeRecord) -> Message {
-    Message::NodeRecord {
-        name: r.name.clone(),
-        state: match &r.state {
-            NodeState::Owned(k) => RecordState::Owned(k.clone()),
-            NodeState::Revoked => RecordState::Revoked,
-            NodeState::Forgotten => RecordState::Forgotten,
-        },
-        at_ms: r.at,
+impl Authority {
+    /// The records not yet sent on one server-to-server link, as messages the peer
+    /// understands; `sent` is that link's memory of what it has sent.
+    pub fn pending(
+        &self,
+        peer: &Capabilities,
+        sent: &mut HashMap<String, RecordId>,
+    ) -> Vec<Message> {
+        let v2 = peer.has(capability::RECORDS_V2);
+        let mut out = Vec::new();
+        for r in self.read().by_name.values() {
+            let id = RecordId::of(r);
+            if sent.get(&r.name) != Some(&id) {
+                out.push(to_message(r, v2));
+                sent.insert(r.name.clone(), id);
+            }
+        }
+        out
+    }
+
+    /// Merges a record a peer sent; a malformed or absurd one is refused with a log line.
+    pub fn merge_from_peer(&self, peer: &str, m: &Message) {
+        let held = |name: &str| self.read().by_name.get(name).cloned();
+        match from_message(m, held) {
+            Ok(Some(r)) => {
+                if let Err(e) = self.merge(vec![r]) {
+                    warn!(peer, error = %e, "cannot store a node record from a peer");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(peer, error = %e, "refused a node record from a peer"),
+        }
     }
 }
 
-pub fn from_message(m: &Message) -> Option<NodeRecord> {
-    let Message::NodeRecord { name, state, at_ms } = m else {
-        return None;
-    };
-    tether_certs::validate_node_name(name).ok()?;
-    Some(NodeRecord {
-        name: name.clone(),
-        state: match state {
-            RecordState::Owned(k) => NodeState::Owned(k.clone()),
-            RecordState::Revoked => NodeState::Revoked,
-            RecordState::Forgotten => NodeState::Forgotten,
+/// Which version of a record a link has sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordId(u32, u64, u64, u8);
+
+impl RecordId {
+    fn of(r: &NodeRecord) -> Self {
+        let state = match r.state {
+            NodeState::Owned(_) => 0,
+            NodeState::Forgotten => 1,
+            NodeState::Revoked => 2,
+        };
+        RecordId(r.epoch, r.version, r.at, state)
+    }
+}
+
+fn wire_state(s: &NodeState) -> RecordState {
+    match s {
+        NodeState::Owned(k) => RecordState::Owned(k.clone()),
+        NodeState::Revoked => RecordState::Revoked,
+        NodeState::Forgotten => RecordState::Forgotten,
+    }
+}
+
+fn local_state(s: &RecordState) -> NodeState {
+    match s {
+        RecordState::Owned(k) => NodeState::Owned(k.clone()),
+        RecordState::Revoked => NodeState::Revoked,
+        RecordState::Forgotten => NodeState::Forgotten,
+    }
+}
+
+/// A record as a message: ordered by epoch and version for a peer that has
+/// [`capability::RECORDS_V2`], by time for a 0.1 peer.
+pub fn to_message(r: &NodeRecord, v2: bool) -> Message {
+    if v2 {
+        Message::NodeRecordV2 {
+            name: r.name.clone(),
+            state: wire_state(&r.state),
+            epoch: r.epoch,
+            version: r.version,
+            writer: r.writer.clone(),
+            at_ms: r.at,
+        }
+    } else {
+        Message::NodeRecord {
+            name: r.name.clone(),
+            state: wire_state(&r.state),
+            at_ms: r.at,
+        }
+    }
+}
+
+/// How far in the future a peer's record time may be before it is absurd.
+const MAX_CLOCK_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
+/// A record from a peer's message: `Ok(None)` for another message, or a 0.1 record that loses
+/// to the one held; an error for a malformed or absurd record.
+pub fn from_message(
+    m: &Message,
+    held: impl FnOnce(&str) -> Option<NodeRecord>,
+) -> Result<Option<NodeRecord>, RecordError> {
+    let rec = match m {
+        Message::NodeRecordV2 {
+            name,
+            state,
+            epoch,
+            version,
+            writer,
+            at_ms,
+        } => NodeRecord {
+            name: name.clone(),
+            state: local_state(state),
+            epoch: *epoch,
+            version: *version,
+            writer: writer.clone(),
+            at: *at_ms,
         },
-        at: *at_ms,
-    })
+        Message::NodeRecord { name, state, at_ms } => {
+            tether_certs::validate_node_name(name).map_err(|_| RecordError::Name(name.clone()))?;
+            check_time(*at_ms)?;
+            match NodeRecord::from_v1(name, local_state(state), *at_ms, held(name).as_ref()) {
+                Some(r) => r,
+                None => return Ok(None),
+            }
+        }
+        _ => return Ok(None),
+    };
+    check_time(rec.at)?;
+    rec.validate()?;
+    Ok(Some(rec))
+}
+
+fn check_time(at_ms: u64) -> Result<(), RecordError> {
+    let max = records::now_ms().saturating_add(MAX_CLOCK_AHEAD_MS);
+    if at_ms > max {
+        return Err(RecordError::Absurd {
+            what: "time (ms)",
+            value: at_ms,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The node records one server-to-server link still has to send: all of them first, then each
+/// as it changes. Links this server dialed and links its peers dialed use the same one.
+pub struct RecordsOutbox {
+    authority: Arc<Authority>,
+    changed: watch::Receiver<u64>,
+    peer: Capabilities,
+    sent: HashMap<String, RecordId>,
+    started: bool,
+}
+
+impl RecordsOutbox {
+    pub fn new(authority: Arc<Authority>, peer: &Capabilities) -> Self {
+        RecordsOutbox {
+            changed: authority.subscribe(),
+            authority,
+            peer: peer.clone(),
+            sent: HashMap::new(),
+            started: false,
+        }
+    }
+
+    /// Waits until some record is new to this link, and returns those that are.
+    pub async fn next(&mut self) -> Vec<Message> {
+        loop {
+            if self.started && self.changed.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            self.started = true;
+            self.changed.borrow_and_update();
+            let out = self.authority.pending(&self.peer, &mut self.sent);
+            if !out.is_empty() {
+                return out;
+            }
+        }
+    }
+}
+
+impl Outbox for RecordsOutbox {
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Vec<Message>> + Send + '_>> {
+        Box::pin(RecordsOutbox::next(self))
+    }
 }

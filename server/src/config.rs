@@ -69,7 +69,7 @@ impl ServerConfig {
             max_tunnels_per_node: 8,
             join_rate_per_minute: 10,
             agent_cert_lifetime: Duration::from_secs(365 * 86400),
-            reload_interval: Duration::from_secs(1),
+            reload_interval: Duration::from_millis(500),
             peers: Vec::new(),
             advertise: None,
             upstream_ca: None,

@@ -8,6 +8,7 @@
 //! flow. Failures answer with a status and a reason: 400, 403 (the agent refuses the target),
 //! 404 (no such node connected anywhere), 502 (the agent could not connect), 504 (timeout).
 
+use crate::registry::Route;
 use crate::State;
 use bytes::Bytes;
 use std::path::Path;
@@ -74,6 +75,7 @@ fn reason(code: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
@@ -162,15 +164,27 @@ async fn ask(tunnel: &Tunnel, req: &ConnectRequest, hops: u8) -> Result<Stream, 
 
 /// Reaches `host:port` through a local tunnel of the node (newest first).
 pub async fn route_local(state: &State, req: &ConnectRequest) -> Result<Stream, Refusal> {
-    let tunnels = state.registry.find(&req.host);
-    if tunnels.is_empty() {
-        return Err((
-            404,
-            format!("node {} is not connected to this server", req.host),
-        ));
-    }
+    let tunnels = match state.registry.find(&req.host) {
+        Route::Node(_, tunnels) => tunnels,
+        Route::Unknown => {
+            return Err((
+                404,
+                format!("node {} is not connected to this server", req.host),
+            ))
+        }
+        Route::Contested(nodes) => {
+            return Err((
+                409,
+                format!(
+                    "address {} is claimed by more than one node ({}); reach the node by its name",
+                    req.host,
+                    nodes.join(", ")
+                ),
+            ))
+        }
+    };
     let mut last = (502, String::new());
-    for (_, entry) in tunnels {
+    for entry in tunnels {
         match ask(&entry.tunnel, req, 0).await {
             Ok(s) => return Ok(s),
             // The agent answered: its verdict stands.
@@ -256,7 +270,7 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
         }
         Err((http, message)) => {
             let code = match http {
-                403 => StatusCode::RefusedByPolicy,
+                403 | 409 => StatusCode::RefusedByPolicy,
                 404 => StatusCode::NoRoute,
                 504 => StatusCode::Timeout,
                 _ => StatusCode::UpstreamUnreachable,

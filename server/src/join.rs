@@ -33,8 +33,10 @@ impl JoinLimiter {
         }
     }
 
-    /// Counts an attempt; false when the source is over its limit.
+    /// Counts an attempt; false when the source is over its limit. IPv6 sources count by
+    /// their /64: one host usually has a whole /64, and could otherwise rotate addresses.
     pub fn allow(&self, ip: IpAddr) -> bool {
+        let ip = source_key(ip);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if seen.len() >= MAX_TRACKED_SOURCES {
@@ -49,6 +51,21 @@ impl JoinLimiter {
         }
         entry.1 += 1;
         entry.1 <= self.per_minute
+    }
+}
+
+/// What the rate limit counts a source as: IPv4 addresses one by one (an IPv4-mapped IPv6
+/// address as its IPv4 one), IPv6 addresses by /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -186,38 +203,54 @@ pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<String, String
         .map_err(|e| e.to_string())
 }
 
-/// A renewal on an authenticated tunnel: the node proves its current identity by the tunnel,
-/// and the new key becomes the name's owner.
-pub async fn renew(mut stream: Stream, node: &str, csr: Vec<u8>, state: &State) {
+/// A renewal on an authenticated tunnel: the node proves its current identity by the tunnel's
+/// certificate (`current_key`), and the new key becomes the name's owner.
+///
+/// The certificate is signed first and the owner changed after, in one step under the records'
+/// lock that also checks the name's state: a revoked or forgotten name, or a key that no longer
+/// owns the name, gets no certificate, however the renewal races with `agent revoke`.
+pub async fn renew(mut stream: Stream, node: &str, current_key: &str, csr: Vec<u8>, state: &State) {
+    let fail = |code: StatusCode, why: String| {
+        warn!(node, reason = %why, "refused renewal");
+        answer(code, why, String::new(), String::new())
+    };
     let reply = match tether_certs::key_hash_of_csr(&csr) {
-        Err(e) => answer(
-            StatusCode::BadRequest,
-            e.to_string(),
-            String::new(),
-            String::new(),
-        ),
-        Ok(key) => {
-            match state
-                .authority
-                .write_local(node, tether_certs::records::NodeState::Owned(key))
-            {
-                Err(e) => answer(
-                    StatusCode::Busy,
-                    format!("cannot record the new key: {e}"),
-                    String::new(),
-                    String::new(),
-                ),
-                Ok(_) => match sign(&csr, node, state) {
-                    Ok(cert) => {
-                        state.metrics.renewals.inc();
-                        info!(node, "renewed the node's certificate");
-                        answer(StatusCode::Ok, String::new(), cert, state.ca_pem.clone())
-                    }
-                    Err(why) => answer(StatusCode::Busy, why, String::new(), String::new()),
-                },
-            }
-        }
+        Err(e) => fail(StatusCode::BadRequest, e.to_string()),
+        Ok(key) => match sign(&csr, node, state) {
+            Err(why) => fail(StatusCode::Busy, why),
+            Ok(cert) => match state.authority.renew(node, current_key, &key) {
+                Err(e) => fail(StatusCode::Busy, format!("cannot record the new key: {e}")),
+                Ok(Err(why)) => fail(StatusCode::RefusedByPolicy, why),
+                Ok(Ok(())) => {
+                    state.metrics.renewals.inc();
+                    info!(node, "renewed the node's certificate");
+                    answer(StatusCode::Ok, String::new(), cert, state.ca_pem.clone())
+                }
+            },
+        },
     };
     let _ = stream.send.write_message(&reply).await;
     stream.send.finish().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let l = JoinLimiter::new(2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.allow(a));
+        assert!(l.allow(b));
+        assert!(!l.allow(a), "a third attempt from the same /64");
+        assert!(l.allow(other), "another /64 has its own budget");
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(l.allow(v4));
+        assert!(l.allow(mapped));
+        assert!(!l.allow(v4), "a mapped address counts as its IPv4 one");
+    }
 }

@@ -61,6 +61,10 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("the egress proxy would listen on {0}, which is not loopback, without client certificates: anyone who reaches it could reach every node's kubelet. Add --egress-tls-cert, --egress-tls-key and --egress-client-ca, listen on 127.0.0.1, or use --egress-uds (kube-apiserver's EgressSelectorConfiguration supports a Unix socket)")]
+    EgressUnauthenticated(SocketAddr),
+    #[error("cannot read the node records: {0}")]
+    Records(#[from] tether_certs::CertError),
     #[error("cannot serve the egress proxy on {what}: {source}")]
     Egress {
         what: String,
@@ -77,13 +81,17 @@ pub struct State {
     /// The named upstreams besides the apiserver (`--service`); not health-checked.
     services: std::collections::HashMap<String, Arc<Upstream>>,
     streams: Arc<Semaphore>,
+    /// Handshakes in progress, both transports ([`MAX_HANDSHAKES`]).
+    handshakes: Arc<Semaphore>,
+    /// Join connections being served ([`MAX_JOINS`]).
+    joins: Arc<Semaphore>,
     /// Random per process start: tells this server apart from its peers, and from itself.
     instance_id: String,
     /// Links this server dialed to its peers.
     peers: Arc<Pool>,
     announcer: Announcer,
     draining: AtomicBool,
-    authority: Authority,
+    authority: Arc<Authority>,
     join_limiter: JoinLimiter,
     /// The CA certificate, handed to joining nodes.
     ca_pem: String,
@@ -179,6 +187,27 @@ fn transport_limits(config: &ServerConfig) -> tls::TunnelLimits {
     l
 }
 
+/// What a QUIC connection may have in flight towards this server before it is known not to be a
+/// join: an unauthenticated join connection keeps this window (and one stream); a tunnel gets
+/// its full `conn_window` right after the handshake.
+pub const JOIN_WINDOW: u32 = 64 * 1024;
+
+/// Most handshakes in progress at once, over both transports. Past half of it, QUIC clients
+/// whose address is not validated yet are asked to retry (proving their address); past all of
+/// it, new handshakes are refused.
+pub const MAX_HANDSHAKES: usize = 4096;
+
+/// Most join connections served at once: each holds at most `JOIN_WINDOW` (QUIC) or one yamux
+/// window (TCP), so strangers can hold at most a few MiB of this server together.
+pub const MAX_JOINS: usize = 64;
+
+/// The QUIC transport of the listener (see [`JOIN_WINDOW`]).
+fn listener_transport(config: &ServerConfig) -> quinn::TransportConfig {
+    let mut t = tls::quic_transport(config.liveness, transport_limits(config));
+    t.receive_window(JOIN_WINDOW.into());
+    t
+}
+
 fn random_id() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
@@ -203,7 +232,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (roots, identity, ca_pem) = load_identity(dir)?;
     let tls_config = tls::server_config(roots.clone(), identity.clone())?;
     let tcp_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config.clone()));
-    let transport = tls::quic_transport(config.liveness, transport_limits(&config));
+    let transport = listener_transport(&config);
     let quic_config = tls::quic_server_config(tls_config, transport)?;
     // QUIC on UDP and TLS on TCP share the port number. With port 0 (tests), retry until the
     // port the kernel picked for UDP is free for TCP too.
@@ -253,13 +282,14 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         services.insert(name.clone(), Arc::new(up));
     }
 
+    let authority = Authority::new(config.data_dir.clone())?;
     let metrics = Arc::new(Metrics::default());
     let instance_id = random_id();
     let advertise = advertise_address(&config, local_addr);
     let peers = Arc::new(Pool::default());
     let announcer = Announcer::new(advertise.clone(), config.peers.clone(), peers.clone());
     let state = Arc::new(State {
-        authority: Authority::new(config.data_dir.clone()),
+        authority: Arc::new(authority),
         join_limiter: JoinLimiter::new(config.join_rate_per_minute),
         ca_pem,
         endpoint: endpoint.clone(),
@@ -267,6 +297,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         tcp_tls: std::sync::RwLock::new(tcp_tls),
         noisy_log: tether_common::telemetry::Throttle::new(Duration::from_secs(1)),
         streams: Arc::new(Semaphore::new(config.max_streams)),
+        handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+        joins: Arc::new(Semaphore::new(MAX_JOINS)),
         registry: Registry::default(),
         metrics: metrics.clone(),
         upstream: upstream.clone(),
@@ -291,6 +323,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let mut egress_addr = None;
     let acceptor = egress::tls_acceptor(&state.config.egress)?;
     if let Some(addr) = state.config.egress.listen {
+        let e = &state.config.egress;
+        if !addr.ip().is_loopback() && (e.client_ca.is_none() || acceptor.is_none()) {
+            return Err(ServerError::EgressUnauthenticated(addr));
+        }
         let l = tether_common::net::listen_tcp(addr).map_err(|source| ServerError::Egress {
             what: addr.to_string(),
             source,
@@ -334,16 +370,22 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         changed: state.announcer.changed(),
         kind: "peer",
         on_message: Some(Box::new({
-            let s = state.clone();
-            move |m: &Message| {
-                if let Some(r) = authority::from_message(m) {
-                    if let Err(e) = s.authority.merge(vec![r]) {
-                        warn!(error = %e, "cannot store a node record from a peer");
-                    }
+            let a = state.authority.clone();
+            move |m: &Message| a.merge_from_peer("peer", m)
+        })),
+        after_welcome: Vec::new(),
+        // Records travel both ways: the peers this server dials get them too (0.1 servers
+        // would ignore them, so they get none).
+        outbox: Some(Box::new({
+            let a = state.authority.clone();
+            move |caps: &Capabilities| -> Box<dyn reconnect::Outbox> {
+                if caps.has(capability::RECORDS_V2) {
+                    Box::new(authority::RecordsOutbox::new(a.clone(), caps))
+                } else {
+                    Box::new(reconnect::NoOutbox)
                 }
             }
         })),
-        after_welcome: Vec::new(),
         on_stream: None,
     });
     let _ = state.peer_dialer.set(dialer.clone());
@@ -405,6 +447,22 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
             incoming.refuse();
             continue;
         }
+        let free = state.handshakes.available_permits();
+        if free < MAX_HANDSHAKES / 2 && !incoming.remote_address_validated() && incoming.may_retry()
+        {
+            // Many handshakes at once: make the client prove its address first (one round trip
+            // for a real client, nothing kept here for a spoofed one).
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+            state.metrics.limit_hit("handshakes");
+            if let Some(left_out) = state.noisy_log.allow() {
+                warn!(left_out, peer = %incoming.remote_address(), "refused QUIC tunnel: too many handshakes in progress");
+            }
+            incoming.refuse();
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
@@ -431,7 +489,14 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
                     return;
                 }
             };
-            let max = transport_limits(&state.config).max_streams;
+            drop(permit);
+            let mut max = transport_limits(&state.config).max_streams;
+            if tls::alpn_of(&conn).as_deref() == Some(tls::ALPN_JOIN) {
+                max = 1;
+                conn.set_max_concurrent_bi_streams(1u32.into());
+            } else {
+                conn.set_receive_window(state.config.limits.conn_window.into());
+            }
             serve_connection(Tunnel::from_quic(conn, max), remote, state).await;
         });
     }
@@ -440,6 +505,14 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>, mut stop: Shu
 /// A tunnel whose handshake completed, on either transport: a join, or a tunnel to serve.
 async fn serve_connection(tunnel: Tunnel, remote: SocketAddr, state: Arc<State>) {
     if tunnel.alpn().as_deref() == Some(tls::ALPN_JOIN) {
+        let Ok(_slot) = state.joins.clone().try_acquire_owned() else {
+            state.metrics.limit_hit("joins");
+            if let Some(left_out) = state.noisy_log.allow() {
+                warn!(left_out, peer = %remote, limit = MAX_JOINS, "refused join: too many joins in progress");
+            }
+            tunnel.close(code::LIMIT, "too many joins in progress; retry later");
+            return;
+        };
         return join::serve(tunnel, remote, &state).await;
     }
     serve_tunnel(tunnel, state).await;
@@ -451,7 +524,7 @@ async fn accept_tcp(
     state: Arc<State>,
     mut stop: ShutdownSignal,
 ) {
-    let limit = Arc::new(Semaphore::new(4096));
+    let limit = state.handshakes.clone();
     loop {
         let (tcp, remote) = tokio::select! {
             a = listener.accept() => match a {
@@ -471,6 +544,7 @@ async fn accept_tcp(
         }
         // Bounds the handshakes in progress; a flood waits in the kernel's queue.
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            state.metrics.limit_hit("handshakes");
             if let Some(left_out) = state.noisy_log.allow() {
                 warn!(left_out,peer = %remote, "refused TCP tunnel: too many handshakes in progress");
             }
@@ -542,6 +616,14 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         Party::Agent
     };
     let name = peer.common_name;
+    if party == Party::Agent {
+        if let Err(e) = tether_certs::validate_node_name(&name) {
+            state.metrics.handshake_failures.inc();
+            warn!(peer = %remote, error = %e, "refused tunnel: the certificate's node name is not valid");
+            tunnel.close(code::REFUSED, "invalid node name");
+            return;
+        }
+    }
     let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if party == Party::Agent {
         match state.authority.check(&name, &key) {
@@ -556,6 +638,12 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
                 state.metrics.handshake_failures.inc();
                 warn!(node = %name, peer = %remote, "refused tunnel: the node name belongs to another key");
                 tunnel.close(code::REFUSED, "the node name belongs to another key");
+                return;
+            }
+            Verdict::Forgotten => {
+                state.metrics.handshake_failures.inc();
+                warn!(node = %name, peer = %remote, "refused tunnel: the node name was forgotten; the node must join again");
+                tunnel.close(code::REFUSED, "the node name was forgotten; join again");
                 return;
             }
         }
@@ -588,8 +676,27 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         info!(server = %name, peer = %remote, "peer tunnel up");
     }
 
+    // A certificate that expires while its tunnel is up ends the tunnel: the node must renew to
+    // stay, as it must to connect.
+    let now = tether_common::cli::unix_seconds(SystemTime::now());
+    let until_expiry = Duration::from_secs(
+        u64::try_from(peer.not_after)
+            .unwrap_or(0)
+            .saturating_sub(now),
+    );
+    let expired = tokio::time::sleep(until_expiry);
+    tokio::pin!(expired);
     loop {
-        let stream = match tunnel.accept_stream().await {
+        let accepted = tokio::select! {
+            a = tunnel.accept_stream() => a,
+            _ = &mut expired => {
+                state.metrics.expired_closed.inc();
+                warn!(node = %name, peer = %remote, "closing tunnel: its certificate expired");
+                tunnel.close(code::REFUSED, "certificate expired");
+                break;
+            }
+        };
+        let stream = match accepted {
             Ok(s) => s,
             Err(e) => {
                 if party == Party::Agent {
@@ -647,25 +754,20 @@ async fn serve_stream(
             node_name,
             capabilities,
         } => {
-            let capabilities = Capabilities::from_announced(&capabilities);
+            let hello = Hello {
+                min: min_version,
+                max: max_version,
+                capabilities: Capabilities::from_announced(&capabilities),
+            };
             if party == Party::Peer && !node_name.is_empty() {
                 state.announcer.add_inbound_peer(tunnel_id, node_name);
             }
             if party == Party::Agent {
                 state
                     .registry
-                    .set_capabilities(node, tunnel_id, capabilities);
+                    .set_capabilities(node, tunnel_id, hello.capabilities.clone());
             }
-            control(
-                stream,
-                node,
-                party,
-                tunnel_id,
-                min_version,
-                max_version,
-                state,
-            )
-            .await
+            control(stream, node, party, tunnel_id, hello, state).await
         }
         Message::Open {
             target: Target::Address { host, port },
@@ -693,7 +795,16 @@ async fn serve_stream(
             open(stream, node, version, target, hops, state).await
         }
         Message::Renew { csr } if party == Party::Agent => {
-            join::renew(stream, node, csr, state).await
+            let key = state
+                .registry
+                .tunnels(node)
+                .into_iter()
+                .find(|e| e.tunnel.id() == tunnel_id)
+                .map(|e| e.key_hash);
+            match key {
+                Some(key) => join::renew(stream, node, &key, csr, state).await,
+                None => stream.reset(code::REVOKED).await,
+            }
         }
         other => {
             state.metrics.protocol_errors.inc();
@@ -707,6 +818,21 @@ async fn serve_stream(
     }
 }
 
+/// What the dialing side said in its hello.
+struct Hello {
+    min: u8,
+    max: u8,
+    capabilities: Capabilities,
+}
+
+/// The next node records for a peer's control stream; never, for an agent's.
+async fn next_records(outbox: &mut Option<authority::RecordsOutbox>) -> Vec<Message> {
+    match outbox {
+        Some(o) => o.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The control stream: version agreement, then this server's announcements (health, the
 /// server list, drain) as they change.
 async fn control(
@@ -714,10 +840,10 @@ async fn control(
     node: &str,
     party: Party,
     tunnel_id: usize,
-    min: u8,
-    max: u8,
+    hello: Hello,
     state: &State,
 ) {
+    let (min, max, capabilities) = (hello.min, hello.max, &hello.capabilities);
     if !(min..=max).contains(&PROTOCOL_VERSION) {
         state.metrics.protocol_errors.inc();
         warn!(
@@ -747,8 +873,8 @@ async fn control(
     let mut beat = tokio::time::interval(state.config.liveness.keepalive_interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Peers also get the node records, each when it is new to them.
-    let mut records_rx = state.authority.subscribe();
-    let mut records_sent: std::collections::HashMap<String, u64> = Default::default();
+    let mut records = (party == Party::Peer)
+        .then(|| authority::RecordsOutbox::new(state.authority.clone(), capabilities));
     loop {
         let now = rx.borrow_and_update().clone();
         for msg in announce::diff(sent.as_ref(), &now) {
@@ -757,25 +883,15 @@ async fn control(
             }
         }
         sent = Some(now);
-        if party == Party::Peer {
-            records_rx.borrow_and_update();
-            for r in state.authority.all() {
-                if records_sent.get(&r.name) != Some(&r.at) {
-                    if stream
-                        .send
-                        .write_message(&authority::to_message(&r))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    records_sent.insert(r.name.clone(), r.at);
-                }
-            }
-        }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
-            r = records_rx.changed(), if party == Party::Peer => if r.is_err() { return },
+            msgs = next_records(&mut records) => {
+                for m in msgs {
+                    if stream.send.write_message(&m).await.is_err() {
+                        return;
+                    }
+                }
+            }
             _ = beat.tick(), if heartbeat => {
                 let healthy = sent.as_ref().is_some_and(|a| a.healthy);
                 let msg = Message::Health { upstream_healthy: healthy };
@@ -786,7 +902,16 @@ async fn control(
             m = stream.recv.read_message() => match m {
                 Ok(Some(Message::NodeInfo { addresses })) if party == Party::Agent => {
                     debug!(node, ?addresses, "node addresses");
-                    state.registry.set_addresses(node, tunnel_id, addresses);
+                    for (address, other) in state.registry.set_addresses(node, tunnel_id, addresses) {
+                        state.metrics.address_conflicts.inc();
+                        warn!(node, %address, other_node = %other,
+                            "address claimed by two nodes: it is contested, and the egress proxy refuses it until one of them goes away");
+                    }
+                }
+                Ok(Some(m @ (Message::NodeRecord { .. } | Message::NodeRecordV2 { .. })))
+                    if party == Party::Peer =>
+                {
+                    state.authority.merge_from_peer(node, &m)
                 }
                 Ok(Some(m)) => debug!(node, message = m.name(), "control message"),
                 Ok(None) | Err(_) => return,
@@ -1014,7 +1139,7 @@ fn reload_certificates(state: &State) -> Result<(), ServerError> {
     let cfg = tls::server_config(roots.clone(), identity.clone())?;
     *state.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) =
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg.clone()));
-    let transport = tls::quic_transport(state.config.liveness, transport_limits(&state.config));
+    let transport = listener_transport(&state.config);
     state
         .endpoint
         .set_server_config(Some(tls::quic_server_config(cfg, transport)?));
@@ -1044,9 +1169,12 @@ fn files_mtime(dir: &std::path::Path) -> Vec<Option<SystemTime>> {
 /// two) and the certificate files (reloaded when they change).
 async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
     let mut certs = files_mtime(&state.config.data_dir);
+    // Records merged from a peer take effect at once, not at the next look at the file.
+    let mut records = state.authority.subscribe();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(state.config.reload_interval) => {}
+            r = records.changed() => if r.is_err() { return },
             _ = stop.wait() => return,
         }
         state.authority.poll();
@@ -1061,16 +1189,21 @@ async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
     }
 }
 
-/// Closes the tunnels of revoked nodes.
+/// Closes the tunnels whose certificate the records no longer admit: revoked nodes, and names
+/// that were forgotten (a certificate from before a forget is what the forget is for). The
+/// tunnels of a renewed node's previous key stay up: the node renewed them itself.
 fn close_refused(state: &State) {
     for name in state.registry.node_names() {
         for e in state.registry.tunnels(&name) {
-            if state.authority.check(&name, &e.key_hash) == Verdict::Revoked {
-                state.metrics.revoked_closed.inc();
-                warn!(node = %name, peer = %e.remote, "closing tunnel: node revoked");
-                e.tunnel.close(code::REVOKED, "this node is revoked");
-                state.registry.remove(&name, e.tunnel.id());
-            }
+            let (code, why) = match state.authority.check(&name, &e.key_hash) {
+                Verdict::Revoked => (code::REVOKED, "this node is revoked"),
+                Verdict::Forgotten => (code::REFUSED, "the node name was forgotten"),
+                Verdict::Allowed | Verdict::OtherOwner => continue,
+            };
+            state.metrics.revoked_closed.inc();
+            warn!(node = %name, peer = %e.remote, reason = why, "closing tunnel");
+            e.tunnel.close(code, why);
+            state.registry.remove(&name, e.tunnel.id());
         }
     }
 }
@@ -1138,6 +1271,9 @@ impl AdminSource for AdminView {
             "services": services,
             "certificate_expiry": if expiry > 0 { Some(expiry) } else { None },
             "nodes": nodes,
+            "contested_addresses": s.registry.contested().into_iter()
+                .map(|(address, nodes)| json!({"address": address, "nodes": nodes}))
+                .collect::<Vec<_>>(),
             "configured_peers": s.config.peers,
             "peers": peers,
         })

@@ -42,24 +42,30 @@ pub struct Metrics {
     pub join_failures: Counter,
     pub renewals: Counter,
     pub revoked_closed: Counter,
+    /// Tunnels closed because their certificate expired while they were up.
+    pub expired_closed: Counter,
     pub cert_reloads: Counter,
     /// Expiry of this server's own certificate, Unix seconds.
     pub cert_expiry: Gauge,
     pub limit_hits: [Counter; LIMITS.len()],
     pub egress_streams: Counter,
+    /// Address claims that collided with another node's claim.
+    pub address_conflicts: Counter,
     pub egress_failures: [Counter; EGRESS_CODES.len()],
 }
 
 /// HTTP statuses of failed egress requests; a fixed label set.
-pub const EGRESS_CODES: [u16; 7] = [400, 403, 404, 405, 502, 503, 504];
+pub const EGRESS_CODES: [u16; 8] = [400, 403, 404, 405, 409, 502, 503, 504];
 
 /// The limits whose hits are counted; a fixed label set.
-pub const LIMITS: [&str; 5] = [
+pub const LIMITS: [&str; 7] = [
     "tunnels_per_node",
     "streams_per_tunnel",
     "streams_per_server",
     "join_rate",
     "handshake_timeout",
+    "handshakes",
+    "joins",
 ];
 
 impl Metrics {
@@ -205,8 +211,13 @@ impl Metrics {
         );
         e.counter(
             "tether_revoked_tunnels_closed_total",
-            "Tunnels closed because their node was revoked.",
+            "Tunnels closed because their node was revoked or its name forgotten.",
             self.revoked_closed.get(),
+        );
+        e.counter(
+            "tether_expired_tunnels_closed_total",
+            "Tunnels closed because their certificate expired while they were up.",
+            self.expired_closed.get(),
         );
         e.counter(
             "tether_certificate_reloads_total",
@@ -229,6 +240,11 @@ impl Metrics {
             "counter",
             "limit",
             &hits,
+        );
+        e.counter(
+            "tether_address_conflicts_total",
+            "Address claims of a node that another node already claimed (the address is then contested).",
+            self.address_conflicts.get(),
         );
         e.counter(
             "tether_egress_streams_total",

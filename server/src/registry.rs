@@ -1,4 +1,11 @@
-//! Which nodes are connected to this server, through which tunnels.
+//! Which nodes are connected to this server, through which tunnels, and which node an address
+//! leads to.
+//!
+//! A node's name is proven by its certificate; its addresses are only claimed by its agent. So
+//! an address leads to a node only while exactly one node claims it: when a second node claims
+//! an address another node already claims, both claims stay on record, the address is
+//! *contested*, and the egress proxy refuses it (409) until one of the two goes away. A node
+//! that claims another's address can block routing by that address, never take its traffic.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,6 +35,17 @@ pub struct Entry {
     pub capabilities: Capabilities,
 }
 
+/// Where a host named in a request leads.
+#[derive(Debug)]
+pub enum Route {
+    /// No connected node has this name or claims this address.
+    Unknown,
+    /// This node, through these tunnels (newest first).
+    Node(String, Vec<Entry>),
+    /// More than one node claims this address: it leads nowhere until only one does.
+    Contested(Vec<String>),
+}
+
 /// Connected nodes by name. A node may hold several tunnels (a restart overlapping the old
 /// connection's timeout, or several NAT paths).
 #[derive(Debug, Default)]
@@ -51,15 +69,48 @@ impl Registry {
         }
     }
 
-    /// Records the addresses a node's agent reported on one tunnel.
-    pub fn set_addresses(&self, node: &str, tunnel_id: usize, addresses: Vec<String>) {
+    /// Records the addresses a node's agent reported on one tunnel; returns the addresses that
+    /// another node already claims, each with that node's name (the caller logs and counts
+    /// them: from now on they are contested).
+    pub fn set_addresses(
+        &self,
+        node: &str,
+        tunnel_id: usize,
+        addresses: Vec<String>,
+    ) -> Vec<(String, String)> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conflicts = Vec::new();
+        for a in &addresses {
+            for (other, list) in nodes.iter() {
+                if other != node && list.iter().any(|e| e.addresses.contains(a)) {
+                    conflicts.push((a.clone(), other.clone()));
+                }
+            }
+        }
         if let Some(e) = nodes
             .get_mut(node)
             .and_then(|l| l.iter_mut().find(|e| e.tunnel.id() == tunnel_id))
         {
             e.addresses = addresses;
         }
+        conflicts
+    }
+
+    /// The addresses that more than one node claims, each with the claiming nodes (sorted).
+    pub fn contested(&self) -> Vec<(String, Vec<String>)> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_addr: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+            Default::default();
+        for (name, list) in nodes.iter() {
+            for a in list.iter().flat_map(|e| e.addresses.iter()) {
+                by_addr.entry(a).or_default().insert(name);
+            }
+        }
+        by_addr
+            .into_iter()
+            .filter(|(_, names)| names.len() > 1)
+            .map(|(a, names)| (a.to_string(), names.into_iter().map(String::from).collect()))
+            .collect()
     }
 
     /// Records what a node's agent announced in its hello on one tunnel.
@@ -73,20 +124,35 @@ impl Registry {
         }
     }
 
-    /// The tunnels of the node called `host`, or whose agent reported `host` as an address;
-    /// newest first.
-    pub fn find(&self, host: &str) -> Vec<(String, Entry)> {
+    /// Where `host` leads: the node of that name (its certificate says so), else the one node
+    /// whose agent reported `host` as an address. Tunnels newest first.
+    pub fn find(&self, host: &str) -> Route {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(String, Entry)> = match nodes.get(host) {
-            Some(list) => list.iter().map(|e| (host.to_string(), e.clone())).collect(),
-            None => nodes
-                .iter()
-                .flat_map(|(n, l)| l.iter().map(move |e| (n.clone(), e.clone())))
-                .filter(|(_, e)| e.addresses.iter().any(|a| a == host))
-                .collect(),
+        let (name, list) = match nodes.get(host) {
+            Some(list) => (host.to_string(), list),
+            None => {
+                let claimants: Vec<&String> = nodes
+                    .iter()
+                    .filter(|(_, l)| l.iter().any(|e| e.addresses.iter().any(|a| a == host)))
+                    .map(|(n, _)| n)
+                    .collect();
+                match claimants.as_slice() {
+                    [] => return Route::Unknown,
+                    [one] => match nodes.get(*one) {
+                        Some(list) => (one.to_string(), list),
+                        None => return Route::Unknown,
+                    },
+                    many => {
+                        let mut names: Vec<String> = many.iter().map(|n| n.to_string()).collect();
+                        names.sort();
+                        return Route::Contested(names);
+                    }
+                }
+            }
         };
-        out.sort_by_key(|(_, e)| std::cmp::Reverse(e.since));
-        out
+        let mut tunnels = list.clone();
+        tunnels.sort_by_key(|e| std::cmp::Reverse(e.since));
+        Route::Node(name, tunnels)
     }
 
     /// The tunnels of one node, newest last.

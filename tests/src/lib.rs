@@ -418,3 +418,62 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         (n == name).then(|| v.parse().ok())?
     })
 }
+
+/// A QUIC client of our own, to send what a real agent never would: with the certificate of
+/// `identity` (issued once by the test PKI) or none, on ALPN `tether/1`.
+pub async fn raw_client(
+    pki: &Pki,
+    identity: Option<&str>,
+    server: SocketAddr,
+) -> Result<quinn::Connection, String> {
+    let id = identity.map(|node| {
+        let dir = pki.agent_dir(node);
+        tether_common::tls::Identity::load(&dir.join("agent.crt"), &dir.join("agent.key"))
+            .expect("agent identity")
+    });
+    raw_client_with(pki, id, tether_common::tls::ALPN, server).await
+}
+
+/// [`raw_client`] with any identity and ALPN.
+pub async fn raw_client_with(
+    pki: &Pki,
+    identity: Option<tether_common::tls::Identity>,
+    alpn: &[u8],
+    server: SocketAddr,
+) -> Result<quinn::Connection, String> {
+    use tether_common::tls;
+    let roots = tls::load_roots(&pki.server_dir().join("ca.crt")).expect("CA");
+    let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
+            .expect("client identity"),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let client = tls::quic_client_config(
+        cfg,
+        tls::quic_transport(Default::default(), Default::default()),
+    )
+    .expect("QUIC client config");
+    let ep = quinn::Endpoint::client(loopback0()).map_err(|e| e.to_string())?;
+    let conn = ep
+        .connect_with(client, server, "localhost")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// The resident set size of a process, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -8,7 +8,6 @@ use tether_agent::AgentError;
 use tether_certs::records::{write_local, NodeState};
 use tether_certs::{Ca, Lifetime};
 use tether_common::protocol::{self, Message, StatusCode, Target};
-use tether_common::tls;
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -254,40 +253,6 @@ async fn expired_and_foreign_certificates_get_no_tunnel() {
     assert!(server.connected_nodes().is_empty());
     agent.shutdown().await;
     server.shutdown().await;
-}
-
-/// A QUIC client of our own, to send what a real agent never would.
-async fn raw_client(
-    pki: &Pki,
-    identity: Option<&str>,
-    server: SocketAddr,
-) -> Result<quinn::Connection, String> {
-    let roots = tls::load_roots(&pki.server_dir().join("ca.crt")).unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut cfg = match identity {
-        Some(node) => {
-            let dir = pki.agent_dir(node);
-            let id = tls::Identity::load(&dir.join("agent.crt"), &dir.join("agent.key")).unwrap();
-            builder.with_client_auth_cert(id.chain, id.key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![tls::ALPN.to_vec()];
-    let client = tls::quic_client_config(
-        cfg,
-        tls::quic_transport(Default::default(), Default::default()),
-    )
-    .unwrap();
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = ep
-        .connect_with(client, server, "localhost")
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(conn)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,15 +597,6 @@ async fn limits_bite_with_a_metric() {
     drop(held);
     a1.shutdown().await;
     server.shutdown().await;
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// One round of hostile input: garbage datagrams, certificate-less connections, bad stream

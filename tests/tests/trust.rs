@@ -1,0 +1,478 @@
+//! The trust suite: each test is an attack that worked before tether 0.2, tried the way an
+//! attacker would, and what must hold now. docs/security.md lists them.
+//!
+//! - A node that claims another node's address gets none of its traffic.
+//! - A renewal cannot undo a revocation, on the server that revoked or on a peer that had not
+//!   heard of it yet; `forget` does not bring an old certificate back.
+//! - A certificate that expires while its tunnel is up ends the tunnel.
+//! - Strangers cannot make a server hold memory through join connections.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tether_certs::records::{write_local, NodeState};
+use tether_certs::{Ca, Lifetime};
+use tether_common::protocol::{self, Message, StatusCode};
+use tether_common::tls;
+use tether_tests::process::free_port;
+use tether_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends one CONNECT through the egress proxy; returns the status code and the answer's text.
+async fn connect_status(proxy: SocketAddr, target: &str) -> (u16, String) {
+    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).await.unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut body = String::new();
+    if code != 200 {
+        let _ = c.read_to_string(&mut body).await;
+    }
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_claims_another_nodes_address_gets_none_of_its_traffic() {
+    init_logging();
+    let pki = Pki::new();
+    let kubelet = Echo::start().await;
+    let port = kubelet.addr.port();
+    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = tether_server::start(sc).await.unwrap();
+    let proxy = server.egress_addr.unwrap();
+    let node_agent = |node: &str| {
+        let mut c = agent_config(&pki, node, &[server.local_addr]);
+        // Both claim 127.0.0.1, where the kubelet stand-in listens.
+        c.node_ips = vec!["127.0.0.1".parse().unwrap()];
+        c.allow_ports = vec![port];
+        c
+    };
+    let real = tether_agent::start(node_agent("edge-1")).await.unwrap();
+    wait_for("tunnel", Duration::from_secs(10), || real.tunnels_up() == 1).await;
+    let by_ip = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    while connect_status(proxy, &by_ip).await.0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "never routed by IP"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(real.metrics().reverse_streams.get(), 1);
+
+    // A second joined node claims the same address.
+    let impostor = tether_agent::start(node_agent("impostor")).await.unwrap();
+    wait_for("the claim collides", Duration::from_secs(10), || {
+        server.metrics().address_conflicts.get() >= 1
+    })
+    .await;
+    for _ in 0..5 {
+        let (code, body) = connect_status(proxy, &by_ip).await;
+        assert_eq!(code, 409, "a contested address is refused: {body}");
+        assert!(
+            body.contains("edge-1") && body.contains("impostor"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        impostor.metrics().reverse_streams.get(),
+        0,
+        "the impostor received a CONNECT meant for the node at that address"
+    );
+    // By name, the real node is still reached.
+    let (code, body) = connect_status(proxy, &format!("edge-1:{port}")).await;
+    assert_eq!(code, 200, "{body}");
+    let i409 = tether_server::metrics::EGRESS_CODES
+        .iter()
+        .position(|c| *c == 409)
+        .unwrap();
+    assert!(server.metrics().egress_failures[i409].get() >= 5);
+
+    // The impostor leaves: the address leads to the one node that claims it again.
+    impostor.shutdown().await;
+    let start = Instant::now();
+    while connect_status(proxy, &by_ip).await.0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not routed again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    real.shutdown().await;
+    server.shutdown().await;
+}
+
+#[test]
+fn node_names_that_read_as_addresses_are_refused() {
+    let pki = Pki::new();
+    for name in ["10.0.0.5", "::1", "fe80::1", "127.0.0.1"] {
+        assert!(tether_certs::validate_node_name(name).is_err(), "{name}");
+        let out = pki
+            .dir
+            .path()
+            .join(format!("out-{}", name.replace(':', "_")));
+        let err = tether_certs::issue_agent_files(&pki.server_dir(), name, &out, 1).unwrap_err();
+        assert!(err.to_string().contains("not an IP address"), "{err}");
+    }
+    assert!(tether_certs::validate_node_name("node-10.0.0.5").is_ok());
+}
+
+/// Sends a renewal request on a tunnel opened with `conn`; returns the answer.
+async fn renew_on(conn: &quinn::Connection, csr: Vec<u8>) -> Result<(StatusCode, String), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = protocol::encode_to_bytes(&Message::Renew { csr }).unwrap();
+    send.write_all(&req).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let data = within(
+        "renewal answer",
+        Duration::from_secs(10),
+        recv.read_to_end(64 * 1024),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    match protocol::decode(&data) {
+        Ok(Some((
+            Message::Certificate {
+                code,
+                message,
+                cert_pem,
+                ..
+            },
+            _,
+        ))) => Ok((
+            code,
+            if code == StatusCode::Ok {
+                cert_pem
+            } else {
+                message
+            },
+        )),
+        other => Err(format!("not a certificate answer: {other:?}")),
+    }
+}
+
+/// Two peered servers with their own data directories, one CA.
+struct Pair {
+    pki: Pki,
+    second: TempDir,
+    servers: Vec<tether_server::ServerHandle>,
+    _echo: Echo,
+}
+
+async fn pair() -> Pair {
+    let pki = Pki::new();
+    let second = TempDir::new("second-server");
+    for f in ["ca.crt", "ca.key"] {
+        std::fs::copy(pki.server_dir().join(f), second.path().join(f)).unwrap();
+    }
+    tether_certs::init(second.path(), &[], 1, 1).unwrap();
+    let echo = Echo::start().await;
+    let (a1, a2): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+    let mut c1 = server_config(&pki, echo.addr);
+    c1.listen = a1;
+    c1.peers = vec![a2.to_string()];
+    let mut c2 = c1.clone();
+    c2.data_dir = second.path().to_path_buf();
+    c2.listen = a2;
+    c2.peers = vec![a1.to_string()];
+    let s1 = tether_server::start(c1).await.unwrap();
+    let s2 = tether_server::start(c2).await.unwrap();
+    wait_for("peers linked", Duration::from_secs(10), || {
+        s1.peers_up() == 1 && s2.peers_up() == 1
+    })
+    .await;
+    Pair {
+        pki,
+        second,
+        servers: vec![s1, s2],
+        _echo: echo,
+    }
+}
+
+fn records_say(dir: &std::path::Path, name: &str, state: &str) -> bool {
+    std::fs::read_to_string(dir.join("nodes"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with(&format!("{name} {state}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
+    init_logging();
+    let p = pair().await;
+    let (s1, s2) = (&p.servers[0], &p.servers[1]);
+    // The thief holds the node's certificate and key, with a tunnel to each server.
+    let c1 = raw_client(&p.pki, Some("thief"), s1.local_addr)
+        .await
+        .unwrap();
+    let c2 = raw_client(&p.pki, Some("thief"), s2.local_addr)
+        .await
+        .unwrap();
+    wait_for("both servers see the node", Duration::from_secs(10), || {
+        s1.connected_nodes() == ["thief"] && s2.connected_nodes() == ["thief"]
+    })
+    .await;
+
+    // The operator revokes on the first server; the thief renews at once on both, before the
+    // first server has looked at its records file and before the second has heard of it.
+    write_local(&p.pki.server_dir(), "thief", NodeState::Revoked).unwrap();
+    let (csr1, _) = tether_certs::make_csr("thief").unwrap();
+    let (csr2, key2) = tether_certs::make_csr("thief").unwrap();
+    let (r1, r2) = tokio::join!(renew_on(&c1, csr1), renew_on(&c2, csr2));
+    if let Ok((code, msg)) = &r1 {
+        assert_ne!(*code, StatusCode::Ok, "the revoking server renewed: {msg}");
+    }
+
+    // Whatever the second server answered, the revocation wins everywhere within a second
+    // or so, and stays.
+    wait_for(
+        "revoked on both servers, every tunnel closed",
+        Duration::from_secs(3),
+        || {
+            records_say(&p.pki.server_dir(), "thief", "revoked")
+                && records_say(p.second.path(), "thief", "revoked")
+                && s1.connected_nodes().is_empty()
+                && s2.connected_nodes().is_empty()
+        },
+    )
+    .await;
+    // A certificate the second server may have signed before it heard gets no tunnel.
+    if let Ok((StatusCode::Ok, cert_pem)) = r2 {
+        let id = tls::Identity::from_pem(&cert_pem, &key2).unwrap();
+        for s in [s1, s2] {
+            if let Ok(c) = raw_client_with(&p.pki, Some(id.clone()), tls::ALPN, s.local_addr).await
+            {
+                within(
+                    "renewed certificate refused",
+                    Duration::from_secs(5),
+                    c.closed(),
+                )
+                .await;
+            }
+        }
+        assert!(s1.connected_nodes().is_empty() && s2.connected_nodes().is_empty());
+    }
+    // Renewing again is refused with a reason.
+    let c = raw_client(&p.pki, Some("thief"), s2.local_addr).await;
+    if let Ok(c) = c {
+        let (csr, _) = tether_certs::make_csr("thief").unwrap();
+        if let Ok((code, _)) = renew_on(&c, csr).await {
+            assert_ne!(code, StatusCode::Ok);
+        }
+    }
+    for s in p.servers {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_does_not_bring_an_old_certificate_back() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let server = start_server(&pki, echo.addr).await;
+    let agent = start_agent(&pki, "reinstalled", &[server.local_addr]).await;
+    write_local(&pki.server_dir(), "reinstalled", NodeState::Revoked).unwrap();
+    wait_for("revoked", Duration::from_secs(3), || {
+        agent.tunnels_up() == 0
+    })
+    .await;
+    // The operator forgets the name so the reinstalled machine can join again: the old
+    // certificate stays out, at once and on every later try.
+    write_local(&pki.server_dir(), "reinstalled", NodeState::Forgotten).unwrap();
+    let before = server.metrics().handshake_failures.get();
+    wait_for("old certificate refused", Duration::from_secs(10), || {
+        server.metrics().handshake_failures.get() >= before + 2
+    })
+    .await;
+    assert_eq!(agent.tunnels_up(), 0);
+    assert!(server.connected_nodes().is_empty());
+    // A new join under the name works.
+    let token = std::fs::read_to_string(pki.server_dir().join("token")).unwrap();
+    let d = TempDir::new("rejoin");
+    let mut c = tether_agent::config::AgentConfig::new(
+        vec![server.local_addr.to_string()],
+        d.path().to_path_buf(),
+    );
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.token = Some(token.trim().to_string());
+    c.node_name = Some("reinstalled".into());
+    let fresh = tether_agent::start(c).await.unwrap();
+    wait_for("the new key's tunnel", Duration::from_secs(10), || {
+        fresh.tunnels_up() == 1
+    })
+    .await;
+    assert_eq!(agent.tunnels_up(), 0, "the old certificate stays out");
+    fresh.shutdown().await;
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_while_its_tunnel_is_up_ends_the_tunnel() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let server = start_server(&pki, echo.addr).await;
+    let ca = Ca::load(&pki.server_dir()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let short = ca
+        .issue_agent(
+            "brief",
+            Lifetime {
+                not_before: now - time::Duration::minutes(1),
+                not_after: now + time::Duration::seconds(3),
+            },
+        )
+        .unwrap();
+    let id = tls::Identity::from_pem(&short.cert_pem, &short.key_pem).unwrap();
+    let conn = raw_client_with(&pki, Some(id), tls::ALPN, server.local_addr)
+        .await
+        .unwrap();
+    wait_for("tunnel up", Duration::from_secs(5), || {
+        server.connected_nodes() == ["brief"]
+    })
+    .await;
+    let closed = within("closed at expiry", Duration::from_secs(8), conn.closed()).await;
+    assert!(
+        closed.to_string().contains("expired"),
+        "closed for another reason: {closed}"
+    );
+    assert_eq!(server.metrics().expired_closed.get(), 1);
+    server.shutdown().await;
+}
+
+/// A stranger's join connection over TCP, as a raw client would make it.
+async fn tcp_join_connection(
+    pki: &Pki,
+    server: SocketAddr,
+) -> std::io::Result<tether_common::tcp::TcpTunnel> {
+    let token: tether_certs::token::Token = std::fs::read_to_string(pki.server_dir().join("token"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let cfg = tls::join_client_config(&token.ca_hash).unwrap();
+    tether_common::tcp::TcpTunnel::connect(server, "localhost", cfg.into(), Default::default())
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_make_a_server_hold_memory_through_joins() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let logs = TempDir::new("join-flood");
+    let (port, admin_port) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let server = tether_tests::process::Proc::spawn(
+        "server",
+        &tether_tests::process::bin("tether-server"),
+        &[
+            "run",
+            "--data-dir",
+            pki.server_dir().to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--upstream",
+            &echo.addr.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ],
+        logs.path().join("server.log"),
+    );
+    wait_for_ready(admin).await;
+    let baseline = rss_kib(server.pid());
+
+    // The attack that grew a server from 10 to 274 MiB: join connections over TCP, each
+    // opening 257 streams and filling every one to its window. Now each connection is ended
+    // at its second stream, and holds at most one window.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let Ok(conn) = tcp_join_connection(&pki, addr).await else {
+            continue;
+        };
+        tasks.spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..257 {
+                let Ok(Ok((mut send, recv))) =
+                    tokio::time::timeout(Duration::from_millis(500), conn.open()).await
+                else {
+                    break;
+                };
+                let junk = bytes::Bytes::from(vec![0x5au8; 256 * 1024 - 16]);
+                let sent =
+                    tokio::time::timeout(Duration::from_millis(500), send.write_chunk(junk)).await;
+                held.push((send, recv));
+                if !matches!(sent, Ok(Ok(()))) {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            held.len()
+        });
+    }
+    // And over QUIC: join connections that try to send megabytes on many streams.
+    for _ in 0..4 {
+        let Ok(c) = raw_client_with(&pki, None, tls::ALPN_JOIN, addr).await else {
+            continue;
+        };
+        tasks.spawn(async move {
+            let mut opened = 0;
+            for _ in 0..64 {
+                let Ok(Ok((mut send, _recv))) =
+                    tokio::time::timeout(Duration::from_millis(500), c.open_bi()).await
+                else {
+                    break;
+                };
+                opened += 1;
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    send.write_all(&vec![0xa5u8; 2 * 1024 * 1024]),
+                )
+                .await;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            opened
+        });
+    }
+    let _ = within("the flood", Duration::from_secs(60), tasks.join_all()).await;
+    let peak = rss_kib(server.pid());
+    eprintln!("join flood: server RSS {baseline} KiB before, {peak} KiB during");
+    assert!(
+        peak < baseline + 48 * 1024,
+        "the join flood grew the server from {baseline} KiB to {peak} KiB"
+    );
+    // The server still serves a legitimate node.
+    let agent = start_agent(&pki, "legit", &[addr]).await;
+    echo_roundtrip(agent.listen_addr, random_bytes(100_000, 7))
+        .await
+        .unwrap();
+    agent.shutdown().await;
+}
+
+async fn wait_for_ready(admin: SocketAddr) {
+    let start = Instant::now();
+    while !matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "server never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
