@@ -166,8 +166,7 @@ fn store(
             })?;
         }
     }
-    tether_certs::write_file(&config.key, key_pem.as_bytes(), 0o600)?;
     tether_certs::write_file(&config.ca, ca_pem.as_bytes(), 0o644)?;
-    tether_certs::write_file(&config.cert, cert_pem.as_bytes(), 0o644)?;
+    tether_certs::write_identity(&config.cert, &config.key, cert_pem, key_pem)?;
     Ok(())
 }

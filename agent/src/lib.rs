@@ -46,6 +46,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Join(#[from] join::JoinError),
+    #[error("cannot finish storing a renewed certificate: {0}")]
+    Identity(tether_certs::CertError),
 }
 
 /// A running agent. Call [`AgentHandle::shutdown`] or [`AgentHandle::drain`] to stop it.
@@ -126,6 +128,11 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let endpoint = tether_common::net::quic_endpoint(SocketAddr::from(([0u16; 8], 0)), None)
         .or_else(|_| tether_common::net::quic_endpoint(SocketAddr::from(([0u8; 4], 0)), None))
         .map_err(AgentError::Socket)?;
+    // A renewal or join that a crash interrupted leaves `NAME.next` files: finish it, or drop
+    // the half-written pair, before the identity is read.
+    if tether_certs::recover_identity(&config.cert, &config.key).map_err(AgentError::Identity)? {
+        info!(cert = %config.cert.display(), "finished storing a certificate that a crash interrupted");
+    }
     if !config.cert.exists() || !config.key.exists() {
         let token = config.token.clone().ok_or(join::JoinError::NoToken)?;
         join::join(&config, &endpoint, &token).await?;

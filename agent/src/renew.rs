@@ -105,8 +105,8 @@ async fn renew(
         Some(Message::Certificate { message, .. }) => return Err(format!("refused: {message}")),
         other => return Err(format!("unexpected answer: {other:?}")),
     };
-    tether_certs::write_file(&config.key, key_pem.as_bytes(), 0o600).map_err(|e| e.to_string())?;
-    tether_certs::write_file(&config.cert, cert_pem.as_bytes(), 0o644)
+    // A crash while storing leaves a matching pair: the old one, or the new one.
+    tether_certs::write_identity(&config.cert, &config.key, &cert_pem, &key_pem)
         .map_err(|e| e.to_string())?;
     let roots = tls::load_roots(&config.ca).map_err(|e| e.to_string())?;
     let identity = tls::Identity::load(&config.cert, &config.key).map_err(|e| e.to_string())?;

@@ -476,6 +476,97 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
     })
 }
 
+/// Hex SHA-256 of a private key's public half (its SubjectPublicKeyInfo), to match it with a
+/// certificate ([`key_hash_of_cert`]).
+pub fn key_hash_of_key_pem(key_pem: &str) -> Result<String, CertError> {
+    use rcgen::PublicKeyData;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| CertError::Invalid {
+        path: PathBuf::from("(private key)"),
+        what: "private key",
+        detail: e.to_string(),
+    })?;
+    Ok(sha256_hex(&key.subject_public_key_info()))
+}
+
+fn next_path(p: &Path) -> PathBuf {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    p.with_file_name(format!("{name}.next"))
+}
+
+/// Whether the certificate at `cert` is for the key at `key`; false when either is unreadable.
+fn pair_matches(cert: &Path, key: &Path) -> bool {
+    let (Ok(c), Ok(k)) = (fs::read_to_string(cert), fs::read_to_string(key)) else {
+        return false;
+    };
+    match (key_hash_of_cert_pem(&c), key_hash_of_key_pem(&k)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Stores a new key and its certificate so that a crash at any point leaves a matching pair:
+/// both are written beside their places as `NAME.next` first, then moved, the key first.
+/// [`recover_identity`], run before the pair is loaded, finishes a move a crash interrupted or
+/// drops a pair that was not completely written.
+pub fn write_identity(
+    cert: &Path,
+    key: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(), CertError> {
+    let (cert_next, key_next) = (next_path(cert), next_path(key));
+    write_file(&key_next, key_pem.as_bytes(), 0o600)?;
+    write_file(&cert_next, cert_pem.as_bytes(), 0o644)?;
+    let mv = |from: &Path, to: &Path| {
+        fs::rename(from, to).map_err(|source| CertError::Write {
+            path: to.to_owned(),
+            source,
+        })
+    };
+    mv(&key_next, key)?;
+    mv(&cert_next, cert)
+}
+
+/// Finishes or undoes a [`write_identity`] that a crash interrupted; true when it changed
+/// anything. Whatever it finds, `cert` and `key` afterwards match, if they matched before the
+/// interrupted write or the new pair was written whole.
+pub fn recover_identity(cert: &Path, key: &Path) -> Result<bool, CertError> {
+    let (cert_next, key_next) = (next_path(cert), next_path(key));
+    let rm = |p: &Path| {
+        let _ = fs::remove_file(p);
+    };
+    let mv = |from: &Path, to: &Path| {
+        fs::rename(from, to).map_err(|source| CertError::Write {
+            path: to.to_owned(),
+            source,
+        })
+    };
+    let mut changed = false;
+    if key_next.exists() {
+        // The crash came before the key moved: move the new pair if it was written whole.
+        if pair_matches(&cert_next, &key_next) {
+            mv(&key_next, key)?;
+        } else {
+            rm(&key_next);
+            rm(&cert_next);
+        }
+        changed = true;
+    }
+    if cert_next.exists() {
+        // The key moved; its certificate is next to it.
+        if pair_matches(&cert_next, key) {
+            mv(&cert_next, cert)?;
+        } else {
+            rm(&cert_next);
+        }
+        changed = true;
+    }
+    Ok(changed)
+}
+
 /// Writes a file atomically with the given mode: a temporary file beside it, then a rename.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     let err = |source| CertError::Write {
@@ -504,6 +595,57 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertErr
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_crash_anywhere_in_storing_a_new_pair_leaves_a_matching_pair() {
+        let ca_dir = tmpdir("identity-ca");
+        init(&ca_dir, &[], 1, 1).unwrap();
+        let ca = Ca::load(&ca_dir).unwrap();
+        let old = ca.issue_agent("n", Lifetime::days(1)).unwrap();
+        let new = ca.issue_agent("n", Lifetime::days(1)).unwrap();
+        let d = tmpdir("identity");
+        fs::create_dir_all(&d).unwrap();
+        let (cert, key) = (d.join("agent.crt"), d.join("agent.key"));
+        let (cert_next, key_next) = (next_path(&cert), next_path(&key));
+        let reset = || {
+            for p in [&cert, &key, &cert_next, &key_next] {
+                let _ = fs::remove_file(p);
+            }
+            fs::write(&cert, &old.cert_pem).unwrap();
+            fs::write(&key, &old.key_pem).unwrap();
+        };
+        let is = |want: &Issued| {
+            fs::read_to_string(&cert).unwrap() == want.cert_pem
+                && fs::read_to_string(&key).unwrap() == want.key_pem
+                && !cert_next.exists()
+                && !key_next.exists()
+        };
+        // Crash while the new key was being written: the old pair stays.
+        reset();
+        fs::write(&key_next, &new.key_pem[..40]).unwrap();
+        assert!(recover_identity(&cert, &key).unwrap());
+        assert!(is(&old));
+        // Crash after both were written, before any move: the new pair moves in.
+        reset();
+        fs::write(&key_next, &new.key_pem).unwrap();
+        fs::write(&cert_next, &new.cert_pem).unwrap();
+        recover_identity(&cert, &key).unwrap();
+        assert!(is(&new));
+        // Crash between the two moves: the certificate follows its key.
+        reset();
+        fs::write(&key, &new.key_pem).unwrap();
+        fs::write(&cert_next, &new.cert_pem).unwrap();
+        recover_identity(&cert, &key).unwrap();
+        assert!(is(&new));
+        // No crash: nothing to do, and the write itself leaves the new pair.
+        reset();
+        assert!(!recover_identity(&cert, &key).unwrap());
+        write_identity(&cert, &key, &new.cert_pem, &new.key_pem).unwrap();
+        assert!(is(&new));
+        assert!(pair_matches(&cert, &key));
+        let _ = fs::remove_dir_all(&d);
+        let _ = fs::remove_dir_all(&ca_dir);
+    }
 
     fn tmpdir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("tether-certs-{name}-{}", std::process::id()));

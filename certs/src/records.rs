@@ -58,6 +58,12 @@ pub struct NodeRecord {
     pub version: u64,
     /// Who wrote it (a server's id, or the host name of the command that did).
     pub writer: String,
+    /// For an owned name that was renewed: the key before the renewal. Good for new tunnels
+    /// until the new key is `seen` in a handshake (so a renewal whose answer was lost does not
+    /// lock the node out); after that good only for the tunnels it already has.
+    pub previous: Option<String>,
+    /// The owner's key has been seen in a handshake since the renewal.
+    pub seen: bool,
     /// When it was written, Unix milliseconds: for people, and the order 0.1 servers use.
     pub at: u64,
 }
@@ -95,6 +101,11 @@ impl NodeRecord {
             if !is_sha256_hex(k) {
                 return Err(RecordError::Key(k.clone()));
             }
+        }
+        match (&self.state, &self.previous) {
+            (_, None) => {}
+            (NodeState::Owned(_), Some(p)) if is_sha256_hex(p) => {}
+            (_, Some(p)) => return Err(RecordError::Key(p.clone())),
         }
         if self.version > MAX_VERSION {
             return Err(RecordError::Absurd {
@@ -146,6 +157,8 @@ impl NodeRecord {
             epoch: 0,
             version: 0,
             writer: "v1-peer".into(),
+            previous: None,
+            seen: false,
             at,
         };
         if let Some(old) = held {
@@ -214,6 +227,9 @@ pub enum Verdict {
     /// The name was forgotten: it is free for a new join, and no certificate is good for it
     /// until one has joined.
     Forgotten,
+    /// The key before the name's last renewal, after the new key was seen: refused for new
+    /// tunnels, while the tunnels it has stay up (they belong to the same node).
+    Superseded,
 }
 
 impl Records {
@@ -231,14 +247,32 @@ impl Records {
     /// Whether a certificate for `name` with public key hash `key` may connect. A forgotten
     /// name admits no certificate (a certificate made before the forget is exactly what the
     /// forget is for); a name with no record at all is allowed, since a peer's record of a
-    /// fresh join or `issue-agent` may not have arrived yet.
+    /// fresh join or `issue-agent` may not have arrived yet. The key before a renewal is
+    /// allowed until the new one has been seen.
     pub fn check(&self, name: &str, key: &str) -> Verdict {
-        match self.by_name.get(name).map(|r| &r.state) {
-            Some(NodeState::Revoked) => Verdict::Revoked,
-            Some(NodeState::Forgotten) => Verdict::Forgotten,
-            Some(NodeState::Owned(k)) if k != key => Verdict::OtherOwner,
-            _ => Verdict::Allowed,
+        let Some(r) = self.by_name.get(name) else {
+            return Verdict::Allowed;
+        };
+        match &r.state {
+            NodeState::Revoked => Verdict::Revoked,
+            NodeState::Forgotten => Verdict::Forgotten,
+            NodeState::Owned(k) if k == key => Verdict::Allowed,
+            NodeState::Owned(_) if r.previous.as_deref() == Some(key) => {
+                if r.seen {
+                    Verdict::Superseded
+                } else {
+                    Verdict::Allowed
+                }
+            }
+            NodeState::Owned(_) => Verdict::OtherOwner,
         }
+    }
+
+    /// Whether `key` is a renewed owner not yet seen in a handshake (see [`confirm`]).
+    pub fn unconfirmed(&self, name: &str, key: &str) -> bool {
+        self.by_name.get(name).is_some_and(|r| {
+            r.previous.is_some() && !r.seen && matches!(&r.state, NodeState::Owned(k) if k == key)
+        })
     }
 
     /// Reads `DIR/nodes`; a missing file is no records, a line that does not parse is an
@@ -265,7 +299,7 @@ impl Records {
 
     fn save(&self, dir: &Path) -> Result<(), CertError> {
         let mut text = String::from(
-            "# name state at-ms e=epoch v=version w=writer (state: owned:<sha256 of key>, revoked, forgotten)\n",
+            "# name state at-ms e=epoch v=version w=writer [p=previous key [seen=1]] (state: owned:<sha256 of key>, revoked, forgotten)\n",
         );
         for r in self.by_name.values() {
             let state = match &r.state {
@@ -273,8 +307,13 @@ impl Records {
                 NodeState::Revoked => "revoked".into(),
                 NodeState::Forgotten => "forgotten".into(),
             };
+            let previous = r
+                .previous
+                .as_ref()
+                .map(|p| format!(" p={p}{}", if r.seen { " seen=1" } else { "" }))
+                .unwrap_or_default();
             text.push_str(&format!(
-                "{} {state} {} e={} v={} w={}\n",
+                "{} {state} {} e={} v={} w={}{previous}\n",
                 r.name, r.at, r.epoch, r.version, r.writer
             ));
         }
@@ -307,6 +346,8 @@ pub fn parse_line(line: &str) -> Result<NodeRecord, RecordError> {
         epoch: 0,
         version: 0,
         writer: String::new(),
+        previous: None,
+        seen: false,
         at,
     };
     let number = |v: &str, what: &str| {
@@ -325,6 +366,8 @@ pub fn parse_line(line: &str) -> Result<NodeRecord, RecordError> {
             }
             Some(("v", v)) => rec.version = number(v, "version")?,
             Some(("w", v)) => rec.writer = v.to_string(),
+            Some(("p", v)) => rec.previous = Some(v.to_string()),
+            Some(("seen", "1")) => rec.seen = true,
             _ => return Err(RecordError::Syntax(format!("unknown field {field:?}"))),
         }
     }
@@ -360,6 +403,16 @@ impl Records {
     /// Writes a record made here and now (an operator's command, a join, a renewal): the next
     /// version of the name, or the first of a new epoch for a forget.
     fn write_local(&mut self, name: &str, state: NodeState) {
+        self.write_local_with(name, state, None, false)
+    }
+
+    fn write_local_with(
+        &mut self,
+        name: &str,
+        state: NodeState,
+        previous: Option<String>,
+        seen: bool,
+    ) {
         let old = self.by_name.get(name);
         let (mut epoch, mut version) = old
             .map(|r| (r.epoch, r.version.saturating_add(1)))
@@ -375,6 +428,8 @@ impl Records {
             epoch,
             version,
             writer: local_writer(),
+            previous,
+            seen,
             at: now_ms().max(after),
         };
         self.by_name.insert(name.to_string(), rec);
@@ -392,23 +447,52 @@ pub fn renew(
 ) -> Result<Result<(), String>, CertError> {
     let _guard = lock_file(dir)?;
     let mut all = Records::load(dir)?;
-    match all.by_name.get(name).map(|r| r.state.clone()) {
-        Some(NodeState::Revoked) => return Ok(Err(format!("node {name:?} is revoked"))),
-        Some(NodeState::Forgotten) => {
+    let held = all.by_name.get(name).cloned();
+    let previous = match held
+        .as_ref()
+        .map(|r| (&r.state, r.previous.as_deref().filter(|_| !r.seen)))
+    {
+        Some((NodeState::Revoked, _)) => return Ok(Err(format!("node {name:?} is revoked"))),
+        Some((NodeState::Forgotten, _)) => {
             return Ok(Err(format!(
                 "node name {name:?} was forgotten; the node must join again"
             )))
         }
-        Some(NodeState::Owned(k)) if k != current_key => {
+        // The owner renews: its key stays good until the new one is seen.
+        Some((NodeState::Owned(k), _)) if k == current_key => current_key,
+        // The key before the last renewal renews again: that renewal's answer was lost, and
+        // its key never used. It is replaced; the old key stays good.
+        Some((NodeState::Owned(_), Some(p))) if p == current_key => current_key,
+        Some((NodeState::Owned(_), _)) => {
             return Ok(Err(format!(
                 "the key of this certificate no longer owns node name {name:?}"
             )))
         }
-        _ => {}
-    }
-    all.write_local(name, NodeState::Owned(new_key.to_string()));
+        // No record (a certificate from before records, or whose record has not arrived).
+        None => current_key,
+    };
+    all.write_local_with(
+        name,
+        NodeState::Owned(new_key.to_string()),
+        Some(previous.to_string()),
+        false,
+    );
     all.save(dir)?;
     Ok(Ok(()))
+}
+
+/// The renewed key of `name` was seen in a handshake: the key before the renewal is no longer
+/// good for new tunnels. True when it changed the records.
+pub fn confirm(dir: &Path, name: &str, key: &str) -> Result<bool, CertError> {
+    let _guard = lock_file(dir)?;
+    let mut all = Records::load(dir)?;
+    if !all.unconfirmed(name, key) {
+        return Ok(false);
+    }
+    let previous = all.by_name.get(name).and_then(|r| r.previous.clone());
+    all.write_local_with(name, NodeState::Owned(key.to_string()), previous, true);
+    all.save(dir)?;
+    Ok(true)
 }
 
 /// Records the owner of `name` unless another key owns it; the check and the write happen under
@@ -454,6 +538,8 @@ mod tests {
             epoch,
             version,
             writer: writer.into(),
+            previous: None,
+            seen: false,
             at: 0,
         }
     }
@@ -598,10 +684,35 @@ mod tests {
         // Renewal: only by the current owner, never once revoked or forgotten.
         assert!(renew(&d, "n1", &k1, &k9).unwrap().is_err(), "not the owner");
         assert_eq!(renew(&d, "n1", &k2, &k3).unwrap(), Ok(()));
+        let r = Records::load(&d).unwrap();
+        assert_eq!(r.check("n1", &k3), Verdict::Allowed);
         assert_eq!(
-            Records::load(&d).unwrap().check("n1", &k3),
-            Verdict::Allowed
+            r.check("n1", &k2),
+            Verdict::Allowed,
+            "good until k3 is seen"
         );
+        // The answer was lost: the node renews again with its old key.
+        assert_eq!(renew(&d, "n1", &k2, &k4).unwrap(), Ok(()));
+        let r = Records::load(&d).unwrap();
+        assert_eq!(
+            r.check("n1", &k3),
+            Verdict::OtherOwner,
+            "never seen, replaced"
+        );
+        assert_eq!(r.check("n1", &k2), Verdict::Allowed);
+        // k4 is seen in a handshake: k2 is done.
+        assert!(!confirm(&d, "n1", &k2).unwrap());
+        assert!(confirm(&d, "n1", &k4).unwrap());
+        assert!(!confirm(&d, "n1", &k4).unwrap());
+        let r = Records::load(&d).unwrap();
+        assert_eq!(r.check("n1", &k2), Verdict::Superseded);
+        assert_eq!(r.check("n1", &k9), Verdict::OtherOwner);
+        assert!(
+            renew(&d, "n1", &k2, &k9).unwrap().is_err(),
+            "k2 is no longer the owner"
+        );
+        assert_eq!(renew(&d, "n1", &k4, &k3).unwrap(), Ok(()));
+        assert!(confirm(&d, "n1", &k3).unwrap());
         write_local(&d, "n1", NodeState::Revoked).unwrap();
         assert!(renew(&d, "n1", &k3, &k4).unwrap().is_err(), "revoked");
         assert_eq!(

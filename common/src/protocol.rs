@@ -300,7 +300,8 @@ pub enum Message {
     },
     /// One node record, ordered without clocks (since 0.2, to peers that announced
     /// [`capability::RECORDS_V2`]): `epoch` counts the name's forgets, `version` its writes
-    /// within the epoch, `writer` breaks ties; `at_ms` is informational.
+    /// within the epoch, `writer` breaks ties; `at_ms` is informational. `previous` is the key
+    /// before a renewal (empty: none), good for new tunnels until the new one is `seen`.
     NodeRecordV2 {
         name: String,
         state: RecordState,
@@ -308,6 +309,8 @@ pub enum Message {
         version: u64,
         writer: String,
         at_ms: u64,
+        previous: String,
+        seen: bool,
     },
     /// First frame of the one stream of a join connection: a token and a signing request.
     Join {
@@ -469,6 +472,8 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             version,
             writer,
             at_ms,
+            previous,
+            seen,
         } => {
             put_str(&mut body, n, name)?;
             put_record_state(&mut body, state, name)?;
@@ -476,6 +481,8 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             body.put_u64(*version);
             put_str(&mut body, writer, name)?;
             body.put_u64(*at_ms);
+            put_str(&mut body, previous, name)?;
+            body.put_u8(u8::from(*seen));
             kind::NODE_RECORD_V2
         }
         Message::Join {
@@ -658,6 +665,8 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
                 version: r.u64()?,
                 writer: r.string()?,
                 at_ms: r.u64()?,
+                previous: r.string()?,
+                seen: r.bool()?,
             }
         }
         kind::JOIN => {
@@ -1044,18 +1053,22 @@ mod tests {
                 ],
                 (any::<u32>(), any::<u64>()),
                 small_string(),
-                any::<u64>()
+                (any::<u64>(), small_string(), any::<bool>())
             )
-                .prop_map(|(name, state, (epoch, version), writer, at_ms)| {
-                    Message::NodeRecordV2 {
-                        name,
-                        state,
-                        epoch,
-                        version,
-                        writer,
-                        at_ms,
+                .prop_map(
+                    |(name, state, (epoch, version), writer, (at_ms, previous, seen))| {
+                        Message::NodeRecordV2 {
+                            name,
+                            state,
+                            epoch,
+                            version,
+                            writer,
+                            at_ms,
+                            previous,
+                            seen,
+                        }
                     }
-                }),
+                ),
             (
                 small_string(),
                 small_string(),

@@ -102,6 +102,21 @@ impl Authority {
         Ok(r)
     }
 
+    /// A renewed key was seen in a handshake: the key before it is done (written to the records
+    /// and so sent to the peers). Cheap when there is nothing to do.
+    pub fn confirm(&self, name: &str, key: &str) {
+        if !self.read().unconfirmed(name, key) {
+            return;
+        }
+        match records::confirm(&self.dir, name, key) {
+            Ok(true) => {
+                self.poll();
+            }
+            Ok(false) => {}
+            Err(e) => warn!(node = name, error = %e, "cannot record that a renewed key was seen"),
+        }
+    }
+
     /// Claims a node name for a key, under the file's lock.
     pub fn claim(
         &self,
@@ -201,6 +216,8 @@ pub fn to_message(r: &NodeRecord, v2: bool) -> Message {
             version: r.version,
             writer: r.writer.clone(),
             at_ms: r.at,
+            previous: r.previous.clone().unwrap_or_default(),
+            seen: r.seen,
         }
     } else {
         Message::NodeRecord {
@@ -228,12 +245,16 @@ pub fn from_message(
             version,
             writer,
             at_ms,
+            previous,
+            seen,
         } => NodeRecord {
             name: name.clone(),
             state: local_state(state),
             epoch: *epoch,
             version: *version,
             writer: writer.clone(),
+            previous: (!previous.is_empty()).then(|| previous.clone()),
+            seen: *seen,
             at: *at_ms,
         },
         Message::NodeRecord { name, state, at_ms } => {

@@ -627,7 +627,7 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
     let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if party == Party::Agent {
         match state.authority.check(&name, &key) {
-            Verdict::Allowed => {}
+            Verdict::Allowed => state.authority.confirm(&name, &key),
             Verdict::Revoked => {
                 state.metrics.handshake_failures.inc();
                 warn!(node = %name, peer = %remote, "refused tunnel: node is revoked");
@@ -644,6 +644,15 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
                 state.metrics.handshake_failures.inc();
                 warn!(node = %name, peer = %remote, "refused tunnel: the node name was forgotten; the node must join again");
                 tunnel.close(code::REFUSED, "the node name was forgotten; join again");
+                return;
+            }
+            Verdict::Superseded => {
+                state.metrics.handshake_failures.inc();
+                warn!(node = %name, peer = %remote, "refused tunnel: this certificate was renewed and its successor is in use");
+                tunnel.close(
+                    code::REFUSED,
+                    "the name belongs to another key (this certificate was renewed)",
+                );
                 return;
             }
         }
@@ -1189,16 +1198,18 @@ async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
     }
 }
 
-/// Closes the tunnels whose certificate the records no longer admit: revoked nodes, and names
-/// that were forgotten (a certificate from before a forget is what the forget is for). The
-/// tunnels of a renewed node's previous key stay up: the node renewed them itself.
+/// Closes the tunnels whose certificate the records no longer admit: revoked nodes, names that
+/// were forgotten (a certificate from before a forget is what the forget is for), and keys that
+/// another key owns the name for. The tunnels of a renewed node's previous key stay up: they are
+/// the same node's.
 fn close_refused(state: &State) {
     for name in state.registry.node_names() {
         for e in state.registry.tunnels(&name) {
             let (code, why) = match state.authority.check(&name, &e.key_hash) {
                 Verdict::Revoked => (code::REVOKED, "this node is revoked"),
                 Verdict::Forgotten => (code::REFUSED, "the node name was forgotten"),
-                Verdict::Allowed | Verdict::OtherOwner => continue,
+                Verdict::OtherOwner => (code::REFUSED, "the node name belongs to another key"),
+                Verdict::Allowed | Verdict::Superseded => continue,
             };
             state.metrics.revoked_closed.inc();
             warn!(node = %name, peer = %e.remote, reason = why, "closing tunnel");

@@ -476,3 +476,52 @@ async fn wait_for_ready(admin: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_whose_answer_is_lost_does_not_lock_the_node_out() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let server = start_server(&pki, echo.addr).await;
+    let conn = raw_client(&pki, Some("unlucky"), server.local_addr)
+        .await
+        .unwrap();
+    wait_for("tunnel", Duration::from_secs(5), || {
+        server.connected_nodes() == ["unlucky"]
+    })
+    .await;
+    // The server signs and records the new key; the answer never reaches the node.
+    let (csr, _lost_key) = tether_certs::make_csr("unlucky").unwrap();
+    let (code, _) = renew_on(&conn, csr).await.unwrap();
+    assert_eq!(code, StatusCode::Ok);
+    conn.close(0u32.into(), b"crashed");
+    // The node comes back with the certificate it still has, and renews again.
+    let conn = raw_client(&pki, Some("unlucky"), server.local_addr)
+        .await
+        .expect("the key before the renewal is still good");
+    let (csr, key) = tether_certs::make_csr("unlucky").unwrap();
+    let (code, cert_pem) = renew_on(&conn, csr).await.unwrap();
+    assert_eq!(code, StatusCode::Ok, "{cert_pem}");
+    // The new pair works; once it has been seen, the old one is done for new tunnels.
+    let id = tls::Identity::from_pem(&cert_pem, &key).unwrap();
+    let renewed = raw_client_with(&pki, Some(id), tls::ALPN, server.local_addr)
+        .await
+        .unwrap();
+    wait_for("renewed key seen", Duration::from_secs(5), || {
+        server.connected_nodes() == ["unlucky"]
+            && std::fs::read_to_string(pki.server_dir().join("nodes"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("unlucky owned:") && l.contains(" seen=1"))
+    })
+    .await;
+    let old = raw_client(&pki, Some("unlucky"), server.local_addr)
+        .await
+        .unwrap();
+    let closed = within("old key refused", Duration::from_secs(5), old.closed()).await;
+    assert!(closed.to_string().contains("renewed"), "{closed}");
+    // The tunnel the node opened with the old key before renewing stays up.
+    assert!(conn.close_reason().is_none());
+    drop(renewed);
+    server.shutdown().await;
+}
