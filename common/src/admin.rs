@@ -4,6 +4,7 @@
 //! bounded in size and time, a bounded number of connections at once. Monitoring needs nothing
 //! more, and a small surface is easy to keep safe on a port that operators may expose.
 
+use crate::client_slots::ClientSlots;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,8 +15,13 @@ use tokio::sync::Semaphore;
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a whole exchange may take, from the accept to the last byte of the answer: a client
+/// that never reads its answer gives its slot back after this.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most admin connections served at once; more wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most admin connections one client address holds at once.
+pub const MAX_PER_CLIENT: usize = 8;
 
 /// What the admin endpoint shows; each binary implements it.
 pub trait AdminSource: Send + Sync + 'static {
@@ -30,6 +36,7 @@ pub trait AdminSource: Send + Sync + 'static {
 /// Serves the admin endpoint until the task is dropped.
 pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_client = ClientSlots::new(MAX_PER_CLIENT);
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -42,12 +49,18 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
                 continue;
             }
         };
+        let Some(slot) = per_client.take(peer.ip()) else {
+            tracing::debug!(%peer, limit = MAX_PER_CLIENT, "admin endpoint: too many connections from this address");
+            continue;
+        };
         let source = source.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(conn, &*source).await {
-                tracing::debug!(%peer, error = %e, "admin endpoint: request failed");
+            match tokio::time::timeout(EXCHANGE_TIMEOUT, handle(conn, &*source)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin endpoint: request failed"),
+                Err(_) => tracing::debug!(%peer, "admin endpoint: exchange took too long; closed"),
             }
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }

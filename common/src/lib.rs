@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod cli;
+pub mod client_slots;
 pub mod config_file;
 pub mod net;
 pub mod notify;

@@ -31,6 +31,12 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most egress connections at once.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Most egress connections one client address holds at once (the apiserver opens one per
+/// `exec`, `logs` or `port-forward`, so this is generous; it keeps one client from taking all).
+pub const MAX_PER_CLIENT: usize = MAX_CONNECTIONS / 4;
+/// Time to write an answer (an error, or `200 Connection established`): a client that never
+/// reads it gives its slot back after this.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A parsed CONNECT request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,8 +96,11 @@ async fn respond<S: AsyncWrite + Unpin>(s: &mut S, code: u16, body: &str) {
         reason(code),
         body.len()
     );
-    let _ = s.write_all(msg.as_bytes()).await;
-    let _ = s.shutdown().await;
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        let _ = s.write_all(msg.as_bytes()).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
 }
 
 /// Reads a request head; returns it and any bytes after it.
@@ -242,10 +251,11 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str
             return respond(&mut s, code, &format!("{why}\n")).await;
         }
     };
-    if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await
-        .is_err()
-    {
+    let established = s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+    if !matches!(
+        tokio::time::timeout(ANSWER_TIMEOUT, established).await,
+        Ok(Ok(()))
+    ) {
         return;
     }
     info!(client = who, node = %req.host, port = req.port, "egress CONNECT established");
@@ -333,6 +343,7 @@ pub async fn serve_tcp(
     state: Arc<State>,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_client = tether_common::client_slots::ClientSlots::new(MAX_PER_CLIENT);
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
@@ -344,6 +355,10 @@ pub async fn serve_tcp(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Some(slot) = per_client.take(peer.ip()) else {
+            warn!(client = %peer, limit = MAX_PER_CLIENT, "egress connection refused: too many from this address");
+            continue;
         };
         let _ = conn.set_nodelay(true);
         let (state, tls) = (state.clone(), tls.clone());
@@ -359,7 +374,7 @@ pub async fn serve_tcp(
                 },
                 None => serve_client(conn, &who, &state).await,
             }
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }

@@ -525,3 +525,100 @@ async fn a_renewal_whose_answer_is_lost_does_not_lock_the_node_out() {
     drop(renewed);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stall_cannot_lock_others_out_of_the_admin_endpoint() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut sc = server_config(&pki, echo.addr);
+    sc.admin = Some("127.0.0.1:0".parse().unwrap());
+    let server = tether_server::start(sc).await.unwrap();
+    let admin = server.admin_addr.unwrap();
+    // One address opens every slot the endpoint has and sends nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..tether_common::admin::MAX_CONNECTIONS {
+        stalled.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    // Another address is served at once, not after the stalled ones time out.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let start = Instant::now();
+    let mut c = sock.connect(admin).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    within(
+        "served",
+        Duration::from_secs(3),
+        c.read_to_string(&mut text),
+    )
+    .await
+    .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        start.elapsed() < tether_common::admin::REQUEST_TIMEOUT,
+        "waited {:?} behind stalled clients",
+        start.elapsed()
+    );
+    // The stalled address's connections past its share were closed at once.
+    let mut closed = 0;
+    for mut s in stalled {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= tether_common::admin::MAX_CONNECTIONS - tether_common::admin::MAX_PER_CLIENT,
+        "only {closed} of the stalled connections were refused"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_proxy_off_loopback_needs_client_certificates() {
+    init_logging();
+    let pki = Pki::new();
+    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.listen = Some("0.0.0.0:0".parse().unwrap());
+    let err = tether_server::start(sc).await.err().expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("--egress-client-ca") && text.contains("--egress-uds"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_records_file_stops_the_start_naming_file_and_line() {
+    init_logging();
+    let pki = Pki::new();
+    let nodes = pki.server_dir().join("nodes");
+    std::fs::write(
+        &nodes,
+        "# name state at-ms\nedge-1 revoked 1700000000000\nedge-2 owned:nothex 1\n",
+    )
+    .unwrap();
+    let err = tether_server::start(server_config(&pki, "127.0.0.1:9".parse().unwrap()))
+        .await
+        .err()
+        .expect("a corrupt records file stops the start");
+    let text = err.to_string();
+    assert!(text.contains("nodes") && text.contains("line 3"), "{text}");
+    // The real binary says the same and exits non-zero.
+    let out = std::process::Command::new(tether_tests::process::bin("tether-server"))
+        .args([
+            "run",
+            "--data-dir",
+            pki.server_dir().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("line 3"), "{stderr}");
+}
