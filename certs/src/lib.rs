@@ -597,6 +597,18 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn a_signing_request_whose_signature_fails_gives_no_key() {
+        let (csr, _) = make_csr("n").unwrap();
+        assert!(key_hash_of_csr(&csr).is_ok());
+        // The signature is at the end of the request: flip a bit in it.
+        let mut bad = csr.clone();
+        let last = bad.len() - 3;
+        bad[last] ^= 0x01;
+        let err = key_hash_of_csr(&bad).unwrap_err();
+        assert!(err.to_string().contains("signature"), "{err}");
+    }
+
+    #[test]
     fn a_crash_anywhere_in_storing_a_new_pair_leaves_a_matching_pair() {
         let ca_dir = tmpdir("identity-ca");
         init(&ca_dir, &[], 1, 1).unwrap();

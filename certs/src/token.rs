@@ -124,7 +124,8 @@ impl TokenEntry {
     }
 }
 
-/// Why a token was not accepted. Said to the joining agent as it is.
+/// Why a token was not accepted: for the server's log. The joining agent is told only
+/// [`BAD_TOKEN`], so that a stranger cannot learn which token ids exist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenRejection {
     #[error("unknown token id {0:?} (revoked, or created on another server)")]
@@ -134,6 +135,10 @@ pub enum TokenRejection {
     #[error("wrong secret for token {0:?}")]
     WrongSecret(String),
 }
+
+/// What a joining agent is told for any [`TokenRejection`].
+pub const BAD_TOKEN: &str =
+    "bad token: unknown, revoked, expired or a wrong secret (ask for a new one with `tether-server token create`)";
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -183,9 +188,21 @@ pub fn create(dir: &Path, ttl_secs: u64, description: &str) -> Result<Token, Cer
     let ca_der = crate::pem_to_der(&ca_pem, &dir.join(crate::files::CA_CERT))?;
     let _guard = lock_file(dir)?;
     let mut entries = list(dir)?;
+    // Ids are short (they are typed and logged), so a new one is drawn until it is unique.
+    let mut id = random_hex(3)?;
+    let mut tries = 0;
+    while entries.iter().any(|e| e.id == id) {
+        tries += 1;
+        if tries > 64 {
+            return Err(CertError::Generate(
+                "no free token id; revoke unused tokens".into(),
+            ));
+        }
+        id = random_hex(3)?;
+    }
     let token = Token {
         ca_hash: ca_hash(&ca_der),
-        id: random_hex(3)?,
+        id,
         secret: random_hex(16)?,
     };
     let created = now();
@@ -221,13 +238,15 @@ pub fn revoke(dir: &Path, id: &str) -> Result<bool, CertError> {
 /// or revoked while the server runs take effect at once.
 pub fn verify(dir: &Path, token: &Token) -> Result<Result<(), TokenRejection>, CertError> {
     let entries = list(dir)?;
+    let given = secret_hash(&token.secret);
     let Some(e) = entries.iter().find(|e| e.id == token.id) else {
+        // The same work as for a known id, so the time taken does not tell whether it exists.
+        let _ = same(given.as_bytes(), given.as_bytes());
         return Ok(Err(TokenRejection::Unknown(token.id.clone())));
     };
     if e.expired(now()) {
         return Ok(Err(TokenRejection::Expired(token.id.clone())));
     }
-    let given = secret_hash(&token.secret);
     if !same(given.as_bytes(), e.secret_hash.as_bytes()) {
         return Ok(Err(TokenRejection::WrongSecret(token.id.clone())));
     }
@@ -294,6 +313,13 @@ mod tests {
             Err(TokenRejection::Unknown(_))
         ));
         assert!(!revoke(&d, &t.id).unwrap());
+        // Ids stay unique however many tokens there are.
+        for _ in 0..200 {
+            create(&d, 0, "many").unwrap();
+        }
+        let ids: std::collections::BTreeSet<String> =
+            list(&d).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids.len(), list(&d).unwrap().len());
         let _ = std::fs::remove_dir_all(&d);
     }
 }

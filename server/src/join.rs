@@ -158,7 +158,16 @@ fn decide(
     };
     match token::verify(dir, &tok) {
         Ok(Ok(())) => {}
-        Ok(Err(rejection)) => return refuse(rejection.to_string()),
+        Ok(Err(rejection)) => {
+            // The log says which; the stranger only hears "bad token".
+            warn!(peer = %remote, node = node_name, reason = %rejection, "refused join");
+            return answer(
+                StatusCode::RefusedByPolicy,
+                token::BAD_TOKEN.into(),
+                String::new(),
+                String::new(),
+            );
+        }
         Err(e) => return refuse(format!("server cannot read its token store: {e}")),
     }
     if let Err(e) = tether_certs::validate_node_name(node_name) {
