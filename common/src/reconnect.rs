@@ -253,9 +253,15 @@ async fn dial_quic(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError>
 }
 
 async fn dial_tcp(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError> {
-    let t = crate::tcp::TcpTunnel::connect(target.addr, &target.name, d.tcp_tls(), d.liveness)
-        .await
-        .map_err(|e| DialError::Connect(format!("over TCP: {e}")))?;
+    let t = crate::tcp::TcpTunnel::connect(
+        target.addr,
+        &target.name,
+        d.tcp_tls(),
+        d.liveness,
+        d.max_streams as usize,
+    )
+    .await
+    .map_err(|e| DialError::Connect(format!("over TCP: {e}")))?;
     Ok(Tunnel::from_tcp(t))
 }
 

@@ -12,9 +12,10 @@
 //!
 //! A stream that ends without FIN (the connection died, or the peer dropped it) reads as a reset.
 //!
-//! Windows: yamux grows each stream's receive window on demand from 256 KiB; a tunnel carries at
-//! most [`MAX_STREAMS`] streams, and its total window is 256 KiB for each of them (a ceiling on
-//! data in flight: the relays read as data arrives, so it is not memory held). Liveness: TCP keepalives (every second
+//! Windows: yamux grows each stream's receive window on demand from 256 KiB; a tunnel carries
+//! its configured stream limit (at most [`MAX_STREAMS`]), and its total window is 256 KiB for
+//! each of them (a ceiling on data in flight: the relays read as data arrives). A join
+//! connection carries one stream and one window. Liveness: TCP keepalives (every second
 //! on an idle connection, the kernel's finest step) and `TCP_USER_TIMEOUT` (the idle timeout, for
 //! unacknowledged data) close a silent connection in about the same time as QUIC does.
 
@@ -100,18 +101,23 @@ pub const JOIN_MAX_STREAMS: usize = 1;
 
 /// yamux settings for a connection of this ALPN. A join connection is unauthenticated, so it
 /// gets one stream and the smallest window yamux allows (its fixed 256 KiB initial credit):
-/// whatever a stranger sends, it holds at most that much of this server's memory.
-fn yamux_config(alpn: Option<&[u8]>) -> yamux::Config {
+/// whatever a stranger sends, it holds at most that much of this server's memory. A tunnel gets
+/// `max_streams` (its configured limit, at most [`MAX_STREAMS`]), and a connection window of
+/// 256 KiB for each: yamux lets every stream send its initial 256 KiB, so a smaller window is
+/// only had with fewer streams.
+fn yamux_config(alpn: Option<&[u8]>, max_streams: usize) -> yamux::Config {
     let mut c = yamux::Config::default();
     if alpn == Some(crate::tls::ALPN_JOIN) {
         c.set_max_num_streams(JOIN_MAX_STREAMS);
         c.set_max_connection_receive_window(Some(256 * 1024 * JOIN_MAX_STREAMS));
         return c;
     }
-    // yamux wants room for its 256 KiB default window on every stream it allows. This is a
-    // ceiling on data in flight, not an allocation: the relays read as data arrives.
-    c.set_max_num_streams(MAX_STREAMS);
-    c.set_max_connection_receive_window(Some(256 * 1024 * MAX_STREAMS));
+    let max_streams = max_streams.clamp(1, MAX_STREAMS);
+    // yamux checks the window against the stream count at each step: lift it, set the count,
+    // then set the window that fits it.
+    c.set_max_connection_receive_window(None);
+    c.set_max_num_streams(max_streams);
+    c.set_max_connection_receive_window(Some(256 * 1024 * max_streams));
     c
 }
 
@@ -122,6 +128,7 @@ impl TcpTunnel {
         name: &str,
         tls: Arc<rustls::ClientConfig>,
         liveness: Liveness,
+        max_streams: usize,
     ) -> io::Result<Self> {
         let ctx = |what: &'static str| {
             move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
@@ -139,8 +146,8 @@ impl TcpTunnel {
             Box::new(tls.compat()),
             yamux::Mode::Client,
             addr,
-            peer_certs,
-            alpn,
+            (peer_certs, alpn),
+            max_streams,
         ))
     }
 
@@ -149,6 +156,7 @@ impl TcpTunnel {
         tcp: TcpStream,
         acceptor: tokio_rustls::TlsAcceptor,
         liveness: Liveness,
+        max_streams: usize,
     ) -> io::Result<Self> {
         let remote = tcp.peer_addr()?;
         tune(&tcp, liveness)?;
@@ -158,8 +166,8 @@ impl TcpTunnel {
             Box::new(tls.compat()),
             yamux::Mode::Server,
             remote,
-            peer_certs,
-            alpn,
+            (peer_certs, alpn),
+            max_streams,
         ))
     }
 
@@ -167,10 +175,10 @@ impl TcpTunnel {
         io: Io,
         mode: yamux::Mode,
         remote: SocketAddr,
-        peer_certs: Vec<CertificateDer<'static>>,
-        alpn: Option<Vec<u8>>,
+        (peer_certs, alpn): (Vec<CertificateDer<'static>>, Option<Vec<u8>>),
+        max_streams: usize,
     ) -> Self {
-        let conn = yamux::Connection::new(io, yamux_config(alpn.as_deref()), mode);
+        let conn = yamux::Connection::new(io, yamux_config(alpn.as_deref(), max_streams), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (closed_tx, closed) = watch::channel(None);

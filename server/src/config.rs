@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub health_interval: Duration,
     /// Most streams relayed at once by this server; more are answered `busy`.
     pub max_streams: usize,
+    /// Most streams one node may have open at once over all its tunnels.
+    pub max_streams_per_node: usize,
     pub liveness: Liveness,
     pub limits: TunnelLimits,
 }
@@ -81,6 +83,7 @@ impl ServerConfig {
             header_timeout: Duration::from_secs(10),
             health_interval: Duration::from_secs(1),
             max_streams: 65536,
+            max_streams_per_node: 8192,
             liveness: Liveness::default(),
             limits: TunnelLimits::default(),
         }

@@ -556,9 +556,14 @@ async fn accept_tcp(
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let max_streams = transport_limits(&state.config).max_streams as usize;
         tokio::spawn(async move {
-            let handshake =
-                tether_common::tcp::TcpTunnel::accept(tcp, acceptor, state.config.liveness);
+            let handshake = tether_common::tcp::TcpTunnel::accept(
+                tcp,
+                acceptor,
+                state.config.liveness,
+                max_streams,
+            );
             let t = match tokio::time::timeout(state.config.handshake_timeout, handshake).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -801,6 +806,18 @@ async fn serve_stream(
                 let why = "stream limit of the tunnel reached".to_string();
                 return refuse(&mut stream, StatusCode::Busy, why, state).await;
             }
+            if party == Party::Agent
+                && state.registry.node_streams(node) > state.config.max_streams_per_node
+            {
+                state.metrics.limit_hit("streams_per_node");
+                warn!(
+                    node,
+                    limit = state.config.max_streams_per_node,
+                    "stream refused: the node has its share of this server's streams"
+                );
+                let why = "stream limit of the node reached".to_string();
+                return refuse(&mut stream, StatusCode::Busy, why, state).await;
+            }
             open(stream, node, version, target, hops, state).await
         }
         Message::Renew { csr } if party == Party::Agent => {
@@ -981,6 +998,7 @@ async fn open(
         return refuse(&mut stream, StatusCode::Draining, why, state).await;
     }
     let Ok(_permit) = state.streams.clone().try_acquire_owned() else {
+        state.metrics.limit_hit("streams_per_server");
         warn!(
             node,
             limit = state.config.max_streams,

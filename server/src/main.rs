@@ -211,6 +211,10 @@ struct RunArgs {
     /// Most streams relayed at once by this server; more are answered busy.
     #[arg(long, env = "TETHER_MAX_STREAMS", default_value_t = 65536)]
     max_streams: usize,
+    /// Most streams one node may have open at once over all its tunnels, so that no node takes
+    /// more than its share of --max-streams.
+    #[arg(long, env = "TETHER_MAX_STREAMS_PER_NODE", default_value_t = 8192)]
+    max_streams_per_node: usize,
 }
 
 fn main() -> Result<()> {
@@ -360,6 +364,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.liveness.idle_timeout = a.idle_timeout;
     config.limits.max_streams = a.max_streams_per_tunnel;
     config.max_streams = a.max_streams;
+    config.max_streams_per_node = a.max_streams_per_node;
     config.peers = a.peers;
     config.advertise = a.advertise;
     config.upstream_ca = a.upstream_ca;

@@ -58,9 +58,10 @@ pub struct Metrics {
 pub const EGRESS_CODES: [u16; 8] = [400, 403, 404, 405, 409, 502, 503, 504];
 
 /// The limits whose hits are counted; a fixed label set.
-pub const LIMITS: [&str; 7] = [
+pub const LIMITS: [&str; 8] = [
     "tunnels_per_node",
     "streams_per_tunnel",
+    "streams_per_node",
     "streams_per_server",
     "join_rate",
     "handshake_timeout",

@@ -155,6 +155,16 @@ impl Registry {
         Route::Node(name, tunnels)
     }
 
+    /// Streams open now over all of a node's tunnels.
+    pub fn node_streams(&self, node: &str) -> usize {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(node).map_or(0, |l| {
+            l.iter()
+                .map(|e| e.streams.load(std::sync::atomic::Ordering::Relaxed))
+                .sum()
+        })
+    }
+
     /// The tunnels of one node, newest last.
     pub fn tunnels(&self, node: &str) -> Vec<Entry> {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());

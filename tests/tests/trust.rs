@@ -367,7 +367,7 @@ async fn tcp_join_connection(
         .parse()
         .unwrap();
     let cfg = tls::join_client_config(&token.ca_hash).unwrap();
-    tether_common::tcp::TcpTunnel::connect(server, "localhost", cfg.into(), Default::default())
+    tether_common::tcp::TcpTunnel::connect(server, "localhost", cfg.into(), Default::default(), 1)
         .await
 }
 
