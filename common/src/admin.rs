@@ -96,20 +96,7 @@ async fn handle(mut conn: TcpStream, source: &dyn AdminSource) -> std::io::Resul
     }
 }
 
-/// The method and path (without query) of a request head, if its first line is one.
-pub fn parse_request(head: &[u8]) -> Option<(String, String)> {
-    let text = std::str::from_utf8(head).ok()?;
-    let line = text.lines().next()?;
-    let mut parts = line.split_whitespace();
-    let method = parts.next()?;
-    let target = parts.next()?;
-    let version = parts.next()?;
-    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
-        return None;
-    }
-    let path = target.split('?').next().unwrap_or("");
-    Some((method.to_string(), path.to_string()))
-}
+pub use crate::http::parse_request;
 
 /// Reads up to the blank line that ends a request head; `None` when it is too large.
 async fn read_head(conn: &mut TcpStream) -> std::io::Result<Option<String>> {

@@ -19,9 +19,10 @@
 //! on an idle connection, the kernel's finest step) and `TCP_USER_TIMEOUT` (the idle timeout, for
 //! unacknowledged data) close a silent connection in about the same time as QUIC does.
 
+use crate::stream_framing as framing;
 use crate::tls::Liveness;
 use crate::transport::StreamError;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::{AsyncReadExt as _, AsyncWriteExt as _};
 use rustls::pki_types::CertificateDer;
 use std::io;
@@ -32,9 +33,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-const DATA: u8 = 0;
-const FIN: u8 = 1;
-const RESET: u8 = 2;
 /// Streams accepted but not yet taken by the tunnel's owner; more are refused (reset).
 const ACCEPT_QUEUE: usize = 256;
 
@@ -299,7 +297,7 @@ fn split(s: yamux::Stream) -> (SendHalf, RecvHalf) {
         RecvHalf {
             r: Some(r),
             buf: BytesMut::new(),
-            left: 0,
+            framing: framing::Decoder::default(),
             ended: None,
         },
     )
@@ -313,10 +311,12 @@ pub struct SendHalf {
 impl SendHalf {
     pub async fn write_chunk(&mut self, data: Bytes) -> Result<(), StreamError> {
         let w = self.w.as_mut().ok_or(StreamError::Closed)?;
-        let mut head = [0u8; 5];
-        head[0] = DATA;
-        head[1..].copy_from_slice(&(data.len() as u32).to_be_bytes());
-        w.write_all(&head).await.map_err(write_err)?;
+        // Chunks come from the relay's bounded reads; one over 4 GiB would be a bug upstream.
+        let len = u32::try_from(data.len())
+            .map_err(|_| StreamError::ConnectionLost("chunk over 4 GiB".into()))?;
+        w.write_all(&framing::data_header(len))
+            .await
+            .map_err(write_err)?;
         w.write_all(&data).await.map_err(write_err)
     }
 
@@ -324,7 +324,7 @@ impl SendHalf {
     /// stream, so writing from a task of its own could lose the reading task's wake-up.
     pub async fn finish(&mut self) {
         if let Some(mut w) = self.w.take() {
-            let _ = w.write_all(&[FIN]).await;
+            let _ = w.write_all(&[framing::FIN]).await;
             let _ = w.close().await;
         }
     }
@@ -333,9 +333,7 @@ impl SendHalf {
     /// instead (dropping an open stream resets it), which reads as a reset all the same.
     pub async fn reset(&mut self, code: u32) {
         if let Some(mut w) = self.w.take() {
-            let mut m = [0u8; 5];
-            m[0] = RESET;
-            m[1..].copy_from_slice(&code.to_be_bytes());
+            let m = framing::reset_frame(code);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
                 let _ = w.write_all(&m).await;
                 let _ = w.close().await;
@@ -358,30 +356,25 @@ const READ_SIZE: usize = 2048;
 /// The receiving half of a stream over TCP.
 pub struct RecvHalf {
     r: Option<futures_util::io::ReadHalf<yamux::Stream>>,
+    /// Bytes read and not yet decoded: kept here, so a cancelled read loses nothing.
     buf: BytesMut,
-    /// Bytes of the current DATA frame not yet handed out.
-    left: usize,
+    framing: framing::Decoder,
     ended: Option<Result<(), StreamError>>,
 }
 
 impl RecvHalf {
-    /// Reads until `buf` holds `n` bytes; false at the end of the yamux stream. The read buffer
-    /// is part of every relay task's future, idle or not, so it is kept small: yamux has the
-    /// data in memory already, and a read is a copy.
-    async fn fill(&mut self, n: usize) -> Result<bool, StreamError> {
+    /// Reads once more from the yamux stream into `buf`; false at its end. The read buffer is
+    /// part of every relay task's future, idle or not, so it is kept small: yamux has the data
+    /// in memory already, and a read is a copy.
+    async fn fill(&mut self) -> Result<bool, StreamError> {
         let r = self.r.as_mut().ok_or(StreamError::Closed)?;
-        while self.buf.len() < n {
-            let mut chunk = [0u8; READ_SIZE];
-            let k = r
-                .read(&mut chunk)
-                .await
-                .map_err(|e| StreamError::ConnectionLost(e.to_string()))?;
-            if k == 0 {
-                return Ok(false);
-            }
-            self.buf.extend_from_slice(&chunk[..k]);
-        }
-        Ok(true)
+        let mut chunk = [0u8; READ_SIZE];
+        let k = r
+            .read(&mut chunk)
+            .await
+            .map_err(|e| StreamError::ConnectionLost(e.to_string()))?;
+        self.buf.extend_from_slice(&chunk[..k]);
+        Ok(k > 0)
     }
 
     pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
@@ -389,52 +382,25 @@ impl RecvHalf {
             if let Some(end) = &self.ended {
                 return end.clone().map(|_| None);
             }
-            if self.left > 0 {
-                if self.buf.is_empty() && !self.fill(1).await? {
-                    self.ended = Some(Err(StreamError::Reset(0)));
-                    continue;
-                }
-                let n = self.left.min(self.buf.len()).min(max.max(1));
-                self.left -= n;
-                let chunk = self.buf.split_to(n).freeze();
-                if self.buf.is_empty() {
-                    // Idle streams hold no buffer.
-                    self.buf = BytesMut::new();
-                }
-                return Ok(Some(chunk));
-            }
-            if !self.fill(1).await? {
-                // Ended without FIN: the peer went away or dropped the stream.
-                self.ended = Some(Err(StreamError::Reset(0)));
-                continue;
-            }
-            match self.buf[0] {
-                DATA => {
-                    if !self.fill(5).await? {
-                        self.ended = Some(Err(StreamError::Reset(0)));
-                        continue;
+            match self.framing.decode(&mut self.buf, max) {
+                Ok(Some(framing::Event::Data(chunk))) => {
+                    if self.buf.is_empty() {
+                        // Idle streams hold no buffer.
+                        self.buf = BytesMut::new();
                     }
-                    self.buf.advance(1);
-                    self.left = self.buf.get_u32() as usize;
+                    return Ok(Some(chunk));
                 }
-                FIN => {
-                    self.buf.advance(1);
-                    self.ended = Some(Ok(()));
+                Ok(Some(framing::Event::Fin)) => self.ended = Some(Ok(())),
+                Ok(Some(framing::Event::Reset(code))) => {
+                    self.ended = Some(Err(StreamError::Reset(code)))
                 }
-                RESET => {
-                    let code = if self.fill(5).await? {
-                        self.buf.advance(1);
-                        self.buf.get_u32()
-                    } else {
-                        0
-                    };
-                    self.ended = Some(Err(StreamError::Reset(code)));
+                Ok(None) => {
+                    if !self.fill().await? {
+                        // Ended without FIN: the peer went away or dropped the stream.
+                        self.ended = Some(Err(StreamError::Reset(0)));
+                    }
                 }
-                other => {
-                    self.ended = Some(Err(StreamError::ConnectionLost(format!(
-                        "bad stream framing byte {other:#x}"
-                    ))));
-                }
+                Err(e) => self.ended = Some(Err(StreamError::ConnectionLost(e.to_string()))),
             }
         }
     }

@@ -1,0 +1,11 @@
+//! CONNECT request heads at the egress proxy: parsed or refused with a status, never a panic;
+//! a parsed target names a host and a port.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    match tether_common::http::parse_connect(data) {
+        Ok(r) => assert!(!r.host.is_empty() && r.host.len() <= 253),
+        Err((code, _)) => assert!(code == 400 || code == 405),
+    }
+});
