@@ -375,7 +375,7 @@ pub fn bind_uds(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     }
     let l = tokio::net::UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
 
