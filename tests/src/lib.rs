@@ -158,6 +158,18 @@ pub async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> 
     }
 }
 
+/// Waits until the admin endpoint at `admin` answers `/readyz` with 200; panics after 20 s.
+pub async fn wait_ready(admin: SocketAddr, what: &str) {
+    let start = Instant::now();
+    while !matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs `fut` with a deadline; panics with `what` if it does not finish in time.
 pub async fn within<T>(what: &str, deadline: Duration, fut: impl Future<Output = T>) -> T {
     match tokio::time::timeout(deadline, fut).await {

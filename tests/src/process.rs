@@ -102,3 +102,46 @@ pub fn run_ok(program: &Path, args: &[&str]) -> String {
     );
     text
 }
+
+/// A `tether-server run` process on loopback, with an admin endpoint.
+pub struct ServerProcess {
+    pub proc: Proc,
+    /// The QUIC (UDP) and TLS (TCP) port.
+    pub addr: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts the real binary on `data_dir` with `upstream`, plus `extra` flags, and waits
+    /// until its admin endpoint says it is ready.
+    pub async fn start(
+        data_dir: &Path,
+        upstream: std::net::SocketAddr,
+        extra: &[&str],
+        log: PathBuf,
+    ) -> Self {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let (data, addr_s, up, admin_s) = (
+            data_dir.to_str().expect("utf-8 path").to_string(),
+            addr.to_string(),
+            upstream.to_string(),
+            admin.to_string(),
+        );
+        let mut args = vec![
+            "run",
+            "--data-dir",
+            &data,
+            "--listen",
+            &addr_s,
+            "--upstream",
+            &up,
+            "--admin",
+            &admin_s,
+        ];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn("server", &bin("tether-server"), &args, log);
+        crate::wait_ready(admin, "server").await;
+        ServerProcess { proc, addr, admin }
+    }
+}

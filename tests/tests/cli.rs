@@ -9,20 +9,6 @@ use tether_tests::process::{bin, free_port, run_ok, Proc};
 use tether_tests::*;
 use tokio::process::Command;
 
-async fn wait_ready(admin: SocketAddr, what: &str) {
-    let start = std::time::Instant::now();
-    loop {
-        if let Ok((200, _)) = http_get(admin, "/readyz").await {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "{what} never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_issue_agent_and_run_as_documented() {
     let tmp = TempDir::new("cli");

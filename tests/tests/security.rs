@@ -645,30 +645,15 @@ async fn a_flood_of_bad_input_leaves_the_process_serving_and_its_memory_flat() {
     let pki = Pki::new();
     let echo = Echo::start().await;
     let logs = TempDir::new("flood");
-    let (port, admin_port) = (
-        tether_tests::process::free_port(),
-        tether_tests::process::free_port(),
-    );
-    let udp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let server = tether_tests::process::Proc::spawn(
-        "server",
-        &tether_tests::process::bin("tether-server"),
-        &[
-            "run",
-            "--data-dir",
-            pki.server_dir().to_str().unwrap(),
-            "--listen",
-            &udp.to_string(),
-            "--upstream",
-            &echo.addr.to_string(),
-            "--admin",
-            &admin.to_string(),
-            "--header-timeout",
-            "300ms",
-        ],
+    let server = tether_tests::process::ServerProcess::start(
+        &pki.server_dir(),
+        echo.addr,
+        &["--header-timeout", "300ms"],
         logs.path().join("server.log"),
-    );
+    )
+    .await;
+    let (udp, admin) = (server.addr, server.admin);
+    let server = server.proc;
     let agent = start_agent(&pki, "good", &[udp]).await;
     echo_roundtrip(agent.listen_addr, random_bytes(100_000, 1))
         .await

@@ -377,27 +377,15 @@ async fn strangers_cannot_make_a_server_hold_memory_through_joins() {
     let pki = Pki::new();
     let echo = Echo::start().await;
     let logs = TempDir::new("join-flood");
-    let (port, admin_port) = (free_port(), free_port());
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let server = tether_tests::process::Proc::spawn(
-        "server",
-        &tether_tests::process::bin("tether-server"),
-        &[
-            "run",
-            "--data-dir",
-            pki.server_dir().to_str().unwrap(),
-            "--listen",
-            &addr.to_string(),
-            "--upstream",
-            &echo.addr.to_string(),
-            "--admin",
-            &admin.to_string(),
-        ],
+    let server = tether_tests::process::ServerProcess::start(
+        &pki.server_dir(),
+        echo.addr,
+        &[],
         logs.path().join("server.log"),
-    );
-    wait_for_ready(admin).await;
-    let baseline = rss_kib(server.pid());
+    )
+    .await;
+    let addr = server.addr;
+    let baseline = rss_kib(server.proc.pid());
 
     // The attack that grew a server from 10 to 274 MiB: join connections over TCP, each
     // opening 257 streams and filling every one to its window. Now each connection is ended
@@ -452,7 +440,7 @@ async fn strangers_cannot_make_a_server_hold_memory_through_joins() {
         });
     }
     let _ = within("the flood", Duration::from_secs(60), tasks.join_all()).await;
-    let peak = rss_kib(server.pid());
+    let peak = rss_kib(server.proc.pid());
     eprintln!("join flood: server RSS {baseline} KiB before, {peak} KiB during");
     assert!(
         peak < baseline + 48 * 1024,
@@ -464,17 +452,6 @@ async fn strangers_cannot_make_a_server_hold_memory_through_joins() {
         .await
         .unwrap();
     agent.shutdown().await;
-}
-
-async fn wait_for_ready(admin: SocketAddr) {
-    let start = Instant::now();
-    while !matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "server never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
