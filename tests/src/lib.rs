@@ -92,6 +92,23 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// An agent certificate for `node` valid from `from` to `until`, relative to now (seconds;
+    /// negative for the past), signed by this PKI's CA and recorded nowhere.
+    pub fn agent_cert(&self, node: &str, from: i64, until: i64) -> tether_certs::Issued {
+        let ca = tether_certs::Ca::load(&self.server_dir()).expect("CA");
+        let now = time::OffsetDateTime::now_utc();
+        ca.issue_agent(
+            node,
+            tether_certs::Lifetime {
+                not_before: now + time::Duration::seconds(from),
+                not_after: now + time::Duration::seconds(until),
+            },
+        )
+        .expect("issue agent certificate")
+    }
+}
+
 impl Default for Pki {
     fn default() -> Self {
         Self::new()

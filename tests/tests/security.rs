@@ -6,7 +6,6 @@ use std::time::Duration;
 use tether_agent::join::JoinError;
 use tether_agent::AgentError;
 use tether_certs::records::{write_local, NodeState};
-use tether_certs::{Ca, Lifetime};
 use tether_common::protocol::{self, Message, StatusCode, Target};
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -224,17 +223,7 @@ async fn expired_and_foreign_certificates_get_no_tunnel() {
     let pki = Pki::new();
     let echo = Echo::start().await;
     let server = start_server(&pki, echo.addr).await;
-    let ca = Ca::load(&pki.server_dir()).unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let old = ca
-        .issue_agent(
-            "stale",
-            Lifetime {
-                not_before: now - time::Duration::days(30),
-                not_after: now - time::Duration::days(1),
-            },
-        )
-        .unwrap();
+    let old = pki.agent_cert("stale", -30 * 86400, -86400);
     let d = TempDir::new("expired");
     std::fs::copy(pki.server_dir().join("ca.crt"), d.path().join("ca.crt")).unwrap();
     old.save(&d.path().join("agent.crt"), &d.path().join("agent.key"))
@@ -463,17 +452,7 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     let server = tether_server::start(sc).await.unwrap();
 
     // An agent certificate that is due for renewal after about 4 s.
-    let ca = Ca::load(&pki.server_dir()).unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let short = ca
-        .issue_agent(
-            "renewer",
-            Lifetime {
-                not_before: now,
-                not_after: now + time::Duration::seconds(6),
-            },
-        )
-        .unwrap();
+    let short = pki.agent_cert("renewer", 0, 6);
     let d = TempDir::new("renew");
     std::fs::copy(pki.server_dir().join("ca.crt"), d.path().join("ca.crt")).unwrap();
     short

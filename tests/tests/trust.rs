@@ -10,7 +10,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tether_certs::records::{write_local, NodeState};
-use tether_certs::{Ca, Lifetime};
 use tether_common::protocol::{self, Message, StatusCode};
 use tether_common::tls;
 use tether_tests::process::free_port;
@@ -328,17 +327,7 @@ async fn a_certificate_that_expires_while_its_tunnel_is_up_ends_the_tunnel() {
     let pki = Pki::new();
     let echo = Echo::start().await;
     let server = start_server(&pki, echo.addr).await;
-    let ca = Ca::load(&pki.server_dir()).unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let short = ca
-        .issue_agent(
-            "brief",
-            Lifetime {
-                not_before: now - time::Duration::minutes(1),
-                not_after: now + time::Duration::seconds(3),
-            },
-        )
-        .unwrap();
+    let short = pki.agent_cert("brief", -60, 3);
     let id = tls::Identity::from_pem(&short.cert_pem, &short.key_pem).unwrap();
     let conn = raw_client_with(&pki, Some(id), tls::ALPN, server.local_addr)
         .await
