@@ -506,3 +506,60 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// Two servers with data directories of their own (one CA), peers of each other, both relaying
+/// to one echo upstream.
+pub struct PeeredPair {
+    pub pki: Pki,
+    /// The second server's data directory (the first's is `pki.server_dir()`).
+    pub second: TempDir,
+    pub servers: Vec<ServerHandle>,
+    pub addrs: [SocketAddr; 2],
+    pub echo: Echo,
+}
+
+impl PeeredPair {
+    /// Starts both and waits until each has its link to the other.
+    pub async fn start() -> Self {
+        let pki = Pki::new();
+        let second = TempDir::new("second-server");
+        for f in ["ca.crt", "ca.key"] {
+            std::fs::copy(pki.server_dir().join(f), second.path().join(f)).expect("copy CA");
+        }
+        tether_certs::init(second.path(), &[], 1, 1).expect("init the second server");
+        let echo = Echo::start().await;
+        let port = || crate::process::free_port();
+        let addrs: [SocketAddr; 2] = [
+            ([127, 0, 0, 1], port()).into(),
+            ([127, 0, 0, 1], port()).into(),
+        ];
+        let mut c1 = server_config(&pki, echo.addr);
+        c1.listen = addrs[0];
+        c1.peers = vec![addrs[1].to_string()];
+        let mut c2 = c1.clone();
+        c2.data_dir = second.path().to_path_buf();
+        c2.listen = addrs[1];
+        c2.peers = vec![addrs[0].to_string()];
+        let s1 = tether_server::start(c1).await.expect("first server starts");
+        let s2 = tether_server::start(c2)
+            .await
+            .expect("second server starts");
+        wait_for("peers linked", Duration::from_secs(10), || {
+            s1.peers_up() == 1 && s2.peers_up() == 1
+        })
+        .await;
+        PeeredPair {
+            pki,
+            second,
+            servers: vec![s1, s2],
+            addrs,
+            echo,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        for s in self.servers {
+            s.shutdown().await;
+        }
+    }
+}

@@ -386,29 +386,10 @@ async fn no_certificate_bad_headers_and_stalls_are_refused_and_bounded() {
 async fn a_revoked_node_loses_its_tunnels_on_every_server_within_seconds() {
     init_logging();
     // Two servers with their own data directories (one CA), peers of each other.
-    let pki = Pki::new();
-    let second = TempDir::new("second-server");
-    for f in ["ca.crt", "ca.key"] {
-        std::fs::copy(pki.server_dir().join(f), second.path().join(f)).unwrap();
-    }
-    tether_certs::init(second.path(), &[], 1, 1).unwrap();
-    let echo = Echo::start().await;
-    let (p1, p2) = (
-        tether_tests::process::free_port(),
-        tether_tests::process::free_port(),
-    );
-    let a1: SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
-    let a2: SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
-    let mut c1 = server_config(&pki, echo.addr);
-    c1.listen = a1;
-    c1.peers = vec![a2.to_string()];
-    let mut c2 = c1.clone();
-    c2.data_dir = second.path().to_path_buf();
-    c2.listen = a2;
-    c2.peers = vec![a1.to_string()];
-    let s1 = tether_server::start(c1).await.unwrap();
-    let s2 = tether_server::start(c2).await.unwrap();
-    let agent = start_agent(&pki, "stolen", &[a1, a2]).await;
+    let p = PeeredPair::start().await;
+    let (pki, second, [a1, a2]) = (&p.pki, &p.second, p.addrs);
+    let (s1, s2) = (&p.servers[0], &p.servers[1]);
+    let agent = start_agent(pki, "stolen", &[a1, a2]).await;
     wait_for("both servers see the node", Duration::from_secs(10), || {
         s1.connected_nodes() == ["stolen"] && s2.connected_nodes() == ["stolen"]
     })
@@ -438,8 +419,7 @@ async fn a_revoked_node_loses_its_tunnels_on_every_server_within_seconds() {
     let text = std::fs::read_to_string(second.path().join("nodes")).unwrap();
     assert!(text.contains("stolen revoked"), "{text}");
     agent.shutdown().await;
-    s1.shutdown().await;
-    s2.shutdown().await;
+    p.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

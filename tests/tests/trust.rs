@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use tether_certs::records::{write_local, NodeState};
 use tether_common::protocol::{self, Message, StatusCode};
 use tether_common::tls;
-use tether_tests::process::free_port;
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -161,47 +160,6 @@ async fn renew_on(conn: &quinn::Connection, csr: Vec<u8>) -> Result<(StatusCode,
     }
 }
 
-/// Two peered servers with their own data directories, one CA.
-struct Pair {
-    pki: Pki,
-    second: TempDir,
-    servers: Vec<tether_server::ServerHandle>,
-    _echo: Echo,
-}
-
-async fn pair() -> Pair {
-    let pki = Pki::new();
-    let second = TempDir::new("second-server");
-    for f in ["ca.crt", "ca.key"] {
-        std::fs::copy(pki.server_dir().join(f), second.path().join(f)).unwrap();
-    }
-    tether_certs::init(second.path(), &[], 1, 1).unwrap();
-    let echo = Echo::start().await;
-    let (a1, a2): (SocketAddr, SocketAddr) = (
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-    );
-    let mut c1 = server_config(&pki, echo.addr);
-    c1.listen = a1;
-    c1.peers = vec![a2.to_string()];
-    let mut c2 = c1.clone();
-    c2.data_dir = second.path().to_path_buf();
-    c2.listen = a2;
-    c2.peers = vec![a1.to_string()];
-    let s1 = tether_server::start(c1).await.unwrap();
-    let s2 = tether_server::start(c2).await.unwrap();
-    wait_for("peers linked", Duration::from_secs(10), || {
-        s1.peers_up() == 1 && s2.peers_up() == 1
-    })
-    .await;
-    Pair {
-        pki,
-        second,
-        servers: vec![s1, s2],
-        _echo: echo,
-    }
-}
-
 fn records_say(dir: &std::path::Path, name: &str, state: &str) -> bool {
     std::fs::read_to_string(dir.join("nodes"))
         .unwrap_or_default()
@@ -212,7 +170,7 @@ fn records_say(dir: &std::path::Path, name: &str, state: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
     init_logging();
-    let p = pair().await;
+    let p = PeeredPair::start().await;
     let (s1, s2) = (&p.servers[0], &p.servers[1]);
     // The thief holds the node's certificate and key, with a tunnel to each server.
     let c1 = raw_client(&p.pki, Some("thief"), s1.local_addr)
@@ -273,9 +231,7 @@ async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
             assert_ne!(code, StatusCode::Ok);
         }
     }
-    for s in p.servers {
-        s.shutdown().await;
-    }
+    p.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
