@@ -631,33 +631,12 @@ async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
     }
     let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if party == Party::Agent {
-        match state.authority.check(&name, &key) {
-            Verdict::Allowed => state.authority.confirm(&name, &key),
-            Verdict::Revoked => {
+        match refusal(&state.authority.check(&name, &key)) {
+            None => state.authority.confirm(&name, &key),
+            Some((code, why)) => {
                 state.metrics.handshake_failures.inc();
-                warn!(node = %name, peer = %remote, "refused tunnel: node is revoked");
-                tunnel.close(code::REVOKED, "this node is revoked");
-                return;
-            }
-            Verdict::OtherOwner => {
-                state.metrics.handshake_failures.inc();
-                warn!(node = %name, peer = %remote, "refused tunnel: the node name belongs to another key");
-                tunnel.close(code::REFUSED, "the node name belongs to another key");
-                return;
-            }
-            Verdict::Forgotten => {
-                state.metrics.handshake_failures.inc();
-                warn!(node = %name, peer = %remote, "refused tunnel: the node name was forgotten; the node must join again");
-                tunnel.close(code::REFUSED, "the node name was forgotten; join again");
-                return;
-            }
-            Verdict::Superseded => {
-                state.metrics.handshake_failures.inc();
-                warn!(node = %name, peer = %remote, "refused tunnel: this certificate was renewed and its successor is in use");
-                tunnel.close(
-                    code::REFUSED,
-                    "the name belongs to another key (this certificate was renewed)",
-                );
+                warn!(node = %name, peer = %remote, reason = why, "refused tunnel");
+                tunnel.close(code, why);
                 return;
             }
         }
@@ -1216,6 +1195,24 @@ async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
     }
 }
 
+/// Why the records refuse a certificate for new tunnels: the close code and the reason said to
+/// the agent and logged; `None` when they admit it.
+fn refusal(verdict: &Verdict) -> Option<(u32, &'static str)> {
+    match verdict {
+        Verdict::Allowed => None,
+        Verdict::Revoked => Some((code::REVOKED, "this node is revoked")),
+        Verdict::OtherOwner => Some((code::REFUSED, "the node name belongs to another key")),
+        Verdict::Forgotten => Some((
+            code::REFUSED,
+            "the node name was forgotten; the node must join again",
+        )),
+        Verdict::Superseded => Some((
+            code::REFUSED,
+            "the node name belongs to another key (this certificate was renewed)",
+        )),
+    }
+}
+
 /// Closes the tunnels whose certificate the records no longer admit: revoked nodes, names that
 /// were forgotten (a certificate from before a forget is what the forget is for), and keys that
 /// another key owns the name for. The tunnels of a renewed node's previous key stay up: they are
@@ -1223,11 +1220,12 @@ async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
 fn close_refused(state: &State) {
     for name in state.registry.node_names() {
         for e in state.registry.tunnels(&name) {
-            let (code, why) = match state.authority.check(&name, &e.key_hash) {
-                Verdict::Revoked => (code::REVOKED, "this node is revoked"),
-                Verdict::Forgotten => (code::REFUSED, "the node name was forgotten"),
-                Verdict::OtherOwner => (code::REFUSED, "the node name belongs to another key"),
-                Verdict::Allowed | Verdict::Superseded => continue,
+            let verdict = state.authority.check(&name, &e.key_hash);
+            if verdict == Verdict::Superseded {
+                continue;
+            }
+            let Some((code, why)) = refusal(&verdict) else {
+                continue;
             };
             state.metrics.revoked_closed.inc();
             warn!(node = %name, peer = %e.remote, reason = why, "closing tunnel");
