@@ -244,15 +244,15 @@ async fn drive(
     mut close_rx: mpsc::Receiver<String>,
 ) {
     let mut pending: Option<oneshot::Sender<io::Result<yamux::Stream>>> = None;
-    let reason = std::future::poll_fn(|cx| {
+    let end = std::future::poll_fn(|cx| {
         if let Poll::Ready(Some(why)) = close_rx.poll_recv(cx) {
-            return Poll::Ready(Some(why));
+            return Poll::Ready(End::Local(why));
         }
         loop {
             if pending.is_none() {
                 match open_rx.poll_recv(cx) {
                     Poll::Ready(Some(tx)) => pending = Some(tx),
-                    Poll::Ready(None) => return Poll::Ready(Some("tunnel dropped".into())),
+                    Poll::Ready(None) => return Poll::Ready(End::Local("tunnel dropped".into())),
                     Poll::Pending => break,
                 }
             }
@@ -271,23 +271,39 @@ async fn drive(
                     // A full queue refuses the stream: dropping it resets it.
                     let _ = inbound_tx.try_send(s);
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(e.to_string())),
-                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Failed(e.to_string())),
+                Poll::Ready(None) => return Poll::Ready(End::Peer),
                 Poll::Pending => return Poll::Pending,
             }
         }
     })
     .await;
-    let reason = reason.unwrap_or_else(|| "closed by peer".into());
-    let closed_locally = !reason.contains("closed by peer");
-    if closed_locally {
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            std::future::poll_fn(|cx| conn.poll_close(cx)),
-        )
-        .await;
-    }
+    let reason = match end {
+        End::Local(why) => {
+            // Our close: say goodbye (yamux GoAway) and flush what is queued, so the peer sees
+            // an orderly end rather than a dropped connection.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                std::future::poll_fn(|cx| conn.poll_close(cx)),
+            )
+            .await;
+            format!("closed locally ({why})")
+        }
+        End::Peer => "closed by peer".to_string(),
+        End::Failed(e) => e,
+    };
     closed_tx.send_replace(Some(reason));
+}
+
+/// How a connection's driver ended.
+#[derive(Debug)]
+enum End {
+    /// This side closed it, for this reason.
+    Local(String),
+    /// The peer closed it.
+    Peer,
+    /// The connection failed.
+    Failed(String),
 }
 
 fn split(s: yamux::Stream) -> (SendHalf, RecvHalf) {

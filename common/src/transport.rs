@@ -145,7 +145,7 @@ impl Tunnel {
     pub fn close(&self, code: u32, reason: &str) {
         match &self.inner {
             Inner::Quic(c, _) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
-            Inner::Tcp(t) => t.close(&format!("closed by peer (code {code}: {reason})")),
+            Inner::Tcp(t) => t.close(&format!("code {code}: {reason}")),
         }
     }
 
@@ -242,6 +242,7 @@ impl Stream {
             recv: RecvHalf {
                 inner: RecvInner::Tcp(recv),
                 credit: None,
+                partial: BytesMut::new(),
             },
         }
     }
@@ -254,6 +255,7 @@ impl Stream {
             recv: RecvHalf {
                 inner: RecvInner::Quic(recv),
                 credit: None,
+                partial: BytesMut::new(),
             },
         }
     }
@@ -340,6 +342,9 @@ pub struct RecvHalf {
     inner: RecvInner,
     /// Holds a place in the tunnel's stream count while the stream is open.
     credit: Option<CreditGuard>,
+    /// The start of a frame that [`RecvHalf::read_message`] has read but not finished: kept
+    /// here rather than in the call, so a read that a `select!` cancels loses nothing.
+    partial: BytesMut,
 }
 
 enum RecvInner {
@@ -350,6 +355,17 @@ enum RecvInner {
 impl RecvHalf {
     /// Reads up to `max` bytes; `None` means the peer finished the stream.
     pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
+        if !self.partial.is_empty() {
+            // Bytes a cancelled read_message took: they come first, in order.
+            let n = self.partial.len().min(max.max(1));
+            return Ok(Some(self.partial.split_to(n).freeze()));
+        }
+        self.read_transport(max).await
+    }
+
+    /// One read from the transport itself. Cancel-safe: quinn's reads are, and the TCP
+    /// transport keeps its buffer in its half.
+    async fn read_transport(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
         match &mut self.inner {
             RecvInner::Quic(s) => match s.read_chunk(max, true).await {
                 Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
@@ -396,19 +412,23 @@ impl RecvHalf {
 
     /// Reads exactly one frame and nothing after it, so that payload that follows stays unread.
     /// `Ok(None)` means the stream ended cleanly before the frame began.
+    ///
+    /// Cancel-safe: the part of a frame read so far stays in the half, and the next call goes
+    /// on from it. The control streams read this way inside a `select!` with heartbeats and
+    /// announcements, so a frame split across packets arrives whole.
     pub async fn read_message(&mut self) -> Result<Option<Message>, FrameError> {
-        let mut buf = BytesMut::new();
         loop {
-            let need = protocol::bytes_needed(&buf)?;
+            let need = protocol::bytes_needed(&self.partial)?;
             if need == 0 {
-                return match protocol::decode(&buf)? {
+                let frame = std::mem::take(&mut self.partial);
+                return match protocol::decode(&frame)? {
                     Some((msg, _)) => Ok(Some(msg)),
                     None => Err(FrameError::Truncated),
                 };
             }
-            match self.read_chunk(need).await? {
-                Some(chunk) => buf.extend_from_slice(&chunk),
-                None if buf.is_empty() => return Ok(None),
+            match self.read_transport(need).await? {
+                Some(chunk) => self.partial.extend_from_slice(&chunk),
+                None if self.partial.is_empty() => return Ok(None),
                 None => return Err(FrameError::Truncated),
             }
         }

@@ -919,7 +919,12 @@ async fn control(
                     state.authority.merge_from_peer(node, &m)
                 }
                 Ok(Some(m)) => debug!(node, message = m.name(), "control message"),
-                Ok(None) | Err(_) => return,
+                Ok(None) => return,
+                Err(e) => {
+                    state.metrics.protocol_errors.inc();
+                    warn!(node, error = %e, "control stream failed; the tunnel's announcements stop");
+                    return;
+                }
             },
         }
     }

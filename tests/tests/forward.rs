@@ -422,8 +422,10 @@ async fn named_services_are_carried_and_unknown_ones_refused() {
         "half the streams went to the named service"
     );
 
-    let mut c = TcpStream::connect(nowhere).await.unwrap();
-    expect_reset(&mut c, "unknown service is reset").await;
+    // Reset: which may arrive before connect() even returns.
+    if let Ok(mut c) = TcpStream::connect(nowhere).await {
+        expect_reset(&mut c, "unknown service is reset").await;
+    }
     wait_for("refusal counted", Duration::from_secs(5), || {
         server
             .metrics()

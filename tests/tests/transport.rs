@@ -1,0 +1,161 @@
+//! The transports under stress that the relay tests do not give them: a local close of a TCP
+//! tunnel, and control frames that arrive a byte at a time while the server's control loop has
+//! other work (heartbeats) to do.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_common::protocol::{self, capability::Capabilities, Message};
+use tether_common::tcp::TcpTunnel;
+use tether_common::tls;
+use tether_common::transport::Tunnel;
+use tether_tests::*;
+
+/// TLS for a node's tunnel: the agent identity of `node` from the test PKI.
+fn agent_tls(pki: &Pki, node: &str) -> Arc<rustls::ClientConfig> {
+    let dir = pki.agent_dir(node);
+    let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
+    let id = tls::Identity::load(&dir.join("agent.crt"), &dir.join("agent.key")).unwrap();
+    Arc::new(tls::client_config(roots, id).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_close_of_a_tcp_tunnel_flushes_and_says_goodbye() {
+    init_logging();
+    let pki = Pki::new();
+    let dir = pki.server_dir();
+    let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
+    let id = tls::Identity::load(&dir.join("server.crt"), &dir.join("server.key")).unwrap();
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(roots, id).unwrap()));
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let t = TcpTunnel::accept(tcp, acceptor, Default::default(), 64)
+            .await
+            .unwrap();
+        let (_send, mut recv) = t.accept_stream().await.unwrap();
+        let mut got = Vec::new();
+        let end = loop {
+            match recv.read_chunk(64 * 1024).await {
+                Ok(Some(b)) => got.extend_from_slice(&b),
+                Ok(None) => break "finished".to_string(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        (got, end, t.closed().await)
+    });
+    let client = TcpTunnel::connect(
+        addr,
+        "localhost",
+        agent_tls(&pki, "closer"),
+        Default::default(),
+        64,
+    )
+    .await
+    .unwrap();
+    let (mut send, _recv) = client.open().await.unwrap();
+    let data = random_bytes(3 * 1024 * 1024, 9);
+    for chunk in data.chunks(16 * 1024) {
+        send.write_chunk(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap();
+    }
+    send.finish().await;
+    // The stream was written and finished; the tunnel is closed right away, from this side.
+    client.close("test done");
+    let (got, end, server_saw) = within("server side", Duration::from_secs(10), server)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.len(),
+        data.len(),
+        "everything written before the close arrived"
+    );
+    assert!(got == data, "the bytes are the ones sent");
+    assert_eq!(end, "finished");
+    assert_eq!(
+        server_saw, "closed by peer",
+        "the peer saw an orderly goodbye"
+    );
+    let here = within("client side", Duration::from_secs(5), client.closed()).await;
+    assert!(here.starts_with("closed locally"), "{here}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_frame_split_byte_by_byte_arrives_whole_while_heartbeats_tick() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut sc = server_config(&pki, echo.addr);
+    sc.admin = Some("127.0.0.1:0".parse().unwrap());
+    // Heartbeats (TCP tunnels) every 10 ms: the control loop's `select!` fires between bytes.
+    sc.liveness.keepalive_interval = Duration::from_millis(10);
+    let server = tether_server::start(sc).await.unwrap();
+    let addr: SocketAddr = server.local_addr;
+    let t = TcpTunnel::connect(
+        addr,
+        "localhost",
+        agent_tls(&pki, "slow"),
+        Default::default(),
+        64,
+    )
+    .await
+    .unwrap();
+    let tunnel = Tunnel::from_tcp(t);
+    let mut control = tunnel.open_stream().await.unwrap();
+    let hello = Message::Hello {
+        min_version: protocol::MIN_PROTOCOL_VERSION,
+        max_version: protocol::PROTOCOL_VERSION,
+        node_name: "slow".into(),
+        capabilities: Capabilities::ours(&[]),
+    };
+    control.send.write_message(&hello).await.unwrap();
+    let welcome = within(
+        "welcome",
+        Duration::from_secs(5),
+        control.recv.read_message(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(welcome, Some(Message::Welcome { .. })));
+    let info = Message::NodeInfo {
+        addresses: vec!["192.0.2.17".into(), "2001:db8::17".into()],
+    };
+    let bytes = protocol::encode_to_bytes(&info).unwrap();
+    for b in bytes.iter() {
+        control
+            .send
+            .write_chunk(bytes::Bytes::copy_from_slice(&[*b]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let admin = server.admin_addr.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let (_, body) = http_get(admin, "/status").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let addresses = v["nodes"][0]["addresses"].clone();
+        if addresses == serde_json::json!(["192.0.2.17", "2001:db8::17"]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the node's addresses never arrived whole: {addresses}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the stream still has its framing: the server's heartbeats keep coming.
+    let next = within(
+        "heartbeat",
+        Duration::from_secs(5),
+        control.recv.read_message(),
+    )
+    .await
+    .unwrap();
+    assert!(next.is_some());
+    assert!(tunnel.close_reason().is_none());
+    server.shutdown().await;
+}
