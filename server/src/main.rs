@@ -88,7 +88,7 @@ enum AgentCommand {
         data_dir: PathBuf,
     },
     /// Forget a node name: the next join under it may use a new key (a reinstalled node). Also
-    /// lifts a revocation.
+    /// lifts a revocation, for a new join only: no certificate made before the forget is good.
     Forget {
         name: String,
         #[arg(long, env = "TETHER_DATA_DIR")]

@@ -4,8 +4,8 @@
 //! Three mixings, each through the same steps: old agent with new servers, new agent with old
 //! servers, and one old and one new server peered. The steps are what a fleet half-way through
 //! an upgrade must still do: a join with a token, byte-exact forward traffic, a `CONNECT`
-//! through the reverse path on every server, and a `kill -9` of a server with new connections
-//! still served. A failure names the mixing and the step, with the processes' last log lines.
+//! through the reverse path on every server, a `kill -9` of a server with new connections
+//! still served, and a revocation that holds. A failure names the mixing and the step, with the processes' last log lines.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -412,6 +412,29 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
     // Forward traffic still byte-exact on the server that is left.
     let r = checked_echoes(via, 32, 256 * 1024).await;
     m.check("forward traffic after the failover", r);
+
+    // Revocation, with the command of the release that server runs: its tunnel closes, and
+    // stays closed while the agent keeps retrying.
+    run_ok(
+        &servers[1].server,
+        &["agent", "revoke", "edge-1", "--data-dir", &ds(1)],
+    );
+    let closed = eventually!(Duration::from_secs(10), {
+        metric_of(loopback(agent_admin), "tether_tunnels_up").await == Some(0.0)
+    });
+    if !closed {
+        m.fail(
+            "revoke",
+            "the agent still has a tunnel 10 s after `agent revoke`",
+        );
+    }
+    // Watched for two seconds of the agent's retries.
+    let back = eventually!(Duration::from_secs(2), {
+        metric_of(loopback(agent_admin), "tether_tunnels_up").await != Some(0.0)
+    });
+    if back {
+        m.fail("revoke", "a revoked agent got a tunnel back");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
