@@ -198,12 +198,19 @@ pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusa
 pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str, state: &State) {
     let (head, rest) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut s)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(code)) => return respond(&mut s, code, "malformed request\n").await,
-        Err(_) => return respond(&mut s, 408, "request timeout\n").await,
+        Ok(Err(code)) => {
+            state.metrics.egress_failed(code);
+            return respond(&mut s, code, "malformed request\n").await;
+        }
+        Err(_) => {
+            state.metrics.egress_failed(408);
+            return respond(&mut s, 408, "request timeout\n").await;
+        }
     };
     let req = match parse_connect(&head) {
         Ok(r) => r,
         Err((code, why)) => {
+            state.metrics.egress_failed(code);
             warn!(client = who, reason = %why, "egress request refused");
             return respond(&mut s, code, &format!("{why}\n")).await;
         }

@@ -137,7 +137,7 @@ struct RunArgs {
     /// Data directory holding ca.crt, server.crt and server.key.
     #[arg(long, env = "TETHER_DATA_DIR")]
     data_dir: PathBuf,
-    /// UDP address for QUIC tunnels.
+    /// Address for tunnels: QUIC on its UDP port, TLS over TCP on the same TCP port.
     #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:9443")]
     listen: SocketAddr,
     /// The kube-apiserver to relay to (host:port).

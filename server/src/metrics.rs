@@ -55,7 +55,7 @@ pub struct Metrics {
 }
 
 /// HTTP statuses of failed egress requests; a fixed label set.
-pub const EGRESS_CODES: [u16; 8] = [400, 403, 404, 405, 409, 502, 503, 504];
+pub const EGRESS_CODES: [u16; 10] = [400, 403, 404, 405, 408, 409, 431, 502, 503, 504];
 
 /// The limits whose hits are counted; a fixed label set.
 pub const LIMITS: [&str; 8] = [
