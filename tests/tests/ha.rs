@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 use tether_common::pool::Policy;
+use tether_common::protocol::{self, Message, StatusCode, Target};
 use tether_server::config::ServerConfig;
 use tether_server::ServerHandle;
 use tether_tests::process::free_port;
@@ -164,38 +165,81 @@ async fn a_server_with_a_dead_upstream_relays_through_a_healthy_peer() {
     }
 }
 
+/// Sends `Open { apiserver, hops }` on a new stream of `conn`; returns the status code.
+async fn open_with_hops(conn: &quinn::Connection, hops: u8) -> StatusCode {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let open = Message::Open {
+        version: protocol::PROTOCOL_VERSION,
+        target: Target::Service(protocol::SERVICE_APISERVER.into()),
+        hops,
+    };
+    send.write_all(&protocol::encode_to_bytes(&open).unwrap())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        if let Ok(Some((Message::Status { code, .. }, _))) = protocol::decode(&buf) {
+            return code;
+        }
+        let n = within("status", Duration::from_secs(10), recv.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert!(n > 0, "stream ended without a status");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_streams_never_loop() {
     init_logging();
     let pki = Pki::new();
-    // Both upstreams dead: each server may try the other once, and neither relays further.
-    let servers = start_all(mesh(&pki, &[dead_upstream(), dead_upstream()])).await;
-    wait_for("peers linked", Duration::from_secs(10), || {
-        servers.iter().all(|s| s.peers_up() == 1)
-    })
-    .await;
-    let agent = start_agent(
-        &pki,
-        "node-a",
-        &[servers[0].local_addr, servers[1].local_addr],
+    // The first server's upstream is dead, the second's is alive: the first relays through the
+    // second, but only a stream that no server has relayed yet.
+    let echo = Echo::start().await;
+    let servers = start_all(mesh(&pki, &[dead_upstream(), echo.addr])).await;
+    wait_for(
+        "peers linked, first unhealthy",
+        Duration::from_secs(10),
+        || {
+            servers.iter().all(|s| s.peers_up() == 1)
+                && servers[0].metrics().upstream_healthy.get() == 0
+                && servers[1].metrics().upstream_healthy.get() == 1
+        },
     )
     .await;
-    wait_for("both unhealthy", Duration::from_secs(10), || {
-        servers
-            .iter()
-            .all(|s| s.metrics().upstream_healthy.get() == 0)
-    })
-    .await;
-    // A prompt failure: a reset, which may arrive before connect() even returns.
-    if let Ok(mut c) = tokio::net::TcpStream::connect(agent.listen_addr).await {
-        let mut b = [0u8; 1];
-        let r = within("prompt failure", Duration::from_secs(10), c.read(&mut b)).await;
-        assert!(matches!(r, Ok(0) | Err(_)));
-    }
-    for s in &servers {
-        assert_eq!(s.metrics().peer_relayed.get(), 0);
-    }
-    agent.shutdown().await;
+    // A stream already relayed once (hops = 1), as a peer would send it: the one-hop guard
+    // answers it here instead of passing it on.
+    let id = tether_common::tls::Identity::load(
+        &pki.server_dir().join("server.crt"),
+        &pki.server_dir().join("server.key"),
+    )
+    .unwrap();
+    let as_peer = raw_client_with(
+        &pki,
+        Some(id),
+        tether_common::tls::ALPN,
+        servers[0].local_addr,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        open_with_hops(&as_peer, 1).await,
+        StatusCode::UpstreamUnreachable
+    );
+    assert_eq!(
+        servers[0].metrics().peer_relayed.get(),
+        0,
+        "relayed a second hop"
+    );
+    assert_eq!(servers[1].metrics().streams_total.get(), 0);
+    // The same stream from a node (hops = 0) is relayed through the healthy peer.
+    let as_node = raw_client(&pki, Some("node-a"), servers[0].local_addr)
+        .await
+        .unwrap();
+    assert_eq!(open_with_hops(&as_node, 0).await, StatusCode::Ok);
+    assert_eq!(servers[0].metrics().peer_relayed.get(), 1);
     for s in servers {
         s.shutdown().await;
     }
