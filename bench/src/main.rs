@@ -1,15 +1,15 @@
 //! `tether-bench`: measures tether (one server and one agent, each transport) against a direct
 //! connection on loopback, in one run and interleaved, so that a shared machine's drift hits
 //! both sides of every ratio. Optionally runs the peers harness (nginx, haproxy, ssh -L) in the
-//! same run. Writes report.md, results.json and chart.png.
+//! same run. Writes report.md, results.json and chart.svg.
 
 mod failover;
 mod load;
 mod path;
-mod png;
 mod procs;
 mod report;
 mod scale;
+mod svg;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -73,7 +73,7 @@ struct Cli {
     /// The peers harness (run.sh and friends).
     #[arg(long)]
     peers_dir: Option<PathBuf>,
-    /// Where report.md, results.json, chart.png and the logs go (default: target/bench/TIME).
+    /// Where report.md, results.json, chart.svg and the logs go (default: target/bench/TIME).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -243,10 +243,10 @@ fn run() -> Result<()> {
         out.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    std::fs::write(out.join("chart.png"), results.chart())?;
+    std::fs::write(out.join("chart.svg"), results.chart())?;
     println!("{md}");
     eprintln!(
-        "tether-bench: wrote {0}/report.md, {0}/results.json and {0}/chart.png",
+        "tether-bench: wrote {0}/report.md, {0}/results.json and {0}/chart.svg",
         out.display()
     );
     Ok(())

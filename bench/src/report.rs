@@ -1,10 +1,10 @@
 //! Results of one run: raw rows (the same shape as the peers harness's results.csv, so both
 //! pool), medians and ratios to the direct runs interleaved with each path, the targets, and
-//! the three outputs: markdown, JSON and a PNG chart.
+//! the three outputs: markdown, JSON and an SVG chart.
 
 use crate::failover::Failover;
-use crate::png::{Canvas, GRID, INK, SERIES};
 use crate::scale::ScalePoint;
+use crate::svg::{Canvas, GRID, INK, SERIES};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -577,7 +577,7 @@ mod tests {
             .targets
             .iter()
             .any(|t| t.what.starts_with("bulk, 1") && t.met == Some(true)));
-        assert!(r.chart().starts_with(b"\x89PNG"));
+        assert!(r.chart().starts_with(b"<svg "));
     }
 
     #[test]
