@@ -103,9 +103,9 @@ pub const JOIN_MAX_STREAMS: usize = 1;
 /// `max_streams` (its configured limit, at most [`MAX_STREAMS`]), and a connection window of
 /// 256 KiB for each: yamux lets every stream send its initial 256 KiB, so a smaller window is
 /// only had with fewer streams.
-fn yamux_config(alpn: Option<&[u8]>, max_streams: usize) -> yamux::Config {
+fn yamux_config(alpn: Option<&[u8]>, mode: yamux::Mode, max_streams: usize) -> yamux::Config {
     let mut c = yamux::Config::default();
-    if alpn == Some(crate::tls::ALPN_JOIN) {
+    if alpn == Some(crate::tls::ALPN_JOIN) && matches!(mode, yamux::Mode::Server) {
         c.set_max_num_streams(JOIN_MAX_STREAMS);
         c.set_max_connection_receive_window(Some(256 * 1024 * JOIN_MAX_STREAMS));
         return c;
@@ -176,7 +176,8 @@ impl TcpTunnel {
         (peer_certs, alpn): (Vec<CertificateDer<'static>>, Option<Vec<u8>>),
         max_streams: usize,
     ) -> Self {
-        let conn = yamux::Connection::new(io, yamux_config(alpn.as_deref(), max_streams), mode);
+        let config = yamux_config(alpn.as_deref(), mode, max_streams);
+        let conn = yamux::Connection::new(io, config, mode);
         let (open_tx, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (closed_tx, closed) = watch::channel(None);

@@ -312,8 +312,14 @@ async fn tcp_join_connection(
         .parse()
         .unwrap();
     let cfg = tls::join_client_config(&token.ca_hash).unwrap();
-    tether_common::tcp::TcpTunnel::connect(server, "localhost", cfg.into(), Default::default(), 1)
-        .await
+    tether_common::tcp::TcpTunnel::connect(
+        server,
+        "localhost",
+        cfg.into(),
+        Default::default(),
+        2048,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,23 +338,34 @@ async fn strangers_cannot_make_a_server_hold_memory_through_joins() {
     let addr = server.addr;
     let baseline = rss_kib(server.proc.pid());
 
-    // The attack that grew a server from 10 to 274 MiB: join connections over TCP, each
-    // opening 257 streams and filling every one to its window. Now each connection is ended
-    // at its second stream, and holds at most one window.
+    // The attack that grew a server from 10 to 274 MiB: join connections over TCP whose first
+    // stream sends the start of a request and stops (the server waits for the rest), while 256
+    // more streams are filled to their windows. Now a second stream ends the connection.
+    // Each attacker holds what it got until the server's memory has been measured.
+    let (flooded_tx, mut flooded) = tokio::sync::mpsc::channel::<usize>(16);
+    let (release_tx, release) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let mut attackers = 0;
     for _ in 0..4 {
         let Ok(conn) = tcp_join_connection(&pki, addr).await else {
             continue;
         };
+        attackers += 1;
+        let (flooded_tx, mut release) = (flooded_tx.clone(), release.clone());
         tasks.spawn(async move {
             let mut held = Vec::new();
-            for _ in 0..257 {
+            for i in 0..257 {
                 let Ok(Ok((mut send, recv))) =
                     tokio::time::timeout(Duration::from_millis(500), conn.open()).await
                 else {
                     break;
                 };
-                let junk = bytes::Bytes::from(vec![0x5au8; 256 * 1024 - 16]);
+                // The first stream: one byte of a Join frame. The others: junk to the window.
+                let junk = if i == 0 {
+                    bytes::Bytes::from_static(&[0x20])
+                } else {
+                    bytes::Bytes::from(vec![0x5au8; 256 * 1024 - 16])
+                };
                 let sent =
                     tokio::time::timeout(Duration::from_millis(500), send.write_chunk(junk)).await;
                 held.push((send, recv));
@@ -356,36 +373,56 @@ async fn strangers_cannot_make_a_server_hold_memory_through_joins() {
                     break;
                 }
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            held.len()
+            let _ = flooded_tx.send(held.len()).await;
+            let _ = release.wait_for(|r| *r).await;
+            drop(conn);
         });
     }
-    // And over QUIC: join connections that try to send megabytes on many streams.
+    // And over QUIC: the same shape, megabytes on each further stream.
     for _ in 0..4 {
         let Ok(c) = raw_client_with(&pki, None, tls::ALPN_JOIN, addr).await else {
             continue;
         };
+        attackers += 1;
+        let (flooded_tx, mut release) = (flooded_tx.clone(), release.clone());
         tasks.spawn(async move {
-            let mut opened = 0;
-            for _ in 0..64 {
-                let Ok(Ok((mut send, _recv))) =
+            let mut held = Vec::new();
+            for i in 0..64 {
+                let Ok(Ok((mut send, recv))) =
                     tokio::time::timeout(Duration::from_millis(500), c.open_bi()).await
                 else {
                     break;
                 };
-                opened += 1;
-                let _ = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    send.write_all(&vec![0xa5u8; 2 * 1024 * 1024]),
-                )
-                .await;
+                let junk = if i == 0 {
+                    vec![0x20u8]
+                } else {
+                    vec![0xa5u8; 2 * 1024 * 1024]
+                };
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), send.write_all(&junk)).await;
+                held.push((send, recv));
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            opened
+            let _ = flooded_tx.send(held.len()).await;
+            let _ = release.wait_for(|r| *r).await;
+            drop(c);
         });
     }
-    let _ = within("the flood", Duration::from_secs(60), tasks.join_all()).await;
-    let peak = rss_kib(server.proc.pid());
+    drop(flooded_tx);
+    let mut streams = Vec::new();
+    for _ in 0..attackers {
+        let n = within("the flood", Duration::from_secs(60), flooded.recv()).await;
+        streams.extend(n);
+    }
+    // Let the server take in what arrived.
+    let settled = Instant::now();
+    let mut peak = rss_kib(server.proc.pid());
+    while settled.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak = peak.max(rss_kib(server.proc.pid()));
+    }
+    let _ = release_tx.send(true);
+    let _ = within("attackers leave", Duration::from_secs(10), tasks.join_all()).await;
+    eprintln!("join flood: streams per attacker {streams:?}");
     eprintln!("join flood: server RSS {baseline} KiB before, {peak} KiB during");
     assert!(
         peak < baseline + 48 * 1024,
