@@ -775,27 +775,31 @@ async fn serve_stream(
             hops,
         } => {
             let count = StreamCount::new(open_streams);
-            if count.current() > state.config.limits.max_streams as usize {
-                state.metrics.limit_hit("streams_per_tunnel");
-                warn!(
+            let tunnel_limit = state.config.limits.max_streams as usize;
+            if count.current() > tunnel_limit {
+                let why = "stream limit of the tunnel reached";
+                return busy(
+                    &mut stream,
                     node,
-                    limit = state.config.limits.max_streams,
-                    "stream refused: stream limit of the tunnel reached"
-                );
-                let why = "stream limit of the tunnel reached".to_string();
-                return refuse(&mut stream, StatusCode::Busy, why, state).await;
+                    "streams_per_tunnel",
+                    tunnel_limit,
+                    why,
+                    state,
+                )
+                .await;
             }
-            if party == Party::Agent
-                && state.registry.node_streams(node) > state.config.max_streams_per_node
-            {
-                state.metrics.limit_hit("streams_per_node");
-                warn!(
+            let node_limit = state.config.max_streams_per_node;
+            if party == Party::Agent && state.registry.node_streams(node) > node_limit {
+                let why = "stream limit of the node reached";
+                return busy(
+                    &mut stream,
                     node,
-                    limit = state.config.max_streams_per_node,
-                    "stream refused: the node has its share of this server's streams"
-                );
-                let why = "stream limit of the node reached".to_string();
-                return refuse(&mut stream, StatusCode::Busy, why, state).await;
+                    "streams_per_node",
+                    node_limit,
+                    why,
+                    state,
+                )
+                .await;
             }
             open(stream, node, version, target, hops, state).await
         }
@@ -939,6 +943,21 @@ async fn refuse(stream: &mut Stream, code: StatusCode, message: String, state: &
     stream.send.finish().await;
 }
 
+/// Refuses a stream because a stream limit was reached: `busy` (the agent tries the next
+/// server), a log line and the limit's metric.
+async fn busy(
+    stream: &mut Stream,
+    node: &str,
+    limit_name: &str,
+    limit: usize,
+    why: &str,
+    state: &State,
+) {
+    state.metrics.limit_hit(limit_name);
+    warn!(node, limit, limit_name, "stream refused: {why}");
+    refuse(stream, StatusCode::Busy, why.to_string(), state).await
+}
+
 fn ok_status() -> Message {
     Message::Status {
         code: StatusCode::Ok,
@@ -982,14 +1001,8 @@ async fn open(
         return refuse(&mut stream, StatusCode::Draining, why, state).await;
     }
     let Ok(_permit) = state.streams.clone().try_acquire_owned() else {
-        state.metrics.limit_hit("streams_per_server");
-        warn!(
-            node,
-            limit = state.config.max_streams,
-            "stream refused: stream limit reached"
-        );
-        let why = "server stream limit reached".to_string();
-        return refuse(&mut stream, StatusCode::Busy, why, state).await;
+        let (limit, why) = (state.config.max_streams, "server stream limit reached");
+        return busy(&mut stream, node, "streams_per_server", limit, why, state).await;
     };
 
     // A healthy upstream first. When it is known to be down, a peer first, and the upstream
