@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tether_common::pool::Policy;
+use tether_common::link::pool::Policy;
 use tether_common::tls::{Liveness, TunnelLimits};
 
 /// Everything `tether-agent run` can be told.
@@ -12,7 +12,7 @@ pub struct AgentConfig {
     /// Servers to keep a tunnel to, `host:port` each.
     pub servers: Vec<String>,
     /// QUIC, TLS over TCP, or QUIC with TCP as the fallback.
-    pub transport: tether_common::reconnect::TransportChoice,
+    pub transport: tether_common::link::reconnect::TransportChoice,
     /// A join token, used when the data directory holds no certificate yet.
     pub token: Option<String>,
     /// The node name to join as (default: the host name).
@@ -58,7 +58,7 @@ impl AgentConfig {
     pub fn new(servers: Vec<String>, data_dir: PathBuf) -> Self {
         AgentConfig {
             servers,
-            transport: tether_common::reconnect::TransportChoice::Auto,
+            transport: tether_common::link::reconnect::TransportChoice::Auto,
             node_ips: Vec::new(),
             allow: Vec::new(),
             allow_ports: Vec::new(),
@@ -97,7 +97,7 @@ pub fn parse_forward(s: &str) -> Result<(SocketAddr, String), String> {
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| format!("{addr:?}: not an address ({e})"))?;
-    tether_common::protocol::validate_service_name(name)?;
+    tether_proto::validate_service_name(name)?;
     Ok((addr, name.to_string()))
 }
 

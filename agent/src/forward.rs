@@ -3,12 +3,13 @@
 use crate::metrics::{Metrics, OpenFailure};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::pool::{Link, Policy, Pool};
-use tether_common::protocol::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
+use tether_common::link::pool::{Link, Policy, Pool};
+use tether_common::open::{self, OpenError};
+use tether_common::process::shutdown::ShutdownSignal;
+use tether_common::process::telemetry::GaugeGuard;
 use tether_common::relay::{self, Outcome};
-use tether_common::shutdown::ShutdownSignal;
-use tether_common::telemetry::GaugeGuard;
 use tether_common::transport::Stream;
+use tether_proto::Target;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -117,54 +118,15 @@ async fn forward(conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &For
 /// Opens a stream and waits for the server's status. Nothing is read from the local client
 /// until this succeeds, so a retry on another server loses no byte.
 async fn open(link: &Link, service: &str, wait: Duration) -> Result<Stream, (OpenFailure, String)> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let attempt = async {
-        let mut stream = link
-            .tunnel
-            .open_stream()
-            .await
-            .map_err(|e| (OpenFailure::TunnelLost, e.to_string()))?;
-        let header = Message::Open {
-            version: PROTOCOL_VERSION,
-            target: Target::Service(service.into()),
-            hops: 0,
-        };
-        if let Err(e) = stream.send.write_message(&header).await {
-            return Err((OpenFailure::TunnelLost, e.to_string()));
-        }
-        Ok(stream)
-    };
-    let mut stream = match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(r) => r?,
-        Err(_) => return Err((OpenFailure::Timeout, format!("no stream within {wait:?}"))),
-    };
-    match tokio::time::timeout_at(deadline, stream.recv.read_message()).await {
-        Ok(Ok(Some(Message::Status {
-            code: StatusCode::Ok,
-            ..
-        }))) => Ok(stream),
-        Ok(Ok(Some(Message::Status {
-            code: status,
-            message,
-        }))) => Err((OpenFailure::Refused, format!("{status}: {message}"))),
-        Ok(Ok(Some(other))) => {
-            stream.reset(code::PROTOCOL).await;
-            Err((
-                OpenFailure::Refused,
-                format!("unexpected {} message", other.name()),
-            ))
-        }
-        Ok(Ok(None)) => Err((
-            OpenFailure::TunnelLost,
-            "stream closed before status".into(),
-        )),
-        Ok(Err(e)) => {
-            stream.reset(code::PROTOCOL).await;
-            Err((OpenFailure::TunnelLost, e.to_string()))
-        }
-        Err(_) => {
-            stream.reset(code::RESET).await;
-            Err((OpenFailure::Timeout, format!("no status within {wait:?}")))
-        }
-    }
+    let target = Target::Service(service.into());
+    open::open(&link.tunnel, target, 0, wait)
+        .await
+        .map_err(|e| {
+            let why = match e {
+                OpenError::Tunnel(_) => OpenFailure::TunnelLost,
+                OpenError::Refused { .. } | OpenError::Protocol(_) => OpenFailure::Refused,
+                OpenError::TimedOut(_) => OpenFailure::Timeout,
+            };
+            (why, e.to_string())
+        })
 }

@@ -9,11 +9,11 @@
 use crate::config::AgentConfig;
 use std::time::Duration;
 use tether_certs::token::Token;
-use tether_common::backoff::Backoff;
-use tether_common::protocol::{Message, StatusCode};
-use tether_common::reconnect;
+use tether_common::link::backoff::Backoff;
+use tether_common::link::reconnect;
 use tether_common::tls;
 use tether_common::transport::Tunnel;
+use tether_proto::{Message, StatusCode};
 use tracing::{info, warn};
 
 /// Why a join failed for good.

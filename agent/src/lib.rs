@@ -19,12 +19,13 @@ use crate::metrics::Metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_common::admin::{self, AdminSource};
-use tether_common::pool::Pool;
-use tether_common::protocol::SERVICE_APISERVER;
-use tether_common::reconnect::Dialer;
-use tether_common::shutdown::Shutdown;
+use tether_common::endpoint::admin::{self, AdminSource};
+use tether_common::link::pool::Pool;
+use tether_common::link::reconnect::Dialer;
+use tether_common::process::shutdown::Shutdown;
+use tether_common::status::{AgentStatus, LinkStatus, Listener, Status};
 use tether_common::tls;
+use tether_proto::SERVICE_APISERVER;
 use tokio::task::JoinSet;
 use tracing::info;
 
@@ -113,7 +114,7 @@ impl AgentHandle {
         self.shutdown.trigger();
         while self.tasks.join_next().await.is_some() {}
         self.endpoint.close(
-            quinn::VarInt::from_u32(tether_common::protocol::code::SHUTDOWN),
+            quinn::VarInt::from_u32(tether_proto::code::SHUTDOWN),
             b"agent shutting down",
         );
         self.endpoint.wait_idle().await;
@@ -222,7 +223,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         liveness: config.liveness,
         max_streams: config.limits.max_streams,
         hello_name: node_name.clone(),
-        capabilities: tether_common::protocol::capability::Capabilities::ours(&[]),
+        capabilities: tether_proto::capability::Capabilities::ours(&[]),
         own_server_id: None,
         handshake_timeout: config.handshake_timeout,
         pool: pool.clone(),
@@ -231,7 +232,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         kind: "server",
         on_message: None,
         outbox: None,
-        after_welcome: vec![tether_common::protocol::Message::NodeInfo {
+        after_welcome: vec![tether_proto::Message::NodeInfo {
             addresses: node_ips.iter().take(64).map(|ip| ip.to_string()).collect(),
         }],
         on_stream: Some(Arc::new(move |s| {
@@ -315,29 +316,30 @@ impl AdminSource for AdminView {
         self.metrics.render(&self.pool)
     }
 
-    fn status(&self) -> serde_json::Value {
-        use serde_json::json;
+    fn status(&self) -> Status {
         let links = self.pool.all();
         let mut servers: Vec<_> = links.iter().map(|l| l.status()).collect();
         for seed in &self.seeds {
             if !links.iter().any(|l| &l.server == seed) {
-                servers.push(json!({"address": seed, "state": "down"}));
+                servers.push(LinkStatus::down(seed));
             }
         }
-        let listeners: Vec<_> = self
+        let listeners = self
             .listeners
             .iter()
-            .map(|(a, s)| json!({"address": a.to_string(), "service": s}))
+            .map(|(a, s)| Listener {
+                address: a.to_string(),
+                service: s.clone(),
+            })
             .collect();
         let expiry = self.metrics.cert_expiry.get();
-        json!({
-            "kind": "agent",
-            "version": env!("CARGO_PKG_VERSION"),
-            "node": self.node,
-            "draining": self.metrics.draining.get() > 0,
-            "certificate_expiry": if expiry > 0 { Some(expiry) } else { None },
-            "servers": servers,
-            "listeners": listeners,
+        Status::Agent(AgentStatus {
+            version: tether_common::VERSION.into(),
+            node: self.node.clone(),
+            draining: self.metrics.draining.get() > 0,
+            certificate_expiry: (expiry > 0).then_some(expiry),
+            servers,
+            listeners,
         })
     }
 }

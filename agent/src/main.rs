@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tether_agent::config::AgentConfig;
-use tether_common::units::parse_duration;
+use tether_common::process::units::parse_duration;
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +26,7 @@ struct Cli {
         default_value = "text",
         global = true
     )]
-    log_format: tether_common::telemetry::LogFormat,
+    log_format: tether_common::process::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,7 +36,7 @@ enum Command {
     /// Run the agent.
     Run(Box<RunArgs>),
     #[command(flatten)]
-    Tools(tether_common::cli::Tools),
+    Tools(tether_common::process::cli::Tools),
 }
 
 #[derive(Args)]
@@ -114,10 +114,10 @@ struct RunArgs {
     /// The transport of the tunnels: auto (QUIC, falling back to TLS over TCP when UDP does not
     /// get through, and back to QUIC when it does), quic, or tcp.
     #[arg(long, env = "TETHER_TRANSPORT", default_value = "auto")]
-    transport: tether_common::reconnect::TransportChoice,
+    transport: tether_common::link::reconnect::TransportChoice,
     /// How a new connection picks among healthy servers: least-streams or ordered.
     #[arg(long, env = "TETHER_POLICY", default_value = "least-streams")]
-    policy: tether_common::pool::Policy,
+    policy: tether_common::link::pool::Policy,
     /// How long open streams may take to finish after SIGTERM.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -131,13 +131,15 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    let cli: Cli = tether_common::cli::parse();
-    tether_common::telemetry::init_logging(&cli.log_level, cli.log_format);
+    let cli: Cli = tether_common::process::cli::parse();
+    tether_common::process::telemetry::init_logging(&cli.log_level, cli.log_format);
     match cli.command {
-        Command::Run(a) => tether_common::runtime::build(a.threads)
+        Command::Run(a) => tether_common::process::runtime::build(a.threads)
             .context("cannot start the async runtime")?
             .block_on(run(*a)),
-        Command::Tools(t) => tether_common::cli::run_tool::<Cli>(t).map_err(anyhow::Error::msg),
+        Command::Tools(t) => {
+            tether_common::process::cli::run_tool::<Cli>(t).map_err(anyhow::Error::msg)
+        }
     }
 }
 
@@ -180,7 +182,7 @@ async fn run(a: RunArgs) -> Result<()> {
         .context("tether-agent cannot start")?;
     // Ready for systemd once a first tunnel is up, or after a while without one: kubelet
     // retries by itself, and a node must boot even with its control plane out of reach.
-    let term = tether_common::shutdown::terminate_signal();
+    let term = tether_common::process::shutdown::terminate_signal();
     tokio::pin!(term);
     let first_tunnel = async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -197,10 +199,10 @@ async fn run(a: RunArgs) -> Result<()> {
             return Ok(());
         }
     }
-    tether_common::notify::ready(&format!("{} tunnel(s) up", agent.tunnels_up()));
+    tether_common::process::notify::ready(&format!("{} tunnel(s) up", agent.tunnels_up()));
     let sig = term.await.context("cannot watch for SIGTERM and SIGINT")?;
     tracing::info!(signal = sig, "draining, then exiting");
-    tether_common::notify::stopping("draining");
+    tether_common::process::notify::stopping("draining");
     let left = agent.drain(drain_timeout).await;
     if left > 0 {
         tracing::warn!(

@@ -1,10 +1,11 @@
 //! What an agent counts, and its Prometheus rendering.
 
 use std::sync::Arc;
-use tether_common::pool::Pool;
-use tether_common::reconnect::LinkStats;
+use tether_common::link::pool::Pool;
+use tether_common::link::reconnect::LinkStats;
+use tether_common::process::telemetry::{Counter, Exposition, Gauge};
 use tether_common::relay::Meter;
-use tether_common::telemetry::{Counter, Exposition, Gauge};
+use tether_common::transport::TransportKind;
 
 /// Why a stream could not be opened through one server. A fixed label set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +111,7 @@ impl Metrics {
         );
         let quic = links
             .iter()
-            .filter(|l| l.tunnel.transport() == "quic")
+            .filter(|l| l.tunnel.kind() == TransportKind::Quic)
             .count();
         e.labeled(
             "tether_tunnels_by_transport",

@@ -8,11 +8,11 @@ use crate::config::AgentConfig;
 use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tether_common::pool::Pool;
-use tether_common::protocol::{Message, StatusCode};
-use tether_common::reconnect::Dialer;
-use tether_common::shutdown::ShutdownSignal;
+use tether_common::link::pool::Pool;
+use tether_common::link::reconnect::Dialer;
+use tether_common::process::shutdown::ShutdownSignal;
 use tether_common::tls;
+use tether_proto::{Message, StatusCode};
 use tracing::{info, warn};
 
 fn now() -> i64 {

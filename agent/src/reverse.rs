@@ -8,10 +8,11 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::protocol::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
+use tether_common::open::answer;
+use tether_common::process::telemetry::GaugeGuard;
 use tether_common::relay::{self, Outcome};
-use tether_common::telemetry::GaugeGuard;
 use tether_common::transport::Stream;
+use tether_proto::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -91,12 +92,8 @@ impl Reverse {
                 limit = MAX_REVERSE_STREAMS,
                 "reverse stream refused: limit reached"
             );
-            return answer(
-                &mut stream,
-                StatusCode::Busy,
-                "too many reverse streams".into(),
-            )
-            .await;
+            let _ = answer(&mut stream, StatusCode::Busy, "too many reverse streams").await;
+            return;
         };
         let first = tokio::time::timeout(Duration::from_secs(10), stream.recv.read_message()).await;
         let (host, port) = match first {
@@ -111,7 +108,8 @@ impl Reverse {
                     "reverse stream refused: not an address to reach"
                 );
                 let why = "expected an address to reach".to_string();
-                return answer(&mut stream, StatusCode::BadRequest, why).await;
+                let _ = answer(&mut stream, StatusCode::BadRequest, why).await;
+                return;
             }
             _ => {
                 stream.reset(code::PROTOCOL).await;
@@ -123,7 +121,8 @@ impl Reverse {
             Err(why) => {
                 self.metrics.reverse_refused.inc();
                 warn!(target = %format!("{host}:{port}"), reason = %why, "reverse stream refused by policy");
-                return answer(&mut stream, StatusCode::RefusedByPolicy, why).await;
+                let _ = answer(&mut stream, StatusCode::RefusedByPolicy, why).await;
+                return;
             }
         };
         let tcp =
@@ -134,18 +133,16 @@ impl Reverse {
                 Ok(Err(e)) => {
                     debug!(%target, error = %e, "reverse target unreachable");
                     let why = format!("cannot connect to {target}: {e}");
-                    return answer(&mut stream, StatusCode::UpstreamUnreachable, why).await;
+                    let _ = answer(&mut stream, StatusCode::UpstreamUnreachable, why).await;
+                    return;
                 }
                 Err(_) => {
                     let why = format!("{target} did not answer within {CONNECT_TIMEOUT:?}");
-                    return answer(&mut stream, StatusCode::Timeout, why).await;
+                    let _ = answer(&mut stream, StatusCode::Timeout, why).await;
+                    return;
                 }
             };
-        let ok = Message::Status {
-            code: StatusCode::Ok,
-            message: String::new(),
-        };
-        if stream.send.write_message(&ok).await.is_err() {
+        if answer(&mut stream, StatusCode::Ok, "").await.is_err() {
             return;
         }
         self.metrics.reverse_streams.inc();
@@ -155,14 +152,6 @@ impl Reverse {
             self.metrics.stream_resets.inc();
         }
     }
-}
-
-async fn answer(stream: &mut Stream, code: StatusCode, message: String) {
-    let _ = stream
-        .send
-        .write_message(&Message::Status { code, message })
-        .await;
-    stream.send.finish().await;
 }
 
 #[cfg(test)]

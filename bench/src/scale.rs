@@ -13,10 +13,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_common::backoff::Backoff;
-use tether_common::pool::Pool;
-use tether_common::reconnect::{self, Dialer, LinkStats, TransportChoice};
-use tether_common::shutdown::Shutdown;
+use tether_common::link::backoff::Backoff;
+use tether_common::link::pool::Pool;
+use tether_common::link::reconnect::{self, Dialer, LinkStats, TransportChoice};
+use tether_common::process::shutdown::Shutdown;
 use tether_common::tls;
 
 /// New tunnels started per second: a storm of thousands of handshakes at once would measure
@@ -145,7 +145,7 @@ fn hold_agents(
                 liveness,
                 max_streams: tls::TunnelLimits::default().max_streams,
                 hello_name: format!("sim-{i}"),
-                capabilities: tether_common::protocol::capability::Capabilities::ours(&[]),
+                capabilities: tether_proto::capability::Capabilities::ours(&[]),
                 own_server_id: None,
                 handshake_timeout: Duration::from_secs(10),
                 pool: Arc::new(Pool::default()),

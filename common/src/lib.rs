@@ -1,27 +1,28 @@
-//! Shared pieces of tether: the wire protocol, the transports, the relay, TLS set-up, telemetry
-//! and the admin endpoint.
+//! The parts of tether that both binaries share, grouped by what they are:
+//!
+//! - **the tunnel**: [`transport`] (one interface over QUIC and TLS-over-TCP), [`open`] (the
+//!   `Open`/`Status` exchange that begins every relayed stream), [`relay`] (copying
+//!   bytes between a TCP socket and a stream, with half-close and reset), [`tls`] (certificates,
+//!   ALPN, the transports' settings) and [`net`] (addresses and sockets);
+//! - **link keeping** ([`link`]): dialing, reconnecting with backoff and choosing a server;
+//! - **local endpoints** ([`endpoint`]): the one HTTP/1 request parser, per-client slots, and the
+//!   admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`);
+//! - **process plumbing** ([`process`]): flags and settings files, logging and metrics, systemd
+//!   notification, the runtime and shutdown;
+//! - and [`status`], the status document both binaries serve and the `status` command reads.
+//!
+//! The wire codecs are not here: they are the `tether-proto` crate, which has no I/O.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod backoff;
-pub mod cli;
-pub mod client_slots;
-pub mod config_file;
-pub mod http;
+pub mod endpoint;
+pub mod link;
 pub mod net;
-pub mod notify;
-pub mod pool;
-pub mod protocol;
-pub mod reconnect;
+pub mod open;
+pub mod process;
 pub mod relay;
-pub mod runtime;
-pub mod shutdown;
-pub mod stream_framing;
-pub mod tcp;
-pub mod telemetry;
+pub mod status;
 pub mod tls;
 pub mod transport;
-pub mod units;
 
 /// The version of this build, as shown in hellos, logs and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -11,11 +11,11 @@
 //!   (TCP windows on one side, transport windows on the other) pushes back on a fast sender. An
 //!   idle connection holds no buffer at all.
 
-use crate::protocol::code;
 use crate::transport::{RecvHalf, SendHalf, Stream, StreamError};
 use bytes::BytesMut;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tether_proto::code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;

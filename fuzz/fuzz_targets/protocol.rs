@@ -2,7 +2,7 @@
 //! re-encodes to the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tether_common::protocol;
+use tether_proto as protocol;
 
 fuzz_target!(|data: &[u8]| {
     let _ = protocol::bytes_needed(data);

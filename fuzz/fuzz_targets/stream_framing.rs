@@ -1,9 +1,9 @@
 //! The TLS-over-TCP transport's stream framing, as a peer may send it: split anywhere, every
 //! decode either fails cleanly or hands out at most the bytes that arrived.
 #![no_main]
-use bytes::BytesMut;
+use tether_proto::bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tether_common::stream_framing::{Decoder, Event};
+use tether_proto::stream_framing::{Decoder, Event};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, rest)) = data.split_first() else {

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tether_common::pool::Pool;
-use tether_common::protocol::{Message, ServerInfo};
-use tether_common::shutdown::ShutdownSignal;
+use tether_common::link::pool::Pool;
+use tether_common::process::shutdown::ShutdownSignal;
+use tether_proto::{Message, ServerInfo};
 use tokio::sync::{watch, Notify};
 
 /// How often the announcement is recomputed even when nothing pokes it (peer health comes from

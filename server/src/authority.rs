@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::RwLock;
 use std::time::SystemTime;
 use tether_certs::records::{self, NodeRecord, NodeState, RecordError, Records, Verdict};
-use tether_common::protocol::capability::{self, Capabilities};
-use tether_common::protocol::{Message, RecordState};
-use tether_common::reconnect::Outbox;
+use tether_common::link::reconnect::Outbox;
+use tether_proto::capability::{self, Capabilities};
+use tether_proto::{Message, RecordState};
 use tokio::sync::watch;
 use tracing::{error, warn};
 

@@ -96,8 +96,8 @@ pub fn parse_service(s: &str) -> Result<(String, String), String> {
     let (name, addr) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT"))?;
-    tether_common::protocol::validate_service_name(name)?;
-    if name == tether_common::protocol::SERVICE_APISERVER {
+    tether_proto::validate_service_name(name)?;
+    if name == tether_proto::SERVICE_APISERVER {
         return Err("the apiserver is set with --upstream, not --service".into());
     }
     match addr.rsplit_once(':') {

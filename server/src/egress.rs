@@ -9,22 +9,21 @@
 //! 404 (no such node connected anywhere), 502 (the agent could not connect), 504 (timeout).
 
 use crate::registry::Route;
-use crate::State;
-use bytes::Bytes;
+use crate::state::State;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::pool::Policy;
-use tether_common::protocol::{Message, StatusCode, Target, PROTOCOL_VERSION};
+use tether_common::endpoint::http;
+use tether_common::link::pool::Policy;
+use tether_common::open::{self, answer, OpenError};
+use tether_common::process::telemetry::GaugeGuard;
 use tether_common::relay;
-use tether_common::telemetry::GaugeGuard;
 use tether_common::transport::{Stream, Tunnel};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tether_proto::{StatusCode, Target};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-/// Largest CONNECT request head.
-pub const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time to reach the target through the tunnel, before answering 504.
@@ -38,56 +37,15 @@ pub const MAX_PER_CLIENT: usize = MAX_CONNECTIONS / 4;
 /// reads it gives its slot back after this.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub use tether_common::http::{parse_connect, ConnectRequest};
+pub use tether_common::endpoint::http::{parse_connect, ConnectRequest};
 
-fn reason(code: u16) -> &'static str {
-    match code {
-        200 => "Connection established",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "Gateway Timeout",
-    }
-}
-
+/// Answers an egress client with an error (the connection then ends).
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, code: u16, body: &str) {
-    let msg = format!(
-        "HTTP/1.1 {code} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        reason(code),
-        body.len()
-    );
-    let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
-        let _ = s.write_all(msg.as_bytes()).await;
-        let _ = s.shutdown().await;
-    })
+    let _ = tokio::time::timeout(
+        ANSWER_TIMEOUT,
+        http::respond(s, code, "text/plain", body.as_bytes()),
+    )
     .await;
-}
-
-/// Reads a request head; returns it and any bytes after it.
-async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> Result<(Vec<u8>, Bytes), u16> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = s.read(&mut chunk).await.map_err(|_| 400u16)?;
-        if n == 0 {
-            return Err(400);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = Bytes::copy_from_slice(&buf[i + 4..]);
-            buf.truncate(i + 4);
-            return Ok((buf, rest));
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(431);
-        }
-    }
 }
 
 /// Where a route ended, as an HTTP status and a reason.
@@ -105,36 +63,21 @@ fn refusal(code: StatusCode, message: String) -> Refusal {
 }
 
 /// Opens a stream on `tunnel` asking for `host:port` and waits for the answer.
-async fn ask(tunnel: &Tunnel, req: &ConnectRequest, hops: u8) -> Result<Stream, Refusal> {
-    let attempt = async {
-        let mut s = tunnel
-            .open_stream()
-            .await
-            .map_err(|e| (502, format!("tunnel failed: {e}")))?;
-        let open = Message::Open {
-            version: PROTOCOL_VERSION,
-            target: Target::Address {
-                host: req.host.clone(),
-                port: req.port,
-            },
-            hops,
-        };
-        s.send
-            .write_message(&open)
-            .await
-            .map_err(|e| (502, format!("tunnel failed: {e}")))?;
-        match s.recv.read_message().await {
-            Ok(Some(Message::Status {
-                code: StatusCode::Ok,
-                ..
-            })) => Ok(s),
-            Ok(Some(Message::Status { code, message })) => Err(refusal(code, message)),
-            other => Err((502, format!("bad answer from the tunnel: {other:?}"))),
-        }
+async fn ask(tunnel: &Tunnel, req: &ConnectRequest, hops: u8) -> Result<Stream, OpenError> {
+    let target = Target::Address {
+        host: req.host.clone(),
+        port: req.port,
     };
-    tokio::time::timeout(OPEN_TIMEOUT, attempt)
-        .await
-        .unwrap_or_else(|_| Err((504, format!("no answer within {OPEN_TIMEOUT:?}"))))
+    open::open(tunnel, target, hops, OPEN_TIMEOUT).await
+}
+
+/// The HTTP answer to a failed open.
+fn http_refusal(e: OpenError) -> Refusal {
+    match e {
+        OpenError::Refused { code, message } => refusal(code, message),
+        OpenError::TimedOut(_) => (504, e.to_string()),
+        OpenError::Tunnel(_) | OpenError::Protocol(_) => (502, e.to_string()),
+    }
 }
 
 /// Reaches `host:port` through a local tunnel of the node (newest first).
@@ -158,14 +101,14 @@ pub async fn route_local(state: &State, req: &ConnectRequest) -> Result<Stream, 
             ))
         }
     };
-    let mut last = (502, String::new());
+    let mut last = (502, String::from("no tunnel answered"));
     for entry in tunnels {
         match ask(&entry.tunnel, req, 0).await {
             Ok(s) => return Ok(s),
-            // The agent answered: its verdict stands.
-            Err(r @ (403 | 504, _)) => return Err(r),
-            Err(r) if !r.1.starts_with("tunnel failed") => return Err(r),
-            Err(r) => last = r,
+            // That tunnel failed: the node's next one may work.
+            Err(e @ OpenError::Tunnel(_)) => last = http_refusal(e),
+            // The agent answered (or let the time run out): its verdict stands.
+            Err(e) => return Err(http_refusal(e)),
         }
     }
     Err(last)
@@ -183,9 +126,13 @@ pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusa
                 debug!(node = %req.host, peer = %link.server, "egress through peer");
                 return Ok(s);
             }
-            Err((404, _)) => continue,
-            Err(r) if r.1.starts_with("tunnel failed") => continue,
-            Err(r) => return Err(r),
+            // Not that peer's node, or the peer's tunnel failed: ask the next.
+            Err(OpenError::Refused {
+                code: StatusCode::NoRoute,
+                ..
+            })
+            | Err(OpenError::Tunnel(_)) => continue,
+            Err(e) => return Err(http_refusal(e)),
         }
     }
     Err((
@@ -196,9 +143,10 @@ pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusa
 
 /// Serves one egress client.
 pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str, state: &State) {
-    let (head, rest) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut s)).await {
+    let (head, rest) = match tokio::time::timeout(HEAD_TIMEOUT, http::read_head(&mut s)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(code)) => {
+        Ok(Err(e)) => {
+            let code = e.status();
             state.metrics.egress_failed(code);
             return respond(&mut s, code, "malformed request\n").await;
         }
@@ -242,11 +190,7 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
     let req = ConnectRequest { host, port };
     match route_local(state, &req).await {
         Ok(target) => {
-            let ok = Message::Status {
-                code: StatusCode::Ok,
-                message: String::new(),
-            };
-            if stream.send.write_message(&ok).await.is_ok() {
+            if answer(&mut stream, StatusCode::Ok, "").await.is_ok() {
                 let _open = GaugeGuard::new(&state.metrics.streams_open);
                 relay::splice(stream, target, &[&state.metrics.bytes]).await;
             }
@@ -258,11 +202,7 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
                 504 => StatusCode::Timeout,
                 _ => StatusCode::UpstreamUnreachable,
             };
-            let _ = stream
-                .send
-                .write_message(&Message::Status { code, message })
-                .await;
-            stream.send.finish().await;
+            let _ = answer(&mut stream, code, message).await;
         }
     }
 }
@@ -316,7 +256,7 @@ pub async fn serve_tcp(
     state: Arc<State>,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_client = tether_common::client_slots::ClientSlots::new(MAX_PER_CLIENT);
+    let per_client = tether_common::endpoint::client_slots::ClientSlots::new(MAX_PER_CLIENT);
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
@@ -384,42 +324,4 @@ pub fn bind_uds(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_requests() {
-        let r =
-            parse_connect(b"CONNECT node-1:10250 HTTP/1.1\r\nHost: node-1:10250\r\n\r\n").unwrap();
-        assert_eq!(
-            r,
-            ConnectRequest {
-                host: "node-1".into(),
-                port: 10250
-            }
-        );
-        let r = parse_connect(b"CONNECT [fd00::1]:10250 HTTP/1.1\r\n\r\n").unwrap();
-        assert_eq!(r.host, "fd00::1");
-        assert_eq!(parse_connect(b"GET / HTTP/1.1\r\n\r\n").unwrap_err().0, 405);
-        assert_eq!(
-            parse_connect(b"CONNECT node HTTP/1.1\r\n\r\n")
-                .unwrap_err()
-                .0,
-            400
-        );
-        assert_eq!(
-            parse_connect(b"CONNECT node:99999 HTTP/1.1\r\n\r\n")
-                .unwrap_err()
-                .0,
-            400
-        );
-        assert_eq!(parse_connect(b"\xff\xfe").unwrap_err().0, 400);
-        assert_eq!(
-            parse_connect(b"CONNECT :1 HTTP/1.1\r\n\r\n").unwrap_err().0,
-            400
-        );
-    }
 }

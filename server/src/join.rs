@@ -5,14 +5,14 @@
 //! disk now, the node name's owner in the node records, and signs the request. The node's key
 //! never leaves the node.
 
-use crate::State;
+use crate::state::State;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tether_certs::token::{self, Token};
-use tether_common::protocol::{code, Message, StatusCode};
 use tether_common::transport::{Stream, Tunnel};
+use tether_proto::{code, Message, StatusCode};
 use tracing::{info, warn};
 
 /// Most distinct source addresses the rate limiter remembers; beyond it, the oldest are

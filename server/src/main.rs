@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tether_common::units::parse_duration;
+use tether_common::process::units::parse_duration;
 use tether_server::config::ServerConfig;
 
 #[derive(Parser)]
@@ -27,7 +27,7 @@ struct Cli {
         default_value = "text",
         global = true
     )]
-    log_format: tether_common::telemetry::LogFormat,
+    log_format: tether_common::process::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,7 +41,7 @@ enum Command {
     /// Run the server.
     Run(Box<RunArgs>),
     #[command(flatten)]
-    Tools(tether_common::cli::Tools),
+    Tools(tether_common::process::cli::Tools),
     /// Run a self-contained demo: two servers, an agent, traffic, and a failover.
     Demo,
     /// Manage join tokens.
@@ -218,12 +218,12 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    let cli: Cli = tether_common::cli::parse();
+    let cli: Cli = tether_common::process::cli::parse();
     let default_level = match cli.command {
         Command::Demo => "warn",
         _ => "info",
     };
-    tether_common::telemetry::init_logging(
+    tether_common::process::telemetry::init_logging(
         cli.log_level.as_deref().unwrap_or(default_level),
         cli.log_format,
     );
@@ -234,12 +234,14 @@ fn main() -> Result<()> {
         Command::Demo => runtime(0)?.block_on(tether_server::demo::run()),
         Command::Token(t) => token(t),
         Command::Agent(a) => agent(a),
-        Command::Tools(t) => tether_common::cli::run_tool::<Cli>(t).map_err(anyhow::Error::msg),
+        Command::Tools(t) => {
+            tether_common::process::cli::run_tool::<Cli>(t).map_err(anyhow::Error::msg)
+        }
     }
 }
 
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
-    tether_common::runtime::build(threads).context("cannot start the async runtime")
+    tether_common::process::runtime::build(threads).context("cannot start the async runtime")
 }
 
 fn init(a: InitArgs) -> Result<()> {
@@ -385,23 +387,23 @@ async fn run(a: RunArgs) -> Result<()> {
         .context("tether-server cannot start")?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot watch for SIGHUP")?;
-    let term = tether_common::shutdown::terminate_signal();
+    let term = tether_common::process::shutdown::terminate_signal();
     tokio::pin!(term);
-    tether_common::notify::ready(&format!("serving on {}", server.local_addr));
+    tether_common::process::notify::ready(&format!("serving on {}", server.local_addr));
     let sig = loop {
         tokio::select! {
             s = &mut term => break s.context("cannot watch for SIGTERM and SIGINT")?,
             _ = hup.recv() => {
-                tether_common::notify::notify("RELOADING=1");
+                tether_common::process::notify::notify("RELOADING=1");
                 if let Err(e) = server.reload_certificates() {
                     tracing::error!(error = %e, "SIGHUP: cannot reload the certificate; keeping the old one");
                 }
-                tether_common::notify::notify("READY=1");
+                tether_common::process::notify::notify("READY=1");
             }
         }
     };
     tracing::info!(signal = sig, "draining, then exiting");
-    tether_common::notify::stopping("draining");
+    tether_common::process::notify::stopping("draining");
     let left = server.drain(drain_timeout).await;
     if left > 0 {
         tracing::warn!(

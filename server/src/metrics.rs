@@ -1,11 +1,11 @@
 //! What a server counts, and its Prometheus rendering.
 
 use std::sync::Arc;
-use tether_common::pool::Pool;
-use tether_common::protocol::StatusCode;
-use tether_common::reconnect::LinkStats;
+use tether_common::link::pool::Pool;
+use tether_common::link::reconnect::LinkStats;
+use tether_common::process::telemetry::{Counter, Exposition, Gauge};
 use tether_common::relay::Meter;
-use tether_common::telemetry::{Counter, Exposition, Gauge};
+use tether_proto::StatusCode;
 
 /// Stream-open failures are counted by reason; the label set is this fixed list.
 const REASONS: [StatusCode; 8] = [

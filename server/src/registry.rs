@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::SystemTime;
-use tether_common::protocol::capability::Capabilities;
 use tether_common::transport::Tunnel;
+use tether_proto::capability::Capabilities;
 
 /// One agent tunnel.
 #[derive(Debug, Clone)]

@@ -94,7 +94,7 @@ impl Upstream {
         let Some(https) = &self.https else {
             return Ok(());
         };
-        let host = tether_common::reconnect::host_of(&self.addr).to_string();
+        let host = tether_common::link::reconnect::host_of(&self.addr).to_string();
         let name = rustls::pki_types::ServerName::try_from(host.clone())
             .map_err(|e| format!("bad upstream name {host:?}: {e}"))?;
         let probe = async {

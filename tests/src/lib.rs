@@ -144,7 +144,7 @@ pub async fn start_agent(pki: &Pki, node: &str, servers: &[SocketAddr]) -> Agent
     start_agent_over(pki, node, servers, TransportChoice::Auto).await
 }
 
-pub use tether_common::reconnect::TransportChoice;
+pub use tether_common::link::reconnect::TransportChoice;
 
 /// Starts an agent on the given transport and waits until all its tunnels are up.
 pub async fn start_agent_over(

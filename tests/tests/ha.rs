@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 use std::time::Duration;
-use tether_common::pool::Policy;
-use tether_common::protocol::{self, Message, StatusCode, Target};
+use tether_common::link::pool::Policy;
+use tether_proto::{self as protocol, Message, StatusCode, Target};
 use tether_server::config::ServerConfig;
 use tether_server::ServerHandle;
 use tether_tests::process::free_port;

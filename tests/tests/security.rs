@@ -6,7 +6,7 @@ use std::time::Duration;
 use tether_agent::join::JoinError;
 use tether_agent::AgentError;
 use tether_certs::records::{write_local, NodeState};
-use tether_common::protocol::{self, Message, StatusCode, Target};
+use tether_proto::{self as protocol, Message, StatusCode, Target};
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

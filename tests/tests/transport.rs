@@ -5,10 +5,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::protocol::{self, capability::Capabilities, Message};
-use tether_common::tcp::TcpTunnel;
 use tether_common::tls;
+use tether_common::transport::tcp::TcpTunnel;
+use tether_common::transport::CloseReason;
 use tether_common::transport::Tunnel;
+use tether_proto::{self as protocol, capability::Capabilities, Message};
 use tether_tests::*;
 
 /// TLS for a node's tunnel: the agent identity of `node` from the test PKI.
@@ -76,11 +77,15 @@ async fn a_local_close_of_a_tcp_tunnel_flushes_and_says_goodbye() {
     assert!(got == data, "the bytes are the ones sent");
     assert_eq!(end, "finished");
     assert_eq!(
-        server_saw, "closed by peer",
+        server_saw,
+        CloseReason::Peer {
+            code: None,
+            reason: String::new()
+        },
         "the peer saw an orderly goodbye"
     );
     let here = within("client side", Duration::from_secs(5), client.closed()).await;
-    assert!(here.starts_with("closed locally"), "{here}");
+    assert!(here.is_local(), "{here}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tether_certs::records::{write_local, NodeState};
-use tether_common::protocol::{self, Message, StatusCode};
 use tether_common::tls;
+use tether_proto::{self as protocol, Message, StatusCode};
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -305,14 +305,14 @@ async fn a_certificate_that_expires_while_its_tunnel_is_up_ends_the_tunnel() {
 async fn tcp_join_connection(
     pki: &Pki,
     server: SocketAddr,
-) -> std::io::Result<tether_common::tcp::TcpTunnel> {
+) -> std::io::Result<tether_common::transport::tcp::TcpTunnel> {
     let token: tether_certs::token::Token = std::fs::read_to_string(pki.server_dir().join("token"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
     let cfg = tls::join_client_config(&token.ca_hash).unwrap();
-    tether_common::tcp::TcpTunnel::connect(
+    tether_common::transport::tcp::TcpTunnel::connect(
         server,
         "localhost",
         cfg.into(),
@@ -496,7 +496,7 @@ async fn clients_that_stall_cannot_lock_others_out_of_the_admin_endpoint() {
     let admin = server.admin_addr.unwrap();
     // One address opens every slot the endpoint has and sends nothing.
     let mut stalled = Vec::new();
-    for _ in 0..tether_common::admin::MAX_CONNECTIONS {
+    for _ in 0..tether_common::endpoint::admin::MAX_CONNECTIONS {
         stalled.push(tokio::net::TcpStream::connect(admin).await.unwrap());
     }
     // Another address is served at once, not after the stalled ones time out.
@@ -517,7 +517,7 @@ async fn clients_that_stall_cannot_lock_others_out_of_the_admin_endpoint() {
     .unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
-        start.elapsed() < tether_common::admin::REQUEST_TIMEOUT,
+        start.elapsed() < tether_common::endpoint::admin::REQUEST_TIMEOUT,
         "waited {:?} behind stalled clients",
         start.elapsed()
     );
@@ -530,7 +530,9 @@ async fn clients_that_stall_cannot_lock_others_out_of_the_admin_endpoint() {
         }
     }
     assert!(
-        closed >= tether_common::admin::MAX_CONNECTIONS - tether_common::admin::MAX_PER_CLIENT,
+        closed
+            >= tether_common::endpoint::admin::MAX_CONNECTIONS
+                - tether_common::endpoint::admin::MAX_PER_CLIENT,
         "only {closed} of the stalled connections were refused"
     );
     server.shutdown().await;

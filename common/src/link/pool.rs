@@ -1,13 +1,14 @@
 //! The live links to servers, what each server announced, and the choice of one link for a new
 //! stream. Agents keep one link per server; servers keep one per peer.
 
-use crate::protocol::capability::Capabilities;
-use crate::protocol::ServerInfo;
+use crate::status::LinkStatus;
 use crate::transport::Tunnel;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
+use tether_proto::capability::Capabilities;
+use tether_proto::ServerInfo;
 
 /// How a new stream picks among healthy links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,20 +123,20 @@ impl Link {
     }
 
     /// What `status` shows of this link, the same for an agent's servers and a server's peers.
-    pub fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "address": self.server,
-            "instance": self.server_id,
-            "remote": self.tunnel.remote_addr().to_string(),
-            "transport": self.tunnel.transport(),
-            "state": "up",
-            "healthy": self.healthy(),
-            "draining": self.draining(),
-            "streams": self.streams(),
-            "rtt_ms": (self.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0,
-            "connected_since": crate::cli::unix_seconds(self.since_wall),
-            "capabilities": self.capabilities.names(),
-        })
+    pub fn status(&self) -> LinkStatus {
+        LinkStatus {
+            address: self.server.clone(),
+            state: "up".into(),
+            instance: Some(self.server_id.clone()),
+            remote: Some(self.tunnel.remote_addr().to_string()),
+            transport: Some(self.tunnel.kind().to_string()),
+            healthy: Some(self.healthy()),
+            draining: self.draining(),
+            streams: self.streams() as u64,
+            rtt_ms: Some((self.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0),
+            connected_since: Some(crate::process::units::unix_seconds(self.since_wall)),
+            capabilities: self.capabilities.names(),
+        }
     }
 
     /// The server list this server announced last, if any.

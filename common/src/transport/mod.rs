@@ -2,45 +2,49 @@
 //!
 //! Agent and server logic sees a [`Tunnel`] that opens and accepts [`Stream`]s, and a stream that
 //! moves chunks of bytes, finishes, and resets. Which transport carries the tunnel is a detail of
-//! this module, so that QUIC and the TLS-over-TCP fallback behave the same to everything above.
+//! this module, so that QUIC ([`quic`]) and the TLS-over-TCP fallback ([`tcp`]) behave the same to
+//! everything above. Each adapter imports only [`error`]; this file wires them.
 
-use crate::protocol::{self, DecodeError, Message};
+mod error;
+mod quic;
+pub mod tcp;
+
+pub use error::{CloseReason, FrameError, StreamError, TransportError};
+
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::CertificateDer;
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tether_proto::{self as protocol, Message};
 
-/// Why a tunnel failed or closed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum TransportError {
-    #[error("tunnel closed: {0}")]
-    Closed(String),
-    #[error("stream limit of the tunnel reached")]
-    StreamLimit,
+/// Which transport carries a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    Quic,
+    Tcp,
 }
 
-/// Why a stream failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StreamError {
-    #[error("stream reset by peer (code {0})")]
-    Reset(u32),
-    #[error("peer stopped reading (code {0})")]
-    Stopped(u32),
-    #[error("tunnel lost: {0}")]
-    ConnectionLost(String),
-    #[error("stream already closed")]
-    Closed,
+impl TransportKind {
+    /// The name in status, metrics, logs and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Quic => "quic",
+            TransportKind::Tcp => "tcp",
+        }
+    }
 }
 
-/// Why a frame could not be read from a stream.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
-    #[error(transparent)]
-    Stream(#[from] StreamError),
-    #[error("malformed frame: {0}")]
-    Decode(#[from] DecodeError),
-    #[error("stream ended in the middle of a frame")]
-    Truncated,
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for TransportKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// A multiplexed, authenticated connection between an agent and a server (or two servers).
@@ -51,45 +55,19 @@ pub struct Tunnel {
 
 #[derive(Clone, Debug)]
 enum Inner {
-    Quic(quinn::Connection, std::sync::Arc<Credit>),
-    Tcp(std::sync::Arc<crate::tcp::TcpTunnel>),
-}
-
-/// How many streams the peer may open on a QUIC tunnel: it starts at
-/// [`crate::tls::INITIAL_STREAMS`] and doubles, up to `max`, whenever half of it is in use, so
-/// that an idle tunnel holds little state and a busy one is not throttled.
-#[derive(Debug)]
-struct Credit {
-    open: std::sync::atomic::AtomicU32,
-    limit: std::sync::atomic::AtomicU32,
-    max: u32,
-}
-
-/// Counts one accepted stream until dropped.
-struct CreditGuard(std::sync::Arc<Credit>);
-
-impl Drop for CreditGuard {
-    fn drop(&mut self) {
-        self.0
-            .open
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
+    Quic(quic::QuicTunnel),
+    Tcp(std::sync::Arc<tcp::TcpTunnel>),
 }
 
 impl Tunnel {
     /// `max_streams`: the most streams the peer may ever have open at once on this tunnel.
     pub fn from_quic(conn: quinn::Connection, max_streams: u32) -> Self {
-        let credit = Credit {
-            open: 0.into(),
-            limit: max_streams.min(crate::tls::INITIAL_STREAMS).into(),
-            max: max_streams,
-        };
         Tunnel {
-            inner: Inner::Quic(conn, std::sync::Arc::new(credit)),
+            inner: Inner::Quic(quic::QuicTunnel::new(conn, max_streams)),
         }
     }
 
-    pub fn from_tcp(t: crate::tcp::TcpTunnel) -> Self {
+    pub fn from_tcp(t: tcp::TcpTunnel) -> Self {
         Tunnel {
             inner: Inner::Tcp(std::sync::Arc::new(t)),
         }
@@ -98,7 +76,7 @@ impl Tunnel {
     /// The ALPN protocol agreed in the handshake.
     pub fn alpn(&self) -> Option<Vec<u8>> {
         match &self.inner {
-            Inner::Quic(c, _) => crate::tls::alpn_of(c),
+            Inner::Quic(q) => crate::tls::alpn_of(&q.conn),
             Inner::Tcp(t) => t.alpn.clone(),
         }
     }
@@ -106,9 +84,9 @@ impl Tunnel {
     /// Opens a bidirectional stream. The peer sees it once the first frame is written.
     pub async fn open_stream(&self) -> Result<Stream, TransportError> {
         match &self.inner {
-            Inner::Quic(c, _) => {
-                let (send, recv) = c.open_bi().await.map_err(conn_err)?;
-                Ok(Stream::quic(send, recv))
+            Inner::Quic(q) => {
+                let (send, recv) = q.open().await?;
+                Ok(Stream::quic(send, recv, None))
             }
             Inner::Tcp(t) => {
                 let (send, recv) = t.open().await.map_err(TransportError::Closed)?;
@@ -120,19 +98,9 @@ impl Tunnel {
     /// Waits for the peer's next stream; an error means the tunnel is gone.
     pub async fn accept_stream(&self) -> Result<Stream, TransportError> {
         match &self.inner {
-            Inner::Quic(c, credit) => {
-                use std::sync::atomic::Ordering::Relaxed;
-                let (send, recv) = c.accept_bi().await.map_err(conn_err)?;
-                let open = credit.open.fetch_add(1, Relaxed) + 1;
-                let limit = credit.limit.load(Relaxed);
-                if open * 2 > limit && limit < credit.max {
-                    let grown = limit.saturating_mul(2).min(credit.max);
-                    credit.limit.store(grown, Relaxed);
-                    c.set_max_concurrent_bi_streams(grown.into());
-                }
-                let mut stream = Stream::quic(send, recv);
-                stream.recv.credit = Some(CreditGuard(credit.clone()));
-                Ok(stream)
+            Inner::Quic(q) => {
+                let (send, recv, credit) = q.accept().await?;
+                Ok(Stream::quic(send, recv, Some(credit)))
             }
             Inner::Tcp(t) => {
                 let (send, recv) = t.accept_stream().await.map_err(TransportError::Closed)?;
@@ -144,30 +112,32 @@ impl Tunnel {
     /// Closes the tunnel at once; open streams are reset.
     pub fn close(&self, code: u32, reason: &str) {
         match &self.inner {
-            Inner::Quic(c, _) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+            Inner::Quic(q) => q
+                .conn
+                .close(quinn::VarInt::from_u32(code), reason.as_bytes()),
             Inner::Tcp(t) => t.close(&format!("code {code}: {reason}")),
         }
     }
 
     /// Resolves when the tunnel is closed, for whatever reason.
-    pub async fn closed(&self) -> TransportError {
+    pub async fn closed(&self) -> CloseReason {
         match &self.inner {
-            Inner::Quic(c, _) => conn_err(c.closed().await),
-            Inner::Tcp(t) => TransportError::Closed(t.closed().await),
+            Inner::Quic(q) => quic::close_reason(q.conn.closed().await),
+            Inner::Tcp(t) => t.closed().await,
         }
     }
 
     /// The reason the tunnel closed, if it has.
-    pub fn close_reason(&self) -> Option<TransportError> {
+    pub fn close_reason(&self) -> Option<CloseReason> {
         match &self.inner {
-            Inner::Quic(c, _) => c.close_reason().map(conn_err),
-            Inner::Tcp(t) => t.close_reason().map(TransportError::Closed),
+            Inner::Quic(q) => q.conn.close_reason().map(quic::close_reason),
+            Inner::Tcp(t) => t.close_reason(),
         }
     }
 
     pub fn remote_addr(&self) -> SocketAddr {
         match &self.inner {
-            Inner::Quic(c, _) => c.remote_address(),
+            Inner::Quic(q) => q.conn.remote_address(),
             Inner::Tcp(t) => t.remote,
         }
     }
@@ -175,23 +145,23 @@ impl Tunnel {
     /// Smoothed round-trip time, as the transport measures it.
     pub fn rtt(&self) -> Duration {
         match &self.inner {
-            Inner::Quic(c, _) => c.rtt(),
+            Inner::Quic(q) => q.conn.rtt(),
             Inner::Tcp(_) => Duration::ZERO,
         }
     }
 
-    /// The name of the transport, for status, metrics and logs.
-    pub fn transport(&self) -> &'static str {
+    /// Which transport carries the tunnel.
+    pub fn kind(&self) -> TransportKind {
         match &self.inner {
-            Inner::Quic(..) => "quic",
-            Inner::Tcp(_) => "tcp",
+            Inner::Quic(_) => TransportKind::Quic,
+            Inner::Tcp(_) => TransportKind::Tcp,
         }
     }
 
     /// Identifies this tunnel among all of the process's tunnels.
     pub fn id(&self) -> usize {
         match &self.inner {
-            Inner::Quic(c, _) => c.stable_id(),
+            Inner::Quic(q) => q.conn.stable_id(),
             Inner::Tcp(t) => t.id,
         }
     }
@@ -199,31 +169,9 @@ impl Tunnel {
     /// The certificate chain the peer presented during the handshake.
     pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
         match &self.inner {
-            Inner::Quic(c, _) => c
-                .peer_identity()?
-                .downcast::<Vec<CertificateDer<'static>>>()
-                .ok()
-                .map(|b| *b),
+            Inner::Quic(q) => q.peer_certificates(),
             Inner::Tcp(t) => (!t.peer_certs.is_empty()).then(|| t.peer_certs.clone()),
         }
-    }
-}
-
-fn conn_err(e: quinn::ConnectionError) -> TransportError {
-    use quinn::ConnectionError as E;
-    match e {
-        E::ApplicationClosed(c) => {
-            let reason = String::from_utf8_lossy(&c.reason).into_owned();
-            TransportError::Closed(format!(
-                "closed by peer (code {}{}{})",
-                c.error_code,
-                if reason.is_empty() { "" } else { ": " },
-                reason
-            ))
-        }
-        E::LocallyClosed => TransportError::Closed("closed locally".into()),
-        E::TimedOut => TransportError::Closed("timed out: the peer stopped answering".into()),
-        other => TransportError::Closed(other.to_string()),
     }
 }
 
@@ -234,27 +182,31 @@ pub struct Stream {
 }
 
 impl Stream {
-    fn tcp(send: crate::tcp::SendHalf, recv: crate::tcp::RecvHalf) -> Self {
+    fn tcp(send: tcp::SendHalf, recv: tcp::RecvHalf) -> Self {
         Stream {
             send: SendHalf {
                 inner: SendInner::Tcp(send),
             },
             recv: RecvHalf {
                 inner: RecvInner::Tcp(recv),
-                credit: None,
+                _credit: None,
                 partial: BytesMut::new(),
             },
         }
     }
 
-    fn quic(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+    fn quic(
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        credit: Option<quic::CreditGuard>,
+    ) -> Self {
         Stream {
             send: SendHalf {
                 inner: SendInner::Quic(send),
             },
             recv: RecvHalf {
                 inner: RecvInner::Quic(recv),
-                credit: None,
+                _credit: credit,
                 partial: BytesMut::new(),
             },
         }
@@ -282,14 +234,14 @@ pub struct SendHalf {
 
 enum SendInner {
     Quic(quinn::SendStream),
-    Tcp(crate::tcp::SendHalf),
+    Tcp(tcp::SendHalf),
 }
 
 impl SendHalf {
     /// Queues a chunk; waits while the peer's flow-control window is full.
     pub async fn write_chunk(&mut self, data: Bytes) -> Result<(), StreamError> {
         match &mut self.inner {
-            SendInner::Quic(s) => s.write_chunk(data).await.map_err(write_err),
+            SendInner::Quic(s) => quic::write(s, data).await,
             SendInner::Tcp(s) => s.write_chunk(data).await,
         }
     }
@@ -321,19 +273,6 @@ impl SendHalf {
     }
 }
 
-fn write_err(e: quinn::WriteError) -> StreamError {
-    use quinn::WriteError as E;
-    match e {
-        E::Stopped(code) => StreamError::Stopped(varint_code(code)),
-        E::ConnectionLost(c) => StreamError::ConnectionLost(conn_err(c).to_string()),
-        E::ClosedStream | E::ZeroRttRejected => StreamError::Closed,
-    }
-}
-
-fn varint_code(v: quinn::VarInt) -> u32 {
-    u32::try_from(v.into_inner()).unwrap_or(u32::MAX)
-}
-
 /// Most chunks [`RecvHalf::read_chunks`] takes at once (the kernel's `writev` takes 1,024).
 pub const MAX_GATHER: usize = 64;
 
@@ -341,7 +280,7 @@ pub const MAX_GATHER: usize = 64;
 pub struct RecvHalf {
     inner: RecvInner,
     /// Holds a place in the tunnel's stream count while the stream is open.
-    credit: Option<CreditGuard>,
+    _credit: Option<quic::CreditGuard>,
     /// The start of a frame that [`RecvHalf::read_message`] has read but not finished: kept
     /// here rather than in the call, so a read that a `select!` cancels loses nothing.
     partial: BytesMut,
@@ -349,7 +288,7 @@ pub struct RecvHalf {
 
 enum RecvInner {
     Quic(quinn::RecvStream),
-    Tcp(crate::tcp::RecvHalf),
+    Tcp(tcp::RecvHalf),
 }
 
 impl RecvHalf {
@@ -367,11 +306,7 @@ impl RecvHalf {
     /// transport keeps its buffer in its half.
     async fn read_transport(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
         match &mut self.inner {
-            RecvInner::Quic(s) => match s.read_chunk(max, true).await {
-                Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
-                Ok(None) => Ok(None),
-                Err(e) => Err(read_err(e)),
-            },
+            RecvInner::Quic(s) => quic::read(s, max).await,
             RecvInner::Tcp(s) => s.read_chunk(max).await,
         }
     }
@@ -442,14 +377,5 @@ impl RecvHalf {
             }
             RecvInner::Tcp(s) => s.stop(code),
         }
-    }
-}
-
-fn read_err(e: quinn::ReadError) -> StreamError {
-    use quinn::ReadError as E;
-    match e {
-        E::Reset(code) => StreamError::Reset(varint_code(code)),
-        E::ConnectionLost(c) => StreamError::ConnectionLost(conn_err(c).to_string()),
-        E::ClosedStream | E::IllegalOrderedRead | E::ZeroRttRejected => StreamError::Closed,
     }
 }

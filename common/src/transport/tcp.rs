@@ -19,9 +19,8 @@
 //! on an idle connection, the kernel's finest step) and `TCP_USER_TIMEOUT` (the idle timeout, for
 //! unacknowledged data) close a silent connection in about the same time as QUIC does.
 
-use crate::stream_framing as framing;
+use super::error::{CloseReason, StreamError};
 use crate::tls::Liveness;
-use crate::transport::StreamError;
 use bytes::{Bytes, BytesMut};
 use futures_util::{AsyncReadExt as _, AsyncWriteExt as _};
 use rustls::pki_types::CertificateDer;
@@ -29,6 +28,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
+use tether_proto::stream_framing as framing;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio_util::compat::TokioAsyncReadCompatExt;
@@ -45,7 +45,7 @@ impl<T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin + Send> Async
 pub struct TcpTunnel {
     open_tx: mpsc::Sender<oneshot::Sender<io::Result<yamux::Stream>>>,
     inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
-    closed: watch::Receiver<Option<String>>,
+    closed: watch::Receiver<Option<CloseReason>>,
     close_tx: mpsc::Sender<String>,
     pub remote: SocketAddr,
     pub id: usize,
@@ -195,17 +195,17 @@ impl TcpTunnel {
         }
     }
 
-    pub async fn open(&self) -> Result<(SendHalf, RecvHalf), String> {
+    pub async fn open(&self) -> Result<(SendHalf, RecvHalf), CloseReason> {
         let (tx, rx) = oneshot::channel();
         self.open_tx.send(tx).await.map_err(|_| self.reason())?;
         let stream = rx
             .await
             .map_err(|_| self.reason())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CloseReason::Failed(e.to_string()))?;
         Ok(split(stream))
     }
 
-    pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), String> {
+    pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), CloseReason> {
         let mut rx = self.inbound.lock().await;
         match rx.recv().await {
             Some(s) => Ok(split(s)),
@@ -217,22 +217,26 @@ impl TcpTunnel {
         let _ = self.close_tx.try_send(reason.to_string());
     }
 
-    pub async fn closed(&self) -> String {
+    pub async fn closed(&self) -> CloseReason {
         let mut rx = self.closed.clone();
         let reason = match rx.wait_for(|r| r.is_some()).await {
-            Ok(r) => r.clone().unwrap_or_default(),
-            Err(_) => "connection closed".into(),
+            Ok(r) => r.clone(),
+            Err(_) => None,
         };
-        reason
+        reason.unwrap_or_else(Self::driver_gone)
     }
 
-    pub fn close_reason(&self) -> Option<String> {
+    pub fn close_reason(&self) -> Option<CloseReason> {
         self.closed.borrow().clone()
     }
 
-    fn reason(&self) -> String {
-        self.close_reason()
-            .unwrap_or_else(|| "connection closed".into())
+    fn reason(&self) -> CloseReason {
+        self.close_reason().unwrap_or_else(Self::driver_gone)
+    }
+
+    /// The driver task ended without saying why (the runtime is shutting down).
+    fn driver_gone() -> CloseReason {
+        CloseReason::Failed("connection closed".into())
     }
 }
 
@@ -241,19 +245,21 @@ async fn drive(
     mut conn: yamux::Connection<Io>,
     mut open_rx: mpsc::Receiver<oneshot::Sender<io::Result<yamux::Stream>>>,
     inbound_tx: mpsc::Sender<yamux::Stream>,
-    closed_tx: watch::Sender<Option<String>>,
+    closed_tx: watch::Sender<Option<CloseReason>>,
     mut close_rx: mpsc::Receiver<String>,
 ) {
     let mut pending: Option<oneshot::Sender<io::Result<yamux::Stream>>> = None;
     let end = std::future::poll_fn(|cx| {
         if let Poll::Ready(Some(why)) = close_rx.poll_recv(cx) {
-            return Poll::Ready(End::Local(why));
+            return Poll::Ready(CloseReason::Local(why));
         }
         loop {
             if pending.is_none() {
                 match open_rx.poll_recv(cx) {
                     Poll::Ready(Some(tx)) => pending = Some(tx),
-                    Poll::Ready(None) => return Poll::Ready(End::Local("tunnel dropped".into())),
+                    Poll::Ready(None) => {
+                        return Poll::Ready(CloseReason::Local("tunnel dropped".into()))
+                    }
                     Poll::Pending => break,
                 }
             }
@@ -272,39 +278,30 @@ async fn drive(
                     // A full queue refuses the stream: dropping it resets it.
                     let _ = inbound_tx.try_send(s);
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Failed(e.to_string())),
-                Poll::Ready(None) => return Poll::Ready(End::Peer),
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(CloseReason::Failed(e.to_string()))
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(CloseReason::Peer {
+                        code: None,
+                        reason: String::new(),
+                    })
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
     })
     .await;
-    let reason = match end {
-        End::Local(why) => {
-            // Our close: say goodbye (yamux GoAway) and flush what is queued, so the peer sees
-            // an orderly end rather than a dropped connection.
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                std::future::poll_fn(|cx| conn.poll_close(cx)),
-            )
-            .await;
-            format!("closed locally ({why})")
-        }
-        End::Peer => "closed by peer".to_string(),
-        End::Failed(e) => e,
-    };
-    closed_tx.send_replace(Some(reason));
-}
-
-/// How a connection's driver ended.
-#[derive(Debug)]
-enum End {
-    /// This side closed it, for this reason.
-    Local(String),
-    /// The peer closed it.
-    Peer,
-    /// The connection failed.
-    Failed(String),
+    if end.is_local() {
+        // Our close: say goodbye (yamux GoAway) and flush what is queued, so the peer sees an
+        // orderly end rather than a dropped connection.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            std::future::poll_fn(|cx| conn.poll_close(cx)),
+        )
+        .await;
+    }
+    closed_tx.send_replace(Some(end));
 }
 
 fn split(s: yamux::Stream) -> (SendHalf, RecvHalf) {

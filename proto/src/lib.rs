@@ -1,4 +1,8 @@
-//! The tether wire protocol: frames in, bytes out, no I/O.
+//! tether's wire protocol as pure codecs: bytes in, frames out, no I/O.
+//!
+//! This crate depends on `bytes` and `thiserror` alone, so the fuzz targets and anyone
+//! reading the protocol need nothing else. It holds the protocol's messages (this module) and the
+//! per-stream framing of the TLS-over-TCP transport ([`stream_framing`]).
 //!
 //! Everything that crosses a tunnel between an agent and a server, or between two servers, is a
 //! frame:
@@ -17,6 +21,13 @@
 //! ([`MAX_FRAME_BODY`]) and reports the first thing that is wrong. Frame types it does not know
 //! decode as [`Message::Unknown`], so that a newer peer can add control messages without breaking
 //! an older one. See `docs/protocol.md` for the full specification.
+
+#![forbid(unsafe_code)]
+
+pub mod stream_framing;
+
+/// The buffer types of the codecs' signatures, for users (the fuzz targets) that need no other crate.
+pub use bytes;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;

@@ -1,16 +1,16 @@
 //! Keeps one tunnel to one server up: dial, hello, serve, and on any failure dial again with
 //! exponential backoff and jitter. Agents run one loop per server; servers run one per peer.
 
-use crate::backoff::Backoff;
-use crate::pool::{Link, Pool};
-use crate::protocol::capability::Capabilities;
-use crate::protocol::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use crate::shutdown::ShutdownSignal;
-use crate::telemetry::{Counter, Gauge};
-use crate::transport::{RecvHalf, SendHalf, Stream, Tunnel};
+use crate::link::backoff::Backoff;
+use crate::link::pool::{Link, Pool};
+use crate::process::shutdown::ShutdownSignal;
+use crate::process::telemetry::{Counter, Gauge};
+use crate::transport::{RecvHalf, SendHalf, Stream, TransportKind, Tunnel};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tether_proto::capability::Capabilities;
+use tether_proto::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -253,7 +253,7 @@ async fn dial_quic(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError>
 }
 
 async fn dial_tcp(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError> {
-    let t = crate::tcp::TcpTunnel::connect(
+    let t = crate::transport::tcp::TcpTunnel::connect(
         target.addr,
         &target.name,
         d.tcp_tls(),
@@ -425,7 +425,7 @@ async fn serve(
     d.stats.up.inc();
     d.changed.notify_one();
     info!(kind = d.kind, server = %target.label, peer = %tunnel.remote_addr(),
-        transport = tunnel.transport(), "tunnel up");
+        transport = %tunnel.kind(), "tunnel up");
     for m in &d.after_welcome {
         if let Err(e) = control.send.write_message(m).await {
             debug!(kind = d.kind, server = %target.label, error = %e, "cannot send after welcome");
@@ -445,7 +445,7 @@ async fn serve(
         }
     };
     let upgrade = async {
-        if d.transport != TransportChoice::Auto || tunnel.transport() != "tcp" {
+        if d.transport != TransportChoice::Auto || tunnel.kind() != TransportKind::Tcp {
             return std::future::pending().await;
         }
         loop {

@@ -1,11 +1,10 @@
 //! What both command-line tools share beyond their flags: reading the settings file, the
 //! `status` command's table, shell completions and man pages.
 
-use crate::config_file;
+use crate::process::config_file;
+use crate::status::Status;
 use clap::CommandFactory;
-use serde_json::Value;
 use std::ffi::OsString;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -59,81 +58,63 @@ pub enum Output {
 }
 
 /// Reads `GET /status` from an admin endpoint.
-pub fn fetch_status(admin: &str) -> Result<Value, String> {
-    use std::net::ToSocketAddrs;
-    let addr = admin
-        .to_socket_addrs()
-        .map_err(|e| format!("{admin}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{admin}: no address"))?;
-    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| {
-        format!(
-            "cannot reach the admin endpoint at {admin}: {e} (is the process running with `run --admin {admin}`?)"
-        )
-    })?;
-    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-    write!(
-        c,
-        "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("{admin}: {e}"))?;
-    let mut text = String::new();
-    c.read_to_string(&mut text)
-        .map_err(|e| format!("{admin}: {e}"))?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{admin}: not an HTTP answer"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        let line = head.lines().next().unwrap_or("");
+pub fn fetch_status(admin: &str) -> Result<Status, String> {
+    let (code, body) = crate::endpoint::http::get_blocking(admin, "/status", Duration::from_secs(10))
+        .map_err(|e| {
+            format!(
+                "cannot read the admin endpoint at {admin}: {e} (is the process running with `run --admin {admin}`?)"
+            )
+        })?;
+    if code != 200 {
         return Err(format!(
-            "{admin}: {line} (an older tether without /status?)"
+            "{admin}: answered {code} (an older tether without /status?)"
         ));
     }
-    serde_json::from_str(body).map_err(|e| format!("{admin}: bad status JSON: {e}"))
+    serde_json::from_slice(&body).map_err(|e| format!("{admin}: bad status JSON: {e}"))
 }
 
 /// Prints a status document as JSON or as tables.
-pub fn print_status(v: &Value, output: Output) {
+pub fn print_status(v: &Status, output: Output) {
     match output {
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+            serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
         ),
         Output::Table => print!("{}", render_status(v)),
     }
 }
 
-fn s(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        Some(Value::String(x)) => x.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(Value::Bool(b)) => if *b { "yes" } else { "no" }.into(),
-        Some(x) => x.to_string(),
-    }
+fn or_dash<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".into(), |x| x.to_string())
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.into()
 }
 
 /// Seconds since the epoch as a UTC date and time.
-fn when(v: &Value, key: &str) -> String {
-    match v.get(key).and_then(Value::as_i64) {
-        Some(t) => match time::OffsetDateTime::from_unix_timestamp(t) {
-            Ok(d) => format!(
-                "{:04}-{:02}-{:02} {:02}:{:02}Z",
-                d.year(),
-                u8::from(d.month()),
-                d.day(),
-                d.hour(),
-                d.minute()
-            ),
-            Err(_) => t.to_string(),
-        },
-        None => "-".into(),
+fn when<T: Copy + Into<i64>>(t: Option<T>) -> String {
+    let Some(t) = t.map(Into::into) else {
+        return "-".into();
+    };
+    match time::OffsetDateTime::from_unix_timestamp(t) {
+        Ok(d) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}Z",
+            d.year(),
+            u8::from(d.month()),
+            d.day(),
+            d.hour(),
+            d.minute()
+        ),
+        Err(_) => t.to_string(),
     }
 }
 
-fn bytes(v: &Value, key: &str) -> String {
-    let Some(n) = v.get(key).and_then(Value::as_u64) else {
-        return "-".into();
-    };
+fn since(t: Option<u64>) -> String {
+    when(t.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+}
+
+fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut x = n as f64;
     let mut u = 0;
@@ -179,54 +160,48 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn list<'a>(v: &'a Value, key: &str) -> Vec<&'a Value> {
-    v.get(key)
-        .and_then(Value::as_array)
-        .map(|a| a.iter().collect())
-        .unwrap_or_default()
+fn healthy(h: Option<bool>, bad: &str) -> String {
+    match h {
+        Some(true) => "healthy".into(),
+        Some(false) => bad.into(),
+        None => "-".into(),
+    }
 }
 
 /// The `status` tables of a server or an agent document.
-pub fn render_status(v: &Value) -> String {
+pub fn render_status(v: &Status) -> String {
     let mut out = String::new();
-    match v.get("kind").and_then(Value::as_str) {
-        Some("server") => {
-            let up = v.get("upstream").cloned().unwrap_or(Value::Null);
+    let draining = |d: bool| if d { "  DRAINING" } else { "" };
+    match v {
+        Status::Server(v) => {
             out.push_str(&format!(
                 "tether-server {}  instance {}  listen {}  advertise {}{}\n",
-                s(v, "version"),
-                s(v, "instance"),
-                s(v, "listen"),
-                s(v, "advertise"),
-                if v.get("draining").and_then(Value::as_bool) == Some(true) {
-                    "  DRAINING"
-                } else {
-                    ""
-                }
+                v.version,
+                v.instance,
+                or_dash(&v.listen),
+                or_dash(&v.advertise),
+                draining(v.draining)
             ));
             out.push_str(&format!(
                 "upstream {}: {}   certificate expires {}\n\n",
-                s(&up, "address"),
-                if up.get("healthy").and_then(Value::as_bool) == Some(true) {
-                    "healthy"
-                } else {
-                    "UNHEALTHY"
-                },
-                when(v, "certificate_expiry")
+                v.upstream.address,
+                healthy(Some(v.upstream.healthy), "UNHEALTHY"),
+                when(v.certificate_expiry)
             ));
-            let nodes: Vec<Vec<String>> = list(v, "nodes")
-                .into_iter()
+            let nodes: Vec<Vec<String>> = v
+                .nodes
+                .iter()
                 .map(|n| {
                     vec![
-                        s(n, "name"),
-                        s(n, "address"),
-                        s(n, "transport"),
-                        s(n, "tunnels"),
-                        s(n, "streams"),
-                        bytes(n, "bytes_from_node"),
-                        bytes(n, "bytes_to_node"),
-                        when(n, "connected_since"),
-                        when(n, "certificate_expiry"),
+                        n.name.clone(),
+                        or_dash(&n.address),
+                        or_dash(&n.transport),
+                        n.tunnels.to_string(),
+                        n.streams.to_string(),
+                        bytes(n.bytes_from_node),
+                        bytes(n.bytes_to_node),
+                        since(n.connected_since),
+                        when(n.certificate_expiry),
                     ]
                 })
                 .collect();
@@ -245,19 +220,16 @@ pub fn render_status(v: &Value) -> String {
                 ],
                 &nodes,
             ));
-            let peers: Vec<Vec<String>> = list(v, "peers")
-                .into_iter()
+            let peers: Vec<Vec<String>> = v
+                .peers
+                .iter()
                 .map(|p| {
                     vec![
-                        s(p, "address"),
-                        s(p, "transport"),
-                        if p.get("healthy").and_then(Value::as_bool) == Some(true) {
-                            "healthy".into()
-                        } else {
-                            "unhealthy".into()
-                        },
-                        s(p, "draining"),
-                        s(p, "rtt_ms"),
+                        p.address.clone(),
+                        or_dash(&p.transport),
+                        healthy(p.healthy, "unhealthy"),
+                        yes_no(p.draining),
+                        or_dash(&p.rtt_ms),
                     ]
                 })
                 .collect();
@@ -267,34 +239,27 @@ pub fn render_status(v: &Value) -> String {
                 &peers,
             ));
         }
-        Some("agent") => {
+        Status::Agent(v) => {
             out.push_str(&format!(
                 "tether-agent {}  node {}  certificate expires {}{}\n\n",
-                s(v, "version"),
-                s(v, "node"),
-                when(v, "certificate_expiry"),
-                if v.get("draining").and_then(Value::as_bool) == Some(true) {
-                    "  DRAINING"
-                } else {
-                    ""
-                }
+                v.version,
+                v.node,
+                when(v.certificate_expiry),
+                draining(v.draining)
             ));
-            let servers: Vec<Vec<String>> = list(v, "servers")
-                .into_iter()
+            let servers: Vec<Vec<String>> = v
+                .servers
+                .iter()
                 .map(|x| {
                     vec![
-                        s(x, "address"),
-                        s(x, "transport"),
-                        s(x, "state"),
-                        match x.get("healthy").and_then(Value::as_bool) {
-                            Some(true) => "healthy".into(),
-                            Some(false) => "unhealthy".into(),
-                            None => "-".into(),
-                        },
-                        s(x, "draining"),
-                        s(x, "streams"),
-                        s(x, "rtt_ms"),
-                        when(x, "connected_since"),
+                        x.address.clone(),
+                        or_dash(&x.transport),
+                        x.state.clone(),
+                        healthy(x.healthy, "unhealthy"),
+                        yes_no(x.draining),
+                        x.streams.to_string(),
+                        or_dash(&x.rtt_ms),
+                        since(x.connected_since),
                     ]
                 })
                 .collect();
@@ -312,14 +277,14 @@ pub fn render_status(v: &Value) -> String {
                 ],
                 &servers,
             ));
-            let listeners: Vec<Vec<String>> = list(v, "listeners")
-                .into_iter()
-                .map(|l| vec![s(l, "address"), s(l, "service")])
+            let listeners: Vec<Vec<String>> = v
+                .listeners
+                .iter()
+                .map(|l| vec![l.address.clone(), l.service.clone()])
                 .collect();
             out.push_str("\nLISTENERS\n");
             out.push_str(&table(&["address", "service"], &listeners));
         }
-        _ => out.push_str(&format!("{v}\n")),
     }
     out
 }
@@ -341,7 +306,7 @@ mod tests {
             "peers": [{"address": "10.0.0.2:9443", "transport": "quic", "healthy": false,
                        "draining": false, "rtt_ms": 0.4}]
         });
-        let t = render_status(&server);
+        let t = render_status(&serde_json::from_value(server).unwrap());
         assert!(
             t.contains("node-a") && t.contains("2.0 KiB") && t.contains("unhealthy"),
             "{t}"
@@ -353,7 +318,7 @@ mod tests {
                          "healthy": true, "draining": false, "streams": 0, "rtt_ms": 1.5}],
             "listeners": [{"address": "127.0.0.1:6443", "service": "apiserver"}]
         });
-        let t = render_status(&agent);
+        let t = render_status(&serde_json::from_value(agent).unwrap());
         assert!(
             t.contains("tcp") && t.contains("apiserver") && t.contains("SERVERS (1)"),
             "{t}"
@@ -435,11 +400,4 @@ pub fn run_tool<C: CommandFactory>(tool: Tools) -> Result<(), String> {
         }
         Tools::Man(a) => man::<C>(&a),
     }
-}
-
-/// Seconds since the Unix epoch, as `status` documents carry times.
-pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

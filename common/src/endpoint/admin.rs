@@ -4,15 +4,14 @@
 //! bounded in size and time, a bounded number of connections at once. Monitoring needs nothing
 //! more, and a small surface is easy to keep safe on a port that operators may expose.
 
-use crate::client_slots::ClientSlots;
+use crate::endpoint::client_slots::ClientSlots;
+use crate::endpoint::http::{self, respond, HeadError};
+use crate::status::Status;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-/// Largest request head read; longer requests get 431.
-pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a whole exchange may take, from the accept to the last byte of the answer: a client
@@ -29,8 +28,8 @@ pub trait AdminSource: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
-    /// What `status` shows, as a JSON document: the connected parties and their state.
-    fn status(&self) -> serde_json::Value;
+    /// What `status` shows: the connected parties and their state.
+    fn status(&self) -> Status;
 }
 
 /// Serves the admin endpoint until the task is dropped.
@@ -66,78 +65,44 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
 }
 
 async fn handle(mut conn: TcpStream, source: &dyn AdminSource) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut conn)).await {
-        Ok(Ok(Some(head))) => head,
-        Ok(Ok(None)) => return respond(&mut conn, 431, "text/plain", "request too large\n").await,
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return respond(&mut conn, 408, "text/plain", "request timeout\n").await,
+    let text = "text/plain";
+    let head = match tokio::time::timeout(REQUEST_TIMEOUT, http::read_head(&mut conn)).await {
+        Ok(Ok((head, _))) => head,
+        Ok(Err(HeadError::Io(e))) => return Err(e),
+        Ok(Err(e)) => {
+            let code = e.status();
+            return respond(&mut conn, code, text, format!("{e}\n").as_bytes()).await;
+        }
+        Err(_) => return respond(&mut conn, 408, text, b"request timeout\n").await,
     };
-    let Some((method, path)) = parse_request(head.as_bytes()) else {
-        return respond(&mut conn, 400, "text/plain", "bad request\n").await;
+    let Some((method, path)) = http::parse_request(&head) else {
+        return respond(&mut conn, 400, text, b"bad request\n").await;
     };
     if method != "GET" {
-        return respond(&mut conn, 405, "text/plain", "only GET is served\n").await;
+        return respond(&mut conn, 405, text, b"only GET is served\n").await;
     }
     match path.as_str() {
-        "/healthz" => respond(&mut conn, 200, "text/plain", "ok\n").await,
+        "/healthz" => respond(&mut conn, 200, text, b"ok\n").await,
         "/readyz" => match source.ready() {
-            Ok(()) => respond(&mut conn, 200, "text/plain", "ok\n").await,
-            Err(why) => respond(&mut conn, 503, "text/plain", &format!("not ready: {why}\n")).await,
+            Ok(()) => respond(&mut conn, 200, text, b"ok\n").await,
+            Err(why) => {
+                respond(
+                    &mut conn,
+                    503,
+                    text,
+                    format!("not ready: {why}\n").as_bytes(),
+                )
+                .await
+            }
         },
         "/metrics" => {
             let body = source.metrics();
-            respond(&mut conn, 200, "text/plain; version=0.0.4", &body).await
+            respond(&mut conn, 200, "text/plain; version=0.0.4", body.as_bytes()).await
         }
-        "/status" => {
-            let body = source.status().to_string();
-            respond(&mut conn, 200, "application/json", &body).await
-        }
-        _ => respond(&mut conn, 404, "text/plain", "not found\n").await,
+        "/status" => match serde_json::to_vec(&source.status()) {
+            Ok(body) => respond(&mut conn, 200, "application/json", &body).await,
+            Err(e) => respond(&mut conn, 500, text, format!("status: {e}\n").as_bytes()).await,
+        },
+        _ => respond(&mut conn, 404, text, b"not found\n").await,
     }
-}
-
-pub use crate::http::parse_request;
-
-/// Reads up to the blank line that ends a request head; `None` when it is too large.
-async fn read_head(conn: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
-        }
-        if buf.len() > MAX_REQUEST_HEAD {
-            return Ok(None);
-        }
-    }
-}
-
-async fn respond(
-    conn: &mut TcpStream,
-    code: u16,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await?;
-    conn.write_all(body.as_bytes()).await?;
-    conn.shutdown().await
 }

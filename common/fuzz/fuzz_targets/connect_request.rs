@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    match tether_common::http::parse_connect(data) {
+    match tether_common::endpoint::http::parse_connect(data) {
         Ok(r) => assert!(!r.host.is_empty() && r.host.len() <= 253),
         Err((code, _)) => assert!(code == 400 || code == 405),
     }

@@ -1,0 +1,9 @@
+//! Link keeping: how an agent (or a server, towards its peers) keeps one tunnel up to each server
+//! it knows, and picks one for each new stream.
+//!
+//! [`reconnect`] dials, redials with [`backoff`] and hands each live tunnel to the [`pool`], which
+//! chooses among them.
+
+pub mod backoff;
+pub mod pool;
+pub mod reconnect;

@@ -1,0 +1,198 @@
+//! Accepting tunnels on both transports: the QUIC endpoint and the TLS-over-TCP listener share
+//! one port, one budget of handshakes in progress, one way to fail a handshake, and hand every
+//! finished handshake to the same place ([`serve_connection`]): a join, or a tunnel to admit.
+
+use crate::state::State;
+use crate::{admission, join};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_common::process::shutdown::ShutdownSignal;
+use tether_common::tls;
+use tether_common::transport::{tcp::TcpTunnel, TransportKind, Tunnel};
+use tether_proto::code;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::warn;
+
+/// What a QUIC connection may have in flight towards this server before it is known not to be a
+/// join: an unauthenticated join connection keeps this window (and one stream); a tunnel gets
+/// its full `conn_window` right after the handshake.
+pub const JOIN_WINDOW: u32 = 64 * 1024;
+
+/// Most handshakes in progress at once, over both transports. Past half of it, QUIC clients
+/// whose address is not validated yet are asked to retry (proving their address); past all of
+/// it, new handshakes are refused.
+pub const MAX_HANDSHAKES: usize = 4096;
+
+/// Most join connections served at once: each holds at most `JOIN_WINDOW` (QUIC) or one yamux
+/// window (TCP), so strangers can hold at most a few MiB of this server together.
+pub const MAX_JOINS: usize = 64;
+
+/// The transport's stream limit sits a little above the server's own, so that the server's
+/// check (a clear `busy` status, a log line, a metric) bites first and the control and renewal
+/// streams always fit.
+pub(crate) fn transport_limits(config: &crate::config::ServerConfig) -> tls::TunnelLimits {
+    let mut l = config.limits;
+    l.max_streams = l.max_streams.saturating_add(16);
+    l
+}
+
+/// The QUIC transport of the listener (see [`JOIN_WINDOW`]).
+pub(crate) fn listener_transport(config: &crate::config::ServerConfig) -> quinn::TransportConfig {
+    let mut t = tls::quic_transport(config.liveness, transport_limits(config));
+    t.receive_window(JOIN_WINDOW.into());
+    t
+}
+
+/// A place among the handshakes in progress, or `None` (counted and logged) when all are taken.
+fn handshake_slot(
+    state: &State,
+    remote: SocketAddr,
+    kind: TransportKind,
+) -> Option<OwnedSemaphorePermit> {
+    let permit = state.handshakes.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        state.metrics.limit_hit("handshakes");
+        if let Some(left_out) = state.noisy_log.allow() {
+            warn!(left_out, peer = %remote, transport = %kind, "refused tunnel: too many handshakes in progress");
+        }
+    }
+    permit
+}
+
+/// Runs a handshake within the handshake timeout. A failure or a stall is counted and logged
+/// here, the same for both transports (at most a line a second: anyone can cause them).
+async fn handshake<T, E: std::fmt::Display>(
+    state: &State,
+    remote: SocketAddr,
+    kind: TransportKind,
+    shake: impl Future<Output = Result<T, E>>,
+) -> Option<T> {
+    let timeout = state.config.handshake_timeout;
+    let failure = match tokio::time::timeout(timeout, shake).await {
+        Ok(Ok(t)) => return Some(t),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => {
+            state.metrics.limit_hit("handshake_timeout");
+            format!("did not complete within {timeout:?}")
+        }
+    };
+    state.metrics.handshake_failures.inc();
+    if let Some(left_out) = state.noisy_log.allow() {
+        warn!(left_out, peer = %remote, transport = %kind, error = %failure, "refused tunnel: TLS handshake failed");
+    }
+    None
+}
+
+/// Accepts QUIC connections until shutdown.
+pub(crate) async fn accept_quic(
+    endpoint: quinn::Endpoint,
+    state: Arc<State>,
+    mut stop: ShutdownSignal,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = stop.wait() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        if state.draining.load(Ordering::Relaxed) {
+            incoming.refuse();
+            continue;
+        }
+        let free = state.handshakes.available_permits();
+        if free < MAX_HANDSHAKES / 2 && !incoming.remote_address_validated() && incoming.may_retry()
+        {
+            // Many handshakes at once: make the client prove its address first (one round trip
+            // for a real client, nothing kept here for a spoofed one).
+            let _ = incoming.retry();
+            continue;
+        }
+        let remote = incoming.remote_address();
+        let Some(permit) = handshake_slot(&state, remote, TransportKind::Quic) else {
+            incoming.refuse();
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let shake = async {
+                let connecting = incoming.accept().map_err(|e| e.to_string())?;
+                connecting.await.map_err(|e| e.to_string())
+            };
+            let Some(conn) = handshake(&state, remote, TransportKind::Quic, shake).await else {
+                return;
+            };
+            drop(permit);
+            let mut max = transport_limits(&state.config).max_streams;
+            if tls::alpn_of(&conn).as_deref() == Some(tls::ALPN_JOIN) {
+                max = 1;
+                conn.set_max_concurrent_bi_streams(1u32.into());
+            } else {
+                conn.set_receive_window(state.config.limits.conn_window.into());
+            }
+            serve_connection(Tunnel::from_quic(conn, max), remote, state).await;
+        });
+    }
+}
+
+/// Accepts tunnels over TLS on TCP (the fallback transport) until shutdown.
+pub(crate) async fn accept_tcp(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    mut stop: ShutdownSignal,
+) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(c) => c,
+                Err(e) => {
+                    if let Some(left_out) = state.noisy_log.allow() {
+                        warn!(left_out, error = %e, "TCP accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait() => return,
+        };
+        if state.draining.load(Ordering::Relaxed) {
+            continue;
+        }
+        let Some(permit) = handshake_slot(&state, remote, TransportKind::Tcp) else {
+            continue;
+        };
+        let state = state.clone();
+        let acceptor = state
+            .tcp_tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let max_streams = transport_limits(&state.config).max_streams as usize;
+        tokio::spawn(async move {
+            let shake = TcpTunnel::accept(tcp, acceptor, state.config.liveness, max_streams);
+            let Some(t) = handshake(&state, remote, TransportKind::Tcp, shake).await else {
+                return;
+            };
+            drop(permit);
+            serve_connection(Tunnel::from_tcp(t), remote, state).await;
+        });
+    }
+}
+
+/// A tunnel whose handshake completed, on either transport: a join, or a tunnel to serve.
+async fn serve_connection(tunnel: Tunnel, remote: SocketAddr, state: Arc<State>) {
+    if tunnel.alpn().as_deref() == Some(tls::ALPN_JOIN) {
+        let Ok(_slot) = state.joins.clone().try_acquire_owned() else {
+            state.metrics.limit_hit("joins");
+            if let Some(left_out) = state.noisy_log.allow() {
+                warn!(left_out, peer = %remote, limit = MAX_JOINS, "refused join: too many joins in progress");
+            }
+            tunnel.close(code::LIMIT, "too many joins in progress; retry later");
+            return;
+        };
+        return join::serve(tunnel, remote, &state).await;
+    }
+    admission::serve_tunnel(tunnel, state).await;
+}

@@ -1,0 +1,122 @@
+//! The control stream of a tunnel: version agreement, then this server's announcements (health,
+//! the server list, drain) as they change, heartbeats over TCP, node records to peers; and what
+//! the other side reports (a node's addresses, a peer's records).
+//!
+//! Reads here sit in a `select!` with the announcements and heartbeats: `read_message` keeps a
+//! partly read frame in the stream half, so a cancelled read loses nothing.
+
+use crate::admission::Party;
+use crate::announce;
+use crate::authority;
+use crate::state::State;
+use tether_common::transport::Stream;
+use tether_proto::capability::Capabilities;
+use tether_proto::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tracing::{debug, warn};
+
+/// What the dialing side said in its hello.
+pub(crate) struct Hello {
+    pub(crate) min: u8,
+    pub(crate) max: u8,
+    pub(crate) capabilities: Capabilities,
+}
+
+/// The next node records for a peer's control stream; never, for an agent's.
+async fn next_records(outbox: &mut Option<authority::RecordsOutbox>) -> Vec<Message> {
+    match outbox {
+        Some(o) => o.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The control stream: version agreement, then this server's announcements (health, the
+/// server list, drain) as they change.
+pub(crate) async fn control(
+    mut stream: Stream,
+    node: &str,
+    party: Party,
+    tunnel_id: usize,
+    hello: Hello,
+    state: &State,
+) {
+    let (min, max, capabilities) = (hello.min, hello.max, &hello.capabilities);
+    if !(min..=max).contains(&PROTOCOL_VERSION) {
+        state.metrics.protocol_errors.inc();
+        warn!(
+            node,
+            min,
+            max,
+            ours = PROTOCOL_VERSION,
+            oldest = MIN_PROTOCOL_VERSION,
+            "no common protocol version"
+        );
+        stream.reset(code::PROTOCOL).await;
+        return;
+    }
+    let welcome = Message::Welcome {
+        version: PROTOCOL_VERSION,
+        server_id: state.instance_id.clone(),
+        capabilities: Capabilities::ours(&[]),
+    };
+    if stream.send.write_message(&welcome).await.is_err() {
+        return;
+    }
+    let mut rx = state.announcer.subscribe();
+    let mut sent: Option<announce::Announcement> = None;
+    // Over TCP the health is repeated every keepalive interval: the agent's proof that this
+    // server is alive end to end (see `Stream::needs_heartbeat`).
+    let heartbeat = stream.needs_heartbeat();
+    let mut beat = tokio::time::interval(state.config.liveness.keepalive_interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Peers also get the node records, each when it is new to them.
+    let mut records = (party == Party::Peer)
+        .then(|| authority::RecordsOutbox::new(state.authority.clone(), capabilities));
+    loop {
+        let now = rx.borrow_and_update().clone();
+        for msg in announce::diff(sent.as_ref(), &now) {
+            if stream.send.write_message(&msg).await.is_err() {
+                return;
+            }
+        }
+        sent = Some(now);
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            msgs = next_records(&mut records) => {
+                for m in msgs {
+                    if stream.send.write_message(&m).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            _ = beat.tick(), if heartbeat => {
+                let healthy = sent.as_ref().is_some_and(|a| a.healthy);
+                let msg = Message::Health { upstream_healthy: healthy };
+                if stream.send.write_message(&msg).await.is_err() {
+                    return;
+                }
+            }
+            m = stream.recv.read_message() => match m {
+                Ok(Some(Message::NodeInfo { addresses })) if party == Party::Agent => {
+                    debug!(node, ?addresses, "node addresses");
+                    for (address, other) in state.registry.set_addresses(node, tunnel_id, addresses) {
+                        state.metrics.address_conflicts.inc();
+                        warn!(node, %address, other_node = %other,
+                            "address claimed by two nodes: it is contested, and the egress proxy refuses it until one of them goes away");
+                    }
+                }
+                Ok(Some(m @ (Message::NodeRecord { .. } | Message::NodeRecordV2 { .. })))
+                    if party == Party::Peer =>
+                {
+                    state.authority.merge_from_peer(node, &m)
+                }
+                Ok(Some(m)) => debug!(node, message = m.name(), "control message"),
+                Ok(None) => return,
+                Err(e) => {
+                    state.metrics.protocol_errors.inc();
+                    warn!(node, error = %e, "control stream failed; the tunnel's announcements stop");
+                    return;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The server's identity and what the records admit: loading the certificate and CA, reloading
+//! them when the files change (or on SIGHUP), and the sweep that closes tunnels the records no
+//! longer admit (revoked, forgotten, another key's) within a second of the change.
+
+use crate::error::ServerError;
+use crate::state::State;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tether_certs::files;
+use tether_certs::records::Verdict;
+use tether_common::process::shutdown::ShutdownSignal;
+use tether_common::tls;
+use tether_proto::code;
+use tracing::{info, warn};
+
+/// The CA roots, this server's identity (its certificate followed by the CA, so that joining
+/// agents can check the CA against their token), and the CA in PEM.
+pub(crate) fn load_identity(
+    dir: &std::path::Path,
+) -> Result<(rustls::RootCertStore, tls::Identity, String), tls::TlsError> {
+    let ca_path = dir.join(files::CA_CERT);
+    let roots = tls::load_roots(&ca_path)?;
+    let mut identity =
+        tls::Identity::load(&dir.join(files::SERVER_CERT), &dir.join(files::SERVER_KEY))?;
+    for ca in tls::load_certs(&ca_path)? {
+        if !identity.chain.contains(&ca) {
+            identity.chain.push(ca);
+        }
+    }
+    let ca_pem = std::fs::read_to_string(&ca_path).map_err(|source| tls::TlsError::Read {
+        path: ca_path,
+        source,
+    })?;
+    Ok((roots, identity, ca_pem))
+}
+
+pub(crate) fn cert_expiry(state: &State) {
+    let path = state.config.data_dir.join(files::SERVER_CERT);
+    if let Some(info) = tls::load_certs(&path)
+        .ok()
+        .and_then(|c| c.first().and_then(tls::peer_info))
+    {
+        state.metrics.cert_expiry.set(info.not_after);
+    }
+}
+
+/// Reloads the certificate and key from disk and uses them for new handshakes (agents and
+/// peers); tunnels that are up keep going.
+pub(crate) fn reload_certificates(state: &State) -> Result<(), ServerError> {
+    let (roots, identity, _) = load_identity(&state.config.data_dir)?;
+    let cfg = tls::server_config(roots.clone(), identity.clone())?;
+    *state.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) =
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg.clone()));
+    let transport = crate::accept::listener_transport(&state.config);
+    state
+        .endpoint
+        .set_server_config(Some(tls::quic_server_config(cfg, transport)?));
+    if let Some(d) = state.peer_dialer.get() {
+        let client = tls::client_config(roots, identity)?;
+        let transport = tls::quic_transport(state.config.liveness, state.config.limits);
+        d.set_client_config(tls::quic_client_config(client.clone(), transport)?, client);
+    }
+    state.metrics.cert_reloads.inc();
+    cert_expiry(state);
+    info!("reloaded the server certificate");
+    Ok(())
+}
+
+fn files_mtime(dir: &std::path::Path) -> Vec<Option<SystemTime>> {
+    [files::CA_CERT, files::SERVER_CERT, files::SERVER_KEY]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(dir.join(f))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .collect()
+}
+
+/// Watches the data directory: node records (revocations close tunnels within a second or
+/// two) and the certificate files (reloaded when they change).
+pub(crate) async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
+    let mut certs = files_mtime(&state.config.data_dir);
+    // Records merged from a peer take effect at once, not at the next look at the file.
+    let mut records = state.authority.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(state.config.reload_interval) => {}
+            r = records.changed() => if r.is_err() { return },
+            _ = stop.wait() => return,
+        }
+        state.authority.poll();
+        close_refused(&state);
+        let now = files_mtime(&state.config.data_dir);
+        if now != certs {
+            certs = now;
+            if let Err(e) = reload_certificates(&state) {
+                warn!(error = %e, "cannot reload the server certificate; keeping the old one");
+            }
+        }
+    }
+}
+
+/// Why the records refuse a certificate for new tunnels: the close code and the reason said to
+/// the agent and logged; `None` when they admit it.
+pub(crate) fn refusal(verdict: &Verdict) -> Option<(u32, &'static str)> {
+    match verdict {
+        Verdict::Allowed => None,
+        Verdict::Revoked => Some((code::REVOKED, "this node is revoked")),
+        Verdict::OtherOwner => Some((code::REFUSED, "the node name belongs to another key")),
+        Verdict::Forgotten => Some((
+            code::REFUSED,
+            "the node name was forgotten; the node must join again",
+        )),
+        Verdict::Superseded => Some((
+            code::REFUSED,
+            "the node name belongs to another key (this certificate was renewed)",
+        )),
+    }
+}
+
+/// Closes the tunnels whose certificate the records no longer admit: revoked nodes, names that
+/// were forgotten (a certificate from before a forget is what the forget is for), and keys that
+/// another key owns the name for. The tunnels of a renewed node's previous key stay up: they are
+/// the same node's.
+pub(crate) fn close_refused(state: &State) {
+    for name in state.registry.node_names() {
+        for e in state.registry.tunnels(&name) {
+            let verdict = state.authority.check(&name, &e.key_hash);
+            if verdict == Verdict::Superseded {
+                continue;
+            }
+            let Some((code, why)) = refusal(&verdict) else {
+                continue;
+            };
+            state.metrics.revoked_closed.inc();
+            warn!(node = %name, peer = %e.remote, reason = why, "closing tunnel");
+            e.tunnel.close(code, why);
+            state.registry.remove(&name, e.tunnel.id());
+        }
+    }
+}

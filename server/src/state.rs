@@ -1,0 +1,49 @@
+//! What a running server shares among its tasks: its settings, the registry of tunnels, the
+//! upstreams, the limits, the records and the links to its peers. Built once by
+//! [`crate::start`]; every room of the server reads it, none owns it.
+
+use crate::announce::Announcer;
+use crate::authority::Authority;
+use crate::config::ServerConfig;
+use crate::join::JoinLimiter;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::upstream::Upstream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tether_common::link::pool::Pool;
+use tether_common::link::reconnect::Dialer;
+use tokio::sync::Semaphore;
+
+/// Shared state of a running server.
+pub struct State {
+    pub(crate) config: ServerConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) registry: Registry,
+    pub(crate) upstream: Arc<Upstream>,
+    /// The named upstreams besides the apiserver (`--service`); not health-checked.
+    pub(crate) services: std::collections::HashMap<String, Arc<Upstream>>,
+    pub(crate) streams: Arc<Semaphore>,
+    /// Handshakes in progress, both transports ([`crate::accept::MAX_HANDSHAKES`]).
+    pub(crate) handshakes: Arc<Semaphore>,
+    /// Join connections being served ([`crate::accept::MAX_JOINS`]).
+    pub(crate) joins: Arc<Semaphore>,
+    /// Random per process start: tells this server apart from its peers, and from itself.
+    pub(crate) instance_id: String,
+    /// Links this server dialed to its peers.
+    pub(crate) peers: Arc<Pool>,
+    pub(crate) announcer: Announcer,
+    pub(crate) draining: AtomicBool,
+    pub(crate) authority: Arc<Authority>,
+    pub(crate) join_limiter: JoinLimiter,
+    /// The CA certificate, handed to joining nodes.
+    pub(crate) ca_pem: String,
+    pub(crate) endpoint: quinn::Endpoint,
+    /// The dialer of peer links, whose client identity is reloaded with the certificate.
+    pub(crate) peer_dialer: std::sync::OnceLock<Arc<Dialer>>,
+    /// TLS for tunnels over TCP; replaced when the certificate is reloaded.
+    pub(crate) tcp_tls: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
+    /// One line per second for failures anyone on the network can cause (handshakes that
+    /// fail or stall); `left_out` in the next line counts the rest.
+    pub(crate) noisy_log: tether_common::process::telemetry::Throttle,
+}

@@ -1,0 +1,87 @@
+//! What the admin endpoint shows of a server: readiness, metrics and the status document.
+
+use crate::registry::Entry;
+use crate::state::State;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tether_common::endpoint::admin::AdminSource;
+use tether_common::process::units::unix_seconds;
+use tether_common::status::{
+    ContestedAddress, NodeStatus, ServerStatus, Service, Status, Upstream,
+};
+
+/// The admin endpoint's view of a server.
+pub(crate) struct AdminView(pub(crate) Arc<State>);
+
+impl AdminSource for AdminView {
+    fn ready(&self) -> Result<(), String> {
+        if self.0.draining.load(Ordering::Relaxed) {
+            Err("draining".into())
+        } else if self.0.upstream.is_healthy() {
+            Ok(())
+        } else {
+            Err(format!("upstream {} unreachable", self.0.upstream.addr()))
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.0.metrics.render(&self.0.peers)
+    }
+
+    fn status(&self) -> Status {
+        let s = &self.0;
+        let nodes = s
+            .registry
+            .snapshot()
+            .into_iter()
+            .map(|(name, tunnels)| {
+                let newest = tunnels.iter().max_by_key(|e| e.since);
+                let sum = |f: fn(&Entry) -> u64| tunnels.iter().map(f).sum::<u64>();
+                NodeStatus {
+                    name,
+                    address: newest.map(|e| e.remote.to_string()),
+                    addresses: newest.map(|e| e.addresses.clone()).unwrap_or_default(),
+                    transport: newest.map(|e| e.tunnel.kind().to_string()),
+                    tunnels: tunnels.len(),
+                    streams: sum(|e| e.streams.load(Ordering::Relaxed) as u64),
+                    bytes_from_node: sum(|e| e.meter.from_tunnel.load(Ordering::Relaxed)),
+                    bytes_to_node: sum(|e| e.meter.to_tunnel.load(Ordering::Relaxed)),
+                    connected_since: tunnels.iter().map(|e| unix_seconds(e.since)).min(),
+                    certificate_expiry: newest.map(|e| e.cert_not_after),
+                    capabilities: newest.map(|e| e.capabilities.names()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let expiry = s.metrics.cert_expiry.get();
+        Status::Server(ServerStatus {
+            version: tether_common::VERSION.into(),
+            instance: s.instance_id.clone(),
+            listen: s.endpoint.local_addr().map(|a| a.to_string()).ok(),
+            advertise: s.announcer.advertise().map(String::from),
+            draining: s.draining.load(Ordering::Relaxed),
+            upstream: Upstream {
+                address: s.upstream.addr().to_string(),
+                healthy: s.upstream.is_healthy(),
+            },
+            services: s
+                .config
+                .services
+                .iter()
+                .map(|(name, address)| Service {
+                    name: name.clone(),
+                    address: address.clone(),
+                })
+                .collect(),
+            certificate_expiry: (expiry > 0).then_some(expiry),
+            nodes,
+            contested_addresses: s
+                .registry
+                .contested()
+                .into_iter()
+                .map(|(address, nodes)| ContestedAddress { address, nodes })
+                .collect(),
+            configured_peers: s.config.peers.clone(),
+            peers: s.peers.all().into_iter().map(|l| l.status()).collect(),
+        })
+    }
+}
