@@ -85,11 +85,11 @@ async fn forward(conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &For
                     metrics.failovers.inc();
                 }
                 let _guard = link.stream_guard();
-                let _open = GaugeGuard::new(&metrics.streams_open);
-                metrics.streams_total.inc();
-                let summary = relay::relay(conn, stream, &[&metrics.bytes]).await;
+                let _open = GaugeGuard::new(&metrics.shared.streams_open);
+                metrics.shared.streams_total.inc();
+                let summary = relay::relay(conn, stream, &[&metrics.shared.bytes]).await;
                 if summary.outcome != Outcome::Closed {
-                    metrics.stream_resets.inc();
+                    metrics.shared.stream_resets.inc();
                 }
                 debug!(server = %link.server, sent = summary.to_tunnel, received = summary.from_tunnel,
                     outcome = ?summary.outcome, "stream done");

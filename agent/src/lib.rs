@@ -96,14 +96,14 @@ impl AgentHandle {
     /// Stops accepting new connections, lets open streams finish for up to `timeout`, then
     /// shuts down. Returns how many streams were still open at the end.
     pub async fn drain(self, timeout: Duration) -> i64 {
-        info!(timeout = ?timeout, open = self.metrics.streams_open.get(), "draining: no new connections");
-        self.metrics.draining.set(1);
+        info!(timeout = ?timeout, open = self.metrics.shared.streams_open.get(), "draining: no new connections");
+        self.metrics.shared.draining.set(1);
         self.accepting.trigger();
         let start = Instant::now();
-        while self.metrics.streams_open.get() > 0 && start.elapsed() < timeout {
+        while self.metrics.shared.streams_open.get() > 0 && start.elapsed() < timeout {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let left = self.metrics.streams_open.get();
+        let left = self.metrics.shared.streams_open.get();
         self.shutdown().await;
         left
     }
@@ -303,7 +303,7 @@ struct AdminView {
 
 impl AdminSource for AdminView {
     fn ready(&self) -> Result<(), String> {
-        if self.metrics.draining.get() > 0 {
+        if self.metrics.shared.draining.get() > 0 {
             Err("draining".into())
         } else if self.pool.is_empty() {
             Err("no tunnel is up".into())
@@ -332,11 +332,11 @@ impl AdminSource for AdminView {
                 service: s.clone(),
             })
             .collect();
-        let expiry = self.metrics.cert_expiry.get();
+        let expiry = self.metrics.shared.cert_expiry.get();
         Status::Agent(AgentStatus {
             version: tether_common::VERSION.into(),
             node: self.node.clone(),
-            draining: self.metrics.draining.get() > 0,
+            draining: self.metrics.shared.draining.get() > 0,
             certificate_expiry: (expiry > 0).then_some(expiry),
             servers,
             listeners,

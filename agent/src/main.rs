@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tether_agent::config::AgentConfig;
-use tether_common::process::units::parse_duration;
+use tether_common::process::units::{format_duration, parse_duration};
 
 #[derive(Parser)]
 #[command(
@@ -66,7 +66,7 @@ struct RunArgs {
     #[arg(long, env = "TETHER_KEY")]
     key: Option<PathBuf>,
     /// Local listener for kubelet, kube-proxy and friends.
-    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:6443")]
+    #[arg(long, env = "TETHER_LISTEN", default_value_t = defaults().listen)]
     listen: SocketAddr,
     /// Another local listener carried to a named service of the servers, LISTEN=NAME
     /// (repeatable; the servers map NAME with --service).
@@ -76,22 +76,22 @@ struct RunArgs {
     #[arg(long, env = "TETHER_ADMIN")]
     admin: Option<SocketAddr>,
     /// How long a server may take to answer a new stream before the next one is tried.
-    #[arg(long, env = "TETHER_STREAM_OPEN_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_STREAM_OPEN_TIMEOUT", default_value = format_duration(defaults().stream_open_timeout), value_parser = parse_duration)]
     stream_open_timeout: Duration,
     /// How long the last server left may take to answer a new stream.
-    #[arg(long, env = "TETHER_LAST_ATTEMPT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_LAST_ATTEMPT_TIMEOUT", default_value = format_duration(defaults().last_attempt_timeout), value_parser = parse_duration)]
     last_attempt_timeout: Duration,
     /// Longest a tunnel's handshake may take.
-    #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = format_duration(defaults().handshake_timeout), value_parser = parse_duration)]
     handshake_timeout: Duration,
     /// Interval of keepalive packets on idle tunnels.
-    #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = format_duration(defaults().liveness.keepalive_interval), value_parser = parse_duration)]
     keepalive_interval: Duration,
     /// A tunnel that hears nothing for this long is declared dead and reconnected.
-    #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "2500ms", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = format_duration(defaults().liveness.idle_timeout), value_parser = parse_duration)]
     idle_timeout: Duration,
     /// Upper bound of the reconnect delay.
-    #[arg(long, env = "TETHER_RECONNECT_MAX", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_RECONNECT_MAX", default_value = format_duration(defaults().reconnect_max), value_parser = parse_duration)]
     reconnect_max: Duration,
     /// Join token (from `tether-server init` or `token create`), used when DATA_DIR holds no
     /// certificate yet.
@@ -113,21 +113,27 @@ struct RunArgs {
     allow_ports: Vec<u16>,
     /// The transport of the tunnels: auto (QUIC, falling back to TLS over TCP when UDP does not
     /// get through, and back to QUIC when it does), quic, or tcp.
-    #[arg(long, env = "TETHER_TRANSPORT", default_value = "auto")]
+    #[arg(long, env = "TETHER_TRANSPORT", default_value_t = defaults().transport)]
     transport: tether_common::link::reconnect::TransportChoice,
     /// How a new connection picks among healthy servers: least-streams or ordered.
-    #[arg(long, env = "TETHER_POLICY", default_value = "least-streams")]
+    #[arg(long, env = "TETHER_POLICY", default_value_t = defaults().policy)]
     policy: tether_common::link::pool::Policy,
     /// How long open streams may take to finish after SIGTERM.
-    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = format_duration(defaults().drain_timeout), value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Most local connections carried at once; more are reset.
-    #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = 16384)]
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = defaults().max_connections)]
     max_connections: usize,
     /// Runtime threads: 1 (the default) runs everything on one thread, which is the fastest
     /// for a node's traffic; 0 is one per CPU.
     #[arg(long, env = "TETHER_THREADS", default_value_t = 1)]
     threads: usize,
+}
+
+/// The library's defaults, which the flags show and take: written once, in
+/// [`AgentConfig::new`].
+fn defaults() -> AgentConfig {
+    AgentConfig::new(Vec::new(), PathBuf::new())
 }
 
 fn main() -> Result<()> {

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use tether_common::link::pool::Pool;
 use tether_common::link::reconnect::LinkStats;
-use tether_common::process::telemetry::{Counter, Exposition, Gauge};
-use tether_common::relay::Meter;
+use tether_common::metrics::Shared;
+use tether_common::process::telemetry::{Counter, CounterFamily, Exposition, Gauge, Label};
 use tether_common::transport::TransportKind;
 
 /// Why a stream could not be opened through one server. A fixed label set.
@@ -20,44 +20,47 @@ pub enum OpenFailure {
     NoTunnel,
 }
 
-const FAILURES: [(OpenFailure, &str); 4] = [
-    (OpenFailure::Refused, "refused"),
-    (OpenFailure::Timeout, "timeout"),
-    (OpenFailure::TunnelLost, "tunnel_lost"),
-    (OpenFailure::NoTunnel, "no_tunnel"),
-];
+impl Label for OpenFailure {
+    const ALL: &'static [Self] = &[
+        OpenFailure::Refused,
+        OpenFailure::Timeout,
+        OpenFailure::TunnelLost,
+        OpenFailure::NoTunnel,
+    ];
+    fn label(self) -> String {
+        match self {
+            OpenFailure::Refused => "refused",
+            OpenFailure::Timeout => "timeout",
+            OpenFailure::TunnelLost => "tunnel_lost",
+            OpenFailure::NoTunnel => "no_tunnel",
+        }
+        .into()
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// The families the agent and the server share.
+    pub shared: Shared,
     pub links: Arc<LinkStats>,
     pub failovers: Counter,
-    pub draining: Gauge,
-    pub renewals: Counter,
     pub reverse_streams: Counter,
     pub reverse_open: Gauge,
     pub reverse_refused: Counter,
     /// Expiry of the agent's certificate, Unix seconds.
-    pub cert_expiry: Gauge,
     pub connections_accepted: Counter,
     pub connections_failed: Counter,
     pub connections_over_limit: Counter,
-    pub streams_open: Gauge,
-    pub streams_total: Counter,
-    pub open_failures: [Counter; FAILURES.len()],
+    pub open_failures: CounterFamily<OpenFailure>,
     pub retries: Counter,
-    pub stream_resets: Counter,
-    pub bytes: Meter,
 }
 
 impl Metrics {
     pub fn open_failed(&self, why: OpenFailure) {
-        if let Some(i) = FAILURES.iter().position(|(f, _)| *f == why) {
-            self.open_failures[i].inc();
-        }
+        self.open_failures.inc(why);
     }
 
     pub fn render(&self, pool: &Pool) -> String {
-        use std::sync::atomic::Ordering::Relaxed;
         let mut e = Exposition::new();
         e.gauge(
             "tether_tunnels_up",
@@ -125,11 +128,6 @@ impl Metrics {
             "New connections carried by another server than the first choice.",
             self.failovers.get(),
         );
-        e.gauge(
-            "tether_draining",
-            "1 while the agent drains after SIGTERM.",
-            self.draining.get(),
-        );
         e.counter(
             "tether_reverse_streams_total",
             "Streams from the control plane to a target on this node.",
@@ -146,16 +144,6 @@ impl Metrics {
             self.reverse_refused.get(),
         );
         e.counter(
-            "tether_renewals_total",
-            "Certificate renewals done by this agent.",
-            self.renewals.get(),
-        );
-        e.gauge(
-            "tether_certificate_expiry_timestamp_seconds",
-            "When the agent's certificate expires (Unix time).",
-            self.cert_expiry.get(),
-        );
-        e.counter(
             "tether_connections_accepted_total",
             "Local connections accepted.",
             self.connections_accepted.get(),
@@ -170,48 +158,18 @@ impl Metrics {
             "Local connections reset because the connection limit was reached.",
             self.connections_over_limit.get(),
         );
-        e.gauge(
-            "tether_streams_open",
-            "Streams being relayed now.",
-            self.streams_open.get(),
-        );
-        e.counter(
-            "tether_streams_total",
-            "Streams relayed since start.",
-            self.streams_total.get(),
-        );
-        let failures: Vec<(&str, u64)> = FAILURES
-            .iter()
-            .zip(&self.open_failures)
-            .map(|((_, l), c)| (*l, c.get()))
-            .collect();
-        e.labeled(
+        e.family(
             "tether_stream_open_failures_total",
             "Failed stream opens through one server, by reason.",
-            "counter",
             "reason",
-            &failures,
+            &self.open_failures,
         );
         e.counter(
             "tether_stream_retries_total",
             "Stream opens retried on another server.",
             self.retries.get(),
         );
-        e.counter(
-            "tether_stream_resets_total",
-            "Relayed streams that ended in a reset (either side).",
-            self.stream_resets.get(),
-        );
-        e.counter(
-            "tether_tunnel_bytes_sent_total",
-            "Bytes read from local clients and sent into tunnels.",
-            self.bytes.to_tunnel.load(Relaxed),
-        );
-        e.counter(
-            "tether_tunnel_bytes_received_total",
-            "Bytes received from tunnels and written to local clients.",
-            self.bytes.from_tunnel.load(Relaxed),
-        );
+        self.shared.render(&mut e);
         e.finish()
     }
 }

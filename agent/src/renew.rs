@@ -44,7 +44,7 @@ pub async fn run(
     loop {
         let wait = match due(&config) {
             Some((due, expiry)) => {
-                metrics.cert_expiry.set(expiry);
+                metrics.shared.cert_expiry.set(expiry);
                 Duration::from_secs(due.saturating_sub(now()).max(0) as u64)
             }
             None => Duration::from_secs(60),
@@ -58,7 +58,7 @@ pub async fn run(
         }
         match renew(&config, &node_name, &pool, &dialer).await {
             Ok(until) => {
-                metrics.renewals.inc();
+                metrics.shared.renewals.inc();
                 info!(node = %node_name, valid_until = until, "renewed the agent certificate");
             }
             Err(e) => {

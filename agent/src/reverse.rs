@@ -147,9 +147,9 @@ impl Reverse {
         }
         self.metrics.reverse_streams.inc();
         let _open = GaugeGuard::new(&self.metrics.reverse_open);
-        let summary = relay::relay(tcp, stream, &[&self.metrics.bytes]).await;
+        let summary = relay::relay(tcp, stream, &[&self.metrics.shared.bytes]).await;
         if summary.outcome != Outcome::Closed {
-            self.metrics.stream_resets.inc();
+            self.metrics.shared.stream_resets.inc();
         }
     }
 }

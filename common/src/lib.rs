@@ -9,13 +9,15 @@
 //!   admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`);
 //! - **process plumbing** ([`process`]): flags and settings files, logging and metrics, systemd
 //!   notification, the runtime and shutdown;
-//! - and [`status`], the status document both binaries serve and the `status` command reads.
+//! - and what both binaries report: [`status`], the status document they serve and the `status`
+//!   command reads, and [`metrics`], the metric families they share.
 //!
 //! The wire codecs are not here: they are the `tether-proto` crate, which has no I/O.
 #![forbid(unsafe_code)]
 
 pub mod endpoint;
 pub mod link;
+pub mod metrics;
 pub mod net;
 pub mod open;
 pub mod process;

@@ -2,6 +2,7 @@
 //! one port, one budget of handshakes in progress, one way to fail a handshake, and hand every
 //! finished handshake to the same place ([`serve_connection`]): a join, or a tunnel to admit.
 
+use crate::metrics::Limit;
 use crate::state::State;
 use crate::{admission, join};
 use std::future::Future;
@@ -54,7 +55,7 @@ fn handshake_slot(
 ) -> Option<OwnedSemaphorePermit> {
     let permit = state.handshakes.clone().try_acquire_owned().ok();
     if permit.is_none() {
-        state.metrics.limit_hit("handshakes");
+        state.metrics.limit_hit(Limit::Handshakes);
         if let Some(left_out) = state.noisy_log.allow() {
             warn!(left_out, peer = %remote, transport = %kind, "refused tunnel: too many handshakes in progress");
         }
@@ -75,7 +76,7 @@ async fn handshake<T, E: std::fmt::Display>(
         Ok(Ok(t)) => return Some(t),
         Ok(Err(e)) => e.to_string(),
         Err(_) => {
-            state.metrics.limit_hit("handshake_timeout");
+            state.metrics.limit_hit(Limit::HandshakeTimeout);
             format!("did not complete within {timeout:?}")
         }
     };
@@ -185,7 +186,7 @@ pub(crate) async fn accept_tcp(
 async fn serve_connection(tunnel: Tunnel, remote: SocketAddr, state: Arc<State>) {
     if tunnel.alpn().as_deref() == Some(tls::ALPN_JOIN) {
         let Ok(_slot) = state.joins.clone().try_acquire_owned() else {
-            state.metrics.limit_hit("joins");
+            state.metrics.limit_hit(Limit::Joins);
             if let Some(left_out) = state.noisy_log.allow() {
                 warn!(left_out, peer = %remote, limit = MAX_JOINS, "refused join: too many joins in progress");
             }

@@ -2,6 +2,7 @@
 //! certificate alone), whether the records admit its key, whether its node has room for one more
 //! tunnel; then the tunnel's streams are accepted until it closes or its certificate expires.
 
+use crate::metrics::Limit;
 use crate::registry::Entry;
 use crate::state::State;
 use crate::{identity, streams};
@@ -66,7 +67,7 @@ pub(crate) async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
             }
         }
         if state.registry.tunnels(&name).len() >= state.config.max_tunnels_per_node {
-            state.metrics.limit_hit("tunnels_per_node");
+            state.metrics.limit_hit(Limit::TunnelsPerNode);
             warn!(node = %name, peer = %remote, limit = state.config.max_tunnels_per_node,
                 "refused tunnel: too many tunnels for this node");
             tunnel.close(code::LIMIT, "too many tunnels for this node");

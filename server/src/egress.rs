@@ -181,8 +181,8 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str
     }
     info!(client = who, node = %req.host, port = req.port, "egress CONNECT established");
     state.metrics.egress_streams.inc();
-    let _open = GaugeGuard::new(&state.metrics.streams_open);
-    relay::relay_io(s, rest, stream, &[&state.metrics.bytes]).await;
+    let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
+    relay::relay_io(s, rest, stream, &[&state.metrics.shared.bytes]).await;
 }
 
 /// A stream from a peer asking for a node connected here: local tunnels only (one hop).
@@ -191,8 +191,8 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
     match route_local(state, &req).await {
         Ok(target) => {
             if answer(&mut stream, StatusCode::Ok, "").await.is_ok() {
-                let _open = GaugeGuard::new(&state.metrics.streams_open);
-                relay::splice(stream, target, &[&state.metrics.bytes]).await;
+                let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
+                relay::splice(stream, target, &[&state.metrics.shared.bytes]).await;
             }
         }
         Err((http, message)) => {

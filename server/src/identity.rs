@@ -40,7 +40,7 @@ pub(crate) fn cert_expiry(state: &State) {
         .ok()
         .and_then(|c| c.first().and_then(tls::peer_info))
     {
-        state.metrics.cert_expiry.set(info.not_after);
+        state.metrics.shared.cert_expiry.set(info.not_after);
     }
 }
 

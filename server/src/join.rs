@@ -5,6 +5,7 @@
 //! disk now, the node name's owner in the node records, and signs the request. The node's key
 //! never leaves the node.
 
+use crate::metrics::Limit;
 use crate::state::State;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -81,7 +82,7 @@ fn answer(code: StatusCode, message: String, cert_pem: String, ca_pem: String) -
 /// Serves one join connection: one stream, one request, one answer.
 pub async fn serve(tunnel: Tunnel, remote: SocketAddr, state: &State) {
     if !state.join_limiter.allow(remote.ip()) {
-        state.metrics.limit_hit("join_rate");
+        state.metrics.limit_hit(Limit::JoinRate);
         warn!(peer = %remote, limit = state.config.join_rate_per_minute,
             "refused join: too many attempts from this address this minute");
         tunnel.close(code::LIMIT, "too many join attempts; wait a minute");
@@ -231,7 +232,7 @@ pub async fn renew(mut stream: Stream, node: &str, current_key: &str, csr: Vec<u
                 Err(e) => fail(StatusCode::Busy, format!("cannot record the new key: {e}")),
                 Ok(Err(why)) => fail(StatusCode::RefusedByPolicy, why),
                 Ok(Ok(())) => {
-                    state.metrics.renewals.inc();
+                    state.metrics.shared.renewals.inc();
                     info!(node, "renewed the node's certificate");
                     answer(StatusCode::Ok, String::new(), cert, state.ca_pem.clone())
                 }

@@ -103,16 +103,16 @@ impl ServerHandle {
     /// lets open streams finish for up to `timeout`, then shuts down. Returns how many streams
     /// were still open at the end.
     pub async fn drain(self, timeout: Duration) -> i64 {
-        let open = self.state.metrics.streams_open.get();
+        let open = self.state.metrics.shared.streams_open.get();
         info!(timeout = ?timeout, open, "draining: agents and peers are told to send no new streams");
         self.state.draining.store(true, Ordering::Relaxed);
-        self.state.metrics.draining.set(1);
+        self.state.metrics.shared.draining.set(1);
         self.state.announcer.set_draining();
         let start = Instant::now();
-        while self.state.metrics.streams_open.get() > 0 && start.elapsed() < timeout {
+        while self.state.metrics.shared.streams_open.get() > 0 && start.elapsed() < timeout {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let left = self.state.metrics.streams_open.get();
+        let left = self.state.metrics.shared.streams_open.get();
         self.shutdown().await;
         left
     }

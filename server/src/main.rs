@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tether_common::process::units::parse_duration;
+use tether_common::process::units::{format_duration, parse_duration};
 use tether_server::config::ServerConfig;
 
 #[derive(Parser)]
@@ -138,10 +138,10 @@ struct RunArgs {
     #[arg(long, env = "TETHER_DATA_DIR")]
     data_dir: PathBuf,
     /// Address for tunnels: QUIC on its UDP port, TLS over TCP on the same TCP port.
-    #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:9443")]
+    #[arg(long, env = "TETHER_LISTEN", default_value_t = defaults().listen)]
     listen: SocketAddr,
     /// The kube-apiserver to relay to (host:port).
-    #[arg(long, env = "TETHER_UPSTREAM", default_value = "127.0.0.1:6443")]
+    #[arg(long, env = "TETHER_UPSTREAM", default_value = defaults().upstream)]
     upstream: String,
     /// Runtime threads: 0 (the default) is one per CPU; 1 runs everything on one thread.
     #[arg(long, env = "TETHER_THREADS", default_value_t = 0)]
@@ -179,42 +179,48 @@ struct RunArgs {
     #[arg(long, env = "TETHER_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
     /// How long open streams may take to finish after SIGTERM.
-    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = format_duration(defaults().drain_timeout), value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Longest wait for a connection to the upstream.
-    #[arg(long, env = "TETHER_CONNECT_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_CONNECT_TIMEOUT", default_value = format_duration(defaults().connect_timeout), value_parser = parse_duration)]
     connect_timeout: Duration,
     /// Longest a TLS handshake may take.
-    #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = format_duration(defaults().handshake_timeout), value_parser = parse_duration)]
     handshake_timeout: Duration,
     /// Longest a new stream may take to send its header.
-    #[arg(long, env = "TETHER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_HEADER_TIMEOUT", default_value = format_duration(defaults().header_timeout), value_parser = parse_duration)]
     header_timeout: Duration,
     /// Interval of keepalive packets on idle tunnels.
-    #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = format_duration(defaults().liveness.keepalive_interval), value_parser = parse_duration)]
     keepalive_interval: Duration,
     /// A tunnel that hears nothing for this long is closed.
-    #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "2500ms", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = format_duration(defaults().liveness.idle_timeout), value_parser = parse_duration)]
     idle_timeout: Duration,
     /// Most concurrent streams per tunnel.
-    #[arg(long, env = "TETHER_MAX_STREAMS_PER_TUNNEL", default_value_t = 4096)]
+    #[arg(long, env = "TETHER_MAX_STREAMS_PER_TUNNEL", default_value_t = defaults().limits.max_streams)]
     max_streams_per_tunnel: u32,
     /// Most tunnels one node identity may hold at once.
-    #[arg(long, env = "TETHER_MAX_TUNNELS_PER_NODE", default_value_t = 8)]
+    #[arg(long, env = "TETHER_MAX_TUNNELS_PER_NODE", default_value_t = defaults().max_tunnels_per_node)]
     max_tunnels_per_node: usize,
     /// Join attempts allowed per source address per minute.
-    #[arg(long, env = "TETHER_JOIN_RATE_LIMIT", default_value_t = 10)]
+    #[arg(long, env = "TETHER_JOIN_RATE_LIMIT", default_value_t = defaults().join_rate_per_minute)]
     join_rate_limit: u32,
     /// Lifetime of certificates signed for joining and renewing agents.
-    #[arg(long, env = "TETHER_AGENT_CERT_LIFETIME", default_value = "365d", value_parser = parse_duration)]
+    #[arg(long, env = "TETHER_AGENT_CERT_LIFETIME", default_value = format_duration(defaults().agent_cert_lifetime), value_parser = parse_duration)]
     agent_cert_lifetime: Duration,
     /// Most streams relayed at once by this server; more are answered busy.
-    #[arg(long, env = "TETHER_MAX_STREAMS", default_value_t = 65536)]
+    #[arg(long, env = "TETHER_MAX_STREAMS", default_value_t = defaults().max_streams)]
     max_streams: usize,
     /// Most streams one node may have open at once over all its tunnels, so that no node takes
     /// more than its share of --max-streams.
-    #[arg(long, env = "TETHER_MAX_STREAMS_PER_NODE", default_value_t = 8192)]
+    #[arg(long, env = "TETHER_MAX_STREAMS_PER_NODE", default_value_t = defaults().max_streams_per_node)]
     max_streams_per_node: usize,
+}
+
+/// The library's defaults, which the flags show and take: written once, in
+/// [`ServerConfig::new`].
+fn defaults() -> ServerConfig {
+    ServerConfig::new(PathBuf::new())
 }
 
 fn main() -> Result<()> {

@@ -3,93 +3,115 @@
 use std::sync::Arc;
 use tether_common::link::pool::Pool;
 use tether_common::link::reconnect::LinkStats;
-use tether_common::process::telemetry::{Counter, Exposition, Gauge};
-use tether_common::relay::Meter;
+use tether_common::metrics::Shared;
+use tether_common::process::telemetry::{Counter, CounterFamily, Exposition, Gauge, Label};
 use tether_proto::StatusCode;
 
-/// Stream-open failures are counted by reason; the label set is this fixed list.
-const REASONS: [StatusCode; 8] = [
-    StatusCode::UpstreamUnreachable,
-    StatusCode::RefusedByPolicy,
-    StatusCode::UnknownService,
-    StatusCode::Busy,
-    StatusCode::Draining,
-    StatusCode::Timeout,
-    StatusCode::NoRoute,
-    StatusCode::BadRequest,
-];
+/// The limits whose hits are counted (`tether_limit_hits_total{limit}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    TunnelsPerNode,
+    StreamsPerTunnel,
+    StreamsPerNode,
+    StreamsPerServer,
+    JoinRate,
+    HandshakeTimeout,
+    Handshakes,
+    Joins,
+}
+
+impl Label for Limit {
+    const ALL: &'static [Self] = &[
+        Limit::TunnelsPerNode,
+        Limit::StreamsPerTunnel,
+        Limit::StreamsPerNode,
+        Limit::StreamsPerServer,
+        Limit::JoinRate,
+        Limit::HandshakeTimeout,
+        Limit::Handshakes,
+        Limit::Joins,
+    ];
+    fn label(self) -> String {
+        match self {
+            Limit::TunnelsPerNode => "tunnels_per_node",
+            Limit::StreamsPerTunnel => "streams_per_tunnel",
+            Limit::StreamsPerNode => "streams_per_node",
+            Limit::StreamsPerServer => "streams_per_server",
+            Limit::JoinRate => "join_rate",
+            Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::Handshakes => "handshakes",
+            Limit::Joins => "joins",
+        }
+        .into()
+    }
+}
+
+/// The HTTP status a failed egress request was answered with
+/// (`tether_egress_failures_total{code}`); other codes are not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressCode(pub u16);
+
+impl Label for EgressCode {
+    const ALL: &'static [Self] = &[
+        EgressCode(400),
+        EgressCode(403),
+        EgressCode(404),
+        EgressCode(405),
+        EgressCode(408),
+        EgressCode(409),
+        EgressCode(431),
+        EgressCode(502),
+        EgressCode(503),
+        EgressCode(504),
+    ];
+    fn label(self) -> String {
+        self.0.to_string()
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// The families the agent and the server share.
+    pub shared: Shared,
     pub tunnels_up: Gauge,
     pub tunnels_total: Counter,
     pub handshake_failures: Counter,
-    pub streams_open: Gauge,
-    pub streams_total: Counter,
-    pub stream_failures: [Counter; REASONS.len()],
-    pub stream_resets: Counter,
+    pub stream_failures: CounterFamily<StatusCode>,
     pub protocol_errors: Counter,
     pub upstream_healthy: Gauge,
-    pub bytes: Meter,
     /// Links this server dialed to its peers.
     pub peer_links: Arc<LinkStats>,
     /// Peers that dialed this server.
     pub peer_tunnels_in: Gauge,
     pub peer_relayed: Counter,
     pub peer_relay_failures: Counter,
-    pub draining: Gauge,
     pub joins: Counter,
     pub join_failures: Counter,
-    pub renewals: Counter,
     pub revoked_closed: Counter,
     /// Tunnels closed because their certificate expired while they were up.
     pub expired_closed: Counter,
     pub cert_reloads: Counter,
-    /// Expiry of this server's own certificate, Unix seconds.
-    pub cert_expiry: Gauge,
-    pub limit_hits: [Counter; LIMITS.len()],
+    pub limit_hits: CounterFamily<Limit>,
     pub egress_streams: Counter,
     /// Address claims that collided with another node's claim.
     pub address_conflicts: Counter,
-    pub egress_failures: [Counter; EGRESS_CODES.len()],
+    pub egress_failures: CounterFamily<EgressCode>,
 }
-
-/// HTTP statuses of failed egress requests; a fixed label set.
-pub const EGRESS_CODES: [u16; 10] = [400, 403, 404, 405, 408, 409, 431, 502, 503, 504];
-
-/// The limits whose hits are counted; a fixed label set.
-pub const LIMITS: [&str; 8] = [
-    "tunnels_per_node",
-    "streams_per_tunnel",
-    "streams_per_node",
-    "streams_per_server",
-    "join_rate",
-    "handshake_timeout",
-    "handshakes",
-    "joins",
-];
 
 impl Metrics {
     pub fn egress_failed(&self, code: u16) {
-        if let Some(i) = EGRESS_CODES.iter().position(|c| *c == code) {
-            self.egress_failures[i].inc();
-        }
+        self.egress_failures.inc(EgressCode(code));
     }
 
-    pub fn limit_hit(&self, limit: &str) {
-        if let Some(i) = LIMITS.iter().position(|l| *l == limit) {
-            self.limit_hits[i].inc();
-        }
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limit_hits.inc(limit);
     }
 
     pub fn stream_failed(&self, code: StatusCode) {
-        if let Some(i) = REASONS.iter().position(|r| *r == code) {
-            self.stream_failures[i].inc();
-        }
+        self.stream_failures.inc(code);
     }
 
     pub fn render(&self, peers: &Pool) -> String {
-        use std::sync::atomic::Ordering::Relaxed;
         let mut e = Exposition::new();
         e.gauge(
             "tether_tunnels_up",
@@ -106,32 +128,11 @@ impl Metrics {
             "TLS handshakes refused or failed (no, foreign or bad certificate; timeout).",
             self.handshake_failures.get(),
         );
-        e.gauge(
-            "tether_streams_open",
-            "Streams being relayed now.",
-            self.streams_open.get(),
-        );
-        e.counter(
-            "tether_streams_total",
-            "Streams relayed since start.",
-            self.streams_total.get(),
-        );
-        let failures: Vec<(&str, u64)> = REASONS
-            .iter()
-            .zip(&self.stream_failures)
-            .map(|(r, c)| (r.label(), c.get()))
-            .collect();
-        e.labeled(
+        e.family(
             "tether_stream_open_failures_total",
             "Streams answered with a failure status, by reason.",
-            "counter",
             "reason",
-            &failures,
-        );
-        e.counter(
-            "tether_stream_resets_total",
-            "Relayed streams that ended in a reset (either side).",
-            self.stream_resets.get(),
+            &self.stream_failures,
         );
         e.counter(
             "tether_protocol_errors_total",
@@ -142,16 +143,6 @@ impl Metrics {
             "tether_upstream_healthy",
             "1 when the last upstream check succeeded.",
             self.upstream_healthy.get(),
-        );
-        e.counter(
-            "tether_tunnel_bytes_received_total",
-            "Bytes received from tunnels and written to the upstream.",
-            self.bytes.from_tunnel.load(Relaxed),
-        );
-        e.counter(
-            "tether_tunnel_bytes_sent_total",
-            "Bytes read from the upstream and sent into tunnels.",
-            self.bytes.to_tunnel.load(Relaxed),
         );
         e.gauge(
             "tether_peer_tunnels_up",
@@ -190,11 +181,6 @@ impl Metrics {
             "Attempts to relay a stream through a peer that failed.",
             self.peer_relay_failures.get(),
         );
-        e.gauge(
-            "tether_draining",
-            "1 while the server drains after SIGTERM.",
-            self.draining.get(),
-        );
         e.counter(
             "tether_joins_total",
             "Nodes that joined with a token.",
@@ -204,11 +190,6 @@ impl Metrics {
             "tether_join_failures_total",
             "Join attempts refused (bad token, taken name, bad request, no request).",
             self.join_failures.get(),
-        );
-        e.counter(
-            "tether_renewals_total",
-            "Agent certificates renewed over a tunnel.",
-            self.renewals.get(),
         );
         e.counter(
             "tether_revoked_tunnels_closed_total",
@@ -225,22 +206,11 @@ impl Metrics {
             "Times the server certificate was reloaded from disk.",
             self.cert_reloads.get(),
         );
-        e.gauge(
-            "tether_certificate_expiry_timestamp_seconds",
-            "When this server's certificate expires (Unix time).",
-            self.cert_expiry.get(),
-        );
-        let hits: Vec<(&str, u64)> = LIMITS
-            .iter()
-            .zip(&self.limit_hits)
-            .map(|(l, c)| (*l, c.get()))
-            .collect();
-        e.labeled(
+        e.family(
             "tether_limit_hits_total",
             "Times a limit refused something, by limit.",
-            "counter",
             "limit",
-            &hits,
+            &self.limit_hits,
         );
         e.counter(
             "tether_address_conflicts_total",
@@ -252,19 +222,13 @@ impl Metrics {
             "CONNECT requests of the control plane relayed to a node.",
             self.egress_streams.get(),
         );
-        let codes: Vec<String> = EGRESS_CODES.iter().map(|c| c.to_string()).collect();
-        let failed: Vec<(&str, u64)> = codes
-            .iter()
-            .zip(&self.egress_failures)
-            .map(|(c, n)| (c.as_str(), n.get()))
-            .collect();
-        e.labeled(
+        e.family(
             "tether_egress_failures_total",
             "CONNECT requests that failed, by the HTTP status answered.",
-            "counter",
             "code",
-            &failed,
+            &self.egress_failures,
         );
+        self.shared.render(&mut e);
         e.finish()
     }
 }

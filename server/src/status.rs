@@ -52,7 +52,7 @@ impl AdminSource for AdminView {
                 }
             })
             .collect();
-        let expiry = s.metrics.cert_expiry.get();
+        let expiry = s.metrics.shared.cert_expiry.get();
         Status::Server(ServerStatus {
             version: tether_common::VERSION.into(),
             instance: s.instance_id.clone(),

@@ -4,13 +4,14 @@
 //! relayed.
 
 use crate::admission::Party;
+use crate::metrics::Limit;
 use crate::state::State;
 use crate::{control, egress, join};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_common::link::pool::{Link, Policy};
 use tether_common::open::{self, answer};
-use tether_common::process::telemetry::GaugeGuard;
+use tether_common::process::telemetry::{GaugeGuard, Label};
 use tether_common::relay::{self, Outcome};
 use tether_common::transport::Stream;
 use tether_proto::capability::Capabilities;
@@ -84,7 +85,7 @@ pub(crate) async fn serve_stream(
                 return busy(
                     &mut stream,
                     node,
-                    "streams_per_tunnel",
+                    Limit::StreamsPerTunnel,
                     tunnel_limit,
                     why,
                     state,
@@ -97,7 +98,7 @@ pub(crate) async fn serve_stream(
                 return busy(
                     &mut stream,
                     node,
-                    "streams_per_node",
+                    Limit::StreamsPerNode,
                     node_limit,
                     why,
                     state,
@@ -141,13 +142,13 @@ async fn refuse(stream: &mut Stream, code: StatusCode, message: String, state: &
 async fn busy(
     stream: &mut Stream,
     node: &str,
-    limit_name: &str,
+    limit_name: Limit,
     limit: usize,
     why: &str,
     state: &State,
 ) {
     state.metrics.limit_hit(limit_name);
-    warn!(node, limit, limit_name, "stream refused: {why}");
+    warn!(node, limit, limit_name = %limit_name.label(), "stream refused: {why}");
     refuse(stream, StatusCode::Busy, why.to_string(), state).await
 }
 
@@ -188,7 +189,15 @@ async fn serve_open(
     }
     let Ok(_permit) = state.streams.clone().try_acquire_owned() else {
         let (limit, why) = (state.config.max_streams, "server stream limit reached");
-        return busy(&mut stream, node, "streams_per_server", limit, why, state).await;
+        return busy(
+            &mut stream,
+            node,
+            Limit::StreamsPerServer,
+            limit,
+            why,
+            state,
+        )
+        .await;
     };
 
     // A healthy upstream first. When it is known to be down, a peer first, and the upstream
@@ -227,12 +236,12 @@ async fn relay_upstream(mut stream: Stream, tcp: tokio::net::TcpStream, node: &s
     if answer(&mut stream, StatusCode::Ok, "").await.is_err() {
         return;
     }
-    state.metrics.streams_total.inc();
-    let _open = GaugeGuard::new(&state.metrics.streams_open);
+    state.metrics.shared.streams_total.inc();
+    let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
     let node_meter = state.registry.meter(node).unwrap_or_default();
-    let summary = relay::relay(tcp, stream, &[&state.metrics.bytes, &*node_meter]).await;
+    let summary = relay::relay(tcp, stream, &[&state.metrics.shared.bytes, &*node_meter]).await;
     if summary.outcome != Outcome::Closed {
-        state.metrics.stream_resets.inc();
+        state.metrics.shared.stream_resets.inc();
     }
     debug!(node, up = summary.from_tunnel, down = summary.to_tunnel, outcome = ?summary.outcome,
         "stream done");
@@ -260,15 +269,15 @@ async fn relay_peer(mut stream: Stream, link: Arc<Link>, peer: Stream, node: &st
     if answer(&mut stream, StatusCode::Ok, "").await.is_err() {
         return;
     }
-    state.metrics.streams_total.inc();
+    state.metrics.shared.streams_total.inc();
     state.metrics.peer_relayed.inc();
-    let _open = GaugeGuard::new(&state.metrics.streams_open);
+    let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
     let _on_link = link.stream_guard();
     debug!(node, peer = %link.server, "relaying through peer");
     let node_meter = state.registry.meter(node).unwrap_or_default();
-    let summary = relay::splice(stream, peer, &[&state.metrics.bytes, &*node_meter]).await;
+    let summary = relay::splice(stream, peer, &[&state.metrics.shared.bytes, &*node_meter]).await;
     if summary.outcome != Outcome::Closed {
-        state.metrics.stream_resets.inc();
+        state.metrics.shared.stream_resets.inc();
     }
 }
 

@@ -89,7 +89,7 @@ async fn an_agent_given_one_server_learns_the_others_and_remembers_them() {
     }
     for s in &servers {
         assert_eq!(
-            s.metrics().streams_open.get(),
+            s.metrics().shared.streams_open.get(),
             10,
             "least-streams spreads evenly"
         );
@@ -158,7 +158,7 @@ async fn a_server_with_a_dead_upstream_relays_through_a_healthy_peer() {
         .collect();
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(servers[0].metrics().peer_relayed.get(), 50);
-    assert_eq!(servers[1].metrics().streams_total.get(), 50);
+    assert_eq!(servers[1].metrics().shared.streams_total.get(), 50);
     agent.shutdown().await;
     for s in servers {
         s.shutdown().await;
@@ -233,7 +233,7 @@ async fn relayed_streams_never_loop() {
         0,
         "relayed a second hop"
     );
-    assert_eq!(servers[1].metrics().streams_total.get(), 0);
+    assert_eq!(servers[1].metrics().shared.streams_total.get(), 0);
     // The same stream from a node (hops = 0) is relayed through the healthy peer.
     let as_node = raw_client(&pki, Some("node-a"), servers[0].local_addr)
         .await
@@ -269,10 +269,10 @@ async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
     held.write_all(b"a").await.unwrap();
     let mut b = [0u8; 1];
     held.read_exact(&mut b).await.unwrap();
-    assert_eq!(s1.metrics().streams_open.get(), 1);
+    assert_eq!(s1.metrics().shared.streams_open.get(), 1);
 
     let s1_addr = s1.local_addr;
-    let s2_before = s2.metrics().streams_total.get();
+    let s2_before = s2.metrics().shared.streams_total.get();
     let drain = tokio::spawn(s1.drain(Duration::from_secs(20)));
     wait_for("agent sees the drain", Duration::from_secs(5), || {
         agent.draining_servers() == vec![s1_addr.to_string()]
@@ -284,7 +284,7 @@ async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
             .await
             .unwrap();
     }
-    assert_eq!(s2.metrics().streams_total.get(), s2_before + 10);
+    assert_eq!(s2.metrics().shared.streams_total.get(), s2_before + 10);
     held.write_all(b"b").await.unwrap();
     held.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"b");

@@ -458,7 +458,7 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     held.read_exact(&mut b).await.unwrap();
 
     wait_for("renewed", Duration::from_secs(15), || {
-        agent.metrics().renewals.get() >= 1
+        agent.metrics().shared.renewals.get() >= 1
     })
     .await;
     let renewed = std::fs::read_to_string(d.path().join("agent.crt")).unwrap();

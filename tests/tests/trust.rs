@@ -91,11 +91,8 @@ async fn a_node_that_claims_another_nodes_address_gets_none_of_its_traffic() {
     // By name, the real node is still reached.
     let (code, body) = connect_status(proxy, &format!("edge-1:{port}")).await;
     assert_eq!(code, 200, "{body}");
-    let i409 = tether_server::metrics::EGRESS_CODES
-        .iter()
-        .position(|c| *c == 409)
-        .unwrap();
-    assert!(server.metrics().egress_failures[i409].get() >= 5);
+    let contested = tether_server::metrics::EgressCode(409);
+    assert!(server.metrics().egress_failures.get(contested) >= 5);
 
     // The impostor leaves: the address leads to the one node that claims it again.
     impostor.shutdown().await;

@@ -41,6 +41,12 @@ impl Policy {
     }
 }
 
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One live tunnel to one server, and what that server told us about itself.
 #[derive(Debug)]
 pub struct Link {

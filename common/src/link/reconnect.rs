@@ -63,6 +63,16 @@ impl std::str::FromStr for TransportChoice {
     }
 }
 
+impl std::fmt::Display for TransportChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportChoice::Auto => "auto",
+            TransportChoice::Quic => "quic",
+            TransportChoice::Tcp => "tcp",
+        })
+    }
+}
+
 /// How long QUIC has, in `auto`, before TLS over TCP is tried beside it.
 pub const QUIC_HEAD_START: Duration = Duration::from_secs(1);
 /// How often a link on TCP (in `auto`) tries to move to QUIC.

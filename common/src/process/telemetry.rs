@@ -183,6 +183,65 @@ impl Exposition {
     }
 }
 
+/// The label values of a metric family, as an enum: a fixed, bounded set (so a family's size
+/// does not depend on what peers send), and a typo is a compile error, not a new series.
+pub trait Label: Copy + PartialEq + 'static {
+    /// Every value, in the order they are rendered.
+    const ALL: &'static [Self];
+    /// The label's value in the exposition.
+    fn label(self) -> String;
+}
+
+/// One counter per label value of `L`.
+#[derive(Debug)]
+pub struct CounterFamily<L: Label> {
+    counters: Box<[Counter]>,
+    _label: std::marker::PhantomData<L>,
+}
+
+impl<L: Label> Default for CounterFamily<L> {
+    fn default() -> Self {
+        CounterFamily {
+            counters: L::ALL.iter().map(|_| Counter::default()).collect(),
+            _label: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<L: Label> CounterFamily<L> {
+    pub fn inc(&self, l: L) {
+        if let Some(i) = L::ALL.iter().position(|x| *x == l) {
+            self.counters[i].inc();
+        }
+    }
+
+    /// The sum over every label value.
+    pub fn total(&self) -> u64 {
+        self.counters.iter().map(Counter::get).sum()
+    }
+
+    pub fn get(&self, l: L) -> u64 {
+        L::ALL
+            .iter()
+            .position(|x| *x == l)
+            .map_or(0, |i| self.counters[i].get())
+    }
+}
+
+impl Exposition {
+    /// A counter family with one label, every value rendered (zeros too, so that rates work
+    /// from the first scrape).
+    pub fn family<L: Label>(&mut self, name: &str, help: &str, label: &str, f: &CounterFamily<L>) {
+        let values: Vec<(String, u64)> = L::ALL
+            .iter()
+            .zip(f.counters.iter())
+            .map(|(l, c)| (l.label(), c.get()))
+            .collect();
+        let refs: Vec<(&str, u64)> = values.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        self.labeled(name, help, "counter", label, &refs);
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -212,5 +271,33 @@ mod tests {
         let s = e.finish();
         assert!(s.contains("# TYPE tether_x_total counter\ntether_x_total 3\n"));
         assert!(s.contains("tether_y{reason=\"a\\\"b\"} 1\n"));
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Why {
+        A,
+        B,
+    }
+
+    impl Label for Why {
+        const ALL: &'static [Self] = &[Why::A, Why::B];
+        fn label(self) -> String {
+            format!("{self:?}").to_lowercase()
+        }
+    }
+
+    #[test]
+    fn families_count_by_label_and_render_every_value() {
+        let f = CounterFamily::<Why>::default();
+        f.inc(Why::B);
+        f.inc(Why::B);
+        assert_eq!((f.get(Why::A), f.get(Why::B)), (0, 2));
+        let mut e = Exposition::new();
+        e.family("tether_z_total", "Z.", "why", &f);
+        let s = e.finish();
+        assert!(
+            s.contains("tether_z_total{why=\"a\"} 0\ntether_z_total{why=\"b\"} 2\n"),
+            "{s}"
+        );
     }
 }

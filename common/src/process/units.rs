@@ -34,6 +34,23 @@ pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes a duration the way [`parse_duration`] reads it, in the largest unit that is exact
+/// (`30s`, `500ms`, `365d`): how flag defaults appear in `--help` and `config example`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && (ms / size) * size == ms {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +65,9 @@ mod tests {
         assert!(parse_duration("3 weeks").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+        for text in ["500ms", "2500ms", "3s", "5m", "1h", "365d", "0ms"] {
+            let d = parse_duration(text).unwrap();
+            assert_eq!(format_duration(d), text);
+        }
     }
 }

@@ -1,0 +1,82 @@
+//! The metric families both binaries expose with one meaning, rendered once: what is being
+//! relayed (streams, resets, bytes) and the process's own state (draining, certificate expiry,
+//! renewals). Each binary adds its own families around these.
+
+use crate::process::telemetry::{Counter, Exposition, Gauge, Label};
+use crate::relay::Meter;
+use std::sync::atomic::Ordering::Relaxed;
+use tether_proto::StatusCode;
+
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub streams_open: Gauge,
+    pub streams_total: Counter,
+    pub stream_resets: Counter,
+    pub bytes: Meter,
+    pub draining: Gauge,
+    pub renewals: Counter,
+    /// Expiry of this process's own certificate, Unix seconds (0 until known).
+    pub cert_expiry: Gauge,
+}
+
+impl Shared {
+    pub fn render(&self, e: &mut Exposition) {
+        e.gauge(
+            "tether_streams_open",
+            "Streams being relayed now.",
+            self.streams_open.get(),
+        );
+        e.counter(
+            "tether_streams_total",
+            "Streams relayed since start.",
+            self.streams_total.get(),
+        );
+        e.counter(
+            "tether_stream_resets_total",
+            "Relayed streams that ended in a reset (either side).",
+            self.stream_resets.get(),
+        );
+        e.counter(
+            "tether_tunnel_bytes_sent_total",
+            "Bytes read from TCP connections and sent into tunnels.",
+            self.bytes.to_tunnel.load(Relaxed),
+        );
+        e.counter(
+            "tether_tunnel_bytes_received_total",
+            "Bytes received from tunnels and written to TCP connections.",
+            self.bytes.from_tunnel.load(Relaxed),
+        );
+        e.gauge(
+            "tether_draining",
+            "1 while the process drains after SIGTERM.",
+            self.draining.get(),
+        );
+        e.counter(
+            "tether_renewals_total",
+            "Certificate renewals (an agent's own; a server's signed for agents).",
+            self.renewals.get(),
+        );
+        e.gauge(
+            "tether_certificate_expiry_timestamp_seconds",
+            "When this process's certificate expires (Unix time).",
+            self.cert_expiry.get(),
+        );
+    }
+}
+
+/// Streams refused with a status are counted by it: every status but `ok`.
+impl Label for StatusCode {
+    const ALL: &'static [Self] = &[
+        StatusCode::UpstreamUnreachable,
+        StatusCode::RefusedByPolicy,
+        StatusCode::UnknownService,
+        StatusCode::Busy,
+        StatusCode::Draining,
+        StatusCode::Timeout,
+        StatusCode::NoRoute,
+        StatusCode::BadRequest,
+    ];
+    fn label(self) -> String {
+        StatusCode::label(self).into()
+    }
+}
