@@ -1,9 +1,13 @@
 //! `tether-server demo`: a whole control plane on loopback, with a failover, in about 15 s.
 //!
 //! It makes a temporary CA, starts two stand-in apiservers, two `tether-server` processes (this
-//! very binary, so that `kill -9` is real) and an agent, drives HTTPS requests and a watch
-//! through the agent's listener, kills the server that carries the watch, and shows that
-//! requests keep succeeding and the watch comes back through the other server.
+//! very binary, so that `kill -9` is real) and a `tether-agent` process (the binary beside this
+//! one, as a user would run it), drives HTTPS requests and a watch through the agent's listener,
+//! kills the server that carries the watch, and shows that requests keep succeeding and the
+//! watch comes back through the other server.
+//!
+//! Run through `cargo run -p tether-server -- demo`, the agent may not be built yet: then the
+//! demo builds it with the same cargo (the server does not link the agent).
 
 use crate::standin::StandIn;
 use anyhow::{bail, Context, Result};
@@ -13,8 +17,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_certs::{files, Ca, Lifetime};
+use tether_common::endpoint::http;
+use tether_common::status::Status;
 use tether_common::tls;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -55,9 +61,7 @@ impl ServerProc {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
-        let lines: Vec<_> = text.lines().rev().take(5).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        tail(&self.dir.join("server.log"))
     }
 }
 
@@ -82,25 +86,10 @@ impl Client {
     /// GET `path`; returns the status code and body.
     async fn get(&self, path: &str) -> Result<(u16, String)> {
         let mut s = self.connect().await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)
+        let (code, body) = http::get(&mut s, "localhost", path, 1 << 20)
             .await
             .context("read the response")?;
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("malformed response")?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
     }
 
     /// Opens a watch; events arrive as lines.
@@ -139,19 +128,138 @@ fn free_udp_port() -> Result<SocketAddr> {
     Ok(s.local_addr()?)
 }
 
-async fn wait_until(
+fn free_tcp_port() -> Result<SocketAddr> {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").context("no free TCP port on loopback")?;
+    Ok(s.local_addr()?)
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
     what: &str,
     deadline: Duration,
-    mut cond: impl FnMut() -> bool,
+    mut cond: impl FnMut() -> F,
 ) -> Result<Duration> {
     let start = Instant::now();
-    while !cond() {
+    while !cond().await {
         if start.elapsed() > deadline {
             bail!("timed out after {deadline:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(start.elapsed())
+}
+
+/// The `tether-agent` binary beside this one; built first when the demo runs under `cargo run`
+/// and it is not there yet.
+fn agent_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let agent = exe.with_file_name(format!("tether-agent{}", std::env::consts::EXE_SUFFIX));
+    if agent.exists() {
+        return Ok(agent);
+    }
+    let (Some(cargo), Some(manifest)) = (
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) else {
+        bail!(
+            "the demo runs tether-agent, which is not beside this program ({}): install both binaries",
+            agent.display()
+        );
+    };
+    println!("    (building tether-agent first: cargo build -p tether-agent)");
+    let workspace = PathBuf::from(manifest).join("../Cargo.toml");
+    let mut build = std::process::Command::new(cargo);
+    build
+        .args(["build", "-p", "tether-agent", "--manifest-path"])
+        .arg(&workspace);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    let status = build.status().context("cannot run cargo")?;
+    if !status.success() || !agent.exists() {
+        bail!("cannot build tether-agent ({status})");
+    }
+    Ok(agent)
+}
+
+/// The demo's node agent, as a process.
+struct AgentProc {
+    child: Child,
+    admin: SocketAddr,
+    listen: SocketAddr,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    fn start(
+        binary: &std::path::Path,
+        servers: &[ServerProc],
+        dir: &std::path::Path,
+        token: &str,
+    ) -> Result<Self> {
+        let (listen, admin) = (free_tcp_port()?, free_tcp_port()?);
+        let log = dir.with_extension("log");
+        let mut cmd = Command::new(binary);
+        cmd.args(["run", "--data-dir"]).arg(dir);
+        for s in servers {
+            cmd.args(["--server", &s.addr.to_string()]);
+        }
+        let child = cmd
+            .args(["--listen", &listen.to_string()])
+            .args(["--admin", &admin.to_string()])
+            .args(["--node-name", "demo-node"])
+            .env("TETHER_TOKEN", token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start tether-agent")?;
+        Ok(AgentProc {
+            child,
+            admin,
+            listen,
+            log,
+        })
+    }
+
+    /// Tunnels up, from the agent's status document (0 while it cannot say).
+    async fn tunnels_up(&self) -> usize {
+        let Ok(mut tcp) = TcpStream::connect(self.admin).await else {
+            return 0;
+        };
+        let fetched = http::get(&mut tcp, "demo", "/status", 1 << 20);
+        let Ok(Ok((200, body))) = tokio::time::timeout(Duration::from_secs(2), fetched).await
+        else {
+            return 0;
+        };
+        match serde_json::from_slice(&body) {
+            Ok(Status::Agent(a)) => a.servers.iter().filter(|s| s.state == "up").count(),
+            _ => 0,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&self.log)
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SIGTERM: the agent drains and says goodbye.
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<_> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// A temporary directory, removed at the end of the demo.
@@ -168,6 +276,7 @@ pub async fn run() -> Result<()> {
     let root = scratch.0.clone();
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     println!("tether demo: two servers, two stand-in apiservers, one node agent, one failover\n");
+    let agent_bin = agent_binary()?;
 
     // 1. Certificates: server 1 makes the CA and a join token, server 2 joins the CA.
     let (d1, d2, dn) = (
@@ -223,31 +332,23 @@ pub async fn run() -> Result<()> {
         servers[0].name, servers[0].addr, servers[1].name, servers[1].addr
     );
 
-    // 4. The node's agent, in this process: it joins with the token (the token pins the CA;
-    // its key is made here and never leaves), then keeps a tunnel to each server.
-    let mut config = tether_agent::config::AgentConfig::new(
-        servers.iter().map(|s| s.addr.to_string()).collect(),
-        dn.clone(),
-    );
-    config.listen = "127.0.0.1:0".parse()?;
-    config.token = Some(report.token.to_string());
-    config.node_name = Some("demo-node".into());
-    let agent = tether_agent::start(config)
-        .await
-        .context("the demo agent cannot start")?;
-    if let Err(e) = wait_until("both tunnels", Duration::from_secs(15), || {
-        agent.tunnels_up() == 2
+    // 4. The node's agent, as its own process: it joins with the token (the token pins the
+    // CA; its key is made on the node and never leaves), then keeps a tunnel to each server.
+    let agent = AgentProc::start(&agent_bin, &servers, &dn, &report.token.to_string())?;
+    if let Err(e) = wait_until("both tunnels", Duration::from_secs(20), || async {
+        agent.tunnels_up().await == 2
     })
     .await
     {
         for s in &servers {
             eprintln!("--- {} log:\n{}", s.name, s.log_tail());
         }
+        eprintln!("--- tether-agent log:\n{}", agent.log_tail());
         return Err(e);
     }
     println!(
         " 4. tether-agent joined as node demo-node with the token; it listens on {}; tunnels up: 2",
-        agent.listen_addr
+        agent.listen
     );
 
     let mut roots = rustls::RootCertStore::empty();
@@ -260,7 +361,7 @@ pub async fn run() -> Result<()> {
         .with_no_client_auth();
     let client = Client {
         connector: tokio_rustls::TlsConnector::from(Arc::new(client_cfg)),
-        via: agent.listen_addr,
+        via: agent.listen,
     };
 
     // 5. Requests and a watch through the agent.
@@ -324,15 +425,15 @@ pub async fn run() -> Result<()> {
     wait_until(
         "the dead tunnel to be dropped",
         Duration::from_secs(10),
-        || agent.tunnels_up() == 1,
+        || async { agent.tunnels_up().await == 1 },
     )
     .await?;
     println!("    tunnels up: 1 ({} only)", servers[survivor].name);
 
     // 7. Bring the server back.
     servers[victim].start()?;
-    let back = wait_until("the agent to reconnect", Duration::from_secs(15), || {
-        agent.tunnels_up() == 2
+    let back = wait_until("the agent to reconnect", Duration::from_secs(15), || async {
+        agent.tunnels_up().await == 2
     })
     .await?;
     println!(
@@ -348,7 +449,7 @@ pub async fn run() -> Result<()> {
         total_failed
     );
     drop(watch);
-    agent.shutdown().await;
+    agent.stop().await;
     for s in &mut servers {
         s.kill().await;
     }
