@@ -208,19 +208,12 @@ pub fn run_ok(bin: &Path, args: &[&str]) -> Result<String> {
 
 /// One GET on the admin endpoint; the body.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    c.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    let (_, body) = tether_common::endpoint::http::get_blocking(
+        &addr.to_string(),
+        path,
+        Duration::from_secs(2),
     )?;
-    let mut text = String::new();
-    c.read_to_string(&mut text)?;
-    Ok(text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default())
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The value of a metric line that starts with `prefix` (name and labels).

@@ -245,7 +245,9 @@ impl AgentProc {
     async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             // SIGTERM: the agent drains and says goodbye.
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
         }
         if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
@@ -432,9 +434,11 @@ pub async fn run() -> Result<()> {
 
     // 7. Bring the server back.
     servers[victim].start()?;
-    let back = wait_until("the agent to reconnect", Duration::from_secs(15), || async {
-        agent.tunnels_up().await == 2
-    })
+    let back = wait_until(
+        "the agent to reconnect",
+        Duration::from_secs(15),
+        || async { agent.tunnels_up().await == 2 },
+    )
     .await?;
     println!(
         " 7. restarted {}: the agent reconnected after {:.1} s; tunnels up: 2",

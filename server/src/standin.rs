@@ -5,8 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tether_common::endpoint::http;
 use tether_common::tls::{self, Identity};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 /// A running stand-in apiserver. Stops when dropped.
@@ -84,17 +85,12 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut s: S,
     name: &str,
 ) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).await?;
-        if n == 0 || head.len() > 16 * 1024 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&head);
-    let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let Ok((head, _)) = http::read_head(&mut s).await else {
+        return Ok(());
+    };
+    let Some((_, path)) = http::parse_request(&head) else {
+        return http::respond(&mut s, 400, "text/plain", b"bad request\n").await;
+    };
     if path.starts_with("/api/v1/watch") {
         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
             .await?;
@@ -111,19 +107,11 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
     let (code, body) = match path.as_str() {
         "/version" => (
-            "200 OK",
+            200,
             format!("{{\"gitVersion\":\"v1.31.0-standin\",\"apiserver\":\"{name}\"}}"),
         ),
-        "/readyz" | "/healthz" | "/livez" => ("200 OK", "ok".to_string()),
-        _ => (
-            "404 Not Found",
-            "{\"kind\":\"Status\",\"code\":404}".to_string(),
-        ),
+        "/readyz" | "/healthz" | "/livez" => (200, "ok".to_string()),
+        _ => (404, "{\"kind\":\"Status\",\"code\":404}".to_string()),
     };
-    let resp = format!(
-        "HTTP/1.1 {code}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(resp.as_bytes()).await?;
-    s.shutdown().await
+    http::respond(&mut s, code, "application/json", body.as_bytes()).await
 }

@@ -9,7 +9,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tether_common::endpoint::http;
 use tokio::net::{lookup_host, TcpStream};
 
 /// Where streams go, and whether the last check found it healthy.
@@ -102,17 +102,12 @@ impl Upstream {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
-            let req = format!("GET /readyz HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
-            tls.write_all(req.as_bytes())
+            let (code, _) = http::get(&mut tls, &host, "/readyz", 64 * 1024)
                 .await
-                .map_err(|e| e.to_string())?;
-            let mut head = vec![0u8; 64];
-            let n = tls.read(&mut head).await.map_err(|e| e.to_string())?;
-            let line = String::from_utf8_lossy(&head[..n]);
-            match line.split_whitespace().nth(1) {
-                Some("200") => Ok(()),
-                Some(code) => Err(format!("/readyz answered {code}")),
-                None => Err("/readyz gave no HTTP answer".to_string()),
+                .map_err(|e| format!("/readyz gave no HTTP answer: {e}"))?;
+            match code {
+                200 => Ok(()),
+                code => Err(format!("/readyz answered {code}")),
             }
         };
         tokio::time::timeout(self.connect_timeout, probe)

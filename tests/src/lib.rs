@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_agent::config::AgentConfig;
 use tether_agent::AgentHandle;
+use tether_common::endpoint::http;
 use tether_server::config::ServerConfig;
 use tether_server::ServerHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -390,29 +391,43 @@ pub async fn accept_data(l: &TcpListener) -> (TcpStream, u8) {
     }
 }
 
-/// Opens a tunnel through an HTTP CONNECT proxy; the error carries the proxy's status line.
+/// Sends CONNECT on a proxy connection (plain or TLS). Returns the answer's status, its body
+/// when it is a refusal, and the connection (on 200, a tunnel to the target).
+pub async fn connect_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut io: S,
+    target: &str,
+) -> std::io::Result<(u16, String, S)> {
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    io.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let (head, rest) = http::read_head(&mut io)
+        .await
+        .map_err(|e| bad(format!("proxy answer: {e}")))?;
+    let (code, _) = http::parse_response(&head)?;
+    let mut body = rest.to_vec();
+    if code == 200 {
+        // The target has been sent nothing yet, so nothing of it may follow the answer.
+        if !body.is_empty() {
+            return Err(bad(format!(
+                "{} bytes after the proxy's answer",
+                body.len()
+            )));
+        }
+    } else {
+        let _ = io.read_to_end(&mut body).await;
+    }
+    Ok((code, String::from_utf8_lossy(&body).into_owned(), io))
+}
+
+/// Opens a tunnel through an HTTP CONNECT proxy; the error carries the proxy's status.
 pub async fn connect_proxy(proxy: SocketAddr, target: &str) -> Result<TcpStream, String> {
-    let mut c = TcpStream::connect(proxy)
+    let c = TcpStream::connect(proxy)
         .await
         .map_err(|e| format!("connect to proxy: {e}"))?;
-    c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    // Read the answer head byte by byte, so that nothing after it is consumed.
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = c.read(&mut b).await.map_err(|e| e.to_string())?;
-        if n == 0 || head.len() > 8192 {
-            return Err(format!("proxy closed: {}", String::from_utf8_lossy(&head)));
-        }
-        head.push(b[0]);
-    }
-    let text = String::from_utf8_lossy(&head);
-    if text.starts_with("HTTP/1.1 200") {
-        Ok(c)
-    } else {
-        Err(text.lines().next().unwrap_or_default().to_string())
+    match connect_on(c, target).await {
+        Ok((200, _, c)) => Ok(c),
+        Ok((code, body, _)) => Err(format!("HTTP/1.1 {code}: {}", body.trim())),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -424,20 +439,8 @@ pub async fn proxy_echo(proxy: SocketAddr, target: &str, data: Vec<u8>) -> Resul
 /// Fetches a path from an admin endpoint; returns the status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut c = TcpStream::connect(addr).await?;
-    c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut text = String::new();
-    c.read_to_string(&mut text).await?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+    let (code, body) = http::get(&mut c, "x", path, 64 << 20).await?;
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Reads one sample of a metric from Prometheus text.

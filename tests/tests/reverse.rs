@@ -5,53 +5,19 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tether_tests::process::free_port;
 use tether_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-/// Sends CONNECT through a proxy connection; returns the status and, on 200, the connection.
-async fn connect_via<S: AsyncRead + AsyncWrite + Unpin>(
-    io: S,
-    target: &str,
-) -> (u16, String, BufReader<S>) {
-    let mut r = BufReader::new(io);
-    r.get_mut()
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut status = String::new();
-    r.read_line(&mut status).await.unwrap();
-    let code = status
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let mut body = String::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-    }
-    if code != 200 {
-        use tokio::io::AsyncReadExt;
-        let _ = r.read_to_string(&mut body).await;
-    }
-    (code, body, r)
-}
-
-async fn connect(
-    proxy: SocketAddr,
-    target: &str,
-) -> (u16, String, BufReader<tokio::net::TcpStream>) {
-    connect_via(tokio::net::TcpStream::connect(proxy).await.unwrap(), target).await
+async fn connect(proxy: SocketAddr, target: &str) -> (u16, String, tokio::net::TcpStream) {
+    let c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    connect_on(c, target).await.unwrap()
 }
 
 /// Echoes through an established CONNECT tunnel and checks the bytes.
 async fn echo_through<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    conn: BufReader<S>,
+    io: S,
     data: Vec<u8>,
 ) -> Result<(), String> {
     use tokio::io::AsyncReadExt;
-    let io = conn.into_inner();
     let (mut rd, mut wr) = tokio::io::split(io);
     let expect = sha256(&data);
     let len = data.len();
@@ -244,7 +210,7 @@ async fn the_egress_proxy_serves_a_unix_socket() {
     })
     .await;
     let io = tokio::net::UnixStream::connect(&path).await.unwrap();
-    let (code, body, c) = connect_via(io, &format!("edge-3:{port}")).await;
+    let (code, body, c) = connect_on(io, &format!("edge-3:{port}")).await.unwrap();
     assert_eq!(code, 200, "{body}");
     echo_through(c, random_bytes(50_000, 4)).await.unwrap();
     agent.shutdown().await;

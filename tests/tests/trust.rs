@@ -17,25 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends one CONNECT through the egress proxy; returns the status code and the answer's text.
 async fn connect_status(proxy: SocketAddr, target: &str) -> (u16, String) {
-    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).await.unwrap_or(0) == 1 {
-        head.push(b[0]);
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let mut body = String::new();
-    if code != 200 {
-        let _ = c.read_to_string(&mut body).await;
-    }
+    let c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (code, body, _) = connect_on(c, target).await.unwrap();
     (code, body)
 }
 

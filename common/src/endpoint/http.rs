@@ -119,7 +119,7 @@ pub fn parse_connect(head: &[u8]) -> Result<ConnectRequest, (u16, String)> {
 }
 
 /// A parsed response head: the status code and the content length, if it gave one.
-fn parse_response(head: &[u8]) -> io::Result<(u16, Option<usize>)> {
+pub fn parse_response(head: &[u8]) -> io::Result<(u16, Option<usize>)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
