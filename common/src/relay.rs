@@ -333,3 +333,105 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite>(
         outcome,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{tcp, Tunnel};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Both ends of a loopback TCP connection.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// client ◄─TCP─► relay ◄─stream─► relay ◄─TCP─► server: returns the client's and the
+    /// server's sockets, and the two relays' summaries to come.
+    async fn relayed() -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<Summary>,
+        tokio::task::JoinHandle<Summary>,
+    ) {
+        let (ta, tb) = tcp::pair();
+        let (ta, tb) = (Tunnel::from_tcp(ta), Tunnel::from_tcp(tb));
+        let (client, near) = tcp_pair().await;
+        let (far, server) = tcp_pair().await;
+        // As in use, a frame opens the stream (the peer sees it once it carries a byte).
+        let mut opened = ta.open_stream().await.unwrap();
+        let hello = tether_proto::Message::Health {
+            upstream_healthy: true,
+        };
+        opened.send.write_message(&hello).await.unwrap();
+        let mut accepted = tb.accept_stream().await.unwrap();
+        assert_eq!(accepted.recv.read_message().await.unwrap(), Some(hello));
+        let a = tokio::spawn(async move {
+            let _keep = ta;
+            relay(near, opened, &[]).await
+        });
+        let b = tokio::spawn(async move {
+            let _keep = tb;
+            relay(far, accepted, &[]).await
+        });
+        (client, server, a, b)
+    }
+
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("in time")
+    }
+
+    #[tokio::test]
+    async fn a_half_close_travels_each_way_on_its_own() {
+        let (mut client, mut server, a, b) = relayed().await;
+        client.write_all(b"ping").await.unwrap();
+        client.shutdown().await.unwrap();
+        // The server reads the bytes and then the end, while its own direction stays open.
+        let mut got = Vec::new();
+        within(server.read_to_end(&mut got)).await.unwrap();
+        assert_eq!(got, b"ping");
+        server.write_all(b"pong, later").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        within(client.read_to_end(&mut back)).await.unwrap();
+        assert_eq!(back, b"pong, later");
+        let (a, b) = (within(a).await.unwrap(), within(b).await.unwrap());
+        assert_eq!(a.outcome, Outcome::Closed);
+        assert_eq!(b.outcome, Outcome::Closed);
+        assert_eq!((a.to_tunnel, a.from_tunnel), (4, 11));
+        assert_eq!((b.to_tunnel, b.from_tunnel), (11, 4));
+    }
+
+    #[tokio::test]
+    async fn a_reset_travels_as_a_reset() {
+        let (mut client, server, a, b) = relayed().await;
+        client.write_all(b"x").await.unwrap();
+        // The server aborts: RST on its socket.
+        server.set_zero_linger().unwrap();
+        drop(server);
+        let mut buf = [0u8; 16];
+        let read = within(client.read(&mut buf)).await;
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the client sees a reset, not an end"
+        );
+        let (a, b) = (within(a).await.unwrap(), within(b).await.unwrap());
+        assert!(
+            matches!(b.outcome, Outcome::LocalReset(_)),
+            "{:?}",
+            b.outcome
+        );
+        assert!(
+            matches!(a.outcome, Outcome::RemoteReset(_)),
+            "{:?}",
+            a.outcome
+        );
+    }
+}

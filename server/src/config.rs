@@ -10,7 +10,7 @@ use tether_common::tls::{Liveness, TunnelLimits};
 pub struct ServerConfig {
     /// Holds `ca.crt`, `server.crt` and `server.key`.
     pub data_dir: PathBuf,
-    /// UDP address of the QUIC listener.
+    /// Address of the listeners: QUIC on its UDP port, TLS over TCP on the same TCP port.
     pub listen: SocketAddr,
     /// The kube-apiserver every stream is relayed to, `host:port`.
     pub upstream: String,

@@ -67,7 +67,7 @@ use tracing::{info, warn};
 
 /// A running server.
 pub struct ServerHandle {
-    /// The UDP address the QUIC listener is bound to.
+    /// The address the listeners are bound to: QUIC on its UDP port, TLS over TCP on its TCP port.
     pub local_addr: SocketAddr,
     /// The admin endpoint's address, when one was asked for.
     pub admin_addr: Option<SocketAddr>,

@@ -14,10 +14,27 @@ use std::time::SystemTime;
 use tether_common::transport::Tunnel;
 use tether_proto::capability::Capabilities;
 
+/// What the registry needs of a tunnel: to tell it apart and to close it. The registry's rules
+/// (who an address leads to, what is contested) are thus tested without a network.
+pub trait TunnelRef: Clone + std::fmt::Debug {
+    fn id(&self) -> usize;
+    fn close(&self, code: u32, reason: &str);
+}
+
+impl TunnelRef for Tunnel {
+    fn id(&self) -> usize {
+        Tunnel::id(self)
+    }
+
+    fn close(&self, code: u32, reason: &str) {
+        Tunnel::close(self, code, reason)
+    }
+}
+
 /// One agent tunnel.
 #[derive(Debug, Clone)]
-pub struct Entry {
-    pub tunnel: Tunnel,
+pub struct Entry<T = Tunnel> {
+    pub tunnel: T,
     pub remote: SocketAddr,
     pub since: SystemTime,
     /// Expiry of the agent's certificate, seconds since the Unix epoch.
@@ -37,24 +54,32 @@ pub struct Entry {
 
 /// Where a host named in a request leads.
 #[derive(Debug)]
-pub enum Route {
+pub enum Route<T = Tunnel> {
     /// No connected node has this name or claims this address.
     Unknown,
     /// This node, through these tunnels (newest first).
-    Node(String, Vec<Entry>),
+    Node(String, Vec<Entry<T>>),
     /// More than one node claims this address: it leads nowhere until only one does.
     Contested(Vec<String>),
 }
 
 /// Connected nodes by name. A node may hold several tunnels (a restart overlapping the old
 /// connection's timeout, or several NAT paths).
-#[derive(Debug, Default)]
-pub struct Registry {
-    nodes: Mutex<HashMap<String, Vec<Entry>>>,
+#[derive(Debug)]
+pub struct Registry<T = Tunnel> {
+    nodes: Mutex<HashMap<String, Vec<Entry<T>>>>,
 }
 
-impl Registry {
-    pub fn add(&self, node: &str, entry: Entry) {
+impl<T> Default for Registry<T> {
+    fn default() -> Self {
+        Registry {
+            nodes: Mutex::default(),
+        }
+    }
+}
+
+impl<T: TunnelRef> Registry<T> {
+    pub fn add(&self, node: &str, entry: Entry<T>) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes.entry(node.to_string()).or_default().push(entry);
     }
@@ -126,7 +151,7 @@ impl Registry {
 
     /// Where `host` leads: the node of that name (its certificate says so), else the one node
     /// whose agent reported `host` as an address. Tunnels newest first.
-    pub fn find(&self, host: &str) -> Route {
+    pub fn find(&self, host: &str) -> Route<T> {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let (name, list) = match nodes.get(host) {
             Some(list) => (host.to_string(), list),
@@ -166,7 +191,7 @@ impl Registry {
     }
 
     /// The tunnels of one node, newest last.
-    pub fn tunnels(&self, node: &str) -> Vec<Entry> {
+    pub fn tunnels(&self, node: &str) -> Vec<Entry<T>> {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes.get(node).cloned().unwrap_or_default()
     }
@@ -181,7 +206,7 @@ impl Registry {
     }
 
     /// Every node with its tunnels, sorted by name.
-    pub fn snapshot(&self) -> Vec<(String, Vec<Entry>)> {
+    pub fn snapshot(&self) -> Vec<(String, Vec<Entry<T>>)> {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = nodes.iter().map(|(n, l)| (n.clone(), l.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -202,5 +227,131 @@ impl Registry {
         for e in nodes.values().flatten() {
             e.tunnel.close(code, reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A tunnel that records its close.
+    #[derive(Debug, Clone)]
+    struct Fake {
+        id: usize,
+        closed: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl TunnelRef for Fake {
+        fn id(&self) -> usize {
+            self.id
+        }
+        fn close(&self, code: u32, _reason: &str) {
+            self.closed.lock().unwrap().push(code);
+        }
+    }
+
+    fn entry(id: usize, age_s: u64, closed: &Arc<Mutex<Vec<u32>>>) -> Entry<Fake> {
+        Entry {
+            tunnel: Fake {
+                id,
+                closed: closed.clone(),
+            },
+            remote: SocketAddr::from(([192, 0, 2, 1], 40000 + id as u16)),
+            since: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
+            cert_not_after: 0,
+            key_hash: format!("key-{id}"),
+            addresses: Vec::new(),
+            streams: Arc::default(),
+            meter: Arc::default(),
+            capabilities: Capabilities::default(),
+        }
+    }
+
+    fn node_of(route: Route<Fake>) -> Option<(String, Vec<usize>)> {
+        match route {
+            Route::Node(n, list) => Some((n, list.iter().map(|e| e.tunnel.id).collect())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_name_leads_to_its_tunnels_newest_first() {
+        let closed = Arc::default();
+        let r = Registry::default();
+        r.add("edge-1", entry(1, 30, &closed));
+        r.add("edge-1", entry(2, 10, &closed));
+        r.add("edge-2", entry(3, 5, &closed));
+        assert_eq!(
+            node_of(r.find("edge-1")),
+            Some(("edge-1".into(), vec![2, 1]))
+        );
+        assert!(matches!(r.find("edge-9"), Route::Unknown));
+        assert_eq!(r.node_names(), vec!["edge-1", "edge-2"]);
+        r.tunnels("edge-1")[0].streams.store(3, Ordering::Relaxed);
+        r.tunnels("edge-1")[1].streams.store(4, Ordering::Relaxed);
+        assert_eq!(r.node_streams("edge-1"), 7);
+        // The newest tunnel's meter counts the node's bytes.
+        let newest = r.tunnels("edge-1")[1].meter.clone();
+        assert!(Arc::ptr_eq(&r.meter("edge-1").unwrap(), &newest));
+        r.remove("edge-1", 2);
+        r.remove("edge-1", 1);
+        assert!(matches!(r.find("edge-1"), Route::Unknown));
+        assert_eq!(r.node_names(), vec!["edge-2"]);
+    }
+
+    #[test]
+    fn an_address_leads_to_the_one_node_that_claims_it() {
+        let closed = Arc::default();
+        let r = Registry::default();
+        r.add("edge-1", entry(1, 10, &closed));
+        r.add("edge-2", entry(2, 10, &closed));
+        let ip = "10.0.0.7".to_string();
+        assert!(r.set_addresses("edge-1", 1, vec![ip.clone()]).is_empty());
+        assert_eq!(node_of(r.find(&ip)), Some(("edge-1".into(), vec![1])));
+
+        // A second claim is reported with the first claimant, and the address is contested.
+        let conflicts = r.set_addresses("edge-2", 2, vec![ip.clone()]);
+        assert_eq!(conflicts, vec![(ip.clone(), "edge-1".to_string())]);
+        match r.find(&ip) {
+            Route::Contested(nodes) => assert_eq!(nodes, vec!["edge-1", "edge-2"]),
+            other => panic!("expected contested, got {other:?}"),
+        }
+        assert_eq!(
+            r.contested(),
+            vec![(ip.clone(), vec!["edge-1".into(), "edge-2".into()])]
+        );
+        // A name is never contested by an address claim.
+        assert_eq!(
+            node_of(r.find("edge-1")).map(|n| n.0),
+            Some("edge-1".into())
+        );
+
+        // When one claimant goes, the address leads to the other.
+        r.remove("edge-1", 1);
+        assert_eq!(node_of(r.find(&ip)), Some(("edge-2".into(), vec![2])));
+        assert!(r.contested().is_empty());
+    }
+
+    #[test]
+    fn a_node_named_like_another_nodes_address_wins_by_name() {
+        let closed = Arc::default();
+        let r = Registry::default();
+        r.add("edge-1", entry(1, 10, &closed));
+        r.add("node-b", entry(2, 10, &closed));
+        r.set_addresses("edge-1", 1, vec!["node-b".into()]);
+        assert_eq!(node_of(r.find("node-b")), Some(("node-b".into(), vec![2])));
+    }
+
+    #[test]
+    fn close_all_closes_every_tunnel() {
+        let closed: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let r = Registry::default();
+        r.add("edge-1", entry(1, 10, &closed));
+        r.add("edge-2", entry(2, 10, &closed));
+        r.close_all(3, "bye");
+        assert_eq!(*closed.lock().unwrap(), vec![3, 3]);
     }
 }

@@ -157,35 +157,53 @@ pub async fn start_agent_over(
     let mut c = agent_config(pki, node, servers);
     c.transport = transport;
     let agent = tether_agent::start(c).await.expect("agent starts");
-    wait_for("agent tunnels up", Duration::from_secs(10), || {
+    wait_for("agent tunnels up", Duration::from_secs(10), || async {
         agent.tunnels_up() == servers.len()
     })
     .await;
     agent
 }
 
-/// Waits until `cond` holds, checking every 10 ms; panics with `what` after `deadline`.
-pub async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+/// Whether `cond` (a future, made anew for each look) comes true within `deadline`, looking
+/// every 10 ms: for callers that report a failure their own way.
+pub async fn eventually<F: Future<Output = bool>>(
+    deadline: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
     let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for: {what}"
-        );
+    loop {
+        if cond().await {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
+/// Waits until `cond` (a future, made anew for each look) comes true; panics after `deadline`
+/// naming `what`.
+pub async fn wait_for<F: Future<Output = bool>>(
+    what: &str,
+    deadline: Duration,
+    cond: impl FnMut() -> F,
+) {
+    assert!(
+        eventually(deadline, cond).await,
+        "timed out after {deadline:?} waiting for: {what}"
+    );
+}
+
 /// Waits until the admin endpoint at `admin` answers `/readyz` with 200; panics after 20 s.
 pub async fn wait_ready(admin: SocketAddr, what: &str) {
-    let start = Instant::now();
-    while !matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{what} never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ready = || async { matches!(http_get(admin, "/readyz").await, Ok((200, _))) };
+    wait_for(
+        &format!("{what} to be ready"),
+        Duration::from_secs(20),
+        ready,
+    )
+    .await;
 }
 
 /// Runs `fut` with a deadline; panics with `what` if it does not finish in time.
@@ -547,7 +565,7 @@ impl PeeredPair {
         let s2 = tether_server::start(c2)
             .await
             .expect("second server starts");
-        wait_for("peers linked", Duration::from_secs(10), || {
+        wait_for("peers linked", Duration::from_secs(10), || async {
             s1.peers_up() == 1 && s2.peers_up() == 1
         })
         .await;

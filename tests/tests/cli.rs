@@ -114,7 +114,7 @@ async fn init_issue_agent_and_run_as_documented() {
 
     // The upstream goes away: local connections are closed promptly.
     echo.stop();
-    wait_for("echo port closed", Duration::from_secs(5), || {
+    wait_for("echo port closed", Duration::from_secs(5), || async {
         std::net::TcpStream::connect(echo.addr).is_err()
     })
     .await;
@@ -205,7 +205,7 @@ async fn a_foreign_agent_is_refused_and_logged_with_its_address() {
         ],
         tmp.path().join("agent.log"),
     );
-    wait_for("refusal logged", Duration::from_secs(15), || {
+    wait_for("refusal logged", Duration::from_secs(15), || async {
         server.log_text().contains("refused tunnel")
     })
     .await;

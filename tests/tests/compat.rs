@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tether_tests::process::{bin, free_port, run_ok, Proc};
 use tether_tests::*;
 
@@ -105,22 +105,6 @@ impl Mixing {
     fn log(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.log"))
     }
-}
-
-/// Whether `cond` (which may `.await`) holds within `deadline`, checked every 20 ms.
-macro_rules! eventually {
-    ($deadline:expr, $cond:expr) => {{
-        let start = Instant::now();
-        loop {
-            if $cond {
-                break true;
-            }
-            if start.elapsed() > $deadline {
-                break false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }};
 }
 
 async fn metric_of(admin: SocketAddr, name: &str) -> Option<f64> {
@@ -219,9 +203,10 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
         ));
     }
     for (i, a) in admin.iter().enumerate() {
-        let up = eventually!(Duration::from_secs(30), {
+        let up = eventually(Duration::from_secs(30), || async {
             matches!(http_get(loopback(*a), "/readyz").await, Ok((200, _)))
-        });
+        })
+        .await;
         if !up {
             m.fail("servers start", &format!("server{i} never became ready"));
         }
@@ -259,15 +244,17 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
         &args,
         log,
     ));
-    let joined = eventually!(Duration::from_secs(30), {
+    let joined = eventually(Duration::from_secs(30), || async {
         agent_dir.join("agent.crt").exists()
-    });
+    })
+    .await;
     if !joined {
         m.fail("join with a token", "no certificate stored within 30 s");
     }
-    let both = eventually!(Duration::from_secs(30), {
+    let both = eventually(Duration::from_secs(30), || async {
         metric_of(loopback(agent_admin), "tether_tunnels_up").await == Some(2.0)
-    });
+    })
+    .await;
     if !both {
         let how = if agent_knows_both {
             "configured"
@@ -358,9 +345,10 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
             errors
         })
     };
-    let warm = eventually!(Duration::from_secs(10), {
+    let warm = eventually(Duration::from_secs(10), || async {
         passed.load(Ordering::Relaxed) >= 50
-    });
+    })
+    .await;
     if !warm {
         m.fail(
             "failover",
@@ -369,13 +357,15 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
     }
     m.procs[0].signal("KILL");
     let before_kill = passed.load(Ordering::Relaxed);
-    let dropped = eventually!(Duration::from_secs(10), {
+    let dropped = eventually(Duration::from_secs(10), || async {
         metric_of(loopback(agent_admin), "tether_tunnels_up").await == Some(1.0)
-    });
+    })
+    .await;
     // Keep the load going well past the moment the agent noticed.
-    let served_after = eventually!(Duration::from_secs(20), {
+    let served_after = eventually(Duration::from_secs(20), || async {
         passed.load(Ordering::Relaxed) >= before_kill + 200
-    });
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let errors = within("load stops", Duration::from_secs(30), load)
         .await
@@ -419,9 +409,10 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
         &servers[1].server,
         &["agent", "revoke", "edge-1", "--data-dir", &ds(1)],
     );
-    let closed = eventually!(Duration::from_secs(10), {
+    let closed = eventually(Duration::from_secs(10), || async {
         metric_of(loopback(agent_admin), "tether_tunnels_up").await == Some(0.0)
-    });
+    })
+    .await;
     if !closed {
         m.fail(
             "revoke",
@@ -429,9 +420,10 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
         );
     }
     // Watched for two seconds of the agent's retries.
-    let back = eventually!(Duration::from_secs(2), {
+    let back = eventually(Duration::from_secs(2), || async {
         metric_of(loopback(agent_admin), "tether_tunnels_up").await != Some(0.0)
-    });
+    })
+    .await;
     if back {
         m.fail("revoke", "a revoked agent got a tunnel back");
     }

@@ -41,7 +41,7 @@ async fn five_hundred_concurrent_streams_are_byte_exact(transport: TransportChoi
         failed.len(),
         &failed[..failed.len().min(5)]
     );
-    wait_for("streams closed", Duration::from_secs(10), || {
+    wait_for("streams closed", Duration::from_secs(10), || async {
         agent.metrics().shared.streams_open.get() == 0
             && server.metrics().shared.streams_open.get() == 0
     })
@@ -167,7 +167,7 @@ async fn a_reset_travels_as_a_reset(transport: TransportChoice) {
     drop(u);
     expect_reset(&mut c, "upstream reset reaches client").await;
 
-    wait_for("resets counted", Duration::from_secs(5), || {
+    wait_for("resets counted", Duration::from_secs(5), || async {
         agent.metrics().shared.stream_resets.get() == 2
             && server.metrics().shared.stream_resets.get() == 2
     })
@@ -187,7 +187,7 @@ async fn upstream_down_closes_the_local_connection_promptly(transport: Transport
         .unwrap();
     echo.stop();
     // Give the listener time to close: a connection to the stopped echo port must be refused.
-    wait_for("echo port closed", Duration::from_secs(5), || {
+    wait_for("echo port closed", Duration::from_secs(5), || async {
         std::net::TcpStream::connect(echo.addr).is_err()
     })
     .await;
@@ -239,7 +239,7 @@ async fn an_agent_with_a_foreign_certificate_gets_no_tunnel() {
     let mut config = agent_config(&stranger, "intruder", &[server.local_addr]);
     config.ca = pki.server_dir().join("ca.crt");
     let agent = tether_agent::start(config).await.expect("agent starts");
-    wait_for("handshake refused", Duration::from_secs(10), || {
+    wait_for("handshake refused", Duration::from_secs(10), || async {
         server.metrics().handshake_failures.get() >= 1
     })
     .await;
@@ -271,7 +271,7 @@ async fn a_server_with_a_foreign_certificate_is_refused_by_the_agent() {
     let agent = tether_agent::start(agent_config(&pki, "node-a", &[server.local_addr]))
         .await
         .expect("agent starts");
-    wait_for("tunnel refused", Duration::from_secs(10), || {
+    wait_for("tunnel refused", Duration::from_secs(10), || async {
         agent.metrics().links.connect_failures.get() >= 1
     })
     .await;
@@ -330,21 +330,19 @@ async fn admin_endpoint_serves_health_readiness_and_metrics() {
     let agent = tether_agent::start(ac).await.unwrap();
     let (sa, aa) = (server.admin_addr.unwrap(), agent.admin_addr.unwrap());
 
-    wait_for("agent tunnel", Duration::from_secs(10), || {
+    wait_for("agent tunnel", Duration::from_secs(10), || async {
         agent.tunnels_up() == 1
     })
     .await;
     assert_eq!(http_get(aa, "/healthz").await.unwrap().0, 200);
     assert_eq!(http_get(aa, "/readyz").await.unwrap().0, 200);
-    let mut ready = false;
-    for _ in 0..300 {
-        if http_get(sa, "/readyz").await.unwrap().0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(ready, "server ready once its upstream check passed");
+    let ready = || async { http_get(sa, "/readyz").await.unwrap().0 == 200 };
+    wait_for(
+        "server ready once its upstream check passed",
+        Duration::from_secs(3),
+        ready,
+    )
+    .await;
     echo_roundtrip(agent.listen_addr, random_bytes(1000, 9))
         .await
         .unwrap();
@@ -368,17 +366,15 @@ async fn admin_endpoint_serves_health_readiness_and_metrics() {
 
     // Not ready: upstream gone (server) and no tunnel (agent).
     echo.stop();
-    let mut down = false;
-    for _ in 0..500 {
-        if http_get(sa, "/readyz").await.unwrap().0 == 503 {
-            down = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(down, "server not ready once its upstream is gone");
+    let down = || async { http_get(sa, "/readyz").await.unwrap().0 == 503 };
+    wait_for(
+        "server not ready once its upstream is gone",
+        Duration::from_secs(5),
+        down,
+    )
+    .await;
     server.shutdown().await;
-    wait_for("agent notices", Duration::from_secs(5), || {
+    wait_for("agent notices", Duration::from_secs(5), || async {
         agent.tunnels_up() == 0
     })
     .await;
@@ -403,7 +399,7 @@ async fn named_services_are_carried_and_unknown_ones_refused() {
         (loopback0(), "nowhere".into()),
     ];
     let agent = tether_agent::start(ac).await.expect("agent starts");
-    wait_for("tunnel up", Duration::from_secs(10), || {
+    wait_for("tunnel up", Duration::from_secs(10), || async {
         agent.tunnels_up() == 1
     })
     .await;
@@ -428,7 +424,7 @@ async fn named_services_are_carried_and_unknown_ones_refused() {
     if let Ok(mut c) = TcpStream::connect(nowhere).await {
         expect_reset(&mut c, "unknown service is reset").await;
     }
-    wait_for("refusal counted", Duration::from_secs(5), || {
+    wait_for("refusal counted", Duration::from_secs(5), || async {
         server.metrics().stream_failures.total() >= 1
     })
     .await;

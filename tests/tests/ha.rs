@@ -60,7 +60,7 @@ async fn an_agent_given_one_server_learns_the_others_and_remembers_them() {
         &echoes.iter().map(|e| e.addr).collect::<Vec<_>>(),
     ))
     .await;
-    wait_for("peers linked", Duration::from_secs(10), || {
+    wait_for("peers linked", Duration::from_secs(10), || async {
         servers.iter().all(|s| s.peers_up() == 2)
     })
     .await;
@@ -68,7 +68,7 @@ async fn an_agent_given_one_server_learns_the_others_and_remembers_them() {
     let agent = tether_agent::start(agent_config(&pki, "node-a", &[servers[0].local_addr]))
         .await
         .unwrap();
-    wait_for("tunnels to all three", Duration::from_secs(10), || {
+    wait_for("tunnels to all three", Duration::from_secs(10), || async {
         agent.tunnels_up() == 3
     })
     .await;
@@ -104,7 +104,7 @@ async fn an_agent_given_one_server_learns_the_others_and_remembers_them() {
     wait_for(
         "tunnels from the saved list",
         Duration::from_secs(10),
-        || agent.tunnels_up() == 3,
+        || async { agent.tunnels_up() == 3 },
     )
     .await;
     echo_roundtrip(agent.listen_addr, random_bytes(10_000, 1))
@@ -126,7 +126,7 @@ async fn a_server_with_a_dead_upstream_relays_through_a_healthy_peer() {
     // nowhere (peers still dial it by its real one).
     configs[1].advertise = Some("127.0.0.1:1".into());
     let servers = start_all(configs).await;
-    wait_for("peers linked", Duration::from_secs(10), || {
+    wait_for("peers linked", Duration::from_secs(10), || async {
         servers.iter().all(|s| s.peers_up() == 1)
     })
     .await;
@@ -136,12 +136,14 @@ async fn a_server_with_a_dead_upstream_relays_through_a_healthy_peer() {
     wait_for(
         "tunnel to the first server",
         Duration::from_secs(10),
-        || agent.tunnels_up() == 1,
+        || async { agent.tunnels_up() == 1 },
     )
     .await;
-    wait_for("first server unhealthy", Duration::from_secs(10), || {
-        servers[0].metrics().upstream_healthy.get() == 0
-    })
+    wait_for(
+        "first server unhealthy",
+        Duration::from_secs(10),
+        || async { servers[0].metrics().upstream_healthy.get() == 0 },
+    )
     .await;
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -202,7 +204,7 @@ async fn relayed_streams_never_loop() {
     wait_for(
         "peers linked, first unhealthy",
         Duration::from_secs(10),
-        || {
+        || async {
             servers.iter().all(|s| s.peers_up() == 1)
                 && servers[0].metrics().upstream_healthy.get() == 0
                 && servers[1].metrics().upstream_healthy.get() == 1
@@ -257,7 +259,7 @@ async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
     let mut cfg = agent_config(&pki, "node-a", &[s1.local_addr, s2.local_addr]);
     cfg.policy = Policy::Ordered;
     let agent = tether_agent::start(cfg).await.unwrap();
-    wait_for("both tunnels", Duration::from_secs(10), || {
+    wait_for("both tunnels", Duration::from_secs(10), || async {
         agent.tunnels_up() == 2
     })
     .await;
@@ -274,7 +276,7 @@ async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
     let s1_addr = s1.local_addr;
     let s2_before = s2.metrics().shared.streams_total.get();
     let drain = tokio::spawn(s1.drain(Duration::from_secs(20)));
-    wait_for("agent sees the drain", Duration::from_secs(5), || {
+    wait_for("agent sees the drain", Duration::from_secs(5), || async {
         agent.draining_servers() == vec![s1_addr.to_string()]
     })
     .await;
@@ -315,7 +317,7 @@ async fn an_agent_drains_on_request() {
     held.read_exact(&mut b).await.unwrap();
     let drain = tokio::spawn(agent.drain(Duration::from_secs(20)));
     // The listener closes: new connections are refused.
-    wait_for("listener closed", Duration::from_secs(5), || {
+    wait_for("listener closed", Duration::from_secs(5), || async {
         std::net::TcpStream::connect(addr).is_err()
     })
     .await;

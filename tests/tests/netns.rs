@@ -17,26 +17,13 @@ fn agent_ready(node: &Host) -> bool {
 
 async fn wait_host(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(what, deadline, || std::future::ready(cond())).await;
     start.elapsed()
 }
 
 /// Like `wait_host`, but says whether the condition came true instead of panicking.
 async fn within_host(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while !cond() {
-        if start.elapsed() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
+    eventually(deadline, || std::future::ready(cond())).await
 }
 
 /// A server on the control plane with an echo upstream, and an agent on the node behind NAT.

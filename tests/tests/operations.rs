@@ -112,7 +112,7 @@ async fn settings_files_status_and_metrics_work_together() {
     );
     // The agent starts once the server serves, so that its first handshake is not lost.
     let server_admin = format!("127.0.0.1:{sadmin}");
-    wait_for("server admin", Duration::from_secs(30), || {
+    wait_for("server admin", Duration::from_secs(30), || async {
         std::net::TcpStream::connect(&server_admin).is_ok()
     })
     .await;
@@ -128,20 +128,17 @@ async fn settings_files_status_and_metrics_work_together() {
     );
     let aadmin = format!("127.0.0.1:{aadmin_env}");
     let sadmin = format!("127.0.0.1:{sadmin}");
-    wait_for("agent ready", Duration::from_secs(20), || {
+    wait_for("agent ready", Duration::from_secs(20), || async {
         std::net::TcpStream::connect(&aadmin).is_ok()
     })
     .await;
     // Generous: under a loaded CI machine the first QUIC handshake can time out and the agent
     // retries after its backoff.
-    let mut ready = false;
-    for _ in 0..1200 {
-        if let Ok((200, _)) = http_get(aadmin.parse().unwrap(), "/readyz").await {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let agent_admin = aadmin.parse().unwrap();
+    let ready = eventually(Duration::from_secs(60), || async {
+        matches!(http_get(agent_admin, "/readyz").await, Ok((200, _)))
+    })
+    .await;
     assert!(ready, "agent not ready: {}", agent.log_text());
     echo_roundtrip(
         listen.parse().unwrap(),

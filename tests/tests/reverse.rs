@@ -64,7 +64,7 @@ async fn the_control_plane_reaches_an_allowed_target_and_nothing_else() {
     ac.node_ips = vec!["127.0.0.2".parse().unwrap()];
     ac.allow_ports = vec![port];
     let agent = tether_agent::start(ac).await.unwrap();
-    wait_for("tunnel", Duration::from_secs(10), || {
+    wait_for("tunnel", Duration::from_secs(10), || async {
         agent.tunnels_up() == 1
     })
     .await;
@@ -73,18 +73,12 @@ async fn the_control_plane_reaches_an_allowed_target_and_nothing_else() {
     let (code, _, c) = connect(proxy, &format!("edge-1:{port}")).await;
     assert_eq!(code, 200);
     echo_through(c, random_bytes(100_000, 1)).await.unwrap();
-    let mut by_ip = 0;
-    for _ in 0..100 {
-        let (code, _, c) = connect(proxy, &format!("127.0.0.2:{port}")).await;
-        if code == 200 {
-            echo_through(c, random_bytes(10_000, 2)).await.unwrap();
-            by_ip += 1;
-            break;
-        }
-        // The node reports its addresses just after its tunnel comes up.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(by_ip, 1, "reached the node by its IP");
+    // The node reports its addresses just after its tunnel comes up.
+    let by_ip = format!("127.0.0.2:{port}");
+    let routed = || async { connect(proxy, &by_ip).await.0 == 200 };
+    wait_for("the node reached by its IP", Duration::from_secs(2), routed).await;
+    let (_, _, c) = connect(proxy, &by_ip).await;
+    echo_through(c, random_bytes(10_000, 2)).await.unwrap();
 
     // A port the agent does not allow: 403, with the reason. An unknown node: 404.
     let (code, body, _) = connect(proxy, "edge-1:22").await;
@@ -163,7 +157,7 @@ async fn a_connect_to_a_server_without_the_node_goes_through_its_peer() {
     c2.egress.listen = None;
     let s1 = tether_server::start(c1).await.unwrap();
     let s2 = tether_server::start(c2).await.unwrap();
-    wait_for("peers", Duration::from_secs(10), || {
+    wait_for("peers", Duration::from_secs(10), || async {
         s1.peers_up() == 1 && s2.peers_up() == 1
     })
     .await;
@@ -174,7 +168,7 @@ async fn a_connect_to_a_server_without_the_node_goes_through_its_peer() {
     wait_for(
         "tunnel to the second server",
         Duration::from_secs(10),
-        || agent.tunnels_up() == 1,
+        || async { agent.tunnels_up() == 1 },
     )
     .await;
     assert!(s1.connected_nodes().is_empty());
@@ -205,7 +199,7 @@ async fn the_egress_proxy_serves_a_unix_socket() {
     let mut ac = agent_config(&pki, "edge-3", &[server.local_addr]);
     ac.allow_ports = vec![port];
     let agent = tether_agent::start(ac).await.unwrap();
-    wait_for("tunnel", Duration::from_secs(10), || {
+    wait_for("tunnel", Duration::from_secs(10), || async {
         agent.tunnels_up() == 1
     })
     .await;

@@ -49,7 +49,7 @@ async fn a_node_joins_with_a_token_and_keeps_its_certificate() {
     .await
     .expect("joins");
     assert_eq!(agent.node_name, "edge-7");
-    wait_for("tunnel", Duration::from_secs(10), || {
+    wait_for("tunnel", Duration::from_secs(10), || async {
         agent.tunnels_up() == 1
     })
     .await;
@@ -75,7 +75,7 @@ async fn a_node_joins_with_a_token_and_keeps_its_certificate() {
     let agent = tether_agent::start(again)
         .await
         .expect("starts from its stored certificate");
-    wait_for("tunnel", Duration::from_secs(10), || {
+    wait_for("tunnel", Duration::from_secs(10), || async {
         agent.tunnels_up() == 1
     })
     .await;
@@ -155,7 +155,10 @@ async fn bad_tokens_and_taken_names_are_refused_clearly() {
     let a = tether_agent::start(joining_agent(&d, "n1", server.local_addr, &token))
         .await
         .expect("joins after forget");
-    wait_for("tunnel", Duration::from_secs(10), || a.tunnels_up() == 1).await;
+    wait_for("tunnel", Duration::from_secs(10), || async {
+        a.tunnels_up() == 1
+    })
+    .await;
     a.shutdown().await;
 
     // Wrong secret, revoked token, taken name (the forged CA hash fails in TLS, before a join).
@@ -202,7 +205,7 @@ async fn join_attempts_are_rate_limited_per_source() {
         server.local_addr,
         &token,
     )));
-    wait_for("rate limit bites", Duration::from_secs(10), || {
+    wait_for("rate limit bites", Duration::from_secs(10), || async {
         metric(
             &server_metrics(&server),
             "tether_limit_hits_total{limit=\"join_rate\"}",
@@ -237,7 +240,7 @@ async fn expired_and_foreign_certificates_get_no_tunnel() {
     wait_for(
         "expired certificate refused",
         Duration::from_secs(10),
-        || server.metrics().handshake_failures.get() >= 1,
+        || async { server.metrics().handshake_failures.get() >= 1 },
     )
     .await;
     assert_eq!(agent.tunnels_up(), 0);
@@ -297,9 +300,11 @@ async fn no_certificate_bad_headers_and_stalls_are_refused_and_bounded() {
             "{r:?}"
         );
     }
-    wait_for("protocol errors counted", Duration::from_secs(5), || {
-        server.metrics().protocol_errors.get() >= before + 4
-    })
+    wait_for(
+        "protocol errors counted",
+        Duration::from_secs(5),
+        || async { server.metrics().protocol_errors.get() >= before + 4 },
+    )
     .await;
     // An unknown service and an arbitrary address are answered with a status, not served.
     for target in [
@@ -390,9 +395,11 @@ async fn a_revoked_node_loses_its_tunnels_on_every_server_within_seconds() {
     let (pki, second, [a1, a2]) = (&p.pki, &p.second, p.addrs);
     let (s1, s2) = (&p.servers[0], &p.servers[1]);
     let agent = start_agent(pki, "stolen", &[a1, a2]).await;
-    wait_for("both servers see the node", Duration::from_secs(10), || {
-        s1.connected_nodes() == ["stolen"] && s2.connected_nodes() == ["stolen"]
-    })
+    wait_for(
+        "both servers see the node",
+        Duration::from_secs(10),
+        || async { s1.connected_nodes() == ["stolen"] && s2.connected_nodes() == ["stolen"] },
+    )
     .await;
 
     let start = std::time::Instant::now();
@@ -400,7 +407,7 @@ async fn a_revoked_node_loses_its_tunnels_on_every_server_within_seconds() {
     wait_for(
         "tunnels closed on both servers",
         Duration::from_secs(5),
-        || {
+        || async {
             s1.connected_nodes().is_empty()
                 && s2.connected_nodes().is_empty()
                 && agent.tunnels_up() == 0
@@ -410,7 +417,7 @@ async fn a_revoked_node_loses_its_tunnels_on_every_server_within_seconds() {
     assert!(start.elapsed() < Duration::from_secs(5));
     // And it stays out: its reconnects are refused.
     let before = s2.metrics().handshake_failures.get();
-    wait_for("reconnects refused", Duration::from_secs(10), || {
+    wait_for("reconnects refused", Duration::from_secs(10), || async {
         s2.metrics().handshake_failures.get() > before
     })
     .await;
@@ -444,7 +451,7 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     );
     c.listen = "127.0.0.1:0".parse().unwrap();
     let agent = tether_agent::start(c).await.unwrap();
-    wait_for("tunnel", Duration::from_secs(10), || {
+    wait_for("tunnel", Duration::from_secs(10), || async {
         agent.tunnels_up() == 1
     })
     .await;
@@ -457,7 +464,7 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     let mut b = [0u8; 1];
     held.read_exact(&mut b).await.unwrap();
 
-    wait_for("renewed", Duration::from_secs(15), || {
+    wait_for("renewed", Duration::from_secs(15), || async {
         agent.metrics().shared.renewals.get() >= 1
     })
     .await;
@@ -466,7 +473,7 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
 
     // Rotate the server certificate by replacing its files.
     tether_certs::init(&pki.server_dir(), &["rotated.example".into()], 1, 1).unwrap();
-    wait_for("server reloads", Duration::from_secs(10), || {
+    wait_for("server reloads", Duration::from_secs(10), || async {
         server.metrics().cert_reloads.get() >= 1
     })
     .await;
@@ -492,7 +499,7 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     wait_for(
         "new tunnel with renewed certificate",
         Duration::from_secs(10),
-        || agent2.tunnels_up() == 1,
+        || async { agent2.tunnels_up() == 1 },
     )
     .await;
     echo_roundtrip(agent2.listen_addr, random_bytes(1000, 5))
@@ -518,7 +525,7 @@ async fn limits_bite_with_a_metric() {
     let a2 = tether_agent::start(agent_config(&pki, "twin", &[server.local_addr]))
         .await
         .unwrap();
-    wait_for("second tunnel refused", Duration::from_secs(10), || {
+    wait_for("second tunnel refused", Duration::from_secs(10), || async {
         metric(
             &server_metrics(&server),
             "tether_limit_hits_total{limit=\"tunnels_per_node\"}",

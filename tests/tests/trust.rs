@@ -40,21 +40,18 @@ async fn a_node_that_claims_another_nodes_address_gets_none_of_its_traffic() {
         c
     };
     let real = tether_agent::start(node_agent("edge-1")).await.unwrap();
-    wait_for("tunnel", Duration::from_secs(10), || real.tunnels_up() == 1).await;
+    wait_for("tunnel", Duration::from_secs(10), || async {
+        real.tunnels_up() == 1
+    })
+    .await;
     let by_ip = format!("127.0.0.1:{port}");
-    let start = Instant::now();
-    while connect_status(proxy, &by_ip).await.0 != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "never routed by IP"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let routed = || async { connect_status(proxy, &by_ip).await.0 == 200 };
+    wait_for("routing by IP", Duration::from_secs(5), routed).await;
     assert_eq!(real.metrics().reverse_streams.get(), 1);
 
     // A second joined node claims the same address.
     let impostor = tether_agent::start(node_agent("impostor")).await.unwrap();
-    wait_for("the claim collides", Duration::from_secs(10), || {
+    wait_for("the claim collides", Duration::from_secs(10), || async {
         server.metrics().address_conflicts.get() >= 1
     })
     .await;
@@ -79,14 +76,8 @@ async fn a_node_that_claims_another_nodes_address_gets_none_of_its_traffic() {
 
     // The impostor leaves: the address leads to the one node that claims it again.
     impostor.shutdown().await;
-    let start = Instant::now();
-    while connect_status(proxy, &by_ip).await.0 != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "not routed again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let routed = || async { connect_status(proxy, &by_ip).await.0 == 200 };
+    wait_for("routing by IP again", Duration::from_secs(10), routed).await;
     real.shutdown().await;
     server.shutdown().await;
 }
@@ -159,9 +150,11 @@ async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
     let c2 = raw_client(&p.pki, Some("thief"), s2.local_addr)
         .await
         .unwrap();
-    wait_for("both servers see the node", Duration::from_secs(10), || {
-        s1.connected_nodes() == ["thief"] && s2.connected_nodes() == ["thief"]
-    })
+    wait_for(
+        "both servers see the node",
+        Duration::from_secs(10),
+        || async { s1.connected_nodes() == ["thief"] && s2.connected_nodes() == ["thief"] },
+    )
     .await;
 
     // The operator revokes on the first server; the thief renews at once on both, before the
@@ -179,7 +172,7 @@ async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
     wait_for(
         "revoked on both servers, every tunnel closed",
         Duration::from_secs(3),
-        || {
+        || async {
             records_say(&p.pki.server_dir(), "thief", "revoked")
                 && records_say(p.second.path(), "thief", "revoked")
                 && s1.connected_nodes().is_empty()
@@ -222,7 +215,7 @@ async fn forget_does_not_bring_an_old_certificate_back() {
     let server = start_server(&pki, echo.addr).await;
     let agent = start_agent(&pki, "reinstalled", &[server.local_addr]).await;
     write_local(&pki.server_dir(), "reinstalled", NodeState::Revoked).unwrap();
-    wait_for("revoked", Duration::from_secs(3), || {
+    wait_for("revoked", Duration::from_secs(3), || async {
         agent.tunnels_up() == 0
     })
     .await;
@@ -230,9 +223,11 @@ async fn forget_does_not_bring_an_old_certificate_back() {
     // certificate stays out, at once and on every later try.
     write_local(&pki.server_dir(), "reinstalled", NodeState::Forgotten).unwrap();
     let before = server.metrics().handshake_failures.get();
-    wait_for("old certificate refused", Duration::from_secs(10), || {
-        server.metrics().handshake_failures.get() >= before + 2
-    })
+    wait_for(
+        "old certificate refused",
+        Duration::from_secs(10),
+        || async { server.metrics().handshake_failures.get() >= before + 2 },
+    )
     .await;
     assert_eq!(agent.tunnels_up(), 0);
     assert!(server.connected_nodes().is_empty());
@@ -247,7 +242,7 @@ async fn forget_does_not_bring_an_old_certificate_back() {
     c.token = Some(token.trim().to_string());
     c.node_name = Some("reinstalled".into());
     let fresh = tether_agent::start(c).await.unwrap();
-    wait_for("the new key's tunnel", Duration::from_secs(10), || {
+    wait_for("the new key's tunnel", Duration::from_secs(10), || async {
         fresh.tunnels_up() == 1
     })
     .await;
@@ -268,7 +263,7 @@ async fn a_certificate_that_expires_while_its_tunnel_is_up_ends_the_tunnel() {
     let conn = raw_client_with(&pki, Some(id), tls::ALPN, server.local_addr)
         .await
         .unwrap();
-    wait_for("tunnel up", Duration::from_secs(5), || {
+    wait_for("tunnel up", Duration::from_secs(5), || async {
         server.connected_nodes() == ["brief"]
     })
     .await;
@@ -425,7 +420,7 @@ async fn a_renewal_whose_answer_is_lost_does_not_lock_the_node_out() {
     let conn = raw_client(&pki, Some("unlucky"), server.local_addr)
         .await
         .unwrap();
-    wait_for("tunnel", Duration::from_secs(5), || {
+    wait_for("tunnel", Duration::from_secs(5), || async {
         server.connected_nodes() == ["unlucky"]
     })
     .await;
@@ -446,7 +441,7 @@ async fn a_renewal_whose_answer_is_lost_does_not_lock_the_node_out() {
     let renewed = raw_client_with(&pki, Some(id), tls::ALPN, server.local_addr)
         .await
         .unwrap();
-    wait_for("renewed key seen", Duration::from_secs(5), || {
+    wait_for("renewed key seen", Duration::from_secs(5), || async {
         server.connected_nodes() == ["unlucky"]
             && std::fs::read_to_string(pki.server_dir().join("nodes"))
                 .unwrap_or_default()

@@ -167,6 +167,33 @@ impl Drop for StreamGuard {
     }
 }
 
+/// What the choice of a link looks at, read once per choice: stream counts change while a
+/// choice is made, and a sort whose keys move under it has no defined order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub healthy: bool,
+    pub draining: bool,
+    pub streams: usize,
+    /// The server's place in the configured order.
+    pub rank: usize,
+}
+
+/// Orders links for a new stream, best first: draining links never; healthy ones before
+/// unhealthy ones (an unhealthy server may still relay through a peer); within each group, by
+/// `policy` (fewest open streams, then configured order; or configured order alone).
+pub fn best_first<T>(items: Vec<T>, policy: Policy, standing: impl Fn(&T) -> Standing) -> Vec<T> {
+    let mut v: Vec<(Standing, T)> = items
+        .into_iter()
+        .map(|t| (standing(&t), t))
+        .filter(|(s, _)| !s.draining)
+        .collect();
+    match policy {
+        Policy::LeastStreams => v.sort_by_key(|(s, _)| (!s.healthy, s.streams, s.rank)),
+        Policy::Ordered => v.sort_by_key(|(s, _)| (!s.healthy, s.rank)),
+    }
+    v.into_iter().map(|(_, t)| t).collect()
+}
+
 /// The live links.
 #[derive(Debug, Default)]
 pub struct Pool {
@@ -204,24 +231,67 @@ impl Pool {
             .any(|l| l.server_id == server_id && l.server != except)
     }
 
-    /// The links to try for a new stream, best first: draining links never; healthy ones
-    /// before unhealthy ones (an unhealthy server may still relay through a peer); within
-    /// each group, by `policy`.
+    /// The links to try for a new stream, best first (see [`best_first`]).
     pub fn candidates(&self, policy: Policy) -> Vec<Arc<Link>> {
-        let mut v: Vec<_> = self
-            .lock()
-            .iter()
-            .filter(|l| !l.draining())
-            .cloned()
-            .collect();
-        match policy {
-            Policy::LeastStreams => v.sort_by_key(|l| (!l.healthy(), l.streams(), l.rank)),
-            Policy::Ordered => v.sort_by_key(|l| (!l.healthy(), l.rank)),
-        }
-        v
+        let links = self.lock().clone();
+        best_first(links, policy, |l| Standing {
+            healthy: l.healthy(),
+            draining: l.draining(),
+            streams: l.streams(),
+            rank: l.rank,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Link>>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(healthy: bool, draining: bool, streams: usize, rank: usize) -> Standing {
+        Standing {
+            healthy,
+            draining,
+            streams,
+            rank,
+        }
+    }
+
+    fn order(links: &[(&'static str, Standing)], policy: Policy) -> Vec<&'static str> {
+        best_first(links.to_vec(), policy, |(_, st)| *st)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    #[test]
+    fn healthy_and_least_busy_first_draining_never() {
+        let links = [
+            ("a", s(true, false, 5, 0)),
+            ("b", s(true, false, 1, 1)),
+            ("c", s(false, false, 0, 2)),
+            ("d", s(true, true, 0, 3)),
+            ("e", s(true, false, 1, 4)),
+        ];
+        assert_eq!(order(&links, Policy::LeastStreams), ["b", "e", "a", "c"]);
+        assert_eq!(order(&links, Policy::Ordered), ["a", "b", "e", "c"]);
+    }
+
+    #[test]
+    fn an_unhealthy_server_is_still_a_last_resort() {
+        let links = [("a", s(false, false, 0, 0)), ("b", s(false, false, 0, 1))];
+        assert_eq!(order(&links, Policy::LeastStreams), ["a", "b"]);
+        assert!(order(&[("a", s(true, true, 0, 0))], Policy::Ordered).is_empty());
+    }
+
+    #[test]
+    fn policies_parse_and_print_alike() {
+        for p in [Policy::LeastStreams, Policy::Ordered] {
+            assert_eq!(p.to_string().parse::<Policy>(), Ok(p));
+        }
+        assert!("random".parse::<Policy>().is_err());
     }
 }

@@ -426,3 +426,15 @@ impl RecvHalf {
         self.ended = Some(Err(StreamError::Closed));
     }
 }
+
+/// Two ends of a yamux connection over an in-memory pipe, without TLS: for unit tests of what
+/// runs on streams (the relay, the open), with the real framing and flow control.
+#[cfg(test)]
+pub(crate) fn pair() -> (TcpTunnel, TcpTunnel) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+    let end = |io: tokio::io::DuplexStream, mode| {
+        TcpTunnel::start(Box::new(io.compat()), mode, addr, (Vec::new(), None), 64)
+    };
+    (end(a, yamux::Mode::Client), end(b, yamux::Mode::Server))
+}
