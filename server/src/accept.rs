@@ -17,35 +17,14 @@ use tether_proto::code;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::warn;
 
-/// What a QUIC connection may have in flight towards this server before it is known not to be a
-/// join: an unauthenticated join connection keeps this window (and one stream); a tunnel gets
-/// its full `conn_window` right after the handshake.
-pub const JOIN_WINDOW: u32 = 64 * 1024;
-
 /// Most handshakes in progress at once, over both transports. Past half of it, QUIC clients
 /// whose address is not validated yet are asked to retry (proving their address); past all of
 /// it, new handshakes are refused.
 pub const MAX_HANDSHAKES: usize = 4096;
 
-/// Most join connections served at once: each holds at most `JOIN_WINDOW` (QUIC) or one yamux
+/// Most join connections served at once: each holds at most [`crate::config::JOIN_WINDOW`] (QUIC) or one yamux
 /// window (TCP), so strangers can hold at most a few MiB of this server together.
 pub const MAX_JOINS: usize = 64;
-
-/// The transport's stream limit sits a little above the server's own, so that the server's
-/// check (a clear `busy` status, a log line, a metric) bites first and the control and renewal
-/// streams always fit.
-pub(crate) fn transport_limits(config: &crate::config::ServerConfig) -> tls::TunnelLimits {
-    let mut l = config.limits;
-    l.max_streams = l.max_streams.saturating_add(16);
-    l
-}
-
-/// The QUIC transport of the listener (see [`JOIN_WINDOW`]).
-pub(crate) fn listener_transport(config: &crate::config::ServerConfig) -> quinn::TransportConfig {
-    let mut t = tls::quic_transport(config.liveness, transport_limits(config));
-    t.receive_window(JOIN_WINDOW.into());
-    t
-}
 
 /// A place among the handshakes in progress, or `None` (counted and logged) when all are taken.
 fn handshake_slot(
@@ -126,7 +105,7 @@ pub(crate) async fn accept_quic(
                 return;
             };
             drop(permit);
-            let mut max = transport_limits(&state.config).max_streams;
+            let mut max = state.config.transport_limits().max_streams;
             if tls::alpn_of(&conn).as_deref() == Some(tls::ALPN_JOIN) {
                 max = 1;
                 conn.set_max_concurrent_bi_streams(1u32.into());
@@ -170,7 +149,7 @@ pub(crate) async fn accept_tcp(
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let max_streams = transport_limits(&state.config).max_streams as usize;
+        let max_streams = state.config.transport_limits().max_streams as usize;
         tokio::spawn(async move {
             let shake = TcpTunnel::accept(tcp, acceptor, state.config.liveness, max_streams);
             let Some(t) = handshake(&state, remote, TransportKind::Tcp, shake).await else {

@@ -4,7 +4,7 @@
 
 use crate::metrics::Limit;
 use crate::registry::Entry;
-use crate::state::State;
+use crate::state::{Party, State};
 use crate::{identity, streams};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,13 +13,6 @@ use tether_common::transport::Tunnel;
 use tether_proto::capability::Capabilities;
 use tether_proto::code;
 use tracing::{info, warn};
-
-/// Who is on the other end of an inbound tunnel.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Party {
-    Agent,
-    Peer,
-}
 
 /// Serves one authenticated tunnel until it closes.
 pub(crate) async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {

@@ -39,7 +39,7 @@ pub struct ServerConfig {
     /// How often the node records and certificate files are checked for changes.
     pub reload_interval: Duration,
     /// The egress proxy (reverse path) listeners.
-    pub egress: crate::egress::EgressConfig,
+    pub egress: EgressConfig,
     /// Admin endpoint (health, readiness, metrics); none when unset.
     pub admin: Option<SocketAddr>,
     /// Longest wait for a TCP connection to the upstream. Shorter than the agent's last-attempt
@@ -88,6 +88,41 @@ impl ServerConfig {
             limits: TunnelLimits::default(),
         }
     }
+}
+
+/// What a QUIC connection may have in flight towards this server before it is known not to be a
+/// join: an unauthenticated join connection keeps this window (and one stream); a tunnel gets
+/// its full `conn_window` right after the handshake.
+pub const JOIN_WINDOW: u32 = 64 * 1024;
+
+impl ServerConfig {
+    /// The transport's stream limit sits a little above the server's own, so that the server's
+    /// check (a clear `busy` status, a log line, a metric) bites first and the control and
+    /// renewal streams always fit.
+    pub fn transport_limits(&self) -> TunnelLimits {
+        let mut l = self.limits;
+        l.max_streams = l.max_streams.saturating_add(16);
+        l
+    }
+
+    /// The QUIC transport of the listener (see [`JOIN_WINDOW`]).
+    pub fn listener_transport(&self) -> quinn::TransportConfig {
+        let mut t = tether_common::tls::quic_transport(self.liveness, self.transport_limits());
+        t.receive_window(JOIN_WINDOW.into());
+        t
+    }
+}
+
+/// Egress listener settings.
+#[derive(Debug, Clone, Default)]
+pub struct EgressConfig {
+    pub listen: Option<std::net::SocketAddr>,
+    pub uds: Option<std::path::PathBuf>,
+    /// Serve TLS with this certificate and key.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by this CA.
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 /// Parses `NAME=HOST:PORT` for `--service`. Names are what agents put in their stream header,

@@ -5,10 +5,9 @@
 //! Reads here sit in a `select!` with the announcements and heartbeats: `read_message` keeps a
 //! partly read frame in the stream half, so a cancelled read loses nothing.
 
-use crate::admission::Party;
 use crate::announce;
 use crate::authority;
-use crate::state::State;
+use crate::state::{Party, State};
 use tether_common::transport::Stream;
 use tether_proto::capability::Capabilities;
 use tether_proto::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};

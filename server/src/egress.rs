@@ -207,21 +207,9 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
     }
 }
 
-/// Egress listener settings.
-#[derive(Debug, Clone, Default)]
-pub struct EgressConfig {
-    pub listen: Option<std::net::SocketAddr>,
-    pub uds: Option<std::path::PathBuf>,
-    /// Serve TLS with this certificate and key.
-    pub tls_cert: Option<std::path::PathBuf>,
-    pub tls_key: Option<std::path::PathBuf>,
-    /// Require client certificates signed by this CA.
-    pub client_ca: Option<std::path::PathBuf>,
-}
-
 /// Builds the egress TLS acceptor, when TLS was asked for.
 pub fn tls_acceptor(
-    c: &EgressConfig,
+    c: &crate::config::EgressConfig,
 ) -> Result<Option<tokio_rustls::TlsAcceptor>, tether_common::tls::TlsError> {
     use tether_common::tls;
     let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) else {

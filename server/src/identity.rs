@@ -51,7 +51,7 @@ pub(crate) fn reload_certificates(state: &State) -> Result<(), ServerError> {
     let cfg = tls::server_config(roots.clone(), identity.clone())?;
     *state.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) =
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg.clone()));
-    let transport = crate::accept::listener_transport(&state.config);
+    let transport = state.config.listener_transport();
     state
         .endpoint
         .set_server_config(Some(tls::quic_server_config(cfg, transport)?));

@@ -13,7 +13,7 @@
 //! | [`streams`] | each stream's first frame; open an upstream (local or a peer's) and relay |
 //! | [`control`] | the control stream: version, announcements, heartbeats, reports |
 //! | [`identity`] | certificate load and reload, the revocation sweep |
-//! | [`join`] | joins and renewals |
+//! | [`join`], [`join_rate`] | joins and renewals; the join rate limit |
 //! | [`egress`] | the egress proxy (CONNECT to nodes) |
 //! | [`status`] | readiness, metrics and the status document |
 //! | [`state`], [`registry`], [`authority`], [`announce`], [`upstream`], [`metrics`] | what they share |
@@ -30,6 +30,7 @@ pub mod egress;
 pub mod error;
 pub mod identity;
 pub mod join;
+pub mod join_rate;
 pub mod metrics;
 pub mod registry;
 pub mod standin;
@@ -38,13 +39,14 @@ pub mod status;
 pub mod streams;
 pub mod upstream;
 
-pub use accept::{JOIN_WINDOW, MAX_HANDSHAKES, MAX_JOINS};
+pub use accept::{MAX_HANDSHAKES, MAX_JOINS};
+pub use config::JOIN_WINDOW;
 pub use error::ServerError;
 
 use crate::announce::Announcer;
 use crate::authority::Authority;
 use crate::config::ServerConfig;
-use crate::join::JoinLimiter;
+use crate::join_rate::JoinLimiter;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::State;
@@ -162,7 +164,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (roots, identity, ca_pem) = identity::load_identity(dir)?;
     let tls_config = tls::server_config(roots.clone(), identity.clone())?;
     let tcp_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config.clone()));
-    let transport = accept::listener_transport(&config);
+    let transport = config.listener_transport();
     let quic_config = tls::quic_server_config(tls_config, transport)?;
     // QUIC on UDP and TLS on TCP share the port number. With port 0 (tests), retry until the
     // port the kernel picked for UDP is free for TCP too.
@@ -293,7 +295,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         // Servers sit on one network: peers talk QUIC.
         transport: reconnect::TransportChoice::Quic,
         liveness: state.config.liveness,
-        max_streams: accept::transport_limits(&state.config).max_streams,
+        max_streams: state.config.transport_limits().max_streams,
         hello_name: advertise.clone().unwrap_or_default(),
         capabilities: Capabilities::ours(&[capability::PEER]),
         own_server_id: Some(instance_id),

@@ -380,7 +380,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.max_tunnels_per_node = a.max_tunnels_per_node;
     config.join_rate_per_minute = a.join_rate_limit;
     config.agent_cert_lifetime = a.agent_cert_lifetime;
-    config.egress = tether_server::egress::EgressConfig {
+    config.egress = tether_server::config::EgressConfig {
         listen: a.egress_listen,
         uds: a.egress_uds,
         tls_cert: a.egress_tls_cert,

@@ -1,11 +1,11 @@
 //! What a running server shares among its tasks: its settings, the registry of tunnels, the
 //! upstreams, the limits, the records and the links to its peers. Built once by
-//! [`crate::start`]; every room of the server reads it, none owns it.
+//! `start`; every room of the server reads it, none owns it.
 
 use crate::announce::Announcer;
 use crate::authority::Authority;
 use crate::config::ServerConfig;
-use crate::join::JoinLimiter;
+use crate::join_rate::JoinLimiter;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::upstream::Upstream;
@@ -24,9 +24,9 @@ pub struct State {
     /// The named upstreams besides the apiserver (`--service`); not health-checked.
     pub(crate) services: std::collections::HashMap<String, Arc<Upstream>>,
     pub(crate) streams: Arc<Semaphore>,
-    /// Handshakes in progress, both transports ([`crate::accept::MAX_HANDSHAKES`]).
+    /// Handshakes in progress, both transports (at most `MAX_HANDSHAKES`, see `accept`).
     pub(crate) handshakes: Arc<Semaphore>,
-    /// Join connections being served ([`crate::accept::MAX_JOINS`]).
+    /// Join connections being served (at most `MAX_JOINS`, see `accept`).
     pub(crate) joins: Arc<Semaphore>,
     /// Random per process start: tells this server apart from its peers, and from itself.
     pub(crate) instance_id: String,
@@ -46,4 +46,11 @@ pub struct State {
     /// One line per second for failures anyone on the network can cause (handshakes that
     /// fail or stall); `left_out` in the next line counts the rest.
     pub(crate) noisy_log: tether_common::process::telemetry::Throttle,
+}
+
+/// Who is on the other end of an inbound tunnel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Party {
+    Agent,
+    Peer,
 }

@@ -3,9 +3,8 @@
 //! local one when healthy, else a peer's (one hop at most), answered with one status, then
 //! relayed.
 
-use crate::admission::Party;
 use crate::metrics::Limit;
-use crate::state::State;
+use crate::state::{Party, State};
 use crate::{control, egress, join};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
