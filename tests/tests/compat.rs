@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tether_common::status::Status;
 use tether_tests::process::{bin, free_port, run_ok, Proc};
 use tether_tests::*;
 
@@ -275,21 +276,14 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
             continue;
         }
         let status = http_get(loopback(admin[i]), "/status").await;
-        let caps = status
-            .ok()
-            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-            .and_then(|v| {
-                v["nodes"]
-                    .as_array()?
-                    .iter()
-                    .find(|n| n["name"] == "edge-1")?["capabilities"]
-                    .as_array()
-                    .map(|c| {
-                        c.iter()
-                            .filter_map(|s| s.as_str().map(String::from))
-                            .collect::<Vec<_>>()
-                    })
-            });
+        let caps = match status.map(|(_, body)| serde_json::from_str(&body)) {
+            Ok(Ok(Status::Server(s))) => s
+                .nodes
+                .into_iter()
+                .find(|n| n.name == "edge-1")
+                .map(|n| n.capabilities),
+            _ => None,
+        };
         let Some(caps) = caps else {
             m.fail(
                 "capabilities",

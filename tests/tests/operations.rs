@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tether_common::status::Status;
 use tether_tests::process::{bin, free_port, run_ok, Proc};
 use tether_tests::*;
 
@@ -54,7 +55,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn status_json(binary: &str, admin: &str) -> serde_json::Value {
+/// `status --output json`, read as the document the endpoint serves.
+fn status_json(binary: &str, admin: &str) -> Status {
     let out = run_ok(
         &bin(binary),
         &["status", "--admin", admin, "--output", "json"],
@@ -148,12 +150,13 @@ async fn settings_files_status_and_metrics_work_together() {
     .expect("echo through the agent");
 
     // Agent status: both forms, and the endpoint itself.
-    let v = status_json("tether-agent", &aadmin);
-    assert_eq!(v["kind"], "agent");
-    assert_eq!(v["node"], "edge-1");
-    assert_eq!(v["servers"][0]["state"], "up");
-    assert_eq!(v["servers"][0]["transport"], "quic");
-    assert_eq!(v["listeners"][0]["address"], listen.as_str());
+    let Status::Agent(v) = status_json("tether-agent", &aadmin) else {
+        panic!("the agent's status is not an agent's");
+    };
+    assert_eq!(v.node, "edge-1");
+    assert_eq!(v.servers[0].state, "up");
+    assert_eq!(v.servers[0].transport.as_deref(), Some("quic"));
+    assert_eq!(v.listeners[0].address, listen);
     let table = run_ok(&bin("tether-agent"), &["status", "--admin", &aadmin]);
     assert!(
         table.contains("SERVERS (1)") && table.contains(&format!("127.0.0.1:{port}")),
@@ -161,19 +164,17 @@ async fn settings_files_status_and_metrics_work_together() {
     );
     let (code, body) = http_get(aadmin.parse().unwrap(), "/status").await.unwrap();
     assert_eq!(code, 200);
-    assert!(
-        serde_json::from_str::<serde_json::Value>(&body).is_ok(),
-        "{body}"
-    );
+    assert!(serde_json::from_str::<Status>(&body).is_ok(), "{body}");
 
     // Server status: the node, its transport and its bytes.
-    let v = status_json("tether-server", &sadmin);
-    assert_eq!(v["kind"], "server");
-    assert_eq!(v["upstream"]["healthy"], true);
-    let node = &v["nodes"][0];
-    assert_eq!(node["name"], "edge-1");
-    assert_eq!(node["transport"], "quic");
-    assert!(node["bytes_from_node"].as_u64().unwrap_or(0) > 0, "{v}");
+    let Status::Server(v) = status_json("tether-server", &sadmin) else {
+        panic!("the server's status is not a server's");
+    };
+    assert!(v.upstream.healthy);
+    let node = &v.nodes[0];
+    assert_eq!(node.name, "edge-1");
+    assert_eq!(node.transport.as_deref(), Some("quic"));
+    assert!(node.bytes_from_node > 0, "{v:?}");
     let table = run_ok(&bin("tether-server"), &["status", "--admin", &sadmin]);
     assert!(
         table.contains("NODES (1)") && table.contains("edge-1"),

@@ -92,12 +92,8 @@ async fn the_control_plane_reaches_an_allowed_target_and_nothing_else() {
     let (code, body, _) = connect(proxy, "edge-1:10250").await;
     assert!(code == 502 || code == 200, "{code} {body}");
     // Not a CONNECT: 405.
-    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    use tokio::io::AsyncReadExt;
-    c.read_to_string(&mut text).await.unwrap();
-    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+    let (code, text) = http_get(proxy, "/").await.unwrap();
+    assert_eq!(code, 405, "{text}");
     let counted = |code: u16| {
         server
             .metrics()
