@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub forwards: Vec<(SocketAddr, String)>,
     /// Admin endpoint (health, readiness, metrics); none when unset.
     pub admin: Option<SocketAddr>,
+    /// Services whose traffic is TLS, whose first bytes may travel with the open (a retry
+    /// elsewhere may send them twice, which only a TLS handshake shrugs off).
+    pub early_data: Vec<String>,
     /// How long a server may take to answer a stream open before the next server is tried.
     pub stream_open_timeout: Duration,
     /// How long the last server left may take to answer. Longer than the server's upstream
@@ -73,6 +76,7 @@ impl AgentConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
             forwards: Vec::new(),
             admin: None,
+            early_data: vec![tether_proto::SERVICE_APISERVER.to_string()],
             stream_open_timeout: Duration::from_millis(500),
             last_attempt_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),

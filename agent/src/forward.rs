@@ -1,18 +1,43 @@
 //! The local listener: each accepted connection becomes a stream through the best tunnel.
+//!
+//! A connection's open is one exchange per server tried (`Open`, then the server's `Status`),
+//! and two things keep it short:
+//!
+//! - **Early bytes.** For a service whose traffic is TLS (the apiserver by default), the bytes
+//!   the client sends before the verdict (its ClientHello) go right behind the `Open`, so a new
+//!   connection costs no round trip of its own. They are kept (at most [`EARLY_LIMIT`]) until
+//!   the verdict, for a retry elsewhere. The server writes them to its upstream only after its
+//!   connect succeeded. At most one attempt carries them while it lives: a copy goes to
+//!   another server only once the first attempt is given up and reset, so early bytes never
+//!   reach two upstream connections that both stay up. Other services read nothing from the
+//!   client before the verdict.
+//! - **Hedging.** When the chosen server has not answered within the delay its past answers
+//!   suggest ([`tether_common::link::latency`]), the next server is asked too and the first
+//!   `Ok` wins; the other attempt is reset. A dead server thus costs a few milliseconds, not the
+//!   open timeout. A hedge carries no early bytes until its own `Ok` (the rule above).
 
 use crate::metrics::{Metrics, OpenFailure};
+use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
 use tether_common::link::pool::{Link, Policy, Pool};
-use tether_common::open::{self, OpenError};
 use tether_common::process::shutdown::ShutdownSignal;
 use tether_common::process::telemetry::GaugeGuard;
 use tether_common::relay::{self, Outcome};
 use tether_common::transport::Stream;
-use tether_proto::Target;
+use tether_proto::capability;
+use tether_proto::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tracing::{debug, warn};
+
+/// Most early bytes kept per connection until a verdict; past it, the client is not read
+/// until one arrives.
+pub const EARLY_LIMIT: usize = 64 * 1024;
+
+/// Most servers asked at once for one connection: the chosen one and one hedge.
+const MAX_ATTEMPTS: usize = 2;
 
 /// Settings of the forwarder.
 #[derive(Debug, Clone)]
@@ -23,6 +48,9 @@ pub struct Forwarding {
     pub stream_open_timeout: Duration,
     pub last_attempt_timeout: Duration,
     pub max_connections: usize,
+    /// The service's traffic is TLS, so its first bytes may travel with the open (see the
+    /// module's doc and docs/protocol.md).
+    pub early_data: bool,
 }
 
 /// Accepts local connections until shutdown.
@@ -69,64 +97,293 @@ fn reset(conn: TcpStream) {
     let _ = conn.set_zero_linger();
 }
 
-async fn forward(conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &Forwarding) {
-    let candidates = pool.candidates(settings.policy);
-    let count = candidates.len();
-    for (i, link) in candidates.into_iter().enumerate() {
-        let last = i + 1 == count;
-        let wait = if last {
-            settings.last_attempt_timeout
-        } else {
-            settings.stream_open_timeout
-        };
-        match open(&link, &settings.service, wait).await {
-            Ok(stream) => {
-                if i > 0 {
-                    metrics.failovers.inc();
-                }
-                let _guard = link.stream_guard();
-                let _open = GaugeGuard::new(&metrics.shared.streams_open);
-                metrics.shared.streams_total.inc();
-                let summary = relay::relay(conn, stream, &[&metrics.shared.bytes]).await;
-                if summary.outcome != Outcome::Closed {
-                    metrics.shared.stream_resets.inc();
-                }
-                debug!(server = %link.server, sent = summary.to_tunnel, received = summary.from_tunnel,
-                    outcome = ?summary.outcome, "stream done");
-                return;
-            }
-            Err((why, detail)) => {
-                metrics.open_failed(why);
-                debug!(server = %link.server, reason = %detail, "stream open failed");
-                if !last {
-                    metrics.retries.inc();
-                }
-            }
-        }
-    }
-    if count == 0 {
-        metrics.open_failed(OpenFailure::NoTunnel);
-    }
-    metrics.connections_failed.inc();
-    warn!(
-        tunnels = count,
-        "no server could carry a new connection; resetting it"
-    );
-    reset(conn);
+/// One server asked to carry the connection.
+struct Attempt {
+    link: Arc<Link>,
+    /// The candidate's place in the order (0: the first choice).
+    place: usize,
+    stream: Stream,
+    started: Instant,
+    deadline: Instant,
+    /// How many of the kept early bytes this attempt has been sent.
+    sent: usize,
+    /// Whether early bytes go to it as they arrive (it is the only live attempt, or was).
+    eager: bool,
 }
 
-/// Opens a stream and waits for the server's status. Nothing is read from the local client
-/// until this succeeds, so a retry on another server loses no byte.
-async fn open(link: &Link, service: &str, wait: Duration) -> Result<Stream, (OpenFailure, String)> {
-    let target = Target::Service(service.into());
-    open::open(&link.tunnel, target, 0, wait)
-        .await
-        .map_err(|e| {
-            let why = match e {
-                OpenError::Tunnel(_) => OpenFailure::TunnelLost,
-                OpenError::Refused { .. } | OpenError::Protocol(_) => OpenFailure::Refused,
-                OpenError::TimedOut(_) => OpenFailure::Timeout,
+/// What happened while waiting for verdicts.
+enum Event {
+    Verdict(
+        usize,
+        Result<Option<Message>, tether_common::transport::FrameError>,
+    ),
+    Client(std::io::Result<usize>),
+    Hedge,
+    Expired(usize),
+}
+
+async fn forward(mut conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &Forwarding) {
+    let candidates = pool.candidates(settings.policy);
+    let count = candidates.len();
+    let mut next = candidates.into_iter().enumerate().peekable();
+    let mut attempts: Vec<Attempt> = Vec::with_capacity(MAX_ATTEMPTS);
+    let mut kept = BytesMut::new();
+    let mut client_ended = false;
+    let early = settings.early_data;
+    let winner = loop {
+        if attempts.is_empty() {
+            let Some((place, link)) = next.next() else {
+                break None;
             };
-            (why, e.to_string())
-        })
+            let last = next.peek().is_none();
+            // The only attempt: it may carry early bytes.
+            if let Some(a) = start(link, place, last, true, &kept, settings, metrics).await {
+                attempts.push(a);
+            }
+            continue;
+        }
+        // The newest attempt decides when to hedge; the oldest deadline when one expires.
+        let newest = &attempts[attempts.len() - 1];
+        let hedge_at = (attempts.len() < MAX_ATTEMPTS && next.peek().is_some()).then(|| {
+            let rtt = newest.link.tunnel.rtt();
+            let wait = newest
+                .link
+                .open_latency
+                .hedge_delay(rtt, settings.stream_open_timeout);
+            newest.started + wait
+        });
+        let (expiring, expires_at) = attempts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (i, a.deadline))
+            .min_by_key(|(_, d)| *d)
+            .unwrap_or((0, Instant::now()));
+        let read_client = early && !client_ended && kept.len() < EARLY_LIMIT;
+        let event = {
+            let verdicts = futures_util::future::select_all(
+                attempts
+                    .iter_mut()
+                    .map(|a| Box::pin(a.stream.recv.read_message())),
+            );
+            tokio::select! {
+                (r, i, _) = verdicts => Event::Verdict(i, r),
+                r = read_some(&mut conn, &mut kept), if read_client => Event::Client(r),
+                _ = sleep_until(hedge_at) => Event::Hedge,
+                _ = tokio::time::sleep_until(expires_at) => Event::Expired(expiring),
+            }
+        };
+        match event {
+            Event::Verdict(
+                i,
+                Ok(Some(Message::Status {
+                    code: StatusCode::Ok,
+                    ..
+                })),
+            ) => {
+                let a = attempts.swap_remove(i);
+                a.link.open_latency.record(a.started.elapsed());
+                for mut loser in attempts.drain(..) {
+                    loser.stream.reset(code::RESET).await;
+                }
+                break Some(a);
+            }
+            Event::Verdict(i, r) => {
+                let mut a = attempts.swap_remove(i);
+                let (why, detail) = match r {
+                    Ok(Some(Message::Status { code, message })) => {
+                        a.link.open_latency.record(a.started.elapsed());
+                        (OpenFailure::Refused, format!("{code}: {message}"))
+                    }
+                    Ok(Some(other)) => {
+                        a.stream.reset(code::PROTOCOL).await;
+                        let what = format!("unexpected {} message", other.name());
+                        (OpenFailure::Refused, what)
+                    }
+                    Ok(None) => (
+                        OpenFailure::TunnelLost,
+                        "stream closed before status".into(),
+                    ),
+                    Err(e) => {
+                        a.stream.reset(code::PROTOCOL).await;
+                        (OpenFailure::TunnelLost, e.to_string())
+                    }
+                };
+                failed(metrics, &a.link, why, &detail, next.peek().is_some());
+                promote(&mut attempts, &kept).await;
+            }
+            Event::Expired(i) => {
+                let mut a = attempts.swap_remove(i);
+                a.stream.reset(code::RESET).await;
+                let waited = a.deadline.duration_since(a.started);
+                let detail = format!("no status within {waited:?}");
+                failed(
+                    metrics,
+                    &a.link,
+                    OpenFailure::Timeout,
+                    &detail,
+                    next.peek().is_some(),
+                );
+                promote(&mut attempts, &kept).await;
+            }
+            Event::Hedge => {
+                if let Some((place, link)) = next.next() {
+                    metrics.hedges.inc();
+                    let last = next.peek().is_none();
+                    debug!(server = %link.server, "no answer yet from the first choice: asking the next server too");
+                    if let Some(a) = start(link, place, last, false, &kept, settings, metrics).await
+                    {
+                        attempts.push(a);
+                    }
+                }
+            }
+            Event::Client(Ok(0)) => client_ended = true,
+            Event::Client(Ok(_)) => {
+                for a in attempts.iter_mut().filter(|a| a.eager) {
+                    send_kept(a, &kept).await;
+                }
+            }
+            Event::Client(Err(e)) => {
+                debug!(error = %e, "the client went away before a server answered");
+                for mut a in attempts.drain(..) {
+                    a.stream.reset(code::RESET).await;
+                }
+                return;
+            }
+        }
+    };
+    let Some(mut a) = winner else {
+        if count == 0 {
+            metrics.open_failed(OpenFailure::NoTunnel);
+        }
+        metrics.connections_failed.inc();
+        warn!(
+            tunnels = count,
+            "no server could carry a new connection; resetting it"
+        );
+        reset(conn);
+        return;
+    };
+    // The winner has all early bytes before anything the relay reads.
+    send_kept(&mut a, &kept).await;
+    if !kept.is_empty() {
+        metrics.early_data.inc();
+    }
+    if a.place > 0 {
+        metrics.failovers.inc();
+    }
+    let _guard = a.link.stream_guard();
+    let _open = GaugeGuard::new(&metrics.shared.streams_open);
+    metrics.shared.streams_total.inc();
+    // A client that half-closed before the verdict reads as ended again: the relay finishes
+    // the stream's direction at once.
+    let summary = relay::relay(conn, a.stream, &[&metrics.shared.bytes]).await;
+    if summary.outcome != Outcome::Closed {
+        metrics.shared.stream_resets.inc();
+    }
+    debug!(server = %a.link.server, sent = summary.to_tunnel, received = summary.from_tunnel,
+        outcome = ?summary.outcome, "stream done");
+}
+
+/// Opens a stream on `link` and sends `Open` (and the kept early bytes, when `eager`).
+async fn start(
+    link: Arc<Link>,
+    place: usize,
+    last: bool,
+    eager: bool,
+    kept: &BytesMut,
+    settings: &Forwarding,
+    metrics: &Metrics,
+) -> Option<Attempt> {
+    let wait = if last {
+        settings.last_attempt_timeout
+    } else {
+        settings.stream_open_timeout
+    };
+    let started = Instant::now();
+    let header = Message::Open {
+        version: PROTOCOL_VERSION,
+        target: Target::Service(settings.service.clone()),
+        hops: 0,
+    };
+    let opened = async {
+        let mut stream = link.tunnel.open_stream().await.map_err(|e| e.to_string())?;
+        stream
+            .send
+            .write_message(&header)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(stream)
+    };
+    match tokio::time::timeout(wait, opened).await {
+        Ok(Ok(stream)) => {
+            // Before the verdict, only to a server that relays what follows an `Open`.
+            let eager = eager && link.has(capability::EARLY_DATA);
+            let mut a = Attempt {
+                link,
+                place,
+                stream,
+                started,
+                deadline: started + wait,
+                sent: 0,
+                eager,
+            };
+            if eager {
+                send_kept(&mut a, kept).await;
+            }
+            Some(a)
+        }
+        Ok(Err(e)) => {
+            failed(metrics, &link, OpenFailure::TunnelLost, &e, !last);
+            None
+        }
+        Err(_) => {
+            let detail = format!("no stream within {wait:?}");
+            failed(metrics, &link, OpenFailure::Timeout, &detail, !last);
+            None
+        }
+    }
+}
+
+/// Counts and logs a failed attempt.
+fn failed(metrics: &Metrics, link: &Link, why: OpenFailure, detail: &str, retried: bool) {
+    metrics.open_failed(why);
+    debug!(server = %link.server, reason = %detail, "stream open failed");
+    if retried {
+        metrics.retries.inc();
+    }
+}
+
+/// After an attempt was given up (and reset), the one left may carry the early bytes.
+async fn promote(attempts: &mut [Attempt], kept: &BytesMut) {
+    if let [only] = attempts {
+        if only.link.has(capability::EARLY_DATA) {
+            only.eager = true;
+            send_kept(only, kept).await;
+        }
+    }
+}
+
+/// Sends an attempt the kept early bytes it has not had yet. A failure shows in its verdict.
+async fn send_kept(a: &mut Attempt, kept: &BytesMut) {
+    if a.sent < kept.len() {
+        let more = Bytes::copy_from_slice(&kept[a.sent..]);
+        a.sent = kept.len();
+        let _ = a.stream.send.write_chunk(more).await;
+    }
+}
+
+/// Reads what the client has sent, into `kept` (up to [`EARLY_LIMIT`] in all).
+async fn read_some(conn: &mut TcpStream, kept: &mut BytesMut) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let room = EARLY_LIMIT - kept.len();
+    kept.reserve(room.min(16 * 1024));
+    let mut limited = (&mut *conn).take(room as u64);
+    limited.read_buf(kept).await
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

@@ -261,6 +261,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     tasks.spawn(discovery.run(shutdown.signal()));
     for (listener, _, service) in listeners {
         let settings = forward::Forwarding {
+            early_data: config.early_data.contains(&service),
             service,
             policy: config.policy,
             stream_open_timeout: config.stream_open_timeout,

@@ -75,6 +75,11 @@ struct RunArgs {
     /// Admin endpoint (/healthz, /readyz, /metrics); off when unset.
     #[arg(long, env = "TETHER_ADMIN")]
     admin: Option<SocketAddr>,
+    /// Services whose traffic is TLS, so that a connection's first bytes travel with its open
+    /// and it costs no extra round trip (repeatable; `none` for none). Only TLS: a retry on
+    /// another server may deliver the first bytes twice.
+    #[arg(long = "early-data", env = "TETHER_EARLY_DATA", value_delimiter = ',', default_values_t = defaults().early_data)]
+    early_data: Vec<String>,
     /// How long a server may take to answer a new stream before the next one is tried.
     #[arg(long, env = "TETHER_STREAM_OPEN_TIMEOUT", default_value = format_duration(defaults().stream_open_timeout), value_parser = parse_duration)]
     stream_open_timeout: Duration,
@@ -167,6 +172,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.listen = a.listen;
     config.forwards = a.forwards;
     config.admin = a.admin;
+    config.early_data = a.early_data.into_iter().filter(|s| s != "none").collect();
     config.stream_open_timeout = a.stream_open_timeout;
     config.last_attempt_timeout = a.last_attempt_timeout;
     config.handshake_timeout = a.handshake_timeout;

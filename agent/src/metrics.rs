@@ -53,6 +53,8 @@ pub struct Metrics {
     pub connections_over_limit: Counter,
     pub open_failures: CounterFamily<OpenFailure>,
     pub retries: Counter,
+    pub hedges: Counter,
+    pub early_data: Counter,
 }
 
 impl Metrics {
@@ -163,6 +165,16 @@ impl Metrics {
             "Failed stream opens through one server, by reason.",
             "reason",
             &self.open_failures,
+        );
+        e.counter(
+            "tether_stream_hedges_total",
+            "Stream opens also asked of the next server because the first had not answered in time.",
+            self.hedges.get(),
+        );
+        e.counter(
+            "tether_stream_early_data_total",
+            "Streams whose first bytes travelled with the open (no round trip of their own).",
+            self.early_data.get(),
         );
         e.counter(
             "tether_stream_retries_total",

@@ -65,8 +65,13 @@ pub mod capability {
     /// 0.1, which knows only [`APISERVER`] and [`PEER`].
     pub const CAPABILITIES: &str = "caps";
 
+    /// Since 0.2: a server that reads an `Open` leaves the bytes behind it on the stream, and
+    /// relays them once its upstream is connected, so an agent may send a TLS client's first
+    /// bytes with the open (docs/protocol.md, "Early bytes").
+    pub const EARLY_DATA: &str = "early-data";
+
     /// What this build announces on every tunnel, besides the role-specific [`PEER`].
-    pub const ANNOUNCED: &[&str] = &[APISERVER, CAPABILITIES, RECORDS_V2];
+    pub const ANNOUNCED: &[&str] = &[APISERVER, CAPABILITIES, RECORDS_V2, EARLY_DATA];
 
     /// Longest capability name kept; longer ones are ignored.
     pub const MAX_NAME: usize = 64;

@@ -2,8 +2,9 @@
 //! it knows, and picks one for each new stream.
 //!
 //! [`reconnect`] dials, redials with [`backoff`] and hands each live tunnel to the [`pool`], which
-//! chooses among them.
+//! chooses among them; [`latency`] learns how fast each server answers an open, for hedging.
 
 pub mod backoff;
+pub mod latency;
 pub mod pool;
 pub mod reconnect;

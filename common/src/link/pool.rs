@@ -1,6 +1,7 @@
 //! The live links to servers, what each server announced, and the choice of one link for a new
 //! stream. Agents keep one link per server; servers keep one per peer.
 
+use crate::link::latency::OpenLatency;
 use crate::status::LinkStatus;
 use crate::transport::Tunnel;
 use std::str::FromStr;
@@ -65,6 +66,8 @@ pub struct Link {
     servers: Mutex<Option<Vec<ServerInfo>>>,
     /// What the server announced in its welcome (empty from a 0.1 server).
     capabilities: Capabilities,
+    /// How fast the server answers opens: when to hedge.
+    pub open_latency: OpenLatency,
 }
 
 impl Link {
@@ -81,6 +84,7 @@ impl Link {
             draining: AtomicBool::new(false),
             servers: Mutex::new(None),
             capabilities: Capabilities::default(),
+            open_latency: OpenLatency::default(),
         }
     }
 
