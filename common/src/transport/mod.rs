@@ -319,21 +319,13 @@ impl RecvHalf {
         out: &mut Vec<Bytes>,
         max: usize,
     ) -> Result<Option<usize>, StreamError> {
-        use futures_util::FutureExt;
         let Some(first) = self.read_chunk(max).await? else {
             return Ok(None);
         };
         let mut total = first.len();
         out.push(first);
-        // Not over TCP: yamux keeps one waker per stream for its reader and one for the window
-        // update it owes the peer, and a poll with a no-op waker (below) can leave a wake-up
-        // with nobody to receive it: 500 concurrent streams stalled. Over TCP each write thus
-        // carries one read from yamux (at most 2 KiB).
-        if matches!(self.inner, RecvInner::Tcp(_)) {
-            return Ok(Some(total));
-        }
         while total < max && out.len() < MAX_GATHER {
-            match self.read_chunk(max - total).now_or_never() {
+            match self.ready_chunk(max - total).await {
                 Some(Ok(Some(chunk))) => {
                     total += chunk.len();
                     out.push(chunk);
@@ -343,6 +335,24 @@ impl RecvHalf {
             }
         }
         Ok(Some(total))
+    }
+
+    /// A chunk that is there now, without waiting for one. The read is polled once with the
+    /// task's own waker, never a no-op one: a transport keeps one waker per stream (yamux one
+    /// for the reader and one for the window update it owes the peer), and a no-op waker in
+    /// its place would leave the next wake-up with nobody to receive it. A read that is not
+    /// ready is dropped, which every read here allows (they are cancel-safe).
+    async fn ready_chunk(&mut self, max: usize) -> Option<Result<Option<Bytes>, StreamError>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut read = std::pin::pin!(self.read_chunk(max));
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match read.as_mut().poll(cx) {
+                Poll::Ready(r) => Some(r),
+                Poll::Pending => None,
+            })
+        })
+        .await
     }
 
     /// Reads exactly one frame and nothing after it, so that payload that follows stays unread.
