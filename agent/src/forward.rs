@@ -263,11 +263,13 @@ async fn forward(mut conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: 
         reset(conn);
         return;
     };
-    // The winner has all early bytes before anything the relay reads.
+    // The winner has all early bytes before anything the relay reads; the copy goes, so that
+    // a connection holds no buffer of its own once relayed.
     send_kept(&mut a, &kept).await;
     if !kept.is_empty() {
         metrics.early_data.inc();
     }
+    drop(kept);
     if a.place > 0 {
         metrics.failovers.inc();
     }
