@@ -268,6 +268,13 @@ async fn forward(mut conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: 
     send_kept(&mut a, &kept).await;
     if !kept.is_empty() {
         metrics.early_data.inc();
+        // Counted as relayed bytes, as they are.
+        let n = kept.len() as u64;
+        metrics
+            .shared
+            .bytes
+            .to_tunnel
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
     drop(kept);
     if a.place > 0 {

@@ -350,6 +350,8 @@ fn measure_path(
             }
         }
     }
+    // Idle again: the last connections closed, the processes had a moment to give back.
+    std::thread::sleep(Duration::from_secs(2));
     let after = procs::usage_of(&pids)?;
     r.add(name, name, 0, "mem_after_rss_kb", after.rss_kb as f64);
     Ok(())
