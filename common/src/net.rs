@@ -69,9 +69,25 @@ pub fn quic_endpoint(
     server: Option<quinn::ServerConfig>,
 ) -> io::Result<quinn::Endpoint> {
     let sock = udp_socket(addr)?;
+    log_offload(&sock);
     let runtime =
         quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
     quinn::Endpoint::new(endpoint_config()?, server, sock, runtime)
+}
+
+/// Says once per process whether the kernel batches QUIC's datagrams: GSO (one send of many
+/// datagrams) and GRO (one receive of many) cut the per-packet system calls that dominate a
+/// QUIC bulk transfer, so an operator chasing throughput wants to know.
+fn log_offload(sock: &std::net::UdpSocket) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| match quinn::udp::UdpSocketState::new(sock.into()) {
+        Ok(state) => tracing::info!(
+            gso_segments = state.max_gso_segments(),
+            gro_segments = state.gro_segments(),
+            "UDP offload for QUIC (segments per send and per receive; 1 means none)"
+        ),
+        Err(e) => tracing::debug!(error = %e, "cannot read the UDP offload settings"),
+    });
 }
 
 /// The endpoint settings every tether QUIC endpoint shares.
