@@ -20,6 +20,7 @@ use crate::metrics::{Metrics, OpenFailure};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
+use tether_common::link::latency::HedgeBudget;
 use tether_common::link::pool::{Link, Policy, Pool};
 use tether_common::process::shutdown::ShutdownSignal;
 use tether_common::process::telemetry::GaugeGuard;
@@ -63,6 +64,7 @@ pub async fn serve(
 ) {
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let settings = Arc::new(settings);
+    let budget = Arc::new(HedgeBudget::default());
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -85,8 +87,9 @@ pub async fn serve(
             continue;
         };
         let (pool, metrics, settings) = (pool.clone(), metrics.clone(), settings.clone());
+        let budget = budget.clone();
         tokio::spawn(async move {
-            forward(conn, &pool, &metrics, &settings).await;
+            forward(conn, &pool, &metrics, &settings, &budget).await;
             drop(permit);
         });
     }
@@ -122,7 +125,15 @@ enum Event {
     Expired(usize),
 }
 
-async fn forward(mut conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: &Forwarding) {
+async fn forward(
+    mut conn: TcpStream,
+    pool: &Pool,
+    metrics: &Metrics,
+    settings: &Forwarding,
+    budget: &HedgeBudget,
+) {
+    budget.opened();
+    let mut may_hedge = true;
     let candidates = pool.candidates(settings.policy);
     let count = candidates.len();
     let mut next = candidates.into_iter().enumerate().peekable();
@@ -144,14 +155,15 @@ async fn forward(mut conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: 
         }
         // The newest attempt decides when to hedge; the oldest deadline when one expires.
         let newest = &attempts[attempts.len() - 1];
-        let hedge_at = (attempts.len() < MAX_ATTEMPTS && next.peek().is_some()).then(|| {
-            let rtt = newest.link.tunnel.rtt();
-            let wait = newest
-                .link
-                .open_latency
-                .hedge_delay(rtt, settings.stream_open_timeout);
-            newest.started + wait
-        });
+        let hedge_at =
+            (may_hedge && attempts.len() < MAX_ATTEMPTS && next.peek().is_some()).then(|| {
+                let rtt = newest.link.tunnel.rtt();
+                let wait = newest
+                    .link
+                    .open_latency
+                    .hedge_delay(rtt, settings.stream_open_timeout);
+                newest.started + wait
+            });
         let (expiring, expires_at) = attempts
             .iter()
             .enumerate()
@@ -182,7 +194,10 @@ async fn forward(mut conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: 
             ) => {
                 let a = attempts.swap_remove(i);
                 a.link.open_latency.record(a.started.elapsed());
+                a.link.passed.answered();
                 for mut loser in attempts.drain(..) {
+                    // It sat on the open another server answered: try it last for a while.
+                    loser.link.passed.over();
                     loser.stream.reset(code::RESET).await;
                 }
                 break Some(a);
@@ -192,6 +207,7 @@ async fn forward(mut conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: 
                 let (why, detail) = match r {
                     Ok(Some(Message::Status { code, message })) => {
                         a.link.open_latency.record(a.started.elapsed());
+                        a.link.passed.answered();
                         (OpenFailure::Refused, format!("{code}: {message}"))
                     }
                     Ok(Some(other)) => {
@@ -224,6 +240,11 @@ async fn forward(mut conn: TcpStream, pool: &Pool, metrics: &Metrics, settings: 
                     next.peek().is_some(),
                 );
                 promote(&mut attempts, &kept).await;
+            }
+            Event::Hedge if !budget.take() => {
+                // Every server slow, not one dead: no more load on them from this connection.
+                metrics.hedges_denied.inc();
+                may_hedge = false;
             }
             Event::Hedge => {
                 if let Some((place, link)) = next.next() {

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub open_failures: CounterFamily<OpenFailure>,
     pub retries: Counter,
     pub hedges: Counter,
+    pub hedges_denied: Counter,
     pub early_data: Counter,
 }
 
@@ -170,6 +171,11 @@ impl Metrics {
             "tether_stream_hedges_total",
             "Stream opens also asked of the next server because the first had not answered in time.",
             self.hedges.get(),
+        );
+        e.counter(
+            "tether_stream_hedges_denied_total",
+            "Hedges not sent because the hedge budget (a tenth of the opens) was spent.",
+            self.hedges_denied.get(),
         );
         e.counter(
             "tether_stream_early_data_total",

@@ -68,7 +68,8 @@ async fn a_service_not_marked_tls_sends_nothing_before_the_verdict() {
 }
 
 /// The first server cannot reach its upstream and says nothing for a long time; the open is
-/// hedged to the second server long before the first's verdict or the open timeout.
+/// hedged to the second server long before the first's verdict or the open timeout, and the
+/// connections after it go to the second server first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_the_first_server_sits_on_is_hedged_to_the_next() {
     init_logging();
@@ -105,7 +106,8 @@ async fn an_open_the_first_server_sits_on_is_hedged_to_the_next() {
         .await
         .expect("byte-exact echo through the second server");
     }
-    assert!(agent.metrics().hedges.get() >= 5);
+    // Only the first connection needed a hedge: the server that sat on it is then tried last.
+    assert_eq!(agent.metrics().hedges.get(), 1);
     assert_eq!(fine.metrics().shared.streams_total.get(), 5);
     assert_eq!(
         slow.metrics().shared.streams_total.get(),

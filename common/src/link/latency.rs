@@ -8,7 +8,7 @@
 //! upstream connect, the answer); over TCP, which has none, the configured open timeout.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The least a hedge waits: below it, the scheduler's noise would open two streams for every
 /// connection on a fast network.
@@ -58,6 +58,79 @@ impl OpenLatency {
     }
 }
 
+/// How long a server that let a hedge beat it is tried last: long enough for the agent to see a
+/// dead server's tunnel close (the idle timeout, 2.5 s by default), short enough that a server
+/// that was only slow for a moment gets its share back soon.
+pub const PASSED_OVER_FOR: Duration = Duration::from_secs(5);
+
+/// Whether a server lately sat on an open that another server then answered: such a server is
+/// tried last for a while, so that the connections after the first one do not each wait for a
+/// hedge.
+#[derive(Debug, Default)]
+pub struct Passed(Mutex<Option<Instant>>);
+
+impl Passed {
+    /// Another server answered an open this one had not answered.
+    pub fn over(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// This server answered an open: it is tried in its turn again.
+    pub fn answered(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether the server is passed over now.
+    pub fn now(&self) -> bool {
+        let mut p = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match *p {
+            Some(at) if at.elapsed() < PASSED_OVER_FOR => true,
+            Some(_) => {
+                *p = None;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// How many hedges an agent may send: a tenth of its opens, plus a burst of ten. A hedge adds
+/// an open to a second server; when every server is slow (overloaded, not dead), hedging every
+/// open would double their load exactly when they can least carry it. A dead server needs only
+/// the first hedge: the server that lost to it is then passed over ([`Passed`]).
+#[derive(Debug)]
+pub struct HedgeBudget(Mutex<f64>);
+
+impl HedgeBudget {
+    /// Hedges earned per open.
+    pub const RATIO: f64 = 0.1;
+    /// Most hedges saved up.
+    pub const BURST: f64 = 10.0;
+
+    /// An open was made.
+    pub fn opened(&self) {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *t = (*t + Self::RATIO).min(Self::BURST);
+    }
+
+    /// Takes one hedge if the budget has one.
+    pub fn take(&self) -> bool {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if *t >= 1.0 {
+            *t -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Default for HedgeBudget {
+    fn default() -> Self {
+        HedgeBudget(Mutex::new(Self::BURST))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +165,28 @@ mod tests {
         let slow = OpenLatency::default();
         slow.record(10 * ceiling);
         assert_eq!(slow.hedge_delay(Duration::ZERO, ceiling), ceiling);
+    }
+
+    #[test]
+    fn hedges_are_a_tenth_of_the_opens_after_a_burst() {
+        let b = HedgeBudget::default();
+        let mut hedged = 0;
+        for _ in 0..1000 {
+            b.opened();
+            if b.take() {
+                hedged += 1;
+            }
+        }
+        assert!((100..=111).contains(&hedged), "{hedged}");
+    }
+
+    #[test]
+    fn a_passed_over_server_is_tried_in_its_turn_once_it_answers() {
+        let p = Passed::default();
+        assert!(!p.now());
+        p.over();
+        assert!(p.now());
+        p.answered();
+        assert!(!p.now());
     }
 }

@@ -1,7 +1,7 @@
 //! The live links to servers, what each server announced, and the choice of one link for a new
 //! stream. Agents keep one link per server; servers keep one per peer.
 
-use crate::link::latency::OpenLatency;
+use crate::link::latency::{OpenLatency, Passed};
 use crate::status::LinkStatus;
 use crate::transport::Tunnel;
 use std::str::FromStr;
@@ -68,6 +68,8 @@ pub struct Link {
     capabilities: Capabilities,
     /// How fast the server answers opens: when to hedge.
     pub open_latency: OpenLatency,
+    /// Whether the server lately let a hedge beat it: then it is tried last.
+    pub passed: Passed,
 }
 
 impl Link {
@@ -85,6 +87,7 @@ impl Link {
             servers: Mutex::new(None),
             capabilities: Capabilities::default(),
             open_latency: OpenLatency::default(),
+            passed: Passed::default(),
         }
     }
 
@@ -177,14 +180,17 @@ impl Drop for StreamGuard {
 pub struct Standing {
     pub healthy: bool,
     pub draining: bool,
+    /// The server lately sat on an open another server answered ([`Passed`]).
+    pub passed_over: bool,
     pub streams: usize,
     /// The server's place in the configured order.
     pub rank: usize,
 }
 
-/// Orders links for a new stream, best first: draining links never; healthy ones before
-/// unhealthy ones (an unhealthy server may still relay through a peer); within each group, by
-/// `policy` (fewest open streams, then configured order; or configured order alone).
+/// Orders links for a new stream, best first: draining links never; servers passed over lately
+/// (likely dead) after all others; healthy ones before unhealthy ones (an unhealthy server may
+/// still relay through a peer); within each group, by `policy` (fewest open streams, then
+/// configured order; or configured order alone).
 pub fn best_first<T>(items: Vec<T>, policy: Policy, standing: impl Fn(&T) -> Standing) -> Vec<T> {
     let mut v: Vec<(Standing, T)> = items
         .into_iter()
@@ -192,8 +198,10 @@ pub fn best_first<T>(items: Vec<T>, policy: Policy, standing: impl Fn(&T) -> Sta
         .filter(|(s, _)| !s.draining)
         .collect();
     match policy {
-        Policy::LeastStreams => v.sort_by_key(|(s, _)| (!s.healthy, s.streams, s.rank)),
-        Policy::Ordered => v.sort_by_key(|(s, _)| (!s.healthy, s.rank)),
+        Policy::LeastStreams => {
+            v.sort_by_key(|(s, _)| (s.passed_over, !s.healthy, s.streams, s.rank))
+        }
+        Policy::Ordered => v.sort_by_key(|(s, _)| (s.passed_over, !s.healthy, s.rank)),
     }
     v.into_iter().map(|(_, t)| t).collect()
 }
@@ -241,6 +249,7 @@ impl Pool {
         best_first(links, policy, |l| Standing {
             healthy: l.healthy(),
             draining: l.draining(),
+            passed_over: l.passed.now(),
             streams: l.streams(),
             rank: l.rank,
         })
@@ -259,6 +268,7 @@ mod tests {
         Standing {
             healthy,
             draining,
+            passed_over: false,
             streams,
             rank,
         }
@@ -282,6 +292,21 @@ mod tests {
         ];
         assert_eq!(order(&links, Policy::LeastStreams), ["b", "e", "a", "c"]);
         assert_eq!(order(&links, Policy::Ordered), ["a", "b", "e", "c"]);
+    }
+
+    #[test]
+    fn a_server_passed_over_comes_after_all_others() {
+        let passed = Standing {
+            passed_over: true,
+            ..s(true, false, 0, 0)
+        };
+        let links = [
+            ("a", passed),
+            ("b", s(true, false, 9, 1)),
+            ("c", s(false, false, 0, 2)),
+        ];
+        assert_eq!(order(&links, Policy::LeastStreams), ["b", "c", "a"]);
+        assert_eq!(order(&links, Policy::Ordered), ["b", "c", "a"]);
     }
 
     #[test]
