@@ -299,7 +299,8 @@ pub struct TunnelLimits {
     pub max_streams: u32,
     /// Per stream receive window: what one stream may have in flight towards us.
     pub stream_window: u32,
-    /// Connection receive window: what all streams together may have in flight.
+    /// Connection window, receive and send: what all streams together may have in flight (and
+    /// so what a tunnel may buffer at its peak; docs/performance.md has the trade-off).
     pub conn_window: u32,
 }
 
@@ -308,7 +309,7 @@ impl Default for TunnelLimits {
         TunnelLimits {
             max_streams: 4096,
             stream_window: 2 * 1024 * 1024,
-            conn_window: 16 * 1024 * 1024,
+            conn_window: 4 * 1024 * 1024,
         }
     }
 }
