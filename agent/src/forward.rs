@@ -264,10 +264,13 @@ async fn forward(
                 }
             }
             Event::Client(Err(e)) => {
-                debug!(error = %e, "the client went away before a server answered");
+                // A server may have answered already and opened its upstream: the client's
+                // reset travels on as a reset, and counts as one, as it would in the relay.
+                debug!(error = %e, "the client reset before a server answered");
                 for mut a in attempts.drain(..) {
                     a.stream.reset(code::RESET).await;
                 }
+                metrics.shared.stream_resets.inc();
                 return;
             }
         }
