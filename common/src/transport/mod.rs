@@ -5,6 +5,7 @@
 //! this module, so that QUIC ([`quic`]) and the TLS-over-TCP fallback ([`tcp`]) behave the same to
 //! everything above. Each adapter imports only [`error`]; this file wires them.
 
+mod coalesce;
 mod error;
 mod quic;
 pub mod tcp;

@@ -18,7 +18,11 @@
 //! connection carries one stream and one window. Liveness: TCP keepalives (every second
 //! on an idle connection, the kernel's finest step) and `TCP_USER_TIMEOUT` (the idle timeout, for
 //! unacknowledged data) close a silent connection in about the same time as QUIC does.
+//!
+//! Records: each yamux frame, header and body, leaves as one TLS record and one `write`
+//! ([`super::coalesce`]); frames are cut to fill a record exactly.
 
+use super::coalesce::Coalesce;
 use super::error::{CloseReason, StreamError};
 use crate::tls::Liveness;
 use bytes::{Bytes, BytesMut};
@@ -94,6 +98,11 @@ fn session_info<D>(
     (certs, session.alpn_protocol().map(|a| a.to_vec()))
 }
 
+/// Most plaintext in one TLS record.
+const TLS_RECORD: usize = 16 * 1024;
+/// The size of a yamux frame header.
+const YAMUX_HEADER: usize = 12;
+
 /// Streams a join connection may have: its one exchange (the `Join` and its answer).
 pub const JOIN_MAX_STREAMS: usize = 1;
 
@@ -105,6 +114,10 @@ pub const JOIN_MAX_STREAMS: usize = 1;
 /// only had with fewer streams.
 fn yamux_config(alpn: Option<&[u8]>, mode: yamux::Mode, max_streams: usize) -> yamux::Config {
     let mut c = yamux::Config::default();
+    // A frame and its 12-byte header fill one TLS record (16 KiB of plaintext) exactly: the
+    // header travels with the body (`Coalesce`), and a 16 KiB body would spill 12 bytes into a
+    // record of their own.
+    c.set_split_send_size(TLS_RECORD - YAMUX_HEADER);
     if alpn == Some(crate::tls::ALPN_JOIN) && matches!(mode, yamux::Mode::Server) {
         c.set_max_num_streams(JOIN_MAX_STREAMS);
         c.set_max_connection_receive_window(Some(256 * 1024 * JOIN_MAX_STREAMS));
@@ -141,7 +154,7 @@ impl TcpTunnel {
             .map_err(ctx("TLS"))?;
         let (peer_certs, alpn) = session_info(tls.get_ref().1);
         Ok(Self::start(
-            Box::new(tls.compat()),
+            Box::new(Coalesce::new(tls).compat()),
             yamux::Mode::Client,
             addr,
             (peer_certs, alpn),
@@ -161,7 +174,7 @@ impl TcpTunnel {
         let tls = acceptor.accept(tcp).await?;
         let (peer_certs, alpn) = session_info(tls.get_ref().1);
         Ok(Self::start(
-            Box::new(tls.compat()),
+            Box::new(Coalesce::new(tls).compat()),
             yamux::Mode::Server,
             remote,
             (peer_certs, alpn),
