@@ -436,18 +436,16 @@ impl RecvHalf {
         use futures_util::Stream as _;
         let RecvHalf { r, buf, .. } = self;
         let r = r.as_ref().ok_or(StreamError::Closed)?;
-        let frame = std::future::poll_fn(|cx| match r.lock() {
-            Ok(mut g) => std::pin::Pin::new(&mut *g).poll_next(cx),
-            Err(_) => Poll::Ready(Some(Err(io::Error::other("stream lock poisoned")))),
-        })
-        .await;
+        let frame =
+            std::future::poll_fn(|cx| poll_shared(r, |s| s.poll_next(cx).map(Option::transpose)))
+                .await;
         match frame {
-            Some(Ok(packet)) => {
+            Ok(Some(packet)) => {
                 buf.extend_from_slice(packet.as_ref());
                 Ok(true)
             }
-            Some(Err(e)) => Err(StreamError::ConnectionLost(e.to_string())),
-            None => Ok(false),
+            Ok(None) => Ok(false),
+            Err(e) => Err(StreamError::ConnectionLost(e.to_string())),
         }
     }
 
