@@ -73,7 +73,7 @@ pub async fn join(
                     Err(Attempt::Retry(why)) => {
                         attempts += 1;
                         if attempts == 1 || attempts.is_multiple_of(10) {
-                            warn!(server = %server, error = %why, "join: server not reachable; retrying");
+                            warn!(server = %server, error = %why, "join: no answer from this server yet (unreachable, or its datastore is); retrying");
                         }
                     }
                 }
@@ -135,6 +135,12 @@ async fn attempt(
             ca_pem,
             ..
         }))) => Ok((cert_pem, ca_pem)),
+        // The server cannot decide now (its datastore is unreachable): try again later.
+        Ok(Ok(Some(Message::Certificate {
+            code: StatusCode::Busy,
+            message,
+            ..
+        }))) => Err(Attempt::Retry(message)),
         Ok(Ok(Some(Message::Certificate { message, .. }))) => {
             Err(Attempt::Fatal(JoinError::Refused(message)))
         }

@@ -303,13 +303,13 @@ struct AdminView {
 }
 
 impl AdminSource for AdminView {
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<String, String> {
         if self.metrics.shared.draining.get() > 0 {
             Err("draining".into())
         } else if self.pool.is_empty() {
             Err("no tunnel is up".into())
         } else {
-            Ok(())
+            Ok("ok".into())
         }
     }
 

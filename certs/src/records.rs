@@ -302,22 +302,31 @@ impl Records {
             "# name state at-ms e=epoch v=version w=writer [p=previous key [seen=1]] (state: owned:<sha256 of key>, revoked, forgotten)\n",
         );
         for r in self.by_name.values() {
-            let state = match &r.state {
-                NodeState::Owned(k) => format!("owned:{k}"),
-                NodeState::Revoked => "revoked".into(),
-                NodeState::Forgotten => "forgotten".into(),
-            };
-            let previous = r
-                .previous
-                .as_ref()
-                .map(|p| format!(" p={p}{}", if r.seen { " seen=1" } else { "" }))
-                .unwrap_or_default();
-            text.push_str(&format!(
-                "{} {state} {} e={} v={} w={}{previous}\n",
-                r.name, r.at, r.epoch, r.version, r.writer
-            ));
+            text.push_str(&r.to_line());
+            text.push('\n');
         }
         write_file(&dir.join(NODES_FILE), text.as_bytes(), 0o600)
+    }
+}
+
+impl NodeRecord {
+    /// The record as one line of `DIR/nodes` (without the newline); [`parse_line`] reads it
+    /// back. The etcd datastore stores the same line as a key's value.
+    pub fn to_line(&self) -> String {
+        let state = match &self.state {
+            NodeState::Owned(k) => format!("owned:{k}"),
+            NodeState::Revoked => "revoked".into(),
+            NodeState::Forgotten => "forgotten".into(),
+        };
+        let previous = self
+            .previous
+            .as_ref()
+            .map(|p| format!(" p={p}{}", if self.seen { " seen=1" } else { "" }))
+            .unwrap_or_default();
+        format!(
+            "{} {state} {} e={} v={} w={}{previous}",
+            self.name, self.at, self.epoch, self.version, self.writer
+        )
     }
 }
 
@@ -377,32 +386,28 @@ pub fn parse_line(line: &str) -> Result<NodeRecord, RecordError> {
 
 /// Merges `records` into the directory's file under its lock; returns the merged whole.
 pub fn merge_into(dir: &Path, records: &[NodeRecord]) -> Result<Records, CertError> {
-    let _guard = lock_file(dir)?;
-    let mut all = Records::load(dir)?;
-    let mut changed = false;
-    for r in records {
-        changed |= all.merge(r.clone());
-    }
-    if changed {
-        all.save(dir)?;
-    }
-    Ok(all)
+    update(dir, |all| {
+        let mut changed = false;
+        for r in records {
+            changed |= all.merge(r.clone());
+        }
+        (all.clone(), changed)
+    })
 }
 
 /// Writes a record made here and now (an operator's command, a join, a renewal), stamped after
 /// the record it replaces so that it wins even within the same millisecond.
 pub fn write_local(dir: &Path, name: &str, state: NodeState) -> Result<Records, CertError> {
-    let _guard = lock_file(dir)?;
-    let mut all = Records::load(dir)?;
-    all.write_local(name, state);
-    all.save(dir)?;
-    Ok(all)
+    update(dir, |all| {
+        all.write_local(name, state);
+        (all.clone(), true)
+    })
 }
 
 impl Records {
     /// Writes a record made here and now (an operator's command, a join, a renewal): the next
     /// version of the name, or the first of a new epoch for a forget.
-    fn write_local(&mut self, name: &str, state: NodeState) {
+    pub fn write_local(&mut self, name: &str, state: NodeState) {
         self.write_local_with(name, state, None, false)
     }
 
@@ -436,87 +441,118 @@ impl Records {
     }
 }
 
-/// Moves `name` to `new_key` for a renewal presented with `current_key`, under the file's
-/// lock: only the current owner may renew, never a revoked or forgotten name, so a renewal
-/// cannot undo a revocation however it races with one.
+/// Runs one of the record rules below on the directory's records under its lock, and saves
+/// them when the rule changed anything.
+pub fn update<T>(dir: &Path, rule: impl FnOnce(&mut Records) -> (T, bool)) -> Result<T, CertError> {
+    let _guard = lock_file(dir)?;
+    let mut all = Records::load(dir)?;
+    let (out, changed) = rule(&mut all);
+    if changed {
+        all.save(dir)?;
+    }
+    Ok(out)
+}
+
+/// [`Records::renew`] on a data directory, under its lock.
 pub fn renew(
     dir: &Path,
     name: &str,
     current_key: &str,
     new_key: &str,
 ) -> Result<Result<(), String>, CertError> {
-    let _guard = lock_file(dir)?;
-    let mut all = Records::load(dir)?;
-    let held = all.by_name.get(name).cloned();
-    let previous = match held
-        .as_ref()
-        .map(|r| (&r.state, r.previous.as_deref().filter(|_| !r.seen)))
-    {
-        Some((NodeState::Revoked, _)) => return Ok(Err(format!("node {name:?} is revoked"))),
-        Some((NodeState::Forgotten, _)) => {
-            return Ok(Err(format!(
-                "node name {name:?} was forgotten; the node must join again"
-            )))
-        }
-        // The owner renews: its key stays good until the new one is seen.
-        Some((NodeState::Owned(k), _)) if k == current_key => current_key,
-        // The key before the last renewal renews again: that renewal's answer was lost, and
-        // its key never used. It is replaced; the old key stays good.
-        Some((NodeState::Owned(_), Some(p))) if p == current_key => current_key,
-        Some((NodeState::Owned(_), _)) => {
-            return Ok(Err(format!(
-                "the key of this certificate no longer owns node name {name:?}"
-            )))
-        }
-        // No record (a certificate from before records, or whose record has not arrived).
-        None => current_key,
-    };
-    all.write_local_with(
-        name,
-        NodeState::Owned(new_key.to_string()),
-        Some(previous.to_string()),
-        false,
-    );
-    all.save(dir)?;
-    Ok(Ok(()))
+    update(dir, |all| {
+        let r = all.renew(name, current_key, new_key);
+        let changed = r.is_ok();
+        (r, changed)
+    })
 }
 
-/// The renewed key of `name` was seen in a handshake: the key before the renewal is no longer
-/// good for new tunnels. True when it changed the records.
+/// [`Records::confirm`] on a data directory, under its lock.
 pub fn confirm(dir: &Path, name: &str, key: &str) -> Result<bool, CertError> {
-    let _guard = lock_file(dir)?;
-    let mut all = Records::load(dir)?;
-    if !all.unconfirmed(name, key) {
-        return Ok(false);
-    }
-    let previous = all.by_name.get(name).and_then(|r| r.previous.clone());
-    all.write_local_with(name, NodeState::Owned(key.to_string()), previous, true);
-    all.save(dir)?;
-    Ok(true)
+    update(dir, |all| {
+        let changed = all.confirm(name, key);
+        (changed, changed)
+    })
 }
 
-/// Records the owner of `name` unless another key owns it; the check and the write happen under
-/// one lock, so two joins of one name cannot both win.
+/// [`Records::claim`] on a data directory, under its lock.
 pub fn claim(dir: &Path, name: &str, key: &str) -> Result<Result<(), String>, CertError> {
-    let _guard = lock_file(dir)?;
-    let mut all = Records::load(dir)?;
-    match all.by_name.get(name).map(|r| r.state.clone()) {
-        Some(NodeState::Revoked) => {
-            return Ok(Err(format!(
-                "node name {name:?} is revoked; an operator must run `tether-server agent forget {name}` first"
-            )))
-        }
-        Some(NodeState::Owned(k)) if k != key => {
-            return Ok(Err(format!(
-                "node name {name:?} is already owned by another key; if the node was reinstalled, an operator must run `tether-server agent forget {name}` first"
-            )))
-        }
-        Some(NodeState::Owned(_)) => return Ok(Ok(())),
-        _ => {}
+    update(dir, |all| all.claim(name, key))
+}
+
+/// The rules by which names change owner. Each reads and writes only the record of the name
+/// it is given, so a store that keeps one record per key (etcd) can run them on that record
+/// alone and write it back with a compare-and-swap.
+impl Records {
+    /// Moves `name` to `new_key` for a renewal presented with `current_key`: only the current
+    /// owner may renew, never a revoked or forgotten name, so a renewal cannot undo a
+    /// revocation however it races with one.
+    pub fn renew(&mut self, name: &str, current_key: &str, new_key: &str) -> Result<(), String> {
+        let held = self.by_name.get(name).cloned();
+        let previous = match held
+            .as_ref()
+            .map(|r| (&r.state, r.previous.as_deref().filter(|_| !r.seen)))
+        {
+            Some((NodeState::Revoked, _)) => return Err(format!("node {name:?} is revoked")),
+            Some((NodeState::Forgotten, _)) => {
+                return Err(format!(
+                    "node name {name:?} was forgotten; the node must join again"
+                ))
+            }
+            // The owner renews: its key stays good until the new one is seen.
+            Some((NodeState::Owned(k), _)) if k == current_key => current_key,
+            // The key before the last renewal renews again: that renewal's answer was lost,
+            // and its key never used. It is replaced; the old key stays good.
+            Some((NodeState::Owned(_), Some(p))) if p == current_key => current_key,
+            Some((NodeState::Owned(_), _)) => {
+                return Err(format!(
+                    "the key of this certificate no longer owns node name {name:?}"
+                ))
+            }
+            // No record (a certificate from before records, or whose record has not arrived).
+            None => current_key,
+        };
+        self.write_local_with(
+            name,
+            NodeState::Owned(new_key.to_string()),
+            Some(previous.to_string()),
+            false,
+        );
+        Ok(())
     }
-    all.write_local(name, NodeState::Owned(key.to_string()));
-    all.save(dir)?;
-    Ok(Ok(()))
+
+    /// The renewed key of `name` was seen in a handshake: the key before the renewal is no
+    /// longer good for new tunnels. True when it changed the records.
+    pub fn confirm(&mut self, name: &str, key: &str) -> bool {
+        if !self.unconfirmed(name, key) {
+            return false;
+        }
+        let previous = self.by_name.get(name).and_then(|r| r.previous.clone());
+        self.write_local_with(name, NodeState::Owned(key.to_string()), previous, true);
+        true
+    }
+
+    /// Records the owner of `name` unless another key owns it (the check and the write are one
+    /// step under the store's lock or compare-and-swap, so two joins of one name cannot both
+    /// win); the second value tells whether anything was written.
+    pub fn claim(&mut self, name: &str, key: &str) -> (Result<(), String>, bool) {
+        match self.by_name.get(name).map(|r| r.state.clone()) {
+            Some(NodeState::Revoked) => {
+                return (Err(format!(
+                    "node name {name:?} is revoked; an operator must run `tether-server agent forget {name}` first"
+                )), false)
+            }
+            Some(NodeState::Owned(k)) if k != key => {
+                return (Err(format!(
+                    "node name {name:?} is already owned by another key; if the node was reinstalled, an operator must run `tether-server agent forget {name}` first"
+                )), false)
+            }
+            Some(NodeState::Owned(_)) => return (Ok(()), false),
+            _ => {}
+        }
+        self.write_local(name, NodeState::Owned(key.to_string()));
+        (Ok(()), true)
+    }
 }
 
 #[cfg(test)]

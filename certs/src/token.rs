@@ -154,69 +154,113 @@ pub fn list(dir: &Path) -> Result<Vec<TokenEntry>, CertError> {
     Ok(text
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let mut f = l.splitn(5, ' ');
-            Some(TokenEntry {
-                id: f.next()?.to_string(),
-                secret_hash: f.next()?.to_string(),
-                expires: f.next()?.parse().ok()?,
-                created: f.next()?.parse().ok()?,
-                description: f.next().unwrap_or("").to_string(),
-            })
-        })
+        .filter_map(TokenEntry::parse_line)
         .collect())
+}
+
+impl TokenEntry {
+    /// One line of the token store: `id sha256(secret) expires created description`. The etcd
+    /// datastore keeps the same line as a key's value.
+    pub fn to_line(&self) -> String {
+        format!(
+            "{} {} {} {} {}",
+            self.id,
+            self.secret_hash,
+            self.expires,
+            self.created,
+            self.description.replace('\n', " ")
+        )
+    }
+
+    /// Reads a line [`to_line`](Self::to_line) wrote; `None` for anything else.
+    pub fn parse_line(line: &str) -> Option<TokenEntry> {
+        let mut f = line.splitn(5, ' ');
+        Some(TokenEntry {
+            id: f.next()?.to_string(),
+            secret_hash: f.next()?.to_string(),
+            expires: f.next()?.parse().ok()?,
+            created: f.next()?.parse().ok()?,
+            description: f.next().unwrap_or("").to_string(),
+        })
+    }
+
+    /// A new token for a CA and its stored entry; `taken` says which ids are in use already.
+    pub fn generate(
+        ca_der: &[u8],
+        ttl_secs: u64,
+        description: &str,
+        taken: impl Fn(&str) -> bool,
+    ) -> Result<(Token, TokenEntry), CertError> {
+        // Ids are short (they are typed and logged), so a new one is drawn until it is unique.
+        let mut id = random_hex(3)?;
+        let mut tries = 0;
+        while taken(&id) {
+            tries += 1;
+            if tries > 64 {
+                return Err(CertError::Generate(
+                    "no free token id; revoke unused tokens".into(),
+                ));
+            }
+            id = random_hex(3)?;
+        }
+        let token = Token {
+            ca_hash: ca_hash(ca_der),
+            id,
+            secret: random_hex(16)?,
+        };
+        let created = now();
+        let entry = TokenEntry {
+            id: token.id.clone(),
+            secret_hash: secret_hash(&token.secret),
+            expires: if ttl_secs == 0 {
+                0
+            } else {
+                created.saturating_add(ttl_secs as i64)
+            },
+            created,
+            description: description.to_string(),
+        };
+        Ok((token, entry))
+    }
 }
 
 fn save(dir: &Path, entries: &[TokenEntry]) -> Result<(), CertError> {
     let mut text = String::from("# id sha256(secret) expires created description\n");
     for e in entries {
-        text.push_str(&format!(
-            "{} {} {} {} {}\n",
-            e.id,
-            e.secret_hash,
-            e.expires,
-            e.created,
-            e.description.replace('\n', " ")
-        ));
+        text.push_str(&e.to_line());
+        text.push('\n');
     }
     write_file(&dir.join(TOKENS_FILE), text.as_bytes(), 0o600)
 }
 
-/// Creates a token valid for `ttl_secs` (0: no expiry) and stores its hash.
-pub fn create(dir: &Path, ttl_secs: u64, description: &str) -> Result<Token, CertError> {
-    let ca_pem = read_string(&dir.join(crate::files::CA_CERT))?;
-    let ca_der = crate::pem_to_der(&ca_pem, &dir.join(crate::files::CA_CERT))?;
+/// Adds the entries whose ids the store lacks (an export from etcd); how many it holds after.
+pub fn add_entries(dir: &Path, new: &[TokenEntry]) -> Result<usize, CertError> {
     let _guard = lock_file(dir)?;
     let mut entries = list(dir)?;
-    // Ids are short (they are typed and logged), so a new one is drawn until it is unique.
-    let mut id = random_hex(3)?;
-    let mut tries = 0;
-    while entries.iter().any(|e| e.id == id) {
-        tries += 1;
-        if tries > 64 {
-            return Err(CertError::Generate(
-                "no free token id; revoke unused tokens".into(),
-            ));
+    for e in new {
+        if !entries.iter().any(|x| x.id == e.id) {
+            entries.push(e.clone());
         }
-        id = random_hex(3)?;
     }
-    let token = Token {
-        ca_hash: ca_hash(&ca_der),
-        id,
-        secret: random_hex(16)?,
-    };
-    let created = now();
-    entries.push(TokenEntry {
-        id: token.id.clone(),
-        secret_hash: secret_hash(&token.secret),
-        expires: if ttl_secs == 0 {
-            0
-        } else {
-            created.saturating_add(ttl_secs as i64)
-        },
-        created,
-        description: description.to_string(),
-    });
+    save(dir, &entries)?;
+    Ok(entries.len())
+}
+
+/// The CA certificate of a data directory in DER, which every token pins.
+pub fn ca_der_of(dir: &Path) -> Result<Vec<u8>, CertError> {
+    let ca_pem = read_string(&dir.join(crate::files::CA_CERT))?;
+    crate::pem_to_der(&ca_pem, &dir.join(crate::files::CA_CERT))
+}
+
+/// Creates a token valid for `ttl_secs` (0: no expiry) and stores its hash.
+pub fn create(dir: &Path, ttl_secs: u64, description: &str) -> Result<Token, CertError> {
+    let ca_der = ca_der_of(dir)?;
+    let _guard = lock_file(dir)?;
+    let mut entries = list(dir)?;
+    let (token, entry) = TokenEntry::generate(&ca_der, ttl_secs, description, |id| {
+        entries.iter().any(|e| e.id == id)
+    })?;
+    entries.push(entry);
     save(dir, &entries)?;
     Ok(token)
 }
@@ -238,19 +282,24 @@ pub fn revoke(dir: &Path, id: &str) -> Result<bool, CertError> {
 /// or revoked while the server runs take effect at once.
 pub fn verify(dir: &Path, token: &Token) -> Result<Result<(), TokenRejection>, CertError> {
     let entries = list(dir)?;
+    Ok(check(entries.iter().find(|e| e.id == token.id), token))
+}
+
+/// Checks a token's credential against its stored entry (`None`: no token with that id).
+pub fn check(entry: Option<&TokenEntry>, token: &Token) -> Result<(), TokenRejection> {
     let given = secret_hash(&token.secret);
-    let Some(e) = entries.iter().find(|e| e.id == token.id) else {
+    let Some(e) = entry else {
         // The same work as for a known id, so the time taken does not tell whether it exists.
         let _ = same(given.as_bytes(), given.as_bytes());
-        return Ok(Err(TokenRejection::Unknown(token.id.clone())));
+        return Err(TokenRejection::Unknown(token.id.clone()));
     };
     if e.expired(now()) {
-        return Ok(Err(TokenRejection::Expired(token.id.clone())));
+        return Err(TokenRejection::Expired(token.id.clone()));
     }
     if !same(given.as_bytes(), e.secret_hash.as_bytes()) {
-        return Ok(Err(TokenRejection::WrongSecret(token.id.clone())));
+        return Err(TokenRejection::WrongSecret(token.id.clone()));
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 #[cfg(test)]

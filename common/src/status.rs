@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 /// A server's or an agent's status, told apart by `"kind"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+// One document is built per `/status` request: its size on the stack does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Status {
     Server(ServerStatus),
     Agent(AgentStatus),
@@ -34,6 +36,21 @@ pub struct ServerStatus {
     pub contested_addresses: Vec<ContestedAddress>,
     pub configured_peers: Vec<String>,
     pub peers: Vec<LinkStatus>,
+    pub datastore: Datastore,
+}
+
+/// Where a server keeps records and tokens, and whether it answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Datastore {
+    /// `dir` or `etcd`.
+    pub kind: String,
+    /// False while etcd is unreachable: the server serves from the last state it read, and
+    /// joins, renewals and commands are refused.
+    pub available: bool,
+    /// The etcd revision applied last.
+    pub revision: i64,
+    pub endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -51,7 +51,11 @@ pub(crate) async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
     let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if party == Party::Agent {
         match identity::refusal(&state.authority.check(&name, &key)) {
-            None => state.authority.confirm(&name, &key),
+            None => {
+                // Written to the store in the background: the handshake does not wait for it.
+                let (authority, name, key) = (state.authority.clone(), name.clone(), key.clone());
+                tokio::spawn(async move { authority.confirm(&name, &key).await });
+            }
             Some((code, why)) => {
                 state.metrics.handshake_failures.inc();
                 warn!(node = %name, peer = %remote, reason = why, "refused tunnel");

@@ -1,6 +1,7 @@
 //! What a server tells its agents and peers on every control stream: its upstream health,
 //! whether it drains, and the servers of the control plane (itself, its configured peers, and
-//! the peers that dialed it). Each control stream sends what changed since it last sent.
+//! the servers etcd's membership lists, and the peers that dialed it). Each control stream sends
+//! what changed since it last sent.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -44,6 +45,8 @@ pub fn diff(old: Option<&Announcement>, new: &Announcement) -> Vec<Message> {
 struct Inner {
     advertise: Option<String>,
     configured_peers: Vec<String>,
+    /// The servers etcd's membership lists (none with the data-directory store).
+    discovered: Mutex<Vec<String>>,
     peers: Arc<Pool>,
     healthy: Mutex<bool>,
     draining: Mutex<bool>,
@@ -61,6 +64,7 @@ impl Announcer {
         Announcer(Arc::new(Inner {
             advertise,
             configured_peers,
+            discovered: Mutex::new(Vec::new()),
             peers,
             healthy: Mutex::new(false),
             draining: Mutex::new(false),
@@ -95,6 +99,12 @@ impl Announcer {
         self.recompute();
     }
 
+    /// The servers the datastore's membership lists now.
+    pub fn set_discovered(&self, servers: Vec<String>) {
+        *lock(&self.0.discovered) = servers;
+        self.recompute();
+    }
+
     /// A peer dialed us and announced the address it is reached at.
     pub fn add_inbound_peer(&self, tunnel_id: usize, addr: String) {
         lock(&self.0.inbound).insert(tunnel_id, addr);
@@ -122,7 +132,9 @@ impl Announcer {
         // entry of its own list), which may differ from the one this server dials it by.
         let links = inner.peers.all();
         let inbound: Vec<String> = lock(&inner.inbound).values().cloned().collect();
-        for label in inner.configured_peers.iter().chain(inbound.iter()) {
+        let discovered = lock(&inner.discovered).clone();
+        let all = inner.configured_peers.iter().chain(discovered.iter());
+        for label in all.chain(inbound.iter()) {
             let link = links.iter().find(|l| &l.server == label);
             let addr = link
                 .and_then(|l| l.servers())

@@ -1,10 +1,11 @@
-//! Who may connect: the node records of the data directory (owner keys, revocations), kept in
-//! memory, reloaded when the file changes, merged with what peers announce, and applied to the
+//! Who may connect: the node records (owner keys, revocations) of the datastore, kept in memory,
+//! brought up to date as the store changes (the data directory's file when it changes, or etcd's
+//! watch), merged with what peers announce (data-directory store only), and applied to the
 //! tunnels that are up.
 
+use crate::datastore::{Datastore, DatastoreError, Kind};
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::RwLock;
@@ -17,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{error, warn};
 
 pub struct Authority {
-    dir: PathBuf,
+    store: Datastore,
     records: RwLock<Records>,
     mtime: std::sync::Mutex<Option<SystemTime>>,
     /// Bumped whenever the records change, so that peer control streams send what is new.
@@ -31,25 +32,37 @@ fn mtime(dir: &std::path::Path) -> Option<SystemTime> {
 }
 
 impl Authority {
-    /// Loads the records of `dir`. A file that cannot be read or parsed is an error: starting
-    /// without it would mean that nothing is revoked.
-    pub fn new(dir: PathBuf) -> Result<Self, tether_certs::CertError> {
-        let records = Records::load(&dir)?;
-        Ok(Authority {
-            mtime: std::sync::Mutex::new(mtime(&dir)),
-            dir,
+    /// Holds `records` (read from `store`, or its cache) in memory. With the data directory
+    /// as the store, a file that cannot be read or parsed stops the start: starting without
+    /// it would mean that nothing is revoked.
+    pub fn new(store: Datastore, records: Records) -> Self {
+        let mtime = match &store {
+            Datastore::Dir(dir) => mtime(dir),
+            Datastore::Etcd(_) => None,
+        };
+        Authority {
+            mtime: std::sync::Mutex::new(mtime),
+            store,
             records: RwLock::new(records),
             version: watch::channel(0).0,
-        })
+        }
+    }
+
+    pub fn store(&self) -> &Datastore {
+        &self.store
     }
 
     pub fn check(&self, name: &str, key: &str) -> Verdict {
         self.read().check(name, key)
     }
 
-    /// Reloads the file if it changed since the last look; true when anything changed.
+    /// Reloads the records file if it changed since the last look (data-directory store; with
+    /// etcd the follower applies changes as they come); true when anything changed.
     pub fn poll(&self) -> bool {
-        let now = mtime(&self.dir);
+        let Datastore::Dir(dir) = &self.store else {
+            return false;
+        };
+        let now = mtime(dir);
         {
             let mut last = self.mtime.lock().unwrap_or_else(|p| p.into_inner());
             if *last == now {
@@ -57,8 +70,8 @@ impl Authority {
             }
             *last = now;
         }
-        match Records::load(&self.dir) {
-            Ok(r) => self.replace(r),
+        match Records::load(dir) {
+            Ok(r) => self.apply(r.by_name.into_values()),
             Err(e) => {
                 // The records in memory stay in force: a broken edit revokes nothing and
                 // un-revokes nothing.
@@ -68,10 +81,13 @@ impl Authority {
         }
     }
 
-    fn replace(&self, new: Records) -> bool {
+    /// Merges records read from the store into memory (by their own order, so an older copy
+    /// changes nothing); true when anything changed. Tunnels that the change refuses are
+    /// closed by the identity room, which watches [`subscribe`](Self::subscribe).
+    pub fn apply(&self, new: impl IntoIterator<Item = NodeRecord>) -> bool {
         let mut cur = self.records.write().unwrap_or_else(|p| p.into_inner());
         let mut changed = false;
-        for r in new.by_name.into_values() {
+        for r in new {
             changed |= cur.merge(r);
         }
         drop(cur);
@@ -81,52 +97,51 @@ impl Authority {
         changed
     }
 
-    /// Merges records into the file (under its lock) and memory.
-    pub fn merge(&self, recs: Vec<NodeRecord>) -> Result<bool, tether_certs::CertError> {
-        let all = records::merge_into(&self.dir, &recs)?;
-        *self.mtime.lock().unwrap_or_else(|p| p.into_inner()) = mtime(&self.dir);
-        Ok(self.replace(all))
+    fn stored(&self, rec: Option<NodeRecord>) {
+        if let Datastore::Dir(dir) = &self.store {
+            *self.mtime.lock().unwrap_or_else(|p| p.into_inner()) = mtime(dir);
+        }
+        self.apply(rec);
     }
 
-    /// Moves a name to a renewal's new key, if `current` owns it now (under the file's lock).
-    pub fn renew(
+    /// Merges a peer's records into the file (under its lock) and memory.
+    fn merge(&self, recs: Vec<NodeRecord>) -> Result<bool, tether_certs::CertError> {
+        let Datastore::Dir(dir) = &self.store else {
+            return Ok(false);
+        };
+        let all = records::merge_into(dir, &recs)?;
+        *self.mtime.lock().unwrap_or_else(|p| p.into_inner()) = mtime(dir);
+        Ok(self.apply(all.by_name.into_values()))
+    }
+
+    /// Moves a name to a renewal's new key, if `current` owns it now (one step in the store).
+    pub async fn renew(
         &self,
         name: &str,
         current: &str,
         new: &str,
-    ) -> Result<Result<(), String>, tether_certs::CertError> {
-        let r = records::renew(&self.dir, name, current, new)?;
-        if r.is_ok() {
-            self.poll();
-        }
+    ) -> Result<Result<(), String>, DatastoreError> {
+        let (r, rec) = self.store.renew(name, current, new).await?;
+        self.stored(rec);
         Ok(r)
     }
 
-    /// A renewed key was seen in a handshake: the key before it is done (written to the records
-    /// and so sent to the peers). Cheap when there is nothing to do.
-    pub fn confirm(&self, name: &str, key: &str) {
+    /// A renewed key was seen in a handshake: the key before it is done (written to the store
+    /// and so to the other servers). Cheap when there is nothing to do.
+    pub async fn confirm(&self, name: &str, key: &str) {
         if !self.read().unconfirmed(name, key) {
             return;
         }
-        match records::confirm(&self.dir, name, key) {
-            Ok(true) => {
-                self.poll();
-            }
-            Ok(false) => {}
+        match self.store.confirm(name, key).await {
+            Ok((_, rec)) => self.stored(rec),
             Err(e) => warn!(node = name, error = %e, "cannot record that a renewed key was seen"),
         }
     }
 
-    /// Claims a node name for a key, under the file's lock.
-    pub fn claim(
-        &self,
-        name: &str,
-        key: &str,
-    ) -> Result<Result<(), String>, tether_certs::CertError> {
-        let r = records::claim(&self.dir, name, key)?;
-        if r.is_ok() {
-            self.poll();
-        }
+    /// Claims a node name for a key (one step in the store).
+    pub async fn claim(&self, name: &str, key: &str) -> Result<Result<(), String>, DatastoreError> {
+        let (r, rec) = self.store.claim(name, key).await?;
+        self.stored(rec);
         Ok(r)
     }
 
@@ -149,6 +164,10 @@ impl Authority {
     ) -> Vec<Message> {
         let v2 = peer.has(capability::RECORDS_V2);
         let mut out = Vec::new();
+        // With etcd every server reads the records from it: peers pass none.
+        if self.store.kind() == Kind::Etcd {
+            return out;
+        }
         for r in self.read().by_name.values() {
             let id = RecordId::of(r);
             if sent.get(&r.name) != Some(&id) {

@@ -1,9 +1,14 @@
 //! Run-time settings of a server, as the library takes them (the binary maps flags onto them).
 
+use crate::datastore::etcd::EtcdSettings;
+use crate::datastore::Kind;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tether_common::tls::{Liveness, TunnelLimits};
+
+/// The etcd key prefix unless `--etcd-prefix` says otherwise.
+pub const DEFAULT_ETCD_PREFIX: &str = "/tether/";
 
 /// Everything `tether-server run` can be told.
 #[derive(Debug, Clone)]
@@ -57,6 +62,10 @@ pub struct ServerConfig {
     pub max_streams_per_node: usize,
     pub liveness: Liveness,
     pub limits: TunnelLimits,
+    /// Where records, tokens and (etcd) membership live.
+    pub datastore: Kind,
+    /// How to reach etcd, with `datastore: Kind::Etcd`.
+    pub etcd: EtcdSettings,
 }
 
 impl ServerConfig {
@@ -86,6 +95,11 @@ impl ServerConfig {
             max_streams_per_node: 8192,
             liveness: Liveness::default(),
             limits: TunnelLimits::default(),
+            datastore: Kind::Dir,
+            etcd: EtcdSettings {
+                prefix: DEFAULT_ETCD_PREFIX.into(),
+                ..Default::default()
+            },
         }
     }
 }

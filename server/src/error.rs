@@ -22,6 +22,10 @@ pub enum ServerError {
     EgressUnauthenticated(SocketAddr),
     #[error("cannot read the node records: {0}")]
     Records(#[from] tether_certs::CertError),
+    #[error("datastore: {0}")]
+    Datastore(#[from] crate::datastore::etcd::EtcdError),
+    #[error("cannot read the datastore: {0}")]
+    Store(crate::datastore::DatastoreError),
     #[error("cannot serve the egress proxy on {what}: {source}")]
     Egress {
         what: String,

@@ -5,6 +5,7 @@
 //! disk now, the node name's owner in the node records, and signs the request. The node's key
 //! never leaves the node.
 
+use crate::datastore::DatastoreError;
 use crate::metrics::Limit;
 use crate::state::State;
 use std::net::SocketAddr;
@@ -50,7 +51,7 @@ pub async fn serve(tunnel: Tunnel, remote: SocketAddr, state: &State) {
             secret,
             node_name,
             csr,
-        } => decide(&token_id, &secret, &node_name, &csr, remote, state),
+        } => decide(&token_id, &secret, &node_name, &csr, remote, state).await,
         other => {
             warn!(peer = %remote, message = other.name(), "refused join: not a join request");
             answer(
@@ -78,7 +79,7 @@ pub async fn serve(tunnel: Tunnel, remote: SocketAddr, state: &State) {
     tunnel.close(code::OK, "join done");
 }
 
-fn decide(
+async fn decide(
     token_id: &str,
     secret: &str,
     node_name: &str,
@@ -95,13 +96,22 @@ fn decide(
             String::new(),
         )
     };
-    let dir = &state.config.data_dir;
+    // etcd unreachable: nothing is checked or written, and the node is told to try later.
+    let unavailable = |e: &DatastoreError| {
+        warn!(peer = %remote, node = node_name, error = %e, "refused join: datastore unavailable");
+        answer(
+            StatusCode::Busy,
+            e.to_string(),
+            String::new(),
+            String::new(),
+        )
+    };
     let parsed =
         format!("{}{}::{token_id}.{secret}", token::PREFIX, "0".repeat(64)).parse::<Token>();
     let Ok(tok) = parsed else {
         return refuse("malformed token credential".into());
     };
-    match token::verify(dir, &tok) {
+    match state.authority.store().verify_token(&tok).await {
         Ok(Ok(())) => {}
         Ok(Err(rejection)) => {
             // The log says which; the stranger only hears "bad token".
@@ -113,6 +123,7 @@ fn decide(
                 String::new(),
             );
         }
+        Err(e) if e.is_unavailable() => return unavailable(&e),
         Err(e) => return refuse(format!("server cannot read its token store: {e}")),
     }
     if let Err(e) = tether_certs::validate_node_name(node_name) {
@@ -122,9 +133,10 @@ fn decide(
         Ok(k) => k,
         Err(e) => return refuse(e.to_string()),
     };
-    match state.authority.claim(node_name, &key) {
+    match state.authority.claim(node_name, &key).await {
         Ok(Ok(())) => {}
         Ok(Err(why)) => return refuse(why),
+        Err(e) if e.is_unavailable() => return unavailable(&e),
         Err(e) => return refuse(format!("server cannot record the node: {e}")),
     }
     match sign(csr, node_name, state) {
@@ -172,7 +184,7 @@ pub async fn renew(mut stream: Stream, node: &str, current_key: &str, csr: Vec<u
         Err(e) => fail(StatusCode::BadRequest, e.to_string()),
         Ok(key) => match sign(&csr, node, state) {
             Err(why) => fail(StatusCode::Busy, why),
-            Ok(cert) => match state.authority.renew(node, current_key, &key) {
+            Ok(cert) => match state.authority.renew(node, current_key, &key).await {
                 Err(e) => fail(StatusCode::Busy, format!("cannot record the new key: {e}")),
                 Ok(Err(why)) => fail(StatusCode::RefusedByPolicy, why),
                 Ok(Ok(())) => {

@@ -16,6 +16,8 @@
 //! | [`join`], [`join_rate`] | joins and renewals; the join rate limit |
 //! | [`egress`] | the egress proxy (CONNECT to nodes) |
 //! | [`status`] | readiness, metrics and the status document |
+//! | [`datastore`], [`follow`] | records, tokens and membership in the data directory or etcd; following etcd's changes |
+//! | [`peers`] | links to the other servers, configured or found in etcd |
 //! | [`state`], [`registry`], [`authority`], [`announce`], [`upstream`], [`metrics`] | what they share |
 #![forbid(unsafe_code)]
 
@@ -25,13 +27,16 @@ pub mod announce;
 pub mod authority;
 pub mod config;
 pub mod control;
+pub mod datastore;
 pub mod demo;
 pub mod egress;
 pub mod error;
+pub mod follow;
 pub mod identity;
 pub mod join;
 pub mod join_rate;
 pub mod metrics;
+pub mod peers;
 pub mod registry;
 pub mod standin;
 pub mod state;
@@ -46,6 +51,7 @@ pub use error::ServerError;
 use crate::announce::Announcer;
 use crate::authority::Authority;
 use crate::config::ServerConfig;
+use crate::datastore::Datastore;
 use crate::join_rate::JoinLimiter;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -56,7 +62,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_common::endpoint::admin;
-use tether_common::link::backoff::Backoff;
 use tether_common::link::pool::Pool;
 use tether_common::link::reconnect::{self, Dialer};
 use tether_common::process::shutdown::Shutdown;
@@ -158,6 +163,48 @@ fn advertise_address(config: &ServerConfig, bound: SocketAddr) -> Option<String>
     Some(SocketAddr::new(ip, bound.port()).to_string())
 }
 
+/// Opens the configured datastore and reads its records. With etcd, a server that cannot reach
+/// it at start serves from the records it cached in its data directory the last time (fail
+/// static) and follows etcd once it answers.
+async fn open_datastore(
+    config: &ServerConfig,
+    health: &datastore::StoreHealth,
+) -> Result<(Datastore, tether_certs::records::Records), ServerError> {
+    use std::sync::atomic::Ordering;
+    use tether_certs::records::{self, Records};
+    match config.datastore {
+        datastore::Kind::Dir => {
+            health.available.store(true, Ordering::Relaxed);
+            let records = Records::load(&config.data_dir)?;
+            Ok((Datastore::Dir(config.data_dir.clone()), records))
+        }
+        datastore::Kind::Etcd => {
+            let etcd = Arc::new(datastore::etcd::Etcd::new(&config.etcd)?);
+            let store = Datastore::Etcd(etcd.clone());
+            let read = tokio::time::timeout(Duration::from_secs(5), store.load_records()).await;
+            match read {
+                Ok(Ok((records, revision))) => {
+                    health.revision.store(revision, Ordering::Relaxed);
+                    let all: Vec<_> = records.by_name.values().cloned().collect();
+                    records::merge_into(&config.data_dir, &all)?;
+                    info!(endpoints = ?etcd.endpoints(), revision, nodes = all.len(), "datastore: etcd");
+                    Ok((store, records))
+                }
+                Ok(Err(e)) if !e.is_unavailable() => Err(ServerError::Store(e)),
+                other => {
+                    let why = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no answer in 5s".into(),
+                    };
+                    warn!(error = %why, endpoints = ?etcd.endpoints(),
+                        "etcd unavailable at start: serving from the node records cached in the data directory until it answers");
+                    Ok((store, Records::load(&config.data_dir)?))
+                }
+            }
+        }
+    }
+}
+
 /// Loads the certificates, binds the listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let dir = &config.data_dir;
@@ -214,8 +261,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         services.insert(name.clone(), Arc::new(up));
     }
 
-    let authority = Authority::new(config.data_dir.clone())?;
     let metrics = Arc::new(Metrics::default());
+    let (store, records) = open_datastore(&config, &metrics.datastore).await?;
+    let authority = Authority::new(store, records);
     let instance_id = random_id();
     let advertise = advertise_address(&config, local_addr);
     let peers = Arc::new(Pool::default());
@@ -329,26 +377,31 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         if Some(peer) == advertise.as_ref() {
             continue;
         }
-        let (peer, dialer, stop) = (peer.clone(), dialer.clone(), shutdown.signal());
-        let liveness_max = Duration::from_secs(5);
-        tasks.spawn(async move {
-            // Resolve until it works: a peer's name may not resolve yet while the cluster boots.
-            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-            let targets = loop {
-                match reconnect::resolve(&peer, rank).await {
-                    Ok(t) if !t.is_empty() => break t,
-                    Ok(_) => warn!(peer = %peer, "peer name resolves to no address"),
-                    Err(e) => warn!(peer = %peer, error = %e, "cannot resolve peer"),
-                }
-                tokio::time::sleep(backoff.next_delay(fastrand::f64())).await;
-            };
-            let mut set = JoinSet::new();
-            for t in targets {
-                let b = Backoff::new(Duration::from_millis(100), liveness_max);
-                set.spawn(reconnect::maintain(t, dialer.clone(), b, stop.clone()));
-            }
-            while set.join_next().await.is_some() {}
-        });
+        tasks.spawn(peers::link(
+            peer.clone(),
+            rank,
+            dialer.clone(),
+            shutdown.signal(),
+        ));
+    }
+    if let Some(etcd) = state.authority.store().etcd() {
+        let discovered =
+            peers::Discovered::new(dialer.clone(), advertise.clone(), state.config.peers.len());
+        let follower = follow::Follower {
+            etcd: etcd.clone(),
+            authority: state.authority.clone(),
+            announcer: state.announcer.clone(),
+            discovered: Arc::new(discovered),
+            health: state.metrics.datastore.clone(),
+            data_dir: state.config.data_dir.clone(),
+        };
+        tasks.spawn(follower.run(shutdown.signal()));
+        tasks.spawn(datastore::members::keep(
+            etcd.clone(),
+            state.instance_id.clone(),
+            state.announcer.clone(),
+            shutdown.signal(),
+        ));
     }
     tasks.spawn(state.announcer.clone().run(shutdown.signal()));
     tasks.spawn(identity::watch_files(state.clone(), shutdown.signal()));

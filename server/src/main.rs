@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tether_common::process::units::{format_duration, parse_duration};
 use tether_server::config::ServerConfig;
+use tether_server::datastore::etcd::{Etcd, EtcdSettings};
+use tether_server::datastore::{Datastore, Kind};
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +52,99 @@ enum Command {
     /// Manage nodes: revoke a node, or forget a name so that a new key may join under it.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Move records and tokens between a data directory and etcd.
+    #[command(subcommand)]
+    Datastore(DatastoreCommand),
+}
+
+#[derive(Subcommand)]
+enum DatastoreCommand {
+    /// Copy a data directory's node records and join tokens into etcd (safe to run again:
+    /// records merge by their own order, tokens already there are kept).
+    Import {
+        #[arg(long, env = "TETHER_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Write etcd's node records and join tokens into a data directory (merging with what it
+    /// holds), for a move back to `--datastore dir` or a backup.
+    Export {
+        #[arg(long, env = "TETHER_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+/// Where records, tokens and membership live: the `--datastore` and `--etcd-*` settings, the
+/// same for `run` and for the commands that change records and tokens.
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// Where node records, join tokens and server membership live: dir (the data directory;
+    /// servers exchange records with their --peer links) or etcd (the control plane's etcd;
+    /// servers find each other there).
+    #[arg(long, env = "TETHER_DATASTORE", value_enum, default_value = defaults().datastore.name())]
+    datastore: Kind,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+#[derive(Args, Clone)]
+struct EtcdArgs {
+    /// An etcd client URL, https://HOST:PORT (repeatable, or comma-separated).
+    #[arg(
+        long = "etcd-endpoints",
+        env = "TETHER_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    etcd_endpoints: Vec<String>,
+    /// CA of etcd's server certificates (kubeadm: /etc/kubernetes/pki/etcd/ca.crt).
+    #[arg(long, env = "TETHER_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd (kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.crt).
+    #[arg(long, env = "TETHER_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Its key (kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.key).
+    #[arg(long, env = "TETHER_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// Prefix of every key tether keeps in etcd.
+    #[arg(long, env = "TETHER_ETCD_PREFIX", default_value = defaults().etcd.prefix)]
+    etcd_prefix: String,
+}
+
+impl EtcdArgs {
+    fn settings(&self) -> EtcdSettings {
+        EtcdSettings {
+            endpoints: self.etcd_endpoints.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            prefix: self.etcd_prefix.clone(),
+        }
+    }
+
+    fn open(&self) -> Result<Datastore> {
+        let etcd = Etcd::new(&self.settings()).context("cannot use the etcd settings")?;
+        Ok(Datastore::Etcd(std::sync::Arc::new(etcd)))
+    }
+}
+
+impl StoreArgs {
+    /// The store the commands change: the data directory, or etcd.
+    fn open(&self, data_dir: &std::path::Path) -> Result<Datastore> {
+        match self.datastore {
+            Kind::Dir => Ok(Datastore::Dir(data_dir.to_path_buf())),
+            Kind::Etcd => self.etcd.open(),
+        }
+    }
+
+    fn describe(&self, data_dir: &std::path::Path) -> String {
+        match self.datastore {
+            Kind::Dir => data_dir.display().to_string(),
+            Kind::Etcd => format!("etcd ({})", self.etcd.etcd_endpoints.join(", ")),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -64,17 +159,23 @@ enum TokenCommand {
         /// A note to tell tokens apart in `token list`.
         #[arg(long, default_value = "")]
         description: String,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// List the tokens (ids, expiry, description; never secrets).
     List {
         #[arg(long, env = "TETHER_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Revoke a token by its id: no new node can join with it.
     Revoke {
         id: String,
         #[arg(long, env = "TETHER_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -86,6 +187,8 @@ enum AgentCommand {
         name: String,
         #[arg(long, env = "TETHER_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Forget a node name: the next join under it may use a new key (a reinstalled node). Also
     /// lifts a revocation, for a new join only: no certificate made before the forget is good.
@@ -93,6 +196,8 @@ enum AgentCommand {
         name: String,
         #[arg(long, env = "TETHER_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -137,6 +242,8 @@ struct RunArgs {
     /// Data directory holding ca.crt, server.crt and server.key.
     #[arg(long, env = "TETHER_DATA_DIR")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Address for tunnels: QUIC on its UDP port, TLS over TCP on the same TCP port.
     #[arg(long, env = "TETHER_LISTEN", default_value_t = defaults().listen)]
     listen: SocketAddr,
@@ -238,8 +345,9 @@ fn main() -> Result<()> {
         Command::IssueAgent(a) => issue_agent(a),
         Command::Run(a) => runtime(a.threads)?.block_on(run(*a)),
         Command::Demo => runtime(0)?.block_on(tether_server::demo::run()),
-        Command::Token(t) => token(t),
-        Command::Agent(a) => agent(a),
+        Command::Token(t) => runtime(1)?.block_on(token(t)),
+        Command::Agent(a) => runtime(1)?.block_on(agent(a)),
+        Command::Datastore(d) => runtime(1)?.block_on(datastore(d)),
         Command::Tools(t) => {
             tether_common::process::cli::run_tool::<Cli>(t).map_err(anyhow::Error::msg)
         }
@@ -266,22 +374,28 @@ fn init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
-fn token(t: TokenCommand) -> Result<()> {
-    use tether_certs::token;
+async fn token(t: TokenCommand) -> Result<()> {
     match t {
         TokenCommand::Create {
             data_dir,
             ttl,
             description,
+            store,
         } => {
             let secs = ttl.map(|d| d.as_secs().max(1)).unwrap_or(0);
-            let tok = token::create(&data_dir, secs, &description)
-                .with_context(|| format!("cannot create a token in {}", data_dir.display()))?;
+            let tok = store
+                .open(&data_dir)?
+                .create_token(&data_dir, secs, &description)
+                .await
+                .with_context(|| {
+                    format!("cannot create a token in {}", store.describe(&data_dir))
+                })?;
             println!("{tok}");
         }
-        TokenCommand::List { data_dir } => {
-            let entries = token::list(&data_dir)
-                .with_context(|| format!("cannot read the tokens of {}", data_dir.display()))?;
+        TokenCommand::List { data_dir, store } => {
+            let entries = store.open(&data_dir)?.tokens().await.with_context(|| {
+                format!("cannot read the tokens of {}", store.describe(&data_dir))
+            })?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
@@ -298,15 +412,52 @@ fn token(t: TokenCommand) -> Result<()> {
                 println!("{:<8} {:<22} {}", e.id, expires, e.description);
             }
         }
-        TokenCommand::Revoke { id, data_dir } => {
-            if token::revoke(&data_dir, &id)? {
+        TokenCommand::Revoke {
+            id,
+            data_dir,
+            store,
+        } => {
+            let where_ = store.describe(&data_dir);
+            if store
+                .open(&data_dir)?
+                .revoke_token(&id)
+                .await
+                .with_context(|| format!("cannot revoke the token in {where_}"))?
+            {
                 println!("revoked token {id}: no new node can join with it");
             } else {
                 anyhow::bail!(
-                    "no token with id {id:?} in {} (see `tether-server token list`)",
-                    data_dir.display()
+                    "no token with id {id:?} in {where_} (see `tether-server token list`)"
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+async fn datastore(d: DatastoreCommand) -> Result<()> {
+    match d {
+        DatastoreCommand::Import { data_dir, etcd } => {
+            let (records, tokens) = etcd
+                .open()?
+                .import(&data_dir)
+                .await
+                .with_context(|| format!("cannot import {} into etcd", data_dir.display()))?;
+            println!(
+                "imported {} into etcd: {records} node records and {tokens} tokens written (the rest were there already)",
+                data_dir.display()
+            );
+        }
+        DatastoreCommand::Export { data_dir, etcd } => {
+            let (records, tokens) = etcd
+                .open()?
+                .export(&data_dir)
+                .await
+                .with_context(|| format!("cannot export etcd into {}", data_dir.display()))?;
+            println!(
+                "exported etcd into {}: it now holds {records} node records and {tokens} tokens",
+                data_dir.display()
+            );
         }
     }
     Ok(())
@@ -320,25 +471,38 @@ fn human(secs: i64) -> String {
     }
 }
 
-fn agent(a: AgentCommand) -> Result<()> {
-    use tether_certs::records::{write_local, NodeState};
-    let (name, dir, state, what) = match a {
-        AgentCommand::Revoke { name, data_dir } => (
+async fn agent(a: AgentCommand) -> Result<()> {
+    use tether_certs::records::NodeState;
+    let (name, dir, store, state, what) = match a {
+        AgentCommand::Revoke {
             name,
             data_dir,
+            store,
+        } => (
+            name,
+            data_dir,
+            store,
             NodeState::Revoked,
-            "revoked: its tunnels close within seconds, on every server its peers reach",
+            "revoked: its tunnels close within seconds, on every server",
         ),
-        AgentCommand::Forget { name, data_dir } => (
+        AgentCommand::Forget {
             name,
             data_dir,
+            store,
+        } => (
+            name,
+            data_dir,
+            store,
             NodeState::Forgotten,
             "forgotten: the next join under this name may use a new key",
         ),
     };
     tether_certs::validate_node_name(&name)?;
-    write_local(&dir, &name, state)
-        .with_context(|| format!("cannot update the node records in {}", dir.display()))?;
+    store
+        .open(&dir)?
+        .set_state(&name, state)
+        .await
+        .with_context(|| format!("cannot update the node records in {}", store.describe(&dir)))?;
     println!("node {name:?} {what}");
     Ok(())
 }
@@ -361,6 +525,8 @@ async fn run(a: RunArgs) -> Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
     let mut config = ServerConfig::new(a.data_dir);
+    config.datastore = a.store.datastore;
+    config.etcd = a.store.etcd.settings();
     config.listen = a.listen;
     config.upstream = a.upstream;
     config.services = a.services;

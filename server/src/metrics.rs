@@ -1,5 +1,6 @@
 //! What a server counts, and its Prometheus rendering.
 
+use crate::datastore::StoreHealth;
 use std::sync::Arc;
 use tether_common::link::pool::Pool;
 use tether_common::link::reconnect::LinkStats;
@@ -96,6 +97,8 @@ pub struct Metrics {
     /// Address claims that collided with another node's claim.
     pub address_conflicts: Counter,
     pub egress_failures: CounterFamily<EgressCode>,
+    /// Whether the datastore answers (see `datastore`).
+    pub datastore: Arc<StoreHealth>,
 }
 
 impl Metrics {
@@ -138,6 +141,18 @@ impl Metrics {
             "tether_protocol_errors_total",
             "Streams or tunnels closed for breaking the protocol.",
             self.protocol_errors.get(),
+        );
+        e.gauge(
+            "tether_datastore_available",
+            "1 when the datastore answers (always, for the data directory); 0 while etcd is unreachable and the server serves from the last state it read.",
+            self.datastore.available() as i64,
+        );
+        e.gauge(
+            "tether_datastore_revision",
+            "The etcd revision this server has applied last (0 for the data directory).",
+            self.datastore
+                .revision
+                .load(std::sync::atomic::Ordering::Relaxed),
         );
         e.gauge(
             "tether_upstream_healthy",

@@ -14,11 +14,17 @@ use tether_common::status::{
 pub(crate) struct AdminView(pub(crate) Arc<State>);
 
 impl AdminSource for AdminView {
-    fn ready(&self) -> Result<(), String> {
+    /// Ready while the upstream answers. An unreachable etcd does not make a server unready:
+    /// it keeps serving from the last state it read, and the line says so.
+    fn ready(&self) -> Result<String, String> {
         if self.0.draining.load(Ordering::Relaxed) {
             Err("draining".into())
         } else if self.0.upstream.is_healthy() {
-            Ok(())
+            if self.0.metrics.datastore.available() {
+                Ok("ok".into())
+            } else {
+                Ok("ok (datastore unavailable: serving from the last state read; joins and renewals are refused)".into())
+            }
         } else {
             Err(format!("upstream {} unreachable", self.0.upstream.addr()))
         }
@@ -82,6 +88,17 @@ impl AdminSource for AdminView {
                 .collect(),
             configured_peers: s.config.peers.clone(),
             peers: s.peers.all().into_iter().map(|l| l.status()).collect(),
+            datastore: tether_common::status::Datastore {
+                kind: s.config.datastore.name().into(),
+                available: s.metrics.datastore.available(),
+                revision: s.metrics.datastore.revision.load(Ordering::Relaxed),
+                endpoints: s
+                    .authority
+                    .store()
+                    .etcd()
+                    .map(|e| e.endpoints())
+                    .unwrap_or_default(),
+            },
         })
     }
 }

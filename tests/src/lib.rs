@@ -20,6 +20,7 @@ use tether_server::ServerHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod etcd;
 pub mod netns;
 pub mod process;
 

@@ -24,8 +24,9 @@ pub const MAX_PER_CLIENT: usize = 8;
 
 /// What the admin endpoint shows; each binary implements it.
 pub trait AdminSource: Send + Sync + 'static {
-    /// `Ok` when ready to serve traffic, or why not.
-    fn ready(&self) -> Result<(), String>;
+    /// `Ok` when ready to serve traffic, with a line that may say more (`ok`, or what is
+    /// degraded but still serving), or why not.
+    fn ready(&self) -> Result<String, String>;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
     /// What `status` shows: the connected parties and their state.
@@ -84,7 +85,7 @@ async fn handle(mut conn: TcpStream, source: &dyn AdminSource) -> std::io::Resul
     match path.as_str() {
         "/healthz" => respond(&mut conn, 200, text, b"ok\n").await,
         "/readyz" => match source.ready() {
-            Ok(()) => respond(&mut conn, 200, text, b"ok\n").await,
+            Ok(line) => respond(&mut conn, 200, text, format!("{line}\n").as_bytes()).await,
             Err(why) => {
                 respond(
                     &mut conn,

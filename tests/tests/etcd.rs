@@ -1,0 +1,556 @@
+//! Shared state on etcd, against a real etcd cluster (three members, TLS with client
+//! certificates; see `tether_tests::etcd`): servers that find each other with no `--peer`,
+//! tokens made on one server that join on another, revocations that close tunnels on every
+//! server within a second, two servers racing to give one name to two keys, and etcd's
+//! failures: one member killed, a server cut off from etcd, every member killed, and recovery
+//! with nothing lost.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_certs::records::NodeState;
+use tether_server::config::ServerConfig;
+use tether_server::datastore::etcd::{Etcd, EtcdSettings};
+use tether_server::datastore::{Datastore, Kind};
+use tether_server::ServerHandle;
+use tether_tests::etcd::{etcd_or_skip, Cutter, EtcdCluster};
+use tether_tests::*;
+
+/// A copy of the PKI's server directory (CA, certificate, key) for one server.
+fn server_dir(pki: &Pki, root: &TempDir, name: &str) -> PathBuf {
+    let dir = root.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["ca.crt", "ca.key", "server.crt", "server.key"] {
+        std::fs::copy(pki.server_dir().join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+async fn etcd_server(dir: &Path, upstream: SocketAddr, etcd: EtcdSettings) -> ServerHandle {
+    let mut c = ServerConfig::new(dir.to_path_buf());
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.upstream = upstream.to_string();
+    c.admin = Some("127.0.0.1:0".parse().unwrap());
+    c.datastore = Kind::Etcd;
+    c.etcd = etcd;
+    tether_server::start(c).await.expect("server starts")
+}
+
+/// The store as the commands open it (`--datastore etcd`).
+fn store(settings: &EtcdSettings) -> Datastore {
+    Datastore::Etcd(Arc::new(Etcd::new(settings).unwrap()))
+}
+
+fn joining_agent(
+    dir: &TempDir,
+    node: &str,
+    server: SocketAddr,
+    token: &str,
+) -> tether_agent::config::AgentConfig {
+    let mut c =
+        tether_agent::config::AgentConfig::new(vec![server.to_string()], dir.path().to_path_buf());
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.token = Some(token.to_string());
+    c.node_name = Some(node.to_string());
+    c
+}
+
+/// An agent with a certificate for `node`, told of `servers` only (it learns the rest).
+async fn agent_of(pki: &Pki, node: &str, servers: &[SocketAddr]) -> tether_agent::AgentHandle {
+    let agent = tether_agent::start(agent_config(pki, node, servers))
+        .await
+        .expect("agent starts");
+    wait_for("an agent tunnel up", Duration::from_secs(10), || async {
+        agent.tunnels_up() >= 1
+    })
+    .await;
+    agent
+}
+
+fn has_node(s: &ServerHandle, node: &str) -> bool {
+    s.connected_nodes().iter().any(|n| n == node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_share_etcd_with_no_peer_list() {
+    if !etcd_or_skip("servers_share_etcd_with_no_peer_list") {
+        return;
+    }
+    init_logging();
+    let cluster = EtcdCluster::start(3).await;
+    let settings = cluster.settings("/share/");
+    let pki = Pki::new();
+    let root = TempDir::new("etcd-share");
+    let echo = Echo::start().await;
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|i| server_dir(&pki, &root, &format!("s{i}")))
+        .collect();
+    let mut servers = Vec::new();
+    for d in &dirs {
+        servers.push(etcd_server(d, echo.addr, settings.clone()).await);
+    }
+    // Each finds the two others through etcd's membership.
+    wait_for(
+        "every server links to the two others",
+        Duration::from_secs(5),
+        || async { servers.iter().all(|s| s.peers_up() == 2) },
+    )
+    .await;
+
+    // An agent told of one server learns all three from the lists it is sent.
+    let agent = agent_of(&pki, "node-a", &[servers[0].local_addr]).await;
+    wait_for(
+        "the agent has a tunnel to all three",
+        Duration::from_secs(5),
+        || async { agent.tunnels_up() == 3 },
+    )
+    .await;
+    echo_roundtrip(agent.listen_addr, random_bytes(20_000, 1))
+        .await
+        .unwrap();
+
+    // A token made on the second server joins on the third.
+    let token = store(&settings)
+        .create_token(&dirs[1], 3600, "made on s1")
+        .await
+        .unwrap();
+    let node_dir = TempDir::new("etcd-join");
+    let joined = within(
+        "join on another server",
+        Duration::from_secs(20),
+        tether_agent::start(joining_agent(
+            &node_dir,
+            "node-j",
+            servers[2].local_addr,
+            &token.to_string(),
+        )),
+    )
+    .await
+    .expect("a token made on one server joins on another");
+    wait_for("the joined node is up", Duration::from_secs(10), || async {
+        joined.tunnels_up() >= 1
+    })
+    .await;
+    let (owner, _) = store(&settings).load_records().await.unwrap();
+    assert!(
+        matches!(
+            owner.by_name.get("node-j").map(|r| &r.state),
+            Some(NodeState::Owned(_))
+        ),
+        "the join's record is in etcd"
+    );
+
+    // A revocation made with the command's store closes the node on every server within 1 s.
+    wait_for("node-a on every server", Duration::from_secs(5), || async {
+        servers.iter().all(|s| has_node(s, "node-a"))
+    })
+    .await;
+    store(&settings)
+        .set_state("node-a", NodeState::Revoked)
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    wait_for(
+        "node-a closed everywhere",
+        Duration::from_secs(5),
+        || async { servers.iter().all(|s| !has_node(s, "node-a")) },
+    )
+    .await;
+    let took = revoked_at.elapsed();
+    assert!(
+        took <= Duration::from_secs(1),
+        "revocation took {took:?} to close the node's tunnels on every server"
+    );
+
+    // A server that stops leaves the membership: the others drop their link to it.
+    let last = servers.pop().unwrap();
+    last.shutdown().await;
+    wait_for(
+        "the stopped server is dropped",
+        Duration::from_secs(8),
+        || async { servers.iter().all(|s| s.peers_up() == 1) },
+    )
+    .await;
+    joined.shutdown().await;
+    agent.shutdown().await;
+    for s in servers {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_racing_for_one_name_never_both_win() {
+    if !etcd_or_skip("two_servers_racing_for_one_name_never_both_win") {
+        return;
+    }
+    init_logging();
+    let cluster = EtcdCluster::start(1).await;
+    let settings = cluster.settings("/race/");
+    // Two servers' stores: separate clients, as on two masters.
+    let (a, b) = (store(&settings), store(&settings));
+    let (key_a, key_b) = ("aa".repeat(32), "bb".repeat(32));
+    for i in 0..20 {
+        let name = format!("race-{i}");
+        let (ra, rb) = tokio::join!(a.claim(&name, &key_a), b.claim(&name, &key_b));
+        let (ra, rb) = (ra.unwrap().0, rb.unwrap().0);
+        assert!(
+            ra.is_ok() != rb.is_ok(),
+            "{name}: exactly one claim wins (a: {ra:?}, b: {rb:?})"
+        );
+        let (all, _) = a.load_records().await.unwrap();
+        let winner = if ra.is_ok() { &key_a } else { &key_b };
+        assert_eq!(
+            all.by_name.get(&name).map(|r| &r.state),
+            Some(&NodeState::Owned(winner.clone())),
+            "{name}: etcd holds the winner"
+        );
+    }
+    // A renewal racing a revocation never undoes it.
+    for i in 0..10 {
+        let name = format!("renew-{i}");
+        a.claim(&name, &key_a).await.unwrap().0.unwrap();
+        let new = format!("{:02x}", i).repeat(32);
+        let (_, _) = tokio::join!(
+            a.set_state(&name, NodeState::Revoked),
+            b.renew(&name, &key_a, &new)
+        );
+        let (all, _) = b.load_records().await.unwrap();
+        assert_eq!(
+            all.by_name.get(&name).map(|r| &r.state),
+            Some(&NodeState::Revoked),
+            "{name}: the revocation holds"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_failures_fail_static_and_nothing_is_lost() {
+    if !etcd_or_skip("etcd_failures_fail_static_and_nothing_is_lost") {
+        return;
+    }
+    init_logging();
+    let mut cluster = EtcdCluster::start(3).await;
+    let direct = cluster.settings("/faults/");
+    // Server A reaches etcd through proxies that can cut it off; server B directly.
+    let mut cutters = Vec::new();
+    for i in 0..3 {
+        cutters.push(Cutter::start(cluster.client_addr(i)).await);
+    }
+    let through = cluster.settings_for(
+        cutters
+            .iter()
+            .map(|c| format!("https://{}", c.addr))
+            .collect(),
+        "/faults/",
+    );
+    let pki = Pki::new();
+    let root = TempDir::new("etcd-faults");
+    let echo = Echo::start().await;
+    let a = etcd_server(&server_dir(&pki, &root, "a"), echo.addr, through).await;
+    let b_dir = server_dir(&pki, &root, "b");
+    let b = etcd_server(&b_dir, echo.addr, direct.clone()).await;
+    wait_for("A and B linked", Duration::from_secs(5), || async {
+        a.peers_up() == 1 && b.peers_up() == 1
+    })
+    .await;
+    let x = agent_of(&pki, "node-x", &[a.local_addr]).await;
+    let y = agent_of(&pki, "node-y", &[a.local_addr]).await;
+    wait_for(
+        "both nodes on both servers",
+        Duration::from_secs(10),
+        || async {
+            ["node-x", "node-y"]
+                .iter()
+                .all(|n| has_node(&a, n) && has_node(&b, n))
+        },
+    )
+    .await;
+
+    // One member killed: everything keeps working, joins included.
+    cluster.kill(0).await;
+    let token = store(&direct)
+        .create_token(&b_dir, 3600, "one member down")
+        .await
+        .expect("a token with one member down");
+    let d1 = TempDir::new("etcd-join-1");
+    let j1 = within(
+        "join with one member down",
+        Duration::from_secs(30),
+        tether_agent::start(joining_agent(
+            &d1,
+            "node-j1",
+            b.local_addr,
+            &token.to_string(),
+        )),
+    )
+    .await
+    .expect("joins with one member down");
+    echo_roundtrip(x.listen_addr, random_bytes(10_000, 2))
+        .await
+        .unwrap();
+
+    // A cut off from etcd: it says so, and its agents keep forwarding.
+    for c in &cutters {
+        c.cut();
+    }
+    wait_for(
+        "A knows etcd is unreachable",
+        Duration::from_secs(10),
+        || async { !a.metrics().datastore.available() },
+    )
+    .await;
+    for i in 0..5 {
+        echo_roundtrip(x.listen_addr, random_bytes(10_000, 10 + i))
+            .await
+            .expect("forwarding while the server is cut off from etcd");
+    }
+    // A revocation made meanwhile: B applies it at once, A cannot know yet...
+    store(&direct)
+        .set_state("node-y", NodeState::Revoked)
+        .await
+        .unwrap();
+    wait_for("B closes node-y", Duration::from_secs(2), || async {
+        !has_node(&b, "node-y")
+    })
+    .await;
+    assert!(has_node(&a, "node-y"), "A serves from the last state read");
+    // ...and applies it when it is back: nothing is lost.
+    for c in &cutters {
+        c.heal();
+    }
+    wait_for(
+        "A catches up and closes node-y",
+        Duration::from_secs(10),
+        || async { !has_node(&a, "node-y") },
+    )
+    .await;
+    assert!(a.metrics().datastore.available());
+
+    // Every member killed: tunnels and new connections of known nodes keep working; joins
+    // and commands are refused with "datastore unavailable" and record nothing.
+    for i in 0..3 {
+        cluster.kill(i).await;
+    }
+    wait_for(
+        "both servers know etcd is down",
+        Duration::from_secs(10),
+        || async { !a.metrics().datastore.available() && !b.metrics().datastore.available() },
+    )
+    .await;
+    let (code, text) = http_get_admin(&a).await;
+    assert_eq!(code, 200, "still ready: it serves from the last state");
+    assert!(text.contains("datastore unavailable"), "{text}");
+    for i in 0..5 {
+        echo_roundtrip(x.listen_addr, random_bytes(10_000, 20 + i))
+            .await
+            .expect("new connections of a known node while etcd is down");
+    }
+    let err = store(&direct)
+        .create_token(&b_dir, 3600, "etcd down")
+        .await
+        .expect_err("no token while etcd is down");
+    assert!(err.is_unavailable(), "{err}");
+    let err = store(&direct)
+        .set_state("node-x", NodeState::Revoked)
+        .await
+        .expect_err("no revocation recorded while etcd is down");
+    assert!(err.is_unavailable(), "{err}");
+    // A join started now waits (the server answers "datastore unavailable") and completes
+    // once etcd is back.
+    let failures_before = b.metrics().join_failures.get();
+    let d2 = TempDir::new("etcd-join-2");
+    let pending = tokio::spawn(tether_agent::start(joining_agent(
+        &d2,
+        "node-j2",
+        b.local_addr,
+        &token.to_string(),
+    )));
+    wait_for(
+        "the join is refused for now",
+        Duration::from_secs(10),
+        || async { b.metrics().join_failures.get() > failures_before },
+    )
+    .await;
+    assert!(!pending.is_finished());
+
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    cluster.wait_healthy().await;
+    wait_for(
+        "both servers follow etcd again",
+        Duration::from_secs(15),
+        || async { a.metrics().datastore.available() && b.metrics().datastore.available() },
+    )
+    .await;
+    let j2 = within(
+        "the waiting join completes",
+        Duration::from_secs(30),
+        pending,
+    )
+    .await
+    .unwrap()
+    .expect("joins once etcd is back");
+    let (all, _) = store(&direct).load_records().await.unwrap();
+    assert_eq!(
+        all.by_name.get("node-y").map(|r| &r.state),
+        Some(&NodeState::Revoked)
+    );
+    assert!(
+        matches!(
+            all.by_name.get("node-x").map(|r| &r.state),
+            None | Some(NodeState::Owned(_))
+        ),
+        "the refused revocation left nothing half-way"
+    );
+    j2.shutdown().await;
+    j1.shutdown().await;
+    x.shutdown().await;
+    y.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+async fn http_get_admin(s: &ServerHandle) -> (u16, String) {
+    let admin = s.admin_addr.expect("admin endpoint");
+    http_get(admin, "/readyz").await.unwrap()
+}
+
+/// The `--etcd-*` flags of the commands.
+fn etcd_flags(s: &EtcdSettings) -> Vec<String> {
+    let mut f = vec!["--datastore".to_string(), "etcd".into()];
+    for e in &s.endpoints {
+        f.extend(["--etcd-endpoints".to_string(), e.clone()]);
+    }
+    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().to_string_lossy().into_owned();
+    f.extend([
+        "--etcd-ca".to_string(),
+        path(&s.ca),
+        "--etcd-cert".into(),
+        path(&s.cert),
+        "--etcd-key".into(),
+        path(&s.key),
+        "--etcd-prefix".into(),
+        s.prefix.clone(),
+    ]);
+    f
+}
+
+/// Runs `tether-server ARGS`; its output, and whether it succeeded.
+fn server_cmd(args: &[String]) -> (bool, String) {
+    let out = std::process::Command::new(tether_tests::process::bin("tether-server"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn ok(args: &[&str], extra: &[String]) -> String {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend_from_slice(extra);
+    let (good, text) = server_cmd(&all);
+    assert!(good, "tether-server {all:?} failed: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_import_and_export_work_against_etcd() {
+    if !etcd_or_skip("commands_import_and_export_work_against_etcd") {
+        return;
+    }
+    let cluster = EtcdCluster::start(1).await;
+    let settings = cluster.settings("/cmd/");
+    let flags = etcd_flags(&settings);
+    let pki = Pki::new();
+    let dir = pki.server_dir();
+    let d = dir.to_string_lossy().into_owned();
+    // A data directory's state from before etcd: a revoked node and a token.
+    ok(&["agent", "revoke", "old-node", "--data-dir", &d], &[]);
+    let token = ok(&["token", "create", "--data-dir", &d, "--ttl", "1h"], &[]);
+    let id = token
+        .trim()
+        .rsplit_once("::")
+        .unwrap()
+        .1
+        .split('.')
+        .next()
+        .unwrap()
+        .to_string();
+
+    let first = ok(&["datastore", "import", "--data-dir", &d], &flags[2..]);
+    assert!(
+        first.contains("2 node records") || first.contains("node records"),
+        "{first}"
+    );
+    let again = ok(&["datastore", "import", "--data-dir", &d], &flags[2..]);
+    assert!(
+        again.contains(": 0 node records and 0 tokens written"),
+        "import is idempotent: {again}"
+    );
+    let list = ok(&["token", "list", "--data-dir", &d], &flags);
+    assert!(
+        list.contains(&id),
+        "the imported token is listed from etcd: {list}"
+    );
+    let (all, _) = store(&settings).load_records().await.unwrap();
+    assert_eq!(
+        all.by_name.get("old-node").map(|r| &r.state),
+        Some(&NodeState::Revoked)
+    );
+
+    // The commands change etcd, not the directory.
+    ok(&["agent", "forget", "old-node", "--data-dir", &d], &flags);
+    ok(&["agent", "revoke", "etcd-node", "--data-dir", &d], &flags);
+    let made = ok(&["token", "create", "--data-dir", &d], &flags);
+    let made_id = made
+        .trim()
+        .rsplit_once("::")
+        .unwrap()
+        .1
+        .split('.')
+        .next()
+        .unwrap()
+        .to_string();
+    ok(&["token", "revoke", &id, "--data-dir", &d], &flags);
+    let list = ok(&["token", "list", "--data-dir", &d], &flags);
+    assert!(list.contains(&made_id) && !list.contains(&id), "{list}");
+    let local = std::fs::read_to_string(dir.join("nodes")).unwrap();
+    assert!(!local.contains("etcd-node"), "the directory is untouched");
+
+    // Export writes etcd's state into a directory.
+    let out = TempDir::new("etcd-export");
+    let o = out.path().to_string_lossy().into_owned();
+    ok(&["datastore", "export", "--data-dir", &o], &flags[2..]);
+    let nodes = std::fs::read_to_string(out.path().join("nodes")).unwrap();
+    assert!(
+        nodes.contains("etcd-node revoked") && nodes.contains("old-node forgotten"),
+        "{nodes}"
+    );
+    let tokens = std::fs::read_to_string(out.path().join("tokens")).unwrap();
+    assert!(
+        tokens.contains(&made_id) && !tokens.contains(&id),
+        "{tokens}"
+    );
+
+    // etcd unreachable: the commands say so and change nothing.
+    let dead = cluster.settings_for(
+        vec![format!(
+            "https://127.0.0.1:{}",
+            tether_tests::process::free_port()
+        )],
+        "/cmd/",
+    );
+    let mut args: Vec<String> = ["token", "create", "--data-dir", &d]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(etcd_flags(&dead));
+    let (good, text) = server_cmd(&args);
+    assert!(!good && text.contains("datastore unavailable"), "{text}");
+}
