@@ -15,18 +15,8 @@ use tether_common::process::units::{format_duration, parse_duration};
     about = "tether's node side: listens where kubelet expects the API server and tunnels each connection to a tether-server"
 )]
 struct Cli {
-    /// Log level (error, warn, info, debug, trace) or a filter; RUST_LOG wins when set.
-    #[arg(long, env = "TETHER_LOG_LEVEL", default_value = "info", global = true)]
-    log_level: String,
-    /// Log format: text for people, json for log collectors.
-    #[arg(
-        long,
-        env = "TETHER_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
-    log_format: tether_common::process::telemetry::LogFormat,
+    #[command(flatten)]
+    log: tether_common::process::telemetry::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -143,7 +133,7 @@ fn defaults() -> AgentConfig {
 
 fn main() -> Result<()> {
     let cli: Cli = tether_common::process::cli::parse();
-    tether_common::process::telemetry::init_logging(&cli.log_level, cli.log_format);
+    cli.log.init("info");
     match cli.command {
         Command::Run(a) => tether_common::process::runtime::build(a.threads)
             .context("cannot start the async runtime")?

@@ -40,6 +40,20 @@ pub struct Follower {
 /// The membership as read so far, by server id.
 type Members = BTreeMap<String, Member>;
 
+/// Most servers followed from the membership: a control plane has a handful; anything far
+/// beyond that is a broken or hostile etcd, which must not make a server dial without bound.
+pub const MAX_MEMBERS: usize = 64;
+
+/// Whether a membership address is `HOST:PORT` of a sane length.
+fn valid_address(a: &str) -> bool {
+    a.len() <= 261
+        && a.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+                && host.bytes().all(|b| b.is_ascii_graphic())
+        })
+}
+
 impl Follower {
     fn apply(&self, events: Vec<Event>, members: &mut Members) -> bool {
         let mut recs: Vec<NodeRecord> = Vec::new();
@@ -64,6 +78,10 @@ impl Follower {
             } else if let Some(id) = rel.strip_prefix(SERVERS) {
                 members_changed = true;
                 match value.map(|v| serde_json::from_slice::<Member>(v)) {
+                    Some(Ok(m)) if !valid_address(&m.address) => {
+                        warn!(key, address = %m.address, "ignored a membership key in etcd: not HOST:PORT");
+                        members.remove(id);
+                    }
                     Some(Ok(m)) => {
                         members.insert(id.to_string(), m);
                     }
@@ -90,6 +108,14 @@ impl Follower {
         let mut addrs: Vec<String> = members.values().map(|m| m.address.clone()).collect();
         addrs.sort();
         addrs.dedup();
+        if addrs.len() > MAX_MEMBERS {
+            warn!(
+                servers = addrs.len(),
+                max = MAX_MEMBERS,
+                "etcd lists more servers than are followed; using the first"
+            );
+            addrs.truncate(MAX_MEMBERS);
+        }
         self.discovered.set(&addrs, stop);
         self.announcer.set_discovered(addrs);
     }
@@ -160,6 +186,29 @@ impl Follower {
     fn down(&self, why: &str) {
         if self.health.available.swap(false, Ordering::Relaxed) {
             warn!(error = why, "etcd unavailable: serving from the last state read; joins, renewals and token and node commands are refused until it returns");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_address;
+
+    #[test]
+    fn membership_addresses_are_host_and_port() {
+        assert!(valid_address("10.0.0.1:9443"));
+        assert!(valid_address("[fd00::1]:9443"));
+        assert!(valid_address("master-1.example:9443"));
+        for bad in [
+            "",
+            "host",
+            ":9443",
+            "host:0",
+            "host:99999",
+            "a b:1",
+            &"a".repeat(300),
+        ] {
+            assert!(!valid_address(bad), "{bad:?}");
         }
     }
 }

@@ -17,19 +17,8 @@ use tether_server::datastore::{Datastore, Kind};
     about = "tether's control-plane side: accepts agent tunnels and relays them to the kube-apiserver"
 )]
 struct Cli {
-    /// Log level (error, warn, info, debug, trace) or a filter; RUST_LOG wins when set.
-    /// Default: info (warn for the demo, whose own output tells the story).
-    #[arg(long, env = "TETHER_LOG_LEVEL", global = true)]
-    log_level: Option<String>,
-    /// Log format: text for people, json for log collectors.
-    #[arg(
-        long,
-        env = "TETHER_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
-    log_format: tether_common::process::telemetry::LogFormat,
+    #[command(flatten)]
+    log: tether_common::process::telemetry::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -336,10 +325,7 @@ fn main() -> Result<()> {
         Command::Demo => "warn",
         _ => "info",
     };
-    tether_common::process::telemetry::init_logging(
-        cli.log_level.as_deref().unwrap_or(default_level),
-        cli.log_format,
-    );
+    cli.log.init(default_level);
     match cli.command {
         Command::Init(a) => init(a),
         Command::IssueAgent(a) => issue_agent(a),

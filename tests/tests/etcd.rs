@@ -163,7 +163,51 @@ async fn servers_share_etcd_with_no_peer_list() {
         "revocation took {took:?} to close the node's tunnels on every server"
     );
 
-    // A server that stops leaves the membership: the others drop their link to it.
+    // A new server (a process of its own) reaches the node's server list within 5 s; killed
+    // with -9, it leaves the membership when its lease ends.
+    wait_for("node-j on all three", Duration::from_secs(5), || async {
+        joined.tunnels_up() == 3
+    })
+    .await;
+    let flags = etcd_flags(&settings);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let d3 = server_dir(&pki, &root, "s3");
+    let newcomer = tether_tests::process::ServerProcess::start(
+        &d3,
+        echo.addr,
+        &flag_refs,
+        root.path().join("s3.log"),
+    )
+    .await;
+    let started = Instant::now();
+    wait_for(
+        "node-j reaches the new server",
+        Duration::from_secs(5),
+        || async { joined.tunnels_up() == 4 },
+    )
+    .await;
+    eprintln!("a new server reached the node in {:?}", started.elapsed());
+    let etcd = Etcd::new(&settings).unwrap();
+    assert_eq!(etcd.range_prefix("servers/").await.unwrap().0.len(), 4);
+    newcomer.proc.signal("KILL");
+    let killed = Instant::now();
+    wait_for(
+        "the killed server leaves the membership",
+        Duration::from_secs(10),
+        || async {
+            matches!(
+                etcd.range_prefix("servers/").await.map(|r| r.0.len()),
+                Ok(3)
+            )
+        },
+    )
+    .await;
+    eprintln!(
+        "a killed server left the membership in {:?}",
+        killed.elapsed()
+    );
+
+    // A server that stops cleanly leaves the membership at once: the others drop their link.
     let last = servers.pop().unwrap();
     last.shutdown().await;
     wait_for(

@@ -17,6 +17,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// The logging flags of both binaries (global: before or after the subcommand).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log level (error, warn, info, debug, trace) or a filter; RUST_LOG wins when set.
+    /// Default: info (warn for the server's demo, whose own output tells the story).
+    #[arg(long, env = "TETHER_LOG_LEVEL", global = true)]
+    pub log_level: Option<String>,
+    /// Log format: text for people, json for log collectors.
+    #[arg(
+        long,
+        env = "TETHER_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// Starts logging at the level asked for, else at `default_level`.
+    pub fn init(&self, default_level: &str) {
+        init_logging(
+            self.log_level.as_deref().unwrap_or(default_level),
+            self.log_format,
+        );
+    }
+}
+
 /// Installs the process's log subscriber. `RUST_LOG`, when set, wins over `level`.
 pub fn init_logging(level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
