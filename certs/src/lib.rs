@@ -434,7 +434,8 @@ pub fn key_hash_of_cert(der: &[u8]) -> Option<String> {
     Some(sha256_hex(cert.tbs_certificate.subject_pki.raw))
 }
 
-fn key_hash_of_cert_pem(pem_text: &str) -> Result<String, CertError> {
+/// [`key_hash_of_cert`] of a PEM certificate.
+pub fn key_hash_of_cert_pem(pem_text: &str) -> Result<String, CertError> {
     let der = pem_to_der(pem_text, Path::new("(issued certificate)"))?;
     key_hash_of_cert(&der)
         .ok_or_else(|| CertError::Generate("unreadable issued certificate".into()))

@@ -220,6 +220,9 @@ struct IssueAgentArgs {
     /// Lifetime of the certificate, in days.
     #[arg(long, env = "TETHER_DAYS", default_value_t = tether_certs::LEAF_DAYS)]
     days: u32,
+    /// With --datastore etcd, the new key's ownership of the name is recorded in etcd too.
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Args)]
@@ -328,7 +331,7 @@ fn main() -> Result<()> {
     cli.log.init(default_level);
     match cli.command {
         Command::Init(a) => init(a),
-        Command::IssueAgent(a) => issue_agent(a),
+        Command::IssueAgent(a) => runtime(1)?.block_on(issue_agent(a)),
         Command::Run(a) => runtime(a.threads)?.block_on(run(*a)),
         Command::Demo => runtime(0)?.block_on(tether_server::demo::run()),
         Command::Token(t) => runtime(1)?.block_on(token(t)),
@@ -493,10 +496,33 @@ async fn agent(a: AgentCommand) -> Result<()> {
     Ok(())
 }
 
-fn issue_agent(a: IssueAgentArgs) -> Result<()> {
+async fn issue_agent(a: IssueAgentArgs) -> Result<()> {
+    tether_certs::validate_node_name(&a.node_name)?;
+    // With etcd, the store must answer before a certificate exists that it does not know of.
+    let store = a.store.open(&a.data_dir)?;
+    if let Datastore::Etcd(_) = &store {
+        store
+            .tokens()
+            .await
+            .with_context(|| format!("cannot reach {}", a.store.describe(&a.data_dir)))?;
+    }
     tether_certs::issue_agent_files(&a.data_dir, &a.node_name, &a.out_dir, a.days)
         .with_context(|| format!("cannot issue a certificate for node {:?}", a.node_name))?;
     let out = a.out_dir.display();
+    if let Datastore::Etcd(_) = &store {
+        let cert = std::fs::read_to_string(a.out_dir.join(tether_certs::files::AGENT_CERT))
+            .with_context(|| format!("cannot read {out}/agent.crt"))?;
+        let key = tether_certs::key_hash_of_cert_pem(&cert)?;
+        store
+            .set_state(&a.node_name, tether_certs::records::NodeState::Owned(key))
+            .await
+            .with_context(|| {
+                format!(
+                    "issued {out}/agent.crt but cannot record its owner in {}; run issue-agent again",
+                    a.store.describe(&a.data_dir)
+                )
+            })?;
+    }
     println!(
         "issued {out}/agent.crt for node {:?} (with {out}/ca.crt and {out}/agent.key)",
         a.node_name

@@ -382,9 +382,13 @@ async fn etcd_failures_fail_static_and_nothing_is_lost() {
         || async { !a.metrics().datastore.available() && !b.metrics().datastore.available() },
     )
     .await;
-    let (code, text) = http_get_admin(&a).await;
+    let (code, text) = http_get_admin(&a, "/readyz").await;
     assert_eq!(code, 200, "still ready: it serves from the last state");
     assert!(text.contains("datastore unavailable"), "{text}");
+    let (_, status) = http_get_admin(&a, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["datastore"]["kind"], "etcd");
+    assert_eq!(status["datastore"]["available"], false, "{status}");
     for i in 0..5 {
         echo_roundtrip(x.listen_addr, random_bytes(10_000, 20 + i))
             .await
@@ -456,9 +460,9 @@ async fn etcd_failures_fail_static_and_nothing_is_lost() {
     b.shutdown().await;
 }
 
-async fn http_get_admin(s: &ServerHandle) -> (u16, String) {
+async fn http_get_admin(s: &ServerHandle, path: &str) -> (u16, String) {
     let admin = s.admin_addr.expect("admin endpoint");
-    http_get(admin, "/readyz").await.unwrap()
+    http_get(admin, path).await.unwrap()
 }
 
 /// The `--etcd-*` flags of the commands.
@@ -546,6 +550,30 @@ async fn commands_import_and_export_work_against_etcd() {
     assert_eq!(
         all.by_name.get("old-node").map(|r| &r.state),
         Some(&NodeState::Revoked)
+    );
+
+    // issue-agent records the new key's ownership in etcd.
+    let issued = TempDir::new("etcd-issued");
+    let i = issued.path().to_string_lossy().into_owned();
+    ok(
+        &[
+            "issue-agent",
+            "--data-dir",
+            &d,
+            "--node-name",
+            "issued-node",
+            "--out-dir",
+            &i,
+        ],
+        &flags,
+    );
+    let (all, _) = store(&settings).load_records().await.unwrap();
+    assert!(
+        matches!(
+            all.by_name.get("issued-node").map(|r| &r.state),
+            Some(NodeState::Owned(_))
+        ),
+        "issue-agent records the owner in etcd"
     );
 
     // The commands change etcd, not the directory.
