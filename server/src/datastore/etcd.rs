@@ -579,8 +579,12 @@ async fn post<S: AsyncWrite + Unpin>(
     path: &str,
     body: &str,
 ) -> std::io::Result<()> {
+    // `hasleader` (gRPC metadata, passed by the gateway from this header): a member cut off
+    // from the cluster's leader refuses the call, and ends a watch, instead of answering from
+    // a stale copy; the client then moves to the next endpoint. Kubernetes' apiserver asks
+    // the same of its watches.
     let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ngrpc-metadata-hasleader: true\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await?;
