@@ -9,6 +9,7 @@ mod path;
 mod procs;
 mod report;
 mod scale;
+mod soak;
 mod svg;
 
 use anyhow::{bail, Context, Result};
@@ -23,9 +24,12 @@ use std::time::Duration;
 #[command(
     name = "tether-bench",
     version,
-    about = "Measures tether against a direct connection (and nginx, haproxy, ssh -L) on this machine"
+    about = "Measures tether against a direct connection (and nginx, haproxy, ssh -L) on this machine",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// A first look in under two minutes: one rep, short runs, scale up to 1,000 agents.
     #[arg(long)]
     quick: bool,
@@ -76,6 +80,68 @@ struct Cli {
     /// Where report.md, results.json, chart.svg and the logs go (default: target/bench/TIME).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// Soak and chaos: three peered servers and several agents under mixed, checked traffic
+    /// while a fault strikes every few seconds (kill -9, drains, stopped upstreams, agent
+    /// restarts, rolling restarts); asserts that no byte is lost and memory stays flat, and
+    /// writes report.md and chart.svg. Exits non-zero when a promise broke.
+    Soak(SoakArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SoakArgs {
+    /// How long to run (e.g. 1h, 10m); default 1h, or 2m with --quick.
+    #[arg(long, value_parser = tether_common::process::units::parse_duration)]
+    duration: Option<Duration>,
+    /// Two minutes, two agents, a fault every ~6 s: what CI runs.
+    #[arg(long)]
+    quick: bool,
+    /// Seed of the payloads, choices and faults (default: from the clock); a run is repeated
+    /// with the same seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where report.md, chart.svg and the processes' logs go (default: target/soak/TIME).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn soak(a: SoakArgs) -> Result<()> {
+    let duration = a.duration.unwrap_or(if a.quick {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(3600)
+    });
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1)
+    });
+    let out = a
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("target/soak/{}", shell("date +%Y%m%d-%H%M%S"))));
+    tether_common::net::raise_fd_limit().context("raise the open file limit")?;
+    let verdict = soak::run(soak::Settings::new(duration, a.quick, seed, out))?;
+    println!("{}", verdict.report.display());
+    if verdict.violations.is_empty() {
+        eprintln!(
+            "soak: PASS (seed {seed}); report: {}",
+            verdict.report.display()
+        );
+        Ok(())
+    } else {
+        for v in verdict.violations.iter().take(20) {
+            eprintln!("soak: {v}");
+        }
+        bail!(
+            "soak: FAIL, {} broken promises (seed {seed}); report: {}",
+            verdict.violations.len(),
+            verdict.report.display()
+        )
+    }
 }
 
 impl Cli {
@@ -143,6 +209,9 @@ fn shell(cmd: &str) -> String {
 
 fn run() -> Result<()> {
     let mut cli = Cli::parse();
+    if let Some(Sub::Soak(a)) = cli.command.take() {
+        return soak(a);
+    }
     cli.apply_presets();
     for t in &cli.transports {
         if t != "quic" && t != "tcp" {

@@ -1,0 +1,1383 @@
+//! `tether-bench soak`: the whole system under mixed, checked load for a long time while
+//! something breaks every few seconds, counting every byte.
+//!
+//! It builds a control plane of three peered servers on loopback, each with an upstream of its
+//! own (an echo server that can be stopped), and several agents with tunnels to all of them,
+//! each with a stand-in kubelet. Then, for the duration, at once:
+//! - short request-response connections at a steady rate, each payload checked;
+//! - bulk connections of random sizes, checked end to end, half-closed both ways;
+//! - long-lived connections (like watches) with a checked trickle;
+//! - reverse-path CONNECTs through a server's egress proxy to a node's stand-in kubelet;
+//! - and a fault every few seconds: `kill -9` and restart of a server, a SIGTERM drain and
+//!   restart, an upstream stopped, an agent restarted, every server restarted one after
+//!   another, a certificate reload.
+//!
+//! What it asserts: no corrupted, lost or duplicated byte on any connection that ended cleanly;
+//! a failed connection only where a fault explains it (a server killed with `kill -9` while the
+//! connection was in flight, its agent restarting; for long-lived connections also a drain that
+//! outlasted its timeout); no long-lived connection silent past the detection time; the memory
+//! and open files of every process flat after warm-up; no socket left in CLOSE_WAIT. The report
+//! (report.md, chart.svg) says what ran and what it found.
+
+use crate::load::free_port;
+use crate::procs::{run_ok, sibling, wait_until, Proc};
+use crate::svg::{Canvas, GRID, INK, SERIES};
+use anyhow::{bail, Context, Result};
+use ring::digest::{Context as Digest, SHA256};
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How the soak runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub duration: Duration,
+    /// Time before memory and file counts are taken as the baseline.
+    pub warmup: Duration,
+    /// A fault every this long (with jitter).
+    pub fault_every: Duration,
+    pub agents: usize,
+    /// Short request-response connections per second, in all.
+    pub rr_rate: u32,
+    /// Largest bulk connection, in bytes.
+    pub bulk_max: u64,
+    /// Lifetime range of long-lived connections.
+    pub long_life: (Duration, Duration),
+    pub seed: u64,
+    pub out: PathBuf,
+}
+
+impl Settings {
+    pub fn new(duration: Duration, quick: bool, seed: u64, out: PathBuf) -> Settings {
+        if quick {
+            Settings {
+                duration,
+                warmup: Duration::from_secs(20),
+                fault_every: Duration::from_secs(6),
+                agents: 2,
+                rr_rate: 20,
+                bulk_max: 8 << 20,
+                long_life: (Duration::from_secs(10), Duration::from_secs(40)),
+                seed,
+                out,
+            }
+        } else {
+            Settings {
+                duration,
+                warmup: Duration::from_secs(120),
+                fault_every: Duration::from_secs(12),
+                agents: 3,
+                rr_rate: 30,
+                bulk_max: 48 << 20,
+                long_life: (Duration::from_secs(60), Duration::from_secs(300)),
+                seed,
+                out,
+            }
+        }
+    }
+}
+
+/// A small deterministic generator for payloads and choices (xorshift), seeded per use.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lab: upstreams, servers and agents, each of which a fault can stop and start again.
+
+/// An echo server on a fixed port that can be stopped (new connections refused; the ones open
+/// carry on) and started again: an apiserver going away.
+struct Upstream {
+    addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    fn start() -> Result<Upstream> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let (down, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (d, s) = (down.clone(), stop.clone());
+        let first = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+        first.set_nonblocking(true)?;
+        std::thread::spawn(move || {
+            let mut listener = Some(first);
+            while !s.load(Ordering::Relaxed) {
+                if d.load(Ordering::Relaxed) {
+                    listener = None;
+                } else if listener.is_none() {
+                    listener = TcpListener::bind(addr).ok();
+                    if let Some(l) = &listener {
+                        let _ = l.set_nonblocking(true);
+                    }
+                }
+                match listener.as_ref().map(|l| l.accept()) {
+                    Some(Ok((c, _))) => {
+                        let _ = c.set_nonblocking(false);
+                        std::thread::spawn(move || echo(c));
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Upstream { addr, down, stop })
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Echoes until the client's FIN, then sends its own: half-close both ways.
+fn echo(mut c: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+    let _ = c.shutdown(Shutdown::Write);
+}
+
+/// A stand-in kubelet: an echo on a port of its own, for the reverse path.
+fn kubelet() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || echo(c));
+        }
+    });
+    Ok(addr)
+}
+
+struct Slot {
+    name: String,
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    admin: SocketAddr,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Slot {
+    fn start(&mut self) -> Result<()> {
+        let log = self.log.with_extension(format!("{}.log", self.starts));
+        self.starts += 1;
+        let mut p = Proc::spawn(&self.name, &self.bin, &self.args, &log)?;
+        let admin = self.admin;
+        wait_until(
+            &format!("{} ready", self.name),
+            Duration::from_secs(30),
+            || {
+                p.check_alive().is_ok()
+                    && tether_common::endpoint::http::get_blocking(
+                        &admin.to_string(),
+                        "/readyz",
+                        Duration::from_secs(1),
+                    )
+                    .is_ok_and(|(code, _)| code == 200)
+            },
+        )
+        .with_context(|| format!("{} did not start; see {}", self.name, log.display()))?;
+        self.proc = Some(p);
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM, then waits up to `deadline` for the exit (a drain); SIGKILL after that.
+    fn terminate(&mut self, deadline: Duration) {
+        if let Some(mut p) = self.proc.take() {
+            signal(p.pid(), "TERM");
+            let start = Instant::now();
+            while start.elapsed() < deadline && p.check_alive().is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            p.kill();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+struct Agent {
+    slot: Slot,
+    node: String,
+    api: SocketAddr,
+    kubelet: SocketAddr,
+}
+
+struct Lab {
+    upstreams: Vec<Upstream>,
+    servers: Vec<Mutex<Slot>>,
+    /// Egress proxy of each server.
+    egress: Vec<SocketAddr>,
+    agents: Vec<Mutex<Agent>>,
+}
+
+/// How long a drained server lets streams finish before it exits.
+const DRAIN: Duration = Duration::from_secs(5);
+
+impl Lab {
+    fn build(work: &Path, agents: usize) -> Result<Lab> {
+        let server_bin = sibling("tether-server")?;
+        let agent_bin = sibling("tether-agent")?;
+        let ca = work.join("ca");
+        let cad = ca.to_string_lossy().into_owned();
+        run_ok(&server_bin, &["init", "--data-dir", &cad])?;
+        let n = 3;
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut upstreams = Vec::new();
+        let mut servers = Vec::new();
+        let mut egress = Vec::new();
+        for i in 0..n {
+            let up = Upstream::start()?;
+            let dir = work.join(format!("server-{i}"));
+            copy_dir(&ca, &dir)?;
+            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let eg = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let mut args: Vec<String> = [
+                "--log-level",
+                "warn",
+                "run",
+                "--data-dir",
+                &dir.to_string_lossy(),
+                "--listen",
+                &addrs[i],
+                "--upstream",
+                &up.addr.to_string(),
+                "--admin",
+                &admin.to_string(),
+                "--egress-listen",
+                &eg.to_string(),
+                "--drain-timeout",
+                &format!("{}s", DRAIN.as_secs()),
+            ]
+            .map(String::from)
+            .to_vec();
+            for (j, a) in addrs.iter().enumerate() {
+                if j != i {
+                    args.extend(["--peer".to_string(), a.clone()]);
+                }
+            }
+            upstreams.push(up);
+            egress.push(eg);
+            servers.push(Mutex::new(Slot {
+                name: format!("server-{i}"),
+                bin: server_bin.clone(),
+                args,
+                log: work.join(format!("server-{i}")),
+                admin,
+                proc: None,
+                starts: 0,
+            }));
+        }
+        for s in &servers {
+            lock(s).start()?;
+        }
+        let mut agent_slots = Vec::new();
+        for j in 0..agents {
+            let node = format!("soak-node-{j}");
+            let dir = work.join(&node);
+            let d = dir.to_string_lossy().into_owned();
+            run_ok(
+                &server_bin,
+                &[
+                    "issue-agent",
+                    "--data-dir",
+                    &cad,
+                    "--node-name",
+                    &node,
+                    "--out-dir",
+                    &d,
+                ],
+            )?;
+            let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let kubelet = kubelet()?;
+            let mut args: Vec<String> = [
+                "--log-level",
+                "warn",
+                "run",
+                "--data-dir",
+                &d,
+                "--listen",
+                &api.to_string(),
+                "--admin",
+                &admin.to_string(),
+                "--allow",
+                &kubelet.to_string(),
+            ]
+            .map(String::from)
+            .to_vec();
+            for a in &addrs {
+                args.extend(["--server".to_string(), a.clone()]);
+            }
+            let mut slot = Slot {
+                name: format!("agent-{j}"),
+                bin: agent_bin.clone(),
+                args,
+                log: work.join(format!("agent-{j}")),
+                admin,
+                proc: None,
+                starts: 0,
+            };
+            slot.start()?;
+            agent_slots.push(Mutex::new(Agent {
+                slot,
+                node,
+                api,
+                kubelet,
+            }));
+        }
+        Ok(Lab {
+            upstreams,
+            servers,
+            egress,
+            agents: agent_slots,
+        })
+    }
+
+    /// Every running tether process: (name, pid).
+    fn pids(&self) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        for s in &self.servers {
+            let s = lock(s);
+            if let Some(p) = s.pid() {
+                out.push((s.name.clone(), p));
+            }
+        }
+        for a in &self.agents {
+            let a = lock(a);
+            if let Some(p) = a.slot.pid() {
+                out.push((a.slot.name.clone(), p));
+            }
+        }
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// What happened: faults, connection outcomes, process samples.
+
+/// A fault, from its start to its end (seconds since the run began).
+#[derive(Debug, Clone)]
+struct Fault {
+    kind: &'static str,
+    target: String,
+    start: f64,
+    end: f64,
+}
+
+/// Kinds of fault that explain a failed short connection in flight.
+const EXPLAINS_SHORT: &[&str] = &["kill -9 server", "restart agent"];
+/// Kinds that also explain a long-lived connection ending early (a drain ends what outlasts
+/// its timeout).
+const EXPLAINS_LONG: &[&str] = &[
+    "kill -9 server",
+    "restart agent",
+    "drain server",
+    "restart all servers",
+];
+
+/// A connection's end.
+#[derive(Debug, Clone)]
+struct Outcome {
+    kind: &'static str,
+    /// Seconds since the run began, at the connection's start and end.
+    start: f64,
+    end: f64,
+    bytes: u64,
+    /// None: checked and whole. Some: why it failed.
+    failure: Option<String>,
+    /// Bytes came back different: never explained by a fault.
+    corrupt: bool,
+    agent: usize,
+}
+
+#[derive(Default)]
+struct Record {
+    faults: Vec<Fault>,
+    outcomes: Vec<Outcome>,
+    samples: Vec<Sample>,
+}
+
+/// One look at one process.
+#[derive(Debug, Clone)]
+struct Sample {
+    /// Seconds since the run began.
+    t: f64,
+    name: String,
+    pid: u32,
+    rss_kib: u64,
+    fds: u64,
+    threads: u64,
+}
+
+/// The samples of each process instance (a restart is a new instance), by name and pid.
+fn instances(samples: &[Sample]) -> BTreeMap<(String, u32), Vec<&Sample>> {
+    let mut by: BTreeMap<(String, u32), Vec<&Sample>> = BTreeMap::new();
+    for x in samples {
+        by.entry((x.name.clone(), x.pid)).or_default().push(x);
+    }
+    by
+}
+
+struct Run {
+    lab: Lab,
+    record: Mutex<Record>,
+    t0: Instant,
+    stop: AtomicBool,
+    settings: Settings,
+    /// Agents being restarted (connections to them are explained).
+    bytes: AtomicU64,
+}
+
+impl Run {
+    fn now(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn outcome(&self, o: Outcome) {
+        self.bytes.fetch_add(o.bytes, Ordering::Relaxed);
+        lock(&self.record).outcomes.push(o);
+    }
+}
+
+fn sha(data: &[u8]) -> Vec<u8> {
+    let mut d = Digest::new(&SHA256);
+    d.update(data);
+    d.finish().as_ref().to_vec()
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(Duration::from_secs(15)))?;
+    c.set_write_timeout(Some(Duration::from_secs(15)))?;
+    Ok(c)
+}
+
+/// Sends `data` on one thread while reading the echo on this one, then half-closes and reads
+/// to the end: the bytes back, or why not.
+fn exchange(addr: SocketAddr, data: Arc<Vec<u8>>) -> std::result::Result<Vec<u8>, String> {
+    let c = connect(addr).map_err(|e| format!("connect: {e}"))?;
+    let mut w = c.try_clone().map_err(|e| e.to_string())?;
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for chunk in sent.chunks(64 * 1024) {
+            w.write_all(chunk)?;
+        }
+        w.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::with_capacity(data.len());
+    let mut r = c;
+    let read = r.read_to_end(&mut back);
+    let wrote = writer
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
+    read.map_err(|e| format!("read: {e}"))?;
+    wrote.map_err(|e| format!("write: {e}"))?;
+    Ok(back)
+}
+
+fn pick_agent(run: &Run, rng: &mut Rng) -> (usize, SocketAddr) {
+    let j = rng.below(run.lab.agents.len() as u64) as usize;
+    (j, lock(&run.lab.agents[j]).api)
+}
+
+/// Short request-response connections at a steady rate, spread over a few threads.
+fn short_load(run: Arc<Run>, worker: u64, workers: u64) {
+    let mut rng = Rng::new(run.settings.seed ^ (0x5157 + worker));
+    let gap = Duration::from_secs_f64(workers as f64 / f64::from(run.settings.rr_rate.max(1)));
+    while !run.stopped() {
+        let next = Instant::now() + gap;
+        let (agent, addr) = pick_agent(&run, &mut rng);
+        let mut data = vec![0u8; 1 + rng.below(32 * 1024) as usize];
+        rng.fill(&mut data);
+        let start = run.now();
+        let data = Arc::new(data);
+        let got = exchange(addr, data.clone());
+        run.outcome(judge("short", start, run.now(), agent, &data, got));
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+}
+
+fn judge(
+    kind: &'static str,
+    start: f64,
+    end: f64,
+    agent: usize,
+    sent: &[u8],
+    got: std::result::Result<Vec<u8>, String>,
+) -> Outcome {
+    let (failure, corrupt, bytes) = match got {
+        Ok(back) if back.len() == sent.len() && sha(&back) == sha(sent) => {
+            (None, false, sent.len() as u64)
+        }
+        Ok(back) if back.len() < sent.len() && sent.starts_with(&back) => (
+            Some(format!(
+                "ended after {} of {} bytes",
+                back.len(),
+                sent.len()
+            )),
+            false,
+            back.len() as u64,
+        ),
+        Ok(back) => (
+            Some(format!(
+                "{} bytes back for {} sent, not the same",
+                back.len(),
+                sent.len()
+            )),
+            true,
+            0,
+        ),
+        Err(e) => (Some(e), false, 0),
+    };
+    Outcome {
+        kind,
+        start,
+        end,
+        bytes,
+        failure,
+        corrupt,
+        agent,
+    }
+}
+
+/// Bulk connections of random sizes, checked end to end.
+fn bulk_load(run: Arc<Run>, worker: u64) {
+    let mut rng = Rng::new(run.settings.seed ^ (0xB01C + worker));
+    while !run.stopped() {
+        let (agent, addr) = pick_agent(&run, &mut rng);
+        let len = 1 + rng.below(run.settings.bulk_max) as usize;
+        let mut data = vec![0u8; len];
+        rng.fill(&mut data);
+        let start = run.now();
+        let data = Arc::new(data);
+        let got = exchange(addr, data.clone());
+        run.outcome(judge("bulk", start, run.now(), agent, &data, got));
+    }
+}
+
+/// Long-lived connections with a checked trickle: 64 bytes every half second, each echoed.
+fn long_load(run: Arc<Run>, worker: u64) {
+    let mut rng = Rng::new(run.settings.seed ^ (0x1096 + worker));
+    let (lo, hi) = run.settings.long_life;
+    while !run.stopped() {
+        let (agent, addr) = pick_agent(&run, &mut rng);
+        let life = lo + Duration::from_millis(rng.below((hi - lo).as_millis() as u64 + 1));
+        let start = run.now();
+        let result = trickle(&run, addr, life, &mut rng);
+        let (bytes, failure, corrupt) = match result {
+            Ok(b) => (b, None, false),
+            Err((b, why, corrupt)) => (b, Some(why), corrupt),
+        };
+        run.outcome(Outcome {
+            kind: "long",
+            start,
+            end: run.now(),
+            bytes,
+            failure,
+            corrupt,
+            agent,
+        });
+    }
+}
+
+type TrickleError = (u64, String, bool);
+
+fn trickle(
+    run: &Run,
+    addr: SocketAddr,
+    life: Duration,
+    rng: &mut Rng,
+) -> std::result::Result<u64, TrickleError> {
+    let mut c = connect(addr).map_err(|e| (0, format!("connect: {e}"), false))?;
+    // Silent longer than this is stuck: failures are noticed in ~2.5 s, and a reset travels.
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| (0, e.to_string(), false))?;
+    let end = Instant::now() + life;
+    let mut bytes = 0u64;
+    let mut msg = [0u8; 64];
+    let mut back = [0u8; 64];
+    while Instant::now() < end && !run.stopped() {
+        rng.fill(&mut msg);
+        c.write_all(&msg)
+            .map_err(|e| (bytes, format!("write: {e}"), false))?;
+        match c.read_exact(&mut back) {
+            Ok(()) if back == msg => bytes += 64,
+            Ok(()) => return Err((bytes, "a trickle came back different".into(), true)),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err((bytes, "stuck: no echo for 10 s".into(), false))
+            }
+            Err(e) => return Err((bytes, format!("read: {e}"), false)),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.shutdown(Shutdown::Write)
+        .map_err(|e| (bytes, format!("half-close: {e}"), false))?;
+    let mut rest = Vec::new();
+    match c.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => Ok(bytes),
+        Ok(_) => Err((bytes, "bytes after the last echo".into(), true)),
+        Err(e) => Err((bytes, format!("reading the end: {e}"), false)),
+    }
+}
+
+/// CONNECTs through a running server's egress proxy to a node's stand-in kubelet.
+fn reverse_load(run: Arc<Run>) {
+    let mut rng = Rng::new(run.settings.seed ^ 0xEE);
+    while !run.stopped() {
+        std::thread::sleep(Duration::from_millis(400));
+        let i = rng.below(run.lab.servers.len() as u64) as usize;
+        if lock(&run.lab.servers[i]).pid().is_none() {
+            continue;
+        }
+        let j = rng.below(run.lab.agents.len() as u64) as usize;
+        let (node, kubelet) = {
+            let a = lock(&run.lab.agents[j]);
+            (a.node.clone(), a.kubelet)
+        };
+        let mut data = vec![0u8; 4096];
+        rng.fill(&mut data);
+        let start = run.now();
+        let got = connect_through(run.lab.egress[i], &node, kubelet.port(), &data);
+        let got = got.map(|_| data.clone());
+        run.outcome(judge("reverse", start, run.now(), j, &data, got));
+    }
+}
+
+fn connect_through(
+    proxy: SocketAddr,
+    node: &str,
+    port: u16,
+    data: &[u8],
+) -> std::result::Result<(), String> {
+    let mut c = connect(proxy).map_err(|e| format!("connect to the egress proxy: {e}"))?;
+    let req = format!("CONNECT {node}:{port} HTTP/1.1\r\nHost: {node}:{port}\r\n\r\n");
+    c.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192 || c.read(&mut b).map_err(|e| format!("answer: {e}"))? == 0 {
+            return Err("no answer from the egress proxy".into());
+        }
+        head.push(b[0]);
+    }
+    let status = String::from_utf8_lossy(&head);
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "egress answered {}",
+            status.lines().next().unwrap_or("")
+        ));
+    }
+    c.write_all(data).map_err(|e| format!("write: {e}"))?;
+    c.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).map_err(|e| format!("read: {e}"))?;
+    if back == data {
+        Ok(())
+    } else {
+        Err(format!("{} bytes back for {}", back.len(), data.len()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults.
+
+fn fault_loop(run: Arc<Run>) {
+    let mut rng = Rng::new(run.settings.seed ^ 0xFA17);
+    // The first fault after a little traffic.
+    sleep_unless_stopped(&run, Duration::from_secs(5));
+    let kinds = [
+        "kill -9 server",
+        "drain server",
+        "stop upstream",
+        "restart agent",
+        "reload server certificate",
+        "restart all servers",
+    ];
+    let mut n = 0u64;
+    while !run.stopped() && run.now() + 15.0 < run.settings.duration.as_secs_f64() {
+        // Every kind comes round; the rolling restart, the longest, a little less often.
+        let mut kind = kinds[rng.below(kinds.len() as u64) as usize];
+        if kind == "restart all servers" && n % 2 == 1 {
+            kind = "kill -9 server";
+        }
+        n += 1;
+        let start = run.now();
+        let target = match inject(&run, kind, &mut rng) {
+            Ok(t) => t,
+            Err(e) => format!("failed: {e:#}"),
+        };
+        let end = run.now();
+        lock(&run.record).faults.push(Fault {
+            kind,
+            target,
+            start,
+            end,
+        });
+        let every = run.settings.fault_every.as_millis() as u64;
+        sleep_unless_stopped(&run, Duration::from_millis(every / 2 + rng.below(every)));
+    }
+}
+
+fn sleep_unless_stopped(run: &Run, d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end && !run.stopped() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Injects one fault and repairs it; returns what it hit.
+fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<String> {
+    let lab = &run.lab;
+    let i = rng.below(lab.servers.len() as u64) as usize;
+    match kind {
+        "kill -9 server" => {
+            let mut s = lock(&lab.servers[i]);
+            s.kill9();
+            drop(s);
+            std::thread::sleep(Duration::from_millis(2000 + rng.below(2000)));
+            lock(&lab.servers[i]).start()?;
+            Ok(format!("server-{i}"))
+        }
+        "drain server" => {
+            lock(&lab.servers[i]).terminate(DRAIN + Duration::from_secs(5));
+            lock(&lab.servers[i]).start()?;
+            Ok(format!("server-{i}"))
+        }
+        "stop upstream" => {
+            lab.upstreams[i].down.store(true, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(4000 + rng.below(4000)));
+            lab.upstreams[i].down.store(false, Ordering::Relaxed);
+            Ok(format!("upstream of server-{i}"))
+        }
+        "restart agent" => {
+            let j = rng.below(lab.agents.len() as u64) as usize;
+            let mut a = lock(&lab.agents[j]);
+            a.slot.terminate(Duration::from_secs(35));
+            a.slot.start()?;
+            Ok(format!("agent-{j}"))
+        }
+        "reload server certificate" => {
+            if let Some(p) = lock(&lab.servers[i]).pid() {
+                signal(p, "HUP");
+            }
+            Ok(format!("server-{i}"))
+        }
+        "restart all servers" => {
+            for s in &lab.servers {
+                lock(s).terminate(DRAIN + Duration::from_secs(5));
+                lock(s).start()?;
+            }
+            Ok("every server in turn".into())
+        }
+        other => bail!("unknown fault {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling processes.
+
+fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn count_dir(path: &str) -> u64 {
+    std::fs::read_dir(path)
+        .map(|d| d.count() as u64)
+        .unwrap_or(0)
+}
+
+fn sample_loop(run: Arc<Run>) {
+    while !run.stopped() {
+        let t = run.now();
+        for (name, pid) in run.lab.pids() {
+            let rss = status_field(pid, "VmRSS:").unwrap_or(0);
+            let fds = count_dir(&format!("/proc/{pid}/fd"));
+            let threads = count_dir(&format!("/proc/{pid}/task"));
+            if rss > 0 {
+                lock(&run.record).samples.push(Sample {
+                    t,
+                    name,
+                    pid,
+                    rss_kib: rss,
+                    fds,
+                    threads,
+                });
+            }
+        }
+        sleep_unless_stopped(&run, Duration::from_secs(2));
+    }
+}
+
+/// Sockets in CLOSE_WAIT held by `pids` (from /proc/net/tcp and tcp6, matched by inode).
+fn close_wait(pids: &[u32]) -> usize {
+    let mut inodes = std::collections::BTreeSet::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(3) == Some(&"08") {
+                if let Some(inode) = f.get(9) {
+                    inodes.insert(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    let mut n = 0;
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            if let Ok(target) = std::fs::read_link(e.path()) {
+                if inodes.contains(target.to_string_lossy().as_ref()) {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run and its verdict.
+
+/// What the soak found: the report's figures and the broken promises.
+pub struct Verdict {
+    pub violations: Vec<String>,
+    pub report: PathBuf,
+}
+
+pub fn run(settings: Settings) -> Result<Verdict> {
+    let work = settings.out.join("work");
+    std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    eprintln!(
+        "soak: building the lab (3 servers, {} agents) in {}",
+        settings.agents,
+        work.display()
+    );
+    let lab = Lab::build(&work, settings.agents)?;
+    let run = Arc::new(Run {
+        lab,
+        record: Mutex::new(Record::default()),
+        t0: Instant::now(),
+        stop: AtomicBool::new(false),
+        bytes: AtomicU64::new(0),
+        settings: settings.clone(),
+    });
+    eprintln!("soak: running for {:?}", settings.duration);
+    let mut threads = Vec::new();
+    let workers = 4;
+    for w in 0..workers {
+        let r = run.clone();
+        threads.push(std::thread::spawn(move || short_load(r, w, workers)));
+    }
+    for w in 0..2 {
+        let r = run.clone();
+        threads.push(std::thread::spawn(move || bulk_load(r, w)));
+    }
+    for w in 0..4 {
+        let r = run.clone();
+        threads.push(std::thread::spawn(move || long_load(r, w)));
+    }
+    let r = run.clone();
+    threads.push(std::thread::spawn(move || reverse_load(r)));
+    let r = run.clone();
+    let faults = std::thread::spawn(move || fault_loop(r));
+    let r = run.clone();
+    let sampler = std::thread::spawn(move || sample_loop(r));
+
+    let end = Instant::now() + settings.duration;
+    let mut last = Instant::now();
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(500));
+        if last.elapsed() >= Duration::from_secs(30) {
+            last = Instant::now();
+            let rec = lock(&run.record);
+            let failed = rec.outcomes.iter().filter(|o| o.failure.is_some()).count();
+            eprintln!(
+                "soak: {:>5.0} s: {} connections ({failed} failed), {} faults, {} MiB checked",
+                run.now(),
+                rec.outcomes.len(),
+                rec.faults.len(),
+                run.bytes.load(Ordering::Relaxed) >> 20
+            );
+        }
+    }
+    run.stop.store(true, Ordering::Relaxed);
+    let _ = faults.join();
+    for t in threads {
+        let _ = t.join();
+    }
+    let _ = sampler.join();
+    // Let the last closes travel, then look for sockets left half-closed.
+    std::thread::sleep(Duration::from_secs(3));
+    let pids: Vec<u32> = run.lab.pids().into_iter().map(|(_, p)| p).collect();
+    let stuck_sockets = close_wait(&pids);
+    let final_fds: Vec<(String, u64)> = run
+        .lab
+        .pids()
+        .into_iter()
+        .map(|(n, p)| (n, count_dir(&format!("/proc/{p}/fd"))))
+        .collect();
+    let rec = std::mem::take(&mut *lock(&run.record));
+    let violations = judge_run(&rec, &settings, stuck_sockets);
+    let report = write_report(&settings, &rec, &violations, stuck_sockets, &final_fds)?;
+    Ok(Verdict { violations, report })
+}
+
+/// Whether a fault of `kinds` was under way between `from` and `to` (seconds), with `slack`
+/// after its end for the failure to be noticed.
+fn explained(faults: &[Fault], kinds: &[&str], from: f64, to: f64, slack: f64) -> Option<String> {
+    faults
+        .iter()
+        .find(|f| kinds.contains(&f.kind) && f.start <= to && f.end + slack >= from)
+        .map(|f| format!("{} {}", f.kind, f.target))
+}
+
+fn judge_run(rec: &Record, s: &Settings, close_wait: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for o in &rec.outcomes {
+        if o.corrupt {
+            v.push(format!(
+                "{} connection at {:.1} s: corrupted ({})",
+                o.kind,
+                o.start,
+                o.failure.as_deref().unwrap_or("")
+            ));
+            continue;
+        }
+        let Some(why) = &o.failure else { continue };
+        let kinds = if o.kind == "long" {
+            EXPLAINS_LONG
+        } else {
+            EXPLAINS_SHORT
+        };
+        // Noticing a killed server takes ~2.5 s, a reset a moment more.
+        if explained(&rec.faults, kinds, o.start, o.end, 6.0).is_none() {
+            v.push(format!(
+                "{} connection {:.1}-{:.1} s through agent-{} failed with no fault to explain it: {why}",
+                o.kind, o.start, o.end, o.agent
+            ));
+        }
+    }
+    if rec.outcomes.iter().filter(|o| o.failure.is_none()).count() == 0 {
+        v.push("no connection succeeded".into());
+    }
+    if close_wait > 0 {
+        v.push(format!(
+            "{close_wait} sockets left in CLOSE_WAIT after the load"
+        ));
+    }
+    // Memory and files flat after warm-up, per process instance that lived long enough.
+    let warm = s.warmup.as_secs_f64();
+    for ((name, pid), samples) in &instances(&rec.samples) {
+        let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+            continue;
+        };
+        let Some(base) = samples.iter().find(|x| x.t >= first.t + warm) else {
+            continue;
+        };
+        // The second half of the instance's life after warm-up.
+        let late: Vec<&&Sample> = samples
+            .iter()
+            .filter(|x| x.t >= base.t + (last.t - base.t) / 2.0)
+            .collect();
+        let max_rss = late.iter().map(|x| x.rss_kib).max().unwrap_or(0);
+        let max_fds = late.iter().map(|x| x.fds).max().unwrap_or(0);
+        // Tolerance: half again the warm RSS plus 32 MiB (allocator arenas and windows fill
+        // and empty with the load), and 64 files (connections in flight).
+        if max_rss > base.rss_kib * 3 / 2 + 32 * 1024 {
+            v.push(format!(
+                "{name} (pid {pid}) grew from {} MiB after warm-up to {} MiB",
+                base.rss_kib >> 10,
+                max_rss >> 10
+            ));
+        }
+        if max_fds > base.fds + 64 {
+            v.push(format!(
+                "{name} (pid {pid}) open files grew from {} to {max_fds}",
+                base.fds
+            ));
+        }
+    }
+    v
+}
+
+fn write_report(
+    s: &Settings,
+    rec: &Record,
+    violations: &[String],
+    close_wait: usize,
+    final_fds: &[(String, u64)],
+) -> Result<PathBuf> {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let _ = writeln!(md, "# tether soak report\n");
+    let _ = writeln!(
+        md,
+        "Duration {:?}, seed {}, 3 servers (peered, each with its own upstream), {} agents; a fault every ~{:?}. Chart: chart.svg.\n",
+        s.duration, s.seed, s.agents, s.fault_every
+    );
+    let verdict = if violations.is_empty() {
+        "PASS"
+    } else {
+        "FAIL"
+    };
+    let _ = writeln!(md, "**{verdict}**\n");
+    for v in violations {
+        let _ = writeln!(md, "- {v}");
+    }
+    let _ = writeln!(md, "\n## Connections\n");
+    let _ = writeln!(
+        md,
+        "| kind | connections | ok | failed (explained by a fault) | corrupted | MiB checked |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for kind in ["short", "bulk", "long", "reverse"] {
+        let all: Vec<&Outcome> = rec.outcomes.iter().filter(|o| o.kind == kind).collect();
+        let ok = all.iter().filter(|o| o.failure.is_none()).count();
+        let corrupt = all.iter().filter(|o| o.corrupt).count();
+        let bytes: u64 = all.iter().map(|o| o.bytes).sum();
+        let _ = writeln!(
+            md,
+            "| {kind} | {} | {ok} | {} | {corrupt} | {} |",
+            all.len(),
+            all.len() - ok - corrupt,
+            bytes >> 20
+        );
+    }
+    let _ = writeln!(md, "\n## Faults\n");
+    let _ = writeln!(
+        md,
+        "| at (s) | fault | target | took (s) | connections failed in its window |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for f in &rec.faults {
+        let failed = rec
+            .outcomes
+            .iter()
+            .filter(|o| o.failure.is_some() && o.start <= f.end + 6.0 && o.end >= f.start)
+            .count();
+        let _ = writeln!(
+            md,
+            "| {:.1} | {} | {} | {:.1} | {failed} |",
+            f.start,
+            f.kind,
+            f.target,
+            f.end - f.start
+        );
+    }
+    let _ = writeln!(md, "\n## Failed connections and their causes\n");
+    let mut causes: BTreeMap<String, usize> = BTreeMap::new();
+    for o in rec.outcomes.iter().filter(|o| o.failure.is_some()) {
+        let kinds = if o.kind == "long" {
+            EXPLAINS_LONG
+        } else {
+            EXPLAINS_SHORT
+        };
+        let fault = explained(&rec.faults, kinds, o.start, o.end, 6.0)
+            .map(|f| f.split(' ').take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| "NO FAULT".into());
+        let why = o.failure.as_deref().unwrap_or("");
+        let why: String = why
+            .split(':')
+            .next()
+            .unwrap_or(why)
+            .chars()
+            .take(60)
+            .collect();
+        *causes
+            .entry(format!("{} | {fault} | {why}", o.kind))
+            .or_default() += 1;
+    }
+    let _ = writeln!(md, "| kind | fault | error | count |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for (k, n) in &causes {
+        let _ = writeln!(md, "| {k} | {n} |");
+    }
+    let _ = writeln!(md, "\n## Processes\n");
+    let _ = writeln!(md, "| process | pid | RSS first / after warm-up / max / last (MiB) | open files first / max / last | threads max |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for ((name, pid), x) in &instances(&rec.samples) {
+        let (Some(first), Some(last)) = (x.first(), x.last()) else {
+            continue;
+        };
+        let warm = x
+            .iter()
+            .find(|y| y.t >= first.t + s.warmup.as_secs_f64())
+            .map(|y| format!("{:.1}", y.rss_kib as f64 / 1024.0))
+            .unwrap_or_else(|| "-".into());
+        let max_rss = x.iter().map(|y| y.rss_kib).max().unwrap_or(0);
+        let max_fds = x.iter().map(|y| y.fds).max().unwrap_or(0);
+        let max_th = x.iter().map(|y| y.threads).max().unwrap_or(0);
+        let _ = writeln!(
+            md,
+            "| {name} | {pid} | {:.1} / {warm} / {:.1} / {:.1} | {} / {max_fds} / {} | {max_th} |",
+            first.rss_kib as f64 / 1024.0,
+            max_rss as f64 / 1024.0,
+            last.rss_kib as f64 / 1024.0,
+            first.fds,
+            last.fds
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nSockets in CLOSE_WAIT after the load: {close_wait}. Open files at the end: {}.",
+        final_fds
+            .iter()
+            .map(|(n, f)| format!("{n} {f}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    std::fs::write(s.out.join("report.md"), md)?;
+    std::fs::write(s.out.join("chart.svg"), chart(s, rec))?;
+    Ok(s.out.join("report.md"))
+}
+
+/// Two panels over time: connections per 5 s (checked, failed) and RSS per process; faults as
+/// vertical marks with their kind.
+fn chart(s: &Settings, rec: &Record) -> Vec<u8> {
+    let (w, h) = (1000i64, 620i64);
+    let mut c = Canvas::new(w as usize, h as usize);
+    let (left, right) = (70i64, w - 20);
+    let total = s.duration.as_secs_f64().max(1.0);
+    let x_of = |t: f64| left + ((t / total) * (right - left) as f64) as i64;
+    c.text(left, 6, "tether soak: connections per 5 s (grey: checked, red: failed); RSS per process; faults marked", 2, INK);
+    let panels = [(40i64, 260i64), (330i64, 260i64)];
+    for (top, ph) in panels {
+        c.line((left, top + ph), (right, top + ph), INK);
+        c.line((left, top), (left, top + ph), INK);
+        for f in &rec.faults {
+            let x = x_of(f.start);
+            c.line((x, top), (x, top + ph), GRID);
+        }
+    }
+    // Connections per 5 s bucket.
+    let buckets = (total / 5.0).ceil() as usize + 1;
+    let mut ok = vec![0u64; buckets];
+    let mut failed = vec![0u64; buckets];
+    for o in &rec.outcomes {
+        let b = ((o.end / 5.0) as usize).min(buckets - 1);
+        if o.failure.is_some() {
+            failed[b] += 1;
+        } else {
+            ok[b] += 1;
+        }
+    }
+    let top_n = ok
+        .iter()
+        .chain(failed.iter())
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let (top, ph) = panels[0];
+    c.text(4, top, &format!("{top_n}"), 1, INK);
+    let bw = ((right - left) as f64 / buckets as f64).max(1.0) as i64;
+    for b in 0..buckets {
+        let x = x_of(b as f64 * 5.0);
+        let hk = (ok[b] as f64 / top_n as f64 * ph as f64) as i64;
+        c.rect(x, top + ph - hk, bw.max(1), hk, SERIES[0]);
+        let hf = (failed[b] as f64 / top_n as f64 * ph as f64) as i64;
+        c.rect(x, top + ph - hf, bw.max(1), hf, 6);
+    }
+    // RSS per process name.
+    let (top, ph) = panels[1];
+    let max_rss = rec
+        .samples
+        .iter()
+        .map(|x| x.rss_kib)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    c.text(4, top, &format!("{} MiB", max_rss >> 10), 1, INK);
+    let mut names: Vec<&String> = rec.samples.iter().map(|x| &x.name).collect();
+    names.sort();
+    names.dedup();
+    for (k, name) in names.iter().enumerate() {
+        let colour = SERIES[1 + k % (SERIES.len() - 1)];
+        let pts: Vec<(i64, i64)> = rec
+            .samples
+            .iter()
+            .filter(|x| &x.name == *name)
+            .map(|x| {
+                let y = x.rss_kib as f64 / max_rss as f64 * ph as f64;
+                (x_of(x.t), top + ph - y as i64)
+            })
+            .collect();
+        for pair in pts.windows(2) {
+            c.line(pair[0], pair[1], colour);
+        }
+        c.text(
+            left + 10 + (k as i64 % 5) * 180,
+            top + ph + 14 + (k as i64 / 5) * 12,
+            name,
+            1,
+            colour,
+        );
+    }
+    for (i, f) in rec.faults.iter().enumerate() {
+        let x = x_of(f.start);
+        c.text(
+            x + 2,
+            600 - (i as i64 % 3) * 10,
+            f.kind.split(' ').next().unwrap_or(""),
+            1,
+            INK,
+        );
+    }
+    c.text(
+        right - 60,
+        panels[1].0 + panels[1].1 + 40,
+        &format!("{:.0} s", total),
+        1,
+        INK,
+    );
+    c.encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_explained_only_by_faults_in_their_window() {
+        let faults = vec![Fault {
+            kind: "kill -9 server",
+            target: "server-1".into(),
+            start: 10.0,
+            end: 13.0,
+        }];
+        assert!(explained(&faults, EXPLAINS_SHORT, 12.0, 12.5, 6.0).is_some());
+        assert!(explained(&faults, EXPLAINS_SHORT, 18.0, 18.5, 6.0).is_some());
+        assert!(explained(&faults, EXPLAINS_SHORT, 20.0, 21.0, 6.0).is_none());
+        assert!(explained(&faults, EXPLAINS_SHORT, 1.0, 2.0, 6.0).is_none());
+        let drain = vec![Fault {
+            kind: "drain server",
+            ..faults[0].clone()
+        }];
+        assert!(explained(&drain, EXPLAINS_SHORT, 12.0, 12.5, 6.0).is_none());
+        assert!(explained(&drain, EXPLAINS_LONG, 12.0, 12.5, 6.0).is_some());
+    }
+
+    #[test]
+    fn a_corrupt_or_unexplained_connection_fails_the_run() {
+        let s = Settings::new(Duration::from_secs(60), true, 1, PathBuf::new());
+        let ok = judge("short", 1.0, 1.1, 0, b"abc", Ok(b"abc".to_vec()));
+        assert!(ok.failure.is_none());
+        let short = judge("short", 1.0, 1.1, 0, b"abc", Ok(b"ab".to_vec()));
+        assert!(short.failure.is_some() && !short.corrupt);
+        let bad = judge("short", 1.0, 1.1, 0, b"abc", Ok(b"abd".to_vec()));
+        assert!(bad.corrupt);
+        let rec = Record {
+            outcomes: vec![ok.clone(), short],
+            ..Default::default()
+        };
+        assert_eq!(judge_run(&rec, &s, 0).len(), 1, "the unexplained failure");
+        let rec = Record {
+            outcomes: vec![ok, bad],
+            ..Default::default()
+        };
+        assert!(
+            judge_run(&rec, &s, 2).len() == 2,
+            "corruption and CLOSE_WAIT"
+        );
+    }
+
+    #[test]
+    fn payloads_are_deterministic() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        let (mut x, mut y) = ([0u8; 13], [0u8; 13]);
+        a.fill(&mut x);
+        b.fill(&mut y);
+        assert_eq!(x, y);
+        assert!(a.below(10) < 10);
+    }
+}
