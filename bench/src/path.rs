@@ -75,9 +75,21 @@ impl Server {
         sink: SocketAddr,
         extra: &[String],
     ) -> Result<Server> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        Self::start_on(work, pki, name, addr, (echo, sink), extra)
+    }
+
+    /// [`start`](Self::start) on a given address (a restart where agents expect it).
+    pub fn start_on(
+        work: &Path,
+        pki: &Pki,
+        name: &str,
+        addr: SocketAddr,
+        (echo, sink): (SocketAddr, SocketAddr),
+        extra: &[String],
+    ) -> Result<Server> {
         let dir = work.join(name);
         Pki::copy(&pki.server_dir, &dir)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut args: Vec<String> = [
             "--log-level",

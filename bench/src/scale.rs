@@ -116,78 +116,14 @@ fn hold_agents(
     let shutdown = Shutdown::new();
     let n = configs.len();
     let started = Instant::now();
-    let connected = rt.block_on(async {
-        let target = reconnect::resolve(&server.addr.to_string(), 0)
-            .await?
-            .into_iter()
-            .next()
-            .context("the server address resolves to nothing")?;
-        let shared = match choice {
-            TransportChoice::Tcp => Some(sim_endpoint()?),
-            _ => None,
-        };
-        for (i, cfg) in configs.iter().enumerate() {
-            let endpoint = match &shared {
-                // Over TCP the endpoint is never used: one for all spares a descriptor each.
-                Some(e) => e.clone(),
-                None => sim_endpoint()
-                    .context("a UDP socket for a simulated agent (raise the open file limit)")?,
-            };
-            let quic = tls::quic_client_config(
-                (**cfg).clone(),
-                tls::quic_transport(liveness, Default::default()),
-            )?;
-            let dialer = Arc::new(Dialer {
-                endpoint,
-                client_config: std::sync::RwLock::new(quic),
-                tcp_tls: std::sync::RwLock::new(cfg.clone()),
-                transport: choice,
-                liveness,
-                max_streams: tls::TunnelLimits::default().max_streams,
-                hello_name: format!("sim-{i}"),
-                capabilities: tether_proto::capability::Capabilities::ours(&[]),
-                own_server_id: None,
-                handshake_timeout: Duration::from_secs(10),
-                pool: Arc::new(Pool::default()),
-                stats: stats.clone(),
-                changed: Arc::new(tokio::sync::Notify::new()),
-                kind: "server",
-                on_message: None,
-                outbox: None,
-                after_welcome: Vec::new(),
-                on_stream: None,
-            });
-            let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-            tokio::spawn(reconnect::maintain(
-                target.clone(),
-                dialer,
-                backoff,
-                shutdown.signal(),
-            ));
-            if (i + 1) % (RAMP_PER_SECOND / 10) == 0 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            // Closed loop: past IN_FLIGHT handshakes outstanding, wait for them, as long as
-            // tunnels keep coming up (a server that stops accepting must not stall the bench).
-            let mut seen = stats.up.get();
-            let mut progress = Instant::now();
-            while (i + 1).saturating_sub(seen.max(0) as usize) >= IN_FLIGHT
-                && progress.elapsed() < Duration::from_secs(5)
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                let now = stats.up.get();
-                if now > seen {
-                    seen = now;
-                    progress = Instant::now();
-                }
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(30 + n as u64 / 100);
-        while (stats.up.get() as usize) < n && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::Ok(stats.up.get().max(0) as usize)
-    })?;
+    let connected = rt.block_on(spawn_agents(
+        server.addr,
+        choice,
+        configs,
+        liveness,
+        stats.clone(),
+        &shutdown,
+    ))?;
     let seconds_to_connect = started.elapsed().as_secs_f64();
     rt.block_on(async { tokio::time::sleep(Duration::from_secs(2)).await });
     let u1 = usage(pid)?;
@@ -211,6 +147,89 @@ fn hold_agents(
         server_cpu_percent: (u2.cpu_s - u1.cpu_s) / IDLE_WINDOW.as_secs_f64() * 100.0,
         keepalive_ms: liveness.keepalive_interval.as_millis() as u64,
     })
+}
+
+/// Starts one simulated agent per certificate against `server` (ramped, with a bounded number
+/// of handshakes outstanding) and waits until all are up or a deadline passes; how many are.
+async fn spawn_agents(
+    server: SocketAddr,
+    choice: TransportChoice,
+    configs: &[Arc<rustls::ClientConfig>],
+    liveness: tls::Liveness,
+    stats: Arc<LinkStats>,
+    shutdown: &Shutdown,
+) -> Result<usize> {
+    let n = configs.len();
+    let target = reconnect::resolve(&server.to_string(), 0)
+        .await?
+        .into_iter()
+        .next()
+        .context("the server address resolves to nothing")?;
+    let shared = match choice {
+        TransportChoice::Tcp => Some(sim_endpoint()?),
+        _ => None,
+    };
+    for (i, cfg) in configs.iter().enumerate() {
+        let endpoint = match &shared {
+            // Over TCP the endpoint is never used: one for all spares a descriptor each.
+            Some(e) => e.clone(),
+            None => sim_endpoint()
+                .context("a UDP socket for a simulated agent (raise the open file limit)")?,
+        };
+        let quic = tls::quic_client_config(
+            (**cfg).clone(),
+            tls::quic_transport(liveness, Default::default()),
+        )?;
+        let dialer = Arc::new(Dialer {
+            endpoint,
+            client_config: std::sync::RwLock::new(quic),
+            tcp_tls: std::sync::RwLock::new(cfg.clone()),
+            transport: choice,
+            liveness,
+            max_streams: tls::TunnelLimits::default().max_streams,
+            hello_name: format!("sim-{i}"),
+            capabilities: tether_proto::capability::Capabilities::ours(&[]),
+            own_server_id: None,
+            handshake_timeout: Duration::from_secs(10),
+            pool: Arc::new(Pool::default()),
+            stats: stats.clone(),
+            changed: Arc::new(tokio::sync::Notify::new()),
+            kind: "server",
+            on_message: None,
+            outbox: None,
+            after_welcome: Vec::new(),
+            on_stream: None,
+        });
+        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        tokio::spawn(reconnect::maintain(
+            target.clone(),
+            dialer,
+            backoff,
+            shutdown.signal(),
+        ));
+        if (i + 1) % (RAMP_PER_SECOND / 10) == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Closed loop: past IN_FLIGHT handshakes outstanding, wait for them, as long as
+        // tunnels keep coming up (a server that stops accepting must not stall the bench).
+        let mut seen = stats.up.get();
+        let mut progress = Instant::now();
+        while (i + 1).saturating_sub(seen.max(0) as usize) >= IN_FLIGHT
+            && progress.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let now = stats.up.get();
+            if now > seen {
+                seen = now;
+                progress = Instant::now();
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30 + n as u64 / 100);
+    while (stats.up.get() as usize) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::Ok(stats.up.get().max(0) as usize)
 }
 
 /// A simulated agent's QUIC endpoint: tether's own socket and settings, one datagram per
@@ -290,4 +309,110 @@ impl quinn::UdpPoller for Writable {
     ) -> std::task::Poll<std::io::Result<()>> {
         self.0.poll_send_ready(cx)
     }
+}
+
+/// A reconnect storm: what happens when every agent of a server reconnects at once.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Storm {
+    pub transport: String,
+    pub agents: usize,
+    /// Agents back when the wait ended.
+    pub back: usize,
+    /// From the restarted server's readiness to the last agent back.
+    pub seconds_to_all_back: f64,
+    /// The restarted server's peak share of one CPU (200 ms samples) and peak RSS.
+    pub peak_cpu_percent: f64,
+    pub peak_rss_kb: u64,
+}
+
+/// `agents` simulated agents on one server; the server is killed with -9, the agents notice,
+/// and it is started again on the same address: how long until every agent is back, and what
+/// the storm costs the server.
+pub fn storm(
+    work: &Path,
+    pki: &Pki,
+    up: &Upstream,
+    transport: &str,
+    agents: usize,
+    keepalive: Duration,
+) -> Result<Storm> {
+    let liveness = tls::Liveness {
+        keepalive_interval: keepalive,
+        idle_timeout: keepalive * 5,
+    };
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let server_args = [
+        "--keepalive-interval".to_string(),
+        ms(liveness.keepalive_interval),
+        "--idle-timeout".to_string(),
+        ms(liveness.idle_timeout),
+    ];
+    let ca = tether_certs::Ca::load(&pki.server_dir).context("load the bench CA")?;
+    let roots = tls::load_roots(&pki.server_dir.join(tether_certs::files::CA_CERT))?;
+    let mut configs = Vec::with_capacity(agents);
+    for i in 0..agents {
+        let issued = ca.issue_agent(&format!("storm-{i}"), tether_certs::Lifetime::days(1))?;
+        let id = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem)?;
+        configs.push(Arc::new(tls::client_config(roots.clone(), id)?));
+    }
+    let choice: TransportChoice = transport.parse().map_err(anyhow::Error::msg)?;
+    let name = format!("storm-{transport}");
+    let server = Server::start(work, pki, &name, up.echo, up.sink, &server_args)?;
+    let addr = server.addr;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let stats = Arc::new(LinkStats::default());
+    let shutdown = Shutdown::new();
+    let connected = rt.block_on(spawn_agents(
+        addr,
+        choice,
+        &configs,
+        liveness,
+        stats.clone(),
+        &shutdown,
+    ))?;
+    if connected < agents {
+        anyhow::bail!("only {connected} of {agents} simulated agents connected before the storm");
+    }
+    // kill -9, and wait until every agent has noticed.
+    drop(server);
+    crate::procs::wait_until(
+        "the agents notice the dead server",
+        liveness.idle_timeout * 3,
+        || stats.up.get() <= 0,
+    )?;
+    let server = Server::start_on(
+        work,
+        pki,
+        &format!("{name}-again"),
+        addr,
+        (up.echo, up.sink),
+        &server_args,
+    )?;
+    let pid = server.proc.pid();
+    let started = Instant::now();
+    let deadline = Duration::from_secs(120);
+    let (mut peak_cpu, mut peak_rss) = (0.0f64, 0u64);
+    let mut last = usage(pid)?;
+    while (stats.up.get().max(0) as usize) < agents && started.elapsed() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = usage(pid)?;
+        peak_cpu = peak_cpu.max((now.cpu_s - last.cpu_s) / 0.2 * 100.0);
+        peak_rss = peak_rss.max(now.rss_kb);
+        last = now;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let back = stats.up.get().max(0) as usize;
+    shutdown.trigger();
+    rt.shutdown_timeout(Duration::from_secs(5));
+    Ok(Storm {
+        transport: transport.into(),
+        agents,
+        back,
+        seconds_to_all_back: seconds,
+        peak_cpu_percent: peak_cpu,
+        peak_rss_kb: peak_rss,
+    })
 }
