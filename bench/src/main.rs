@@ -106,6 +106,16 @@ struct SoakArgs {
     /// Where report.md, chart.svg and the processes' logs go (default: target/soak/TIME).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only these faults, comma-separated (kill-9-server, drain-server, stop-upstream,
+    /// restart-agent, reload-server-certificate, restart-all-servers, drop-packets-to-server,
+    /// block-udp); default: all that can run here.
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<String>>,
+    /// Stay in this network namespace even as root (by default, as root with `ip` and
+    /// `iptables`, the soak runs in a namespace of its own and adds dropped packets and
+    /// blocked UDP to its faults).
+    #[arg(long)]
+    no_netns: bool,
     /// What to run: mixed (traffic and faults; the default), disconnected (an agent with no
     /// server for 10 minutes, 1 with --quick), storm (1,000 simulated agents reconnecting at
     /// once, 200 with --quick), or all three in turn.
@@ -122,6 +132,10 @@ enum Scenario {
 }
 
 fn soak(a: SoakArgs) -> Result<()> {
+    if !a.no_netns && std::env::var_os(soak::NETNS_ENV).is_none() && soak::can_make_namespace() {
+        let code = soak::run_in_namespace(std::env::args_os().skip(1).collect())?;
+        std::process::exit(code);
+    }
     let duration = a.duration.unwrap_or(if a.quick {
         Duration::from_secs(120)
     } else {
@@ -137,7 +151,12 @@ fn soak(a: SoakArgs) -> Result<()> {
         .out
         .unwrap_or_else(|| PathBuf::from(format!("target/soak/{}", shell("date +%Y%m%d-%H%M%S"))));
     tether_common::net::raise_fd_limit().context("raise the open file limit")?;
-    let settings = soak::Settings::new(duration, a.quick, seed, out);
+    let mut settings = soak::Settings::new(duration, a.quick, seed, out);
+    settings.faults = a.faults.map(|f| {
+        f.iter()
+            .map(|k| k.replace('-', " ").replace("udp", "UDP"))
+            .collect()
+    });
     let mut verdicts = Vec::new();
     let all = a.scenario == Scenario::All;
     if all || a.scenario == Scenario::Mixed {

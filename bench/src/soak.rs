@@ -49,6 +49,11 @@ pub struct Settings {
     pub long_life: (Duration, Duration),
     pub seed: u64,
     pub out: PathBuf,
+    /// Running inside a network namespace of its own (as root): the faults that need a
+    /// firewall (dropped packets, blocked UDP) are on.
+    pub netns: bool,
+    /// Only these kinds of fault (default: all that can run here).
+    pub faults: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -64,6 +69,8 @@ impl Settings {
                 long_life: (Duration::from_secs(10), Duration::from_secs(40)),
                 seed,
                 out,
+                netns: in_namespace(),
+                faults: None,
             }
         } else {
             Settings {
@@ -76,6 +83,8 @@ impl Settings {
                 long_life: (Duration::from_secs(60), Duration::from_secs(300)),
                 seed,
                 out,
+                netns: in_namespace(),
+                faults: None,
             }
         }
     }
@@ -261,6 +270,8 @@ struct Agent {
 }
 
 struct Lab {
+    /// The servers' tunnel ports (UDP and TCP).
+    ports: Vec<u16>,
     upstreams: Vec<Upstream>,
     servers: Vec<Mutex<Slot>>,
     /// Egress proxy of each server.
@@ -385,6 +396,7 @@ impl Lab {
             }));
         }
         Ok(Lab {
+            ports,
             upstreams,
             servers,
             egress,
@@ -438,13 +450,21 @@ struct Fault {
     end: f64,
 }
 
-/// Kinds of fault that explain a failed short connection in flight.
-const EXPLAINS_SHORT: &[&str] = &["kill -9 server", "restart agent"];
+/// Kinds of fault that explain a failed short connection in flight: its server died or went
+/// silent (noticed in ~2.5 s), or its agent restarted.
+const EXPLAINS_SHORT: &[&str] = &[
+    "kill -9 server",
+    "restart agent",
+    "drop packets to server",
+    "block UDP",
+];
 /// Kinds that also explain a long-lived connection ending early (a drain ends what outlasts
 /// its timeout).
 const EXPLAINS_LONG: &[&str] = &[
     "kill -9 server",
     "restart agent",
+    "drop packets to server",
+    "block UDP",
     "drain server",
     "restart all servers",
 ];
@@ -630,7 +650,13 @@ fn bulk_load(run: Arc<Run>, worker: u64) {
         let start = run.now();
         let data = Arc::new(data);
         let got = exchange(addr, data.clone());
-        run.outcome(judge("bulk", start, run.now(), agent, &data, got));
+        let o = judge("bulk", start, run.now(), agent, &data, got);
+        let failed = o.failure.is_some();
+        run.outcome(o);
+        if failed {
+            // A client retries, but not in a tight loop.
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
@@ -647,6 +673,7 @@ fn long_load(run: Arc<Run>, worker: u64) {
             Ok(b) => (b, None, false),
             Err((b, why, corrupt)) => (b, Some(why), corrupt),
         };
+        let failed = failure.is_some();
         run.outcome(Outcome {
             kind: "long",
             start,
@@ -656,6 +683,10 @@ fn long_load(run: Arc<Run>, worker: u64) {
             corrupt,
             agent,
         });
+        if failed {
+            // A watch is re-established, but not in a tight loop.
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
@@ -764,7 +795,7 @@ fn fault_loop(run: Arc<Run>) {
     let mut rng = Rng::new(run.settings.seed ^ 0xFA17);
     // The first fault after a little traffic.
     sleep_unless_stopped(&run, Duration::from_secs(5));
-    let kinds = [
+    let mut kinds = vec![
         "kill -9 server",
         "drain server",
         "stop upstream",
@@ -772,6 +803,15 @@ fn fault_loop(run: Arc<Run>) {
         "reload server certificate",
         "restart all servers",
     ];
+    if run.settings.netns {
+        kinds.extend(["drop packets to server", "block UDP"]);
+    }
+    if let Some(only) = &run.settings.faults {
+        kinds.retain(|k| only.iter().any(|o| o == k));
+    }
+    if kinds.is_empty() {
+        return;
+    }
     let mut n = 0u64;
     while !run.stopped() && run.now() + 15.0 < run.settings.duration.as_secs_f64() {
         // Every kind comes round; the rolling restart, the longest, a little less often.
@@ -795,6 +835,89 @@ fn fault_loop(run: Arc<Run>) {
         let every = run.settings.fault_every.as_millis() as u64;
         sleep_unless_stopped(&run, Duration::from_millis(every / 2 + rng.below(every)));
     }
+}
+
+/// Inserts firewall rules for `hold`, then removes them.
+fn with_rules(rules: &[String], hold: Duration) -> Result<()> {
+    let iptables = |op: &str, rule: &str| -> Result<()> {
+        let mut args = vec![op.to_string()];
+        args.extend(rule.split(' ').map(String::from));
+        let st = std::process::Command::new("iptables")
+            .args(&args)
+            .status()?;
+        if !st.success() {
+            bail!("iptables {op} {rule} failed");
+        }
+        Ok(())
+    };
+    for r in rules {
+        iptables("-I", r)?;
+    }
+    std::thread::sleep(hold);
+    let mut result = Ok(());
+    for r in rules {
+        if let Err(e) = iptables("-D", r) {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+/// The variable that tells a soak it runs inside the namespace it made.
+pub const NETNS_ENV: &str = "TETHER_SOAK_NETNS";
+
+fn in_namespace() -> bool {
+    std::env::var_os(NETNS_ENV).is_some()
+}
+
+/// Whether a soak can make a network namespace of its own: root, `ip` and `iptables`.
+pub fn can_make_namespace() -> bool {
+    let ok = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    root && ok("ip", &["netns", "list"]) && ok("iptables", &["-V"])
+}
+
+/// Runs this same command inside a new network namespace (its own loopback and firewall, so
+/// that the faults that need a firewall touch nothing else), and removes the namespace after;
+/// the command's exit code.
+pub fn run_in_namespace(args: Vec<std::ffi::OsString>) -> Result<i32> {
+    let name = format!("tsoak{}", std::process::id());
+    let ip = |a: &[&str]| -> Result<()> {
+        let st = std::process::Command::new("ip").args(a).status()?;
+        if !st.success() {
+            bail!("ip {} failed", a.join(" "));
+        }
+        Ok(())
+    };
+    ip(&["netns", "add", &name])?;
+    let result = (|| -> Result<i32> {
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        eprintln!("soak: running inside network namespace {name} (its own loopback and firewall)");
+        let exe = std::env::current_exe()?;
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &name])
+            .arg(exe)
+            .args(args)
+            .env(NETNS_ENV, &name)
+            .status()?;
+        Ok(st.code().unwrap_or(1))
+    })();
+    let _ = ip(&["netns", "del", &name]);
+    result
 }
 
 fn sleep_unless_stopped(run: &Run, d: Duration) {
@@ -840,6 +963,25 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<String> {
                 signal(p, "HUP");
             }
             Ok(format!("server-{i}"))
+        }
+        "drop packets to server" => {
+            // Both directions of the server's port (agents' and peers' tunnels, both
+            // transports): a silent partition, noticed only by liveness.
+            let port = lab.ports[i];
+            let rules = [
+                format!("INPUT -p udp --dport {port} -j DROP"),
+                format!("INPUT -p udp --sport {port} -j DROP"),
+                format!("INPUT -p tcp --dport {port} -j DROP"),
+                format!("INPUT -p tcp --sport {port} -j DROP"),
+            ];
+            with_rules(&rules, Duration::from_millis(5000 + rng.below(3000)))?;
+            Ok(format!("server-{i}"))
+        }
+        "block UDP" => {
+            // QUIC dies everywhere: agents fall back to TLS over TCP, and return after.
+            let rules = ["INPUT -p udp -j DROP".to_string()];
+            with_rules(&rules, Duration::from_millis(10_000 + rng.below(5000)))?;
+            Ok("all UDP".into())
         }
         "restart all servers" => {
             for s in &lab.servers {
@@ -1217,6 +1359,21 @@ fn write_report(
             .join(", ")
     );
     std::fs::write(s.out.join("report.md"), md)?;
+    let mut csv = String::from("kind,agent,start_s,end_s,bytes,corrupt,failure\n");
+    for o in &rec.outcomes {
+        let _ = writeln!(
+            csv,
+            "{},{},{:.3},{:.3},{},{},{}",
+            o.kind,
+            o.agent,
+            o.start,
+            o.end,
+            o.bytes,
+            o.corrupt,
+            o.failure.as_deref().unwrap_or("").replace(',', ";")
+        );
+    }
+    std::fs::write(s.out.join("connections.csv"), csv)?;
     std::fs::write(s.out.join("chart.svg"), chart(s, rec))?;
     Ok(s.out.join("report.md"))
 }
