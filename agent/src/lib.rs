@@ -239,6 +239,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             let r = reverse.clone();
             Box::pin(async move { r.serve(s).await })
         })),
+        identity: Default::default(),
     });
     tasks.spawn(renew::run(
         config.clone(),

@@ -199,6 +199,7 @@ async fn spawn_agents(
             outbox: None,
             after_welcome: Vec::new(),
             on_stream: None,
+            identity: Default::default(),
         });
         let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         tokio::spawn(reconnect::maintain(

@@ -370,6 +370,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             }
         })),
         on_stream: None,
+        identity: Default::default(),
     });
     let _ = state.peer_dialer.set(dialer.clone());
     identity::cert_expiry(&state);

@@ -481,11 +481,14 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     held.write_all(b"2").await.unwrap();
     held.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"2", "the held stream survived renewal and rotation");
-    assert_eq!(
-        agent.metrics().links.connects.get(),
-        1,
-        "no reconnect happened"
-    );
+    // The agent moved to a tunnel with the renewed certificate (one more connection); the
+    // held stream finished its exchange on the old one.
+    wait_for(
+        "a tunnel with the renewed certificate",
+        Duration::from_secs(10),
+        || async { agent.metrics().links.connects.get() == 2 },
+    )
+    .await;
     // New tunnels use the renewed certificate against the rotated server.
     let agent2 = {
         let mut c = tether_agent::config::AgentConfig::new(
@@ -507,6 +510,59 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
         .unwrap();
     drop(held);
     agent2.shutdown().await;
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
+/// A renewal moves the agent's tunnels to the new certificate at once. Before, tunnels up since
+/// before a renewal kept the old certificate, and the server closed them, with every stream on
+/// them, when it expired: every tunnel of a node at the same instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_moves_tunnels_to_the_new_certificate_before_the_old_expires() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let server = start_server(&pki, echo.addr).await;
+    // Due for renewal in about a second (two thirds of its life), expiring in 10 s.
+    let short = pki.agent_cert("mover", -16, 10);
+    let expires = std::time::Instant::now() + Duration::from_secs(10);
+    let d = TempDir::new("rotate");
+    std::fs::copy(pki.server_dir().join("ca.crt"), d.path().join("ca.crt")).unwrap();
+    short
+        .save(&d.path().join("agent.crt"), &d.path().join("agent.key"))
+        .unwrap();
+    let mut c = tether_agent::config::AgentConfig::new(
+        vec![server.local_addr.to_string()],
+        d.path().to_path_buf(),
+    );
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    let agent = tether_agent::start(c).await.unwrap();
+    wait_for("renewed", Duration::from_secs(5), || async {
+        agent.metrics().shared.renewals.get() >= 1
+    })
+    .await;
+    wait_for(
+        "a tunnel with the renewed certificate, before the old one expires",
+        Duration::from_secs(3),
+        || async { agent.metrics().links.connects.get() == 2 },
+    )
+    .await;
+    assert!(
+        std::time::Instant::now() < expires,
+        "the test ran too slowly to tell"
+    );
+    // Past the old certificate's expiry: nothing was closed, nothing reconnected.
+    tokio::time::sleep_until((expires + Duration::from_secs(1)).into()).await;
+    echo_roundtrip(agent.listen_addr, random_bytes(10_000, 9))
+        .await
+        .unwrap();
+    assert_eq!(agent.tunnels_up(), 1);
+    assert_eq!(
+        agent.metrics().links.connects.get(),
+        2,
+        "no tunnel was cut at the old certificate's expiry"
+    );
+    assert_eq!(server.metrics().expired_closed.get(), 0);
     agent.shutdown().await;
     server.shutdown().await;
 }

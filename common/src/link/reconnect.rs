@@ -143,6 +143,21 @@ pub struct Dialer {
     pub outbox: Option<OutboxHook>,
     /// Streams the far side opens towards us; without a hook they are refused.
     pub on_stream: Option<StreamHook>,
+    /// Bumped whenever the identity changes ([`Dialer::set_client_config`]), so that tunnels
+    /// made with the old one move to the new one.
+    pub identity: IdentityGeneration,
+}
+
+/// Which identity a dialer presents, counted: every tunnel watches it, and when it changes
+/// (a renewed certificate) dials a tunnel with the new identity and moves to it, the old one
+/// closing once its open streams are done. Otherwise a tunnel up since before a renewal would
+/// be closed by the server when the old certificate expires, with every stream on it.
+pub struct IdentityGeneration(tokio::sync::watch::Sender<u64>);
+
+impl Default for IdentityGeneration {
+    fn default() -> Self {
+        IdentityGeneration(tokio::sync::watch::channel(0).0)
+    }
 }
 
 impl Dialer {
@@ -160,6 +175,7 @@ impl Dialer {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = quic;
         *self.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tcp);
+        self.identity.0.send_modify(|g| *g += 1);
     }
 
     fn tcp_tls(&self) -> Arc<rustls::ClientConfig> {
@@ -467,6 +483,24 @@ async fn serve(
             }
         }
     };
+    // A new identity (a renewed certificate): a tunnel with it, over the same transport.
+    let mut identity = d.identity.0.subscribe();
+    let same = match tunnel.kind() {
+        TransportKind::Quic => TransportChoice::Quic,
+        TransportKind::Tcp => TransportChoice::Tcp,
+    };
+    let rotate = async {
+        if identity.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        loop {
+            let attempt = tokio::time::timeout(d.handshake_timeout, dial(target, d, same));
+            if let Ok(Ok(renewed)) = attempt.await {
+                return renewed;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
     let heartbeat = control.needs_heartbeat();
     let mut outbox = d.outbox.as_ref().map(|make| make(link.capabilities()));
     let mut upgraded = None;
@@ -478,21 +512,26 @@ async fn serve(
             upgraded = Some(q);
             "moved to QUIC".to_string()
         }
+        r = rotate => {
+            upgraded = Some(r);
+            "moved to the renewed certificate".to_string()
+        }
         _ = stop.wait() => "shutting down".to_string(),
     };
     d.pool.remove(&link);
     d.stats.up.dec();
     d.changed.notify_one();
     if upgraded.is_some() {
-        // New streams go to QUIC from now on; the ones open on TCP finish there.
-        info!(kind = d.kind, server = %target.label, streams = link.streams(),
-            "QUIC works again: moving to it; open streams finish over TCP");
+        // New streams go to the new tunnel from now on; the ones open on the old one finish
+        // there.
+        info!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
+            "moving to a new tunnel; open streams finish on the old one");
         let old = link.clone();
         tokio::spawn(async move {
             while old.streams() > 0 && old.tunnel.close_reason().is_none() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            old.tunnel.close(code::OK, "moved to QUIC");
+            old.tunnel.close(code::OK, "moved to a new tunnel");
         });
         return upgraded;
     }
