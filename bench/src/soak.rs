@@ -282,6 +282,11 @@ struct Lab {
 /// How long a drained server lets streams finish before it exits.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// Lifetime of the certificates agents get when they join and renew. Certificates start five
+/// minutes in the past (clock skew) and are renewed at two thirds of their life: with 300 s,
+/// every agent renews about every 100 s, under load and faults, for the whole run.
+const AGENT_CERT_LIFE: Duration = Duration::from_secs(300);
+
 impl Lab {
     fn build(work: &Path, agents: usize) -> Result<Lab> {
         let server_bin = sibling("tether-server")?;
@@ -317,6 +322,9 @@ impl Lab {
                 &eg.to_string(),
                 "--drain-timeout",
                 &format!("{}s", DRAIN.as_secs()),
+                // Agents renew under load: due about 100 s after each join or renewal.
+                "--agent-cert-lifetime",
+                &format!("{}s", AGENT_CERT_LIFE.as_secs()),
             ]
             .map(String::from)
             .to_vec();
@@ -340,23 +348,15 @@ impl Lab {
         for s in &servers {
             lock(s).start()?;
         }
+        // Agents join with the token `init` made, as nodes do.
+        let token = std::fs::read_to_string(ca.join("token"))
+            .context("the join token init wrote")?
+            .trim()
+            .to_string();
         let mut agent_slots = Vec::new();
         for j in 0..agents {
             let node = format!("soak-node-{j}");
-            let dir = work.join(&node);
-            let d = dir.to_string_lossy().into_owned();
-            run_ok(
-                &server_bin,
-                &[
-                    "issue-agent",
-                    "--data-dir",
-                    &cad,
-                    "--node-name",
-                    &node,
-                    "--out-dir",
-                    &d,
-                ],
-            )?;
+            let d = work.join(&node).to_string_lossy().into_owned();
             let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let kubelet = kubelet()?;
@@ -372,6 +372,10 @@ impl Lab {
                 &admin.to_string(),
                 "--allow",
                 &kubelet.to_string(),
+                "--token",
+                &token,
+                "--node-name",
+                &node,
             ]
             .map(String::from)
             .to_vec();
@@ -459,7 +463,8 @@ const EXPLAINS_SHORT: &[&str] = &[
     "block UDP",
 ];
 /// Kinds that also explain a long-lived connection ending early (a drain ends what outlasts
-/// its timeout).
+/// its timeout), and a reverse-path CONNECT, which goes through the one server it asked (as
+/// kube-apiserver asks its own): that server's drain or restart explains its failure.
 const EXPLAINS_LONG: &[&str] = &[
     "kill -9 server",
     "restart agent",
@@ -489,6 +494,8 @@ struct Record {
     faults: Vec<Fault>,
     outcomes: Vec<Outcome>,
     samples: Vec<Sample>,
+    /// Certificate renewals by agent process.
+    renewals: BTreeMap<u32, u64>,
 }
 
 /// One look at one process.
@@ -1031,6 +1038,21 @@ fn sample_loop(run: Arc<Run>) {
                 });
             }
         }
+        // Renewals each agent instance has made so far (its counter starts again at a restart).
+        for a in &run.lab.agents {
+            let (pid, admin) = {
+                let a = lock(a);
+                (a.slot.pid(), a.slot.admin)
+            };
+            let Some(pid) = pid else { continue };
+            let n = crate::procs::http_get(admin, "/metrics")
+                .ok()
+                .and_then(|m| crate::procs::metric(&m, "tether_renewals_total "))
+                .unwrap_or(0.0) as u64;
+            let mut rec = lock(&run.record);
+            let seen = rec.renewals.entry(pid).or_default();
+            *seen = (*seen).max(n);
+        }
         sleep_unless_stopped(&run, Duration::from_secs(2));
     }
 }
@@ -1154,6 +1176,14 @@ pub fn run(settings: Settings) -> Result<Verdict> {
     Ok(Verdict { violations, report })
 }
 
+/// The faults that may explain a failed connection of `kind`.
+fn explaining(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "long" | "reverse" => EXPLAINS_LONG,
+        _ => EXPLAINS_SHORT,
+    }
+}
+
 /// Whether a fault of `kinds` was under way between `from` and `to` (seconds), with `slack`
 /// after its end for the failure to be noticed.
 fn explained(faults: &[Fault], kinds: &[&str], from: f64, to: f64, slack: f64) -> Option<String> {
@@ -1176,11 +1206,7 @@ fn judge_run(rec: &Record, s: &Settings, close_wait: usize) -> Vec<String> {
             continue;
         }
         let Some(why) = &o.failure else { continue };
-        let kinds = if o.kind == "long" {
-            EXPLAINS_LONG
-        } else {
-            EXPLAINS_SHORT
-        };
+        let kinds = explaining(o.kind);
         // Noticing a killed server takes ~2.5 s, a reset a moment more.
         if explained(&rec.faults, kinds, o.start, o.end, 6.0).is_none() {
             v.push(format!(
@@ -1299,11 +1325,7 @@ fn write_report(
     let _ = writeln!(md, "\n## Failed connections and their causes\n");
     let mut causes: BTreeMap<String, usize> = BTreeMap::new();
     for o in rec.outcomes.iter().filter(|o| o.failure.is_some()) {
-        let kinds = if o.kind == "long" {
-            EXPLAINS_LONG
-        } else {
-            EXPLAINS_SHORT
-        };
+        let kinds = explaining(o.kind);
         let fault = explained(&rec.faults, kinds, o.start, o.end, 6.0)
             .map(|f| f.split(' ').take(3).collect::<Vec<_>>().join(" "))
             .unwrap_or_else(|| "NO FAULT".into());
@@ -1349,6 +1371,12 @@ fn write_report(
             last.fds
         );
     }
+    let _ = writeln!(
+        md,
+        "\nAgent certificate renewals during the run (each agent renews about every {} s): {}.",
+        AGENT_CERT_LIFE.as_secs() / 3,
+        rec.renewals.values().sum::<u64>()
+    );
     let _ = writeln!(
         md,
         "\nSockets in CLOSE_WAIT after the load: {close_wait}. Open files at the end: {}.",
