@@ -52,17 +52,7 @@ pub fn measure(
     counts: &[usize],
     keepalive: Duration,
 ) -> Result<Vec<ScalePoint>> {
-    let liveness = tls::Liveness {
-        keepalive_interval: keepalive,
-        idle_timeout: keepalive * 5,
-    };
-    let ms = |d: Duration| format!("{}ms", d.as_millis());
-    let server_args = [
-        "--keepalive-interval".to_string(),
-        ms(liveness.keepalive_interval),
-        "--idle-timeout".to_string(),
-        ms(liveness.idle_timeout),
-    ];
+    let (liveness, server_args) = liveness_of(keepalive);
     let max = counts.iter().copied().max().unwrap_or(0);
     let ca = tether_certs::Ca::load(&pki.server_dir).context("load the bench CA")?;
     let roots = tls::load_roots(&pki.server_dir.join(tether_certs::files::CA_CERT))?;
@@ -96,6 +86,23 @@ pub fn measure(
         out.push(point);
     }
     Ok(out)
+}
+
+/// The liveness of the simulated agents (idle timeout: five keepalives), and the server's
+/// flags for the same.
+fn liveness_of(keepalive: Duration) -> (tls::Liveness, [String; 4]) {
+    let liveness = tls::Liveness {
+        keepalive_interval: keepalive,
+        idle_timeout: keepalive * 5,
+    };
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let args = [
+        "--keepalive-interval".to_string(),
+        ms(liveness.keepalive_interval),
+        "--idle-timeout".to_string(),
+        ms(liveness.idle_timeout),
+    ];
+    (liveness, args)
 }
 
 fn hold_agents(
@@ -337,17 +344,7 @@ pub fn storm(
     agents: usize,
     keepalive: Duration,
 ) -> Result<Storm> {
-    let liveness = tls::Liveness {
-        keepalive_interval: keepalive,
-        idle_timeout: keepalive * 5,
-    };
-    let ms = |d: Duration| format!("{}ms", d.as_millis());
-    let server_args = [
-        "--keepalive-interval".to_string(),
-        ms(liveness.keepalive_interval),
-        "--idle-timeout".to_string(),
-        ms(liveness.idle_timeout),
-    ];
+    let (liveness, server_args) = liveness_of(keepalive);
     let ca = tether_certs::Ca::load(&pki.server_dir).context("load the bench CA")?;
     let roots = tls::load_roots(&pki.server_dir.join(tether_certs::files::CA_CERT))?;
     let mut configs = Vec::with_capacity(agents);

@@ -461,6 +461,7 @@ const EXPLAINS_SHORT: &[&str] = &[
     "restart agent",
     "drop packets to server",
     "block UDP",
+    "stop upstream",
 ];
 /// Kinds that also explain a long-lived connection ending early (a drain ends what outlasts
 /// its timeout), and a reverse-path CONNECT, which goes through the one server it asked (as
@@ -468,6 +469,7 @@ const EXPLAINS_SHORT: &[&str] = &[
 const EXPLAINS_LONG: &[&str] = &[
     "kill -9 server",
     "restart agent",
+    "stop upstream",
     "drop packets to server",
     "block UDP",
     "drain server",
@@ -1189,7 +1191,16 @@ fn explaining(kind: &str) -> &'static [&'static str] {
 fn explained(faults: &[Fault], kinds: &[&str], from: f64, to: f64, slack: f64) -> Option<String> {
     faults
         .iter()
-        .find(|f| kinds.contains(&f.kind) && f.start <= to && f.end + slack >= from)
+        .find(|f| {
+            kinds.contains(&f.kind)
+                && if f.kind == "stop upstream" {
+                    // Stopping an upstream resets only what its closing listener had queued:
+                    // connections in flight at that instant. Later ones go elsewhere.
+                    from <= f.start + 0.5 && to >= f.start - 0.5
+                } else {
+                    f.start <= to && f.end + slack >= from
+                }
+        })
         .map(|f| format!("{} {}", f.kind, f.target))
 }
 
@@ -1710,6 +1721,12 @@ mod tests {
         assert!(explained(&faults, EXPLAINS_SHORT, 18.0, 18.5, 6.0).is_some());
         assert!(explained(&faults, EXPLAINS_SHORT, 20.0, 21.0, 6.0).is_none());
         assert!(explained(&faults, EXPLAINS_SHORT, 1.0, 2.0, 6.0).is_none());
+        let stopped = vec![Fault {
+            kind: "stop upstream",
+            ..faults[0].clone()
+        }];
+        assert!(explained(&stopped, EXPLAINS_SHORT, 9.8, 10.1, 6.0).is_some());
+        assert!(explained(&stopped, EXPLAINS_SHORT, 11.0, 11.1, 6.0).is_none());
         let drain = vec![Fault {
             kind: "drain server",
             ..faults[0].clone()

@@ -94,7 +94,7 @@ struct EtcdArgs {
     /// Client certificate for etcd (kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.crt).
     #[arg(long, env = "TETHER_ETCD_CERT", requires = "etcd_key")]
     etcd_cert: Option<PathBuf>,
-    /// Its key (kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.key).
+    /// The key of --etcd-cert (kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.key).
     #[arg(long, env = "TETHER_ETCD_KEY", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
     /// Prefix of every key tether keeps in etcd.
@@ -425,29 +425,26 @@ async fn token(t: TokenCommand) -> Result<()> {
 }
 
 async fn datastore(d: DatastoreCommand) -> Result<()> {
-    match d {
-        DatastoreCommand::Import { data_dir, etcd } => {
-            let (records, tokens) = etcd
-                .open()?
-                .import(&data_dir)
-                .await
-                .with_context(|| format!("cannot import {} into etcd", data_dir.display()))?;
-            println!(
-                "imported {} into etcd: {records} node records and {tokens} tokens written (the rest were there already)",
-                data_dir.display()
-            );
-        }
-        DatastoreCommand::Export { data_dir, etcd } => {
-            let (records, tokens) = etcd
-                .open()?
-                .export(&data_dir)
-                .await
-                .with_context(|| format!("cannot export etcd into {}", data_dir.display()))?;
-            println!(
-                "exported etcd into {}: it now holds {records} node records and {tokens} tokens",
-                data_dir.display()
-            );
-        }
+    let (import, data_dir, etcd) = match d {
+        DatastoreCommand::Import { data_dir, etcd } => (true, data_dir, etcd),
+        DatastoreCommand::Export { data_dir, etcd } => (false, data_dir, etcd),
+    };
+    let store = etcd.open()?;
+    let dir = data_dir.display();
+    if import {
+        let (records, tokens) = store
+            .import(&data_dir)
+            .await
+            .with_context(|| format!("cannot import {dir} into etcd"))?;
+        println!("imported {dir} into etcd: {records} node records and {tokens} tokens written (the rest were there already)");
+    } else {
+        let (records, tokens) = store
+            .export(&data_dir)
+            .await
+            .with_context(|| format!("cannot export etcd into {dir}"))?;
+        println!(
+            "exported etcd into {dir}: it now holds {records} node records and {tokens} tokens"
+        );
     }
     Ok(())
 }

@@ -741,7 +741,10 @@ async fn without_udp_the_agent_falls_back_to_tcp_and_returns_to_quic() {
         hold.log_text()
     );
     let log = std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default();
-    assert!(log.contains("moving to it"), "{log}");
+    assert!(
+        log.contains("moving to a new tunnel") && log.contains("moved to QUIC"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
