@@ -54,15 +54,8 @@ pub fn measure(
 ) -> Result<Vec<ScalePoint>> {
     let (liveness, server_args) = liveness_of(keepalive);
     let max = counts.iter().copied().max().unwrap_or(0);
-    let ca = tether_certs::Ca::load(&pki.server_dir).context("load the bench CA")?;
-    let roots = tls::load_roots(&pki.server_dir.join(tether_certs::files::CA_CERT))?;
     let started = Instant::now();
-    let mut configs = Vec::with_capacity(max);
-    for i in 0..max {
-        let issued = ca.issue_agent(&format!("sim-{i}"), tether_certs::Lifetime::days(1))?;
-        let id = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem)?;
-        configs.push(Arc::new(tls::client_config(roots.clone(), id)?));
-    }
+    let configs = agent_identities(pki, "sim", max)?;
     eprintln!(
         "  scale: {max} agent certificates issued in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -86,6 +79,20 @@ pub fn measure(
         out.push(point);
     }
     Ok(out)
+}
+
+/// TLS settings of `n` simulated agents named `PREFIX-i`, each with a certificate of its own
+/// from the bench's CA.
+fn agent_identities(pki: &Pki, prefix: &str, n: usize) -> Result<Vec<Arc<rustls::ClientConfig>>> {
+    let ca = tether_certs::Ca::load(&pki.server_dir).context("load the bench CA")?;
+    let roots = tls::load_roots(&pki.server_dir.join(tether_certs::files::CA_CERT))?;
+    let mut configs = Vec::with_capacity(n);
+    for i in 0..n {
+        let issued = ca.issue_agent(&format!("{prefix}-{i}"), tether_certs::Lifetime::days(1))?;
+        let id = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem)?;
+        configs.push(Arc::new(tls::client_config(roots.clone(), id)?));
+    }
+    Ok(configs)
 }
 
 /// The liveness of the simulated agents (idle timeout: five keepalives), and the server's
@@ -345,14 +352,7 @@ pub fn storm(
     keepalive: Duration,
 ) -> Result<Storm> {
     let (liveness, server_args) = liveness_of(keepalive);
-    let ca = tether_certs::Ca::load(&pki.server_dir).context("load the bench CA")?;
-    let roots = tls::load_roots(&pki.server_dir.join(tether_certs::files::CA_CERT))?;
-    let mut configs = Vec::with_capacity(agents);
-    for i in 0..agents {
-        let issued = ca.issue_agent(&format!("storm-{i}"), tether_certs::Lifetime::days(1))?;
-        let id = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem)?;
-        configs.push(Arc::new(tls::client_config(roots.clone(), id)?));
-    }
+    let configs = agent_identities(pki, "storm", agents)?;
     let choice: TransportChoice = transport.parse().map_err(anyhow::Error::msg)?;
     let name = format!("storm-{transport}");
     let server = Server::start(work, pki, &name, up.echo, up.sink, &server_args)?;

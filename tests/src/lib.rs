@@ -165,6 +165,16 @@ pub async fn start_agent_over(
     agent
 }
 
+/// Agent settings for a node that has no certificate yet: it joins through `server` with
+/// `token` under the name `node`, keeping its identity in `dir`.
+pub fn joining_agent(dir: &TempDir, node: &str, server: SocketAddr, token: &str) -> AgentConfig {
+    let mut c = AgentConfig::new(vec![server.to_string()], dir.path().to_path_buf());
+    c.listen = "127.0.0.1:0".parse().expect("addr");
+    c.token = Some(token.to_string());
+    c.node_name = Some(node.to_string());
+    c
+}
+
 /// Whether `cond` (a future, made anew for each look) comes true within `deadline`, looking
 /// every 10 ms: for callers that report a failure their own way.
 pub async fn eventually<F: Future<Output = bool>>(

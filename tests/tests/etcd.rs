@@ -42,20 +42,6 @@ fn store(settings: &EtcdSettings) -> Datastore {
     Datastore::Etcd(Arc::new(Etcd::new(settings).unwrap()))
 }
 
-fn joining_agent(
-    dir: &TempDir,
-    node: &str,
-    server: SocketAddr,
-    token: &str,
-) -> tether_agent::config::AgentConfig {
-    let mut c =
-        tether_agent::config::AgentConfig::new(vec![server.to_string()], dir.path().to_path_buf());
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.token = Some(token.to_string());
-    c.node_name = Some(node.to_string());
-    c
-}
-
 /// An agent with a certificate for `node`, told of `servers` only (it learns the rest).
 async fn agent_of(pki: &Pki, node: &str, servers: &[SocketAddr]) -> tether_agent::AgentHandle {
     let agent = tether_agent::start(agent_config(pki, node, servers))

@@ -18,21 +18,6 @@ fn init_token(pki: &Pki) -> String {
         .to_string()
 }
 
-/// Agent settings for a node that has no certificate yet.
-fn joining_agent(
-    dir: &TempDir,
-    node: &str,
-    server: SocketAddr,
-    token: &str,
-) -> tether_agent::config::AgentConfig {
-    let mut c =
-        tether_agent::config::AgentConfig::new(vec![server.to_string()], dir.path().to_path_buf());
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.token = Some(token.to_string());
-    c.node_name = Some(node.to_string());
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_with_a_token_and_keeps_its_certificate() {
     init_logging();
@@ -429,6 +414,23 @@ async fn a_revoked_node_loses_its_tunnels_on_every_server_within_seconds() {
     p.shutdown().await;
 }
 
+/// Agent settings with the certificate `issued` (and the PKI's CA) stored in `dir`.
+fn agent_with_cert(
+    pki: &Pki,
+    issued: &tether_certs::Issued,
+    dir: &TempDir,
+    server: SocketAddr,
+) -> tether_agent::config::AgentConfig {
+    std::fs::copy(pki.server_dir().join("ca.crt"), dir.path().join("ca.crt")).unwrap();
+    issued
+        .save(&dir.path().join("agent.crt"), &dir.path().join("agent.key"))
+        .unwrap();
+    let mut c =
+        tether_agent::config::AgentConfig::new(vec![server.to_string()], dir.path().to_path_buf());
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_renew_and_rotate_without_dropping_streams() {
     init_logging();
@@ -441,16 +443,9 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     // An agent certificate that is due for renewal after about 4 s.
     let short = pki.agent_cert("renewer", 0, 6);
     let d = TempDir::new("renew");
-    std::fs::copy(pki.server_dir().join("ca.crt"), d.path().join("ca.crt")).unwrap();
-    short
-        .save(&d.path().join("agent.crt"), &d.path().join("agent.key"))
+    let agent = tether_agent::start(agent_with_cert(&pki, &short, &d, server.local_addr))
+        .await
         .unwrap();
-    let mut c = tether_agent::config::AgentConfig::new(
-        vec![server.local_addr.to_string()],
-        d.path().to_path_buf(),
-    );
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    let agent = tether_agent::start(c).await.unwrap();
     wait_for("tunnel", Duration::from_secs(10), || async {
         agent.tunnels_up() == 1
     })
@@ -527,16 +522,9 @@ async fn a_renewal_moves_tunnels_to_the_new_certificate_before_the_old_expires()
     let short = pki.agent_cert("mover", -16, 10);
     let expires = std::time::Instant::now() + Duration::from_secs(10);
     let d = TempDir::new("rotate");
-    std::fs::copy(pki.server_dir().join("ca.crt"), d.path().join("ca.crt")).unwrap();
-    short
-        .save(&d.path().join("agent.crt"), &d.path().join("agent.key"))
+    let agent = tether_agent::start(agent_with_cert(&pki, &short, &d, server.local_addr))
+        .await
         .unwrap();
-    let mut c = tether_agent::config::AgentConfig::new(
-        vec![server.local_addr.to_string()],
-        d.path().to_path_buf(),
-    );
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    let agent = tether_agent::start(c).await.unwrap();
     wait_for("renewed", Duration::from_secs(5), || async {
         agent.metrics().shared.renewals.get() >= 1
     })

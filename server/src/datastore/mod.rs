@@ -103,6 +103,32 @@ pub enum Datastore {
     Etcd(Arc<Etcd>),
 }
 
+/// Stores a token entry unless its id exists; true when it was stored. A token that expires
+/// takes its key with it: the key is under a lease that outlives the expiry by a minute (the
+/// entry's own expiry is checked too).
+async fn put_token_if_absent(e: &Etcd, entry: &TokenEntry) -> Result<bool, DatastoreError> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let lease = if entry.expires > 0 {
+        e.lease_grant((entry.expires - now).max(1) as u64 + 60)
+            .await?
+    } else {
+        0
+    };
+    let rel = format!("{TOKENS}{}", entry.id);
+    let put = Op::Put {
+        key: rel.clone(),
+        value: entry.to_line().into_bytes(),
+        lease,
+    };
+    if e.txn(&[Compare::ModRevision(rel, 0)], &[put]).await? {
+        return Ok(true);
+    }
+    if lease != 0 {
+        let _ = e.lease_revoke(lease).await;
+    }
+    Ok(false)
+}
+
 /// A record read from etcd: its line, checked, and the name its key gives.
 pub fn parse_record(key: &str, value: &[u8]) -> Result<NodeRecord, DatastoreError> {
     let corrupt = |detail: String| DatastoreError::Corrupt {
@@ -299,25 +325,9 @@ impl Datastore {
                 for _ in 0..CAS_ATTEMPTS {
                     let (tok, entry) =
                         TokenEntry::generate(&ca_der, ttl_secs, description, |_| false)?;
-                    // A token that expires takes its key with it: the lease outlives the
-                    // expiry by a minute, and the entry's own expiry is checked too.
-                    let lease = if ttl_secs > 0 {
-                        e.lease_grant(ttl_secs.saturating_add(60)).await?
-                    } else {
-                        0
-                    };
-                    let rel = format!("{TOKENS}{}", entry.id);
-                    let put = Op::Put {
-                        key: rel.clone(),
-                        value: entry.to_line().into_bytes(),
-                        lease,
-                    };
-                    // Ids are unique: the key must not exist yet.
-                    if e.txn(&[Compare::ModRevision(rel, 0)], &[put]).await? {
+                    // Ids are unique: a drawn id that exists already is drawn again.
+                    if put_token_if_absent(e, &entry).await? {
                         return Ok(tok);
-                    }
-                    if lease != 0 {
-                        let _ = e.lease_revoke(lease).await;
                     }
                 }
                 Err(DatastoreError::Contended("a new token id".into()))
@@ -378,21 +388,8 @@ impl Datastore {
             if t.expired(now) {
                 continue;
             }
-            let lease = if t.expires > 0 {
-                e.lease_grant((t.expires - now).max(1) as u64 + 60).await?
-            } else {
-                0
-            };
-            let rel = format!("{TOKENS}{}", t.id);
-            let put = Op::Put {
-                key: rel.clone(),
-                value: t.to_line().into_bytes(),
-                lease,
-            };
-            if e.txn(&[Compare::ModRevision(rel, 0)], &[put]).await? {
+            if put_token_if_absent(e, &t).await? {
                 tokens += 1;
-            } else if lease != 0 {
-                let _ = e.lease_revoke(lease).await;
             }
         }
         Ok((written, tokens))
