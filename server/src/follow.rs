@@ -171,7 +171,14 @@ impl Follower {
                     );
                     revision = 0;
                 }
-                Ok(WatchEnd::Canceled) => {}
+                Ok(WatchEnd::Canceled) => {
+                    // etcd ended the watch (a member losing its leader, say): watch again after
+                    // a pause, from the last revision applied.
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay(fastrand::f64())) => {}
+                        _ = stop.wait() => return,
+                    }
+                }
                 Err(e) => {
                     self.down(&e.to_string());
                     tokio::select! {
