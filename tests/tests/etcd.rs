@@ -209,6 +209,50 @@ async fn servers_share_etcd_with_no_peer_list() {
     }
 }
 
+/// A server that starts while etcd is down serves from the records it cached: a revocation it
+/// had read still holds, and a node it knew still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_while_etcd_is_down_keeps_its_revocations() {
+    if !etcd_or_skip("a_server_started_while_etcd_is_down_keeps_its_revocations") {
+        return;
+    }
+    init_logging();
+    let mut cluster = EtcdCluster::start(1).await;
+    let settings = cluster.settings("/cache/");
+    let pki = Pki::new();
+    let root = TempDir::new("etcd-cache");
+    let echo = Echo::start().await;
+    let dir = server_dir(&pki, &root, "s");
+    store(&settings)
+        .set_state("gone", NodeState::Revoked)
+        .await
+        .unwrap();
+    let first = etcd_server(&dir, echo.addr, settings.clone()).await;
+    wait_for("the revocation read", Duration::from_secs(5), || async {
+        std::fs::read_to_string(dir.join("nodes")).is_ok_and(|t| t.contains("gone revoked"))
+    })
+    .await;
+    first.shutdown().await;
+    cluster.kill(0).await;
+
+    let again = etcd_server(&dir, echo.addr, settings.clone()).await;
+    assert!(!again.metrics().datastore.available());
+    let gone = tether_agent::start(agent_config(&pki, "gone", &[again.local_addr]))
+        .await
+        .expect("agent starts");
+    let known = agent_of(&pki, "known", &[again.local_addr]).await;
+    echo_roundtrip(known.listen_addr, random_bytes(1000, 3))
+        .await
+        .unwrap();
+    assert!(
+        !eventually(Duration::from_secs(2), || async { gone.tunnels_up() > 0 }).await,
+        "the revoked node stays refused"
+    );
+    gone.shutdown().await;
+    known.shutdown().await;
+    again.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_racing_for_one_name_never_both_win() {
     if !etcd_or_skip("two_servers_racing_for_one_name_never_both_win") {
