@@ -17,6 +17,16 @@ use tether_server::ServerHandle;
 use tether_tests::etcd::{etcd_or_skip, Cutter, EtcdCluster};
 use tether_tests::*;
 
+/// A running etcd cluster of `members` for `test`, with the test's logging on; `None` (after a
+/// loud SKIPPED) where there is no etcd and this is not CI.
+async fn etcd_cluster(test: &str, members: usize) -> Option<EtcdCluster> {
+    if !etcd_or_skip(test) {
+        return None;
+    }
+    init_logging();
+    Some(EtcdCluster::start(members).await)
+}
+
 /// A copy of the PKI's server directory (CA, certificate, key) for one server.
 fn server_dir(pki: &Pki, root: &TempDir, name: &str) -> PathBuf {
     let dir = root.path().join(name);
@@ -60,11 +70,9 @@ fn has_node(s: &ServerHandle, node: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_share_etcd_with_no_peer_list() {
-    if !etcd_or_skip("servers_share_etcd_with_no_peer_list") {
+    let Some(cluster) = etcd_cluster("servers_share_etcd_with_no_peer_list", 3).await else {
         return;
-    }
-    init_logging();
-    let cluster = EtcdCluster::start(3).await;
+    };
     let settings = cluster.settings("/share/");
     let pki = Pki::new();
     let root = TempDir::new("etcd-share");
@@ -213,11 +221,14 @@ async fn servers_share_etcd_with_no_peer_list() {
 /// had read still holds, and a node it knew still connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_started_while_etcd_is_down_keeps_its_revocations() {
-    if !etcd_or_skip("a_server_started_while_etcd_is_down_keeps_its_revocations") {
+    let Some(mut cluster) = etcd_cluster(
+        "a_server_started_while_etcd_is_down_keeps_its_revocations",
+        1,
+    )
+    .await
+    else {
         return;
-    }
-    init_logging();
-    let mut cluster = EtcdCluster::start(1).await;
+    };
     let settings = cluster.settings("/cache/");
     let pki = Pki::new();
     let root = TempDir::new("etcd-cache");
@@ -255,11 +266,10 @@ async fn a_server_started_while_etcd_is_down_keeps_its_revocations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_racing_for_one_name_never_both_win() {
-    if !etcd_or_skip("two_servers_racing_for_one_name_never_both_win") {
+    let Some(cluster) = etcd_cluster("two_servers_racing_for_one_name_never_both_win", 1).await
+    else {
         return;
-    }
-    init_logging();
-    let cluster = EtcdCluster::start(1).await;
+    };
     let settings = cluster.settings("/race/");
     // Two servers' stores: separate clients, as on two masters.
     let (a, b) = (store(&settings), store(&settings));
@@ -300,11 +310,10 @@ async fn two_servers_racing_for_one_name_never_both_win() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_failures_fail_static_and_nothing_is_lost() {
-    if !etcd_or_skip("etcd_failures_fail_static_and_nothing_is_lost") {
+    let Some(mut cluster) = etcd_cluster("etcd_failures_fail_static_and_nothing_is_lost", 3).await
+    else {
         return;
-    }
-    init_logging();
-    let mut cluster = EtcdCluster::start(3).await;
+    };
     let direct = cluster.settings("/faults/");
     // Server A reaches etcd through proxies that can cut it off; server B directly.
     let mut cutters = Vec::new();
@@ -539,10 +548,10 @@ fn ok(args: &[&str], extra: &[String]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_import_and_export_work_against_etcd() {
-    if !etcd_or_skip("commands_import_and_export_work_against_etcd") {
+    let Some(cluster) = etcd_cluster("commands_import_and_export_work_against_etcd", 1).await
+    else {
         return;
-    }
-    let cluster = EtcdCluster::start(1).await;
+    };
     let settings = cluster.settings("/cmd/");
     let flags = etcd_flags(&settings);
     let pki = Pki::new();
