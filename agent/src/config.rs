@@ -46,6 +46,11 @@ pub struct AgentConfig {
     /// How long the last server left may take to answer. Longer than the server's upstream
     /// connect timeout, so that the agent hears the server's verdict.
     pub last_attempt_timeout: Duration,
+    /// How long a new local connection that finds no tunnel up waits for one, counted from
+    /// when the last tunnel went down. It covers the gap between one tunnel and the next (a
+    /// fallback from QUIC to TCP, the last server restarting); past it, connections are
+    /// refused at once.
+    pub reconnect_grace: Duration,
     /// Longest a tunnel's TLS handshake and hello may take.
     pub handshake_timeout: Duration,
     /// First reconnect delay bound; doubles per failure up to `reconnect_max`.
@@ -79,6 +84,7 @@ impl AgentConfig {
             early_data: vec![tether_proto::SERVICE_APISERVER.to_string()],
             stream_open_timeout: Duration::from_millis(500),
             last_attempt_timeout: Duration::from_secs(5),
+            reconnect_grace: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(5),
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),

@@ -48,6 +48,8 @@ pub struct Forwarding {
     pub policy: Policy,
     pub stream_open_timeout: Duration,
     pub last_attempt_timeout: Duration,
+    /// How long a connection that finds no tunnel waits for one (see `Pool::wait_for_link`).
+    pub reconnect_grace: Duration,
     pub max_connections: usize,
     /// The service's traffic is TLS, so its first bytes may travel with the open (see the
     /// module's doc and docs/protocol.md).
@@ -133,6 +135,12 @@ async fn forward(
     budget: &HedgeBudget,
 ) {
     budget.opened();
+    if pool.is_empty() {
+        metrics.connections_waited.inc();
+        if pool.wait_for_link(settings.reconnect_grace).await {
+            debug!("a tunnel came up while the connection waited");
+        }
+    }
     let mut may_hedge = true;
     let candidates = pool.candidates(settings.policy);
     let count = candidates.len();

@@ -267,6 +267,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             policy: config.policy,
             stream_open_timeout: config.stream_open_timeout,
             last_attempt_timeout: config.last_attempt_timeout,
+            reconnect_grace: config.reconnect_grace,
             max_connections: config.max_connections,
         };
         tasks.spawn(forward::serve(

@@ -76,6 +76,10 @@ struct RunArgs {
     /// How long the last server left may take to answer a new stream.
     #[arg(long, env = "TETHER_LAST_ATTEMPT_TIMEOUT", default_value = format_duration(defaults().last_attempt_timeout), value_parser = parse_duration)]
     last_attempt_timeout: Duration,
+    /// How long a new local connection that finds no tunnel up waits for one, counted from when
+    /// the last tunnel went down (0 to refuse at once); past it, connections are refused at once.
+    #[arg(long, env = "TETHER_RECONNECT_GRACE", default_value = format_duration(defaults().reconnect_grace), value_parser = parse_duration)]
+    reconnect_grace: Duration,
     /// Longest a tunnel's handshake may take.
     #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = format_duration(defaults().handshake_timeout), value_parser = parse_duration)]
     handshake_timeout: Duration,
@@ -165,6 +169,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.early_data = a.early_data.into_iter().filter(|s| s != "none").collect();
     config.stream_open_timeout = a.stream_open_timeout;
     config.last_attempt_timeout = a.last_attempt_timeout;
+    config.reconnect_grace = a.reconnect_grace;
     config.handshake_timeout = a.handshake_timeout;
     config.liveness.keepalive_interval = a.keepalive_interval;
     config.liveness.idle_timeout = a.idle_timeout;

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub connections_accepted: Counter,
     pub connections_failed: Counter,
     pub connections_over_limit: Counter,
+    pub connections_waited: Counter,
     pub open_failures: CounterFamily<OpenFailure>,
     pub retries: Counter,
     pub hedges: Counter,
@@ -160,6 +161,11 @@ impl Metrics {
             "tether_connections_over_limit_total",
             "Local connections reset because the connection limit was reached.",
             self.connections_over_limit.get(),
+        );
+        e.counter(
+            "tether_connections_waited_total",
+            "Local connections that found no tunnel up and waited for one (--reconnect-grace).",
+            self.connections_waited.get(),
         );
         e.family(
             "tether_stream_open_failures_total",

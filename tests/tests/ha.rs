@@ -330,3 +330,72 @@ async fn an_agent_drains_on_request() {
     assert_eq!(left, 0);
     server.shutdown().await;
 }
+
+/// The gap between one tunnel and the next (here the only server restarting; in the field
+/// also a fallback from QUIC to TCP) costs no connection: a connection that finds no tunnel
+/// waits for one, for `reconnect_grace` after the last went down. Past the grace, with no
+/// server coming back, connections are refused at once rather than left hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_in_the_gap_between_tunnels_waits_for_the_next() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let server = start_server(&pki, echo.addr).await;
+    let at = server.local_addr;
+    let grace = Duration::from_secs(5);
+    let mut cfg = agent_config(&pki, "node-a", &[at]);
+    cfg.reconnect_grace = grace;
+    let agent = tether_agent::start(cfg).await.unwrap();
+    wait_for("tunnel up", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 1
+    })
+    .await;
+
+    server.shutdown().await;
+    wait_for("tunnel down", Duration::from_secs(5), || async {
+        agent.tunnels_up() == 0
+    })
+    .await;
+    // A client arrives while no server is up; the server comes back at the same address.
+    let client = tokio::spawn(echo_roundtrip(agent.listen_addr, random_bytes(5000, 7)));
+    wait_for("the client waits", Duration::from_secs(5), || async {
+        agent.metrics().connections_waited.get() == 1
+    })
+    .await;
+    let mut again = server_config(&pki, echo.addr);
+    again.listen = at;
+    let server = tether_server::start(again).await.expect("server restarts");
+    within(
+        "the waiting client is served",
+        Duration::from_secs(10),
+        client,
+    )
+    .await
+    .unwrap()
+    .expect("the connection made in the gap is carried");
+    assert_eq!(agent.metrics().connections_failed.get(), 0);
+
+    // Down for good: once the grace is over, refusals come at once.
+    server.shutdown().await;
+    wait_for("tunnel down again", Duration::from_secs(5), || async {
+        agent.tunnels_up() == 0
+    })
+    .await;
+    let down = tokio::time::Instant::now();
+    let first = echo_roundtrip(agent.listen_addr, random_bytes(10, 1)).await;
+    assert!(first.is_err(), "no server, yet answered");
+    assert!(
+        down.elapsed() <= grace + Duration::from_secs(2),
+        "waited {:?}",
+        down.elapsed()
+    );
+    let refused = tokio::time::Instant::now();
+    let later = echo_roundtrip(agent.listen_addr, random_bytes(10, 2)).await;
+    assert!(later.is_err(), "no server, yet answered");
+    assert!(
+        refused.elapsed() < grace / 2,
+        "a refusal after the grace took {:?}",
+        refused.elapsed()
+    );
+    agent.shutdown().await;
+}

@@ -207,18 +207,65 @@ pub fn best_first<T>(items: Vec<T>, policy: Policy, standing: impl Fn(&T) -> Sta
 }
 
 /// The live links.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pool {
     links: Mutex<Vec<Arc<Link>>>,
+    /// Since when the pool has had no link (`None` while it has one), so that a new stream
+    /// can wait out a short gap between tunnels (see [`Pool::wait_for_link`]). Written under
+    /// the `links` lock, so that it always agrees with it.
+    empty_since: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        // A new pool counts as just emptied: the first tunnels are on their way.
+        let (empty_since, _) = tokio::sync::watch::channel(Some(tokio::time::Instant::now()));
+        Pool {
+            links: Mutex::new(Vec::new()),
+            empty_since,
+        }
+    }
 }
 
 impl Pool {
     pub fn add(&self, link: Arc<Link>) {
-        self.lock().push(link);
+        let mut links = self.lock();
+        links.push(link);
+        self.empty_since.send_if_modified(|s| s.take().is_some());
     }
 
     pub fn remove(&self, link: &Arc<Link>) {
-        self.lock().retain(|l| !Arc::ptr_eq(l, link));
+        let mut links = self.lock();
+        links.retain(|l| !Arc::ptr_eq(l, link));
+        if links.is_empty() {
+            self.empty_since.send_if_modified(|s| {
+                let was = s.is_some();
+                s.get_or_insert_with(tokio::time::Instant::now);
+                !was
+            });
+        }
+    }
+
+    /// Waits for a link while the pool has been empty for less than `grace`; whether one is
+    /// up. A new stream that finds no tunnel thus rides out the gap between one tunnel and
+    /// the next (a fallback from QUIC to TCP, the last server restarting) instead of failing,
+    /// and once the pool has been empty for `grace` it fails at once, without waiting.
+    pub async fn wait_for_link(&self, grace: std::time::Duration) -> bool {
+        let mut changes = self.empty_since.subscribe();
+        loop {
+            let Some(since) = *changes.borrow_and_update() else {
+                return true;
+            };
+            let until = since + grace;
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::select! {
+                // The sender lives as long as the pool, which the caller borrows.
+                changed = changes.changed() => if changed.is_err() { return !self.is_empty() },
+                _ = tokio::time::sleep_until(until) => return !self.is_empty(),
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
