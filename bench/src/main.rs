@@ -108,12 +108,12 @@ struct SoakArgs {
     out: Option<PathBuf>,
     /// Only these faults, comma-separated (kill-9-server, drain-server, stop-upstream,
     /// restart-agent, reload-server-certificate, restart-all-servers, drop-packets-to-server,
-    /// block-udp); default: all that can run here.
+    /// block-udp, rebind-nat); default: all that can run here.
     #[arg(long, value_delimiter = ',')]
     faults: Option<Vec<String>>,
     /// Stay in this network namespace even as root (by default, as root with `ip` and
-    /// `iptables`, the soak runs in a namespace of its own and adds dropped packets and
-    /// blocked UDP to its faults).
+    /// `iptables`, the soak runs in a namespace of its own and adds dropped packets, blocked
+    /// UDP and, with `conntrack`, NAT rebinding to its faults).
     #[arg(long)]
     no_netns: bool,
     /// What to run: mixed (traffic and faults; the default), disconnected (an agent with no
@@ -154,7 +154,11 @@ fn soak(a: SoakArgs) -> Result<()> {
     let mut settings = soak::Settings::new(duration, a.quick, seed, out);
     settings.faults = a.faults.map(|f| {
         f.iter()
-            .map(|k| k.replace('-', " ").replace("udp", "UDP"))
+            .map(|k| {
+                k.replace('-', " ")
+                    .replace("udp", "UDP")
+                    .replace("nat", "NAT")
+            })
             .collect()
     });
     let mut verdicts = Vec::new();

@@ -287,6 +287,10 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// every agent renews about every 100 s, under load and faults, for the whole run.
 const AGENT_CERT_LIFE: Duration = Duration::from_secs(300);
 
+/// How long the agents hold a new connection that finds no tunnel (`--reconnect-grace`, its
+/// default), given explicitly so that the disconnected scenario knows what to expect.
+const GRACE: Duration = Duration::from_secs(3);
+
 impl Lab {
     /// Three servers and `agents` agents, which join for certificates of `cert_life`.
     fn build(work: &Path, agents: usize, cert_life: Duration) -> Result<Lab> {
@@ -377,6 +381,8 @@ impl Lab {
                 &token,
                 "--node-name",
                 &node,
+                "--reconnect-grace",
+                &format!("{}s", GRACE.as_secs()),
             ]
             .map(String::from)
             .to_vec();
@@ -815,6 +821,9 @@ fn fault_loop(run: Arc<Run>) {
     ];
     if run.settings.netns {
         kinds.extend(["drop packets to server", "block UDP"]);
+        if has_conntrack() {
+            kinds.push("rebind NAT");
+        }
     }
     if let Some(only) = &run.settings.faults {
         kinds.retain(|k| only.iter().any(|o| o == k));
@@ -847,19 +856,64 @@ fn fault_loop(run: Arc<Run>) {
     }
 }
 
+/// Inserts (`-I`) or deletes (`-D`) one firewall rule.
+fn iptables(op: &str, rule: &str) -> Result<()> {
+    let mut args = vec![op.to_string()];
+    args.extend(rule.split(' ').map(String::from));
+    let st = std::process::Command::new("iptables")
+        .args(&args)
+        .status()?;
+    if !st.success() {
+        bail!("iptables {op} {rule} failed");
+    }
+    Ok(())
+}
+
+/// Forgets every UDP flow the namespace's connection tracking holds, so that the next packet
+/// of each goes through the NAT rules anew.
+fn forget_udp_flows() -> Result<()> {
+    // conntrack exits 1 when there was nothing to delete.
+    std::process::Command::new("conntrack")
+        .args(["-D", "-p", "udp"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("conntrack")?;
+    Ok(())
+}
+
+fn has_conntrack() -> bool {
+    std::process::Command::new("conntrack")
+        .arg("-V")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// UDP flows whose source the NAT rewrote into `range` (the reply goes to a port in it).
+fn flows_rebound(range: std::ops::RangeInclusive<u16>) -> usize {
+    let Ok(out) = std::process::Command::new("conntrack")
+        .args(["-L", "-p", "udp"])
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return 0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            // The second `dport=` is the reply's destination: the address the NAT chose.
+            l.match_indices("dport=")
+                .nth(1)
+                .and_then(|(i, _)| l[i + 6..].split(' ').next()?.parse::<u16>().ok())
+                .is_some_and(|p| range.contains(&p))
+        })
+        .count()
+}
+
 /// Inserts firewall rules for `hold`, then removes them.
 fn with_rules(rules: &[String], hold: Duration) -> Result<()> {
-    let iptables = |op: &str, rule: &str| -> Result<()> {
-        let mut args = vec![op.to_string()];
-        args.extend(rule.split(' ').map(String::from));
-        let st = std::process::Command::new("iptables")
-            .args(&args)
-            .status()?;
-        if !st.success() {
-            bail!("iptables {op} {rule} failed");
-        }
-        Ok(())
-    };
     for r in rules {
         iptables("-I", r)?;
     }
@@ -993,6 +1047,28 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<String> {
             with_rules(&rules, Duration::from_millis(10_000 + rng.below(5000)))?;
             Ok("all UDP".into())
         }
+        "rebind NAT" => {
+            // A NAT in front of the agents forgets its mappings and gives every UDP flow to
+            // the servers a new source port: each server sees its agents (and its peers) move
+            // to a new address, and QUIC must carry on across the change, losing nothing.
+            let ports: Vec<String> = lab.ports.iter().map(u16::to_string).collect();
+            let rule = format!(
+                "POSTROUTING -t nat -p udp -m multiport --dports {} -j SNAT --to-source 127.0.0.1:42000-42999",
+                ports.join(",")
+            );
+            iptables("-I", &rule)?;
+            let moved = forget_udp_flows().map(|()| {
+                // Keepalives (every 500 ms) move the quiet flows too.
+                std::thread::sleep(Duration::from_millis(1500));
+                flows_rebound(42000..=42999)
+            });
+            std::thread::sleep(Duration::from_millis(3000 + rng.below(3000)));
+            // And back: the mapping changes a second time.
+            let removed = iptables("-D", &rule);
+            forget_udp_flows()?;
+            removed?;
+            Ok(format!("{} UDP flows moved to new ports", moved?))
+        }
         "restart all servers" => {
             for s in &lab.servers {
                 lock(s).terminate(DRAIN + Duration::from_secs(5));
@@ -1101,9 +1177,19 @@ pub struct Verdict {
     pub report: PathBuf,
 }
 
+/// The soak's own working directory, emptied: a lab built on an earlier run's certificates and
+/// records would test that run's leftovers, not this one.
+fn fresh_dir(work: &Path) -> Result<PathBuf> {
+    if work.exists() {
+        std::fs::remove_dir_all(work)
+            .with_context(|| format!("remove the earlier run's {}", work.display()))?;
+    }
+    std::fs::create_dir_all(work).with_context(|| format!("create {}", work.display()))?;
+    Ok(work.to_path_buf())
+}
+
 pub fn run(settings: Settings) -> Result<Verdict> {
-    let work = settings.out.join("work");
-    std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    let work = fresh_dir(&settings.out.join("work"))?;
     eprintln!(
         "soak: building the lab (3 servers, {} agents) in {}",
         settings.agents,
@@ -1528,8 +1614,7 @@ fn chart(s: &Settings, rec: &Record) -> Vec<u8> {
 /// flat, and when one server returns the agent must carry traffic again within seconds.
 pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
     use std::fmt::Write as _;
-    let work = settings.out.join("work-disconnected");
-    std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    let work = fresh_dir(&settings.out.join("work-disconnected"))?;
     // Certificates that outlive the outage: an agent whose certificate expired while it was
     // cut off must join again, which is not what this scenario looks at.
     let lab = Lab::build(&work, 1, outage + Duration::from_secs(3600))?;
@@ -1552,6 +1637,22 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
             .and_then(|m| crate::procs::metric(&m, "tether_tunnels_up "))
             == Some(0.0)
     })?;
+    // A connection in the first moments of the outage waits out the grace (a gap between
+    // tunnels may end in it), and is then refused; after the grace, refusals come at once.
+    let in_grace = Instant::now();
+    let first = exchange(api, Arc::new(b"anyone?".to_vec()));
+    let grace_wait = in_grace.elapsed();
+    let mut violations = Vec::new();
+    if first.is_ok_and(|b| !b.is_empty()) {
+        violations.push("a local connection was answered with no server up".to_string());
+    }
+    if grace_wait > GRACE + Duration::from_secs(1) {
+        violations.push(format!(
+            "a connection at the start of the outage waited {grace_wait:?}, over the {GRACE:?} grace"
+        ));
+    }
+    // The grace counts from the loss of the last tunnel, which came before the notice: once
+    // this connection is refused, it is over.
     eprintln!("soak: every server killed; local clients keep connecting for {outage:?}");
     let t0 = Instant::now();
     let (mut refused, mut slow, mut answered) = (0u64, Vec::new(), 0u64);
@@ -1594,7 +1695,6 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut violations = Vec::new();
     if !slow.is_empty() {
         violations.push(format!(
             "{} local connections waited over 1 s for their refusal (longest {:?})",
@@ -1647,7 +1747,8 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
     }
     let _ = writeln!(
         md,
-        "\n| figure | value |\n|---|---|\n| local connections refused at once | {refused} |\n| refused after more than 1 s | {} |\n| agent RSS after warm-up / max (MiB) | {:.1} / {:.1} |\n| agent open files after warm-up / max | {} / {max_fds} |\n| traffic again after one server returned | {} |",
+        "\n| figure | value |\n|---|---|\n| a connection at the start of the outage, refused after (grace {GRACE:?}) | {:.2} s |\n| local connections refused at once after the grace | {refused} |\n| refused after more than 1 s | {} |\n| agent RSS after warm-up / max (MiB) | {:.1} / {:.1} |\n| agent open files after warm-up / max | {} / {max_fds} |\n| traffic again after one server returned | {} |",
+        grace_wait.as_secs_f64(),
         slow.len(),
         base.1 as f64 / 1024.0,
         max_rss as f64 / 1024.0,
@@ -1662,8 +1763,7 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
 /// The reconnect storm's report and verdict (see `scale::storm`).
 pub fn storm(settings: &Settings, agents: usize) -> Result<Verdict> {
     use std::fmt::Write as _;
-    let work = settings.out.join("work-storm");
-    std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    let work = fresh_dir(&settings.out.join("work-storm"))?;
     let pki = crate::path::Pki::create(&work)?;
     let up = crate::load::Upstream::start()?;
     let mut md = String::from("# tether soak: reconnect storm\n\n| transport | agents | back | seconds until all back | server peak CPU | server peak RSS (MiB) |\n|---|---|---|---|---|---|\n");
