@@ -436,7 +436,9 @@ fn measure_path(
                             procs::pin(&all, "0")?;
                         }
                         let warmup = (cli.rr_count / 10).max(100);
+                        let cpu0 = cpu_by_process(self_pid, &pids)?;
                         let times = load::rr(addr, cli.rr_count, warmup);
+                        let cpu1 = cpu_by_process(self_pid, &pids)?;
                         if pinned {
                             procs::pin(&all, &procs::all_cpus())?;
                         }
@@ -447,12 +449,18 @@ fn measure_path(
                         r.add(name, target, rep, &format!("{metric}_p50_us"), p50);
                         r.add(name, target, rep, &format!("{metric}_p99_us"), p99);
                         r.add(name, target, rep, &format!("{metric}_p999_us"), p999);
+                        let trips = (cli.rr_count + warmup) as f64;
+                        add_cpu_per(r, name, target, rep, metric, direct, &cpu0, &cpu1, trips);
                         samples.entry((label, pinned)).or_default().extend(times);
                         format!("p50={p50:.1}us p99={p99:.1}us p99.9={p999:.1}us")
                     }
                     _ => {
                         let addr: SocketAddr = if direct { up.echo } else { tether.agent.api };
+                        let cpu0 = cpu_by_process(self_pid, &pids)?;
                         let c = load::crr(addr, cli.crr_secs);
+                        let cpu1 = cpu_by_process(self_pid, &pids)?;
+                        let made = (c.connections + c.errors) as f64;
+                        add_cpu_per(r, name, target, rep, metric, direct, &cpu0, &cpu1, made);
                         let cps = c.connections as f64 / c.secs;
                         r.add(name, target, rep, "crr_cps", cps);
                         r.add(name, target, rep, "crr_p50_us", c.p50_ns as f64 / 1000.0);
@@ -469,6 +477,48 @@ fn measure_path(
     let after = procs::usage_of(&pids)?;
     r.add(name, name, 0, "mem_after_rss_kb", after.rss_kb as f64);
     Ok(())
+}
+
+/// CPU seconds so far of the bench itself (the client and the upstream), the server and the
+/// agent.
+fn cpu_by_process(bench: u32, path: &[u32; 2]) -> Result<[f64; 3]> {
+    Ok([
+        procs::usage(bench)?.cpu_s,
+        procs::usage(path[0])?.cpu_s,
+        procs::usage(path[1])?.cpu_s,
+    ])
+}
+
+/// Records the CPU microseconds per operation (a round trip, a new connection) of each
+/// process between two readings: `{metric}_cpu_us_bench` (client and upstream, which direct
+/// pays too), and on the path `_server` and `_agent`. Where the path's extra microseconds go.
+#[allow(clippy::too_many_arguments)]
+fn add_cpu_per(
+    r: &mut report::Results,
+    name: &str,
+    target: &str,
+    rep: u32,
+    metric: &str,
+    direct: bool,
+    before: &[f64; 3],
+    after: &[f64; 3],
+    ops: f64,
+) {
+    if ops <= 0.0 {
+        return;
+    }
+    let per = |i: usize| (after[i] - before[i]) / ops * 1e6;
+    r.add(name, target, rep, &format!("{metric}_cpu_us_bench"), per(0));
+    if !direct {
+        r.add(
+            name,
+            target,
+            rep,
+            &format!("{metric}_cpu_us_server"),
+            per(1),
+        );
+        r.add(name, target, rep, &format!("{metric}_cpu_us_agent"), per(2));
+    }
 }
 
 /// Runs the peers harness for `paths` with settings matching this run's, and adds its rows.

@@ -359,6 +359,7 @@ impl Results {
         s.push_str(
             "\nCPU s per GB: bulk 1 stream / bulk 8 streams, both ends of the path together.\n",
         );
+        s.push_str(&self.cpu_per_operation(&paths));
         if !self.targets.is_empty() {
             s.push_str("\n### Targets\n\n| path | what | target | measured | met |\n|---|---|---|---|---|\n");
             for t in &self.targets {
@@ -403,6 +404,39 @@ impl Results {
             }
         }
         s
+    }
+
+    /// Where a round trip's and a new connection's microseconds go: CPU per operation of each
+    /// process (read from /proc before and after the run, so a rough figure: the clock ticks at
+    /// 100 Hz). In the pinned round trip all of them share one CPU, so their sum is close to the
+    /// round trip itself.
+    fn cpu_per_operation(&self, paths: &[String]) -> String {
+        let us = |p: &str, m: &str| self.get(p, m).map(|x| x.median);
+        let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let mut s = String::from(
+            "\n### CPU per operation (us)\n\n| path | pinned round trip: client and upstream | agent | server | all | new connection: client and upstream | agent | server | all |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        let mut any = false;
+        for p in paths {
+            let mut row = format!("| {p} ");
+            for op in ["rr1cpu", "crr"] {
+                let parts =
+                    ["bench", "agent", "server"].map(|who| us(p, &format!("{op}_cpu_us_{who}")));
+                any |= parts[0].is_some();
+                let all = parts[0].map(|b| b + parts[1].unwrap_or(0.0) + parts[2].unwrap_or(0.0));
+                for v in parts {
+                    row.push_str(&format!("| {} ", cell(v)));
+                }
+                row.push_str(&format!("| {} ", cell(all)));
+            }
+            row.push_str("|\n");
+            s.push_str(&row);
+        }
+        if any {
+            s
+        } else {
+            String::new()
+        }
     }
 
     /// Throughput per path (bars) above the round-trip latency distributions (unpinned and
