@@ -1291,8 +1291,36 @@ fn explained(faults: &[Fault], kinds: &[&str], from: f64, to: f64, slack: f64) -
         .map(|f| format!("{} {}", f.kind, f.target))
 }
 
+/// How soon after its server died or went silent a long-lived connection must be reset: the
+/// agent's idle timeout (~2.5 s), the trickle's pace (0.5 s) and room for a loaded machine.
+const RESET_BOUND: f64 = 6.0;
+
+/// Long-lived connections that a server's death or silence ended: (connection, seconds from
+/// the fault, or from the connection's start if later, to its reset).
+fn resets_after_death<'a>(rec: &'a Record) -> Vec<(&'a Outcome, f64)> {
+    let dying = ["kill -9 server", "drop packets to server"];
+    rec.outcomes
+        .iter()
+        .filter(|o| o.kind == "long" && o.failure.is_some() && !o.corrupt)
+        .filter_map(|o| {
+            let f = rec.faults.iter().find(|f| {
+                dying.contains(&f.kind) && f.start <= o.end && f.end + RESET_BOUND >= o.start
+            })?;
+            Some((o, o.end - f.start.max(o.start)))
+        })
+        .collect()
+}
+
 fn judge_run(rec: &Record, s: &Settings, close_wait: usize) -> Vec<String> {
     let mut v = Vec::new();
+    for (o, took) in resets_after_death(rec) {
+        if took > RESET_BOUND {
+            v.push(format!(
+                "long connection {:.1}-{:.1} s through agent-{} was reset {took:.1} s after its server died or went silent (bound {RESET_BOUND} s)",
+                o.start, o.end, o.agent
+            ));
+        }
+    }
     for o in &rec.outcomes {
         if o.corrupt {
             v.push(format!(
@@ -1397,6 +1425,16 @@ fn write_report(
             all.len(),
             all.len() - ok - corrupt,
             bytes >> 20
+        );
+    }
+    let resets: Vec<f64> = resets_after_death(rec).iter().map(|r| r.1).collect();
+    if !resets.is_empty() {
+        let max = resets.iter().copied().fold(0.0, f64::max);
+        let mean = resets.iter().sum::<f64>() / resets.len() as f64;
+        let _ = writeln!(
+            md,
+            "\nLong-lived connections on a server killed or cut off: {} reset, {mean:.1} s after the fault on average, {max:.1} s at most (bound {RESET_BOUND} s).",
+            resets.len()
         );
     }
     let _ = writeln!(md, "\n## Faults\n");
@@ -1860,6 +1898,41 @@ mod tests {
             judge_run(&rec, &s, 2).len() == 2,
             "corruption and CLOSE_WAIT"
         );
+    }
+
+    #[test]
+    fn a_long_connection_reset_late_after_its_server_died_fails_the_run() {
+        let s = Settings::new(Duration::from_secs(60), true, 1, PathBuf::new());
+        let long = |end: f64| Outcome {
+            kind: "long",
+            start: 1.0,
+            end,
+            bytes: 64,
+            failure: Some("read: connection reset".into()),
+            corrupt: false,
+            agent: 0,
+        };
+        let kill = Fault {
+            kind: "kill -9 server",
+            target: "server-0".into(),
+            start: 10.0,
+            end: 13.0,
+        };
+        // One connection that succeeded, so that the run as a whole is not refused for that.
+        let ok = judge("short", 1.0, 1.1, 0, b"abc", Ok(b"abc".to_vec()));
+        let prompt = Record {
+            outcomes: vec![ok.clone(), long(12.8)],
+            faults: vec![kill.clone()],
+            ..Default::default()
+        };
+        assert!(judge_run(&prompt, &s, 0).is_empty());
+        let late = Record {
+            outcomes: vec![ok, long(18.5)],
+            faults: vec![kill],
+            ..Default::default()
+        };
+        let v = judge_run(&late, &s, 0);
+        assert!(v.len() == 1 && v[0].contains("reset 8.5 s after"), "{v:?}");
     }
 
     #[test]
