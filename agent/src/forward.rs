@@ -18,6 +18,7 @@
 
 use crate::metrics::{Metrics, OpenFailure};
 use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_common::link::latency::HedgeBudget;
@@ -144,27 +145,53 @@ async fn forward(
     let mut may_hedge = true;
     let candidates = pool.candidates(settings.policy);
     let count = candidates.len();
-    let mut next = candidates.into_iter().enumerate().peekable();
+    let mut next: VecDeque<(usize, Arc<Link>)> = candidates.into_iter().enumerate().collect();
+    // Every link asked, and whether one failed as a tunnel (no answer, or lost) rather than
+    // with a server's refusal: then, once, a tunnel that came up since is tried too.
+    let mut tried: Vec<Arc<Link>> = Vec::new();
+    let mut tunnel_trouble = false;
+    let mut retried = false;
     let mut attempts: Vec<Attempt> = Vec::with_capacity(MAX_ATTEMPTS);
     let mut kept = BytesMut::new();
     let mut client_ended = false;
     let early = settings.early_data;
     let winner = loop {
+        if attempts.is_empty() && next.is_empty() && tunnel_trouble && !retried {
+            // Every tunnel asked failed as a tunnel: they died together (UDP blocked, the
+            // network changed) before the agent noticed. Their successors (a fallback to TCP,
+            // a reconnect) are moments away: wait for one, as a connection that finds no
+            // tunnel does, and try it.
+            retried = true;
+            let until = Instant::now() + settings.reconnect_grace;
+            if pool.wait_for_new_link(&tried, until).await {
+                metrics.connections_waited.inc();
+                let fresh = pool.candidates(settings.policy);
+                next.extend(
+                    fresh
+                        .into_iter()
+                        .filter(|l| !tried.iter().any(|t| Arc::ptr_eq(t, l)))
+                        .enumerate()
+                        .map(|(i, l)| (count + i, l)),
+                );
+            }
+        }
         if attempts.is_empty() {
-            let Some((place, link)) = next.next() else {
+            let Some((place, link)) = next.pop_front() else {
                 break None;
             };
-            let last = next.peek().is_none();
+            tried.push(link.clone());
+            let last = next.is_empty();
             // The only attempt: it may carry early bytes.
-            if let Some(a) = start(link, place, last, true, &kept, settings, metrics).await {
-                attempts.push(a);
+            match start(link, place, last, true, &kept, settings, metrics).await {
+                Some(a) => attempts.push(a),
+                None => tunnel_trouble = true,
             }
             continue;
         }
         // The newest attempt decides when to hedge; the oldest deadline when one expires.
         let newest = &attempts[attempts.len() - 1];
         let hedge_at =
-            (may_hedge && attempts.len() < MAX_ATTEMPTS && next.peek().is_some()).then(|| {
+            (may_hedge && attempts.len() < MAX_ATTEMPTS && !next.is_empty()).then(|| {
                 let rtt = newest.link.tunnel.rtt();
                 let wait = newest
                     .link
@@ -232,7 +259,8 @@ async fn forward(
                         (OpenFailure::TunnelLost, e.to_string())
                     }
                 };
-                failed(metrics, &a.link, why, &detail, next.peek().is_some());
+                tunnel_trouble |= why == OpenFailure::TunnelLost;
+                failed(metrics, &a.link, why, &detail, !next.is_empty());
                 promote(&mut attempts, &kept).await;
             }
             Event::Expired(i) => {
@@ -240,12 +268,13 @@ async fn forward(
                 a.stream.reset(code::RESET).await;
                 let waited = a.deadline.duration_since(a.started);
                 let detail = format!("no status within {waited:?}");
+                tunnel_trouble = true;
                 failed(
                     metrics,
                     &a.link,
                     OpenFailure::Timeout,
                     &detail,
-                    next.peek().is_some(),
+                    !next.is_empty(),
                 );
                 promote(&mut attempts, &kept).await;
             }
@@ -255,13 +284,14 @@ async fn forward(
                 may_hedge = false;
             }
             Event::Hedge => {
-                if let Some((place, link)) = next.next() {
+                if let Some((place, link)) = next.pop_front() {
                     metrics.hedges.inc();
-                    let last = next.peek().is_none();
+                    tried.push(link.clone());
+                    let last = next.is_empty();
                     debug!(server = %link.server, "no answer yet from the first choice: asking the next server too");
-                    if let Some(a) = start(link, place, last, false, &kept, settings, metrics).await
-                    {
-                        attempts.push(a);
+                    match start(link, place, last, false, &kept, settings, metrics).await {
+                        Some(a) => attempts.push(a),
+                        None => tunnel_trouble = true,
                     }
                 }
             }

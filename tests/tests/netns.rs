@@ -149,6 +149,14 @@ async fn a_silent_server_is_noticed_within_seconds() {
     check_traffic(&s.lab.node, 20, 100_000, 2);
     // Every packet between node and control plane now vanishes: no error, no reset, silence.
     s.lab.drop_udp(true);
+    // A connection made before the agent notices goes to the dead tunnel, which never
+    // answers; it is carried by the tunnel that succeeds it (TLS over TCP), not lost.
+    let unnoticed = s.lab.node.spawn(
+        "unnoticed",
+        &bin("tether-probe"),
+        &["check", "127.0.0.1:6443", "1", "10", "5"],
+        s.logs.path().join("unnoticed.log"),
+    );
     let noticed = wait_host("agent notices the silence", Duration::from_secs(10), || {
         !agent_ready(&s.lab.node)
     })
@@ -174,7 +182,18 @@ async fn a_silent_server_is_noticed_within_seconds() {
         "127.0.0.1:9090",
         "tether_connections_waited_total",
     );
-    assert!(waited.unwrap_or(0.0) >= 1.0, "{waited:?}");
+    assert!(waited.unwrap_or(0.0) >= 2.0, "{waited:?}");
+    wait_host(
+        "the unnoticed connection ends",
+        Duration::from_secs(15),
+        || unnoticed.log_text().contains("probe: passed="),
+    )
+    .await;
+    assert!(
+        unnoticed.log_text().contains("passed=1"),
+        "{}",
+        unnoticed.log_text()
+    );
     // The path heals: the agent reconnects by itself and traffic flows again.
     s.lab.drop_udp(false);
     wait_host("agent reconnects", Duration::from_secs(15), || {

@@ -210,19 +210,29 @@ pub fn best_first<T>(items: Vec<T>, policy: Policy, standing: impl Fn(&T) -> Sta
 #[derive(Debug)]
 pub struct Pool {
     links: Mutex<Vec<Arc<Link>>>,
-    /// Since when the pool has had no link (`None` while it has one), so that a new stream
-    /// can wait out a short gap between tunnels (see [`Pool::wait_for_link`]). Written under
+    /// What a stream waiting for a tunnel watches (see [`Pool::wait_for_link`]). Written under
     /// the `links` lock, so that it always agrees with it.
-    empty_since: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+    changes: tokio::sync::watch::Sender<Changes>,
+}
+
+/// How the pool changed: since when it has had no link (`None` while it has one), and how
+/// many links were ever added.
+#[derive(Debug, Clone, Copy)]
+struct Changes {
+    empty_since: Option<tokio::time::Instant>,
+    added: u64,
 }
 
 impl Default for Pool {
     fn default() -> Self {
         // A new pool counts as just emptied: the first tunnels are on their way.
-        let (empty_since, _) = tokio::sync::watch::channel(Some(tokio::time::Instant::now()));
+        let (changes, _) = tokio::sync::watch::channel(Changes {
+            empty_since: Some(tokio::time::Instant::now()),
+            added: 0,
+        });
         Pool {
             links: Mutex::new(Vec::new()),
-            empty_since,
+            changes,
         }
     }
 }
@@ -231,18 +241,47 @@ impl Pool {
     pub fn add(&self, link: Arc<Link>) {
         let mut links = self.lock();
         links.push(link);
-        self.empty_since.send_if_modified(|s| s.take().is_some());
+        self.changes.send_modify(|c| {
+            c.empty_since = None;
+            c.added += 1;
+        });
     }
 
     pub fn remove(&self, link: &Arc<Link>) {
         let mut links = self.lock();
         links.retain(|l| !Arc::ptr_eq(l, link));
         if links.is_empty() {
-            self.empty_since.send_if_modified(|s| {
-                let was = s.is_some();
-                s.get_or_insert_with(tokio::time::Instant::now);
+            self.changes.send_if_modified(|c| {
+                let was = c.empty_since.is_some();
+                c.empty_since.get_or_insert_with(tokio::time::Instant::now);
                 !was
             });
+        }
+    }
+
+    /// Waits until `until` for a link that is not one of `tried`; whether one is up. For a
+    /// stream whose every tunnel failed at once: their successors are usually moments away.
+    pub async fn wait_for_new_link(
+        &self,
+        tried: &[Arc<Link>],
+        until: tokio::time::Instant,
+    ) -> bool {
+        let fresh = || {
+            self.lock()
+                .iter()
+                .any(|l| !tried.iter().any(|t| Arc::ptr_eq(t, l)))
+        };
+        let mut changes = self.changes.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if fresh() {
+                return true;
+            }
+            tokio::select! {
+                // The sender lives as long as the pool, which the caller borrows.
+                changed = changes.changed() => if changed.is_err() { return fresh() },
+                _ = tokio::time::sleep_until(until) => return fresh(),
+            }
         }
     }
 
@@ -251,9 +290,9 @@ impl Pool {
     /// the next (a fallback from QUIC to TCP, the last server restarting) instead of failing,
     /// and once the pool has been empty for `grace` it fails at once, without waiting.
     pub async fn wait_for_link(&self, grace: std::time::Duration) -> bool {
-        let mut changes = self.empty_since.subscribe();
+        let mut changes = self.changes.subscribe();
         loop {
-            let Some(since) = *changes.borrow_and_update() else {
+            let Some(since) = changes.borrow_and_update().empty_since else {
                 return true;
             };
             let until = since + grace;
