@@ -1297,7 +1297,7 @@ const RESET_BOUND: f64 = 6.0;
 
 /// Long-lived connections that a server's death or silence ended: (connection, seconds from
 /// the fault, or from the connection's start if later, to its reset).
-fn resets_after_death<'a>(rec: &'a Record) -> Vec<(&'a Outcome, f64)> {
+fn resets_after_death(rec: &Record) -> Vec<(&Outcome, f64)> {
     let dying = ["kill -9 server", "drop packets to server"];
     rec.outcomes
         .iter()
