@@ -313,6 +313,9 @@ async fn forward(
             }
         }
     };
+    // The links asked and not used stay out of the connection's life: a dead one's tunnel
+    // must not be kept alive by a long stream on another.
+    drop((tried, next));
     let Some(mut a) = winner else {
         if count == 0 {
             metrics.open_failed(OpenFailure::NoTunnel);
