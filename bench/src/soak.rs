@@ -1296,17 +1296,22 @@ fn explained(faults: &[Fault], kinds: &[&str], from: f64, to: f64, slack: f64) -
 const RESET_BOUND: f64 = 6.0;
 
 /// Long-lived connections that a server's death or silence ended: (connection, seconds from
-/// the fault, or from the connection's start if later, to its reset).
+/// the fault, or from the connection's start if later, to its reset). The fault is the last
+/// to begin before the connection ended, and only if it was a death or a silence: a watch
+/// outlives many faults, and only the last can have ended it.
 fn resets_after_death(rec: &Record) -> Vec<(&Outcome, f64)> {
     let dying = ["kill -9 server", "drop packets to server"];
     rec.outcomes
         .iter()
         .filter(|o| o.kind == "long" && o.failure.is_some() && !o.corrupt)
         .filter_map(|o| {
-            let f = rec.faults.iter().find(|f| {
-                dying.contains(&f.kind) && f.start <= o.end && f.end + RESET_BOUND >= o.start
-            })?;
-            Some((o, o.end - f.start.max(o.start)))
+            let f = rec
+                .faults
+                .iter()
+                .filter(|f| f.start <= o.end)
+                .max_by(|a, b| a.start.total_cmp(&b.start))?;
+            let related = dying.contains(&f.kind) && f.end + RESET_BOUND >= o.start;
+            related.then(|| (o, o.end - f.start.max(o.start)))
         })
         .collect()
 }
@@ -1927,12 +1932,25 @@ mod tests {
         };
         assert!(judge_run(&prompt, &s, 0).is_empty());
         let late = Record {
-            outcomes: vec![ok, long(18.5)],
-            faults: vec![kill],
+            outcomes: vec![ok.clone(), long(18.5)],
+            faults: vec![kill.clone()],
             ..Default::default()
         };
         let v = judge_run(&late, &s, 0);
         assert!(v.len() == 1 && v[0].contains("reset 8.5 s after"), "{v:?}");
+        // A watch that outlived a kill on another server and ended with a later one: judged
+        // by the later kill only.
+        let later = Fault {
+            start: 40.0,
+            end: 43.0,
+            ..kill.clone()
+        };
+        let outlived = Record {
+            outcomes: vec![ok, long(42.0)],
+            faults: vec![kill, later],
+            ..Default::default()
+        };
+        assert!(judge_run(&outlived, &s, 0).is_empty());
     }
 
     #[test]
