@@ -1,12 +1,22 @@
-"""CPU seconds per GB by kind of work, from a whole-system profile of a bulk run.
+"""Where the CPU goes, by kind of work, from a whole-system profile.
 
-usage: kinds.py FOLDED GBIT_PER_S SECONDS  (folded stacks from inferno-collapse-perf; the
-rate the bench reported; the seconds perf recorded). Each sample goes to the first kind its
-stack matches from the leaf up; samples taken with interrupts off land on the spin unlock that
-ends them and go to their caller's kind. The machine's CPU count comes from os.cpu_count().
+usage: kinds.py FOLDED GBIT_PER_S SECONDS
+       kinds.py FOLDED --per-op CLIENT_US AGENT_US SERVER_US
+
+(folded stacks from inferno-collapse-perf.) The first form, for a bulk run: CPU seconds per GB,
+from the rate the bench reported and the seconds perf recorded; the machine's CPU count comes
+from os.cpu_count(). The second, for round trips and new connections: each process's share of
+its own samples by kind, times the CPU microseconds per operation the bench measured for it
+(its table "CPU per operation"), so the kinds add up to the measured figure.
+
+Each sample goes to the first kind its stack matches from the leaf up; samples taken with
+interrupts off land on the spin unlock that ends them and go to their caller's kind.
 """
 import sys, collections, re, os
-f=sys.argv[1]; gbit=float(sys.argv[2]); secs=float(sys.argv[3]); ncpu=os.cpu_count() or 1
+f=sys.argv[1]; per_op=len(sys.argv)>2 and sys.argv[2]=='--per-op'
+if not per_op:
+    gbit=float(sys.argv[2]); secs=float(sys.argv[3])
+ncpu=os.cpu_count() or 1
 rules=[
  ('idle', r'pv_native_safe_halt|cpuidle|do_idle'),
  ('crypto (AES-GCM)', r'aesni|ghash|gcm_|aes_hw|ring_core.*(aes|gcm)|ChaCha|aws_lc'),
@@ -39,10 +49,23 @@ for line in open(f):
     elif c.startswith('swapper'): c='idle'
     else: c='bench and other'
     bycomm[c][kind(fr)]+=n
+kinds=[k for k,_ in rules]+['other']
+if per_op:
+    us={'bench and other':float(sys.argv[3]),'agent':float(sys.argv[4]),'server':float(sys.argv[5])}
+    print("| kind | client and upstream us | agent us | server us | all |"); print("|---|---|---|---|---|")
+    col={c:sum(n for k,n in bycomm[c].items() if k!='idle') or 1 for c in us}
+    tot=collections.Counter()
+    for k in kinds:
+        if k=='idle': continue
+        v=[bycomm[c][k]/col[c]*us[c] for c in ('bench and other','agent','server')]
+        for c,x in zip(('bench and other','agent','server'),v): tot[c]+=x
+        if sum(v)>=0.05: print(f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {sum(v):.1f} |")
+    t=[tot[c] for c in ('bench and other','agent','server')]
+    print(f"| **all** | **{t[0]:.1f}** | **{t[1]:.1f}** | **{t[2]:.1f}** | **{sum(t):.1f}** |")
+    sys.exit(0)
 gb=gbit*secs/8
 cpu_s=ncpu*secs
 print(f"samples over {cpu_s} CPU-s, {gb:.2f} GB moved")
-kinds=[k for k,_ in rules]+['other']
 print("| kind | agent s/GB | server s/GB | both |"); print("|---|---|---|---|")
 ta=ts=0
 for k in kinds:
