@@ -555,6 +555,61 @@ async fn a_renewal_moves_tunnels_to_the_new_certificate_before_the_old_expires()
     server.shutdown().await;
 }
 
+/// A reverse stream (a `kubectl exec` or `logs -f`) open on a tunnel that a renewal leaves for
+/// a new one runs on to its end: the old tunnel stays up while it does. Before, the old tunnel
+/// closed as soon as its forward streams ended, and cut the reverse ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reverse_stream_outlives_the_renewal_that_moves_its_tunnel() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let target = Echo::start().await;
+    let mut sc = server_config(&pki, echo.addr);
+    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = tether_server::start(sc).await.unwrap();
+    let proxy = server.egress_addr.unwrap();
+    // Due for renewal in about two seconds, expiring in 20 s.
+    let short = pki.agent_cert("mover", -34, 20);
+    let d = TempDir::new("rotate-reverse");
+    let mut ac = agent_with_cert(&pki, &short, &d, server.local_addr);
+    ac.allow_ports = vec![target.addr.port()];
+    let agent = tether_agent::start(ac).await.unwrap();
+    wait_for("tunnel", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 1
+    })
+    .await;
+    let mut held = connect_proxy(proxy, &format!("mover:{}", target.addr.port()))
+        .await
+        .unwrap();
+    let mut back = [0u8; 5];
+    held.write_all(b"first").await.unwrap();
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(
+        agent.metrics().links.connects.get(),
+        1,
+        "renewed too early to tell"
+    );
+    wait_for("renewed and moved", Duration::from_secs(10), || async {
+        agent.metrics().links.connects.get() == 2
+    })
+    .await;
+    // Long enough for the old tunnel to be closed had the stream not counted (it is looked
+    // at every 200 ms).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    held.write_all(b"again").await.unwrap();
+    within(
+        "the echo after the move",
+        Duration::from_secs(5),
+        held.read_exact(&mut back),
+    )
+    .await
+    .expect("the reverse stream survived the move");
+    assert_eq!(&back, b"again");
+    drop(held);
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_bite_with_a_metric() {
     init_logging();

@@ -457,19 +457,7 @@ async fn serve(
             debug!(kind = d.kind, server = %target.label, error = %e, "cannot send after welcome");
         }
     }
-    let incoming = async {
-        loop {
-            match tunnel.accept_stream().await {
-                Ok(mut s) => match &d.on_stream {
-                    Some(hook) => {
-                        tokio::spawn(hook(s));
-                    }
-                    None => s.reset(code::PROTOCOL).await,
-                },
-                Err(e) => return e.to_string(),
-            }
-        }
-    };
+    let incoming = accept_incoming(&link, d.on_stream.as_ref());
     let upgrade = async {
         if d.transport != TransportChoice::Auto || tunnel.kind() != TransportKind::Tcp {
             return std::future::pending().await;
@@ -527,9 +515,18 @@ async fn serve(
         info!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
             "moving to a new tunnel; open streams finish on the old one");
         let old = link.clone();
+        let hook = d.on_stream.clone();
         tokio::spawn(async move {
-            while old.streams() > 0 && old.tunnel.close_reason().is_none() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            // The server may still open a reverse stream here before it learns of the new
+            // tunnel: it is served, and counted, like the ones already open.
+            let drained = async {
+                while old.streams() > 0 && old.tunnel.close_reason().is_none() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            };
+            tokio::select! {
+                _ = drained => {}
+                _ = accept_incoming(&old, hook.as_ref()) => {}
             }
             old.tunnel.close(code::OK, "moved to a new tunnel");
         });
@@ -543,6 +540,29 @@ async fn serve(
             "tunnel down");
     }
     None
+}
+
+/// Serves the streams the server opens on the link's tunnel (the reverse path) with `hook`,
+/// each counted among the link's streams while it runs, so that a tunnel being left for a
+/// new one stays up until they end (a `kubectl exec` is not cut by a renewal); returns why
+/// accepting stopped.
+async fn accept_incoming(link: &Arc<Link>, hook: Option<&StreamHook>) -> String {
+    loop {
+        match link.tunnel.accept_stream().await {
+            Ok(mut s) => match hook {
+                Some(hook) => {
+                    let guard = link.stream_guard();
+                    let served = hook(s);
+                    tokio::spawn(async move {
+                        served.await;
+                        drop(guard);
+                    });
+                }
+                None => s.reset(code::PROTOCOL).await,
+            },
+            Err(e) => return e.to_string(),
+        }
+    }
 }
 
 /// Sends what the link's outbox has, as it comes; returns why it stopped (never, without one).
