@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_common::link::latency::HedgeBudget;
-use tether_common::link::pool::{Link, Policy, Pool};
+use tether_common::link::pool::{Link, Policy, Pool, StreamGuard};
 use tether_common::process::shutdown::ShutdownSignal;
 use tether_common::process::telemetry::GaugeGuard;
 use tether_common::relay::{self, Outcome};
@@ -115,6 +115,10 @@ struct Attempt {
     sent: usize,
     /// Whether early bytes go to it as they arrive (it is the only live attempt, or was).
     eager: bool,
+    /// Counts the stream on its link from the open on, through the relay for the winner: a
+    /// tunnel being left for a new one (a renewal, a move to QUIC) is closed only when its
+    /// count is zero, so it must not be while an open waits on it.
+    _counted: StreamGuard,
 }
 
 /// What happened while waiting for verdicts.
@@ -345,7 +349,6 @@ async fn forward(
     if a.place > 0 {
         metrics.failovers.inc();
     }
-    let _guard = a.link.stream_guard();
     let _open = GaugeGuard::new(&metrics.shared.streams_open);
     metrics.shared.streams_total.inc();
     // A client that half-closed before the verdict reads as ended again: the relay finishes
@@ -374,6 +377,7 @@ async fn start(
         settings.stream_open_timeout
     };
     let started = Instant::now();
+    let counted = link.stream_guard();
     let header = Message::Open {
         version: PROTOCOL_VERSION,
         target: Target::Service(settings.service.clone()),
@@ -393,6 +397,7 @@ async fn start(
             // Before the verdict, only to a server that relays what follows an `Open`.
             let eager = eager && link.has(capability::EARLY_DATA);
             let mut a = Attempt {
+                _counted: counted,
                 link,
                 place,
                 stream,
