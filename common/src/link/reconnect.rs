@@ -337,6 +337,9 @@ async fn dial(
     d: &Dialer,
     choice: TransportChoice,
 ) -> Result<Established, DialError> {
+    // Read before the dial reads the configuration, so that a renewal during the dial shows
+    // as a newer generation than the tunnel's (and the tunnel moves), never the reverse.
+    let identity = *d.identity.0.borrow();
     let tunnel = connect(target, d, choice).await?;
     let welcomed = match hello(&tunnel, d).await {
         Ok(v) => v,
@@ -353,7 +356,11 @@ async fn dial(
         tunnel.close(code::OK, "duplicate tunnel");
         return Err(DialError::Duplicate(welcomed.server_id));
     }
-    Ok(Established { tunnel, welcomed })
+    Ok(Established {
+        tunnel,
+        welcomed,
+        identity,
+    })
 }
 
 /// Resolves `label` (`host:port`; a DNS name counts for every address) into dial targets.
@@ -425,6 +432,8 @@ struct Welcomed {
 struct Established {
     tunnel: Tunnel,
     welcomed: Welcomed,
+    /// The identity generation the tunnel was dialed with.
+    identity: u64,
 }
 
 /// Serves a connected tunnel until it closes or the process stops; returns a QUIC tunnel that
@@ -435,7 +444,11 @@ async fn serve(
     d: &Dialer,
     stop: &mut ShutdownSignal,
 ) -> Option<Established> {
-    let Established { tunnel, welcomed } = established;
+    let Established {
+        tunnel,
+        welcomed,
+        identity: dialed_with,
+    } = established;
     let mut control = welcomed.control;
     let link = Arc::new(
         Link::new(
@@ -478,7 +491,10 @@ async fn serve(
         TransportKind::Tcp => TransportChoice::Tcp,
     };
     let rotate = async {
-        if identity.changed().await.is_err() {
+        // A renewal that came while this tunnel was being dialed counts too: without this,
+        // the tunnel kept the old key until the next renewal, when the server, which keeps
+        // only the previous key, closed it with its streams (the hour-long soak saw it).
+        if *identity.borrow_and_update() == dialed_with && identity.changed().await.is_err() {
             return std::future::pending().await;
         }
         loop {
