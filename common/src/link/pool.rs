@@ -210,29 +210,19 @@ pub fn best_first<T>(items: Vec<T>, policy: Policy, standing: impl Fn(&T) -> Sta
 #[derive(Debug)]
 pub struct Pool {
     links: Mutex<Vec<Arc<Link>>>,
-    /// What a stream waiting for a tunnel watches (see [`Pool::wait_for_link`]). Written under
-    /// the `links` lock, so that it always agrees with it.
-    changes: tokio::sync::watch::Sender<Changes>,
-}
-
-/// How the pool changed: since when it has had no link (`None` while it has one), and how
-/// many links were ever added.
-#[derive(Debug, Clone, Copy)]
-struct Changes {
-    empty_since: Option<tokio::time::Instant>,
-    added: u64,
+    /// Since when the pool has had no link (`None` while it has one); every change of the
+    /// links notifies, so that a stream waiting for a tunnel (see [`Pool::wait_for_link`])
+    /// looks again. Written under the `links` lock, so that it always agrees with it.
+    empty_since: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl Default for Pool {
     fn default() -> Self {
         // A new pool counts as just emptied: the first tunnels are on their way.
-        let (changes, _) = tokio::sync::watch::channel(Changes {
-            empty_since: Some(tokio::time::Instant::now()),
-            added: 0,
-        });
+        let (empty_since, _) = tokio::sync::watch::channel(Some(tokio::time::Instant::now()));
         Pool {
             links: Mutex::new(Vec::new()),
-            changes,
+            empty_since,
         }
     }
 }
@@ -241,19 +231,17 @@ impl Pool {
     pub fn add(&self, link: Arc<Link>) {
         let mut links = self.lock();
         links.push(link);
-        self.changes.send_modify(|c| {
-            c.empty_since = None;
-            c.added += 1;
-        });
+        // Notifies even when the pool was not empty: a stream may wait for a new link.
+        self.empty_since.send_modify(|since| *since = None);
     }
 
     pub fn remove(&self, link: &Arc<Link>) {
         let mut links = self.lock();
         links.retain(|l| !Arc::ptr_eq(l, link));
         if links.is_empty() {
-            self.changes.send_if_modified(|c| {
-                let was = c.empty_since.is_some();
-                c.empty_since.get_or_insert_with(tokio::time::Instant::now);
+            self.empty_since.send_if_modified(|since| {
+                let was = since.is_some();
+                since.get_or_insert_with(tokio::time::Instant::now);
                 !was
             });
         }
@@ -271,7 +259,7 @@ impl Pool {
                 .iter()
                 .any(|l| !tried.iter().any(|t| Arc::ptr_eq(t, l)))
         };
-        let mut changes = self.changes.subscribe();
+        let mut changes = self.empty_since.subscribe();
         loop {
             changes.borrow_and_update();
             if fresh() {
@@ -290,9 +278,9 @@ impl Pool {
     /// the next (a fallback from QUIC to TCP, the last server restarting) instead of failing,
     /// and once the pool has been empty for `grace` it fails at once, without waiting.
     pub async fn wait_for_link(&self, grace: std::time::Duration) -> bool {
-        let mut changes = self.changes.subscribe();
+        let mut changes = self.empty_since.subscribe();
         loop {
-            let Some(since) = changes.borrow_and_update().empty_since else {
+            let Some(since) = *changes.borrow_and_update() else {
                 return true;
             };
             let until = since + grace;
