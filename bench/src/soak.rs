@@ -821,7 +821,7 @@ fn fault_loop(run: Arc<Run>) {
     ];
     if run.settings.netns {
         kinds.extend(["drop packets to server", "block UDP"]);
-        if has_conntrack() {
+        if runs("conntrack", &["-V"]) {
             kinds.push("rebind NAT");
         }
     }
@@ -882,9 +882,10 @@ fn forget_udp_flows() -> Result<()> {
     Ok(())
 }
 
-fn has_conntrack() -> bool {
-    std::process::Command::new("conntrack")
-        .arg("-V")
+/// Whether `cmd args` runs and succeeds (its output discarded): is a tool here?
+fn runs(cmd: &str, args: &[&str]) -> bool {
+    std::process::Command::new(cmd)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -936,14 +937,6 @@ fn in_namespace() -> bool {
 
 /// Whether a soak can make a network namespace of its own: root, `ip` and `iptables`.
 pub fn can_make_namespace() -> bool {
-    let ok = |cmd: &str, args: &[&str]| {
-        std::process::Command::new(cmd)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -952,7 +945,7 @@ pub fn can_make_namespace() -> bool {
                 .map(|l| l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false);
-    root && ok("ip", &["netns", "list"]) && ok("iptables", &["-V"])
+    root && runs("ip", &["netns", "list"]) && runs("iptables", &["-V"])
 }
 
 /// Runs this same command inside a new network namespace (its own loopback and firewall, so
