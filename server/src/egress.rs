@@ -12,7 +12,7 @@ use crate::registry::Route;
 use crate::state::State;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tether_common::endpoint::http;
 use tether_common::link::pool::Policy;
 use tether_common::open::{self, answer, OpenError};
@@ -33,6 +33,9 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// Most egress connections one client address holds at once (the apiserver opens one per
 /// `exec`, `logs` or `port-forward`, so this is generous; it keeps one client from taking all).
 pub const MAX_PER_CLIENT: usize = MAX_CONNECTIONS / 4;
+/// How long a CONNECT waits for a node that is gone from here for a moment (see [`route`]): the
+/// agent's own `--reconnect-grace`.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(3);
 /// Time to write an answer (an error, or `200 Connection established`): a client that never
 /// reads it gives its slot back after this.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,44 +83,85 @@ fn http_refusal(e: OpenError) -> Refusal {
     }
 }
 
-/// Reaches `host:port` through a local tunnel of the node (newest first).
-pub async fn route_local(state: &State, req: &ConnectRequest) -> Result<Stream, Refusal> {
+/// Why a route found no stream: the answer to give, and whether it is the node's absence (no
+/// tunnel here or at a peer, or every tunnel failed as a tunnel) rather than an agent's or a
+/// peer's verdict. Only an absence is worth waiting out.
+#[derive(Debug)]
+pub struct Miss {
+    pub refusal: Refusal,
+    pub absent: bool,
+}
+
+impl Miss {
+    fn verdict(refusal: Refusal) -> Self {
+        Miss {
+            refusal,
+            absent: false,
+        }
+    }
+}
+
+/// Reaches `host:port` through a local tunnel of the node (newest first), skipping those in
+/// `tried`; each tunnel that fails as a tunnel is added there.
+pub async fn route_local(
+    state: &State,
+    req: &ConnectRequest,
+    tried: &mut Vec<usize>,
+) -> Result<Stream, Miss> {
     let tunnels = match state.registry.find(&req.host) {
         Route::Node(_, tunnels) => tunnels,
         Route::Unknown => {
-            return Err((
-                404,
-                format!("node {} is not connected to this server", req.host),
-            ))
+            return Err(Miss {
+                refusal: (
+                    404,
+                    format!("node {} is not connected to this server", req.host),
+                ),
+                absent: true,
+            })
         }
         Route::Contested(nodes) => {
-            return Err((
+            return Err(Miss::verdict((
                 409,
                 format!(
                     "address {} is claimed by more than one node ({}); reach the node by its name",
                     req.host,
                     nodes.join(", ")
                 ),
-            ))
+            )))
         }
     };
     let mut last = (502, String::from("no tunnel answered"));
     for entry in tunnels {
+        if tried.contains(&entry.tunnel.id()) {
+            continue;
+        }
         match ask(&entry.tunnel, req, 0).await {
             Ok(s) => return Ok(s),
             // That tunnel failed: the node's next one may work.
-            Err(e @ OpenError::Tunnel(_)) => last = http_refusal(e),
+            Err(e @ OpenError::Tunnel(_)) => {
+                tried.push(entry.tunnel.id());
+                last = http_refusal(e);
+            }
             // The agent answered (or let the time run out): its verdict stands.
-            Err(e) => return Err(http_refusal(e)),
+            Err(e) => return Err(Miss::verdict(http_refusal(e))),
         }
     }
-    Err(last)
+    Err(Miss {
+        refusal: last,
+        absent: true,
+    })
 }
 
 /// Reaches `host:port` through this server's tunnels, else through a peer that has the node.
-pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusal> {
-    match route_local(state, req).await {
-        Err((404, _)) => {}
+async fn route_once(
+    state: &State,
+    req: &ConnectRequest,
+    tried: &mut Vec<usize>,
+) -> Result<Stream, Miss> {
+    match route_local(state, req, tried).await {
+        Err(Miss {
+            refusal: (404, _), ..
+        }) => {}
         other => return other,
     }
     for link in state.peers.candidates(Policy::LeastStreams) {
@@ -132,13 +176,58 @@ pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusa
                 ..
             })
             | Err(OpenError::Tunnel(_)) => continue,
-            Err(e) => return Err(http_refusal(e)),
+            Err(e) => return Err(Miss::verdict(http_refusal(e))),
         }
     }
-    Err((
-        404,
-        format!("node {} is not connected to any server", req.host),
-    ))
+    Err(Miss {
+        refusal: (
+            404,
+            format!("node {} is not connected to any server", req.host),
+        ),
+        absent: true,
+    })
+}
+
+/// Reaches `host:port` through this server's tunnels, else through a peer that has the node;
+/// when the node is gone from here for a moment, through its next tunnel.
+///
+/// A node is gone for a moment when its tunnels here died under the request (its network
+/// changed, UDP was blocked: the agent falls back to TCP or redials within a second or two), or
+/// when it lost its last tunnel here less than [`RECONNECT_GRACE`] ago (its agent restarting,
+/// or moving to a renewed certificate). kubectl's `exec`, `logs` and `port-forward` do not
+/// retry, so the request waits for the node's return, as the agent's own connections do
+/// (`--reconnect-grace`), and then goes through. A node that never connected, or left longer
+/// ago, is answered at once.
+pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusal> {
+    let mut tried = Vec::new();
+    let miss = match route_once(state, req, &mut tried).await {
+        Ok(s) => return Ok(s),
+        Err(miss) if !miss.absent => return Err(miss.refusal),
+        Err(miss) => miss,
+    };
+    let since = if tried.is_empty() {
+        state.registry.left_at(&req.host)
+    } else {
+        Some(Instant::now())
+    };
+    let Some(until) = since
+        .map(|t| t + RECONNECT_GRACE)
+        .filter(|u| *u > Instant::now())
+    else {
+        return Err(miss.refusal);
+    };
+    state.metrics.egress_waited.inc();
+    debug!(node = %req.host, "egress: the node is gone from here for now; waiting for its next tunnel");
+    if !state
+        .registry
+        .wait_for_tunnel(&req.host, &tried, until)
+        .await
+    {
+        return Err(miss.refusal);
+    }
+    route_once(state, req, &mut tried)
+        .await
+        .map_err(|m| m.refusal)
 }
 
 /// Serves one egress client.
@@ -188,14 +277,18 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str
 /// A stream from a peer asking for a node connected here: local tunnels only (one hop).
 pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, state: &State) {
     let req = ConnectRequest { host, port };
-    match route_local(state, &req).await {
+    // The asking server waits for a node that is gone for a moment; its peers answer at once.
+    match route_local(state, &req, &mut Vec::new()).await {
         Ok(target) => {
             if answer(&mut stream, StatusCode::Ok, "").await.is_ok() {
                 let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
                 relay::splice(stream, target, &[&state.metrics.shared.bytes]).await;
             }
         }
-        Err((http, message)) => {
+        Err(Miss {
+            refusal: (http, message),
+            ..
+        }) => {
             let code = match http {
                 403 | 409 => StatusCode::RefusedByPolicy,
                 404 => StatusCode::NoRoute,

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub cert_reloads: Counter,
     pub limit_hits: CounterFamily<Limit>,
     pub egress_streams: Counter,
+    /// CONNECT requests that waited for a node gone from here for a moment.
+    pub egress_waited: Counter,
     /// Address claims that collided with another node's claim.
     pub address_conflicts: Counter,
     pub egress_failures: CounterFamily<EgressCode>,
@@ -236,6 +238,11 @@ impl Metrics {
             "tether_egress_streams_total",
             "CONNECT requests of the control plane relayed to a node.",
             self.egress_streams.get(),
+        );
+        e.counter(
+            "tether_egress_waited_total",
+            "CONNECT requests that waited for their node's next tunnel (its tunnels here had just died or closed).",
+            self.egress_waited.get(),
         );
         e.family(
             "tether_egress_failures_total",

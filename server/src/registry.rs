@@ -10,9 +10,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tether_common::transport::Tunnel;
 use tether_proto::capability::Capabilities;
+use tokio::sync::watch;
 
 /// What the registry needs of a tunnel: to tell it apart and to close it. The registry's rules
 /// (who an address leads to, what is contested) are thus tested without a network.
@@ -63,17 +64,28 @@ pub enum Route<T = Tunnel> {
     Contested(Vec<String>),
 }
 
+/// How long a node that lost its last tunnel here is remembered ([`Registry::left_at`]): longer
+/// than any wait for its return.
+const LEFT_KEPT: Duration = Duration::from_secs(30);
+
 /// Connected nodes by name. A node may hold several tunnels (a restart overlapping the old
 /// connection's timeout, or several NAT paths).
 #[derive(Debug)]
 pub struct Registry<T = Tunnel> {
     nodes: Mutex<HashMap<String, Vec<Entry<T>>>>,
+    /// Nodes that lost their last tunnel here in the last [`LEFT_KEPT`]: when, and the
+    /// addresses they had claimed. Bounded by the nodes whose certificates connected.
+    left: Mutex<HashMap<String, (Instant, Vec<String>)>>,
+    /// Bumped on every tunnel added, for those who wait for a node's return.
+    added: watch::Sender<u64>,
 }
 
 impl<T> Default for Registry<T> {
     fn default() -> Self {
         Registry {
             nodes: Mutex::default(),
+            left: Mutex::default(),
+            added: watch::channel(0).0,
         }
     }
 }
@@ -82,14 +94,66 @@ impl<T: TunnelRef> Registry<T> {
     pub fn add(&self, node: &str, entry: Entry<T>) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes.entry(node.to_string()).or_default().push(entry);
+        drop(nodes);
+        self.added.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub fn remove(&self, node: &str, tunnel_id: usize) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = nodes.get_mut(node) {
-            list.retain(|e| e.tunnel.id() != tunnel_id);
-            if list.is_empty() {
-                nodes.remove(node);
+        let Some(list) = nodes.get_mut(node) else {
+            return;
+        };
+        let addresses: Vec<String> = list
+            .iter()
+            .filter(|e| e.tunnel.id() == tunnel_id)
+            .flat_map(|e| e.addresses.iter().cloned())
+            .collect();
+        list.retain(|e| e.tunnel.id() != tunnel_id);
+        if list.is_empty() {
+            nodes.remove(node);
+            drop(nodes);
+            let now = Instant::now();
+            let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+            left.retain(|_, (at, _)| now.duration_since(*at) < LEFT_KEPT);
+            left.insert(node.to_string(), (now, addresses));
+        }
+    }
+
+    /// When the node `host` names (by name, or by an address it had claimed) lost its last
+    /// tunnel here, if it has none now and that was less than [`LEFT_KEPT`] ago.
+    pub fn left_at(&self, host: &str) -> Option<Instant> {
+        if !matches!(self.find(host), Route::Unknown) {
+            return None;
+        }
+        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let recent = |at: &Instant| now.duration_since(*at) < LEFT_KEPT;
+        if let Some((at, _)) = left.get(host).filter(|(at, _)| recent(at)) {
+            return Some(*at);
+        }
+        // By address: only when exactly one node that left had claimed it.
+        let mut claimants = left
+            .values()
+            .filter(|(at, addrs)| recent(at) && addrs.iter().any(|a| a == host));
+        match (claimants.next(), claimants.next()) {
+            (Some((at, _)), None) => Some(*at),
+            _ => None,
+        }
+    }
+
+    /// Waits until `host` leads to a tunnel here that is not in `tried`, or `until` passes.
+    pub async fn wait_for_tunnel(&self, host: &str, tried: &[usize], until: Instant) -> bool {
+        // Subscribed before looking, so that a tunnel added in between is not missed.
+        let mut added = self.added.subscribe();
+        loop {
+            if let Route::Node(_, tunnels) = self.find(host) {
+                if tunnels.iter().any(|e| !tried.contains(&e.tunnel.id())) {
+                    return true;
+                }
+            }
+            match tokio::time::timeout_at(until.into(), added.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return false,
             }
         }
     }
@@ -343,6 +407,48 @@ mod tests {
         r.add("node-b", entry(2, 10, &closed));
         r.set_addresses("edge-1", 1, vec!["node-b".into()]);
         assert_eq!(node_of(r.find("node-b")), Some(("node-b".into(), vec![2])));
+    }
+
+    #[test]
+    fn a_node_that_left_is_remembered_by_name_and_by_its_one_claim() {
+        let closed = Arc::default();
+        let r: Registry<Fake> = Registry::default();
+        r.add("a", entry(1, 5, &closed));
+        r.add("a", entry(2, 1, &closed));
+        r.set_addresses("a", 2, vec!["10.0.0.1".into(), "10.0.0.9".into()]);
+        r.add("b", entry(3, 1, &closed));
+        r.set_addresses("b", 3, vec!["10.0.0.9".into()]);
+        r.remove("a", 1);
+        assert!(r.left_at("a").is_none(), "one tunnel left: still here");
+        r.remove("a", 2);
+        assert!(r.left_at("a").is_some());
+        assert!(r.left_at("10.0.0.1").is_some(), "by the address it claimed");
+        assert!(r.left_at("10.0.0.9").is_none(), "another node still has it");
+        assert!(r.left_at("c").is_none(), "never here");
+        r.add("a", entry(4, 0, &closed));
+        assert!(r.left_at("a").is_none(), "back");
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_a_node_ends_when_it_has_a_tunnel_not_yet_tried() {
+        let closed = Arc::default();
+        let r: Arc<Registry<Fake>> = Arc::default();
+        r.add("a", entry(1, 5, &closed));
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert!(
+            !r.wait_for_tunnel("a", &[1], soon).await,
+            "only the tried one"
+        );
+        let waiter = {
+            let r = r.clone();
+            tokio::spawn(async move {
+                let until = Instant::now() + Duration::from_secs(10);
+                r.wait_for_tunnel("a", &[1], until).await
+            })
+        };
+        r.add("b", entry(2, 0, &closed));
+        r.add("a", entry(3, 0, &closed));
+        assert!(waiter.await.unwrap());
     }
 
     #[test]

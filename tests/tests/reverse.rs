@@ -206,3 +206,62 @@ async fn the_egress_proxy_serves_a_unix_socket() {
     agent.shutdown().await;
     server.shutdown().await;
 }
+
+/// `kubectl exec` or `logs` made while its node's agent restarts (or its tunnels die with the
+/// network and it reconnects) waits for the node's next tunnel, within 3 s, and goes through;
+/// a node that never connected is answered at once, and one that does not come back within
+/// the grace is answered 404 when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_made_while_its_node_reconnects_waits_for_it() {
+    init_logging();
+    let pki = Pki::new();
+    let (_e1, _e2, port) = node_echo().await;
+    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = tether_server::start(sc).await.unwrap();
+    let proxy = server.egress_addr.unwrap();
+    let mut ac = agent_config(&pki, "edge-1", &[server.local_addr]);
+    ac.allow_ports = vec![port];
+    ac.state_dir = None;
+    let agent = tether_agent::start(ac.clone()).await.unwrap();
+    wait_for("tunnel", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 1
+    })
+    .await;
+
+    // A node that was never here: 404 at once, no wait.
+    let (code, _, _) = within("a 404 for a stranger", Duration::from_secs(1), async {
+        connect(proxy, &format!("edge-9:{port}")).await
+    })
+    .await;
+    assert_eq!(code, 404);
+
+    // The agent goes away; a CONNECT comes while it is away, and it comes back.
+    agent.shutdown().await;
+    wait_for("the node gone", Duration::from_secs(10), || async {
+        server.connected_nodes().is_empty()
+    })
+    .await;
+    let target = format!("edge-1:{port}");
+    let pending = tokio::spawn(async move { connect(proxy, &target).await });
+    let agent = tether_agent::start(ac).await.unwrap();
+    let (code, body, c) = within("the CONNECT that waited", Duration::from_secs(5), pending)
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    echo_through(c, random_bytes(100_000, 9)).await.unwrap();
+    assert_eq!(server.metrics().egress_waited.get(), 1);
+
+    // Gone for good: the CONNECT waits out the grace, then is told so.
+    agent.shutdown().await;
+    wait_for("the node gone again", Duration::from_secs(10), || async {
+        server.connected_nodes().is_empty()
+    })
+    .await;
+    let (code, body, _) = within("the 404 after the grace", Duration::from_secs(6), async {
+        connect(proxy, &format!("edge-1:{port}")).await
+    })
+    .await;
+    assert_eq!(code, 404, "{body}");
+    server.shutdown().await;
+}
