@@ -459,17 +459,15 @@ struct Fault {
     kind: &'static str,
     target: String,
     start: f64,
+    /// When it was fully in effect: the kill sent, every firewall rule in (`iptables` takes a
+    /// while on a loaded machine). A connection begun before this was in flight at the fault.
+    in_effect: f64,
     end: f64,
 }
 
 /// How long after a fault ends its effects may still end a connection: a killed or silent
 /// server is noticed in ~2.5 s (the idle timeout), a reset arrives a moment later.
 const NOTICE: f64 = 6.0;
-
-/// How far from a fault's recorded start a connection may have begun and still count as in
-/// flight at it: the fault thread reads the clock just before it acts, and a loaded machine may
-/// run other threads in between.
-const IN_FLIGHT_SLACK: f64 = 0.1;
 
 /// Whether fault `f` may have failed a connection of `kind` that ran from `from` to `to`.
 ///
@@ -492,7 +490,8 @@ fn may_fail(f: &Fault, kind: &str, from: f64, to: f64) -> bool {
         "stop upstream" => in_flight_at(f.start, 0.5),
         "kill -9 server" | "drop packets to server" | "block UDP" => {
             if new_connection {
-                in_flight_at(f.start, IN_FLIGHT_SLACK)
+                // Begun before the fault was in full effect, ended after it began.
+                from <= f.in_effect && to >= f.start
             } else {
                 in_window
             }
@@ -866,15 +865,16 @@ fn fault_loop(run: Arc<Run>) {
         }
         n += 1;
         let start = run.now();
-        let target = match inject(&run, kind, &mut rng) {
-            Ok(t) => t,
-            Err(e) => format!("failed: {e:#}"),
+        let (target, in_effect) = match inject(&run, kind, &mut rng) {
+            Ok(Injected { target, in_effect }) => (target, in_effect.unwrap_or(start)),
+            Err(e) => (format!("failed: {e:#}"), start),
         };
         let end = run.now();
         lock(&run.record).faults.push(Fault {
             kind,
             target,
             start,
+            in_effect,
             end,
         });
         let every = run.settings.fault_every.as_millis() as u64;
@@ -939,19 +939,28 @@ fn flows_rebound(range: std::ops::RangeInclusive<u16>) -> usize {
         .count()
 }
 
-/// Inserts firewall rules for `hold`, then removes them.
-fn with_rules(rules: &[String], hold: Duration) -> Result<()> {
-    for r in rules {
-        iptables("-I", r)?;
-    }
-    std::thread::sleep(hold);
+/// Inserts firewall rules for `hold`, then removes them; returns when they were all in.
+fn with_rules(run: &Run, rules: &[String], hold: Duration) -> Result<f64> {
+    let mut inserted = 0;
     let mut result = Ok(());
     for r in rules {
-        if let Err(e) = iptables("-D", r) {
+        if let Err(e) = iptables("-I", r) {
             result = Err(e);
+            break;
+        }
+        inserted += 1;
+    }
+    let in_effect = run.now();
+    if result.is_ok() {
+        std::thread::sleep(hold);
+    }
+    // Whatever went in comes out, even when a later rule failed to go in.
+    for r in &rules[..inserted] {
+        if let Err(e) = iptables("-D", r) {
+            result = result.and(Err(e));
         }
     }
-    result
+    result.map(|()| in_effect)
 }
 
 /// The variable that tells a soak it runs inside the namespace it made.
@@ -1010,42 +1019,62 @@ fn sleep_unless_stopped(run: &Run, d: Duration) {
     }
 }
 
+/// What an injected fault hit, and when it was fully in effect if that matters (see
+/// [`Fault::in_effect`]; the fault's start otherwise).
+struct Injected {
+    target: String,
+    in_effect: Option<f64>,
+}
+
+impl From<String> for Injected {
+    fn from(target: String) -> Self {
+        Injected {
+            target,
+            in_effect: None,
+        }
+    }
+}
+
 /// Injects one fault and repairs it; returns what it hit.
-fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<String> {
+fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
     let lab = &run.lab;
     let i = rng.below(lab.servers.len() as u64) as usize;
     match kind {
         "kill -9 server" => {
             let mut s = lock(&lab.servers[i]);
             s.kill9();
+            let in_effect = run.now();
             drop(s);
             std::thread::sleep(Duration::from_millis(2000 + rng.below(2000)));
             lock(&lab.servers[i]).start()?;
-            Ok(format!("server-{i}"))
+            Ok(Injected {
+                target: format!("server-{i}"),
+                in_effect: Some(in_effect),
+            })
         }
         "drain server" => {
             lock(&lab.servers[i]).terminate(DRAIN + Duration::from_secs(5));
             lock(&lab.servers[i]).start()?;
-            Ok(format!("server-{i}"))
+            Ok(format!("server-{i}").into())
         }
         "stop upstream" => {
             lab.upstreams[i].down.store(true, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(4000 + rng.below(4000)));
             lab.upstreams[i].down.store(false, Ordering::Relaxed);
-            Ok(format!("upstream of server-{i}"))
+            Ok(format!("upstream of server-{i}").into())
         }
         "restart agent" => {
             let j = rng.below(lab.agents.len() as u64) as usize;
             let mut a = lock(&lab.agents[j]);
             a.slot.terminate(Duration::from_secs(35));
             a.slot.start()?;
-            Ok(format!("agent-{j}"))
+            Ok(format!("agent-{j}").into())
         }
         "reload server certificate" => {
             if let Some(p) = lock(&lab.servers[i]).pid() {
                 signal(p, "HUP");
             }
-            Ok(format!("server-{i}"))
+            Ok(format!("server-{i}").into())
         }
         "drop packets to server" => {
             // Both directions of the server's port (agents' and peers' tunnels, both
@@ -1057,14 +1086,21 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<String> {
                 format!("INPUT -p tcp --dport {port} -j DROP"),
                 format!("INPUT -p tcp --sport {port} -j DROP"),
             ];
-            with_rules(&rules, Duration::from_millis(5000 + rng.below(3000)))?;
-            Ok(format!("server-{i}"))
+            let in_effect = with_rules(run, &rules, Duration::from_millis(5000 + rng.below(3000)))?;
+            Ok(Injected {
+                target: format!("server-{i}"),
+                in_effect: Some(in_effect),
+            })
         }
         "block UDP" => {
             // QUIC dies everywhere: agents fall back to TLS over TCP, and return after.
             let rules = ["INPUT -p udp -j DROP".to_string()];
-            with_rules(&rules, Duration::from_millis(10_000 + rng.below(5000)))?;
-            Ok("all UDP".into())
+            let in_effect =
+                with_rules(run, &rules, Duration::from_millis(10_000 + rng.below(5000)))?;
+            Ok(Injected {
+                target: "all UDP".into(),
+                in_effect: Some(in_effect),
+            })
         }
         "rebind NAT" => {
             // A NAT in front of the agents forgets its mappings and gives every UDP flow to
@@ -1086,14 +1122,14 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<String> {
             let removed = iptables("-D", &rule);
             forget_udp_flows()?;
             removed?;
-            Ok(format!("{} UDP flows moved to new ports", moved?))
+            Ok(format!("{} UDP flows moved to new ports", moved?).into())
         }
         "restart all servers" => {
             for s in &lab.servers {
                 lock(s).terminate(DRAIN + Duration::from_secs(5));
                 lock(s).start()?;
             }
-            Ok("every server in turn".into())
+            Ok(Injected::from("every server in turn".to_string()))
         }
         other => bail!("unknown fault {other}"),
     }
@@ -1537,14 +1573,15 @@ fn write_report(
         );
     }
     std::fs::write(s.out.join("connections.csv"), csv)?;
-    let mut csv = String::from("kind,target,start_s,end_s\n");
+    let mut csv = String::from("kind,target,start_s,in_effect_s,end_s\n");
     for f in &rec.faults {
         let _ = writeln!(
             csv,
-            "{},{},{:.3},{:.3}",
+            "{},{},{:.3},{:.3},{:.3}",
             f.kind,
             f.target.replace(',', ";"),
             f.start,
+            f.in_effect,
             f.end
         );
     }
@@ -1867,11 +1904,16 @@ mod tests {
             kind: "kill -9 server",
             target: "server-1".into(),
             start: 10.0,
+            in_effect: 10.05,
             end: 13.0,
         };
         // A new connection: only when it was in flight at the kill.
         assert!(may_fail(&kill, "short", 9.9, 12.5));
         assert!(may_fail(&kill, "bulk", 5.0, 12.5));
+        assert!(
+            may_fail(&kill, "short", 10.01, 12.5),
+            "began as the kill was being sent"
+        );
         assert!(
             !may_fail(&kill, "short", 10.5, 12.5),
             "began after the kill"
@@ -1958,6 +2000,7 @@ mod tests {
             kind: "kill -9 server",
             target: "server-0".into(),
             start: 10.0,
+            in_effect: 10.05,
             end: 13.0,
         };
         // One connection that succeeded, so that the run as a whole is not refused for that.
@@ -1979,6 +2022,7 @@ mod tests {
         // by the later kill only.
         let later = Fault {
             start: 40.0,
+            in_effect: 40.05,
             end: 43.0,
             ..kill.clone()
         };
