@@ -44,6 +44,10 @@ type Members = BTreeMap<String, Member>;
 /// beyond that is a broken or hostile etcd, which must not make a server dial without bound.
 pub const MAX_MEMBERS: usize = 64;
 
+/// How often the watch is checked against etcd (see [`Follower::fell_behind`]): a watch that
+/// died silently is noticed within twice this, and a revocation made meanwhile applied.
+pub const WATCH_CHECK: Duration = Duration::from_secs(2);
+
 /// Whether a membership address is `HOST:PORT` of a sane length.
 fn valid_address(a: &str) -> bool {
     a.len() <= 261
@@ -160,6 +164,15 @@ impl Follower {
             });
             let end = tokio::select! {
                 r = watch => r,
+                (missed, seen) = self.fell_behind() => {
+                    warn!(
+                        missed,
+                        seen,
+                        "the etcd watch went silent: a change etcd holds has not come through it; watching again"
+                    );
+                    self.health.silent_watches.fetch_add(1, Ordering::Relaxed);
+                    Ok(WatchEnd::Canceled)
+                }
                 _ = stop.wait() => return,
             };
             match end {
@@ -187,6 +200,35 @@ impl Follower {
                     }
                 }
             }
+        }
+    }
+
+    /// Resolves when the watch has fallen behind etcd: a change under the prefix that etcd
+    /// already held one [`WATCH_CHECK`] ago has still not come through it. Returns that
+    /// change's revision and the last the watch brought.
+    ///
+    /// A watch is one long answer on one connection. When that connection dies without a
+    /// reset (a partition, a firewall or NAT that dropped its state, a member's host that lost
+    /// power), nothing arrives, and etcd's progress notices come only every ten minutes by
+    /// default: until then the server would miss every change, a revocation included, while
+    /// its other calls to etcd succeed on new connections. So the watch is checked against
+    /// etcd itself: every [`WATCH_CHECK`], the latest change under the prefix is read; one that
+    /// the watch has not delivered by the next check means it is dead.
+    async fn fell_behind(&self) -> (i64, i64) {
+        let mut pending: Option<i64> = None;
+        let mut tick = tokio::time::interval(WATCH_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let seen = self.health.revision.load(Ordering::Relaxed);
+            if let Some(missed) = pending.filter(|&m| seen < m) {
+                return (missed, seen);
+            }
+            // Unreachable etcd says nothing of the watch: its own errors end it.
+            pending = match self.etcd.latest_change().await {
+                Ok(latest) if latest > seen => Some(latest),
+                _ => None,
+            };
         }
     }
 

@@ -156,6 +156,13 @@ impl Metrics {
                 .revision
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
+        e.counter(
+            "tether_datastore_silent_watches_total",
+            "etcd watches found silent (a change etcd held did not come through within two checks) and started again.",
+            self.datastore
+                .silent_watches
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         e.gauge(
             "tether_upstream_healthy",
             "1 when the last upstream check succeeded.",

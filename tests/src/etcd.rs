@@ -235,11 +235,15 @@ impl EtcdCluster {
 }
 
 /// A TCP proxy to one address that can be cut (every connection closed, new ones refused)
-/// and healed: a partition between one tether server and etcd.
+/// and healed: a partition between one tether server and etcd. It can also silence the
+/// connections open (nothing relayed either way, nothing closed, new ones unaffected), as a
+/// firewall or NAT that lost their state does.
 pub struct Cutter {
     pub addr: std::net::SocketAddr,
     cut: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// Bumped to silence the connections open at that moment.
+    silence: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -250,14 +254,22 @@ impl Cutter {
         let cut = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let (c, list) = (cut.clone(), conns.clone());
+        let (silence, _) = tokio::sync::watch::channel(0u64);
+        let hush = silence.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if c.load(Ordering::SeqCst) {
                     continue;
                 }
+                let mut silenced = hush.subscribe();
                 let relay = tokio::spawn(async move {
                     if let Ok(mut out) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                            // Both sockets stay open, and silent, until the proxy is cut or
+                            // dropped.
+                            _ = silenced.changed() => std::future::pending::<()>().await,
+                        }
                     }
                 });
                 list.lock().expect("lock").push(relay.abort_handle());
@@ -267,8 +279,14 @@ impl Cutter {
             addr,
             cut,
             conns,
+            silence,
             task,
         }
+    }
+
+    /// Silences every connection open now; later ones go through.
+    pub fn silence(&self) {
+        self.silence.send_modify(|g| *g += 1);
     }
 
     pub fn cut(&self) {

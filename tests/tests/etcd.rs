@@ -217,6 +217,59 @@ async fn servers_share_etcd_with_no_peer_list() {
     }
 }
 
+/// A watch whose connection went silent (no reset: a firewall or NAT lost its state, or a
+/// member's host its power) while the server's other calls to etcd still succeed on new
+/// connections: the server notices within two checks and watches again, so a revocation made
+/// meanwhile still closes the node's tunnels. Before, it waited for etcd's progress notice
+/// (ten minutes by default) and served the revoked node all that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_watch_is_noticed_and_a_revocation_made_meanwhile_holds() {
+    let Some(cluster) = etcd_cluster(
+        "a_silent_watch_is_noticed_and_a_revocation_made_meanwhile_holds",
+        1,
+    )
+    .await
+    else {
+        return;
+    };
+    let cutter = Cutter::start(cluster.client_addr(0)).await;
+    let through = cluster.settings_for(vec![format!("https://{}", cutter.addr)], "/silent/");
+    let pki = Pki::new();
+    let root = TempDir::new("etcd-silent");
+    let echo = Echo::start().await;
+    let server = etcd_server(&server_dir(&pki, &root, "s"), echo.addr, through).await;
+    let agent = agent_of(&pki, "node-s", &[server.local_addr]).await;
+    wait_for("node-s on the server", Duration::from_secs(5), || async {
+        has_node(&server, "node-s")
+    })
+    .await;
+
+    cutter.silence();
+    store(&cluster.settings("/silent/"))
+        .set_state("node-s", NodeState::Revoked)
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    let bound = tether_server::follow::WATCH_CHECK * 2 + Duration::from_secs(3);
+    wait_for(
+        "the revoked node closed though the watch went silent",
+        bound,
+        || async { !has_node(&server, "node-s") },
+    )
+    .await;
+    eprintln!(
+        "a silent watch was noticed and the revocation applied in {:?}",
+        revoked_at.elapsed()
+    );
+    let metrics = http_get_admin(&server, "/metrics").await.1;
+    assert!(
+        metrics.contains("tether_datastore_silent_watches_total 1"),
+        "{metrics}"
+    );
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
 /// A server that starts while etcd is down serves from the records it cached: a revocation it
 /// had read still holds, and a node it knew still connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,6 +323,34 @@ impl Etcd {
         Ok((kvs, revision_of(&answer)))
     }
 
+    /// The revision of the latest change under the prefix still to be seen: the highest
+    /// modification revision of its keys (0 when it holds none). A deletion shows only in the
+    /// store's revision, not here. Costs etcd a pass over the prefix's keys (not their values).
+    pub async fn latest_change(&self) -> Result<i64, EtcdError> {
+        let key = self.key("");
+        let answer = self
+            .call(
+                "/v3/kv/range",
+                &json!({
+                    "key": b64(key.as_bytes()),
+                    "range_end": b64(&range_end(&key)),
+                    "limit": "1",
+                    "sort_order": "DESCEND",
+                    "sort_target": "MOD",
+                    "keys_only": true,
+                }),
+            )
+            .await?;
+        Ok(answer
+            .get("kvs")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .map(decode_kv)
+            .transpose()?
+            .map(|kv| kv.mod_revision)
+            .unwrap_or(0))
+    }
+
     /// One key (relative to the prefix), if it exists.
     pub async fn get(&self, rel: &str) -> Result<Option<Kv>, EtcdError> {
         let key = self.key(rel);

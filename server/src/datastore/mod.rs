@@ -18,7 +18,7 @@ pub mod members;
 
 use etcd::{Compare, Etcd, EtcdError, Op};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use tether_certs::records::{self, NodeRecord, NodeState, Records};
 use tether_certs::token::{self, Token, TokenEntry, TokenRejection};
@@ -30,6 +30,8 @@ use tether_certs::CertError;
 pub struct StoreHealth {
     pub available: AtomicBool,
     pub revision: AtomicI64,
+    /// Watches found silent and started again (see `follow::Follower::fell_behind`).
+    pub silent_watches: AtomicU64,
 }
 
 impl StoreHealth {
