@@ -3,6 +3,7 @@
 //! both sides of every ratio. Optionally runs the peers harness (nginx, haproxy, ssh -L) in the
 //! same run. Writes report.md, results.json and chart.svg.
 
+mod etcd;
 mod failover;
 mod load;
 mod path;
@@ -108,7 +109,8 @@ struct SoakArgs {
     out: Option<PathBuf>,
     /// Only these faults, comma-separated (kill-9-server, drain-server, stop-upstream,
     /// restart-agent, reload-server-certificate, restart-all-servers, drop-packets-to-server,
-    /// block-udp, rebind-nat); default: all that can run here.
+    /// block-udp, rebind-nat; with --datastore etcd also kill-9-etcd, cut-server-from-etcd,
+    /// revoke-node); default: all that can run here.
     #[arg(long, value_delimiter = ',')]
     faults: Option<Vec<String>>,
     /// Stay in this network namespace even as root (by default, as root with `ip` and
@@ -121,6 +123,18 @@ struct SoakArgs {
     /// once, 200 with --quick), or all three in turn.
     #[arg(long, value_enum, default_value = "mixed")]
     scenario: Scenario,
+    /// Where the servers of the mixed scenario keep their shared state: dir (their data
+    /// directories and peer links; the default) or etcd (a three-member etcd of the soak's own,
+    /// from the `etcd` on the PATH; adds kill-9-etcd, cut-server-from-etcd and revoke-node to
+    /// the faults, and checks that every revocation holds).
+    #[arg(long, value_enum, default_value = "dir")]
+    datastore: SoakStore,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum SoakStore {
+    Dir,
+    Etcd,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,15 +166,25 @@ fn soak(a: SoakArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("target/soak/{}", shell("date +%Y%m%d-%H%M%S"))));
     tether_common::net::raise_fd_limit().context("raise the open file limit")?;
     let mut settings = soak::Settings::new(duration, a.quick, seed, out);
-    settings.faults = a.faults.map(|f| {
-        f.iter()
-            .map(|k| {
-                k.replace('-', " ")
-                    .replace("udp", "UDP")
-                    .replace("nat", "NAT")
-            })
-            .collect()
-    });
+    settings.etcd = a.datastore == SoakStore::Etcd;
+    if settings.etcd && !etcd::available() {
+        bail!("soak --datastore etcd: no etcd binary on the PATH (install Debian's etcd-server)");
+    }
+    if let Some(only) = a.faults {
+        let mut kinds = Vec::new();
+        for k in &only {
+            let kind = k
+                .replace('-', " ")
+                .replace("kill 9", "kill -9")
+                .replace("udp", "UDP")
+                .replace("nat", "NAT");
+            if !soak::FAULTS.contains(&kind.as_str()) {
+                bail!("soak: no fault {k:?} (see --help)");
+            }
+            kinds.push(kind);
+        }
+        settings.faults = Some(kinds);
+    }
     let mut verdicts = Vec::new();
     let all = a.scenario == Scenario::All;
     if all || a.scenario == Scenario::Mixed {

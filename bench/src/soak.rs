@@ -55,6 +55,10 @@ pub struct Settings {
     pub netns: bool,
     /// Only these kinds of fault (default: all that can run here).
     pub faults: Option<Vec<String>>,
+    /// The servers keep their shared state in an etcd of the soak's own (`--datastore etcd`)
+    /// instead of their data directories and peer links; etcd's faults and revocations join
+    /// the list.
+    pub etcd: bool,
 }
 
 impl Settings {
@@ -72,6 +76,7 @@ impl Settings {
                 out,
                 netns: in_namespace(),
                 faults: None,
+                etcd: false,
             }
         } else {
             Settings {
@@ -86,6 +91,7 @@ impl Settings {
                 out,
                 netns: in_namespace(),
                 faults: None,
+                etcd: false,
             }
         }
     }
@@ -270,6 +276,74 @@ struct Agent {
     kubelet: SocketAddr,
 }
 
+/// A node that joins only to be revoked (with `--datastore etcd`): it keeps running after, as
+/// a revoked node whose owner has not noticed would, dialing and trying to renew, so that
+/// every later fault tests that the revocation holds.
+struct Victim {
+    slot: Slot,
+    node: String,
+    /// Renewals it had made when it was revoked.
+    renewals_before: u64,
+}
+
+/// What starting an agent needs: how to reach the servers and join them.
+struct Joining {
+    agent_bin: PathBuf,
+    server_bin: PathBuf,
+    token: String,
+    /// The servers' tunnel addresses.
+    servers: Vec<String>,
+    work: PathBuf,
+}
+
+impl Joining {
+    /// An agent for `node` that joins with the token; `name` names its process and logs.
+    fn agent(&self, name: &str, node: &str) -> Result<Agent> {
+        let d = self.work.join(node).to_string_lossy().into_owned();
+        let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let kubelet = kubelet()?;
+        let mut args: Vec<String> = [
+            "--log-level",
+            "warn",
+            "run",
+            "--data-dir",
+            &d,
+            "--listen",
+            &api.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--allow",
+            &kubelet.to_string(),
+            "--token",
+            &self.token,
+            "--node-name",
+            node,
+            "--reconnect-grace",
+            &format!("{}s", GRACE.as_secs()),
+        ]
+        .map(String::from)
+        .to_vec();
+        for a in &self.servers {
+            args.extend(["--server".to_string(), a.clone()]);
+        }
+        Ok(Agent {
+            slot: Slot {
+                name: name.to_string(),
+                bin: self.agent_bin.clone(),
+                args,
+                log: self.work.join(name),
+                admin,
+                proc: None,
+                starts: 0,
+            },
+            node: node.to_string(),
+            api,
+            kubelet,
+        })
+    }
+}
+
 struct Lab {
     /// The servers' tunnel ports (UDP and TCP).
     ports: Vec<u16>,
@@ -278,6 +352,12 @@ struct Lab {
     /// Egress proxy of each server.
     egress: Vec<SocketAddr>,
     agents: Vec<Mutex<Agent>>,
+    /// The servers' etcd, with `--datastore etcd`.
+    etcd: Option<crate::etcd::Etcd>,
+    /// The data directory the soak's own commands (revocations) name.
+    command_dir: PathBuf,
+    joining: Joining,
+    victims: Mutex<Vec<Victim>>,
 }
 
 /// How long a drained server lets streams finish before it exits.
@@ -293,14 +373,25 @@ const AGENT_CERT_LIFE: Duration = Duration::from_secs(300);
 const GRACE: Duration = Duration::from_secs(3);
 
 impl Lab {
-    /// Three servers and `agents` agents, which join for certificates of `cert_life`.
-    fn build(work: &Path, agents: usize, cert_life: Duration) -> Result<Lab> {
+    /// Three servers and `agents` agents, which join for certificates of `cert_life`. With
+    /// `etcd`, the servers share their state through an etcd of the lab's own (and find each
+    /// other through it: no `--peer`); otherwise through their data directories and peer links.
+    fn build(work: &Path, agents: usize, cert_life: Duration, etcd: bool) -> Result<Lab> {
         let server_bin = sibling("tether-server")?;
         let agent_bin = sibling("tether-agent")?;
         let ca = work.join("ca");
         let cad = ca.to_string_lossy().into_owned();
         run_ok(&server_bin, &["init", "--data-dir", &cad])?;
         let n = 3;
+        let (etcd, token) = if etcd {
+            let (e, token) = crate::etcd::Etcd::start(&work.join("etcd"), n, &server_bin, &ca)?;
+            (Some(e), token)
+        } else {
+            // Agents join with the token `init` made, as nodes do.
+            let token =
+                std::fs::read_to_string(ca.join("token")).context("the join token init wrote")?;
+            (None, token.trim().to_string())
+        };
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let mut upstreams = Vec::new();
@@ -334,9 +425,14 @@ impl Lab {
             ]
             .map(String::from)
             .to_vec();
-            for (j, a) in addrs.iter().enumerate() {
-                if j != i {
-                    args.extend(["--peer".to_string(), a.clone()]);
+            match &etcd {
+                Some(e) => args.extend(e.server_flags(i)),
+                None => {
+                    for (j, a) in addrs.iter().enumerate() {
+                        if j != i {
+                            args.extend(["--peer".to_string(), a.clone()]);
+                        }
+                    }
                 }
             }
             upstreams.push(up);
@@ -354,58 +450,18 @@ impl Lab {
         for s in &servers {
             lock(s).start()?;
         }
-        // Agents join with the token `init` made, as nodes do.
-        let token = std::fs::read_to_string(ca.join("token"))
-            .context("the join token init wrote")?
-            .trim()
-            .to_string();
+        let joining = Joining {
+            agent_bin,
+            server_bin,
+            token,
+            servers: addrs,
+            work: work.to_path_buf(),
+        };
         let mut agent_slots = Vec::new();
         for j in 0..agents {
-            let node = format!("soak-node-{j}");
-            let d = work.join(&node).to_string_lossy().into_owned();
-            let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            let kubelet = kubelet()?;
-            let mut args: Vec<String> = [
-                "--log-level",
-                "warn",
-                "run",
-                "--data-dir",
-                &d,
-                "--listen",
-                &api.to_string(),
-                "--admin",
-                &admin.to_string(),
-                "--allow",
-                &kubelet.to_string(),
-                "--token",
-                &token,
-                "--node-name",
-                &node,
-                "--reconnect-grace",
-                &format!("{}s", GRACE.as_secs()),
-            ]
-            .map(String::from)
-            .to_vec();
-            for a in &addrs {
-                args.extend(["--server".to_string(), a.clone()]);
-            }
-            let mut slot = Slot {
-                name: format!("agent-{j}"),
-                bin: agent_bin.clone(),
-                args,
-                log: work.join(format!("agent-{j}")),
-                admin,
-                proc: None,
-                starts: 0,
-            };
-            slot.start()?;
-            agent_slots.push(Mutex::new(Agent {
-                slot,
-                node,
-                api,
-                kubelet,
-            }));
+            let mut a = joining.agent(&format!("agent-{j}"), &format!("soak-node-{j}"))?;
+            a.slot.start()?;
+            agent_slots.push(Mutex::new(a));
         }
         Ok(Lab {
             ports,
@@ -413,6 +469,10 @@ impl Lab {
             servers,
             egress,
             agents: agent_slots,
+            etcd,
+            command_dir: work.join("server-0"),
+            joining,
+            victims: Mutex::new(Vec::new()),
         })
     }
 
@@ -435,7 +495,7 @@ impl Lab {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -533,6 +593,11 @@ struct Record {
     /// Each renewal as the sampler saw it: (seconds since the run began, agent). Seen up to a
     /// sampling period ([`SAMPLE_EVERY`]) after it happened.
     renewed: Vec<(f64, usize)>,
+    /// Nodes revoked during the run: (seconds since the run began, when the command returned;
+    /// node).
+    revocations: Vec<(f64, String)>,
+    /// A revoked node seen where it must not be: (when, node, where).
+    after_revocation: Vec<(f64, String, String)>,
 }
 
 /// One look at one process.
@@ -835,6 +900,22 @@ fn connect_through(
 // ---------------------------------------------------------------------------------------------
 // Faults.
 
+/// Every kind of fault, as `--faults` names them (dashes for spaces).
+pub const FAULTS: &[&str] = &[
+    "kill -9 server",
+    "drain server",
+    "stop upstream",
+    "restart agent",
+    "reload server certificate",
+    "restart all servers",
+    "drop packets to server",
+    "block UDP",
+    "rebind NAT",
+    "kill -9 etcd",
+    "cut server from etcd",
+    "revoke node",
+];
+
 fn fault_loop(run: Arc<Run>) {
     let mut rng = Rng::new(run.settings.seed ^ 0xFA17);
     // The first fault after a little traffic.
@@ -852,6 +933,9 @@ fn fault_loop(run: Arc<Run>) {
         if runs("conntrack", &["-V"]) {
             kinds.push("rebind NAT");
         }
+    }
+    if run.lab.etcd.is_some() {
+        kinds.extend(["kill -9 etcd", "cut server from etcd", "revoke node"]);
     }
     if let Some(only) = &run.settings.faults {
         kinds.retain(|k| only.iter().any(|o| o == k));
@@ -1134,8 +1218,142 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
             }
             Ok(Injected::from("every server in turn".to_string()))
         }
+        "kill -9 etcd" => {
+            let etcd = lab.etcd.as_ref().context("no etcd in this lab")?;
+            let n = etcd.members();
+            let m = rng.below(n as u64) as usize;
+            // One member in three kills: the others keep a quorum, and nothing may notice.
+            // The third time two go, and etcd has no quorum: the servers serve from what they
+            // read (fail static) while joins and renewals wait.
+            let killed: Vec<usize> = if rng.below(3) == 0 {
+                vec![m, (m + 1) % n]
+            } else {
+                vec![m]
+            };
+            for &k in &killed {
+                etcd.kill(k);
+            }
+            let in_effect = run.now();
+            std::thread::sleep(Duration::from_millis(3000 + rng.below(5000)));
+            for &k in &killed {
+                etcd.restart(k)?;
+            }
+            let names: Vec<String> = killed.iter().map(|k| format!("m{k}")).collect();
+            let quorum = if killed.len() > n / 2 {
+                " (no quorum)"
+            } else {
+                ""
+            };
+            Ok(Injected {
+                target: format!("etcd {}{quorum}", names.join(" and ")),
+                in_effect: Some(in_effect),
+            })
+        }
+        "cut server from etcd" => {
+            // A black hole between one server and every etcd member; the connections it had
+            // stay silent after (see `crate::etcd::Gate`).
+            let etcd = lab.etcd.as_ref().context("no etcd in this lab")?;
+            etcd.gates[i].cut();
+            let in_effect = run.now();
+            std::thread::sleep(Duration::from_millis(5000 + rng.below(10_000)));
+            etcd.gates[i].heal();
+            Ok(Injected {
+                target: format!("server-{i}"),
+                in_effect: Some(in_effect),
+            })
+        }
+        "revoke node" => revoke_node(run),
         other => bail!("unknown fault {other}"),
     }
+}
+
+/// Most victims left running: each is one more agent dialing every server.
+const VICTIMS_RUNNING: usize = 3;
+
+/// A new node joins, gets tunnels to the servers, and is revoked with `tether-server agent
+/// revoke` against the datastore, as an operator would. It keeps running (see [`Victim`]); the
+/// sampler watches that no server has it again ([`revocations_broken`]).
+fn revoke_node(run: &Run) -> Result<Injected> {
+    let lab = &run.lab;
+    let k = lock(&lab.victims).len();
+    let node = format!("soak-revoked-{k}");
+    let mut a = lab.joining.agent(&format!("victim-{k}"), &node)?;
+    a.slot.start()?;
+    // Tunnels to every server (or as many as come within 10 s): the revocation must close
+    // them all.
+    let _ = wait_until(
+        "the victim on every server",
+        Duration::from_secs(10),
+        || servers_holding(lab, &node) == lab.servers.len(),
+    );
+    let held = servers_holding(lab, &node);
+    let mut args = vec!["agent", "revoke", &node, "--data-dir"];
+    let dir = lab.command_dir.to_string_lossy().into_owned();
+    args.push(&dir);
+    let flags = lab
+        .etcd
+        .as_ref()
+        .map(|e| e.command_flags())
+        .unwrap_or_default();
+    args.extend(flags.iter().map(String::as_str));
+    let revoked = run_ok(&lab.joining.server_bin, &args);
+    let at = run.now();
+    // Counted once revoked: a renewal from now on undoes nothing only if it is refused.
+    let renewals_before = renewals_of(a.slot.admin).unwrap_or(0);
+    let mut victims = lock(&lab.victims);
+    victims.push(Victim {
+        slot: a.slot,
+        node: node.clone(),
+        renewals_before,
+    });
+    let running: Vec<usize> = (0..victims.len())
+        .filter(|&v| victims[v].slot.pid().is_some())
+        .collect();
+    for &v in running
+        .iter()
+        .take(running.len().saturating_sub(VICTIMS_RUNNING))
+    {
+        victims[v].slot.kill9();
+    }
+    drop(victims);
+    revoked?;
+    lock(&run.record).revocations.push((at, node.clone()));
+    Ok(Injected {
+        target: format!("{node} (held by {held} servers)"),
+        in_effect: Some(at),
+    })
+}
+
+/// How many servers list `node` among their connected nodes (admin `/status`).
+fn servers_holding(lab: &Lab, node: &str) -> usize {
+    nodes_on_servers(lab)
+        .iter()
+        .filter(|(_, nodes)| nodes.iter().any(|n| n == node))
+        .count()
+}
+
+/// The connected nodes of each server that answers: (server index, node names).
+fn nodes_on_servers(lab: &Lab) -> Vec<(usize, Vec<String>)> {
+    (0..lab.servers.len())
+        .filter_map(|i| {
+            let admin = lock(&lab.servers[i]).admin;
+            let body = crate::procs::http_get(admin, "/status").ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let nodes = v
+                .get("nodes")?
+                .as_array()?
+                .iter()
+                .filter_map(|n| n.get("name")?.as_str().map(String::from))
+                .collect();
+            Some((i, nodes))
+        })
+        .collect()
+}
+
+/// An agent's renewals so far (its admin `/metrics`).
+fn renewals_of(admin: SocketAddr) -> Option<u64> {
+    let m = crate::procs::http_get(admin, "/metrics").ok()?;
+    crate::procs::metric(&m, "tether_renewals_total ").map(|n| n as u64)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1182,10 +1400,7 @@ fn sample_loop(run: Arc<Run>) {
                 (a.slot.pid(), a.slot.admin)
             };
             let Some(pid) = pid else { continue };
-            let n = crate::procs::http_get(admin, "/metrics")
-                .ok()
-                .and_then(|m| crate::procs::metric(&m, "tether_renewals_total "))
-                .unwrap_or(0.0) as u64;
+            let n = renewals_of(admin).unwrap_or(0);
             let mut rec = lock(&run.record);
             let seen = rec.renewals.entry(pid).or_default();
             let new = n.saturating_sub(*seen);
@@ -1194,8 +1409,40 @@ fn sample_loop(run: Arc<Run>) {
                 rec.renewed.push((t, j));
             }
         }
+        sample_revoked(&run, t);
         sleep_unless_stopped(&run, SAMPLE_EVERY);
     }
+}
+
+/// Where the nodes revoked so far are seen that they must not be: on a server, or renewed.
+fn sample_revoked(run: &Run, t: f64) {
+    let revoked: Vec<String> = lock(&run.record)
+        .revocations
+        .iter()
+        .map(|(_, n)| n.clone())
+        .collect();
+    if revoked.is_empty() {
+        return;
+    }
+    let mut seen = Vec::new();
+    for (i, nodes) in nodes_on_servers(&run.lab) {
+        for n in nodes.iter().filter(|n| revoked.contains(n)) {
+            seen.push((t, n.clone(), format!("connected to server-{i}")));
+        }
+    }
+    for v in lock(&run.lab.victims).iter() {
+        if v.slot.pid().is_none() || !revoked.contains(&v.node) {
+            continue;
+        }
+        if let Some(n) = renewals_of(v.slot.admin).filter(|&n| n > v.renewals_before) {
+            seen.push((
+                t,
+                v.node.clone(),
+                format!("renewed its certificate ({n} renewals)"),
+            ));
+        }
+    }
+    lock(&run.record).after_revocation.extend(seen);
 }
 
 /// Sockets in CLOSE_WAIT held by `pids` (from /proc/net/tcp and tcp6, matched by inode).
@@ -1257,7 +1504,7 @@ pub fn run(settings: Settings) -> Result<Verdict> {
         settings.agents,
         work.display()
     );
-    let lab = Lab::build(&work, settings.agents, AGENT_CERT_LIFE)?;
+    let lab = Lab::build(&work, settings.agents, AGENT_CERT_LIFE, settings.etcd)?;
     let run = Arc::new(Run {
         lab,
         record: Mutex::new(Record::default()),
@@ -1380,8 +1627,52 @@ fn resets_after_death(rec: &Record) -> Vec<(&Outcome, f64)> {
         .collect()
 }
 
+/// How soon every server must have closed a revoked node's tunnels: a server applies a
+/// revocation within a second (tests/tests/etcd.rs), or within two watch checks (4 s) when its
+/// watch went silent, as it does after each `cut server from etcd`; and a loaded machine takes
+/// a little more.
+const REVOKE_BOUND: f64 = 6.0;
+
+/// Each revocation: (when, node, seconds until it was last seen on a server or renewing, or
+/// zero if never after the command returned).
+fn revocation_times(rec: &Record) -> Vec<(f64, &str, f64)> {
+    rec.revocations
+        .iter()
+        .map(|(at, node)| {
+            let last = rec
+                .after_revocation
+                .iter()
+                .filter(|(t, n, _)| n == node && t >= at)
+                .map(|(t, _, _)| t - at)
+                .fold(0.0, f64::max);
+            (*at, node.as_str(), last)
+        })
+        .collect()
+}
+
+/// Revocations that did not hold: a revoked node still on a server, or renewing, after
+/// [`REVOKE_BOUND`].
+fn revocations_broken(rec: &Record) -> Vec<String> {
+    rec.revocations
+        .iter()
+        .filter_map(|(at, node)| {
+            let late: Vec<&(f64, String, String)> = rec
+                .after_revocation
+                .iter()
+                .filter(|(t, n, _)| n == node && *t > at + REVOKE_BOUND)
+                .collect();
+            let (t, _, what) = late.first()?;
+            Some(format!(
+                "{node}, revoked at {at:.1} s, was still {what} at {t:.1} s ({} sightings after the {REVOKE_BOUND} s bound, the last at {:.1} s)",
+                late.len(),
+                late.last().map(|l| l.0).unwrap_or(*t)
+            ))
+        })
+        .collect()
+}
+
 fn judge_run(rec: &Record, s: &Settings, close_wait: usize) -> Vec<String> {
-    let mut v = Vec::new();
+    let mut v = revocations_broken(rec);
     for (o, took) in resets_after_death(rec) {
         if took > RESET_BOUND {
             v.push(format!(
@@ -1463,8 +1754,16 @@ fn write_report(
     let _ = writeln!(md, "# tether soak report\n");
     let _ = writeln!(
         md,
-        "Duration {:?}, seed {}, 3 servers (peered, each with its own upstream), {} agents; a fault every ~{:?}. Chart: chart.svg.\n",
-        s.duration, s.seed, s.agents, s.fault_every
+        "Duration {:?}, seed {}, 3 servers ({}, each with its own upstream), {} agents; a fault every ~{:?}. Chart: chart.svg.\n",
+        s.duration,
+        s.seed,
+        if s.etcd {
+            "sharing their state through a three-member etcd"
+        } else {
+            "peered"
+        },
+        s.agents,
+        s.fault_every
     );
     let verdict = if violations.is_empty() {
         "PASS"
@@ -1513,6 +1812,17 @@ fn write_report(
         let _ = writeln!(
             md,
             "\nLong-lived connections closed because they outlived two renewals of their node's key (by design; see docs/reliability.md): {outlived}."
+        );
+    }
+    let revocations = revocation_times(rec);
+    if !revocations.is_empty() {
+        let max = revocations.iter().map(|r| r.2).fold(0.0, f64::max);
+        let _ = writeln!(
+            md,
+            "\nRevocations made during the run: {}. Each revoked node was last seen on a server (or renewing) {max:.1} s after its revocation at most (looked for every {} s; bound {REVOKE_BOUND} s). Revocations that did not hold: {}.",
+            revocations.len(),
+            SAMPLE_EVERY.as_secs(),
+            revocations_broken(rec).len()
         );
     }
     let _ = writeln!(md, "\n## Faults\n");
@@ -1753,7 +2063,7 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
     let work = fresh_dir(&settings.out.join("work-disconnected"))?;
     // Certificates that outlive the outage: an agent whose certificate expired while it was
     // cut off must join again, which is not what this scenario looks at.
-    let lab = Lab::build(&work, 1, outage + Duration::from_secs(3600))?;
+    let lab = Lab::build(&work, 1, outage + Duration::from_secs(3600), false)?;
     for s in &lab.servers {
         lock(s).kill9();
     }
@@ -2032,6 +2342,31 @@ mod tests {
             judge_run(&rec, &s, 2).len() == 2,
             "corruption and CLOSE_WAIT"
         );
+    }
+
+    #[test]
+    fn a_revoked_node_seen_after_its_bound_fails_the_run() {
+        let s = Settings::new(Duration::from_secs(60), true, 1, PathBuf::new());
+        let ok = judge("short", 1.0, 1.1, 0, b"abc", Ok(b"abc".to_vec()));
+        let seen = |t: f64, what: &str| (t, "soak-revoked-0".to_string(), what.to_string());
+        let mut rec = Record {
+            outcomes: vec![ok],
+            revocations: vec![(10.0, "soak-revoked-0".into())],
+            // Still on a server just after the command returned: within the bound.
+            after_revocation: vec![seen(11.0, "connected to server-1")],
+            ..Default::default()
+        };
+        assert!(judge_run(&rec, &s, 0).is_empty());
+        assert_eq!(revocation_times(&rec)[0].2, 1.0);
+        // On a server, or renewing, after it: the revocation did not hold.
+        for what in [
+            "connected to server-2",
+            "renewed its certificate (2 renewals)",
+        ] {
+            rec.after_revocation = vec![seen(10.0 + REVOKE_BOUND + 2.0, what)];
+            let v = judge_run(&rec, &s, 0);
+            assert!(v.len() == 1 && v[0].contains(what), "{v:?}");
+        }
     }
 
     #[test]
