@@ -920,23 +920,19 @@ fn fault_loop(run: Arc<Run>) {
     let mut rng = Rng::new(run.settings.seed ^ 0xFA17);
     // The first fault after a little traffic.
     sleep_unless_stopped(&run, Duration::from_secs(5));
-    let mut kinds = vec![
-        "kill -9 server",
-        "drain server",
-        "stop upstream",
-        "restart agent",
-        "reload server certificate",
-        "restart all servers",
-    ];
-    if run.settings.netns {
-        kinds.extend(["drop packets to server", "block UDP"]);
-        if runs("conntrack", &["-V"]) {
-            kinds.push("rebind NAT");
-        }
-    }
-    if run.lab.etcd.is_some() {
-        kinds.extend(["kill -9 etcd", "cut server from etcd", "revoke node"]);
-    }
+    // Those that can run here, in the order of FAULTS (which, with the seed, makes the run).
+    let conntrack = run.settings.netns && runs("conntrack", &["-V"]);
+    let etcd = run.lab.etcd.is_some();
+    let mut kinds: Vec<&'static str> = FAULTS
+        .iter()
+        .copied()
+        .filter(|k| match *k {
+            "drop packets to server" | "block UDP" => run.settings.netns,
+            "rebind NAT" => conntrack,
+            "kill -9 etcd" | "cut server from etcd" | "revoke node" => etcd,
+            _ => true,
+        })
+        .collect();
     if let Some(only) = &run.settings.faults {
         kinds.retain(|k| only.iter().any(|o| o == k));
     }
