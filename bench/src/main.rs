@@ -109,8 +109,8 @@ struct SoakArgs {
     out: Option<PathBuf>,
     /// Only these faults, comma-separated (kill-9-server, drain-server, stop-upstream,
     /// restart-agent, reload-server-certificate, restart-all-servers, drop-packets-to-server,
-    /// block-udp, rebind-nat; with --datastore etcd also kill-9-etcd, cut-server-from-etcd,
-    /// revoke-node); default: all that can run here.
+    /// block-udp, rebind-nat, revoke-node; with --datastore etcd also kill-9-etcd,
+    /// cut-server-from-etcd); default: all that can run here.
     #[arg(long, value_delimiter = ',')]
     faults: Option<Vec<String>>,
     /// Stay in this network namespace even as root (by default, as root with `ip` and
@@ -125,8 +125,7 @@ struct SoakArgs {
     scenario: Scenario,
     /// Where the servers of the mixed scenario keep their shared state: dir (their data
     /// directories and peer links; the default) or etcd (a three-member etcd of the soak's own,
-    /// from the `etcd` on the PATH; adds kill-9-etcd, cut-server-from-etcd and revoke-node to
-    /// the faults, and checks that every revocation holds).
+    /// from the `etcd` on the PATH; adds kill-9-etcd and cut-server-from-etcd to the faults).
     #[arg(long, value_enum, default_value = "dir")]
     datastore: SoakStore,
 }

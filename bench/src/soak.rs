@@ -10,14 +10,18 @@
 //! - reverse-path CONNECTs through a server's egress proxy to a node's stand-in kubelet;
 //! - and a fault every few seconds: `kill -9` and restart of a server, a SIGTERM drain and
 //!   restart, an upstream stopped, an agent restarted, every server restarted one after
-//!   another, a certificate reload; as root, in a network namespace of its own, also packets to
-//!   one server dropped, UDP blocked and a NAT rebinding.
+//!   another, a certificate reload, a node joined and revoked (it keeps dialing: the revocation
+//!   must hold); as root, in a network namespace of its own, also packets to one server
+//!   dropped, UDP blocked and a NAT rebinding; with `--datastore etcd` (the servers' state in
+//!   an etcd of the soak's own, [`crate::etcd`]), also an etcd member killed and a server cut
+//!   from etcd.
 //!
 //! What it asserts: no corrupted, lost or duplicated byte on any connection that ended cleanly;
 //! a failed connection only where a fault explains it ([`may_fail`]: a new connection only if it
 //! was in flight on what the fault took away, or its agent was down); long-lived connections on
 //! a dead or silent server reset within [`RESET_BOUND`], and none silent for 10 s; the memory
-//! and open files of every process flat after warm-up; no socket left in CLOSE_WAIT. The report
+//! and open files of every process flat after warm-up; no socket left in CLOSE_WAIT; no revoked
+//! node on any server after [`REVOKE_BOUND`], nor renewing. The report
 //! (report.md, chart.svg, connections.csv, faults.csv) says what ran and what it found.
 
 use crate::load::free_port;
@@ -276,7 +280,7 @@ struct Agent {
     kubelet: SocketAddr,
 }
 
-/// A node that joins only to be revoked (with `--datastore etcd`): it keeps running after, as
+/// A node that joins only to be revoked: it keeps running after, as
 /// a revoked node whose owner has not noticed would, dialing and trying to renew, so that
 /// every later fault tests that the revocation holds.
 struct Victim {
@@ -929,7 +933,7 @@ fn fault_loop(run: Arc<Run>) {
         .filter(|k| match *k {
             "drop packets to server" | "block UDP" => run.settings.netns,
             "rebind NAT" => conntrack,
-            "kill -9 etcd" | "cut server from etcd" | "revoke node" => etcd,
+            "kill -9 etcd" | "cut server from etcd" => etcd,
             _ => true,
         })
         .collect();
@@ -1267,7 +1271,8 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
 const VICTIMS_RUNNING: usize = 3;
 
 /// A new node joins, gets tunnels to the servers, and is revoked with `tether-server agent
-/// revoke` against the datastore, as an operator would. It keeps running (see [`Victim`]); the
+/// revoke` against the datastore (etcd, or the first server's data directory, from where its
+/// peers learn it), as an operator would. It keeps running (see [`Victim`]); the
 /// sampler watches that no server has it again ([`revocations_broken`]).
 fn revoke_node(run: &Run) -> Result<Injected> {
     let lab = &run.lab;
