@@ -60,8 +60,7 @@ pub struct Settings {
     /// Only these kinds of fault (default: all that can run here).
     pub faults: Option<Vec<String>>,
     /// The servers keep their shared state in an etcd of the soak's own (`--datastore etcd`)
-    /// instead of their data directories and peer links; etcd's faults and revocations join
-    /// the list.
+    /// instead of their data directories and peer links; etcd's faults join the list.
     pub etcd: bool,
 }
 

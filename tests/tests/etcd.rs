@@ -268,6 +268,30 @@ async fn a_silent_watch_is_noticed_and_a_revocation_made_meanwhile_holds() {
     );
     agent.shutdown().await;
     server.shutdown().await;
+
+    // The check reads the latest change by modification revision, not the prefix's first key.
+    let etcd = Etcd::new(&cluster.settings("/order/")).unwrap();
+    for k in ["a", "z", "m"] {
+        let put = tether_server::datastore::etcd::Op::Put {
+            key: k.into(),
+            value: b"1".to_vec(),
+            lease: 0,
+        };
+        etcd.txn(&[], &[put]).await.unwrap();
+    }
+    let z = etcd.get("z").await.unwrap().unwrap().mod_revision;
+    let put = tether_server::datastore::etcd::Op::Put {
+        key: "z".into(),
+        value: b"2".to_vec(),
+        lease: 0,
+    };
+    etcd.txn(&[], &[put]).await.unwrap();
+    let latest = etcd.latest_change().await.unwrap();
+    assert!(
+        latest > z,
+        "the latest change is z's second write, {latest} > {z}"
+    );
+    assert_eq!(latest, etcd.get("z").await.unwrap().unwrap().mod_revision);
 }
 
 /// A server that starts while etcd is down serves from the records it cached: a revocation it
