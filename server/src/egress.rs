@@ -194,10 +194,12 @@ async fn route_once(
 /// A node is gone for a moment when its tunnels here died under the request (its network
 /// changed, UDP was blocked: the agent falls back to TCP or redials within a second or two), or
 /// when it lost its last tunnel here less than [`RECONNECT_GRACE`] ago (its agent restarting,
-/// or moving to a renewed certificate). kubectl's `exec`, `logs` and `port-forward` do not
-/// retry, so the request waits for the node's return, as the agent's own connections do
-/// (`--reconnect-grace`), and then goes through. A node that never connected, or left longer
-/// ago, is answered at once.
+/// or moving to a renewed certificate), or when this server started less than that ago (a
+/// restart or an upgrade: the nodes and the peer links are on their way back, and a server
+/// that just started cannot tell a node that is coming from one that never will). kubectl's
+/// `exec`, `logs` and `port-forward` do not retry, so the request waits for the node's return,
+/// as the agent's own connections do (`--reconnect-grace`), and then goes through, here or at
+/// a peer. A node that never connected, or left longer ago, is answered at once.
 pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusal> {
     let mut tried = Vec::new();
     let miss = match route_once(state, req, &mut tried).await {
@@ -206,7 +208,7 @@ pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusa
         Err(miss) => miss,
     };
     let since = if tried.is_empty() {
-        state.registry.left_at(&req.host)
+        state.registry.left_at(&req.host).or(Some(state.started))
     } else {
         Some(Instant::now())
     };
@@ -218,13 +220,11 @@ pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusa
     };
     state.metrics.egress_waited.inc();
     debug!(node = %req.host, "egress: the node is gone from here for now; waiting for its next tunnel");
-    if !state
+    // Then once more, whether or not a tunnel came here: a peer may have the node by now.
+    state
         .registry
         .wait_for_tunnel(&req.host, &tried, until)
-        .await
-    {
-        return Err(miss.refusal);
-    }
+        .await;
     route_once(state, req, &mut tried)
         .await
         .map_err(|m| m.refusal)

@@ -284,6 +284,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         upstream: upstream.clone(),
         services,
         instance_id: instance_id.clone(),
+        started: std::time::Instant::now(),
         peers: peers.clone(),
         announcer,
         draining: AtomicBool::new(false),

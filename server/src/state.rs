@@ -30,6 +30,9 @@ pub struct State {
     pub(crate) joins: Arc<Semaphore>,
     /// Random per process start: tells this server apart from its peers, and from itself.
     pub(crate) instance_id: String,
+    /// When this server started serving: in its first moments it has not yet seen the nodes
+    /// that are on their way back to it (see `egress::route`).
+    pub(crate) started: std::time::Instant,
     /// Links this server dialed to its peers.
     pub(crate) peers: Arc<Pool>,
     pub(crate) announcer: Announcer,

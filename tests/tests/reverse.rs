@@ -229,13 +229,6 @@ async fn a_connect_made_while_its_node_reconnects_waits_for_it() {
     })
     .await;
 
-    // A node that was never here: 404 at once, no wait.
-    let (code, _, _) = within("a 404 for a stranger", Duration::from_secs(1), async {
-        connect(proxy, &format!("edge-9:{port}")).await
-    })
-    .await;
-    assert_eq!(code, 404);
-
     // The agent goes away; a CONNECT comes while it is away, and it comes back.
     agent.shutdown().await;
     wait_for("the node gone", Duration::from_secs(10), || async {
@@ -263,5 +256,60 @@ async fn a_connect_made_while_its_node_reconnects_waits_for_it() {
     })
     .await;
     assert_eq!(code, 404, "{body}");
+
+    // A node that was never here, past the server's first seconds: 404 at once, no wait.
+    let (code, _, _) = within("a 404 for a stranger", Duration::from_secs(1), async {
+        connect(proxy, &format!("edge-9:{port}")).await
+    })
+    .await;
+    assert_eq!(code, 404);
     server.shutdown().await;
+}
+
+/// A CONNECT that reaches a server in its first moments, before its nodes have come back to
+/// it (a restart or an upgrade of the control plane's tether-server, which kube-apiserver's
+/// egress uses), waits for the node instead of answering 404: kubectl does not retry `exec` or
+/// `logs`. The soak on etcd found these 404s at every drain and rolling restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_made_as_its_server_starts_waits_for_the_node() {
+    init_logging();
+    let pki = Pki::new();
+    let (_e1, _e2, port) = node_echo().await;
+    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    let first = tether_server::start(sc.clone()).await.unwrap();
+    let addr = first.local_addr;
+    let mut ac = agent_config(&pki, "edge-1", &[addr]);
+    ac.allow_ports = vec![port];
+    ac.state_dir = None;
+    let agent = tether_agent::start(ac).await.unwrap();
+    wait_for("tunnel", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 1
+    })
+    .await;
+
+    // The server restarts on its address; a CONNECT arrives before the agent is back.
+    first.shutdown().await;
+    wait_for("the agent notices", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 0
+    })
+    .await;
+    sc.listen = addr;
+    let second = tether_server::start(sc).await.unwrap();
+    let proxy = second.egress_addr.unwrap();
+    assert!(
+        second.connected_nodes().is_empty(),
+        "the agent is not back yet"
+    );
+    let (code, body, c) = within(
+        "the CONNECT made as the server started",
+        Duration::from_secs(5),
+        connect(proxy, &format!("edge-1:{port}")),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    echo_through(c, random_bytes(50_000, 3)).await.unwrap();
+    assert_eq!(second.metrics().egress_waited.get(), 1);
+    agent.shutdown().await;
+    second.shutdown().await;
 }
