@@ -27,6 +27,7 @@
 
 use crate::{lock_file, read_string, write_file, CertError};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 
 /// The record file of a data directory.
@@ -66,7 +67,16 @@ pub struct NodeRecord {
     pub seen: bool,
     /// When it was written, Unix milliseconds: for people, and the order 0.1 servers use.
     pub at: u64,
+    /// The IP addresses this node owns (sorted, no repeats): the egress proxy sends a CONNECT
+    /// to one of them to this node and to no other, whether or not it is connected. An address
+    /// is owned from its first claim (or from `issue-agent --address`, or a join token that
+    /// names it) until `agent release-address` or `agent forget`. A revoked node keeps its
+    /// addresses, so that nobody else can take them while it is locked out.
+    pub addresses: Vec<IpAddr>,
 }
+
+/// Most addresses one node may own: a node has a few interfaces, each with an address or two.
+pub const MAX_ADDRESSES: usize = 32;
 
 /// Why a record from a file or a peer was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +93,10 @@ pub enum RecordError {
     },
     #[error("writer id {0:?} is too long or not printable")]
     Writer(String),
+    #[error("{0} addresses are more than a node may own (at most {MAX_ADDRESSES})")]
+    Addresses(usize),
+    #[error("a forgotten name owns no address")]
+    ForgottenWithAddresses,
     #[error("{0}")]
     Syntax(String),
 }
@@ -124,6 +138,12 @@ impl NodeRecord {
         if self.writer.len() > MAX_WRITER || !self.writer.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(RecordError::Writer(self.writer.clone()));
         }
+        if self.addresses.len() > MAX_ADDRESSES {
+            return Err(RecordError::Addresses(self.addresses.len()));
+        }
+        if self.state == NodeState::Forgotten && !self.addresses.is_empty() {
+            return Err(RecordError::ForgottenWithAddresses);
+        }
         Ok(())
     }
 
@@ -160,10 +180,14 @@ impl NodeRecord {
             previous: None,
             seen: false,
             at,
+            addresses: Vec::new(),
         };
         if let Some(old) = held {
             if (at, rank(&rec.state)) <= (old.at, rank(&old.state)) {
                 return None;
+            }
+            if rec.state != NodeState::Forgotten {
+                rec.addresses = old.addresses.clone();
             }
             rec.epoch = old.epoch;
             rec.version = old.version.saturating_add(1);
@@ -323,8 +347,14 @@ impl NodeRecord {
             .as_ref()
             .map(|p| format!(" p={p}{}", if self.seen { " seen=1" } else { "" }))
             .unwrap_or_default();
+        let addresses = if self.addresses.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = self.addresses.iter().map(|a| a.to_string()).collect();
+            format!(" a={}", list.join(","))
+        };
         format!(
-            "{} {state} {} e={} v={} w={}{previous}",
+            "{} {state} {} e={} v={} w={}{previous}{addresses}",
             self.name, self.at, self.epoch, self.version, self.writer
         )
     }
@@ -358,6 +388,7 @@ pub fn parse_line(line: &str) -> Result<NodeRecord, RecordError> {
         previous: None,
         seen: false,
         at,
+        addresses: Vec::new(),
     };
     let number = |v: &str, what: &str| {
         v.parse::<u64>()
@@ -377,6 +408,20 @@ pub fn parse_line(line: &str) -> Result<NodeRecord, RecordError> {
             Some(("w", v)) => rec.writer = v.to_string(),
             Some(("p", v)) => rec.previous = Some(v.to_string()),
             Some(("seen", "1")) => rec.seen = true,
+            Some(("a", v)) => {
+                let mut list = Vec::new();
+                for a in v.split(',') {
+                    if list.len() == MAX_ADDRESSES {
+                        return Err(RecordError::Addresses(v.split(',').count()));
+                    }
+                    list.push(
+                        a.parse::<IpAddr>().map_err(|_| {
+                            RecordError::Syntax(format!("{a:?} is not an IP address"))
+                        })?,
+                    );
+                }
+                rec.addresses = normalized(list);
+            }
             _ => return Err(RecordError::Syntax(format!("unknown field {field:?}"))),
         }
     }
@@ -427,6 +472,12 @@ impl Records {
             version = 1;
         }
         let after = old.map(|r| r.at.saturating_add(1)).unwrap_or(0);
+        // The addresses stay with the name through renewals and revocations; a forget frees them.
+        let addresses = match (&state, old) {
+            (NodeState::Forgotten, _) | (_, None) => Vec::new(),
+            (_, Some(r)) if r.state == NodeState::Forgotten => Vec::new(),
+            (_, Some(r)) => r.addresses.clone(),
+        };
         let rec = NodeRecord {
             name: name.to_string(),
             state,
@@ -436,6 +487,7 @@ impl Records {
             previous,
             seen,
             at: now_ms().max(after),
+            addresses,
         };
         self.by_name.insert(name.to_string(), rec);
     }
@@ -555,6 +607,126 @@ impl Records {
     }
 }
 
+/// Sorts and dedups a list of addresses: the one form a record holds them in, so that two
+/// servers write the same line for the same set.
+pub fn normalized(mut list: Vec<IpAddr>) -> Vec<IpAddr> {
+    list.sort();
+    list.dedup();
+    list
+}
+
+/// What became of a node's claim of its addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressClaim {
+    /// Addresses the node owns now, including those it owned before.
+    pub owned: Vec<IpAddr>,
+    /// Addresses refused: owned by another node (named), or past [`MAX_ADDRESSES`] (`None`).
+    pub refused: Vec<(IpAddr, Option<String>)>,
+}
+
+/// Address ownership: which node an address leads to. Like the name rules above, the writes
+/// read and write one name's record only; the check against the other names' records is made
+/// by the caller on the records it holds (see `Authority::claim_addresses`).
+impl Records {
+    /// The names whose records own `addr` (sorted). More than one only when two servers took
+    /// two first claims at once, before either heard of the other: the address then leads
+    /// nowhere until an operator releases it (`agent release-address`).
+    pub fn owners_of(&self, addr: IpAddr) -> Vec<&str> {
+        self.by_name
+            .values()
+            .filter(|r| r.state != NodeState::Forgotten && r.addresses.contains(&addr))
+            .map(|r| r.name.as_str())
+            .collect()
+    }
+
+    /// Every address owned by more than one name, with those names.
+    pub fn contested(&self) -> Vec<(IpAddr, Vec<String>)> {
+        let mut by_addr: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for r in self.by_name.values() {
+            if r.state == NodeState::Forgotten {
+                continue;
+            }
+            for a in &r.addresses {
+                by_addr.entry(*a).or_default().push(r.name.clone());
+            }
+        }
+        by_addr.into_iter().filter(|(_, n)| n.len() > 1).collect()
+    }
+
+    /// Adds `addrs` to the addresses `name` owns (a node's first claim, or a pin by an
+    /// operator). `key` is the claiming certificate's key: a name with no record yet is
+    /// recorded as its owner first (as a join would); a name owned by another key, revoked or
+    /// forgotten takes no claim. The caller has already removed the addresses other names own.
+    /// Returns what the name owns after, and whether anything was written.
+    pub fn add_addresses(
+        &mut self,
+        name: &str,
+        key: Option<&str>,
+        addrs: &[IpAddr],
+    ) -> (AddressClaim, bool) {
+        let mut out = AddressClaim::default();
+        let held = self.by_name.get(name);
+        let may = match (held.map(|r| &r.state), key) {
+            (Some(NodeState::Owned(k)), Some(key)) => {
+                k == key || held.and_then(|r| r.previous.as_deref()) == Some(key)
+            }
+            // An operator's pin (no key): any record that is not forgotten.
+            (Some(NodeState::Owned(_) | NodeState::Revoked), None) => true,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if !may {
+            out.refused = addrs.iter().map(|a| (*a, None)).collect();
+            return (out, false);
+        }
+        let mut list = held.map(|r| r.addresses.clone()).unwrap_or_default();
+        let before = list.clone();
+        for a in addrs {
+            if list.contains(a) {
+                continue;
+            }
+            if list.len() >= MAX_ADDRESSES {
+                out.refused.push((*a, None));
+                continue;
+            }
+            list.push(*a);
+        }
+        let list = normalized(list);
+        out.owned = list.clone();
+        if list == before && held.is_some() {
+            return (out, false);
+        }
+        match (held, key) {
+            (None, Some(key)) => self.write_local(name, NodeState::Owned(key.to_string())),
+            (Some(r), _) => {
+                let (state, previous, seen) = (r.state.clone(), r.previous.clone(), r.seen);
+                self.write_local_with(name, state, previous, seen);
+            }
+            (None, None) => return (out, false),
+        }
+        if let Some(r) = self.by_name.get_mut(name) {
+            r.addresses = list;
+        }
+        (out, true)
+    }
+
+    /// Lifts `name`'s ownership of `addr`; true when it owned it.
+    pub fn release_address(&mut self, name: &str, addr: IpAddr) -> bool {
+        let Some(r) = self.by_name.get(name) else {
+            return false;
+        };
+        if !r.addresses.contains(&addr) {
+            return false;
+        }
+        let (state, previous, seen) = (r.state.clone(), r.previous.clone(), r.seen);
+        self.write_local_with(name, state, previous, seen);
+        if let Some(r) = self.by_name.get_mut(name) {
+            r.addresses.retain(|a| *a != addr);
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,6 +749,7 @@ mod tests {
             previous: None,
             seen: false,
             at: 0,
+            addresses: Vec::new(),
         }
     }
 
@@ -700,6 +873,45 @@ mod tests {
         let err = Records::load(&d).unwrap_err().to_string();
         assert!(err.contains("line 4") && err.contains("nodes"), "{err}");
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn addresses_are_owned_by_the_first_claim_and_kept_until_released_or_forgotten() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut r = Records::default();
+        // A first claim by a name with no record records its owner too.
+        let (c, changed) = r.add_addresses("a", Some(&key(1)), &[ip("10.0.0.2"), ip("10.0.0.1")]);
+        assert!(changed);
+        assert_eq!(c.owned, vec![ip("10.0.0.1"), ip("10.0.0.2")]);
+        assert_eq!(r.check("a", &key(1)), Verdict::Allowed);
+        assert_eq!(r.owners_of(ip("10.0.0.1")), vec!["a"]);
+        // Claiming again writes nothing; another key of the name claims nothing.
+        assert!(!r.add_addresses("a", Some(&key(1)), &[ip("10.0.0.1")]).1);
+        let (c, changed) = r.add_addresses("a", Some(&key(2)), &[ip("10.0.0.9")]);
+        assert!(!changed && c.refused.len() == 1);
+        // Renewal and revocation keep the addresses; the line round-trips.
+        r.renew("a", &key(1), &key(3)).unwrap();
+        r.write_local("a", NodeState::Revoked);
+        assert_eq!(r.owners_of(ip("10.0.0.2")), vec!["a"]);
+        let line = r.by_name["a"].to_line();
+        assert!(line.ends_with(" a=10.0.0.1,10.0.0.2"), "{line}");
+        assert_eq!(parse_line(&line).unwrap(), r.by_name["a"]);
+        // A released address is free; a forget frees them all.
+        assert!(r.release_address("a", ip("10.0.0.1")));
+        assert!(r.owners_of(ip("10.0.0.1")).is_empty());
+        r.write_local("a", NodeState::Forgotten);
+        assert!(r.owners_of(ip("10.0.0.2")).is_empty());
+        assert!(r.by_name["a"].addresses.is_empty());
+        // Bounded: a node owns at most MAX_ADDRESSES.
+        let many: Vec<IpAddr> = (0..40u8).map(|i| IpAddr::from([10, 1, 0, i])).collect();
+        let (c, _) = r.add_addresses("b", Some(&key(4)), &many);
+        assert_eq!(
+            (c.owned.len(), c.refused.len()),
+            (MAX_ADDRESSES, 40 - MAX_ADDRESSES)
+        );
+        for bad in ["n revoked 1 a=edge-1", "n forgotten 1 a=10.0.0.1"] {
+            assert!(parse_line(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

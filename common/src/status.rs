@@ -32,7 +32,8 @@ pub struct ServerStatus {
     /// Unix seconds.
     pub certificate_expiry: Option<i64>,
     pub nodes: Vec<NodeStatus>,
-    /// Addresses two nodes report at once: egress to them answers 409.
+    /// Addresses two nodes own at once (two first claims on two servers before either heard
+    /// of the other): egress to them answers 409 until an operator releases them.
     pub contested_addresses: Vec<ContestedAddress>,
     pub configured_peers: Vec<String>,
     pub peers: Vec<LinkStatus>,
@@ -75,8 +76,11 @@ pub struct NodeStatus {
     pub name: String,
     /// The newest tunnel's remote address.
     pub address: Option<String>,
-    /// The addresses the node reported (its egress targets).
+    /// The addresses the node owns, as its agent claimed them (its egress targets).
     pub addresses: Vec<String>,
+    /// Addresses its agent claimed and was refused: owned by another node (named), not an IP
+    /// address, or past the bound (no owner).
+    pub refused_addresses: Vec<RefusedAddress>,
     pub transport: Option<String>,
     pub tunnels: usize,
     pub streams: u64,
@@ -87,6 +91,14 @@ pub struct NodeStatus {
     /// Unix seconds.
     pub certificate_expiry: Option<i64>,
     pub capabilities: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RefusedAddress {
+    pub address: String,
+    /// The node that owns it; empty when the claim was refused for another reason.
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -61,6 +61,9 @@ pub mod capability {
     /// Since 0.2: node records travel as [`super::Message::NodeRecordV2`], ordered by epoch and
     /// version instead of clocks, in both directions of a server-to-server link.
     pub const RECORDS_V2: &str = "records-v2";
+    /// Since 0.3: node records carry the addresses each node owns (a record with addresses
+    /// travels as a frame of kind `NODE_RECORD_V3`); a peer without it gets them without.
+    pub const RECORDS_ADDRESSES: &str = "records-addresses";
     /// Since 0.2: the side announces its capabilities. A hello or welcome without it comes from
     /// 0.1, which knows only [`APISERVER`] and [`PEER`].
     pub const CAPABILITIES: &str = "caps";
@@ -71,7 +74,13 @@ pub mod capability {
     pub const EARLY_DATA: &str = "early-data";
 
     /// What this build announces on every tunnel, besides the role-specific [`PEER`].
-    pub const ANNOUNCED: &[&str] = &[APISERVER, CAPABILITIES, RECORDS_V2, EARLY_DATA];
+    pub const ANNOUNCED: &[&str] = &[
+        APISERVER,
+        CAPABILITIES,
+        RECORDS_V2,
+        EARLY_DATA,
+        RECORDS_ADDRESSES,
+    ];
 
     /// Longest capability name kept; longer ones are ignored.
     pub const MAX_NAME: usize = 64;
@@ -138,6 +147,9 @@ mod kind {
     pub const NODE_INFO: u8 = 0x06;
     pub const NODE_RECORD: u8 = 0x07;
     pub const NODE_RECORD_V2: u8 = 0x08;
+    /// A [`super::Message::NodeRecordV2`] with the addresses the node owns (since 0.3, to
+    /// peers that announced [`super::capability::RECORDS_ADDRESSES`]).
+    pub const NODE_RECORD_V3: u8 = 0x09;
     pub const OPEN: u8 = 0x10;
     pub const STATUS: u8 = 0x11;
     pub const JOIN: u8 = 0x20;
@@ -327,6 +339,9 @@ pub enum Message {
         at_ms: u64,
         previous: String,
         seen: bool,
+        /// The IP addresses the node owns, as text (empty for a 0.2 peer, which sends none
+        /// and must be sent none).
+        addresses: Vec<String>,
     },
     /// First frame of the one stream of a join connection: a token and a signing request.
     Join {
@@ -490,6 +505,7 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             at_ms,
             previous,
             seen,
+            addresses,
         } => {
             put_str(&mut body, n, name)?;
             put_record_state(&mut body, state, name)?;
@@ -499,7 +515,12 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             body.put_u64(*at_ms);
             put_str(&mut body, previous, name)?;
             body.put_u8(u8::from(*seen));
-            kind::NODE_RECORD_V2
+            if addresses.is_empty() {
+                kind::NODE_RECORD_V2
+            } else {
+                put_str_list(&mut body, addresses, name)?;
+                kind::NODE_RECORD_V3
+            }
         }
         Message::Join {
             token_id,
@@ -672,7 +693,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
                 at_ms: r.u64()?,
             }
         }
-        kind::NODE_RECORD_V2 => {
+        kind::NODE_RECORD_V2 | kind::NODE_RECORD_V3 => {
             r.msg = "node-record-v2";
             Message::NodeRecordV2 {
                 name: r.string()?,
@@ -683,6 +704,11 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
                 at_ms: r.u64()?,
                 previous: r.string()?,
                 seen: r.bool()?,
+                addresses: if kind == kind::NODE_RECORD_V3 {
+                    r.string_list()?
+                } else {
+                    Vec::new()
+                },
             }
         }
         kind::JOIN => {
@@ -1069,10 +1095,21 @@ mod tests {
                 ],
                 (any::<u32>(), any::<u64>()),
                 small_string(),
-                (any::<u64>(), small_string(), any::<bool>())
+                (
+                    any::<u64>(),
+                    small_string(),
+                    any::<bool>(),
+                    proptest::collection::vec(small_string(), 0..4)
+                )
             )
                 .prop_map(
-                    |(name, state, (epoch, version), writer, (at_ms, previous, seen))| {
+                    |(
+                        name,
+                        state,
+                        (epoch, version),
+                        writer,
+                        (at_ms, previous, seen, addresses),
+                    )| {
                         Message::NodeRecordV2 {
                             name,
                             state,
@@ -1082,6 +1119,7 @@ mod tests {
                             at_ms,
                             previous,
                             seen,
+                            addresses,
                         }
                     }
                 ),

@@ -79,6 +79,7 @@ pub(crate) async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
                 cert_not_after: peer.not_after,
                 key_hash: key.clone(),
                 addresses: Vec::new(),
+                refused: Vec::new(),
                 streams: open_streams.clone(),
                 meter: Arc::default(),
                 capabilities: Capabilities::default(),

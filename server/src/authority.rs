@@ -6,16 +6,30 @@
 use crate::datastore::{Datastore, DatastoreError, Kind};
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::RwLock;
 use std::time::SystemTime;
-use tether_certs::records::{self, NodeRecord, NodeState, RecordError, Records, Verdict};
+use tether_certs::records::{
+    self, AddressClaim, NodeRecord, NodeState, RecordError, Records, Verdict,
+};
 use tether_common::link::reconnect::Outbox;
 use tether_proto::capability::{self, Capabilities};
 use tether_proto::{Message, RecordState};
 use tokio::sync::watch;
 use tracing::{error, warn};
+
+/// Where a host named in a CONNECT leads (see [`Authority::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// This node: the host is its name, or an address it owns.
+    Node(String),
+    /// An address no node owns: it leads nowhere.
+    Unowned(IpAddr),
+    /// An address more than one node owns: it leads nowhere until an operator releases it.
+    Contested(Vec<String>),
+}
 
 pub struct Authority {
     store: Datastore,
@@ -145,6 +159,66 @@ impl Authority {
         Ok(r)
     }
 
+    /// Where a host named in a CONNECT leads, as the records say: a node name leads to that
+    /// node; an IP address to the one node that owns it, connected or not. A name is never
+    /// taken for an address nor an address for a name (no node name parses as an address).
+    pub fn resolve(&self, host: &str) -> Resolved {
+        let Ok(addr) = host.parse::<IpAddr>() else {
+            return Resolved::Node(host.to_string());
+        };
+        let all = self.read();
+        match all.owners_of(addr).as_slice() {
+            [] => Resolved::Unowned(addr),
+            [one] => Resolved::Node(one.to_string()),
+            many => Resolved::Contested(many.iter().map(|n| n.to_string()).collect()),
+        }
+    }
+
+    /// Addresses owned by more than one node (two first claims at once on two servers).
+    pub fn contested(&self) -> Vec<(IpAddr, Vec<String>)> {
+        self.read().contested()
+    }
+
+    /// A node's claim of the addresses its agent reported, on a tunnel proven to be `name`
+    /// with key `key`: an address no other node owns becomes this node's (written to the
+    /// store, and so to every server); one another node owns is refused, with its owner.
+    /// Writes nothing when the node owns them all already, so a reconnect costs no write.
+    pub async fn claim_addresses(
+        &self,
+        name: &str,
+        key: &str,
+        addrs: &[IpAddr],
+    ) -> Result<AddressClaim, DatastoreError> {
+        let mut refused = Vec::new();
+        let mut free = Vec::new();
+        let mine = {
+            let all = self.read();
+            for a in addrs {
+                match all.owners_of(*a).into_iter().find(|o| *o != name) {
+                    Some(other) => refused.push((*a, Some(other.to_string()))),
+                    None => free.push(*a),
+                }
+            }
+            all.by_name.get(name).map(|r| r.addresses.clone())
+        };
+        let mut claim = match mine {
+            Some(owned) if free.iter().all(|a| owned.contains(a)) => AddressClaim {
+                owned,
+                refused: Vec::new(),
+            },
+            _ => {
+                let (claim, rec) = self
+                    .store
+                    .update(name, |all| all.add_addresses(name, Some(key), &free))
+                    .await?;
+                self.stored(rec);
+                claim
+            }
+        };
+        claim.refused.extend(refused);
+        Ok(claim)
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }
@@ -163,6 +237,7 @@ impl Authority {
         sent: &mut HashMap<String, RecordId>,
     ) -> Vec<Message> {
         let v2 = peer.has(capability::RECORDS_V2);
+        let addresses = peer.has(capability::RECORDS_ADDRESSES);
         let mut out = Vec::new();
         // With etcd every server reads the records from it: peers pass none.
         if self.store.kind() == Kind::Etcd {
@@ -171,7 +246,7 @@ impl Authority {
         for r in self.read().by_name.values() {
             let id = RecordId::of(r);
             if sent.get(&r.name) != Some(&id) {
-                out.push(to_message(r, v2));
+                out.push(to_message(r, v2, addresses));
                 sent.insert(r.name.clone(), id);
             }
         }
@@ -225,8 +300,9 @@ fn local_state(s: &RecordState) -> NodeState {
 }
 
 /// A record as a message: ordered by epoch and version for a peer that has
-/// [`capability::RECORDS_V2`], by time for a 0.1 peer.
-pub fn to_message(r: &NodeRecord, v2: bool) -> Message {
+/// [`capability::RECORDS_V2`], by time for a 0.1 peer; with the node's addresses for a peer
+/// that has [`capability::RECORDS_ADDRESSES`].
+pub fn to_message(r: &NodeRecord, v2: bool, addresses: bool) -> Message {
     if v2 {
         Message::NodeRecordV2 {
             name: r.name.clone(),
@@ -237,6 +313,11 @@ pub fn to_message(r: &NodeRecord, v2: bool) -> Message {
             at_ms: r.at,
             previous: r.previous.clone().unwrap_or_default(),
             seen: r.seen,
+            addresses: if addresses {
+                r.addresses.iter().map(|a| a.to_string()).collect()
+            } else {
+                Vec::new()
+            },
         }
     } else {
         Message::NodeRecord {
@@ -266,16 +347,31 @@ pub fn from_message(
             at_ms,
             previous,
             seen,
-        } => NodeRecord {
-            name: name.clone(),
-            state: local_state(state),
-            epoch: *epoch,
-            version: *version,
-            writer: writer.clone(),
-            previous: (!previous.is_empty()).then(|| previous.clone()),
-            seen: *seen,
-            at: *at_ms,
-        },
+            addresses,
+        } => {
+            NodeRecord {
+                name: name.clone(),
+                state: local_state(state),
+                epoch: *epoch,
+                version: *version,
+                writer: writer.clone(),
+                previous: (!previous.is_empty()).then(|| previous.clone()),
+                seen: *seen,
+                at: *at_ms,
+                addresses: {
+                    if addresses.len() > records::MAX_ADDRESSES {
+                        return Err(RecordError::Addresses(addresses.len()));
+                    }
+                    let mut list = Vec::with_capacity(addresses.len());
+                    for a in addresses {
+                        list.push(a.parse().map_err(|_| {
+                            RecordError::Syntax(format!("{a:?} is not an IP address"))
+                        })?);
+                    }
+                    records::normalized(list)
+                },
+            }
+        }
         Message::NodeRecord { name, state, at_ms } => {
             tether_certs::validate_node_name(name).map_err(|_| RecordError::Name(name.clone()))?;
             check_time(*at_ms)?;

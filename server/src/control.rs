@@ -97,11 +97,7 @@ pub(crate) async fn control(
             m = stream.recv.read_message() => match m {
                 Ok(Some(Message::NodeInfo { addresses })) if party == Party::Agent => {
                     debug!(node, ?addresses, "node addresses");
-                    for (address, other) in state.registry.set_addresses(node, tunnel_id, addresses) {
-                        state.metrics.address_conflicts.inc();
-                        warn!(node, %address, other_node = %other,
-                            "address claimed by two nodes: it is contested, and the egress proxy refuses it until one of them goes away");
-                    }
+                    claim_addresses(state, node, tunnel_id, addresses).await;
                 }
                 Ok(Some(m @ (Message::NodeRecord { .. } | Message::NodeRecordV2 { .. })))
                     if party == Party::Peer =>
@@ -118,4 +114,53 @@ pub(crate) async fn control(
             },
         }
     }
+}
+
+/// A node's agent reported its addresses: each must be an IP address, and becomes the node's
+/// unless another node owns it (see `Authority::claim_addresses`). What is refused is logged
+/// with both names, counted, and shown in `status`.
+async fn claim_addresses(state: &State, node: &str, tunnel_id: usize, reported: Vec<String>) {
+    let mut refused: Vec<(String, String)> = Vec::new();
+    let mut addrs = Vec::new();
+    for a in reported {
+        match a.parse::<std::net::IpAddr>() {
+            Ok(ip) => addrs.push(ip),
+            Err(_) => {
+                state.metrics.address_conflicts.inc();
+                warn!(node, address = %a, "address claim refused: not an IP address (a node is reached by its name, which its certificate proves)");
+                refused.push((a, String::new()));
+            }
+        }
+    }
+    let Some(key) = state
+        .registry
+        .tunnels(node)
+        .into_iter()
+        .find(|e| e.tunnel.id() == tunnel_id)
+        .map(|e| e.key_hash)
+    else {
+        return;
+    };
+    let claim = match state.authority.claim_addresses(node, &key, &addrs).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(node, error = %e, "cannot record the node's addresses; they lead nowhere until its next claim");
+            return;
+        }
+    };
+    for (address, owner) in claim.refused {
+        state.metrics.address_conflicts.inc();
+        match &owner {
+            Some(other) => warn!(node, %address, owner = %other,
+                "address claim refused: another node owns this address (`tether-server agent release-address` frees it)"),
+            None => {
+                warn!(node, %address, "address claim refused: the node owns as many addresses as it may")
+            }
+        }
+        refused.push((address.to_string(), owner.unwrap_or_default()));
+    }
+    let owned = claim.owned.iter().map(|a| a.to_string()).collect();
+    state
+        .registry
+        .set_addresses(node, tunnel_id, owned, refused);
 }

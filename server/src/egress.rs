@@ -8,7 +8,7 @@
 //! flow. Failures answer with a status and a reason: 400, 403 (the agent refuses the target),
 //! 404 (no such node connected anywhere), 502 (the agent could not connect), 504 (timeout).
 
-use crate::registry::Route;
+use crate::authority::Resolved;
 use crate::state::State;
 use std::path::Path;
 use std::sync::Arc;
@@ -101,35 +101,38 @@ impl Miss {
     }
 }
 
-/// Reaches `host:port` through a local tunnel of the node (newest first), skipping those in
+/// The node a CONNECT's host leads to: the node of that name, or the one node that owns that
+/// IP address (whether or not it is connected: an address never leads to another node because
+/// its owner is away). An address no node owns, or more than one, leads nowhere.
+pub fn resolve(state: &State, host: &str) -> Result<String, Refusal> {
+    match state.authority.resolve(host) {
+        Resolved::Node(node) => Ok(node),
+        Resolved::Unowned(addr) => Err((404, format!("no node owns address {addr}"))),
+        Resolved::Contested(nodes) => Err((
+            409,
+            format!(
+                "address {host} is owned by more than one node ({}); an operator must release it (`tether-server agent release-address {host}`), or reach the node by its name",
+                nodes.join(", ")
+            ),
+        )),
+    }
+}
+
+/// Reaches `host:port` through a local tunnel of `node` (newest first), skipping those in
 /// `tried`; each tunnel that fails as a tunnel is added there.
 pub async fn route_local(
     state: &State,
+    node: &str,
     req: &ConnectRequest,
     tried: &mut Vec<usize>,
 ) -> Result<Stream, Miss> {
-    let tunnels = match state.registry.find(&req.host) {
-        Route::Node(_, tunnels) => tunnels,
-        Route::Unknown => {
-            return Err(Miss {
-                refusal: (
-                    404,
-                    format!("node {} is not connected to this server", req.host),
-                ),
-                absent: true,
-            })
-        }
-        Route::Contested(nodes) => {
-            return Err(Miss::verdict((
-                409,
-                format!(
-                    "address {} is claimed by more than one node ({}); reach the node by its name",
-                    req.host,
-                    nodes.join(", ")
-                ),
-            )))
-        }
-    };
+    let tunnels = state.registry.find(node);
+    if tunnels.is_empty() {
+        return Err(Miss {
+            refusal: (404, format!("node {node} is not connected to this server")),
+            absent: true,
+        });
+    }
     let mut last = (502, String::from("no tunnel answered"));
     for entry in tunnels {
         if tried.contains(&entry.tunnel.id()) {
@@ -155,10 +158,11 @@ pub async fn route_local(
 /// Reaches `host:port` through this server's tunnels, else through a peer that has the node.
 async fn route_once(
     state: &State,
+    node: &str,
     req: &ConnectRequest,
     tried: &mut Vec<usize>,
 ) -> Result<Stream, Miss> {
-    match route_local(state, req, tried).await {
+    match route_local(state, node, req, tried).await {
         Err(Miss {
             refusal: (404, _), ..
         }) => {}
@@ -167,7 +171,7 @@ async fn route_once(
     for link in state.peers.candidates(Policy::LeastStreams) {
         match ask(&link.tunnel, req, 1).await {
             Ok(s) => {
-                debug!(node = %req.host, peer = %link.server, "egress through peer");
+                debug!(node, host = %req.host, peer = %link.server, "egress through peer");
                 return Ok(s);
             }
             // Not that peer's node, or the peer's tunnel failed: ask the next.
@@ -180,10 +184,7 @@ async fn route_once(
         }
     }
     Err(Miss {
-        refusal: (
-            404,
-            format!("node {} is not connected to any server", req.host),
-        ),
+        refusal: (404, format!("node {node} is not connected to any server")),
         absent: true,
     })
 }
@@ -200,15 +201,15 @@ async fn route_once(
 /// `exec`, `logs` and `port-forward` do not retry, so the request waits for the node's return,
 /// as the agent's own connections do (`--reconnect-grace`), and then goes through, here or at
 /// a peer. A node that never connected, or left longer ago, is answered at once.
-pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusal> {
+pub async fn route(state: &State, node: &str, req: &ConnectRequest) -> Result<Stream, Refusal> {
     let mut tried = Vec::new();
-    let miss = match route_once(state, req, &mut tried).await {
+    let miss = match route_once(state, node, req, &mut tried).await {
         Ok(s) => return Ok(s),
         Err(miss) if !miss.absent => return Err(miss.refusal),
         Err(miss) => miss,
     };
     let since = if tried.is_empty() {
-        state.registry.left_at(&req.host).or(Some(state.started))
+        state.registry.left_at(node).or(Some(state.started))
     } else {
         Some(Instant::now())
     };
@@ -219,13 +220,13 @@ pub async fn route(state: &State, req: &ConnectRequest) -> Result<Stream, Refusa
         return Err(miss.refusal);
     };
     state.metrics.egress_waited.inc();
-    debug!(node = %req.host, "egress: the node is gone from here for now; waiting for its next tunnel");
+    debug!(
+        node,
+        "egress: the node is gone from here for now; waiting for its next tunnel"
+    );
     // Then once more, whether or not a tunnel came here: a peer may have the node by now.
-    state
-        .registry
-        .wait_for_tunnel(&req.host, &tried, until)
-        .await;
-    route_once(state, req, &mut tried)
+    state.registry.wait_for_tunnel(node, &tried, until).await;
+    route_once(state, node, req, &mut tried)
         .await
         .map_err(|m| m.refusal)
 }
@@ -252,8 +253,12 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str
             return respond(&mut s, code, &format!("{why}\n")).await;
         }
     };
-    let stream = match route(state, &req).await {
-        Ok(stream) => stream,
+    let routed = match resolve(state, &req.host) {
+        Ok(node) => route(state, &node, &req).await.map(|s| (node, s)),
+        Err(refusal) => Err(refusal),
+    };
+    let (node, stream) = match routed {
+        Ok(routed) => routed,
         Err((code, why)) => {
             state.metrics.egress_failed(code);
             warn!(client = who, node = %req.host, port = req.port, status = code, reason = %why,
@@ -268,7 +273,7 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str
     ) {
         return;
     }
-    info!(client = who, node = %req.host, port = req.port, "egress CONNECT established");
+    info!(client = who, host = %req.host, port = req.port, node = %node, "egress CONNECT established");
     state.metrics.egress_streams.inc();
     let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
     relay::relay_io(s, rest, stream, &[&state.metrics.shared.bytes]).await;
@@ -278,7 +283,12 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str
 pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, state: &State) {
     let req = ConnectRequest { host, port };
     // The asking server waits for a node that is gone for a moment; its peers answer at once.
-    match route_local(state, &req, &mut Vec::new()).await {
+    // The host leads where this server's records say, by the same rule as at the asker.
+    let routed = match resolve(state, &req.host) {
+        Ok(node) => route_local(state, &node, &req, &mut Vec::new()).await,
+        Err(refusal) => Err(Miss::verdict(refusal)),
+    };
+    match routed {
         Ok(target) => {
             if answer(&mut stream, StatusCode::Ok, "").await.is_ok() {
                 let _open = GaugeGuard::new(&state.metrics.shared.streams_open);

@@ -181,8 +181,18 @@ enum AgentCommand {
     },
     /// Forget a node name: the next join under it may use a new key (a reinstalled node). Also
     /// lifts a revocation, for a new join only: no certificate made before the forget is good.
+    /// The addresses the node owned are free again.
     Forget {
         name: String,
+        #[arg(long, env = "TETHER_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Lift a node's ownership of an IP address: the next node to claim it owns it (a node
+    /// moved to another address, or two nodes claimed one at once).
+    ReleaseAddress {
+        address: std::net::IpAddr,
         #[arg(long, env = "TETHER_DATA_DIR")]
         data_dir: PathBuf,
         #[command(flatten)]
@@ -220,6 +230,10 @@ struct IssueAgentArgs {
     /// Lifetime of the certificate, in days.
     #[arg(long, env = "TETHER_DAYS", default_value_t = tether_certs::LEAF_DAYS)]
     days: u32,
+    /// An IP address of the node, owned by it from now on (repeatable): the egress proxy
+    /// sends a CONNECT to it to this node alone, so no other node can claim it first.
+    #[arg(long = "address", value_delimiter = ',')]
+    addresses: Vec<std::net::IpAddr>,
     /// With --datastore etcd, the new key's ownership of the name is recorded in etcd too.
     #[command(flatten)]
     store: StoreArgs,
@@ -460,6 +474,31 @@ fn human(secs: i64) -> String {
 async fn agent(a: AgentCommand) -> Result<()> {
     use tether_certs::records::NodeState;
     let (name, dir, store, state, what) = match a {
+        AgentCommand::ReleaseAddress {
+            address,
+            data_dir,
+            store,
+        } => {
+            let owners = store
+                .open(&data_dir)?
+                .release_address(address)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot update the node records in {}",
+                        store.describe(&data_dir)
+                    )
+                })?;
+            if owners.is_empty() {
+                println!("address {address} was owned by no node");
+            } else {
+                println!(
+                    "address {address} released (it was owned by {}): the next node to claim it owns it",
+                    owners.join(", ")
+                );
+            }
+            return Ok(());
+        }
         AgentCommand::Revoke {
             name,
             data_dir,
@@ -519,6 +558,31 @@ async fn issue_agent(a: IssueAgentArgs) -> Result<()> {
                     a.store.describe(&a.data_dir)
                 )
             })?;
+    }
+    if !a.addresses.is_empty() {
+        let claim = store
+            .pin_addresses(&a.node_name, &a.addresses)
+            .await
+            .with_context(|| {
+                format!(
+                    "issued {out}/agent.crt but cannot record its addresses in {}; run issue-agent again",
+                    a.store.describe(&a.data_dir)
+                )
+            })?;
+        if !claim.refused.is_empty() {
+            let list: Vec<String> = claim
+                .refused
+                .iter()
+                .map(|(a, owner)| match owner {
+                    Some(o) => format!("{a} (owned by {o})"),
+                    None => format!("{a} (more than a node may own)"),
+                })
+                .collect();
+            anyhow::bail!(
+                "issued {out}/agent.crt, but these addresses are not the node's: {}; release them (`tether-server agent release-address`) and run issue-agent again",
+                list.join(", ")
+            );
+        }
     }
     println!(
         "issued {out}/agent.crt for node {:?} (with {out}/ca.crt and {out}/agent.key)",

@@ -96,7 +96,7 @@ pub struct Metrics {
     pub egress_streams: Counter,
     /// CONNECT requests that waited for a node gone from here for a moment.
     pub egress_waited: Counter,
-    /// Address claims that collided with another node's claim.
+    /// Address claims refused: owned by another node, not an IP address, or past the bound.
     pub address_conflicts: Counter,
     pub egress_failures: CounterFamily<EgressCode>,
     /// Whether the datastore answers (see `datastore`).
@@ -238,7 +238,7 @@ impl Metrics {
         );
         e.counter(
             "tether_address_conflicts_total",
-            "Address claims of a node that another node already claimed (the address is then contested).",
+            "Address claims refused: the address is owned by another node, is not an IP address, or is past the bound of addresses per node.",
             self.address_conflicts.get(),
         );
         e.counter(

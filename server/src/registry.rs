@@ -1,11 +1,9 @@
-//! Which nodes are connected to this server, through which tunnels, and which node an address
-//! leads to.
+//! Which nodes are connected to this server, and through which tunnels.
 //!
-//! A node's name is proven by its certificate; its addresses are only claimed by its agent. So
-//! an address leads to a node only while exactly one node claims it: when a second node claims
-//! an address another node already claims, both claims stay on record, the address is
-//! *contested*, and the egress proxy refuses it (409) until one of the two goes away. A node
-//! that claims another's address can block routing by that address, never take its traffic.
+//! The registry knows nodes by name only: a node's name is proven by its certificate. Which
+//! node an IP address leads to is a question for the node records (`Authority::resolve`),
+//! where an address is owned by the first node that claimed it, connected or not; the
+//! registry only keeps, for `status`, what each tunnel's agent claimed and what was refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,8 +40,11 @@ pub struct Entry<T = Tunnel> {
     pub cert_not_after: i64,
     /// SHA-256 of the certificate's public key: checked against the node records.
     pub key_hash: String,
-    /// The node's addresses, as its agent reported them.
+    /// The addresses the node owns, as its agent claimed them on this tunnel.
     pub addresses: Vec<String>,
+    /// Addresses its agent claimed that another node owns (address, owner), or that were past
+    /// the bound (owner empty): refused, and shown in `status`.
+    pub refused: Vec<(String, String)>,
     /// Streams open on this tunnel.
     pub streams: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Bytes relayed for streams of this tunnel (for `status`).
@@ -51,17 +52,6 @@ pub struct Entry<T = Tunnel> {
     /// What the agent announced in its hello (empty until the hello, and from a 0.1 agent
     /// nothing but `apiserver`): new behaviour towards it is used only when announced.
     pub capabilities: Capabilities,
-}
-
-/// Where a host named in a request leads.
-#[derive(Debug)]
-pub enum Route<T = Tunnel> {
-    /// No connected node has this name or claims this address.
-    Unknown,
-    /// This node, through these tunnels (newest first).
-    Node(String, Vec<Entry<T>>),
-    /// More than one node claims this address: it leads nowhere until only one does.
-    Contested(Vec<String>),
 }
 
 /// How long a node that lost its last tunnel here is remembered ([`Registry::left_at`]): longer
@@ -73,9 +63,9 @@ const LEFT_KEPT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Registry<T = Tunnel> {
     nodes: Mutex<HashMap<String, Vec<Entry<T>>>>,
-    /// Nodes that lost their last tunnel here in the last [`LEFT_KEPT`]: when, and the
-    /// addresses they had claimed. Bounded by the nodes whose certificates connected.
-    left: Mutex<HashMap<String, (Instant, Vec<String>)>>,
+    /// Nodes that lost their last tunnel here in the last [`LEFT_KEPT`], and when. Bounded by
+    /// the nodes whose certificates connected.
+    left: Mutex<HashMap<String, Instant>>,
     /// Bumped on every tunnel added, for those who wait for a node's return.
     added: watch::Sender<u64>,
 }
@@ -103,53 +93,40 @@ impl<T: TunnelRef> Registry<T> {
         let Some(list) = nodes.get_mut(node) else {
             return;
         };
-        let addresses: Vec<String> = list
-            .iter()
-            .filter(|e| e.tunnel.id() == tunnel_id)
-            .flat_map(|e| e.addresses.iter().cloned())
-            .collect();
         list.retain(|e| e.tunnel.id() != tunnel_id);
         if list.is_empty() {
             nodes.remove(node);
             drop(nodes);
             let now = Instant::now();
             let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
-            left.retain(|_, (at, _)| now.duration_since(*at) < LEFT_KEPT);
-            left.insert(node.to_string(), (now, addresses));
+            left.retain(|_, at| now.duration_since(*at) < LEFT_KEPT);
+            left.insert(node.to_string(), now);
         }
     }
 
-    /// When the node `host` names (by name, or by an address it had claimed) lost its last
-    /// tunnel here, if it has none now and that was less than [`LEFT_KEPT`] ago.
-    pub fn left_at(&self, host: &str) -> Option<Instant> {
-        if !matches!(self.find(host), Route::Unknown) {
+    /// When `node` lost its last tunnel here, if it has none now and that was less than
+    /// [`LEFT_KEPT`] ago.
+    pub fn left_at(&self, node: &str) -> Option<Instant> {
+        if !self.tunnels(node).is_empty() {
             return None;
         }
         let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let recent = |at: &Instant| now.duration_since(*at) < LEFT_KEPT;
-        if let Some((at, _)) = left.get(host).filter(|(at, _)| recent(at)) {
-            return Some(*at);
-        }
-        // By address: only when exactly one node that left had claimed it.
-        let mut claimants = left
-            .values()
-            .filter(|(at, addrs)| recent(at) && addrs.iter().any(|a| a == host));
-        match (claimants.next(), claimants.next()) {
-            (Some((at, _)), None) => Some(*at),
-            _ => None,
-        }
+        left.get(node)
+            .copied()
+            .filter(|at| at.elapsed() < LEFT_KEPT)
     }
 
-    /// Waits until `host` leads to a tunnel here that is not in `tried`, or `until` passes.
-    pub async fn wait_for_tunnel(&self, host: &str, tried: &[usize], until: Instant) -> bool {
+    /// Waits until `node` has a tunnel here that is not in `tried`, or `until` passes.
+    pub async fn wait_for_tunnel(&self, node: &str, tried: &[usize], until: Instant) -> bool {
         // Subscribed before looking, so that a tunnel added in between is not missed.
         let mut added = self.added.subscribe();
         loop {
-            if let Route::Node(_, tunnels) = self.find(host) {
-                if tunnels.iter().any(|e| !tried.contains(&e.tunnel.id())) {
-                    return true;
-                }
+            if self
+                .tunnels(node)
+                .iter()
+                .any(|e| !tried.contains(&e.tunnel.id()))
+            {
+                return true;
             }
             match tokio::time::timeout_at(until.into(), added.changed()).await {
                 Ok(Ok(())) => continue,
@@ -158,48 +135,22 @@ impl<T: TunnelRef> Registry<T> {
         }
     }
 
-    /// Records the addresses a node's agent reported on one tunnel; returns the addresses that
-    /// another node already claims, each with that node's name (the caller logs and counts
-    /// them: from now on they are contested).
+    /// Records what came of the addresses a node's agent claimed on one tunnel (for `status`).
     pub fn set_addresses(
         &self,
         node: &str,
         tunnel_id: usize,
-        addresses: Vec<String>,
-    ) -> Vec<(String, String)> {
+        owned: Vec<String>,
+        refused: Vec<(String, String)>,
+    ) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut conflicts = Vec::new();
-        for a in &addresses {
-            for (other, list) in nodes.iter() {
-                if other != node && list.iter().any(|e| e.addresses.contains(a)) {
-                    conflicts.push((a.clone(), other.clone()));
-                }
-            }
-        }
         if let Some(e) = nodes
             .get_mut(node)
             .and_then(|l| l.iter_mut().find(|e| e.tunnel.id() == tunnel_id))
         {
-            e.addresses = addresses;
+            e.addresses = owned;
+            e.refused = refused;
         }
-        conflicts
-    }
-
-    /// The addresses that more than one node claims, each with the claiming nodes (sorted).
-    pub fn contested(&self) -> Vec<(String, Vec<String>)> {
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by_addr: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
-            Default::default();
-        for (name, list) in nodes.iter() {
-            for a in list.iter().flat_map(|e| e.addresses.iter()) {
-                by_addr.entry(a).or_default().insert(name);
-            }
-        }
-        by_addr
-            .into_iter()
-            .filter(|(_, names)| names.len() > 1)
-            .map(|(a, names)| (a.to_string(), names.into_iter().map(String::from).collect()))
-            .collect()
     }
 
     /// Records what a node's agent announced in its hello on one tunnel.
@@ -213,35 +164,11 @@ impl<T: TunnelRef> Registry<T> {
         }
     }
 
-    /// Where `host` leads: the node of that name (its certificate says so), else the one node
-    /// whose agent reported `host` as an address. Tunnels newest first.
-    pub fn find(&self, host: &str) -> Route<T> {
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        let (name, list) = match nodes.get(host) {
-            Some(list) => (host.to_string(), list),
-            None => {
-                let claimants: Vec<&String> = nodes
-                    .iter()
-                    .filter(|(_, l)| l.iter().any(|e| e.addresses.iter().any(|a| a == host)))
-                    .map(|(n, _)| n)
-                    .collect();
-                match claimants.as_slice() {
-                    [] => return Route::Unknown,
-                    [one] => match nodes.get(*one) {
-                        Some(list) => (one.to_string(), list),
-                        None => return Route::Unknown,
-                    },
-                    many => {
-                        let mut names: Vec<String> = many.iter().map(|n| n.to_string()).collect();
-                        names.sort();
-                        return Route::Contested(names);
-                    }
-                }
-            }
-        };
-        let mut tunnels = list.clone();
+    /// The tunnels of `node`, newest first.
+    pub fn find(&self, node: &str) -> Vec<Entry<T>> {
+        let mut tunnels = self.tunnels(node);
         tunnels.sort_by_key(|e| std::cmp::Reverse(e.since));
-        Route::Node(name, tunnels)
+        tunnels
     }
 
     /// Streams open now over all of a node's tunnels.
@@ -328,17 +255,15 @@ mod tests {
             cert_not_after: 0,
             key_hash: format!("key-{id}"),
             addresses: Vec::new(),
+            refused: Vec::new(),
             streams: Arc::default(),
             meter: Arc::default(),
             capabilities: Capabilities::default(),
         }
     }
 
-    fn node_of(route: Route<Fake>) -> Option<(String, Vec<usize>)> {
-        match route {
-            Route::Node(n, list) => Some((n, list.iter().map(|e| e.tunnel.id).collect())),
-            _ => None,
-        }
+    fn ids(list: Vec<Entry<Fake>>) -> Vec<usize> {
+        list.iter().map(|e| e.tunnel.id).collect()
     }
 
     #[test]
@@ -348,11 +273,8 @@ mod tests {
         r.add("edge-1", entry(1, 30, &closed));
         r.add("edge-1", entry(2, 10, &closed));
         r.add("edge-2", entry(3, 5, &closed));
-        assert_eq!(
-            node_of(r.find("edge-1")),
-            Some(("edge-1".into(), vec![2, 1]))
-        );
-        assert!(matches!(r.find("edge-9"), Route::Unknown));
+        assert_eq!(ids(r.find("edge-1")), vec![2, 1]);
+        assert!(r.find("edge-9").is_empty());
         assert_eq!(r.node_names(), vec!["edge-1", "edge-2"]);
         r.tunnels("edge-1")[0].streams.store(3, Ordering::Relaxed);
         r.tunnels("edge-1")[1].streams.store(4, Ordering::Relaxed);
@@ -362,68 +284,20 @@ mod tests {
         assert!(Arc::ptr_eq(&r.meter("edge-1").unwrap(), &newest));
         r.remove("edge-1", 2);
         r.remove("edge-1", 1);
-        assert!(matches!(r.find("edge-1"), Route::Unknown));
+        assert!(r.find("edge-1").is_empty());
         assert_eq!(r.node_names(), vec!["edge-2"]);
     }
 
     #[test]
-    fn an_address_leads_to_the_one_node_that_claims_it() {
-        let closed = Arc::default();
-        let r = Registry::default();
-        r.add("edge-1", entry(1, 10, &closed));
-        r.add("edge-2", entry(2, 10, &closed));
-        let ip = "10.0.0.7".to_string();
-        assert!(r.set_addresses("edge-1", 1, vec![ip.clone()]).is_empty());
-        assert_eq!(node_of(r.find(&ip)), Some(("edge-1".into(), vec![1])));
-
-        // A second claim is reported with the first claimant, and the address is contested.
-        let conflicts = r.set_addresses("edge-2", 2, vec![ip.clone()]);
-        assert_eq!(conflicts, vec![(ip.clone(), "edge-1".to_string())]);
-        match r.find(&ip) {
-            Route::Contested(nodes) => assert_eq!(nodes, vec!["edge-1", "edge-2"]),
-            other => panic!("expected contested, got {other:?}"),
-        }
-        assert_eq!(
-            r.contested(),
-            vec![(ip.clone(), vec!["edge-1".into(), "edge-2".into()])]
-        );
-        // A name is never contested by an address claim.
-        assert_eq!(
-            node_of(r.find("edge-1")).map(|n| n.0),
-            Some("edge-1".into())
-        );
-
-        // When one claimant goes, the address leads to the other.
-        r.remove("edge-1", 1);
-        assert_eq!(node_of(r.find(&ip)), Some(("edge-2".into(), vec![2])));
-        assert!(r.contested().is_empty());
-    }
-
-    #[test]
-    fn a_node_named_like_another_nodes_address_wins_by_name() {
-        let closed = Arc::default();
-        let r = Registry::default();
-        r.add("edge-1", entry(1, 10, &closed));
-        r.add("node-b", entry(2, 10, &closed));
-        r.set_addresses("edge-1", 1, vec!["node-b".into()]);
-        assert_eq!(node_of(r.find("node-b")), Some(("node-b".into(), vec![2])));
-    }
-
-    #[test]
-    fn a_node_that_left_is_remembered_by_name_and_by_its_one_claim() {
+    fn a_node_that_left_is_remembered_by_name() {
         let closed = Arc::default();
         let r: Registry<Fake> = Registry::default();
         r.add("a", entry(1, 5, &closed));
         r.add("a", entry(2, 1, &closed));
-        r.set_addresses("a", 2, vec!["10.0.0.1".into(), "10.0.0.9".into()]);
-        r.add("b", entry(3, 1, &closed));
-        r.set_addresses("b", 3, vec!["10.0.0.9".into()]);
         r.remove("a", 1);
         assert!(r.left_at("a").is_none(), "one tunnel left: still here");
         r.remove("a", 2);
         assert!(r.left_at("a").is_some());
-        assert!(r.left_at("10.0.0.1").is_some(), "by the address it claimed");
-        assert!(r.left_at("10.0.0.9").is_none(), "another node still has it");
         assert!(r.left_at("c").is_none(), "never here");
         r.add("a", entry(4, 0, &closed));
         assert!(r.left_at("a").is_none(), "back");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tether_common::endpoint::admin::AdminSource;
 use tether_common::process::units::unix_seconds;
 use tether_common::status::{
-    ContestedAddress, NodeStatus, ServerStatus, Service, Status, Upstream,
+    ContestedAddress, NodeStatus, RefusedAddress, ServerStatus, Service, Status, Upstream,
 };
 
 /// The admin endpoint's view of a server.
@@ -47,6 +47,17 @@ impl AdminSource for AdminView {
                     name,
                     address: newest.map(|e| e.remote.to_string()),
                     addresses: newest.map(|e| e.addresses.clone()).unwrap_or_default(),
+                    refused_addresses: newest
+                        .map(|e| {
+                            e.refused
+                                .iter()
+                                .map(|(address, owner)| RefusedAddress {
+                                    address: address.clone(),
+                                    owner: owner.clone(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     transport: newest.map(|e| e.tunnel.kind().to_string()),
                     tunnels: tunnels.len(),
                     streams: sum(|e| e.streams.load(Ordering::Relaxed) as u64),
@@ -81,10 +92,13 @@ impl AdminSource for AdminView {
             certificate_expiry: (expiry > 0).then_some(expiry),
             nodes,
             contested_addresses: s
-                .registry
+                .authority
                 .contested()
                 .into_iter()
-                .map(|(address, nodes)| ContestedAddress { address, nodes })
+                .map(|(address, nodes)| ContestedAddress {
+                    address: address.to_string(),
+                    nodes,
+                })
                 .collect(),
             configured_peers: s.config.peers.clone(),
             peers: s.peers.all().into_iter().map(|l| l.status()).collect(),

@@ -553,6 +553,11 @@ pub struct PeeredPair {
 impl PeeredPair {
     /// Starts both and waits until each has its link to the other.
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`start`](Self::start), with each server's settings changed by `tweak` first.
+    pub async fn start_with(tweak: impl Fn(&mut ServerConfig)) -> Self {
         let pki = Pki::new();
         let second = TempDir::new("second-server");
         for f in ["ca.crt", "ca.key"] {
@@ -572,6 +577,8 @@ impl PeeredPair {
         c2.data_dir = second.path().to_path_buf();
         c2.listen = addrs[1];
         c2.peers = vec![addrs[0].to_string()];
+        tweak(&mut c1);
+        tweak(&mut c2);
         let s1 = tether_server::start(c1).await.expect("first server starts");
         let s2 = tether_server::start(c2)
             .await

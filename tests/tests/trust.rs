@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tether_certs::records::{write_local, NodeState};
 use tether_common::tls;
+use tether_common::transport::Tunnel;
+use tether_proto::capability::Capabilities;
 use tether_proto::{self as protocol, Message, StatusCode};
 use tether_tests::*;
 use tokio::io::AsyncReadExt;
@@ -22,64 +24,188 @@ async fn connect_status(proxy: SocketAddr, target: &str) -> (u16, String) {
     (code, body)
 }
 
+/// A joined node of the attacker's, speaking the protocol itself: its hello, then the
+/// addresses it claims (any strings, as a rogue agent would send). The tunnel stays open, so
+/// that a CONNECT routed to it would arrive as a stream.
+async fn impostor(pki: &Pki, name: &str, server: SocketAddr, claims: &[&str]) -> Tunnel {
+    let conn = raw_client(pki, Some(name), server).await.unwrap();
+    let tunnel = Tunnel::from_quic(conn, 64);
+    let mut control = tunnel.open_stream().await.unwrap();
+    let hello = Message::Hello {
+        min_version: protocol::MIN_PROTOCOL_VERSION,
+        max_version: protocol::PROTOCOL_VERSION,
+        node_name: name.into(),
+        capabilities: Capabilities::ours(&[]),
+    };
+    control.send.write_message(&hello).await.unwrap();
+    let welcome = within(
+        "welcome",
+        Duration::from_secs(5),
+        control.recv.read_message(),
+    )
+    .await;
+    assert!(matches!(welcome, Ok(Some(Message::Welcome { .. }))));
+    let info = Message::NodeInfo {
+        addresses: claims.iter().map(|c| c.to_string()).collect(),
+    };
+    control.send.write_message(&info).await.unwrap();
+    // The control stream must stay open with the tunnel: keep it in a task.
+    tokio::spawn(async move { while let Ok(Some(_)) = control.recv.read_message().await {} });
+    tunnel
+}
+
+/// Whether a stream (a CONNECT routed to this tunnel) arrives within a short while.
+async fn receives_a_stream(t: &Tunnel) -> bool {
+    tokio::time::timeout(Duration::from_millis(500), t.accept_stream())
+        .await
+        .is_ok_and(|s| s.is_ok())
+}
+
+fn server_status(text: &str) -> tether_common::status::ServerStatus {
+    match serde_json::from_str(text).unwrap() {
+        tether_common::status::Status::Server(s) => s,
+        other => panic!("not a server's status: {other:?}"),
+    }
+}
+
+/// The attack of the 0.2 review: a joined node claims another node's *name* as an address,
+/// and its IP address while it is offline. Before the fix the impostor received the CONNECTs
+/// (`edge-1:PORT` and `127.0.0.1:PORT`) whenever edge-1 had no tunnel. Now an address belongs
+/// to the first node that claimed it, a name is never an address, and a CONNECT whose node is
+/// away waits for it and is then refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_claims_another_nodes_address_gets_none_of_its_traffic() {
+async fn an_impostor_claiming_a_name_or_an_offline_nodes_address_gets_none_of_its_traffic() {
     init_logging();
     let pki = Pki::new();
     let kubelet = Echo::start().await;
     let port = kubelet.addr.port();
     let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
     sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    sc.admin = Some("127.0.0.1:0".parse().unwrap());
     let server = tether_server::start(sc).await.unwrap();
     let proxy = server.egress_addr.unwrap();
-    let node_agent = |node: &str| {
-        let mut c = agent_config(&pki, node, &[server.local_addr]);
-        // Both claim 127.0.0.1, where the kubelet stand-in listens.
-        c.node_ips = vec!["127.0.0.1".parse().unwrap()];
-        c.allow_ports = vec![port];
-        c
-    };
-    let real = tether_agent::start(node_agent("edge-1")).await.unwrap();
-    wait_for("tunnel", Duration::from_secs(10), || async {
-        real.tunnels_up() == 1
-    })
-    .await;
+    let admin = server.admin_addr.unwrap();
+    let mut c = agent_config(&pki, "edge-1", &[server.local_addr]);
+    c.node_ips = vec!["127.0.0.1".parse().unwrap()];
+    c.allow_ports = vec![port];
+    let real = tether_agent::start(c.clone()).await.unwrap();
     let by_ip = format!("127.0.0.1:{port}");
+    let by_name = format!("edge-1:{port}");
     let routed = || async { connect_status(proxy, &by_ip).await.0 == 200 };
-    wait_for("routing by IP", Duration::from_secs(5), routed).await;
+    wait_for("routing by IP", Duration::from_secs(10), routed).await;
     assert_eq!(real.metrics().reverse_streams.get(), 1);
 
-    // A second joined node claims the same address.
-    let impostor = tether_agent::start(node_agent("impostor")).await.unwrap();
-    wait_for("the claim collides", Duration::from_secs(10), || async {
-        server.metrics().address_conflicts.get() >= 1
+    // While edge-1 is connected, the impostor claims its name and its address.
+    let rogue = impostor(
+        &pki,
+        "impostor",
+        server.local_addr,
+        &["edge-1", "127.0.0.1"],
+    )
+    .await;
+    wait_for("both claims refused", Duration::from_secs(10), || async {
+        server.metrics().address_conflicts.get() >= 2
     })
     .await;
-    for _ in 0..5 {
-        let (code, body) = connect_status(proxy, &by_ip).await;
-        assert_eq!(code, 409, "a contested address is refused: {body}");
-        assert!(
-            body.contains("edge-1") && body.contains("impostor"),
-            "{body}"
-        );
-    }
-    assert_eq!(
-        impostor.metrics().reverse_streams.get(),
-        0,
-        "the impostor received a CONNECT meant for the node at that address"
+    let (_, text) = http_get(admin, "/status").await.unwrap();
+    let st = server_status(&text);
+    let node = st.nodes.iter().find(|n| n.name == "impostor").unwrap();
+    assert!(
+        node.refused_addresses
+            .iter()
+            .any(|r| r.address == "127.0.0.1" && r.owner == "edge-1"),
+        "status shows the refused claim with its owner: {text}"
     );
-    // By name, the real node is still reached.
-    let (code, body) = connect_status(proxy, &format!("edge-1:{port}")).await;
-    assert_eq!(code, 200, "{body}");
-    let contested = tether_server::metrics::EgressCode(409);
-    assert!(server.metrics().egress_failures.get(contested) >= 5);
+    assert!(node.addresses.is_empty(), "{text}");
+    assert_eq!(connect_status(proxy, &by_ip).await.0, 200);
+    assert_eq!(connect_status(proxy, &by_name).await.0, 200);
 
-    // The impostor leaves: the address leads to the one node that claims it again.
-    impostor.shutdown().await;
-    let routed = || async { connect_status(proxy, &by_ip).await.0 == 200 };
+    // edge-1 stops: its name and its address wait for it, then are refused.
+    real.shutdown().await;
+    for target in [&by_ip, &by_name] {
+        let (code, body) = connect_status(proxy, target).await;
+        assert_eq!(code, 404, "{target}: {body}");
+        assert!(body.contains("edge-1"), "{body}");
+    }
+    assert!(
+        !receives_a_stream(&rogue).await,
+        "the impostor received a CONNECT meant for edge-1"
+    );
+
+    // An address nobody owns leads nowhere, whoever is connected.
+    assert_eq!(
+        connect_status(proxy, &format!("127.0.0.9:{port}")).await.0,
+        404
+    );
+
+    // edge-1 returns: reached by address and name again.
+    let real = tether_agent::start(c).await.unwrap();
     wait_for("routing by IP again", Duration::from_secs(10), routed).await;
+    assert_eq!(connect_status(proxy, &by_name).await.0, 200);
+    assert!(!receives_a_stream(&rogue).await);
+    rogue.close(0, "done");
     real.shutdown().await;
     server.shutdown().await;
+}
+
+/// The same attack before the real node ever connected: the operator pinned its address when
+/// issuing its certificate, so even the first claim cannot be raced; and through a peer, which
+/// routes by the same records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_address_leads_to_its_node_alone_before_it_connects_and_through_a_peer() {
+    init_logging();
+    let pair = PeeredPair::start_with(|c| {
+        c.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let kubelet = Echo::start().await;
+    let port = kubelet.addr.port();
+    // The node is issued with its address pinned, in the first server's data directory, as
+    // `tether-server issue-agent --address 127.0.0.1` does.
+    pair.pki.agent_dir("edge-1");
+    let store = tether_server::datastore::Datastore::Dir(pair.pki.server_dir());
+    let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let claim = store.pin_addresses("edge-1", &[ip]).await.unwrap();
+    assert!(
+        claim.refused.is_empty() && claim.owned == vec![ip],
+        "{claim:?}"
+    );
+    wait_for(
+        "the pin reaches the peer",
+        Duration::from_secs(10),
+        || async {
+            tether_certs::records::Records::load(pair.second.path())
+                .map(|r| r.owners_of(ip) == vec!["edge-1"])
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    // The impostor connects to the second server first and claims the address.
+    let rogue = impostor(&pair.pki, "impostor", pair.addrs[1], &["127.0.0.1"]).await;
+    wait_for("the claim refused", Duration::from_secs(10), || async {
+        pair.servers[1].metrics().address_conflicts.get() >= 1
+    })
+    .await;
+    // A CONNECT at the first server goes to its peer, which has only the impostor.
+    let proxy = pair.servers[0].egress_addr.unwrap();
+    let by_ip = format!("127.0.0.1:{port}");
+    let (code, body) = connect_status(proxy, &by_ip).await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        !receives_a_stream(&rogue).await,
+        "the impostor received, through a peer, a CONNECT meant for edge-1"
+    );
+    // The real node connects to the second server: reached through the peer.
+    let mut c = agent_config(&pair.pki, "edge-1", &[pair.addrs[1]]);
+    c.node_ips = vec![ip];
+    c.allow_ports = vec![port];
+    let real = tether_agent::start(c).await.unwrap();
+    let routed = || async { connect_status(proxy, &by_ip).await.0 == 200 };
+    wait_for("routing through the peer", Duration::from_secs(10), routed).await;
+    assert!(!receives_a_stream(&rogue).await);
+    rogue.close(0, "done");
+    real.shutdown().await;
+    pair.shutdown().await;
 }
 
 #[test]

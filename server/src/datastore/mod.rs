@@ -17,10 +17,11 @@ pub mod etcd;
 pub mod members;
 
 use etcd::{Compare, Etcd, EtcdError, Op};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use tether_certs::records::{self, NodeRecord, NodeState, Records};
+use tether_certs::records::{self, AddressClaim, NodeRecord, NodeState, Records};
 use tether_certs::token::{self, Token, TokenEntry, TokenRejection};
 use tether_certs::CertError;
 
@@ -298,6 +299,45 @@ impl Datastore {
             })
             .await?
             .0)
+    }
+
+    /// An operator pins addresses to a node (`issue-agent --address`, a join with a token that
+    /// names them): from now on they lead to it alone, so even its first claim cannot be
+    /// raced. An address another node owns is refused (with its owner), never taken.
+    pub async fn pin_addresses(
+        &self,
+        name: &str,
+        addrs: &[IpAddr],
+    ) -> Result<AddressClaim, DatastoreError> {
+        let (all, _) = self.load_records().await?;
+        let mut refused = Vec::new();
+        let mut free = Vec::new();
+        for a in addrs {
+            match all.owners_of(*a).into_iter().find(|o| *o != name) {
+                Some(other) => refused.push((*a, Some(other.to_string()))),
+                None => free.push(*a),
+            }
+        }
+        let (mut claim, _) = self
+            .update(name, |r| r.add_addresses(name, None, &free))
+            .await?;
+        claim.refused.extend(refused);
+        Ok(claim)
+    }
+
+    /// `agent release-address`: no node owns `addr` any more (the next claim takes it).
+    /// Returns the nodes that owned it.
+    pub async fn release_address(&self, addr: IpAddr) -> Result<Vec<String>, DatastoreError> {
+        let (all, _) = self.load_records().await?;
+        let owners: Vec<String> = all.owners_of(addr).into_iter().map(String::from).collect();
+        for name in &owners {
+            self.update(name, |r| {
+                let released = r.release_address(name, addr);
+                (released, released)
+            })
+            .await?;
+        }
+        Ok(owners)
     }
 
     /// Every token entry (no secrets: only their hashes are stored).
