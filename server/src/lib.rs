@@ -183,8 +183,9 @@ async fn open_datastore(
             let store = Datastore::Etcd(etcd.clone());
             let read = tokio::time::timeout(Duration::from_secs(5), store.load_records()).await;
             match read {
-                Ok(Ok((records, revision))) => {
+                Ok(Ok((mut records, revision))) => {
                     health.revision.store(revision, Ordering::Relaxed);
+                    restore_locked_out(&store, &config.data_dir, &mut records).await?;
                     let all: Vec<_> = records.by_name.values().cloned().collect();
                     records::merge_into(&config.data_dir, &all)?;
                     info!(endpoints = ?etcd.endpoints(), revision, nodes = all.len(), "datastore: etcd");
@@ -203,6 +204,35 @@ async fn open_datastore(
             }
         }
     }
+}
+
+/// Fails closed across a restore of etcd: a revocation (or a forget) this server holds in its
+/// cache of records but etcd lacks, or holds an older record for, is written back to etcd and
+/// logged, so that a snapshot taken before it cannot admit the node again. A cache that cannot
+/// be read stops the start, as the data directory's own records do.
+async fn restore_locked_out(
+    store: &Datastore,
+    dir: &std::path::Path,
+    records: &mut tether_certs::records::Records,
+) -> Result<(), ServerError> {
+    use tether_certs::records::{NodeState, Records};
+    let cached = Records::load(dir)?;
+    for rec in cached.by_name.into_values() {
+        if matches!(rec.state, NodeState::Owned(_)) {
+            continue;
+        }
+        let lost = match records.by_name.get(&rec.name) {
+            Some(held) => rec.beats(held),
+            None => true,
+        };
+        if !lost {
+            continue;
+        }
+        warn!(node = %rec.name, state = ?rec.state, "etcd lacks a revocation or forget this server holds (a restore from an older snapshot?): writing it back");
+        store.merge(&rec).await.map_err(ServerError::Store)?;
+        records.merge(rec);
+    }
+    Ok(())
 }
 
 /// Loads the certificates, binds the listeners and starts serving.
@@ -271,6 +301,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let state = Arc::new(State {
         authority: Arc::new(authority),
         join_limiter: JoinLimiter::new(config.join_rate_per_minute),
+        renewals: join_rate::RenewalLimiter::for_lifetime(config.agent_cert_lifetime),
         ca_pem,
         endpoint: endpoint.clone(),
         peer_dialer: std::sync::OnceLock::new(),

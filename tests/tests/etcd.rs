@@ -341,6 +341,79 @@ async fn a_server_started_while_etcd_is_down_keeps_its_revocations() {
     again.shutdown().await;
 }
 
+/// A restore of etcd from a snapshot older than a revocation: the key is gone, and before 0.3 a
+/// restarted server admitted the revoked node. Now the server's cache of records is merged at
+/// start and the revocation written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_lost_by_an_etcd_restore_is_written_back() {
+    let Some(cluster) =
+        etcd_cluster("a_revocation_lost_by_an_etcd_restore_is_written_back", 1).await
+    else {
+        return;
+    };
+    let settings = cluster.settings("/restore/");
+    let pki = Pki::new();
+    let root = TempDir::new("etcd-restore");
+    let echo = Echo::start().await;
+    let dir = server_dir(&pki, &root, "s");
+    let first = etcd_server(&dir, echo.addr, settings.clone()).await;
+    store(&settings)
+        .set_state("gone", NodeState::Revoked)
+        .await
+        .unwrap();
+    wait_for("the revocation cached", Duration::from_secs(5), || async {
+        std::fs::read_to_string(dir.join("nodes")).is_ok_and(|t| t.contains("gone revoked"))
+    })
+    .await;
+    first.shutdown().await;
+    // The restore: etcd no longer has the key.
+    let etcd = Etcd::new(&settings).unwrap();
+    assert!(etcd.delete("nodes/gone").await.unwrap());
+
+    let again = etcd_server(&dir, echo.addr, settings.clone()).await;
+    let (held, _) = store(&settings).load_records().await.unwrap();
+    assert_eq!(
+        held.by_name.get("gone").map(|r| r.state.clone()),
+        Some(NodeState::Revoked),
+        "the revocation is back in etcd"
+    );
+    let gone = tether_agent::start(agent_config(&pki, "gone", &[again.local_addr]))
+        .await
+        .expect("agent starts");
+    let known = agent_of(&pki, "known", &[again.local_addr]).await;
+    assert!(
+        !eventually(Duration::from_secs(2), || async { gone.tunnels_up() > 0 }).await,
+        "the revoked node stays refused"
+    );
+    gone.shutdown().await;
+    known.shutdown().await;
+    again.shutdown().await;
+}
+
+/// The follower and the commands read the prefix in pages: more records than one page holds
+/// are all read, at one revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_read_in_pages() {
+    let Some(cluster) = etcd_cluster("records_are_read_in_pages", 1).await else {
+        return;
+    };
+    let settings = cluster.settings("/pages/");
+    let etcd = Etcd::new(&settings).unwrap();
+    let n = tether_server::datastore::etcd::RANGE_PAGE * 2 + 7;
+    let s = store(&settings);
+    for i in 0..n {
+        s.set_state(&format!("n{i}"), NodeState::Revoked)
+            .await
+            .unwrap();
+    }
+    let (kvs, revision) = etcd.range_prefix("nodes/").await.unwrap();
+    assert_eq!(kvs.len(), n);
+    assert!(revision > 0);
+    let mut keys: Vec<_> = kvs.iter().map(|kv| kv.key.clone()).collect();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "no key read twice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_racing_for_one_name_never_both_win() {
     let Some(cluster) = etcd_cluster("two_servers_racing_for_one_name_never_both_win", 1).await

@@ -29,6 +29,9 @@ use tokio::net::TcpStream;
 /// hundred bytes a node: 64 MiB is over 100,000 nodes, and bounds what a bad endpoint can make
 /// a server hold.
 pub const MAX_ANSWER: usize = 64 * 1024 * 1024;
+/// Keys per page of a range read ([`Etcd::range_prefix`]): a record line is at most a few
+/// hundred bytes, so a page stays far below [`MAX_ANSWER`].
+pub const RANGE_PAGE: usize = 1000;
 
 /// How long one request to one endpoint may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -216,10 +219,17 @@ impl Etcd {
         } else {
             None
         };
+        // A prefix without its closing slash would take in a neighbour's keys: `/tether`
+        // also covers `/tether-staging/nodes/...`.
         let prefix = if settings.prefix.is_empty() {
             "/tether/".to_string()
-        } else {
+        } else if settings.prefix.ends_with('/') {
             settings.prefix.clone()
+        } else {
+            return Err(EtcdError::Settings(format!(
+                "--etcd-prefix {:?} must end with `/` (or it would also cover the keys of {:?}...)",
+                settings.prefix, settings.prefix
+            )));
         };
         Ok(Etcd {
             endpoints,
@@ -306,21 +316,47 @@ impl Etcd {
     }
 
     /// Every key under `rel` (relative to the prefix), and the store's revision.
+    ///
+    /// Read in pages of [`RANGE_PAGE`] keys, all at the revision of the first, so that no size
+    /// of the prefix makes one answer larger than [`MAX_ANSWER`] (a prefix past it once stopped
+    /// every server's first read for good), and the pages add up to one consistent snapshot.
     pub async fn range_prefix(&self, rel: &str) -> Result<(Vec<Kv>, i64), EtcdError> {
         let key = self.key(rel);
-        let answer = self
-            .call(
-                "/v3/kv/range",
-                &json!({"key": b64(key.as_bytes()), "range_end": b64(&range_end(&key))}),
-            )
-            .await?;
-        let kvs = answer
-            .get("kvs")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(decode_kv).collect::<Result<Vec<_>, _>>())
-            .transpose()?
-            .unwrap_or_default();
-        Ok((kvs, revision_of(&answer)))
+        let end = range_end(&key);
+        let mut from = key.into_bytes();
+        let mut revision = 0i64;
+        let mut all = Vec::new();
+        loop {
+            let mut req = json!({
+                "key": b64(&from),
+                "range_end": b64(&end),
+                "limit": RANGE_PAGE.to_string(),
+            });
+            if revision != 0 {
+                req["revision"] = json!(revision.to_string());
+            }
+            let answer = self.call("/v3/kv/range", &req).await?;
+            if revision == 0 {
+                revision = revision_of(&answer);
+            }
+            let kvs = answer
+                .get("kvs")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().map(decode_kv).collect::<Result<Vec<_>, _>>())
+                .transpose()?
+                .unwrap_or_default();
+            let more = answer.get("more").and_then(Value::as_bool).unwrap_or(false);
+            let next = kvs.last().map(|kv| {
+                let mut k = kv.key.clone().into_bytes();
+                k.push(0);
+                k
+            });
+            all.extend(kvs);
+            match next {
+                Some(k) if more && k > from => from = k,
+                _ => return Ok((all, revision)),
+            }
+        }
     }
 
     /// The revision of the latest change under the prefix still to be seen: the highest

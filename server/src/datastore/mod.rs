@@ -183,8 +183,15 @@ impl Datastore {
             Datastore::Etcd(e) => {
                 let (kvs, revision) = e.range_prefix(NODES).await?;
                 let mut all = Records::default();
+                // One bad record is skipped and logged, as the follower does, so that it cannot
+                // stop every server's start (a revocation elsewhere still applies).
                 for kv in kvs {
-                    all.merge(parse_record(&kv.key, &kv.value)?);
+                    match parse_record(&kv.key, &kv.value) {
+                        Ok(r) => {
+                            all.merge(r);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "ignored a node record in etcd"),
+                    }
                 }
                 Ok((all, revision))
             }
