@@ -65,7 +65,17 @@ pub async fn join(
             for t in targets {
                 match attempt(&client, endpoint, &t, &token, &node_name, &csr).await {
                     Ok((cert_pem, ca_pem)) => {
-                        store(config, &token, &cert_pem, &ca_pem, &key_pem)?;
+                        let answer = Answer {
+                            cert_pem: &cert_pem,
+                            ca_pem: &ca_pem,
+                            key_pem: &key_pem,
+                        };
+                        if let Err(e) = answer.verify(&token, &node_name) {
+                            attempts += 1;
+                            warn!(server = %server, error = %e, "join: the answer is not a good identity for this node; nothing stored, trying the next server");
+                            continue;
+                        }
+                        store(config, &answer)?;
                         info!(node = %node_name, server = %server, "joined the cluster; certificate stored");
                         return Ok(());
                     }
@@ -150,20 +160,32 @@ async fn attempt(
     }
 }
 
-fn store(
-    config: &AgentConfig,
-    token: &Token,
-    cert_pem: &str,
-    ca_pem: &str,
-    key_pem: &str,
-) -> Result<(), JoinError> {
-    // The CA handed over must be the one the token pins (it is the one TLS verified).
-    let ca_der = tether_certs::pem_to_der(ca_pem, &config.ca)?;
-    if tether_certs::token::ca_hash(&ca_der) != token.ca_hash {
-        return Err(JoinError::CaMismatch(
-            "the CA sent with the certificate is not the one the token pins".into(),
-        ));
+/// A join's answer, with the key this node made.
+struct Answer<'a> {
+    cert_pem: &'a str,
+    ca_pem: &'a str,
+    key_pem: &'a str,
+}
+
+impl Answer<'_> {
+    /// Checked before anything is stored: the CA handed over must be the one the token pins
+    /// (the one TLS verified), and the certificate a good identity for this node under it.
+    fn verify(&self, token: &Token, node_name: &str) -> Result<(), JoinError> {
+        let ca_der = tether_certs::pem_to_der(self.ca_pem, std::path::Path::new("(CA sent)"))?;
+        if tether_certs::token::ca_hash(&ca_der) != token.ca_hash {
+            return Err(JoinError::CaMismatch(
+                "the CA sent with the certificate is not the one the token pins".into(),
+            ));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        tether_certs::check_issued(self.cert_pem, self.ca_pem, node_name, self.key_pem, now)?;
+        Ok(())
     }
+}
+
+fn store(config: &AgentConfig, answer: &Answer<'_>) -> Result<(), JoinError> {
     for p in [&config.ca, &config.cert, &config.key] {
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir).map_err(|source| tether_certs::CertError::Write {
@@ -172,7 +194,7 @@ fn store(
             })?;
         }
     }
-    tether_certs::write_file(&config.ca, ca_pem.as_bytes(), 0o644)?;
-    tether_certs::write_identity(&config.cert, &config.key, cert_pem, key_pem)?;
+    tether_certs::write_file(&config.ca, answer.ca_pem.as_bytes(), 0o644)?;
+    tether_certs::write_identity(&config.cert, &config.key, answer.cert_pem, answer.key_pem)?;
     Ok(())
 }

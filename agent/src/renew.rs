@@ -105,6 +105,12 @@ async fn renew(
         Some(Message::Certificate { message, .. }) => return Err(format!("refused: {message}")),
         other => return Err(format!("unexpected answer: {other:?}")),
     };
+    // Checked against the pinned CA before it touches the disk: a bad answer is logged by the
+    // caller, and the old identity stays.
+    let ca_pem = std::fs::read_to_string(&config.ca)
+        .map_err(|e| format!("cannot read the pinned CA {}: {e}", config.ca.display()))?;
+    tether_certs::check_issued(&cert_pem, &ca_pem, node_name, &key_pem, now())
+        .map_err(|e| e.to_string())?;
     // A crash while storing leaves a matching pair: the old one, or the new one.
     tether_certs::write_identity(&config.cert, &config.key, &cert_pem, &key_pem)
         .map_err(|e| e.to_string())?;

@@ -71,6 +71,10 @@ pub enum CertError {
     HalfCa(PathBuf, PathBuf),
     #[error("invalid certificate signing request: {0}")]
     BadCsr(String),
+    /// A certificate a server handed over (a join's or a renewal's answer) that is not a good
+    /// identity for this node: kept off the disk.
+    #[error("the certificate the server sent is not this node's: {0}")]
+    NotOurs(String),
 }
 
 fn gen(e: rcgen::Error) -> CertError {
@@ -439,6 +443,61 @@ pub fn key_hash_of_cert_pem(pem_text: &str) -> Result<String, CertError> {
     let der = pem_to_der(pem_text, Path::new("(issued certificate)"))?;
     key_hash_of_cert(&der)
         .ok_or_else(|| CertError::Generate("unreadable issued certificate".into()))
+}
+
+/// Checks a certificate a server handed to this node (a join's or a renewal's answer) before
+/// it touches the disk: signed by the pinned CA (`ca_pem`), issued to `node_name` for client
+/// authentication, valid at `now` (Unix seconds), and for the key in `key_pem`. A server
+/// without the CA's key, or a rogue one, could otherwise hand over a certificate that every
+/// real server refuses, and the node would keep it across restarts.
+pub fn check_issued(
+    cert_pem: &str,
+    ca_pem: &str,
+    node_name: &str,
+    key_pem: &str,
+    now: i64,
+) -> Result<(), CertError> {
+    use x509_parser::extensions::ParsedExtension;
+    use x509_parser::prelude::FromDer;
+    let bad = |why: String| CertError::NotOurs(why);
+    let cert_der = pem_to_der(cert_pem, Path::new("(issued certificate)"))?;
+    let ca_der = pem_to_der(ca_pem, Path::new("(pinned CA)"))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
+        .map_err(|e| bad(format!("unreadable: {e}")))?;
+    let (_, ca) = x509_parser::certificate::X509Certificate::from_der(&ca_der)
+        .map_err(|e| bad(format!("unreadable CA: {e}")))?;
+    if cert.issuer() != ca.subject() {
+        return Err(bad("not issued by the pinned CA".into()));
+    }
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| bad("its signature is not the pinned CA's".into()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok());
+    if cn != Some(node_name) {
+        return Err(bad(format!(
+            "it names {:?}, not this node ({node_name:?})",
+            cn.unwrap_or("")
+        )));
+    }
+    let client_auth = cert.extensions().iter().any(
+        |e| matches!(e.parsed_extension(), ParsedExtension::ExtendedKeyUsage(u) if u.client_auth),
+    );
+    if !client_auth {
+        return Err(bad("it is not a client certificate".into()));
+    }
+    let v = cert.validity();
+    if now < v.not_before.timestamp() || now > v.not_after.timestamp() {
+        return Err(bad("it is not valid now".into()));
+    }
+    if key_hash_of_cert(&cert_der) != Some(key_hash_of_key_pem(key_pem)?) {
+        return Err(bad(
+            "it is for another key than the one this node made".into()
+        ));
+    }
+    Ok(())
 }
 
 /// Hex SHA-256 of a signing request's SubjectPublicKeyInfo.

@@ -198,3 +198,23 @@ pub async fn renew(mut stream: Stream, node: &str, current_key: &str, csr: Vec<u
     let _ = stream.send.write_message(&reply).await;
     stream.send.finish().await;
 }
+
+/// A renewal over the node's bound (see `RenewalLimiter`): answered busy, nothing signed or
+/// written; the agent tries again at its next renewal attempt.
+pub async fn refuse_renewal(
+    mut stream: Stream,
+    node: &str,
+    why: crate::join_rate::RenewalRefusal,
+    state: &State,
+) {
+    state.metrics.limit_hit(Limit::Renewals);
+    warn!(node, reason = %why, "refused renewal: over the node's bound");
+    let reply = answer(
+        StatusCode::Busy,
+        why.to_string(),
+        String::new(),
+        String::new(),
+    );
+    let _ = stream.send.write_message(&reply).await;
+    stream.send.finish().await;
+}

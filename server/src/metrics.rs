@@ -19,6 +19,8 @@ pub enum Limit {
     HandshakeTimeout,
     Handshakes,
     Joins,
+    /// Renewals over a node's bound (one in flight, a rate per node).
+    Renewals,
 }
 
 impl Label for Limit {
@@ -31,6 +33,7 @@ impl Label for Limit {
         Limit::HandshakeTimeout,
         Limit::Handshakes,
         Limit::Joins,
+        Limit::Renewals,
     ];
     fn label(self) -> String {
         match self {
@@ -41,6 +44,7 @@ impl Label for Limit {
             Limit::JoinRate => "join_rate",
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::Handshakes => "handshakes",
+            Limit::Renewals => "renewals",
             Limit::Joins => "joins",
         }
         .into()

@@ -39,6 +39,8 @@ pub struct State {
     pub(crate) draining: AtomicBool,
     pub(crate) authority: Arc<Authority>,
     pub(crate) join_limiter: JoinLimiter,
+    /// Renewals per node: one at a time, and a rate (see `RenewalLimiter`).
+    pub(crate) renewals: crate::join_rate::RenewalLimiter,
     /// The CA certificate, handed to joining nodes.
     pub(crate) ca_pem: String,
     pub(crate) endpoint: quinn::Endpoint,

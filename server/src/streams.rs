@@ -113,9 +113,12 @@ pub(crate) async fn serve_stream(
                 .into_iter()
                 .find(|e| e.tunnel.id() == tunnel_id)
                 .map(|e| e.key_hash);
-            match key {
-                Some(key) => join::renew(stream, node, &key, csr, state).await,
-                None => stream.reset(code::REVOKED).await,
+            let Some(key) = key else {
+                return stream.reset(code::REVOKED).await;
+            };
+            match state.renewals.begin(node, std::time::Instant::now()) {
+                Ok(_permit) => join::renew(stream, node, &key, csr, state).await,
+                Err(why) => join::refuse_renewal(stream, node, why, state).await,
             }
         }
         other => {

@@ -431,6 +431,51 @@ fn agent_with_cert(
     c
 }
 
+/// A server that holds the CA's certificate but not its key (or a rogue one) answers a renewal
+/// with a certificate no real server accepts. Before 0.3 the agent wrote it to disk, and kept
+/// it across restarts; now the answer is checked against the pinned CA first, and the old
+/// identity stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_renewal_answer_never_reaches_the_disk() {
+    init_logging();
+    let pki = Pki::new();
+    let other = Pki::new();
+    let echo = Echo::start().await;
+    let dir = TempDir::new("forging-server");
+    for f in ["ca.crt", "server.crt", "server.key"] {
+        std::fs::copy(pki.server_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(other.server_dir().join("ca.key"), dir.path().join("ca.key")).unwrap();
+    let mut sc = server_config(&pki, echo.addr);
+    sc.data_dir = dir.path().to_path_buf();
+    let server = tether_server::start(sc).await.unwrap();
+    // Due for renewal at once.
+    let short = pki.agent_cert("forged", -40, 20);
+    let d = TempDir::new("forged");
+    let agent = tether_agent::start(agent_with_cert(&pki, &short, &d, server.local_addr))
+        .await
+        .unwrap();
+    wait_for(
+        "the server signs a renewal",
+        Duration::from_secs(15),
+        || async { server.metrics().shared.renewals.get() >= 1 },
+    )
+    .await;
+    let kept =
+        || async { std::fs::read_to_string(d.path().join("agent.crt")).unwrap() != short.cert_pem };
+    assert!(
+        !eventually(Duration::from_secs(2), kept).await,
+        "the forged certificate was written over the node's identity"
+    );
+    assert_eq!(agent.metrics().shared.renewals.get(), 0);
+    // The node still works with its own identity.
+    echo_roundtrip(agent.listen_addr, random_bytes(1000, 9))
+        .await
+        .unwrap();
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_renew_and_rotate_without_dropping_streams() {
     init_logging();

@@ -264,6 +264,49 @@ fn records_say(dir: &std::path::Path, name: &str, state: &str) -> bool {
         .any(|l| l.starts_with(&format!("{name} {state}")))
 }
 
+/// One tunnel sent 150 renewals in half a second and got 150 certificates, each a write of the
+/// records (with etcd, a transaction every server applies). Now a node gets its burst (3), one
+/// at a time, and every other request is answered busy with nothing signed or written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_flood_signs_no_more_than_the_nodes_burst() {
+    init_logging();
+    let pki = Pki::new();
+    let server = start_server(&pki, "127.0.0.1:9".parse().unwrap()).await;
+    let conn = raw_client(&pki, Some("flood"), server.local_addr)
+        .await
+        .unwrap();
+    wait_for("the node is seen", Duration::from_secs(10), || async {
+        server.connected_nodes() == ["flood"]
+    })
+    .await;
+    let records = || std::fs::read_to_string(pki.server_dir().join("nodes")).unwrap_or_default();
+    let before = records();
+    let mut asks = Vec::new();
+    for _ in 0..40 {
+        let (csr, _) = tether_certs::make_csr("flood").unwrap();
+        let conn = conn.clone();
+        asks.push(tokio::spawn(async move { renew_on(&conn, csr).await }));
+    }
+    let (mut signed, mut busy) = (0, 0);
+    for a in asks {
+        match a.await.unwrap() {
+            Ok((StatusCode::Ok, _)) => signed += 1,
+            Ok((StatusCode::Busy, why)) => {
+                assert!(why.contains("renewal"), "{why}");
+                busy += 1
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!((1..=3).contains(&signed), "signed {signed}");
+    assert_eq!(signed + busy, 40);
+    let renewals = tether_server::metrics::Limit::Renewals;
+    assert_eq!(server.metrics().limit_hits.get(renewals), busy as u64);
+    assert_ne!(records(), before, "the granted renewals were recorded");
+    conn.close(0u32.into(), b"done");
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
     init_logging();
