@@ -301,7 +301,7 @@ pub fn init(
     let token = match existing {
         Some(t) => t,
         None => {
-            let t = token::create(dir, 0, "created by init")?;
+            let t = token::create(dir, token::INIT_TOKEN_TTL, "created by init")?;
             write_file(&token_path, format!("{t}\n").as_bytes(), 0o600)?;
             t
         }

@@ -75,6 +75,12 @@ pub struct NodeRecord {
     pub addresses: Vec<IpAddr>,
 }
 
+/// How long a forgotten name's record is kept before it is removed (`--max-nodes` counts
+/// records). Longer than the certificates tether issues live (a year by default): a name with
+/// no record admits any certificate for it, so a certificate made before the forget must have
+/// expired by the time its record goes.
+pub const FORGOTTEN_KEPT_MS: u64 = 400 * 24 * 3600 * 1000;
+
 /// Most addresses one node may own: a node has a few interfaces, each with an address or two.
 pub const MAX_ADDRESSES: usize = 32;
 
@@ -145,6 +151,11 @@ impl NodeRecord {
             return Err(RecordError::ForgottenWithAddresses);
         }
         Ok(())
+    }
+
+    /// A forgotten record past [`FORGOTTEN_KEPT_MS`]: removed, and not taken from a peer.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.state == NodeState::Forgotten && self.at.saturating_add(FORGOTTEN_KEPT_MS) < now_ms
     }
 
     /// Whether this record should replace `old` (see the module's documentation).
@@ -259,6 +270,10 @@ pub enum Verdict {
 impl Records {
     /// Merges one record; true when it changed anything.
     pub fn merge(&mut self, rec: NodeRecord) -> bool {
+        if rec.expired(now_ms()) && !self.by_name.contains_key(&rec.name) {
+            // Removed here already (or never held): a peer's copy does not bring it back.
+            return false;
+        }
         match self.by_name.get(&rec.name) {
             Some(old) if !rec.beats(old) => false,
             _ => {
@@ -290,6 +305,15 @@ impl Records {
             }
             NodeState::Owned(_) => Verdict::OtherOwner,
         }
+    }
+
+    /// The forgotten names whose records have expired (see [`NodeRecord::expired`]).
+    pub fn expired(&self, now_ms: u64) -> Vec<String> {
+        self.by_name
+            .values()
+            .filter(|r| r.expired(now_ms))
+            .map(|r| r.name.clone())
+            .collect()
     }
 
     /// Whether `key` is a renewed owner not yet seen in a handshake (see [`confirm`]).
@@ -912,6 +936,22 @@ mod tests {
         for bad in ["n revoked 1 a=edge-1", "n forgotten 1 a=10.0.0.1"] {
             assert!(parse_line(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn forgotten_records_expire_and_do_not_come_back_from_a_peer() {
+        let mut r = Records::default();
+        let mut old = rec(NodeState::Forgotten, 1, 1, "a");
+        old.at = 1;
+        r.by_name.insert("n".into(), old.clone());
+        let now = FORGOTTEN_KEPT_MS + 10;
+        assert_eq!(r.expired(now), vec!["n"]);
+        r.by_name.remove("n");
+        assert!(
+            !r.merge(old),
+            "a peer's copy of an expired record is not taken"
+        );
+        assert!(r.by_name.is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::{lock_file, read_string, write_file, CertError};
 use ring::digest::{digest, SHA256};
 use ring::rand::SecureRandom;
 use std::fmt;
+use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -107,6 +108,19 @@ fn random_hex(bytes: usize) -> Result<String, CertError> {
     Ok(hex::encode(b))
 }
 
+/// How long the token that `tether-server init` makes is good for, as kubeadm's are.
+pub const INIT_TOKEN_TTL: u64 = 24 * 3600;
+
+/// What a token may do besides joining: how many joins, and which addresses the node that
+/// joins with it owns from the start (`token create --uses`, `--address`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// Joins it is good for; 0 for any number (the default, as before 0.3).
+    pub uses: u32,
+    /// Addresses pinned to the node that joins with it (see `records::NodeRecord::addresses`).
+    pub addresses: Vec<IpAddr>,
+}
+
 /// One entry of the token store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenEntry {
@@ -116,11 +130,19 @@ pub struct TokenEntry {
     pub expires: i64,
     pub created: i64,
     pub description: String,
+    pub grant: TokenGrant,
+    /// Joins made with it so far (counted only when `grant.uses` bounds them).
+    pub used: u32,
 }
 
 impl TokenEntry {
     pub fn expired(&self, now: i64) -> bool {
         self.expires != 0 && now >= self.expires
+    }
+
+    /// Whether its joins are spent.
+    pub fn used_up(&self) -> bool {
+        self.grant.uses != 0 && self.used >= self.grant.uses
     }
 }
 
@@ -134,6 +156,8 @@ pub enum TokenRejection {
     Expired(String),
     #[error("wrong secret for token {0:?}")]
     WrongSecret(String),
+    #[error("token {0:?} has been used as many times as it may")]
+    UsedUp(String),
 }
 
 /// What a joining agent is told for any [`TokenRejection`].
@@ -159,11 +183,20 @@ pub fn list(dir: &Path) -> Result<Vec<TokenEntry>, CertError> {
 }
 
 impl TokenEntry {
-    /// One line of the token store: `id sha256(secret) expires created description`. The etcd
-    /// datastore keeps the same line as a key's value.
+    /// One line of the token store: `id sha256(secret) expires created [+u=USED/USES]
+    /// [+a=IP,IP] description`. The etcd datastore keeps the same line as a key's value. A 0.2
+    /// server reads the `+` fields as the start of the description: it does not count uses.
     pub fn to_line(&self) -> String {
+        let mut grant = String::new();
+        if self.grant.uses != 0 {
+            grant.push_str(&format!("+u={}/{} ", self.used, self.grant.uses));
+        }
+        if !self.grant.addresses.is_empty() {
+            let list: Vec<String> = self.grant.addresses.iter().map(|a| a.to_string()).collect();
+            grant.push_str(&format!("+a={} ", list.join(",")));
+        }
         format!(
-            "{} {} {} {} {}",
+            "{} {} {} {} {grant}{}",
             self.id,
             self.secret_hash,
             self.expires,
@@ -175,13 +208,38 @@ impl TokenEntry {
     /// Reads a line [`to_line`](Self::to_line) wrote; `None` for anything else.
     pub fn parse_line(line: &str) -> Option<TokenEntry> {
         let mut f = line.splitn(5, ' ');
-        Some(TokenEntry {
+        let mut e = TokenEntry {
             id: f.next()?.to_string(),
             secret_hash: f.next()?.to_string(),
             expires: f.next()?.parse().ok()?,
             created: f.next()?.parse().ok()?,
-            description: f.next().unwrap_or("").to_string(),
-        })
+            description: String::new(),
+            grant: TokenGrant::default(),
+            used: 0,
+        };
+        let mut rest = f.next().unwrap_or("");
+        loop {
+            let (field, after) = rest.split_once(' ').unwrap_or((rest, ""));
+            if let Some(v) = field.strip_prefix("+u=") {
+                let (used, uses) = v.split_once('/')?;
+                e.used = used.parse().ok()?;
+                e.grant.uses = uses.parse().ok()?;
+            } else if let Some(v) = field.strip_prefix("+a=") {
+                let list = v
+                    .split(',')
+                    .map(|a| a.parse::<IpAddr>().ok())
+                    .collect::<Option<Vec<_>>>()?;
+                if list.len() > crate::records::MAX_ADDRESSES {
+                    return None;
+                }
+                e.grant.addresses = list;
+            } else {
+                break;
+            }
+            rest = after;
+        }
+        e.description = rest.to_string();
+        Some(e)
     }
 
     /// A new token for a CA and its stored entry; `taken` says which ids are in use already.
@@ -189,6 +247,7 @@ impl TokenEntry {
         ca_der: &[u8],
         ttl_secs: u64,
         description: &str,
+        grant: &TokenGrant,
         taken: impl Fn(&str) -> bool,
     ) -> Result<(Token, TokenEntry), CertError> {
         // Ids are short (they are typed and logged), so a new one is drawn until it is unique.
@@ -219,6 +278,8 @@ impl TokenEntry {
             },
             created,
             description: description.to_string(),
+            grant: grant.clone(),
+            used: 0,
         };
         Ok((token, entry))
     }
@@ -254,10 +315,20 @@ pub fn ca_der_of(dir: &Path) -> Result<Vec<u8>, CertError> {
 
 /// Creates a token valid for `ttl_secs` (0: no expiry) and stores its hash.
 pub fn create(dir: &Path, ttl_secs: u64, description: &str) -> Result<Token, CertError> {
+    create_with(dir, ttl_secs, description, &TokenGrant::default())
+}
+
+/// [`create`] with a bound on its joins and addresses for the node that joins.
+pub fn create_with(
+    dir: &Path,
+    ttl_secs: u64,
+    description: &str,
+    grant: &TokenGrant,
+) -> Result<Token, CertError> {
     let ca_der = ca_der_of(dir)?;
     let _guard = lock_file(dir)?;
     let mut entries = list(dir)?;
-    let (token, entry) = TokenEntry::generate(&ca_der, ttl_secs, description, |id| {
+    let (token, entry) = TokenEntry::generate(&ca_der, ttl_secs, description, grant, |id| {
         entries.iter().any(|e| e.id == id)
     })?;
     entries.push(entry);
@@ -285,6 +356,26 @@ pub fn verify(dir: &Path, token: &Token) -> Result<Result<(), TokenRejection>, C
     Ok(check(entries.iter().find(|e| e.id == token.id), token))
 }
 
+/// Redeems a token for one join, under the store's lock: checked as [`verify`] does, and one
+/// of its uses spent when they are bounded (so that two joins cannot both take the last).
+/// Returns what the token grants.
+pub fn redeem(dir: &Path, token: &Token) -> Result<Result<TokenGrant, TokenRejection>, CertError> {
+    let _guard = lock_file(dir)?;
+    let mut entries = list(dir)?;
+    let Some(e) = entries.iter_mut().find(|e| e.id == token.id) else {
+        return Ok(check(None, token).map(|_| TokenGrant::default()));
+    };
+    if let Err(r) = check(Some(e), token) {
+        return Ok(Err(r));
+    }
+    let grant = e.grant.clone();
+    if e.grant.uses != 0 {
+        e.used += 1;
+        save(dir, &entries)?;
+    }
+    Ok(Ok(grant))
+}
+
 /// Checks a token's credential against its stored entry (`None`: no token with that id).
 pub fn check(entry: Option<&TokenEntry>, token: &Token) -> Result<(), TokenRejection> {
     let given = secret_hash(&token.secret);
@@ -298,6 +389,9 @@ pub fn check(entry: Option<&TokenEntry>, token: &Token) -> Result<(), TokenRejec
     }
     if !same(given.as_bytes(), e.secret_hash.as_bytes()) {
         return Err(TokenRejection::WrongSecret(token.id.clone()));
+    }
+    if e.used_up() {
+        return Err(TokenRejection::UsedUp(token.id.clone()));
     }
     Ok(())
 }
@@ -362,6 +456,35 @@ mod tests {
             Err(TokenRejection::Unknown(_))
         ));
         assert!(!revoke(&d, &t.id).unwrap());
+        // A token for two joins, with an address for the node.
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let grant = TokenGrant {
+            uses: 2,
+            addresses: vec![ip],
+        };
+        let two = create_with(&d, 0, "two joins", &grant).unwrap();
+        let line = list(&d)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.id == two.id)
+            .unwrap();
+        assert_eq!(
+            (line.grant.clone(), line.description.as_str()),
+            (grant.clone(), "two joins")
+        );
+        assert_eq!(redeem(&d, &two).unwrap(), Ok(grant.clone()));
+        assert_eq!(redeem(&d, &two).unwrap(), Ok(grant));
+        assert!(matches!(
+            redeem(&d, &two).unwrap(),
+            Err(TokenRejection::UsedUp(_))
+        ));
+        assert!(matches!(
+            verify(&d, &two).unwrap(),
+            Err(TokenRejection::UsedUp(_))
+        ));
+        // A 0.2 line reads as before: any number of joins.
+        let old = TokenEntry::parse_line("abc123 ff 0 1 a note").unwrap();
+        assert_eq!((old.grant.uses, old.description.as_str()), (0, "a note"));
         // Ids stay unique however many tokens there are.
         for _ in 0..200 {
             create(&d, 0, "many").unwrap();

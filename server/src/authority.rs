@@ -219,6 +219,46 @@ impl Authority {
         Ok(claim)
     }
 
+    /// Pins addresses to a node (a join with a token that names them): see
+    /// `Datastore::pin_addresses`. What it wrote is applied here at once.
+    pub async fn pin_addresses(
+        &self,
+        name: &str,
+        addrs: &[IpAddr],
+    ) -> Result<AddressClaim, DatastoreError> {
+        let claim = self.store.pin_addresses(name, addrs).await?;
+        let (_, rec) = self.store.update(name, |_| ((), false)).await?;
+        self.stored(rec);
+        Ok(claim)
+    }
+
+    /// Removes the forgotten records that have expired (see `NodeRecord::expired`), from the
+    /// store and from memory; returns how many. Every server runs the same rule on the same
+    /// records, so they agree on what goes.
+    pub async fn remove_expired(&self) -> Result<usize, DatastoreError> {
+        let now = records::now_ms();
+        let names = self.read().expired(now);
+        if names.is_empty() {
+            return Ok(0);
+        }
+        self.store.remove_expired(&names, now).await?;
+        let mut cur = self.records.write().unwrap_or_else(|p| p.into_inner());
+        for n in &names {
+            cur.by_name.remove(n);
+        }
+        Ok(names.len())
+    }
+
+    /// Whether the records hold `name` at all.
+    pub fn knows(&self, name: &str) -> bool {
+        self.read().by_name.contains_key(name)
+    }
+
+    /// How many records there are (`--max-nodes` bounds them).
+    pub fn record_count(&self) -> usize {
+        self.read().by_name.len()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }

@@ -39,6 +39,9 @@ pub struct ServerConfig {
     pub max_tunnels_per_node: usize,
     /// Join attempts allowed per source address per minute.
     pub join_rate_per_minute: u32,
+    /// Most node records in the cluster: a join that would add one more is refused, so that no
+    /// token, however many uses it has, can grow the records (and etcd) without bound.
+    pub max_nodes: usize,
     /// Lifetime of certificates signed for joining and renewing agents.
     pub agent_cert_lifetime: Duration,
     /// How often the node records and certificate files are checked for changes.
@@ -79,6 +82,7 @@ impl ServerConfig {
             egress: Default::default(),
             max_tunnels_per_node: 8,
             join_rate_per_minute: 10,
+            max_nodes: 50_000,
             agent_cert_lifetime: Duration::from_secs(365 * 86400),
             reload_interval: Duration::from_millis(500),
             peers: Vec::new(),

@@ -77,12 +77,16 @@ fn files_mtime(dir: &std::path::Path) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
+/// How often expired forgotten records are looked for.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Watches the data directory: node records (revocations close tunnels within a second or
 /// two) and the certificate files (reloaded when they change).
 pub(crate) async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
     let mut certs = files_mtime(&state.config.data_dir);
     // Records merged from a peer take effect at once, not at the next look at the file.
     let mut records = state.authority.subscribe();
+    let mut pruned = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(state.config.reload_interval) => {}
@@ -91,6 +95,17 @@ pub(crate) async fn watch_files(state: Arc<State>, mut stop: ShutdownSignal) {
         }
         state.authority.poll();
         close_refused(&state);
+        if pruned.elapsed() >= PRUNE_EVERY {
+            pruned = std::time::Instant::now();
+            match state.authority.remove_expired().await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    records = n,
+                    "removed the records of names forgotten long ago"
+                ),
+                Err(e) => warn!(error = %e, "cannot remove expired records; trying again later"),
+            }
+        }
         let now = files_mtime(&state.config.data_dir);
         if now != certs {
             certs = now;

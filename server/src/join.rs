@@ -111,8 +111,10 @@ async fn decide(
     let Ok(tok) = parsed else {
         return refuse("malformed token credential".into());
     };
-    match state.authority.store().verify_token(&tok).await {
-        Ok(Ok(())) => {}
+    // The token's use is spent here, before the checks below: a join refused after this
+    // point still used it (a name taken, the bound of nodes), which errs on the safe side.
+    let grant = match state.authority.store().redeem_token(&tok).await {
+        Ok(Ok(grant)) => grant,
         Ok(Err(rejection)) => {
             // The log says which; the stranger only hears "bad token".
             warn!(peer = %remote, node = node_name, reason = %rejection, "refused join");
@@ -125,7 +127,7 @@ async fn decide(
         }
         Err(e) if e.is_unavailable() => return unavailable(&e),
         Err(e) => return refuse(format!("server cannot read its token store: {e}")),
-    }
+    };
     if let Err(e) = tether_certs::validate_node_name(node_name) {
         return refuse(e.to_string());
     }
@@ -133,11 +135,37 @@ async fn decide(
         Ok(k) => k,
         Err(e) => return refuse(e.to_string()),
     };
+    if !state.authority.knows(node_name) && state.authority.record_count() >= state.config.max_nodes
+    {
+        state.metrics.limit_hit(Limit::Nodes);
+        return refuse(format!(
+            "the cluster has as many node records as it may ({}, --max-nodes); forget unused nodes first",
+            state.config.max_nodes
+        ));
+    }
     match state.authority.claim(node_name, &key).await {
         Ok(Ok(())) => {}
         Ok(Err(why)) => return refuse(why),
         Err(e) if e.is_unavailable() => return unavailable(&e),
         Err(e) => return refuse(format!("server cannot record the node: {e}")),
+    }
+    if !grant.addresses.is_empty() {
+        match state
+            .authority
+            .pin_addresses(node_name, &grant.addresses)
+            .await
+        {
+            Ok(claim) if claim.refused.is_empty() => {}
+            Ok(claim) => {
+                let list: Vec<String> = claim.refused.iter().map(|(a, _)| a.to_string()).collect();
+                return refuse(format!(
+                    "the token names addresses this node cannot own ({}): another node owns them",
+                    list.join(", ")
+                ));
+            }
+            Err(e) if e.is_unavailable() => return unavailable(&e),
+            Err(e) => return refuse(format!("server cannot record the node's addresses: {e}")),
+        }
     }
     match sign(csr, node_name, state) {
         Ok(cert_pem) => {

@@ -215,10 +215,10 @@ async fn restore_locked_out(
     dir: &std::path::Path,
     records: &mut tether_certs::records::Records,
 ) -> Result<(), ServerError> {
-    use tether_certs::records::{NodeState, Records};
+    use tether_certs::records::{self, NodeState, Records};
     let cached = Records::load(dir)?;
     for rec in cached.by_name.into_values() {
-        if matches!(rec.state, NodeState::Owned(_)) {
+        if matches!(rec.state, NodeState::Owned(_)) || rec.expired(records::now_ms()) {
             continue;
         }
         let lost = match records.by_name.get(&rec.name) {

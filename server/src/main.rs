@@ -148,6 +148,14 @@ enum TokenCommand {
         /// A note to tell tokens apart in `token list`.
         #[arg(long, default_value = "")]
         description: String,
+        /// How many joins it is good for; 0 (the default) for any number, until it expires or
+        /// is revoked.
+        #[arg(long, default_value_t = 0)]
+        uses: u32,
+        /// An IP address the node that joins with it owns from the start (repeatable), so that
+        /// no other node can claim it first. Best with --uses 1.
+        #[arg(long = "address", value_delimiter = ',')]
+        addresses: Vec<std::net::IpAddr>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -318,6 +326,9 @@ struct RunArgs {
     /// Join attempts allowed per source address per minute.
     #[arg(long, env = "TETHER_JOIN_RATE_LIMIT", default_value_t = defaults().join_rate_per_minute)]
     join_rate_limit: u32,
+    /// Most node records in the cluster: a join of a new name past it is refused.
+    #[arg(long, env = "TETHER_MAX_NODES", default_value_t = defaults().max_nodes)]
+    max_nodes: usize,
     /// Lifetime of certificates signed for joining and renewing agents.
     #[arg(long, env = "TETHER_AGENT_CERT_LIFETIME", default_value = format_duration(defaults().agent_cert_lifetime), value_parser = parse_duration)]
     agent_cert_lifetime: Duration,
@@ -383,17 +394,29 @@ async fn token(t: TokenCommand) -> Result<()> {
             data_dir,
             ttl,
             description,
+            uses,
+            addresses,
             store,
         } => {
             let secs = ttl.map(|d| d.as_secs().max(1)).unwrap_or(0);
+            let grant = tether_certs::token::TokenGrant { uses, addresses };
             let tok = store
                 .open(&data_dir)?
-                .create_token(&data_dir, secs, &description)
+                .create_token(&data_dir, secs, &description, &grant)
                 .await
                 .with_context(|| {
                     format!("cannot create a token in {}", store.describe(&data_dir))
                 })?;
             println!("{tok}");
+            let expiry = match ttl {
+                Some(d) => format!("expires in {}", human(d.as_secs() as i64)),
+                None => "never expires (until `token revoke`)".into(),
+            };
+            let joins = match uses {
+                0 => "joins any number of nodes".to_string(),
+                n => format!("joins {n} node(s)"),
+            };
+            eprintln!("this token {expiry} and {joins}; keep it secret, and pass it to agents with --token-file");
         }
         TokenCommand::List { data_dir, store } => {
             let entries = store.open(&data_dir)?.tokens().await.with_context(|| {
@@ -618,6 +641,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.drain_timeout = a.drain_timeout;
     config.max_tunnels_per_node = a.max_tunnels_per_node;
     config.join_rate_per_minute = a.join_rate_limit;
+    config.max_nodes = a.max_nodes;
     config.agent_cert_lifetime = a.agent_cert_lifetime;
     config.egress = tether_server::config::EgressConfig {
         listen: a.egress_listen,

@@ -21,6 +21,8 @@ pub enum Limit {
     Joins,
     /// Renewals over a node's bound (one in flight, a rate per node).
     Renewals,
+    /// Joins of a new name past `--max-nodes`.
+    Nodes,
 }
 
 impl Label for Limit {
@@ -34,6 +36,7 @@ impl Label for Limit {
         Limit::Handshakes,
         Limit::Joins,
         Limit::Renewals,
+        Limit::Nodes,
     ];
     fn label(self) -> String {
         match self {
@@ -45,6 +48,7 @@ impl Label for Limit {
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::Handshakes => "handshakes",
             Limit::Renewals => "renewals",
+            Limit::Nodes => "nodes",
             Limit::Joins => "joins",
         }
         .into()

@@ -106,7 +106,7 @@ async fn servers_share_etcd_with_no_peer_list() {
 
     // A token made on the second server joins on the third.
     let token = store(&settings)
-        .create_token(&dirs[1], 3600, "made on s1")
+        .create_token(&dirs[1], 3600, "made on s1", &Default::default())
         .await
         .unwrap();
     let node_dir = TempDir::new("etcd-join");
@@ -503,7 +503,7 @@ async fn etcd_failures_fail_static_and_nothing_is_lost() {
     // One member killed: everything keeps working, joins included.
     cluster.kill(0).await;
     let token = store(&direct)
-        .create_token(&b_dir, 3600, "one member down")
+        .create_token(&b_dir, 3600, "one member down", &Default::default())
         .await
         .expect("a token with one member down");
     let d1 = TempDir::new("etcd-join-1");
@@ -584,7 +584,7 @@ async fn etcd_failures_fail_static_and_nothing_is_lost() {
             .expect("new connections of a known node while etcd is down");
     }
     let err = store(&direct)
-        .create_token(&b_dir, 3600, "etcd down")
+        .create_token(&b_dir, 3600, "etcd down", &Default::default())
         .await
         .expect_err("no token while etcd is down");
     assert!(err.is_unavailable(), "{err}");

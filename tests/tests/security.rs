@@ -69,6 +69,63 @@ async fn a_node_joins_with_a_token_and_keeps_its_certificate() {
     server.shutdown().await;
 }
 
+/// One token used to join any number of names, and records were never bounded: past 64 MiB
+/// under the etcd prefix every server's first read failed. Now a token may be made for N joins
+/// (and names the addresses its node owns), and the cluster holds at most `--max-nodes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_joins_no_more_than_its_uses_and_the_cluster_no_more_than_max_nodes() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut sc = server_config(&pki, echo.addr);
+    // The server's own records hold none yet; three joins fill it.
+    sc.max_nodes = 3;
+    let server = tether_server::start(sc).await.unwrap();
+    let dir = pki.server_dir();
+    let ip: std::net::IpAddr = "127.0.0.42".parse().unwrap();
+    let grant = tether_certs::token::TokenGrant {
+        uses: 2,
+        addresses: vec![ip],
+    };
+    let two = tether_certs::token::create_with(&dir, 3600, "two", &grant)
+        .unwrap()
+        .to_string();
+    let join = |node: &'static str, token: String| {
+        let d = TempDir::new(node);
+        let server = server.local_addr;
+        async move {
+            let r = tether_agent::start(joining_agent(&d, node, server, &token)).await;
+            (d, r)
+        }
+    };
+    let (_d1, first) = join("u1", two.clone()).await;
+    first.expect("first use").shutdown().await;
+    // The token's address is the first node's, before it ever claimed it.
+    let records = tether_certs::records::Records::load(&dir).unwrap();
+    assert_eq!(records.owners_of(ip), vec!["u1"]);
+    // Its second use: the address is taken, so this join is refused (and spends the use).
+    let (_d2, second) = join("u2", two.clone()).await;
+    let err = second.err().unwrap().to_string();
+    assert!(err.contains("another node owns"), "{err}");
+    let (_d3, third) = join("u3", two.clone()).await;
+    let err = third.err().unwrap().to_string();
+    assert!(err.contains("bad token"), "a token past its uses: {err}");
+
+    // Any number of uses, but the cluster is full at 3 records (u1, u2 and one more).
+    let any = tether_certs::token::create(&dir, 3600, "any")
+        .unwrap()
+        .to_string();
+    let (_d4, fourth) = join("u4", any.clone()).await;
+    fourth.expect("third record").shutdown().await;
+    let (_d5, fifth) = join("u5", any.clone()).await;
+    let err = fifth.err().unwrap().to_string();
+    assert!(err.contains("max-nodes"), "{err}");
+    let nodes = tether_server::metrics::Limit::Nodes;
+    assert_eq!(server.metrics().limit_hits.get(nodes), 1);
+    // A node already on record joins again (a reinstall after forget is a known name).
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_and_taken_names_are_refused_clearly() {
     init_logging();

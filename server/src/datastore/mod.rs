@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use tether_certs::records::{self, AddressClaim, NodeRecord, NodeState, Records};
-use tether_certs::token::{self, Token, TokenEntry, TokenRejection};
+use tether_certs::token::{self, Token, TokenEntry, TokenGrant, TokenRejection};
 use tether_certs::CertError;
 
 /// Whether the store answers, and (etcd) the revision applied last; read by metrics,
@@ -347,6 +347,41 @@ impl Datastore {
         Ok(owners)
     }
 
+    /// Removes the records of `names` that are still expired forgotten records at `now_ms`
+    /// (a name joined again meanwhile keeps its record).
+    pub async fn remove_expired(
+        &self,
+        names: &[String],
+        now_ms: u64,
+    ) -> Result<(), DatastoreError> {
+        match self {
+            Datastore::Dir(dir) => {
+                records::update(dir, |all| {
+                    let before = all.by_name.len();
+                    all.by_name
+                        .retain(|n, r| !(names.contains(n) && r.expired(now_ms)));
+                    ((), all.by_name.len() != before)
+                })?;
+            }
+            Datastore::Etcd(e) => {
+                for name in names {
+                    let rel = format!("{NODES}{name}");
+                    let Some(kv) = e.get(&rel).await? else {
+                        continue;
+                    };
+                    if parse_record(&kv.key, &kv.value).is_ok_and(|r| r.expired(now_ms)) {
+                        e.txn(
+                            &[Compare::ModRevision(rel.clone(), kv.mod_revision)],
+                            &[Op::Delete(rel)],
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every token entry (no secrets: only their hashes are stored).
     pub async fn tokens(&self) -> Result<Vec<TokenEntry>, DatastoreError> {
         match self {
@@ -366,14 +401,15 @@ impl Datastore {
         data_dir: &Path,
         ttl_secs: u64,
         description: &str,
+        grant: &TokenGrant,
     ) -> Result<Token, DatastoreError> {
         match self {
-            Datastore::Dir(dir) => Ok(token::create(dir, ttl_secs, description)?),
+            Datastore::Dir(dir) => Ok(token::create_with(dir, ttl_secs, description, grant)?),
             Datastore::Etcd(e) => {
                 let ca_der = token::ca_der_of(data_dir)?;
                 for _ in 0..CAS_ATTEMPTS {
                     let (tok, entry) =
-                        TokenEntry::generate(&ca_der, ttl_secs, description, |_| false)?;
+                        TokenEntry::generate(&ca_der, ttl_secs, description, grant, |_| false)?;
                     // Ids are unique: a drawn id that exists already is drawn again.
                     if put_token_if_absent(e, &entry).await? {
                         return Ok(tok);
@@ -416,6 +452,50 @@ impl Datastore {
                 Ok(token::check(entry.as_ref(), tok))
             }
         }
+    }
+
+    /// Redeems a token for one join: checked against the store as it is now, and one of its
+    /// uses spent when they are bounded, in one step (the directory's lock, or a
+    /// compare-and-swap on the etcd key), so two joins cannot both take its last use.
+    pub async fn redeem_token(
+        &self,
+        tok: &Token,
+    ) -> Result<Result<TokenGrant, TokenRejection>, DatastoreError> {
+        let e = match self {
+            Datastore::Dir(dir) => return Ok(token::redeem(dir, tok)?),
+            Datastore::Etcd(e) => e,
+        };
+        if tok.id.is_empty() || !tok.id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Ok(token::check(None, tok).map(|_| TokenGrant::default()));
+        }
+        let rel = format!("{TOKENS}{}", tok.id);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(kv) = e.get(&rel).await? else {
+                return Ok(token::check(None, tok).map(|_| TokenGrant::default()));
+            };
+            let mut entry = parse_token(&kv.key, &kv.value)?;
+            if let Err(r) = token::check(Some(&entry), tok) {
+                return Ok(Err(r));
+            }
+            if entry.grant.uses == 0 {
+                return Ok(Ok(entry.grant));
+            }
+            entry.used += 1;
+            let put = Op::Put {
+                key: rel.clone(),
+                value: entry.to_line().into_bytes(),
+                lease: kv.lease,
+            };
+            if e.txn(
+                &[Compare::ModRevision(rel.clone(), kv.mod_revision)],
+                &[put],
+            )
+            .await?
+            {
+                return Ok(Ok(entry.grant));
+            }
+        }
+        Err(DatastoreError::Contended(rel))
     }
 
     /// Copies a data directory's records and tokens into this store (etcd). Safe to run
