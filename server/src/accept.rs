@@ -10,36 +10,41 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tether_common::endpoint::client_slots::ClientSlot;
 use tether_common::process::shutdown::ShutdownSignal;
 use tether_common::tls;
 use tether_common::transport::{tcp::TcpTunnel, TransportKind, Tunnel};
 use tether_proto::code;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::warn;
 
 /// Most handshakes in progress at once, over both transports. Past half of it, QUIC clients
 /// whose address is not validated yet are asked to retry (proving their address); past all of
 /// it, new handshakes are refused.
 pub const MAX_HANDSHAKES: usize = 4096;
+/// Most handshakes in progress from one source (an IPv4 address, an IPv6 /64), over both
+/// transports: one address once held all [`MAX_HANDSHAKES`] and refused every new tunnel and
+/// join. Generous for many nodes behind one NAT reconnecting at once (a handshake takes
+/// milliseconds); past half of it, that source's QUIC clients must prove their address.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = MAX_HANDSHAKES / 16;
+/// A TCP connection that sends no TLS byte within this is closed: a real client sends its
+/// ClientHello at once, and a silent one would hold a handshake slot for the whole timeout.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Most join connections served at once: each holds at most [`crate::config::JOIN_WINDOW`] (QUIC) or one yamux
 /// window (TCP), so strangers can hold at most a few MiB of this server together.
 pub const MAX_JOINS: usize = 64;
 
-/// A place among the handshakes in progress, or `None` (counted and logged) when all are taken.
-fn handshake_slot(
-    state: &State,
-    remote: SocketAddr,
-    kind: TransportKind,
-) -> Option<OwnedSemaphorePermit> {
-    let permit = state.handshakes.clone().try_acquire_owned().ok();
-    if permit.is_none() {
+/// A place among the handshakes in progress, or `None` (counted and logged) when all are
+/// taken, or all of the source's.
+fn handshake_slot(state: &State, remote: SocketAddr, kind: TransportKind) -> Option<ClientSlot> {
+    let slot = state.handshakes.take(remote.ip());
+    if slot.is_none() {
         state.metrics.limit_hit(Limit::Handshakes);
         if let Some(left_out) = state.noisy_log.allow() {
-            warn!(left_out, peer = %remote, transport = %kind, "refused tunnel: too many handshakes in progress");
+            warn!(left_out, peer = %remote, transport = %kind, "refused tunnel: too many handshakes in progress (in all, or from this source)");
         }
     }
-    permit
+    slot
 }
 
 /// Runs a handshake within the handshake timeout. A failure or a stall is counted and logged
@@ -82,15 +87,16 @@ pub(crate) async fn accept_quic(
             incoming.refuse();
             continue;
         }
-        let free = state.handshakes.available_permits();
-        if free < MAX_HANDSHAKES / 2 && !incoming.remote_address_validated() && incoming.may_retry()
-        {
-            // Many handshakes at once: make the client prove its address first (one round trip
-            // for a real client, nothing kept here for a spoofed one).
+        let remote = incoming.remote_address();
+        let (all, mine) = state.handshakes.held(remote.ip());
+        let busy = all >= MAX_HANDSHAKES / 2 || mine >= MAX_HANDSHAKES_PER_SOURCE / 2;
+        if busy && !incoming.remote_address_validated() && incoming.may_retry() {
+            // Many handshakes at once, in all or from this source: make the client prove its
+            // address first (one round trip for a real client, nothing kept here for a
+            // spoofed one, whose handshakes then never count against a real source).
             let _ = incoming.retry();
             continue;
         }
-        let remote = incoming.remote_address();
         let Some(permit) = handshake_slot(&state, remote, TransportKind::Quic) else {
             incoming.refuse();
             continue;
@@ -151,6 +157,17 @@ pub(crate) async fn accept_tcp(
             .clone();
         let max_streams = state.config.transport_limits().max_streams as usize;
         tokio::spawn(async move {
+            // Nothing is read or allocated for a connection that has sent nothing yet.
+            if !matches!(
+                tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.readable()).await,
+                Ok(Ok(()))
+            ) {
+                state.metrics.limit_hit(Limit::HandshakeTimeout);
+                if let Some(left_out) = state.noisy_log.allow() {
+                    warn!(left_out, peer = %remote, "refused tunnel: no TLS bytes within {FIRST_BYTE_TIMEOUT:?}");
+                }
+                return;
+            }
             let shake = TcpTunnel::accept(tcp, acceptor, state.config.liveness, max_streams);
             let Some(t) = handshake(&state, remote, TransportKind::Tcp, shake).await else {
                 return;

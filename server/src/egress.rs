@@ -13,6 +13,7 @@ use crate::state::State;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tether_common::endpoint::client_slots::{ClientSlot, ClientSlots, Eviction};
 use tether_common::endpoint::http;
 use tether_common::link::pool::Policy;
 use tether_common::open::{self, answer, OpenError};
@@ -21,7 +22,6 @@ use tether_common::relay;
 use tether_common::transport::{Stream, Tunnel};
 use tether_proto::{StatusCode, Target};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 /// Time a client has to send its request head.
@@ -232,9 +232,17 @@ pub async fn route(state: &State, node: &str, req: &ConnectRequest) -> Result<St
 }
 
 /// Serves one egress client.
-pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str, state: &State) {
+pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    who: &str,
+    slot: &ClientSlot,
+    state: &State,
+) {
     let (head, rest) = match tokio::time::timeout(HEAD_TIMEOUT, http::read_head(&mut s)).await {
-        Ok(Ok(h)) => h,
+        Ok(Ok(h)) => {
+            slot.head_done();
+            h
+        }
         Ok(Err(e)) => {
             let code = e.status();
             state.metrics.egress_failed(code);
@@ -340,18 +348,34 @@ pub fn tls_acceptor(
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg))))
 }
 
+/// The caps of one egress listener: [`MAX_CONNECTIONS`] in all, [`MAX_PER_CLIENT`] per client;
+/// when full, the oldest connection still sending its request head is closed for the newcomer,
+/// so idle connections from the apiserver's own address cannot make its real CONNECT fail.
+fn egress_slots() -> Arc<ClientSlots> {
+    ClientSlots::new(MAX_CONNECTIONS, MAX_PER_CLIENT, Eviction::OldestIdle)
+}
+
+/// Serves one egress connection in its slot, until it ends or is closed to make room.
+async fn serve_in_slot<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: S,
+    who: &str,
+    slot: &ClientSlot,
+    state: &State,
+) {
+    tokio::select! {
+        _ = serve_client(conn, who, slot, state) => {}
+        _ = slot.evicted() => debug!(client = who, "egress: an idle connection closed to make room"),
+    }
+}
+
 /// Serves egress clients on a TCP listener until the task is dropped.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<State>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_client = tether_common::endpoint::client_slots::ClientSlots::new(MAX_PER_CLIENT);
+    let slots = egress_slots();
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -360,8 +384,8 @@ pub async fn serve_tcp(
                 continue;
             }
         };
-        let Some(slot) = per_client.take(peer.ip()) else {
-            warn!(client = %peer, limit = MAX_PER_CLIENT, "egress connection refused: too many from this address");
+        let Some(slot) = slots.take(peer.ip()) else {
+            warn!(client = %peer, limit = MAX_PER_CLIENT, "egress connection refused: too many from this client, none idle");
             continue;
         };
         let _ = conn.set_nodelay(true);
@@ -369,27 +393,32 @@ pub async fn serve_tcp(
         tokio::spawn(async move {
             let who = peer.to_string();
             match tls {
-                Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(conn))
-                    .await
-                {
-                    Ok(Ok(s)) => serve_client(s, &who, &state).await,
-                    Ok(Err(e)) => warn!(client = %who, error = %e, "egress TLS handshake failed"),
-                    Err(_) => warn!(client = %who, "egress TLS handshake timed out"),
-                },
-                None => serve_client(conn, &who, &state).await,
+                Some(acceptor) => {
+                    let shake = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(conn));
+                    let accepted = tokio::select! {
+                        a = shake => a,
+                        _ = slot.evicted() => return,
+                    };
+                    match accepted {
+                        Ok(Ok(s)) => serve_in_slot(s, &who, &slot, &state).await,
+                        Ok(Err(e)) => {
+                            warn!(client = %who, error = %e, "egress TLS handshake failed")
+                        }
+                        Err(_) => warn!(client = %who, "egress TLS handshake timed out"),
+                    }
+                }
+                None => serve_in_slot(conn, &who, &slot, &state).await,
             }
-            drop((permit, slot));
         });
     }
 }
 
-/// Serves egress clients on a Unix socket until the task is dropped.
+/// Serves egress clients on a Unix socket until the task is dropped. Every client of the
+/// socket counts as one (its callers share the host), under the same caps as TCP.
 pub async fn serve_uds(listener: tokio::net::UnixListener, state: Arc<State>) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = egress_slots();
+    let socket = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
         let conn = match listener.accept().await {
             Ok((c, _)) => c,
             Err(e) => {
@@ -398,10 +427,16 @@ pub async fn serve_uds(listener: tokio::net::UnixListener, state: Arc<State>) {
                 continue;
             }
         };
+        let Some(slot) = slots.take(socket) else {
+            warn!(
+                limit = MAX_PER_CLIENT,
+                "egress connection on the Unix socket refused: too many, none idle"
+            );
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
-            serve_client(conn, "unix socket", &state).await;
-            drop(permit);
+            serve_in_slot(conn, "unix socket", &slot, &state).await;
         });
     }
 }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tether_common::endpoint::client_slots::source_key;
 
 /// Most distinct source addresses the rate limiter remembers; beyond it, the oldest are
 /// forgotten (a flood of spoofed sources cannot grow memory).
@@ -41,21 +42,6 @@ impl JoinLimiter {
         }
         entry.1 += 1;
         entry.1 <= self.per_minute
-    }
-}
-
-/// What the rate limit counts a source as: IPv4 addresses one by one (an IPv4-mapped IPv6
-/// address as its IPv4 one), IPv6 addresses by /64.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
     }
 }
 

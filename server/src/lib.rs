@@ -308,7 +308,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         tcp_tls: std::sync::RwLock::new(tcp_tls),
         noisy_log: tether_common::process::telemetry::Throttle::new(Duration::from_secs(1)),
         streams: Arc::new(Semaphore::new(config.max_streams)),
-        handshakes: Arc::new(Semaphore::new(accept::MAX_HANDSHAKES)),
+        handshakes: tether_common::endpoint::client_slots::ClientSlots::new(
+            accept::MAX_HANDSHAKES,
+            accept::MAX_HANDSHAKES_PER_SOURCE,
+            tether_common::endpoint::client_slots::Eviction::None,
+        ),
         joins: Arc::new(Semaphore::new(accept::MAX_JOINS)),
         registry: Registry::default(),
         metrics: metrics.clone(),

@@ -25,7 +25,7 @@ pub struct State {
     pub(crate) services: std::collections::HashMap<String, Arc<Upstream>>,
     pub(crate) streams: Arc<Semaphore>,
     /// Handshakes in progress, both transports (at most `MAX_HANDSHAKES`, see `accept`).
-    pub(crate) handshakes: Arc<Semaphore>,
+    pub(crate) handshakes: Arc<tether_common::endpoint::client_slots::ClientSlots>,
     /// Join connections being served (at most `MAX_JOINS`, see `accept`).
     pub(crate) joins: Arc<Semaphore>,
     /// Random per process start: tells this server apart from its peers, and from itself.

@@ -723,3 +723,88 @@ async fn a_corrupt_records_file_stops_the_start_naming_file_and_line() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("line 3"), "{stderr}");
 }
+
+/// One address held every handshake slot with TCP connections that sent nothing (each for the
+/// whole 10 s timeout), and no other node could connect, over QUIC either. Now a silent TCP
+/// connection is closed after 2 s, and one source holds at most its share of the slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tcp_connections_from_one_source_cannot_lock_out_new_tunnels() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let server = start_server(&pki, echo.addr).await;
+    // 4,100 silent connections from 127.0.0.2.
+    let mut silent = Vec::new();
+    for _ in 0..4100 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        match sock.connect(server.local_addr).await {
+            Ok(c) => silent.push(c),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    // A node from another address connects at once, over QUIC and over TCP.
+    for transport in [
+        tether_common::link::reconnect::TransportChoice::Quic,
+        tether_common::link::reconnect::TransportChoice::Tcp,
+    ] {
+        let mut c = agent_config(&pki, "fresh", &[server.local_addr]);
+        c.transport = transport;
+        let agent = tether_agent::start(c).await.unwrap();
+        wait_for(
+            "a tunnel despite the silent ones",
+            Duration::from_secs(5),
+            || async { agent.tunnels_up() == 1 },
+        )
+        .await;
+        echo_roundtrip(agent.listen_addr, random_bytes(1000, 5))
+            .await
+            .unwrap();
+        agent.shutdown().await;
+    }
+    // Every silent connection is closed within about 2 s of its start.
+    let mut c = silent.pop().unwrap();
+    let mut b = [0u8; 1];
+    let n = within(
+        "the last silent connection closed",
+        Duration::from_secs(5),
+        c.read(&mut b),
+    )
+    .await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let handshakes = tether_server::metrics::Limit::Handshakes;
+    assert!(server.metrics().limit_hits.get(handshakes) > 0);
+    server.shutdown().await;
+}
+
+/// 4,200 idle connections from the address kube-apiserver itself uses made its real CONNECT
+/// fail (the per-client cap refused newcomers). Now the oldest connection that has not sent its
+/// request head is closed to make room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_egress_connections_from_the_apiservers_address_do_not_block_its_connect() {
+    init_logging();
+    let pki = Pki::new();
+    let kubelet = Echo::start().await;
+    let port = kubelet.addr.port();
+    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = tether_server::start(sc).await.unwrap();
+    let proxy = server.egress_addr.unwrap();
+    let mut c = agent_config(&pki, "edge-1", &[server.local_addr]);
+    c.allow_ports = vec![port];
+    let agent = tether_agent::start(c).await.unwrap();
+    let target = format!("edge-1:{port}");
+    wait_for("routing", Duration::from_secs(10), || async {
+        connect_status(proxy, &target).await.0 == 200
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..4200 {
+        idle.push(tokio::net::TcpStream::connect(proxy).await.unwrap());
+    }
+    let (code, body) = connect_status(proxy, &target).await;
+    assert_eq!(code, 200, "the real CONNECT after 4,200 idle ones: {body}");
+    drop(idle);
+    agent.shutdown().await;
+    server.shutdown().await;
+}

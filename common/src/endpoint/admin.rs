@@ -4,20 +4,19 @@
 //! bounded in size and time, a bounded number of connections at once. Monitoring needs nothing
 //! more, and a small surface is easy to keep safe on a port that operators may expose.
 
-use crate::endpoint::client_slots::ClientSlots;
+use crate::endpoint::client_slots::{ClientSlot, ClientSlots, Eviction};
 use crate::endpoint::http::{self, respond, HeadError};
 use crate::status::Status;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 /// Time a client has to send its request head.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a whole exchange may take, from the accept to the last byte of the answer: a client
 /// that never reads its answer gives its slot back after this.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most admin connections served at once; more wait in the kernel's accept queue.
+/// Most admin connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Most admin connections one client address holds at once.
 pub const MAX_PER_CLIENT: usize = 8;
@@ -35,12 +34,10 @@ pub trait AdminSource: Send + Sync + 'static {
 
 /// Serves the admin endpoint until the task is dropped.
 pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_client = ClientSlots::new(MAX_PER_CLIENT);
+    // When full, the oldest connection still sending its request head makes room: idle
+    // connections cannot keep a real scrape out.
+    let slots = ClientSlots::new(MAX_CONNECTIONS, MAX_PER_CLIENT, Eviction::OldestIdle);
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -49,26 +46,36 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
                 continue;
             }
         };
-        let Some(slot) = per_client.take(peer.ip()) else {
-            tracing::debug!(%peer, limit = MAX_PER_CLIENT, "admin endpoint: too many connections from this address");
+        let Some(slot) = slots.take(peer.ip()) else {
+            tracing::debug!(%peer, limit = MAX_PER_CLIENT, "admin endpoint: too many connections from this client");
             continue;
         };
         let source = source.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(EXCHANGE_TIMEOUT, handle(conn, &*source)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin endpoint: request failed"),
-                Err(_) => tracing::debug!(%peer, "admin endpoint: exchange took too long; closed"),
+            let exchange = tokio::time::timeout(EXCHANGE_TIMEOUT, handle(conn, &*source, &slot));
+            tokio::select! {
+                r = exchange => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin endpoint: request failed"),
+                    Err(_) => tracing::debug!(%peer, "admin endpoint: exchange took too long; closed"),
+                },
+                _ = slot.evicted() => tracing::debug!(%peer, "admin endpoint: an idle connection closed to make room"),
             }
-            drop((permit, slot));
         });
     }
 }
 
-async fn handle(mut conn: TcpStream, source: &dyn AdminSource) -> std::io::Result<()> {
+async fn handle(
+    mut conn: TcpStream,
+    source: &dyn AdminSource,
+    slot: &ClientSlot,
+) -> std::io::Result<()> {
     let text = "text/plain";
     let head = match tokio::time::timeout(REQUEST_TIMEOUT, http::read_head(&mut conn)).await {
-        Ok(Ok((head, _))) => head,
+        Ok(Ok((head, _))) => {
+            slot.head_done();
+            head
+        }
         Ok(Err(HeadError::Io(e))) => return Err(e),
         Ok(Err(e)) => {
             let code = e.status();
