@@ -23,6 +23,9 @@ pub struct AgentConfig {
     pub allow: Vec<SocketAddr>,
     /// Extra ports the control plane may reach on loopback and the node's addresses.
     pub allow_ports: Vec<u16>,
+    /// Networks where announced servers may be even when loopback or link-local
+    /// (`--allow-server-network`; see `server_policy`).
+    pub allow_server_networks: Vec<crate::server_policy::Cidr>,
     /// Where the last announced server list is kept (`servers` in the data directory).
     pub state_dir: Option<PathBuf>,
     /// How a new connection picks among healthy servers.
@@ -70,6 +73,7 @@ impl AgentConfig {
             node_ips: Vec::new(),
             allow: Vec::new(),
             allow_ports: Vec::new(),
+            allow_server_networks: Vec::new(),
             token: None,
             node_name: None,
             state_dir: Some(data_dir.clone()),

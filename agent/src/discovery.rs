@@ -4,8 +4,12 @@
 //! plus the servers that the connected servers announce. Servers that no announcement names any
 //! more are dropped. The last announced list is kept in the data directory (`servers`), and at
 //! start the agent dials those too, so that it finds the control plane even when its `--server`
-//! addresses no longer answer.
+//! addresses no longer answer; an address not announced for [`SAVED_TTL`] expires from it.
+//!
+//! What servers announce is bounded and checked (`server_policy`): a server certificate is
+//! enough to announce, so an announcement cannot point the node anywhere it likes.
 
+use crate::server_policy::{self, Cidr, ServerPolicy};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +23,11 @@ use tracing::{info, warn};
 /// Name of the file that keeps the last announced server list.
 pub const STATE_FILE: &str = "servers";
 
+/// How long a saved server address is dialed at start after it was last announced.
+pub const SAVED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often the saved list is written again while unchanged, to keep its times fresh.
+const SAVE_EVERY: Duration = Duration::from_secs(3600);
+
 /// How often DNS names are resolved again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -30,6 +39,9 @@ pub struct Discovery {
     pub dialer: Arc<Dialer>,
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
+    /// `--allow-server-network`.
+    pub allowed_networks: Vec<Cidr>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct Running {
@@ -44,25 +56,29 @@ impl Discovery {
         let mut running: HashMap<(String, std::net::SocketAddr), Running> = HashMap::new();
         let mut resolved: HashMap<String, Vec<DialTarget>> = HashMap::new();
         let mut last_resolve = tokio::time::Instant::now();
+        let mut saved = tokio::time::Instant::now();
+        let mut refused: BTreeSet<String> = BTreeSet::new();
         loop {
-            // What the servers announce now; when none has spoken, what they said last time.
-            let mut announced: Vec<String> = Vec::new();
-            let mut heard = false;
-            for link in self.dialer.pool.all() {
-                if let Some(list) = link.servers() {
-                    heard = true;
-                    for s in list {
-                        if !announced.contains(&s.addr) {
-                            announced.push(s.addr);
-                        }
-                    }
-                }
-            }
+            // What the servers announce now (bounded per announcer and in all); when none has
+            // spoken, what they said last time.
+            let lists: Vec<Vec<String>> = self
+                .dialer
+                .pool
+                .all()
+                .iter()
+                .filter_map(|link| link.servers())
+                .map(|list| list.into_iter().map(|s| s.addr).collect())
+                .collect();
+            let heard = !lists.is_empty();
+            let mut announced = server_policy::bounded(lists);
             if heard {
-                if announced != remembered {
-                    info!(servers = ?announced, "server list changed");
+                if announced != remembered || saved.elapsed() >= SAVE_EVERY {
+                    if announced != remembered {
+                        info!(servers = ?announced, "server list changed");
+                    }
                     remembered = announced.clone();
                     self.save(&remembered);
+                    saved = tokio::time::Instant::now();
                 }
             } else {
                 announced = remembered.clone();
@@ -82,6 +98,10 @@ impl Discovery {
                 last_resolve = tokio::time::Instant::now();
             }
             let mut wanted: HashMap<(String, std::net::SocketAddr), DialTarget> = HashMap::new();
+            let mut policy = ServerPolicy {
+                allowed: self.allowed_networks.clone(),
+                seeded: Vec::new(),
+            };
             for (label, rank) in &labels {
                 if !resolved.contains_key(label) {
                     match reconnect::resolve(label, *rank).await {
@@ -94,6 +114,17 @@ impl Discovery {
                     }
                 }
                 for t in resolved.get(label).into_iter().flatten() {
+                    let seed = *rank < 1000;
+                    if seed {
+                        // The operator's own servers: their kinds of address are fine.
+                        policy.seeded.extend(server_policy::special(t.addr.ip()));
+                    } else if !policy.admits(t.addr.ip()) {
+                        if refused.insert(label.clone()) {
+                            self.metrics.announced_refused.inc();
+                            warn!(server = %label, addr = %t.addr, "announced server refused: loopback, link-local, unspecified or multicast (allow with --allow-server-network)");
+                        }
+                        continue;
+                    }
                     let mut t = t.clone();
                     t.rank = *rank;
                     wanted.insert((t.label.clone(), t.addr), t);
@@ -145,32 +176,45 @@ impl Discovery {
         }
     }
 
+    /// The saved list, less what has not been announced for [`SAVED_TTL`] and past the bound.
     fn load(&self) -> Vec<String> {
         let Some(path) = &self.state_file else {
             return Vec::new();
         };
-        match std::fs::read_to_string(path) {
-            Ok(text) => text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from)
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        let now = unix_now();
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| {
+                let (addr, seen) = l.split_once(' ').unwrap_or((l, ""));
+                // A line of 0.2 has no time: it counts as seen now, once.
+                let seen = seen.trim().parse::<u64>().unwrap_or(now);
+                (seen.saturating_add(SAVED_TTL.as_secs()) > now).then(|| addr.to_string())
+            })
+            .take(server_policy::MAX_ANNOUNCED)
+            .collect()
     }
 
     fn save(&self, list: &[String]) {
         let Some(path) = &self.state_file else { return };
         let mut text = String::from(
-            "# Servers last announced to this agent; dialed at start in addition to --server.\n",
+            "# Servers last announced to this agent, with when (Unix seconds); dialed at start in addition to --server until they have not been announced for a week.\n",
         );
+        let now = unix_now();
         for s in list {
-            text.push_str(s);
-            text.push('\n');
+            text.push_str(&format!("{s} {now}\n"));
         }
         if let Err(e) = tether_certs::write_file(path, text.as_bytes(), 0o644) {
             warn!(file = %path.display(), error = %e, "cannot save the server list");
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -13,6 +13,7 @@ pub mod join;
 pub mod metrics;
 pub mod renew;
 pub mod reverse;
+pub mod server_policy;
 
 use crate::config::AgentConfig;
 use crate::metrics::Metrics;
@@ -258,6 +259,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         dialer,
         reconnect_initial: config.reconnect_initial,
         reconnect_max: config.reconnect_max,
+        allowed_networks: config.allow_server_networks.clone(),
+        metrics: metrics.clone(),
     };
     tasks.spawn(discovery.run(shutdown.signal()));
     for (listener, _, service) in listeners {

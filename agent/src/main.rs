@@ -110,6 +110,15 @@ struct RunArgs {
     /// Let the control plane reach this port on loopback and the node's addresses (repeatable).
     #[arg(long = "allow-port", env = "TETHER_ALLOW_PORT", value_delimiter = ',')]
     allow_ports: Vec<u16>,
+    /// Dial servers announced in this network even when it is loopback or link-local
+    /// (repeatable, CIDR); by default announced servers at such addresses are refused unless a
+    /// --server is of the same kind.
+    #[arg(
+        long = "allow-server-network",
+        env = "TETHER_ALLOW_SERVER_NETWORK",
+        value_delimiter = ','
+    )]
+    allow_server_networks: Vec<tether_agent::server_policy::Cidr>,
     /// The transport of the tunnels: auto (QUIC, falling back to TLS over TCP when UDP does not
     /// get through, and back to QUIC when it does), quic, or tcp.
     #[arg(long, env = "TETHER_TRANSPORT", default_value_t = defaults().transport)]
@@ -181,6 +190,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.node_ips = a.node_ips;
     config.allow = a.allow;
     config.allow_ports = a.allow_ports;
+    config.allow_server_networks = a.allow_server_networks;
     config.node_name = a.node_name;
     config.drain_timeout = a.drain_timeout;
     let drain_timeout = config.drain_timeout;

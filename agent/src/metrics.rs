@@ -57,6 +57,8 @@ pub struct Metrics {
     pub hedges: Counter,
     pub hedges_denied: Counter,
     pub early_data: Counter,
+    /// Announced server addresses refused by the policy (`server_policy`).
+    pub announced_refused: Counter,
 }
 
 impl Metrics {
@@ -182,6 +184,11 @@ impl Metrics {
             "tether_stream_hedges_denied_total",
             "Hedges not sent because the hedge budget (a tenth of the opens) was spent.",
             self.hedges_denied.get(),
+        );
+        e.counter(
+            "tether_announced_servers_refused_total",
+            "Announced server addresses not dialed: loopback, link-local, unspecified or multicast, outside --allow-server-network.",
+            self.announced_refused.get(),
         );
         e.counter(
             "tether_stream_early_data_total",

@@ -25,7 +25,16 @@ impl Pki {
         let agent_dir = work.join("pki-agent");
         let sd = server_dir.to_string_lossy().into_owned();
         let ad = agent_dir.to_string_lossy().into_owned();
-        run_ok(&server, &["init", "--data-dir", &sd])?;
+        run_ok(
+            &server,
+            &[
+                "init",
+                "--data-dir",
+                &sd,
+                "--san",
+                "localhost,127.0.0.1,::1",
+            ],
+        )?;
         run_ok(
             &server,
             &[

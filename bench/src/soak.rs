@@ -384,7 +384,16 @@ impl Lab {
         let agent_bin = sibling("tether-agent")?;
         let ca = work.join("ca");
         let cad = ca.to_string_lossy().into_owned();
-        run_ok(&server_bin, &["init", "--data-dir", &cad])?;
+        run_ok(
+            &server_bin,
+            &[
+                "init",
+                "--data-dir",
+                &cad,
+                "--san",
+                "localhost,127.0.0.1,::1",
+            ],
+        )?;
         let n = 3;
         let (etcd, token) = if etcd {
             let (e, token) = crate::etcd::Etcd::start(&work.join("etcd"), n, &server_bin, &ca)?;

@@ -267,8 +267,12 @@ pub struct InitReport {
     pub token: token::Token,
 }
 
+/// Names for a server that agents reach on loopback (tests, the demo, one-machine labs).
+pub const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
 /// Prepares a server's data directory: creates the CA unless one exists, then issues a server
-/// certificate for localhost, the loopback addresses, the host name and `extra_names`.
+/// certificate for the host name and `extra_names` (localhost and the loopback addresses only
+/// when they are among them).
 pub fn init(
     dir: &Path,
     extra_names: &[String],
@@ -284,7 +288,10 @@ pub fn init(
     } else {
         Ca::load(dir)?
     };
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    // Loopback names only when asked (`--san localhost,127.0.0.1,::1`): a certificate that
+    // every server shares names for tells no server apart, and an agent checks that a server's
+    // certificate names the address it dialed.
+    let mut names = Vec::new();
     if let Some(h) = hostname() {
         names.push(h);
     }

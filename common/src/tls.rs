@@ -372,6 +372,8 @@ pub struct PeerInfo {
     /// Whether the certificate may serve as a TLS server: only server certificates can, so a
     /// client presenting one is a peer server, not a node.
     pub server_auth: bool,
+    /// Hex SHA-256 of the certificate's SubjectPublicKeyInfo: what the peer proves it holds.
+    pub key_hash: String,
 }
 
 /// The ALPN protocol a QUIC connection agreed on.
@@ -401,5 +403,13 @@ pub fn peer_info(cert: &CertificateDer<'_>) -> Option<PeerInfo> {
         not_before: parsed.validity().not_before.timestamp(),
         not_after: parsed.validity().not_after.timestamp(),
         server_auth,
+        key_hash: ring::digest::digest(
+            &ring::digest::SHA256,
+            parsed.tbs_certificate.subject_pki.raw,
+        )
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect(),
     })
 }

@@ -286,12 +286,16 @@ pub async fn run() -> Result<()> {
         root.join("server-2"),
         root.join("node"),
     );
-    let report = tether_certs::init(&d1, &[], 1, 1)?;
+    let loopback: Vec<String> = tether_certs::LOOPBACK_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let report = tether_certs::init(&d1, &loopback, 1, 1)?;
     std::fs::create_dir_all(&d2)?;
     for f in [files::CA_CERT, files::CA_KEY] {
         std::fs::copy(d1.join(f), d2.join(f))?;
     }
-    tether_certs::init(&d2, &[], 1, 1)?;
+    tether_certs::init(&d2, &loopback, 1, 1)?;
     println!(
         " 1. made a CA, server certificates and a join token in {}",
         root.display()

@@ -213,7 +213,10 @@ struct InitArgs {
     /// Data directory for ca.crt, ca.key, server.crt and server.key.
     #[arg(long, env = "TETHER_DATA_DIR")]
     data_dir: PathBuf,
-    /// Extra name or IP address for the server certificate (repeatable).
+    /// Name or IP address agents dial this server at, for its certificate (repeatable; the
+    /// host name is always in). Agents check that the certificate names the address they
+    /// dialed, so give every address and name they use; loopback (`localhost,127.0.0.1,::1`)
+    /// only when agents dial it there.
     #[arg(long = "san", env = "TETHER_SAN", value_delimiter = ',')]
     sans: Vec<String>,
     /// Lifetime of a new CA, in days.

@@ -67,15 +67,27 @@ pub struct Pki {
     pub dir: TempDir,
 }
 
+/// `localhost`, `127.0.0.1` and `::1`: what a server certificate must name for tests to dial it
+/// on loopback.
+pub fn loopback_names() -> Vec<String> {
+    tether_certs::LOOPBACK_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 impl Pki {
     pub fn new() -> Self {
         Self::with_sans(&[])
     }
 
-    /// A PKI whose server certificate also names `sans` (the addresses of test hosts).
+    /// A PKI whose server certificate names loopback (where the tests dial) and `sans` (the
+    /// addresses of test hosts).
     pub fn with_sans(sans: &[String]) -> Self {
         let dir = TempDir::new("pki");
-        tether_certs::init(&dir.path().join("server"), sans, 3650, 365).expect("init");
+        let mut names = loopback_names();
+        names.extend(sans.iter().cloned());
+        tether_certs::init(&dir.path().join("server"), &names, 3650, 365).expect("init");
         Pki { dir }
     }
 
@@ -563,7 +575,7 @@ impl PeeredPair {
         for f in ["ca.crt", "ca.key"] {
             std::fs::copy(pki.server_dir().join(f), second.path().join(f)).expect("copy CA");
         }
-        tether_certs::init(second.path(), &[], 1, 1).expect("init the second server");
+        tether_certs::init(second.path(), &loopback_names(), 1, 1).expect("init the second server");
         let echo = Echo::start().await;
         let port = || crate::process::free_port();
         let addrs: [SocketAddr; 2] = [

@@ -19,7 +19,15 @@ async fn init_issue_agent_and_run_as_documented() {
 
     let out = run_ok(
         &server_bin,
-        &["init", "--data-dir", data_s, "--san", "cp.example.test"],
+        &[
+            "init",
+            "--data-dir",
+            data_s,
+            "--san",
+            "cp.example.test",
+            "--san",
+            "localhost,127.0.0.1,::1",
+        ],
     );
     assert!(out.contains("created a new CA"), "{out}");
     for f in ["ca.crt", "ca.key", "server.crt", "server.key"] {
@@ -39,7 +47,13 @@ async fn init_issue_agent_and_run_as_documented() {
     }
     let out = run_ok(
         &server_bin,
-        &["init", "--data-dir", data2.to_str().unwrap()],
+        &[
+            "init",
+            "--data-dir",
+            data2.to_str().unwrap(),
+            "--san",
+            "localhost,127.0.0.1,::1",
+        ],
     );
     assert!(out.contains("kept the existing CA"), "{out}");
     assert_eq!(
@@ -153,10 +167,25 @@ async fn a_foreign_agent_is_refused_and_logged_with_its_address() {
     let server_bin = bin("tether-server");
     let ours = tmp.path().join("ours");
     let theirs = tmp.path().join("theirs");
-    run_ok(&server_bin, &["init", "--data-dir", ours.to_str().unwrap()]);
     run_ok(
         &server_bin,
-        &["init", "--data-dir", theirs.to_str().unwrap()],
+        &[
+            "init",
+            "--data-dir",
+            ours.to_str().unwrap(),
+            "--san",
+            "localhost,127.0.0.1,::1",
+        ],
+    );
+    run_ok(
+        &server_bin,
+        &[
+            "init",
+            "--data-dir",
+            theirs.to_str().unwrap(),
+            "--san",
+            "localhost,127.0.0.1,::1",
+        ],
     );
     let node = tmp.path().join("node");
     run_ok(

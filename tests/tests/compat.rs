@@ -152,12 +152,30 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
     let ds = |i: usize| data[i].to_str().expect("utf-8 path").to_string();
 
     // Step: certificates, as an operator makes them, each server with its own release.
-    run_ok(&servers[0].server, &["init", "--data-dir", &ds(0)]);
+    run_ok(
+        &servers[0].server,
+        &[
+            "init",
+            "--data-dir",
+            &ds(0),
+            "--san",
+            "localhost,127.0.0.1,::1",
+        ],
+    );
     std::fs::create_dir_all(&data[1]).expect("mkdir");
     for f in ["ca.crt", "ca.key"] {
         std::fs::copy(data[0].join(f), data[1].join(f)).expect("copy CA");
     }
-    run_ok(&servers[1].server, &["init", "--data-dir", &ds(1)]);
+    run_ok(
+        &servers[1].server,
+        &[
+            "init",
+            "--data-dir",
+            &ds(1),
+            "--san",
+            "localhost,127.0.0.1,::1",
+        ],
+    );
     let token_out = run_ok(
         &servers[0].server,
         &["token", "create", "--data-dir", &ds(0)],

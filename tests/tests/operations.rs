@@ -71,7 +71,10 @@ async fn settings_files_status_and_metrics_work_together() {
     let sdir = tmp.path().join("server");
     let adir = tmp.path().join("agent");
     let (s, a) = (sdir.to_str().unwrap(), adir.to_str().unwrap());
-    run_ok(&bin("tether-server"), &["init", "--data-dir", s]);
+    run_ok(
+        &bin("tether-server"),
+        &["init", "--data-dir", s, "--san", "localhost,127.0.0.1,::1"],
+    );
     run_ok(
         &bin("tether-server"),
         &[
@@ -240,7 +243,13 @@ fn json_logs_completions_and_man_pages() {
     let sdir = tmp.path().join("s");
     run_ok(
         &bin("tether-server"),
-        &["init", "--data-dir", sdir.to_str().unwrap()],
+        &[
+            "init",
+            "--data-dir",
+            sdir.to_str().unwrap(),
+            "--san",
+            "localhost,127.0.0.1,::1",
+        ],
     );
     let mut child = std::process::Command::new(bin("tether-server"))
         .args([

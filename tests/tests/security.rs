@@ -569,7 +569,9 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     assert_ne!(renewed, short.cert_pem);
 
     // Rotate the server certificate by replacing its files.
-    tether_certs::init(&pki.server_dir(), &["rotated.example".into()], 1, 1).unwrap();
+    let mut names = loopback_names();
+    names.push("rotated.example".into());
+    tether_certs::init(&pki.server_dir(), &names, 1, 1).unwrap();
     wait_for("server reloads", Duration::from_secs(10), || async {
         server.metrics().cert_reloads.get() >= 1
     })

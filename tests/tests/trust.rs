@@ -808,3 +808,94 @@ async fn idle_egress_connections_from_the_apiservers_address_do_not_block_its_co
     agent.shutdown().await;
     server.shutdown().await;
 }
+
+/// Any holder of a server certificate could make every node dial any address, for good:
+/// the cloud metadata address, loopback ports. Now an announced address of such a kind is not
+/// dialed (unless the agent was given a server of that kind, or allows the network), and the
+/// node keeps working with its real servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_local_announcement_is_not_dialed() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut sc = server_config(&pki, echo.addr);
+    sc.advertise = Some("169.254.169.254:80".into());
+    let server = tether_server::start(sc).await.unwrap();
+    let agent = start_agent(&pki, "edge-1", &[server.local_addr]).await;
+    wait_for(
+        "the announcement refused",
+        Duration::from_secs(10),
+        || async { agent.metrics().announced_refused.get() == 1 },
+    )
+    .await;
+    echo_roundtrip(agent.listen_addr, random_bytes(1000, 4))
+        .await
+        .unwrap();
+    assert_eq!(agent.tunnels_up(), 1, "only the real server");
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
+/// A holder of another server certificate from the CA answered with a real server's instance
+/// id, and the agent, taking it for a second address of that server, stayed off the real one.
+/// Now two links are one server only when the key their certificates prove agrees too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoofed_server_id_does_not_keep_the_agent_off_the_real_server() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut sc = server_config(&pki, echo.addr);
+    sc.admin = Some("127.0.0.1:0".parse().unwrap());
+    let real = tether_server::start(sc).await.unwrap();
+    let (_, text) = http_get(real.admin_addr.unwrap(), "/status").await.unwrap();
+    let real_id = server_status(&text).instance;
+
+    // The impostor: its own server certificate from the same CA, answering every hello with
+    // the real server's id.
+    let ca = tether_certs::Ca::load(&pki.server_dir()).unwrap();
+    let issued = ca
+        .issue_server(&loopback_names(), tether_certs::Lifetime::days(1))
+        .unwrap();
+    let identity = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem).unwrap();
+    let roots = tls::load_roots(&pki.server_dir().join("ca.crt")).unwrap();
+    let cfg = tls::quic_server_config(
+        tls::server_config(roots, identity).unwrap(),
+        tls::quic_transport(Default::default(), Default::default()),
+    )
+    .unwrap();
+    let endpoint = tether_common::net::quic_endpoint(loopback0(), Some(cfg)).unwrap();
+    let rogue_addr = endpoint.local_addr().unwrap();
+    let served = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let real_id = real_id.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                let tunnel = Tunnel::from_quic(conn, 8);
+                let Ok(mut control) = tunnel.accept_stream().await else {
+                    return;
+                };
+                if let Ok(Some(Message::Hello { .. })) = control.recv.read_message().await {
+                    let welcome = Message::Welcome {
+                        version: protocol::PROTOCOL_VERSION,
+                        server_id: real_id,
+                        capabilities: Capabilities::ours(&[]),
+                    };
+                    let _ = control.send.write_message(&welcome).await;
+                    tunnel.closed().await;
+                }
+            });
+        }
+    });
+    // The impostor first in the agent's list, the real server second.
+    let agent = start_agent(&pki, "edge-1", &[rogue_addr, real.local_addr]).await;
+    wait_for(
+        "a tunnel to the real server too",
+        Duration::from_secs(10),
+        || async { agent.tunnels_up() == 2 },
+    )
+    .await;
+    assert_eq!(real.connected_nodes(), ["edge-1"]);
+    agent.shutdown().await;
+    served.abort();
+    real.shutdown().await;
+}

@@ -56,6 +56,10 @@ pub struct Link {
     pub tunnel: Tunnel,
     /// The server's instance id, from its welcome: tells two addresses of one server apart.
     pub server_id: String,
+    /// The SHA-256 of the key the server's certificate proves: two links are to one server
+    /// only when both the id it says and the key it proves agree, so that a holder of another
+    /// server certificate cannot keep an agent off a real server by answering with its id.
+    pub server_key: String,
     pub since: Instant,
     pub since_wall: SystemTime,
     /// Position in the configured order (lower first).
@@ -73,11 +77,18 @@ pub struct Link {
 }
 
 impl Link {
+    /// The key the server's certificate proves (see [`Link::server_key`]).
+    pub fn with_server_key(mut self, key: String) -> Self {
+        self.server_key = key;
+        self
+    }
+
     pub fn new(server: String, tunnel: Tunnel, server_id: String, rank: usize) -> Self {
         Link {
             server,
             tunnel,
             server_id,
+            server_key: String::new(),
             since: Instant::now(),
             since_wall: SystemTime::now(),
             rank,
@@ -310,11 +321,12 @@ impl Pool {
         v
     }
 
-    /// Whether a link to the server with this instance id is up (other than `except`).
-    pub fn has_server(&self, server_id: &str, except: &str) -> bool {
+    /// Whether a link to the server with this instance id and key is up (other than
+    /// `except`).
+    pub fn has_server(&self, server_id: &str, server_key: &str, except: &str) -> bool {
         self.lock()
             .iter()
-            .any(|l| l.server_id == server_id && l.server != except)
+            .any(|l| l.server_id == server_id && l.server_key == server_key && l.server != except)
     }
 
     /// The links to try for a new stream, best first (see [`best_first`]).

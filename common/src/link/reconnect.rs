@@ -352,7 +352,14 @@ async fn dial(
         tunnel.close(code::OK, "dialed itself");
         return Err(DialError::Itself);
     }
-    if d.pool.has_server(&welcomed.server_id, &target.label) {
+    let server_key = tunnel
+        .peer_certificates()
+        .and_then(|c| c.first().and_then(crate::tls::peer_info))
+        .map(|i| i.key_hash)
+        .unwrap_or_default();
+    if d.pool
+        .has_server(&welcomed.server_id, &server_key, &target.label)
+    {
         tunnel.close(code::OK, "duplicate tunnel");
         return Err(DialError::Duplicate(welcomed.server_id));
     }
@@ -360,6 +367,7 @@ async fn dial(
         tunnel,
         welcomed,
         identity,
+        server_key,
     })
 }
 
@@ -434,6 +442,8 @@ struct Established {
     welcomed: Welcomed,
     /// The identity generation the tunnel was dialed with.
     identity: u64,
+    /// What the server's certificate proves (see `Link::server_key`).
+    server_key: String,
 }
 
 /// Serves a connected tunnel until it closes or the process stops; returns a QUIC tunnel that
@@ -448,6 +458,7 @@ async fn serve(
         tunnel,
         welcomed,
         identity: dialed_with,
+        server_key,
     } = established;
     let mut control = welcomed.control;
     let link = Arc::new(
@@ -457,6 +468,7 @@ async fn serve(
             welcomed.server_id,
             target.rank,
         )
+        .with_server_key(server_key)
         .with_capabilities(welcomed.capabilities),
     );
     d.pool.add(link.clone());
