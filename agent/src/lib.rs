@@ -46,6 +46,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr}: the port is taken by process {holder}; stop it (or choose another --listen)")]
+    PortTaken { addr: SocketAddr, holder: String },
     #[error(transparent)]
     Join(#[from] join::JoinError),
     #[error("cannot finish storing a renewed certificate: {0}")]
@@ -157,8 +159,15 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let wanted = std::iter::once((config.listen, SERVICE_APISERVER.to_string()))
         .chain(config.forwards.iter().cloned());
     for (addr, service) in wanted {
-        let l = tether_common::net::listen_tcp(addr)
-            .map_err(|source| AgentError::Listen { addr, source })?;
+        let l = tether_common::net::listen_tcp(addr).map_err(|source| {
+            let holder = (source.kind() == std::io::ErrorKind::AddrInUse)
+                .then(|| tether_common::net::port_holder(addr.port()))
+                .flatten();
+            match holder {
+                Some(holder) => AgentError::PortTaken { addr, holder },
+                None => AgentError::Listen { addr, source },
+            }
+        })?;
         let bound = l
             .local_addr()
             .map_err(|source| AgentError::Listen { addr, source })?;
@@ -200,8 +209,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         });
     }
 
+    // What the control plane may reach on the node: its own addresses, never those of the
+    // container, CNI or IPVS interfaces (see `default_route_addresses`).
     let node_ips = if config.node_ips.is_empty() {
-        tether_common::net::host_addresses()
+        tether_common::net::default_route_addresses()
     } else {
         config.node_ips.clone()
     };

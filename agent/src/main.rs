@@ -96,6 +96,10 @@ struct RunArgs {
     /// certificate yet.
     #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the join token (its first line): unlike --token, it is not on the
+    /// command line, where any local user can read it through /proc. Preferred.
+    #[arg(long, env = "TETHER_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// The node name to join as (default: the host name).
     #[arg(long, env = "TETHER_NODE_NAME")]
     node_name: Option<String>,
@@ -185,7 +189,21 @@ async fn run(a: RunArgs) -> Result<()> {
     config.reconnect_max = a.reconnect_max;
     config.max_connections = a.max_connections;
     config.policy = a.policy;
-    config.token = a.token;
+    config.token = match (&a.token, &a.token_file) {
+        (_, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        ),
+        (token, None) => token.clone(),
+    };
+    if a.token.is_some() && std::env::var_os("TETHER_TOKEN").is_none() {
+        tracing::warn!("--token puts the join token on the command line, where any local user can read it; use --token-file or TETHER_TOKEN");
+    }
     config.transport = a.transport;
     config.node_ips = a.node_ips;
     config.allow = a.allow;

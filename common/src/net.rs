@@ -41,6 +41,100 @@ pub fn host_addresses() -> Vec<std::net::IpAddr> {
     v
 }
 
+/// The node's own addresses, as the control plane should reach it: those of the interfaces that
+/// carry a default route (IPv4 first), read from `/proc/net/route` and `/proc/net/ipv6_route`.
+/// Container bridges (docker0, cni0), IPVS's dummy interface holding every Service ClusterIP,
+/// and the like carry no default route, so they are never included: reaching one of those
+/// addresses would forward into other pods or nodes. Empty when there is no default route.
+pub fn default_route_addresses() -> Vec<std::net::IpAddr> {
+    let mut ifaces: Vec<String> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/net/route") {
+        // Iface Destination Gateway ...: a default route has destination 00000000.
+        for l in text.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() > 1 && f[1] == "00000000" && !ifaces.iter().any(|i| i == f[0]) {
+                ifaces.push(f[0].to_string());
+            }
+        }
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        // dest prefix-len src src-len next-hop metric refcnt use flags iface.
+        for l in text.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let default = f.len() == 10 && f[0].bytes().all(|b| b == b'0') && f[1] == "00";
+            if default && f[9] != "lo" && !ifaces.iter().any(|i| i == f[9]) {
+                ifaces.push(f[9].to_string());
+            }
+        }
+    }
+    let mut v: Vec<_> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| ifaces.contains(&i.name) && !i.is_loopback())
+        .map(|i| i.ip())
+        .filter(|ip| match ip {
+            std::net::IpAddr::V4(a) => !a.is_link_local(),
+            std::net::IpAddr::V6(a) => (a.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect();
+    v.sort_by_key(|ip| ip.is_ipv6());
+    v.dedup();
+    v
+}
+
+/// Which process holds a local TCP port in the listening state, as `PID (COMMAND)`, where
+/// `/proc` lets this user read it: the inode of the listening socket in `/proc/net/tcp{,6}`,
+/// then the process whose descriptors include it. `None` when it cannot be told (another
+/// user's process, with no permission to read its descriptors).
+pub fn port_holder(port: u16) -> Option<String> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for l in text.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (10th field); 0A is LISTEN.
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let local_port = f[1]
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = proc_dir.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let held = std::fs::read_link(fd.path())
+                .ok()
+                .is_some_and(|t| inodes.iter().any(|i| t.as_os_str() == i.as_str()));
+            if held {
+                let comm = std::fs::read_to_string(proc_dir.path().join("comm"))
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_default();
+                return Some(format!("{pid} ({comm})"));
+            }
+        }
+    }
+    None
+}
+
 /// Raises the soft limit on open files to the hard limit and returns the new soft limit.
 ///
 /// A server on TLS over TCP holds one descriptor per agent and per relayed stream, and the

@@ -296,3 +296,82 @@ async fn errors_a_new_user_meets_say_what_to_do() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid node name"), "{err}");
 }
+
+/// The join token on the command line is readable by any local user through /proc. With
+/// --token-file the agent joins, and its command line holds only the file's path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joins_with_a_token_file_that_stays_off_its_command_line() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let server = start_server(&pki, echo.addr).await;
+    let tmp = TempDir::new("token-file");
+    let token_file = pki.server_dir().join("token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let data = tmp.path().join("node");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "run",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--node-name",
+        "filed",
+        "--server",
+        &server.local_addr.to_string(),
+        "--listen",
+        &listen,
+    ];
+    let mut agent = Proc::spawn(
+        "agent",
+        &bin("tether-agent"),
+        &args,
+        tmp.path().join("agent.log"),
+    );
+    wait_for("joined", Duration::from_secs(20), || async {
+        data.join("agent.crt").exists()
+    })
+    .await;
+    let pid = agent.child.id().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(token.trim()),
+        "the token is on the command line"
+    );
+    let _ = agent.child.kill().await;
+    // A token file that cannot be read is a clear error.
+    let out = std::process::Command::new(bin("tether-agent"))
+        .args(["run", "--data-dir", tmp.path().join("n2").to_str().unwrap()])
+        .args([
+            "--token-file",
+            "/nonexistent/token",
+            "--server",
+            "127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read the token file /nonexistent/token"),
+        "{err}"
+    );
+    server.shutdown().await;
+}
+
+/// Another process holds the agent's port: the error names it, so the operator knows what
+/// to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_local_port_is_reported_with_its_holder() {
+    let pki = Pki::new();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = agent_config(&pki, "edge-1", &["127.0.0.1:9".parse().unwrap()]);
+    c.listen = holder.local_addr().unwrap();
+    let err = tether_agent::start(c).await.err().unwrap().to_string();
+    let me = std::process::id().to_string();
+    assert!(
+        err.contains("taken by process") && err.contains(&me),
+        "{err}"
+    );
+}
