@@ -385,8 +385,8 @@ fn init(a: InitArgs) -> Result<()> {
         println!("kept the existing CA in {dir} (this server joins that CA)");
     }
     println!("issued {dir}/server.crt for: {}", report.names.join(", "));
-    println!("next: tether-server run --data-dir {dir}; on each node: tether-agent run --server THIS_HOST:9443 --data-dir /var/lib/tether-agent --token TOKEN");
-    println!("join token (also in {dir}/token):");
+    println!("next: tether-server run --data-dir {dir}; on each node, with the token in a file only root reads: tether-agent run --server THIS_HOST:9443 --data-dir /var/lib/tether-agent --token-file /etc/tether/token");
+    println!("join token (also in {dir}/token; it expires in 24 hours and joins any number of nodes; `token create` makes more):");
     println!("{}", report.token);
     Ok(())
 }
