@@ -23,19 +23,24 @@ pub fn listen_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// The host's own addresses, loopback and link-local excluded: what a server advertises by
-/// default and what an agent reports as its node's addresses.
+/// default.
 pub fn host_addresses() -> Vec<std::net::IpAddr> {
+    interface_addresses(|_| true)
+}
+
+/// The addresses of the interfaces `keep` names, loopback and link-local excluded, IPv4 first
+/// (it is what most clusters dial).
+fn interface_addresses(keep: impl Fn(&str) -> bool) -> Vec<std::net::IpAddr> {
     let mut v: Vec<_> = if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
-        .filter(|i| !i.is_loopback())
+        .filter(|i| !i.is_loopback() && keep(&i.name))
         .map(|i| i.ip())
         .filter(|ip| match ip {
             std::net::IpAddr::V4(a) => !a.is_link_local(),
             std::net::IpAddr::V6(a) => (a.segments()[0] & 0xffc0) != 0xfe80,
         })
         .collect();
-    // IPv4 first: it is what most clusters dial.
     v.sort_by_key(|ip| ip.is_ipv6());
     v.dedup();
     v
@@ -67,19 +72,7 @@ pub fn default_route_addresses() -> Vec<std::net::IpAddr> {
             }
         }
     }
-    let mut v: Vec<_> = if_addrs::get_if_addrs()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|i| ifaces.contains(&i.name) && !i.is_loopback())
-        .map(|i| i.ip())
-        .filter(|ip| match ip {
-            std::net::IpAddr::V4(a) => !a.is_link_local(),
-            std::net::IpAddr::V6(a) => (a.segments()[0] & 0xffc0) != 0xfe80,
-        })
-        .collect();
-    v.sort_by_key(|ip| ip.is_ipv6());
-    v.dedup();
-    v
+    interface_addresses(|name| ifaces.iter().any(|i| i == name))
 }
 
 /// Which process holds a local TCP port in the listening state, as `PID (COMMAND)`, where

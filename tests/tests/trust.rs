@@ -24,6 +24,28 @@ async fn connect_status(proxy: SocketAddr, target: &str) -> (u16, String) {
     (code, body)
 }
 
+/// A server with the egress proxy and the admin endpoint (no upstream: the reverse path alone),
+/// and a kubelet stand-in on the node.
+async fn egress_lab(pki: &Pki) -> (tether_server::ServerHandle, Echo) {
+    let kubelet = Echo::start().await;
+    let mut sc = server_config(pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    sc.admin = Some("127.0.0.1:0".parse().unwrap());
+    (tether_server::start(sc).await.unwrap(), kubelet)
+}
+
+/// A node of `server` that lets the control plane reach `kubelet`'s port.
+fn node_of(
+    pki: &Pki,
+    node: &str,
+    server: &tether_server::ServerHandle,
+    kubelet: &Echo,
+) -> tether_agent::config::AgentConfig {
+    let mut c = agent_config(pki, node, &[server.local_addr]);
+    c.allow_ports = vec![kubelet.addr.port()];
+    c
+}
+
 /// A joined node of the attacker's, speaking the protocol itself: its hello, then the
 /// addresses it claims (any strings, as a rogue agent would send). The tunnel stays open, so
 /// that a CONNECT routed to it would arrive as a stream.
@@ -77,17 +99,12 @@ fn server_status(text: &str) -> tether_common::status::ServerStatus {
 async fn an_impostor_claiming_a_name_or_an_offline_nodes_address_gets_none_of_its_traffic() {
     init_logging();
     let pki = Pki::new();
-    let kubelet = Echo::start().await;
+    let (server, kubelet) = egress_lab(&pki).await;
     let port = kubelet.addr.port();
-    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
-    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
-    sc.admin = Some("127.0.0.1:0".parse().unwrap());
-    let server = tether_server::start(sc).await.unwrap();
     let proxy = server.egress_addr.unwrap();
     let admin = server.admin_addr.unwrap();
-    let mut c = agent_config(&pki, "edge-1", &[server.local_addr]);
+    let mut c = node_of(&pki, "edge-1", &server, &kubelet);
     c.node_ips = vec!["127.0.0.1".parse().unwrap()];
-    c.allow_ports = vec![port];
     let real = tether_agent::start(c.clone()).await.unwrap();
     let by_ip = format!("127.0.0.1:{port}");
     let by_name = format!("edge-1:{port}");
@@ -784,15 +801,12 @@ async fn silent_tcp_connections_from_one_source_cannot_lock_out_new_tunnels() {
 async fn idle_egress_connections_from_the_apiservers_address_do_not_block_its_connect() {
     init_logging();
     let pki = Pki::new();
-    let kubelet = Echo::start().await;
+    let (server, kubelet) = egress_lab(&pki).await;
     let port = kubelet.addr.port();
-    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
-    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
-    let server = tether_server::start(sc).await.unwrap();
     let proxy = server.egress_addr.unwrap();
-    let mut c = agent_config(&pki, "edge-1", &[server.local_addr]);
-    c.allow_ports = vec![port];
-    let agent = tether_agent::start(c).await.unwrap();
+    let agent = tether_agent::start(node_of(&pki, "edge-1", &server, &kubelet))
+        .await
+        .unwrap();
     let target = format!("edge-1:{port}");
     wait_for("routing", Duration::from_secs(10), || async {
         connect_status(proxy, &target).await.0 == 200

@@ -800,6 +800,23 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_must_end_with_a_slash() {
+        let with = |prefix: &str| EtcdSettings {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: prefix.into(),
+            ..Default::default()
+        };
+        // `/tether` would also cover `/tether-staging/...`.
+        let err = Etcd::new(&with("/tether")).unwrap_err().to_string();
+        assert!(err.contains("must end with `/`"), "{err}");
+        assert_eq!(
+            Etcd::new(&with("/tether/")).unwrap().key("nodes/a"),
+            "/tether/nodes/a"
+        );
+        assert_eq!(Etcd::new(&with("")).unwrap().key(""), "/tether/");
+    }
+
+    #[test]
     fn prefix_ranges_end_after_the_prefix() {
         assert_eq!(range_end("/tether/"), b"/tether0".to_vec());
         assert_eq!(range_end("a\u{7f}"), b"a\x80".to_vec());
