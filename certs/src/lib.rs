@@ -751,6 +751,9 @@ mod tests {
         assert!(text.contains("tether.example"), "{text}");
         // Loopback only when asked: a certificate every server shares names for tells none apart.
         assert!(!text.contains("localhost"), "{text}");
+        // The token it makes expires after 24 hours, as kubeadm's do.
+        let t = &token::list(&d).unwrap()[0];
+        assert_eq!(t.expires - t.created, token::INIT_TOKEN_TTL as i64);
         let ca1 = fs::read_to_string(d.join("ca.crt")).unwrap();
         let r = init(&d, &[], 3650, 365).unwrap();
         assert!(!r.created_ca);

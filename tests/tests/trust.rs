@@ -913,3 +913,46 @@ async fn a_spoofed_server_id_does_not_keep_the_agent_off_the_real_server() {
     served.abort();
     real.shutdown().await;
 }
+
+/// A data directory restored from a backup taken before a revocation: its peers know better,
+/// and the revocation comes back with their records; the revoked node stays out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_restored_from_before_a_revocation_learns_it_back_from_its_peer() {
+    init_logging();
+    let mut pair = PeeredPair::start().await;
+    pair.pki.agent_dir("stolen");
+    let nodes = pair.pki.server_dir().join("nodes");
+    let backup = std::fs::read_to_string(&nodes).unwrap();
+    write_local(&pair.pki.server_dir(), "stolen", NodeState::Revoked).unwrap();
+    wait_for(
+        "the revocation reaches the peer",
+        Duration::from_secs(10),
+        || async { records_say(pair.second.path(), "stolen", "revoked") },
+    )
+    .await;
+    // The first server goes down and its directory is restored from the backup.
+    let first = pair.servers.remove(0);
+    first.shutdown().await;
+    std::fs::write(&nodes, backup).unwrap();
+    assert!(!records_say(&pair.pki.server_dir(), "stolen", "revoked"));
+    // On a new port: a port just closed may be taken as the source of the peer's redial.
+    let mut c = server_config(&pair.pki, pair.echo.addr);
+    c.peers = vec![pair.addrs[1].to_string()];
+    let again = tether_server::start(c).await.unwrap();
+    wait_for(
+        "the revocation learnt back",
+        Duration::from_secs(10),
+        || async { records_say(&pair.pki.server_dir(), "stolen", "revoked") },
+    )
+    .await;
+    let agent = tether_agent::start(agent_config(&pair.pki, "stolen", &[again.local_addr]))
+        .await
+        .unwrap();
+    assert!(
+        !eventually(Duration::from_secs(2), || async { agent.tunnels_up() > 0 }).await,
+        "the revoked node stays out"
+    );
+    agent.shutdown().await;
+    again.shutdown().await;
+    pair.shutdown().await;
+}
