@@ -623,6 +623,14 @@ async fn the_control_plane_reaches_a_kubelet_behind_nat() {
         lab.node
             .spawn("echo", &probe, &["echo", "0.0.0.0:7001"], log("echo")),
     );
+    // A CNI bridge and IPVS's interface of Service ClusterIPs (a dummy device on a real node;
+    // a bridge here, where the kernel has no dummy) on the node: the control plane
+    // must never reach those through tether (they forward into pods and other nodes).
+    let cni_ip = "10.244.7.1";
+    lab.node.sh_ok(&format!(
+        "ip link add cni0 type bridge && ip addr add {cni_ip}/24 dev cni0 && ip link set cni0 up && \
+         ip link add kube-ipvs0 type bridge && ip addr add 10.96.0.10/32 dev kube-ipvs0 && ip link set kube-ipvs0 up"
+    ));
     // The node reaches only the first server.
     lab.drop_node_to(1, true);
     procs.push(lab.node.spawn(
@@ -696,6 +704,17 @@ async fn the_control_plane_reaches_a_kubelet_behind_nat() {
         &ca_file,
     );
     assert_eq!(code, "404");
+    // The CNI and ClusterIP addresses are not the node's: nobody owns them, so nothing reaches
+    // them (before 0.3 the agent reported every interface address, port 7001 allowed on each).
+    for ip in [cni_ip, "10.96.0.10"] {
+        let (code, _) = curl_via(
+            &lab.cps[0],
+            "127.0.0.1:8131",
+            &format!("http://{ip}:7001/"),
+            &ca_file,
+        );
+        assert_eq!(code, "404", "{ip}");
+    }
     // The second server has no tunnel from the node: it serves the CONNECT through its peer.
     let mut via_peer = (String::new(), String::new());
     wait_host("CONNECT through the peer", Duration::from_secs(10), || {
