@@ -633,7 +633,9 @@ impl Records {
 
 /// Sorts and dedups a list of addresses: the one form a record holds them in, so that two
 /// servers write the same line for the same set.
-pub fn normalized(mut list: Vec<IpAddr>) -> Vec<IpAddr> {
+/// An IPv4-mapped IPv6 address is kept as its IPv4 address, so that one address has one form.
+pub fn normalized(list: Vec<IpAddr>) -> Vec<IpAddr> {
+    let mut list: Vec<IpAddr> = list.into_iter().map(|a| a.to_canonical()).collect();
     list.sort();
     list.dedup();
     list
@@ -656,6 +658,7 @@ impl Records {
     /// two first claims at once, before either heard of the other: the address then leads
     /// nowhere until an operator releases it (`agent release-address`).
     pub fn owners_of(&self, addr: IpAddr) -> Vec<&str> {
+        let addr = addr.to_canonical();
         self.by_name
             .values()
             .filter(|r| r.state != NodeState::Forgotten && r.addresses.contains(&addr))
@@ -705,7 +708,7 @@ impl Records {
         }
         let mut list = held.map(|r| r.addresses.clone()).unwrap_or_default();
         let before = list.clone();
-        for a in addrs {
+        for a in &normalized(addrs.to_vec()) {
             if list.contains(a) {
                 continue;
             }
@@ -926,6 +929,10 @@ mod tests {
         r.write_local("a", NodeState::Forgotten);
         assert!(r.owners_of(ip("10.0.0.2")).is_empty());
         assert!(r.by_name["a"].addresses.is_empty());
+        // One address, one form: an IPv4-mapped IPv6 address is its IPv4 address.
+        let (c, _) = r.add_addresses("c", Some(&key(5)), &[ip("::ffff:10.2.0.1")]);
+        assert_eq!(c.owned, vec![ip("10.2.0.1")]);
+        assert_eq!(r.owners_of(ip("::ffff:10.2.0.1")), vec!["c"]);
         // Bounded: a node owns at most MAX_ADDRESSES.
         let many: Vec<IpAddr> = (0..40u8).map(|i| IpAddr::from([10, 1, 0, i])).collect();
         let (c, _) = r.add_addresses("b", Some(&key(4)), &many);

@@ -193,10 +193,10 @@ impl Authority {
         let mut free = Vec::new();
         let mine = {
             let all = self.read();
-            for a in addrs {
-                match all.owners_of(*a).into_iter().find(|o| *o != name) {
-                    Some(other) => refused.push((*a, Some(other.to_string()))),
-                    None => free.push(*a),
+            for a in records::normalized(addrs.to_vec()) {
+                match all.owners_of(a).into_iter().find(|o| *o != name) {
+                    Some(other) => refused.push((a, Some(other.to_string()))),
+                    None => free.push(a),
                 }
             }
             all.by_name.get(name).map(|r| r.addresses.clone())
