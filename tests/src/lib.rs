@@ -492,6 +492,34 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// Opens a tunnel's control stream as an agent called `name` would: its hello, then the
+/// server's welcome. The stream is left open for what the test sends next.
+pub async fn say_hello(
+    tunnel: &tether_common::transport::Tunnel,
+    name: &str,
+) -> tether_common::transport::Stream {
+    use tether_proto::{capability::Capabilities, Message};
+    let mut control = tunnel.open_stream().await.expect("control stream");
+    let hello = Message::Hello {
+        min_version: tether_proto::MIN_PROTOCOL_VERSION,
+        max_version: tether_proto::PROTOCOL_VERSION,
+        node_name: name.into(),
+        capabilities: Capabilities::ours(&[]),
+    };
+    control.send.write_message(&hello).await.expect("hello");
+    let welcome = within(
+        "welcome",
+        Duration::from_secs(5),
+        control.recv.read_message(),
+    )
+    .await;
+    assert!(
+        matches!(welcome, Ok(Some(Message::Welcome { .. }))),
+        "{welcome:?}"
+    );
+    control
+}
+
 /// A QUIC client of our own, to send what a real agent never would: with the certificate of
 /// `identity` (issued once by the test PKI) or none, on ALPN `tether/1`.
 pub async fn raw_client(

@@ -10,7 +10,7 @@ use tether_common::tls;
 use tether_common::transport::tcp::TcpTunnel;
 use tether_common::transport::CloseReason;
 use tether_common::transport::Tunnel;
-use tether_proto::{self as protocol, capability::Capabilities, Message};
+use tether_proto::{self as protocol, Message};
 use tether_tests::*;
 
 /// TLS for a node's tunnel: the agent identity of `node` from the test PKI.
@@ -110,22 +110,7 @@ async fn a_control_frame_split_byte_by_byte_arrives_whole_while_heartbeats_tick(
     .await
     .unwrap();
     let tunnel = Tunnel::from_tcp(t);
-    let mut control = tunnel.open_stream().await.unwrap();
-    let hello = Message::Hello {
-        min_version: protocol::MIN_PROTOCOL_VERSION,
-        max_version: protocol::PROTOCOL_VERSION,
-        node_name: "slow".into(),
-        capabilities: Capabilities::ours(&[]),
-    };
-    control.send.write_message(&hello).await.unwrap();
-    let welcome = within(
-        "welcome",
-        Duration::from_secs(5),
-        control.recv.read_message(),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(welcome, Some(Message::Welcome { .. })));
+    let mut control = say_hello(&tunnel, "slow").await;
     let info = Message::NodeInfo {
         addresses: vec!["192.0.2.17".into(), "2001:db8::17".into()],
     };

@@ -52,21 +52,7 @@ fn node_of(
 async fn impostor(pki: &Pki, name: &str, server: SocketAddr, claims: &[&str]) -> Tunnel {
     let conn = raw_client(pki, Some(name), server).await.unwrap();
     let tunnel = Tunnel::from_quic(conn, 64);
-    let mut control = tunnel.open_stream().await.unwrap();
-    let hello = Message::Hello {
-        min_version: protocol::MIN_PROTOCOL_VERSION,
-        max_version: protocol::PROTOCOL_VERSION,
-        node_name: name.into(),
-        capabilities: Capabilities::ours(&[]),
-    };
-    control.send.write_message(&hello).await.unwrap();
-    let welcome = within(
-        "welcome",
-        Duration::from_secs(5),
-        control.recv.read_message(),
-    )
-    .await;
-    assert!(matches!(welcome, Ok(Some(Message::Welcome { .. }))));
+    let mut control = say_hello(&tunnel, name).await;
     let info = Message::NodeInfo {
         addresses: claims.iter().map(|c| c.to_string()).collect(),
     };
