@@ -401,6 +401,10 @@ pub enum DecodeError {
     BadTargetKind { msg: &'static str, kind: u8 },
     #[error("{msg} frame has a bad boolean {value}")]
     BadBool { msg: &'static str, value: u8 },
+    /// A record frame with addresses whose list is empty: a record without addresses travels
+    /// as the older frame kind, so that every message has one encoding.
+    #[error("{msg} frame has an empty address list")]
+    EmptyAddresses { msg: &'static str },
 }
 
 /// Why a message could not be encoded. Only oversized content can cause it.
@@ -705,7 +709,11 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
                 previous: r.string()?,
                 seen: r.bool()?,
                 addresses: if kind == kind::NODE_RECORD_V3 {
-                    r.string_list()?
+                    let list = r.string_list()?;
+                    if list.is_empty() {
+                        return Err(DecodeError::EmptyAddresses { msg: r.msg });
+                    }
+                    list
                 } else {
                     Vec::new()
                 },
@@ -952,6 +960,40 @@ mod tests {
         let hdr = [kind::HELLO, 0xff, 0xff];
         assert_eq!(decode(&hdr), Err(DecodeError::FrameTooLarge(65535)));
         assert!(bytes_needed(&hdr).is_err());
+    }
+
+    #[test]
+    fn a_record_with_an_empty_address_list_has_one_encoding() {
+        // Found by the fuzzer: a V3 record frame with no addresses decoded to a message that
+        // re-encodes as V2. It is an error now.
+        let msg = Message::NodeRecordV2 {
+            name: "n".into(),
+            state: RecordState::Revoked,
+            epoch: 0,
+            version: 1,
+            writer: "w".into(),
+            at_ms: 0,
+            previous: String::new(),
+            seen: false,
+            addresses: Vec::new(),
+        };
+        let mut frame = encode_to_bytes(&msg).unwrap().to_vec();
+        assert_eq!(frame[0], kind::NODE_RECORD_V2);
+        frame[0] = kind::NODE_RECORD_V3;
+        frame.extend_from_slice(&[0, 0]);
+        let len = (frame.len() - FRAME_HEADER_LEN) as u16;
+        frame[1..3].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode(&frame),
+            Err(DecodeError::EmptyAddresses { .. })
+        ));
+        let mut with = msg;
+        if let Message::NodeRecordV2 { addresses, .. } = &mut with {
+            addresses.push("10.0.0.1".into());
+        }
+        let frame = encode_to_bytes(&with).unwrap();
+        assert_eq!(frame[0], kind::NODE_RECORD_V3);
+        assert_eq!(decode(&frame).unwrap().unwrap().0, with);
     }
 
     #[test]
