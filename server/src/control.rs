@@ -118,7 +118,8 @@ pub(crate) async fn control(
 
 /// A node's agent reported its addresses: each must be an IP address, and becomes the node's
 /// unless another node owns it (see `Authority::claim_addresses`). What is refused is logged
-/// with both names, counted, and shown in `status`.
+/// with both names (at most a line a second: a node can repeat its claims), counted, and shown
+/// in `status`.
 async fn claim_addresses(state: &State, node: &str, tunnel_id: usize, reported: Vec<String>) {
     let mut refused: Vec<(String, String)> = Vec::new();
     let mut addrs = Vec::new();
@@ -127,7 +128,9 @@ async fn claim_addresses(state: &State, node: &str, tunnel_id: usize, reported: 
             Ok(ip) => addrs.push(ip),
             Err(_) => {
                 state.metrics.address_conflicts.inc();
-                warn!(node, address = %a, "address claim refused: not an IP address (a node is reached by its name, which its certificate proves)");
+                if let Some(left_out) = state.noisy_log.allow() {
+                    warn!(left_out, node, address = %a, "address claim refused: not an IP address (a node is reached by its name, which its certificate proves)");
+                }
                 refused.push((a, String::new()));
             }
         }
@@ -150,15 +153,19 @@ async fn claim_addresses(state: &State, node: &str, tunnel_id: usize, reported: 
     };
     for (address, owner) in claim.refused {
         state.metrics.address_conflicts.inc();
-        match &owner {
-            Some(other) => warn!(node, %address, owner = %other,
-                "address claim refused: another node owns this address (`tether-server agent release-address` frees it)"),
-            None => {
-                warn!(node, %address, "address claim refused: the node owns as many addresses as it may")
+        // A node may repeat its claims at will: at most a line a second, the rest counted.
+        if let Some(left_out) = state.noisy_log.allow() {
+            match &owner {
+                Some(other) => warn!(left_out, node, %address, owner = %other,
+                    "address claim refused: another node owns this address (`tether-server agent release-address` frees it)"),
+                None => warn!(left_out, node, %address,
+                    "address claim refused: the node owns as many addresses as it may"),
             }
         }
         refused.push((address.to_string(), owner.unwrap_or_default()));
     }
+    // What status shows is bounded like the claim itself.
+    refused.truncate(tether_certs::records::MAX_ADDRESSES);
     let owned = claim.owned.iter().map(|a| a.to_string()).collect();
     state
         .registry

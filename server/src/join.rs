@@ -236,7 +236,10 @@ pub async fn refuse_renewal(
     state: &State,
 ) {
     state.metrics.limit_hit(Limit::Renewals);
-    warn!(node, reason = %why, "refused renewal: over the node's bound");
+    // A node may ask again at will: at most a line a second, the rest counted.
+    if let Some(left_out) = state.noisy_log.allow() {
+        warn!(left_out, node, reason = %why, "refused renewal: over the node's bound");
+    }
     let reply = answer(
         StatusCode::Busy,
         why.to_string(),
