@@ -22,10 +22,15 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds a loopback listener with a deep backlog (connection bursts of the rate test).
 pub fn listen() -> Result<TcpListener> {
+    listen_at(([127, 0, 0, 1], 0).into())
+}
+
+/// [`listen`] on a given address (the WAN lab's upstream listens on every address).
+pub fn listen_at(addr: SocketAddr) -> Result<TcpListener> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).context("socket")?;
     s.set_reuse_address(true).context("SO_REUSEADDR")?;
-    let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
-    s.bind(&addr.into()).context("bind 127.0.0.1:0")?;
+    s.bind(&addr.into())
+        .with_context(|| format!("bind {addr}"))?;
     s.listen(4096).context("listen")?;
     Ok(s.into())
 }
@@ -44,9 +49,14 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start() -> Result<Upstream> {
+        Self::start_at(([127, 0, 0, 1], 0).into(), ([127, 0, 0, 1], 0).into())
+    }
+
+    /// The upstream on given addresses.
+    pub fn start_at(echo: SocketAddr, sink: SocketAddr) -> Result<Upstream> {
         let stop = Arc::new(AtomicBool::new(false));
-        let echo = serve(listen()?, stop.clone(), echo_conn)?;
-        let sink = serve(listen()?, stop.clone(), sink_conn)?;
+        let echo = serve(listen_at(echo)?, stop.clone(), echo_conn)?;
+        let sink = serve(listen_at(sink)?, stop.clone(), sink_conn)?;
         Ok(Upstream { echo, sink, stop })
     }
 }
@@ -114,7 +124,18 @@ fn sink_conn(mut c: TcpStream) {
 }
 
 fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let c = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    connect_with(addr, None)
+}
+
+/// A connection whose congestion control is `cc` (a name the kernel knows: cubic, bbr), or the
+/// system's default.
+fn connect_with(addr: SocketAddr, cc: Option<&str>) -> std::io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if let Some(cc) = cc {
+        s.set_tcp_congestion(cc.as_bytes())?;
+    }
+    s.connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    let c: TcpStream = s.into();
     c.set_nodelay(true)?;
     c.set_read_timeout(Some(IO_TIMEOUT))?;
     c.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -195,12 +216,22 @@ pub fn crr(addr: SocketAddr, secs: f64) -> Crr {
 /// Bytes that arrived at the sink and the seconds they took, over `streams` connections
 /// each writing for `secs`.
 pub fn bulk(addr: SocketAddr, streams: usize, secs: f64) -> Result<(u64, f64)> {
+    bulk_with(addr, streams, secs, None)
+}
+
+/// [`bulk`] with the writers' congestion control set to `cc`.
+pub fn bulk_with(
+    addr: SocketAddr,
+    streams: usize,
+    secs: f64,
+    cc: Option<&'static str>,
+) -> Result<(u64, f64)> {
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let workers: Vec<_> = (0..streams)
         .map(|_| {
             thread::spawn(move || -> Result<u64> {
-                let mut c = connect(addr).with_context(|| format!("connect {addr}"))?;
+                let mut c = connect_with(addr, cc).with_context(|| format!("connect {addr}"))?;
                 let chunk = vec![0x5au8; BULK_CHUNK];
                 while Instant::now() < end {
                     c.write_all(&chunk).context("write")?;

@@ -12,6 +12,7 @@ mod report;
 mod scale;
 mod soak;
 mod svg;
+mod wan;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -90,6 +91,10 @@ enum Sub {
     /// restarts, rolling restarts); asserts that no byte is lost and memory stays flat, and
     /// writes report.md and chart.svg. Exits non-zero when a promise broke.
     Soak(SoakArgs),
+    /// The WAN lab: tether, ssh -L and direct TCP across emulated edge links (delay, jitter,
+    /// loss, rate, a bounded queue, blackouts, NAT rebinding) between network namespaces, over
+    /// the same link in the same run. Needs root. Writes report.md, results.json, chart.svg.
+    Wan(wan::WanArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -277,6 +282,9 @@ fn shell(cmd: &str) -> String {
 
 fn run() -> Result<()> {
     let mut cli = Cli::parse();
+    if let Some(Sub::Wan(a)) = cli.command.take() {
+        return wan::run(a);
+    }
     if let Some(Sub::Soak(a)) = cli.command.take() {
         return soak(a);
     }

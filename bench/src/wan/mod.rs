@@ -1,0 +1,903 @@
+//! `tether-bench wan`: tether across emulated edge links, beside what users would run instead,
+//! over the same link in the same run.
+//!
+//! For each profile the lab ([`lab`]) builds a node and a masters namespace joined by a
+//! user-space wire with the profile's delay, jitter, loss, rate, queue, blackouts and NAT
+//! rebinding ([`shape`], [`nat`]). On it, one path after another:
+//! - `direct`: the node's client straight to the upstream (the kernel's default congestion
+//!   control), and `direct-cubic` (cubic, the default of most distributions);
+//! - `ssh`: `ssh -L` (one multiplexed connection, aes128-gcm);
+//! - `quic` and `tcp`: tether-agent in the node, tether-server in the masters, each transport.
+//!
+//! Figures per path: bulk with 1 and 8 streams; round trips (64 bytes) idle and while a bulk
+//! stream shares the path (for tether: the same tunnel); which blackouts an open connection
+//! survives; CPU per GB moved (tether's two processes). Per transport: the link bytes an idle
+//! node with three servers sends a minute, per tunnel. The report (report.md, results.json,
+//! chart.svg) goes to `--out`.
+
+pub mod lab;
+pub mod nat;
+pub mod shape;
+
+use crate::load::{self, percentile, Upstream};
+use crate::procs::{http_get, metric, run_ok, sibling, usage_of, wait_until, Proc};
+use crate::svg::{Canvas, GRID, INK, SERIES};
+use anyhow::{bail, Context, Result};
+use lab::{in_ns, Lab, MASTERS_IP};
+use serde::Serialize;
+use shape::{Blackouts, Shape};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct WanArgs {
+    /// Profiles to run, comma-separated: lan, regional, continental, cellular, satellite.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lan,regional,continental,cellular,satellite"
+    )]
+    profiles: Vec<String>,
+    /// Paths to measure, comma-separated: direct, direct-cubic, ssh, quic, tcp.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,direct-cubic,ssh,quic,tcp"
+    )]
+    paths: Vec<String>,
+    /// Seconds of each bulk and round-trip run.
+    #[arg(long, default_value_t = 8.0)]
+    secs: f64,
+    /// Blackouts to try an open connection through, in seconds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,6,20,30")]
+    blackouts: Vec<f64>,
+    /// Seconds over which an idle node's link bytes are counted (scaled to a minute).
+    #[arg(long, default_value_t = 60.0)]
+    idle_secs: f64,
+    /// For CI: the lan profile, short runs, one blackout; the figures mean little.
+    #[arg(long)]
+    smoke: bool,
+    /// More arguments for every tether-agent (e.g. --blackout-tolerance 30s).
+    #[arg(long, allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
+    /// More arguments for every tether-server.
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
+    /// Seed of the link's loss and jitter.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where report.md, results.json, chart.svg and the logs go (default: target/wan/TIME).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// A link profile: the shape of each direction and the events of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    pub name: &'static str,
+    pub rtt_ms: u64,
+    pub jitter_ms: u64,
+    pub loss: f64,
+    pub burst: f64,
+    pub rate_mbps: u64,
+    pub queue_ms: u64,
+    /// A blackout of `blackout_len` seconds every `blackout_every` seconds (0: none).
+    pub blackout_every_s: u64,
+    pub blackout_len_s: (u64, u64),
+    /// A NAT rebinding every this many seconds (0: no NAT).
+    pub rebind_every_s: u64,
+}
+
+pub const PROFILES: [Profile; 5] = [
+    Profile {
+        name: "lan",
+        rtt_ms: 1,
+        jitter_ms: 0,
+        loss: 0.0,
+        burst: 1.0,
+        rate_mbps: 0,
+        queue_ms: 5,
+        blackout_every_s: 0,
+        blackout_len_s: (0, 0),
+        rebind_every_s: 0,
+    },
+    Profile {
+        name: "regional",
+        rtt_ms: 30,
+        jitter_ms: 0,
+        loss: 0.001,
+        burst: 1.0,
+        rate_mbps: 200,
+        queue_ms: 30,
+        blackout_every_s: 0,
+        blackout_len_s: (0, 0),
+        rebind_every_s: 0,
+    },
+    Profile {
+        name: "continental",
+        rtt_ms: 100,
+        jitter_ms: 0,
+        loss: 0.01,
+        burst: 1.0,
+        rate_mbps: 50,
+        queue_ms: 100,
+        blackout_every_s: 0,
+        blackout_len_s: (0, 0),
+        rebind_every_s: 0,
+    },
+    Profile {
+        name: "cellular",
+        rtt_ms: 60,
+        jitter_ms: 20,
+        loss: 0.02,
+        burst: 2.0,
+        rate_mbps: 20,
+        queue_ms: 150,
+        blackout_every_s: 60,
+        blackout_len_s: (1, 5),
+        rebind_every_s: 180,
+    },
+    Profile {
+        name: "satellite",
+        rtt_ms: 600,
+        jitter_ms: 0,
+        loss: 0.01,
+        burst: 1.0,
+        rate_mbps: 20,
+        queue_ms: 300,
+        blackout_every_s: 0,
+        blackout_len_s: (0, 0),
+        rebind_every_s: 0,
+    },
+];
+
+impl Profile {
+    pub fn by_name(name: &str) -> Result<&'static Profile> {
+        PROFILES.iter().find(|p| p.name == name).with_context(|| {
+            format!("no link profile {name:?} (lan, regional, continental, cellular, satellite)")
+        })
+    }
+
+    /// The shape of one direction (both directions are alike).
+    pub fn shape(&self) -> Shape {
+        let ms = Duration::from_millis;
+        Shape {
+            delay: Duration::from_micros(self.rtt_ms * 500),
+            jitter: ms(self.jitter_ms) / 2,
+            loss: self.loss,
+            burst: self.burst,
+            rate_bps: self.rate_mbps * 1_000_000,
+            queue: ms(self.queue_ms),
+        }
+    }
+
+    /// The profile's own blackouts over a run of `horizon`.
+    pub fn blackouts(&self, horizon: Duration, seed: u64) -> Blackouts {
+        Blackouts::periodic(
+            Duration::from_secs(self.blackout_every_s),
+            (
+                Duration::from_secs(self.blackout_len_s.0),
+                Duration::from_secs(self.blackout_len_s.1),
+            ),
+            horizon,
+            seed,
+        )
+    }
+
+    pub fn describe(&self) -> String {
+        let mut s = format!("RTT {} ms", self.rtt_ms);
+        if self.jitter_ms > 0 {
+            s += &format!(" ± {} ms", self.jitter_ms / 2);
+        }
+        s += &format!(", {}% loss", self.loss * 100.0);
+        if self.burst > 1.0 {
+            s += &format!(" (bursts of {})", self.burst);
+        }
+        if self.rate_mbps > 0 {
+            s += &format!(", {} Mbit/s, queue {} ms", self.rate_mbps, self.queue_ms);
+        }
+        if self.blackout_every_s > 0 {
+            s += &format!(
+                ", a {}-{} s blackout every {} s",
+                self.blackout_len_s.0, self.blackout_len_s.1, self.blackout_every_s
+            );
+        }
+        if self.rebind_every_s > 0 {
+            s += &format!(", a NAT rebinding every {} s", self.rebind_every_s);
+        }
+        s
+    }
+}
+
+/// Fixed ports: every lab has namespaces of its own, so nothing else holds them.
+const ECHO_PORT: u16 = 7000;
+const SINK_PORT: u16 = 7001;
+const SERVER_PORTS: [u16; 3] = [9443, 9444, 9445];
+const SERVER_ADMIN: u16 = 9200;
+const AGENT_API: u16 = 6443;
+const AGENT_BULK: u16 = 6444;
+const AGENT_ADMIN: u16 = 9100;
+const SSH_PORT: u16 = 2222;
+const SSH_ECHO: u16 = 6501;
+const SSH_SINK: u16 = 6502;
+
+/// Where a path's clients connect, in the node's namespace.
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    echo: SocketAddr,
+    sink: SocketAddr,
+    /// Congestion control of the clients' sockets (the direct path's cubic run).
+    cc: Option<&'static str>,
+}
+
+/// Figures of one path on one profile.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Figures {
+    pub bulk1_mbps: Option<f64>,
+    pub bulk8_mbps: Option<f64>,
+    pub rr_idle_p50_ms: Option<f64>,
+    pub rr_idle_p99_ms: Option<f64>,
+    pub rr_loaded_p50_ms: Option<f64>,
+    pub rr_loaded_p90_ms: Option<f64>,
+    pub rr_loaded_p99_ms: Option<f64>,
+    /// The bulk stream's rate while the round trips ran.
+    pub loaded_bulk_mbps: Option<f64>,
+    /// Each blackout tried and what became of the open connection.
+    pub blackouts: Vec<(f64, String)>,
+    /// Longest blackout survived of those tried.
+    pub survives_s: Option<f64>,
+    pub cpu_s_per_gb: Option<f64>,
+    /// Idle link bytes per minute per tunnel (three servers).
+    pub idle_bytes_per_min_per_tunnel: Option<f64>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ProfileResult {
+    profile: Profile,
+    paths: BTreeMap<String, Figures>,
+}
+
+pub fn run(a: WanArgs) -> Result<()> {
+    if let Some(why) = lab::missing_requirement() {
+        bail!("tether-bench wan: {why}");
+    }
+    let (profiles, secs, blackouts, idle_secs) = if a.smoke {
+        (vec!["lan".to_string()], 1.0, vec![2.0], 5.0)
+    } else {
+        (a.profiles.clone(), a.secs, a.blackouts.clone(), a.idle_secs)
+    };
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "target/wan/{}",
+            lab::sh("date +%Y%m%d-%H%M%S").unwrap_or_default().trim()
+        ))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let mut results = Vec::new();
+    for name in &profiles {
+        let profile = Profile::by_name(name)?;
+        eprintln!("wan: {} ({})", profile.name, profile.describe());
+        let work = out.join(profile.name);
+        std::fs::create_dir_all(&work)?;
+        let r = run_profile(profile, &a, &work, secs, &blackouts, idle_secs)
+            .with_context(|| format!("profile {}", profile.name))?;
+        results.push(r);
+        std::fs::write(
+            out.join("results.json"),
+            serde_json::to_vec_pretty(&results)?,
+        )?;
+    }
+    std::fs::write(out.join("report.md"), markdown(&results))?;
+    std::fs::write(out.join("chart.svg"), chart(&results))?;
+    println!("{}", out.join("report.md").display());
+    Ok(())
+}
+
+fn run_profile(
+    profile: &'static Profile,
+    a: &WanArgs,
+    work: &Path,
+    secs: f64,
+    blackouts: &[f64],
+    idle_secs: f64,
+) -> Result<ProfileResult> {
+    let horizon = Duration::from_secs(3 * 3600);
+    let lab = Lab::start(
+        profile.shape(),
+        profile.shape(),
+        profile.blackouts(horizon, a.seed),
+        profile.rebind_every_s > 0,
+        a.seed,
+    )?;
+    let rebinder = Rebinder::start(&lab, profile.rebind_every_s);
+    let upstream = in_ns(&lab.masters, || {
+        Upstream::start_at(
+            ([0, 0, 0, 0], ECHO_PORT).into(),
+            ([0, 0, 0, 0], SINK_PORT).into(),
+        )
+    })??;
+    let pki = pki(work)?;
+    let mut paths = BTreeMap::new();
+    for path in &a.paths {
+        eprintln!("wan: {}: {path}", profile.name);
+        let figures = match run_path(&lab, path, work, &pki, a, secs, blackouts, idle_secs) {
+            Ok(f) => f,
+            Err(e) => Figures {
+                errors: vec![format!("{e:#}")],
+                ..Figures::default()
+            },
+        };
+        if !figures.errors.is_empty() {
+            eprintln!("wan: {}: {path}: {:?}", profile.name, figures.errors);
+        }
+        paths.insert(path.clone(), figures);
+    }
+    drop(rebinder);
+    drop(upstream);
+    Ok(ProfileResult {
+        profile: profile.clone(),
+        paths,
+    })
+}
+
+/// Rebinds the lab's NAT every so often, on a thread of its own, until dropped.
+struct Rebinder {
+    stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Rebinder {
+    fn start(lab: &Lab, every_s: u64) -> Option<Rebinder> {
+        if every_s == 0 {
+            return None;
+        }
+        let (stop, wait) = std::sync::mpsc::channel::<()>();
+        let control = lab.handle();
+        std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                wait.recv_timeout(Duration::from_secs(every_s))
+            {
+                control.rebind();
+            }
+        });
+        Some(Rebinder { stop })
+    }
+}
+
+impl Drop for Rebinder {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_path(
+    lab: &Lab,
+    path: &str,
+    work: &Path,
+    pki: &Pki,
+    a: &WanArgs,
+    secs: f64,
+    blackouts: &[f64],
+    idle_secs: f64,
+) -> Result<Figures> {
+    let direct = |cc| Ends {
+        echo: (MASTERS_IP, ECHO_PORT).into(),
+        sink: (MASTERS_IP, SINK_PORT).into(),
+        cc,
+    };
+    let mut f = Figures::default();
+    let mut procs: Vec<Proc> = Vec::new();
+    let ends = match path {
+        "direct" => direct(None),
+        "direct-cubic" => direct(Some("cubic")),
+        "ssh" => {
+            procs = start_ssh(lab, work)?;
+            Ends {
+                echo: ([127, 0, 0, 1], SSH_ECHO).into(),
+                sink: ([127, 0, 0, 1], SSH_SINK).into(),
+                cc: None,
+            }
+        }
+        "quic" | "tcp" => {
+            // One server for the throughput and latency figures, so that the round trips
+            // share the bulk stream's tunnel.
+            procs = start_tether(lab, work, pki, path, 1, a)?;
+            Ends {
+                echo: ([127, 0, 0, 1], AGENT_API).into(),
+                sink: ([127, 0, 0, 1], AGENT_BULK).into(),
+                cc: None,
+            }
+        }
+        other => bail!("no path {other:?} (direct, direct-cubic, ssh, quic, tcp)"),
+    };
+    let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
+    let mbps = |(bytes, s): (u64, f64)| bytes as f64 * 8.0 / s / 1e6;
+    let before = usage_of(&pids).unwrap_or_default();
+    let mut moved = 0u64;
+    match in_ns(&lab.node, || load::bulk_with(ends.sink, 1, secs, ends.cc))? {
+        Ok(r) => {
+            moved += r.0;
+            f.bulk1_mbps = Some(mbps(r));
+        }
+        Err(e) => f.errors.push(format!("bulk 1: {e:#}")),
+    }
+    match in_ns(&lab.node, || load::bulk_with(ends.sink, 8, secs, ends.cc))? {
+        Ok(r) => {
+            moved += r.0;
+            f.bulk8_mbps = Some(mbps(r));
+        }
+        Err(e) => f.errors.push(format!("bulk 8: {e:#}")),
+    }
+    if !pids.is_empty() && moved > 0 {
+        let after = usage_of(&pids).unwrap_or_default();
+        f.cpu_s_per_gb = Some((after.cpu_s - before.cpu_s) / (moved as f64 / 1e9));
+    }
+    match in_ns(&lab.node, || rr_for(ends.echo, secs))? {
+        Ok(mut t) => {
+            t.sort_unstable();
+            f.rr_idle_p50_ms = Some(percentile(&t, 50.0) as f64 / 1e6);
+            f.rr_idle_p99_ms = Some(percentile(&t, 99.0) as f64 / 1e6);
+        }
+        Err(e) => f.errors.push(format!("round trips: {e:#}")),
+    }
+    let loaded = in_ns(&lab.node, || {
+        std::thread::scope(|s| {
+            let bulk = s.spawn(|| load::bulk_with(ends.sink, 1, secs + 2.0, ends.cc));
+            // Let the bulk stream reach its rate before the first round trip.
+            std::thread::sleep(Duration::from_secs(1));
+            let rr = rr_for(ends.echo, secs);
+            (rr, bulk.join())
+        })
+    })?;
+    match loaded {
+        (Ok(mut t), Ok(Ok(b))) => {
+            t.sort_unstable();
+            f.rr_loaded_p50_ms = Some(percentile(&t, 50.0) as f64 / 1e6);
+            f.rr_loaded_p90_ms = Some(percentile(&t, 90.0) as f64 / 1e6);
+            f.rr_loaded_p99_ms = Some(percentile(&t, 99.0) as f64 / 1e6);
+            f.loaded_bulk_mbps = Some(mbps(b));
+        }
+        (rr, bulk) => f.errors.push(format!(
+            "round trips under load: {:?} / {:?}",
+            rr.err().map(|e| format!("{e:#}")),
+            bulk.map(|b| b.err().map(|e| format!("{e:#}")))
+        )),
+    }
+    for &d in blackouts {
+        let outcome = in_ns(&lab.node, || through_blackout(lab, ends.echo, d))?;
+        eprintln!("wan: {path}: a {d} s blackout: {outcome}");
+        if outcome == "survives" {
+            f.survives_s = Some(f.survives_s.unwrap_or(0.0).max(d));
+        }
+        f.blackouts.push((d, outcome));
+    }
+    drop(procs);
+    if path == "quic" || path == "tcp" {
+        match idle_bytes(lab, work, pki, path, a, idle_secs) {
+            Ok(b) => f.idle_bytes_per_min_per_tunnel = Some(b),
+            Err(e) => f.errors.push(format!("idle bytes: {e:#}")),
+        }
+    }
+    Ok(f)
+}
+
+/// Round trips of 64 bytes on one connection for `secs` (at least 20); nanoseconds each.
+fn rr_for(addr: SocketAddr, secs: f64) -> Result<Vec<u64>> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connect {addr}"))?;
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let msg = [7u8; load::MESSAGE];
+    let mut back = [0u8; load::MESSAGE];
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut times = Vec::new();
+    while times.len() < 20 || Instant::now() < end {
+        let t = Instant::now();
+        c.write_all(&msg)?;
+        c.read_exact(&mut back)
+            .with_context(|| format!("round trip {}", times.len()))?;
+        times.push(t.elapsed().as_nanos() as u64);
+    }
+    Ok(times)
+}
+
+/// An open connection through a blackout of `secs`: "survives" (it echoes after the link
+/// comes back), "reset" (it ends with an error or EOF), or "hangs" (neither within 30 s of the
+/// link's return, more than any retransmission backoff of a live connection needs).
+fn through_blackout(lab: &Lab, echo: SocketAddr, secs: f64) -> String {
+    let attempt = || -> std::io::Result<()> {
+        let mut c = TcpStream::connect_timeout(&echo, Duration::from_secs(10))?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut back = [0u8; load::MESSAGE];
+        c.write_all(&[1u8; load::MESSAGE])?;
+        c.read_exact(&mut back)?;
+        let len = Duration::from_secs_f64(secs);
+        lab.blackout(len);
+        std::thread::sleep(len);
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        c.write_all(&[2u8; load::MESSAGE])?;
+        c.read_exact(&mut back)?;
+        if back != [2u8; load::MESSAGE] {
+            return Err(std::io::Error::other("the echo came back changed"));
+        }
+        Ok(())
+    };
+    let outcome = match attempt() {
+        Ok(()) => "survives".to_string(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            "hangs".to_string()
+        }
+        Err(e) => format!("reset ({})", e.kind()),
+    };
+    // Let every path find its feet again before the next figure.
+    let _ = wait_until(
+        "the path back after a blackout",
+        Duration::from_secs(60),
+        || load::probe(echo, Duration::from_secs(5)).is_ok(),
+    );
+    outcome
+}
+
+/// Link bytes per minute per tunnel of an idle agent with tunnels to three servers.
+fn idle_bytes(
+    lab: &Lab,
+    work: &Path,
+    pki: &Pki,
+    transport: &str,
+    a: &WanArgs,
+    secs: f64,
+) -> Result<f64> {
+    let procs = start_tether(lab, work, pki, transport, 3, a)?;
+    // Settle: handshakes, announcements and the first renewals check are not idle traffic.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = lab.counters().bytes();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let bytes = lab.counters().bytes() - before;
+    let per_min = bytes as f64 * 60.0 / t.elapsed().as_secs_f64() / 3.0;
+    drop(procs);
+    Ok(per_min)
+}
+
+/// The run's certificates: the servers' names include the masters' lab address.
+struct Pki {
+    server_dir: PathBuf,
+    agent_dir: PathBuf,
+}
+
+fn pki(work: &Path) -> Result<Pki> {
+    let server = sibling("tether-server")?;
+    let server_dir = work.join("pki-server");
+    let agent_dir = work.join("pki-agent");
+    let sd = server_dir.to_string_lossy().into_owned();
+    let ad = agent_dir.to_string_lossy().into_owned();
+    let _ = std::fs::remove_dir_all(&server_dir);
+    let _ = std::fs::remove_dir_all(&agent_dir);
+    run_ok(
+        &server,
+        &["init", "--data-dir", &sd, "--san", &MASTERS_IP.to_string()],
+    )?;
+    run_ok(
+        &server,
+        &[
+            "issue-agent",
+            "--data-dir",
+            &sd,
+            "--node-name",
+            "wan-node",
+            "--out-dir",
+            &ad,
+        ],
+    )?;
+    Ok(Pki {
+        server_dir,
+        agent_dir,
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts `bin args` inside namespace `ns`.
+fn spawn_in(ns: &str, name: &str, bin: &Path, args: &[String], log: &Path) -> Result<Proc> {
+    let mut all: Vec<String> = vec!["netns".into(), "exec".into(), ns.into()];
+    all.push(bin.to_string_lossy().into_owned());
+    all.extend_from_slice(args);
+    Proc::spawn(name, Path::new("ip"), &all, log)
+}
+
+/// `servers` tether-servers in the masters and an agent in the node with tunnels to all.
+fn start_tether(
+    lab: &Lab,
+    work: &Path,
+    pki: &Pki,
+    transport: &str,
+    servers: usize,
+    a: &WanArgs,
+) -> Result<Vec<Proc>> {
+    let mut procs = Vec::new();
+    let mut dial = Vec::new();
+    for (i, port) in SERVER_PORTS.iter().take(servers).enumerate() {
+        let name = format!("server-{transport}-{i}");
+        let dir = work.join(&name);
+        copy_dir(&pki.server_dir, &dir)?;
+        let admin = SocketAddr::from(([127, 0, 0, 1], SERVER_ADMIN + i as u16));
+        let listen = SocketAddr::from((MASTERS_IP, *port));
+        let mut args: Vec<String> = [
+            "--log-level",
+            "warn",
+            "run",
+            "--data-dir",
+            &dir.to_string_lossy(),
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            &format!("127.0.0.1:{ECHO_PORT}"),
+            "--service",
+            &format!("{}=127.0.0.1:{SINK_PORT}", crate::path::BULK_SERVICE),
+            "--admin",
+            &admin.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(a.server_arg.iter().cloned());
+        let log = work.join(format!("{name}.log"));
+        let mut proc = spawn_in(&lab.masters, &name, &sibling("tether-server")?, &args, &log)?;
+        wait_until(&format!("{name} ready"), Duration::from_secs(20), || {
+            proc.check_alive().is_ok()
+                && in_ns(&lab.masters, || http_get(admin, "/readyz").is_ok()).unwrap_or(false)
+        })
+        .with_context(|| format!("{name} did not start; see {}", log.display()))?;
+        procs.push(proc);
+        dial.push(listen.to_string());
+    }
+    let name = format!("agent-{transport}");
+    let dir = work.join(&name);
+    copy_dir(&pki.agent_dir, &dir)?;
+    let admin = SocketAddr::from(([127, 0, 0, 1], AGENT_ADMIN));
+    let mut args: Vec<String> = [
+        "--log-level",
+        "warn",
+        "run",
+        "--data-dir",
+        &dir.to_string_lossy(),
+        "--listen",
+        &format!("127.0.0.1:{AGENT_API}"),
+        "--forward",
+        &format!("127.0.0.1:{AGENT_BULK}={}", crate::path::BULK_SERVICE),
+        "--admin",
+        &admin.to_string(),
+        "--transport",
+        transport,
+    ]
+    .map(String::from)
+    .to_vec();
+    for s in &dial {
+        args.push("--server".into());
+        args.push(s.clone());
+    }
+    args.extend(a.agent_arg.iter().cloned());
+    let log = work.join(format!("{name}.log"));
+    let mut proc = spawn_in(&lab.node, &name, &sibling("tether-agent")?, &args, &log)?;
+    let want = servers as f64;
+    wait_until(
+        &format!("{name} tunnels up"),
+        Duration::from_secs(30),
+        || {
+            proc.check_alive().is_ok()
+                && in_ns(&lab.node, || {
+                    http_get(admin, "/metrics")
+                        .ok()
+                        .and_then(|m| metric(&m, "tether_tunnels_up "))
+                        .is_some_and(|up| up >= want)
+                })
+                .unwrap_or(false)
+        },
+    )
+    .with_context(|| format!("{name} did not connect; see {}", log.display()))?;
+    procs.push(proc);
+    Ok(procs)
+}
+
+/// sshd in the masters and `ssh -N -L` in the node, one connection carrying both forwards.
+fn start_ssh(lab: &Lab, work: &Path) -> Result<Vec<Proc>> {
+    let w = work.join("ssh");
+    let _ = std::fs::remove_dir_all(&w);
+    std::fs::create_dir_all(&w)?;
+    std::fs::create_dir_all("/run/sshd")?;
+    for key in ["hostkey", "id"] {
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(w.join(key))
+            .output()
+            .context("ssh-keygen (install openssh-client)")?;
+        if !out.status.success() {
+            bail!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    std::fs::copy(w.join("id.pub"), w.join("authorized_keys"))?;
+    let d = w.display();
+    std::fs::write(
+        w.join("sshd_config"),
+        format!(
+            "ListenAddress {MASTERS_IP}\nPort {SSH_PORT}\nHostKey {d}/hostkey\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\nPubkeyAuthentication yes\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+             AllowTcpForwarding yes\nX11Forwarding no\nPrintMotd no\nCompression no\n\
+             Ciphers aes128-gcm@openssh.com\nLogLevel ERROR\n"
+        ),
+    )?;
+    let sshd = Path::new("/usr/sbin/sshd");
+    if !sshd.exists() {
+        bail!("no /usr/sbin/sshd (install openssh-server)");
+    }
+    let mut procs = vec![spawn_in(
+        &lab.masters,
+        "sshd",
+        sshd,
+        &["-D", "-e", "-f"]
+            .map(String::from)
+            .into_iter()
+            .chain([w.join("sshd_config").to_string_lossy().into_owned()])
+            .collect::<Vec<_>>(),
+        &w.join("sshd.log"),
+    )?];
+    let ssh_args: Vec<String> = [
+        "-N",
+        "-T",
+        "-q",
+        "-F",
+        "/dev/null",
+        "-i",
+        &w.join("id").to_string_lossy(),
+        "-p",
+        &SSH_PORT.to_string(),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "Ciphers=aes128-gcm@openssh.com",
+        "-o",
+        "Compression=no",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-L",
+        &format!("127.0.0.1:{SSH_ECHO}:127.0.0.1:{ECHO_PORT}"),
+        "-L",
+        &format!("127.0.0.1:{SSH_SINK}:127.0.0.1:{SINK_PORT}"),
+        &format!("root@{MASTERS_IP}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    let echo = SocketAddr::from(([127, 0, 0, 1], SSH_ECHO));
+    // sshd may take a moment to listen: retry the client until its forward answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut client = spawn_in(
+            &lab.node,
+            "ssh",
+            Path::new("/usr/bin/ssh"),
+            &ssh_args,
+            &w.join("ssh.log"),
+        )?;
+        let up = wait_until("ssh -L", Duration::from_secs(10), || {
+            client.check_alive().is_ok()
+                && in_ns(&lab.node, || {
+                    load::probe(echo, Duration::from_secs(3)).is_ok()
+                })
+                .unwrap_or(false)
+        });
+        if up.is_ok() {
+            procs.push(client);
+            return Ok(procs);
+        }
+        if Instant::now() > deadline {
+            bail!("ssh -L did not come up; see {}", w.display());
+        }
+    }
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn markdown(results: &[ProfileResult]) -> String {
+    let mut s = String::from("# tether-bench wan\n\n");
+    s += "Each profile is a user-space link between two network namespaces; every path runs \
+          over the same link in the same run. Bulk in Mbit/s; round trips of 64 bytes in ms \
+          (\"loaded\": while one bulk stream shares the path, for tether the same tunnel); \
+          idle bytes per minute per tunnel with three servers.\n";
+    for r in results {
+        s += &format!("\n## {}: {}\n\n", r.profile.name, r.profile.describe());
+        s += "| path | bulk 1 | bulk 8 | RR p50 idle | RR p99 idle | RR p50 loaded | RR p90 loaded | bulk while loaded | survives blackout | CPU s/GB | idle B/min/tunnel |\n";
+        s += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+        for (path, f) in &r.paths {
+            s += &format!(
+                "| {path} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                cell(f.bulk1_mbps, 1),
+                cell(f.bulk8_mbps, 1),
+                cell(f.rr_idle_p50_ms, 1),
+                cell(f.rr_idle_p99_ms, 1),
+                cell(f.rr_loaded_p50_ms, 1),
+                cell(f.rr_loaded_p90_ms, 1),
+                cell(f.loaded_bulk_mbps, 1),
+                f.blackouts
+                    .iter()
+                    .map(|(d, o)| format!("{d} s: {o}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cell(f.cpu_s_per_gb, 1),
+                cell(f.idle_bytes_per_min_per_tunnel, 0),
+            );
+        }
+        for (path, f) in &r.paths {
+            for e in &f.errors {
+                s += &format!("\n- {path}: {e}");
+            }
+        }
+        s += "\n";
+    }
+    s
+}
+
+/// Bulk (one stream) of every path on every profile, as a fraction of the best path there.
+fn chart(results: &[ProfileResult]) -> Vec<u8> {
+    let mut c = Canvas::new(1200, 120 + 150 * results.len().max(1));
+    c.text(20, 14, "TETHER-BENCH WAN: BULK, 1 STREAM, MBIT/S", 3, INK);
+    let (x0, w) = (160i64, 1000i64);
+    for (i, r) in results.iter().enumerate() {
+        let y0 = 70 + 150 * i as i64;
+        c.text(20, y0, &r.profile.name.to_uppercase(), 2, INK);
+        let top = r
+            .paths
+            .values()
+            .filter_map(|f| f.bulk1_mbps)
+            .fold(0.0f64, f64::max)
+            .max(0.001);
+        c.rect(x0, y0 + 125, w, 1, GRID);
+        for (j, (path, f)) in r.paths.iter().enumerate() {
+            let y = y0 + 22 * j as i64;
+            let v = f.bulk1_mbps.unwrap_or(0.0);
+            c.text(40, y + 12, path, 2, INK);
+            c.rect(
+                x0,
+                y + 2,
+                (w as f64 * v / top) as i64,
+                16,
+                SERIES[j % SERIES.len()],
+            );
+            c.text(
+                x0 + (w as f64 * v / top) as i64 + 6,
+                y + 12,
+                &format!("{v:.1}"),
+                2,
+                INK,
+            );
+        }
+    }
+    c.encode()
+}
