@@ -73,6 +73,14 @@ pub mod capability {
     /// bytes with the open (docs/protocol.md, "Early bytes").
     pub const EARLY_DATA: &str = "early-data";
 
+    /// Since 0.3, said by agents and servers: liveness is the agent's to probe. The agent sends
+    /// [`super::Message::Ping`] as often as its NAT bindings need and when it doubts a server;
+    /// the server answers each with [`super::Message::Pong`], sends no heartbeats of its own
+    /// over TCP, and reports a peer server it lost with [`super::Message::ServerDown`]. Idle
+    /// tunnels go near-silent, and a link blackout no longer reads as a dead server
+    /// (docs/operations.md, "Liveness: a dead server, or a dead link").
+    pub const LIVENESS: &str = "liveness";
+
     /// What this build announces on every tunnel, besides the role-specific [`PEER`].
     pub const ANNOUNCED: &[&str] = &[
         APISERVER,
@@ -80,6 +88,7 @@ pub mod capability {
         RECORDS_V2,
         EARLY_DATA,
         RECORDS_ADDRESSES,
+        LIVENESS,
     ];
 
     /// Longest capability name kept; longer ones are ignored.
@@ -150,6 +159,10 @@ mod kind {
     /// A [`super::Message::NodeRecordV2`] with the addresses the node owns (since 0.3, to
     /// peers that announced [`super::capability::RECORDS_ADDRESSES`]).
     pub const NODE_RECORD_V3: u8 = 0x09;
+    /// Liveness (since 0.3, behind [`super::capability::LIVENESS`]).
+    pub const PING: u8 = 0x0a;
+    pub const PONG: u8 = 0x0b;
+    pub const SERVER_DOWN: u8 = 0x0c;
     pub const OPEN: u8 = 0x10;
     pub const STATUS: u8 = 0x11;
     pub const JOIN: u8 = 0x20;
@@ -359,6 +372,15 @@ pub enum Message {
         cert_pem: String,
         ca_pem: String,
     },
+    /// An agent asks a server whether it is there (control stream, agent to server); the
+    /// server answers with a [`Message::Pong`] carrying the same nonce.
+    Ping { nonce: u64 },
+    /// A server's answer to [`Message::Ping`].
+    Pong { nonce: u64 },
+    /// A server tells its agents that it lost its link to the peer server with this instance id
+    /// (the `server_id` of that server's welcome). An agent takes it as a reason to probe that
+    /// server at once, never as a verdict by itself.
+    ServerDown { server_id: String },
     /// A frame of a type this build does not know. Control streams skip it.
     Unknown { kind: u8, len: usize },
 }
@@ -379,6 +401,9 @@ impl Message {
             Message::Join { .. } => "join",
             Message::Renew { .. } => "renew",
             Message::Certificate { .. } => "certificate",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::ServerDown { .. } => "server-down",
             Message::Unknown { .. } => "unknown",
         }
     }
@@ -461,6 +486,18 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             kind::HEALTH
         }
         Message::Drain => kind::DRAIN,
+        Message::Ping { nonce } => {
+            body.put_u64(*nonce);
+            kind::PING
+        }
+        Message::Pong { nonce } => {
+            body.put_u64(*nonce);
+            kind::PONG
+        }
+        Message::ServerDown { server_id } => {
+            put_str(&mut body, server_id, name)?;
+            kind::SERVER_DOWN
+        }
         Message::NodeInfo { addresses } => {
             put_str_list(&mut body, addresses, name)?;
             kind::NODE_INFO
@@ -653,6 +690,20 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
         kind::DRAIN => {
             r.msg = "drain";
             Message::Drain
+        }
+        kind::PING => {
+            r.msg = "ping";
+            Message::Ping { nonce: r.u64()? }
+        }
+        kind::PONG => {
+            r.msg = "pong";
+            Message::Pong { nonce: r.u64()? }
+        }
+        kind::SERVER_DOWN => {
+            r.msg = "server-down";
+            Message::ServerDown {
+                server_id: r.string()?,
+            }
         }
         kind::NODE_INFO => {
             r.msg = "node-info";
@@ -1104,6 +1155,9 @@ mod tests {
             .prop_map(|servers| Message::ServerList { servers }),
             any::<bool>().prop_map(|upstream_healthy| Message::Health { upstream_healthy }),
             Just(Message::Drain),
+            any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
+            any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
+            small_string().prop_map(|server_id| Message::ServerDown { server_id }),
             string_list().prop_map(|addresses| Message::NodeInfo { addresses }),
             (any::<u8>(), any_target(), any::<u8>()).prop_map(|(version, target, hops)| {
                 Message::Open {
