@@ -252,7 +252,13 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             Box::pin(async move { r.serve(s).await })
         })),
         identity: Default::default(),
+        on_down: None,
     });
+    tasks.spawn(tether_common::link::monitor::run(
+        pool.clone(),
+        tether_common::link::monitor::settings(config.liveness),
+        shutdown.signal(),
+    ));
     tasks.spawn(renew::run(
         config.clone(),
         node_name.clone(),

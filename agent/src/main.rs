@@ -83,12 +83,23 @@ struct RunArgs {
     /// Longest a tunnel's handshake may take.
     #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = format_duration(defaults().handshake_timeout), value_parser = parse_duration)]
     handshake_timeout: Duration,
-    /// Interval of keepalive packets on idle tunnels.
+    /// How often an idle tunnel is probed (a ping on its control stream): often enough to keep
+    /// NAT bindings open; a server that died quietly is noticed at the next probe, or at once
+    /// when another server reports it.
     #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = format_duration(defaults().liveness.keepalive_interval), value_parser = parse_duration)]
     keepalive_interval: Duration,
-    /// A tunnel that hears nothing for this long is declared dead and reconnected.
+    /// A server silent for this long while another server answers is dead: its tunnel is closed
+    /// and its streams reset (it grows with the round-trip time on long links).
     #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = format_duration(defaults().liveness.idle_timeout), value_parser = parse_duration)]
     idle_timeout: Duration,
+    /// How long a tunnel between agent and server is held, with its streams, while its link is
+    /// silent (a blackout: a cellular handover, a roaming node). Longer blackouts close it.
+    #[arg(long, env = "TETHER_BLACKOUT_TOLERANCE", default_value = format_duration(defaults().liveness.blackout_tolerance), value_parser = parse_duration)]
+    blackout_tolerance: Duration,
+    /// QUIC congestion controller of this end's sending: bbr (holds its rate through random
+    /// loss, keeps queues short), cubic or newreno (back off at every loss).
+    #[arg(long, env = "TETHER_CONGESTION", default_value_t = tether_common::tls::Congestion::default())]
+    congestion: tether_common::tls::Congestion,
     /// Upper bound of the reconnect delay.
     #[arg(long, env = "TETHER_RECONNECT_MAX", default_value = format_duration(defaults().reconnect_max), value_parser = parse_duration)]
     reconnect_max: Duration,
@@ -186,7 +197,9 @@ async fn run(a: RunArgs) -> Result<()> {
     config.handshake_timeout = a.handshake_timeout;
     config.liveness.keepalive_interval = a.keepalive_interval;
     config.liveness.idle_timeout = a.idle_timeout;
+    config.liveness.blackout_tolerance = a.blackout_tolerance;
     config.reconnect_max = a.reconnect_max;
+    config.limits.congestion = a.congestion;
     config.max_connections = a.max_connections;
     config.policy = a.policy;
     config.token = match (&a.token, &a.token_file) {

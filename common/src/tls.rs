@@ -271,16 +271,22 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// Liveness settings of a tunnel.
+/// Liveness settings.
 ///
-/// The defaults notice a silent peer in about 2.5 s: a keepalive every 500 ms keeps packets
-/// flowing on an idle tunnel, and a peer that has sent nothing for `idle_timeout` is declared
-/// gone. On a lossy link the keepalives are retransmitted like any packet, so one or two lost
-/// packets do not kill a tunnel; raise both values for links with long outages.
+/// Two kinds of link, two rules. Server-to-server links sit on the masters' LAN: a keepalive
+/// every `keepalive_interval` (500 ms) and a peer silent for `idle_timeout` (2.5 s) is gone;
+/// the servers that survive a peer tell their agents at once (`ServerDown`). Tunnels between an
+/// agent and a server cross the edge link: the agent probes them (every `keepalive_interval`
+/// when idle, 25 s by its default, for NAT bindings) and tells a dead server (silent for
+/// `idle_timeout` while another server answers) from a dead link (every server silent), which it
+/// holds for `blackout_tolerance` (`link::liveness` has the rules). Both transports hold a
+/// silent tunnel that long, a little more, before they give up on their own.
 #[derive(Debug, Clone, Copy)]
 pub struct Liveness {
     pub keepalive_interval: Duration,
     pub idle_timeout: Duration,
+    /// How long a tunnel whose whole link is silent is kept, with its streams.
+    pub blackout_tolerance: Duration,
 }
 
 impl Default for Liveness {
@@ -288,9 +294,65 @@ impl Default for Liveness {
         Liveness {
             keepalive_interval: Duration::from_millis(500),
             idle_timeout: Duration::from_millis(2500),
+            blackout_tolerance: Duration::from_secs(30),
         }
     }
 }
+
+impl Liveness {
+    /// What the transports hold a silent tunnel for: the tolerance and a margin, so that the
+    /// agent's own verdict (at the tolerance) comes first and names the cause.
+    pub fn tunnel_idle_timeout(&self) -> Duration {
+        self.blackout_tolerance.max(self.idle_timeout) + TUNNEL_IDLE_MARGIN
+    }
+}
+
+/// See [`Liveness::tunnel_idle_timeout`].
+pub const TUNNEL_IDLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The congestion controller of QUIC tunnels (what this end sends with).
+///
+/// BBR is the default: it paces to the bottleneck's measured rate and round-trip time instead of
+/// halving its window at every loss, so a link that drops one packet in a hundred at random
+/// (radio, a busy uplink) still carries near its rate, and it keeps the bottleneck's queue short,
+/// so a small request behind a bulk transfer is not held up. Cubic and NewReno back off on every
+/// loss: on the WAN lab's continental profile (100 ms, 1% loss) Cubic carried a twentieth of the
+/// link (docs/performance.md, "Edge links"). They are kept for comparison and for links where
+/// loss truly means congestion. TLS over TCP uses the kernel's controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    #[default]
+    Bbr,
+    Cubic,
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = UnknownCongestion;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bbr" => Ok(Congestion::Bbr),
+            "cubic" => Ok(Congestion::Cubic),
+            "newreno" => Ok(Congestion::NewReno),
+            other => Err(UnknownCongestion(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Congestion::Bbr => "bbr",
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "newreno",
+        })
+    }
+}
+
+/// A congestion controller name that is not one of ours.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown congestion controller {0:?}: use bbr, cubic or newreno")]
+pub struct UnknownCongestion(String);
 
 /// Limits of a tunnel: concurrent streams and flow-control windows.
 #[derive(Debug, Clone, Copy)]
@@ -302,6 +364,8 @@ pub struct TunnelLimits {
     /// Connection window, receive and send: what all streams together may have in flight (and
     /// so what a tunnel may buffer at its peak; docs/performance.md has the trade-off).
     pub conn_window: u32,
+    /// The QUIC congestion controller.
+    pub congestion: Congestion,
 }
 
 impl Default for TunnelLimits {
@@ -310,6 +374,7 @@ impl Default for TunnelLimits {
             max_streams: 4096,
             stream_window: 2 * 1024 * 1024,
             conn_window: 4 * 1024 * 1024,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -317,13 +382,33 @@ impl Default for TunnelLimits {
 /// Streams a peer may open at first on a QUIC tunnel; doubled whenever half are in use.
 pub const INITIAL_STREAMS: u32 = 64;
 
-/// The QUIC transport settings of every tether endpoint.
+/// The QUIC transport settings of tunnels between agents and servers (both ends, and joins and
+/// renewals): no keepalives of the transport's own (the agent probes, as seldom as NAT bindings
+/// allow), and an idle timeout past the blackout tolerance. An older peer's keepalives and
+/// shorter idle timeout still rule its tunnels: QUIC takes the shorter of the two ends' timeouts.
 pub fn quic_transport(liveness: Liveness, limits: TunnelLimits) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
+    let mut t = base_transport(limits);
+    t.keep_alive_interval(None);
+    if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.tunnel_idle_timeout()) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// The QUIC transport settings of a server's links to its peers: a keepalive every
+/// `keepalive_interval`, and a peer silent for `idle_timeout` is gone (masters share a LAN, and
+/// a dead peer must be known, and reported to agents, within seconds).
+pub fn peer_quic_transport(liveness: Liveness, limits: TunnelLimits) -> quinn::TransportConfig {
+    let mut t = base_transport(limits);
     t.keep_alive_interval(Some(liveness.keepalive_interval));
     if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.idle_timeout) {
         t.max_idle_timeout(Some(idle));
     }
+    t
+}
+
+fn base_transport(limits: TunnelLimits) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
     // Start small: QUIC implementations keep state for every stream the peer may open, about
     // 86 bytes each in quinn, whether used or not. The limit grows with use up to
     // `max_streams` (see `Tunnel::accept_stream`).
@@ -333,6 +418,17 @@ pub fn quic_transport(liveness: Liveness, limits: TunnelLimits) -> quinn::Transp
     t.receive_window(limits.conn_window.into());
     t.send_window(u64::from(limits.conn_window));
     t.datagram_receive_buffer_size(None);
+    match limits.congestion {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+    };
     t
 }
 

@@ -53,7 +53,13 @@ struct Inner {
     inbound: Mutex<BTreeMap<usize, String>>,
     changed: Arc<Notify>,
     tx: watch::Sender<Announcement>,
+    /// Instance ids of peers this server just lost, for its agents' control streams.
+    lost: tokio::sync::broadcast::Sender<String>,
 }
+
+/// Peers lost that a slow control stream may still have to send; one that falls further behind
+/// skips the oldest (a lost report only delays an agent's verdict to its own probes).
+const LOST_QUEUE: usize = 64;
 
 /// Keeps the announcement current. Cheap to clone.
 #[derive(Clone)]
@@ -71,7 +77,20 @@ impl Announcer {
             inbound: Mutex::new(BTreeMap::new()),
             changed: Arc::new(Notify::new()),
             tx: watch::channel(Announcement::default()).0,
+            lost: tokio::sync::broadcast::channel(LOST_QUEUE).0,
         }))
+    }
+
+    /// This server lost its link to the peer with this instance id: agents are told.
+    pub fn peer_lost(&self, server_id: &str) {
+        if !server_id.is_empty() {
+            let _ = self.0.lost.send(server_id.to_string());
+        }
+    }
+
+    /// The peers lost from now on.
+    pub fn subscribe_lost(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.0.lost.subscribe()
     }
 
     pub fn advertise(&self) -> Option<&str> {

@@ -9,7 +9,7 @@ use crate::announce;
 use crate::authority;
 use crate::state::{Party, State};
 use tether_common::transport::Stream;
-use tether_proto::capability::Capabilities;
+use tether_proto::capability::{self, Capabilities};
 use tether_proto::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tracing::{debug, warn};
 
@@ -62,9 +62,13 @@ pub(crate) async fn control(
     }
     let mut rx = state.announcer.subscribe();
     let mut sent: Option<announce::Announcement> = None;
-    // Over TCP the health is repeated every keepalive interval: the agent's proof that this
-    // server is alive end to end (see `Stream::needs_heartbeat`).
-    let heartbeat = stream.needs_heartbeat();
+    // Over TCP the health is repeated every keepalive interval to agents older than the
+    // liveness capability: their proof that this server is alive end to end (see
+    // `Stream::needs_heartbeat`). Newer agents probe (`Ping`) as often as they need, and are
+    // told at once of a peer this server lost.
+    let probes = party == Party::Agent && capabilities.has(capability::LIVENESS);
+    let heartbeat = stream.needs_heartbeat() && !probes;
+    let mut lost = state.announcer.subscribe_lost();
     let mut beat = tokio::time::interval(state.config.liveness.keepalive_interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Peers also get the node records, each when it is new to them.
@@ -87,6 +91,15 @@ pub(crate) async fn control(
                     }
                 }
             }
+            id = lost.recv(), if probes => match id {
+                Ok(server_id) => {
+                    if stream.send.write_message(&Message::ServerDown { server_id }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
             _ = beat.tick(), if heartbeat => {
                 let healthy = sent.as_ref().is_some_and(|a| a.healthy);
                 let msg = Message::Health { upstream_healthy: healthy };
@@ -103,6 +116,11 @@ pub(crate) async fn control(
                     if party == Party::Peer =>
                 {
                     state.authority.merge_from_peer(node, &m)
+                }
+                Ok(Some(Message::Ping { nonce })) => {
+                    if stream.send.write_message(&Message::Pong { nonce }).await.is_err() {
+                        return;
+                    }
                 }
                 Ok(Some(m)) => debug!(node, message = m.name(), "control message"),
                 Ok(None) => return,

@@ -57,7 +57,7 @@ pub(crate) fn reload_certificates(state: &State) -> Result<(), ServerError> {
         .set_server_config(Some(tls::quic_server_config(cfg, transport)?));
     if let Some(d) = state.peer_dialer.get() {
         let client = tls::client_config(roots, identity)?;
-        let transport = tls::quic_transport(state.config.liveness, state.config.limits);
+        let transport = tls::peer_quic_transport(state.config.liveness, state.config.limits);
         d.set_client_config(tls::quic_client_config(client.clone(), transport)?, client);
     }
     state.metrics.cert_reloads.inc();

@@ -274,7 +274,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let peer_tls = tls::client_config(roots, identity)?;
     let peer_client = tls::quic_client_config(
         peer_tls.clone(),
-        tls::quic_transport(config.liveness, config.limits),
+        tls::peer_quic_transport(config.liveness, config.limits),
     )?;
     let upstream_ca = match &config.upstream_ca {
         Some(path) => Some(tls::load_roots(path)?),
@@ -407,6 +407,12 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         })),
         on_stream: None,
         identity: Default::default(),
+        // The agents hear of a peer this server lost at once, and probe it (docs/operations.md,
+        // "Liveness: a dead server, or a dead link").
+        on_down: Some(Box::new({
+            let a = state.announcer.clone();
+            move |link| a.peer_lost(&link.server_id)
+        })),
     });
     let _ = state.peer_dialer.set(dialer.clone());
     identity::cert_expiry(&state);

@@ -314,12 +314,22 @@ struct RunArgs {
     /// Longest a new stream may take to send its header.
     #[arg(long, env = "TETHER_HEADER_TIMEOUT", default_value = format_duration(defaults().header_timeout), value_parser = parse_duration)]
     header_timeout: Duration,
-    /// Interval of keepalive packets on idle tunnels.
+    /// QUIC congestion controller of this end's sending: bbr (holds its rate through random
+    /// loss, keeps queues short), cubic or newreno (back off at every loss).
+    #[arg(long, env = "TETHER_CONGESTION", default_value_t = tether_common::tls::Congestion::default())]
+    congestion: tether_common::tls::Congestion,
+    /// Interval of keepalive packets on links to peer servers, and of heartbeats to agents older
+    /// than 0.3 over TCP.
     #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = format_duration(defaults().liveness.keepalive_interval), value_parser = parse_duration)]
     keepalive_interval: Duration,
-    /// A tunnel that hears nothing for this long is closed.
+    /// A peer server silent for this long is lost (and reported to the agents); also the
+    /// silence older agents' tunnels are closed after.
     #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = format_duration(defaults().liveness.idle_timeout), value_parser = parse_duration)]
     idle_timeout: Duration,
+    /// How long a tunnel between agent and server is held, with its streams, while its link is
+    /// silent (a blackout: a cellular handover, a roaming node). Longer blackouts close it.
+    #[arg(long, env = "TETHER_BLACKOUT_TOLERANCE", default_value = format_duration(defaults().liveness.blackout_tolerance), value_parser = parse_duration)]
+    blackout_tolerance: Duration,
     /// Most concurrent streams per tunnel.
     #[arg(long, env = "TETHER_MAX_STREAMS_PER_TUNNEL", default_value_t = defaults().limits.max_streams)]
     max_streams_per_tunnel: u32,
@@ -635,7 +645,9 @@ async fn run(a: RunArgs) -> Result<()> {
     config.header_timeout = a.header_timeout;
     config.liveness.keepalive_interval = a.keepalive_interval;
     config.liveness.idle_timeout = a.idle_timeout;
+    config.liveness.blackout_tolerance = a.blackout_tolerance;
     config.limits.max_streams = a.max_streams_per_tunnel;
+    config.limits.congestion = a.congestion;
     config.max_streams = a.max_streams;
     config.max_streams_per_node = a.max_streams_per_node;
     config.peers = a.peers;

@@ -498,13 +498,27 @@ pub async fn say_hello(
     tunnel: &tether_common::transport::Tunnel,
     name: &str,
 ) -> tether_common::transport::Stream {
-    use tether_proto::{capability::Capabilities, Message};
+    say_hello_with(
+        tunnel,
+        name,
+        tether_proto::capability::Capabilities::ours(&[]),
+    )
+    .await
+}
+
+/// [`say_hello`] announcing `capabilities` (an older agent's, say).
+pub async fn say_hello_with(
+    tunnel: &tether_common::transport::Tunnel,
+    name: &str,
+    capabilities: Vec<String>,
+) -> tether_common::transport::Stream {
+    use tether_proto::Message;
     let mut control = tunnel.open_stream().await.expect("control stream");
     let hello = Message::Hello {
         min_version: tether_proto::MIN_PROTOCOL_VERSION,
         max_version: tether_proto::PROTOCOL_VERSION,
         node_name: name.into(),
-        capabilities: Capabilities::ours(&[]),
+        capabilities,
     };
     control.send.write_message(&hello).await.expect("hello");
     let welcome = within(

@@ -10,6 +10,7 @@ use tether_common::tls;
 use tether_common::transport::tcp::TcpTunnel;
 use tether_common::transport::CloseReason;
 use tether_common::transport::Tunnel;
+use tether_proto::capability::{self, Capabilities};
 use tether_proto::{self as protocol, Message};
 use tether_tests::*;
 
@@ -110,7 +111,12 @@ async fn a_control_frame_split_byte_by_byte_arrives_whole_while_heartbeats_tick(
     .await
     .unwrap();
     let tunnel = Tunnel::from_tcp(t);
-    let mut control = say_hello(&tunnel, "slow").await;
+    // An agent from before the liveness capability: the server sends it heartbeats.
+    let older: Vec<String> = Capabilities::ours(&[])
+        .into_iter()
+        .filter(|c| c != capability::LIVENESS)
+        .collect();
+    let mut control = say_hello_with(&tunnel, "slow", older).await;
     let info = Message::NodeInfo {
         addresses: vec!["192.0.2.17".into(), "2001:db8::17".into()],
     };
@@ -148,5 +154,53 @@ async fn a_control_frame_split_byte_by_byte_arrives_whole_while_heartbeats_tick(
     .unwrap();
     assert!(next.is_some());
     assert!(tunnel.close_reason().is_none());
+    server.shutdown().await;
+}
+
+/// An agent with the liveness capability gets no heartbeats (an idle tunnel stays silent), an
+/// answer to each ping, and word of a peer server its server lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probing_agent_gets_pongs_and_no_heartbeats() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut sc = server_config(&pki, echo.addr);
+    sc.liveness.keepalive_interval = Duration::from_millis(10);
+    let server = tether_server::start(sc).await.unwrap();
+    let t = TcpTunnel::connect(
+        server.local_addr,
+        "localhost",
+        agent_tls(&pki, "quiet"),
+        Default::default(),
+        64,
+    )
+    .await
+    .unwrap();
+    let tunnel = Tunnel::from_tcp(t);
+    let mut control = say_hello(&tunnel, "quiet").await;
+    // Whatever the server announces first (its server list, its health) comes at once; after
+    // that, nothing: with heartbeats every 10 ms, a quiet half second would be impossible.
+    let drained = async {
+        while let Ok(Ok(Some(_))) =
+            tokio::time::timeout(Duration::from_millis(500), control.recv.read_message()).await
+        {
+        }
+    };
+    within("the announcements to end", Duration::from_secs(10), drained).await;
+    let before = tunnel.traffic().answers;
+    control
+        .send
+        .write_message(&Message::Ping { nonce: 42 })
+        .await
+        .unwrap();
+    let pong = within(
+        "the pong",
+        Duration::from_secs(5),
+        control.recv.read_message(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pong, Some(Message::Pong { nonce: 42 }));
+    assert!(tunnel.traffic().answers > before, "the pong was counted");
     server.shutdown().await;
 }

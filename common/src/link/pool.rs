@@ -74,6 +74,14 @@ pub struct Link {
     pub open_latency: OpenLatency,
     /// Whether the server lately let a hedge beat it: then it is tried last.
     pub passed: Passed,
+    /// The liveness watch wants a probe sent on this link's control stream.
+    probe: tokio::sync::Notify,
+    /// A surviving server reported this link's server down, not yet seen by the watch.
+    reported_down: AtomicBool,
+    /// The liveness watch doubts the server: new streams go elsewhere first.
+    doubted: AtomicBool,
+    /// Answers to probes received (`Pong`s).
+    pongs: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
@@ -99,7 +107,50 @@ impl Link {
             capabilities: Capabilities::default(),
             open_latency: OpenLatency::default(),
             passed: Passed::default(),
+            probe: tokio::sync::Notify::new(),
+            reported_down: AtomicBool::new(false),
+            doubted: AtomicBool::new(false),
+            pongs: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Counts an answer to a probe.
+    pub fn ponged(&self) {
+        self.pongs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers to probes so far.
+    pub fn pongs(&self) -> u64 {
+        self.pongs.load(Ordering::Relaxed)
+    }
+
+    /// Asks the link's control loop to send a probe (a `Ping`).
+    pub fn request_probe(&self) {
+        self.probe.notify_one();
+    }
+
+    /// Resolves when a probe is wanted. Cancel-safe: a request made meanwhile is kept.
+    pub async fn probe_wanted(&self) {
+        self.probe.notified().await
+    }
+
+    /// Notes that a surviving server reported this one down.
+    pub fn report_down(&self) {
+        self.reported_down.store(true, Ordering::Relaxed);
+    }
+
+    /// Takes the report, if one came since the last call.
+    pub fn take_report(&self) -> bool {
+        self.reported_down.swap(false, Ordering::Relaxed)
+    }
+
+    pub fn set_doubted(&self, v: bool) {
+        self.doubted.store(v, Ordering::Relaxed);
+    }
+
+    /// Whether the liveness watch doubts the server now.
+    pub fn doubted(&self) -> bool {
+        self.doubted.load(Ordering::Relaxed)
     }
 
     /// The capabilities the server announced in its welcome.
@@ -329,13 +380,24 @@ impl Pool {
             .any(|l| l.server_id == server_id && l.server_key == server_key && l.server != except)
     }
 
+    /// A surviving server reported the server with this instance id down: its links are told.
+    pub fn report_down(&self, server_id: &str) -> usize {
+        let links = self.lock();
+        let mut n = 0;
+        for l in links.iter().filter(|l| l.server_id == server_id) {
+            l.report_down();
+            n += 1;
+        }
+        n
+    }
+
     /// The links to try for a new stream, best first (see [`best_first`]).
     pub fn candidates(&self, policy: Policy) -> Vec<Arc<Link>> {
         let links = self.lock().clone();
         best_first(links, policy, |l| Standing {
             healthy: l.healthy(),
             draining: l.draining(),
-            passed_over: l.passed.now(),
+            passed_over: l.passed.now() || l.doubted(),
             streams: l.streams(),
             rank: l.rank,
         })

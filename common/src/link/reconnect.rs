@@ -77,9 +77,14 @@ impl std::fmt::Display for TransportChoice {
 pub const QUIC_HEAD_START: Duration = Duration::from_secs(1);
 /// How often a link on TCP (in `auto`) tries to move to QUIC.
 pub const QUIC_RETRY: Duration = Duration::from_secs(5);
+/// How often a QUIC link (in `auto`) looks whether the liveness watch doubts it.
+const DOUBT_CHECK: Duration = Duration::from_millis(100);
 
 /// Receives the control messages the reconnect loop does not act on itself.
 pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
+
+/// Told of a link that went down.
+pub type DownHook = Box<dyn Fn(&Link) + Send + Sync>;
 
 /// Serves a stream the server opened towards us (the reverse path); run on a task of its own.
 pub type StreamHook = Arc<dyn Fn(Stream) -> BoxedFuture + Send + Sync>;
@@ -143,6 +148,9 @@ pub struct Dialer {
     pub outbox: Option<OutboxHook>,
     /// Streams the far side opens towards us; without a hook they are refused.
     pub on_stream: Option<StreamHook>,
+    /// Called when a link goes down for any reason but this process's shutdown or a move to a
+    /// new tunnel (a server reports its lost peers to its agents through this).
+    pub on_down: Option<DownHook>,
     /// Bumped whenever the identity changes ([`Dialer::set_client_config`]), so that tunnels
     /// made with the old one move to the new one.
     pub identity: IdentityGeneration,
@@ -496,6 +504,30 @@ async fn serve(
             }
         }
     };
+    // In `auto`, a QUIC tunnel the liveness watch doubts may have lost UDP alone (a firewall
+    // that starts dropping it), which looks like a blackout from here. A TCP tunnel to the same
+    // server tells them apart: if it comes up while QUIC stays silent, UDP is blocked, and the
+    // link moves to TCP at once rather than holding a dead path for the blackout tolerance.
+    let downgrade = async {
+        if d.transport != TransportChoice::Auto || tunnel.kind() != TransportKind::Quic {
+            return std::future::pending().await;
+        }
+        loop {
+            while !link.doubted() {
+                tokio::time::sleep(DOUBT_CHECK).await;
+            }
+            let attempt =
+                tokio::time::timeout(d.handshake_timeout, dial(target, d, TransportChoice::Tcp));
+            if let Ok(Ok(tcp)) = attempt.await {
+                if link.doubted() {
+                    return tcp;
+                }
+                tcp.tunnel.close(code::OK, "QUIC answered after all");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let mut udp_lost = false;
     // A new identity (a renewed certificate): a tunnel with it, over the same transport.
     let mut identity = d.identity.0.subscribe();
     let same = match tunnel.kind() {
@@ -523,10 +555,15 @@ async fn serve(
     let reason = tokio::select! {
         e = incoming => e,
         r = read_control(&mut control.recv, heartbeat, &link, d) => r,
-        e = send_outbox(&mut control.send, outbox.as_mut()) => e,
+        e = send_control(&mut control.send, outbox.as_mut(), &link) => e,
         q = upgrade => {
             upgraded = Some(q);
             "moved to QUIC".to_string()
+        }
+        t = downgrade => {
+            upgraded = Some(t);
+            udp_lost = true;
+            "QUIC went silent while TCP answers: moved to TCP".to_string()
         }
         r = rotate => {
             upgraded = Some(r);
@@ -537,6 +574,13 @@ async fn serve(
     d.pool.remove(&link);
     d.stats.up.dec();
     d.changed.notify_one();
+    if udp_lost {
+        // The QUIC path is dead: its streams are reset now, as on a dead server.
+        warn!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
+            "moving to a new tunnel");
+        tunnel.close(code::SHUTDOWN, "UDP is blocked");
+        return upgraded;
+    }
     if upgraded.is_some() {
         // New streams go to the new tunnel from now on; the ones open on the old one finish
         // there.
@@ -561,6 +605,9 @@ async fn serve(
         return upgraded;
     }
     tunnel.close(code::SHUTDOWN, "tunnel closed");
+    if let (Some(hook), false) = (&d.on_down, stop.fired()) {
+        hook(&link);
+    }
     if stop.fired() {
         info!(kind = d.kind, server = %target.label, reason = %reason, "tunnel down");
     } else {
@@ -593,13 +640,29 @@ async fn accept_incoming(link: &Arc<Link>, hook: Option<&StreamHook>) -> String 
     }
 }
 
-/// Sends what the link's outbox has, as it comes; returns why it stopped (never, without one).
-async fn send_outbox(send: &mut SendHalf, outbox: Option<&mut Box<dyn Outbox>>) -> String {
-    let Some(outbox) = outbox else {
-        return std::future::pending().await;
-    };
+/// Sends what the link's outbox has, as it comes, and the probes the liveness watch asks for;
+/// returns why it stopped.
+async fn send_control(
+    send: &mut SendHalf,
+    mut outbox: Option<&mut Box<dyn Outbox>>,
+    link: &Link,
+) -> String {
+    let mut nonce = 0u64;
     loop {
-        for m in outbox.next().await {
+        let next = async {
+            match outbox.as_mut() {
+                Some(o) => o.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        let msgs = tokio::select! {
+            m = next => m,
+            _ = link.probe_wanted() => {
+                nonce += 1;
+                vec![Message::Ping { nonce }]
+            }
+        };
+        for m in msgs {
             if let Err(e) = send.write_message(&m).await {
                 return format!("control stream failed: {e}");
             }
@@ -608,20 +671,18 @@ async fn send_outbox(send: &mut SendHalf, outbox: Option<&mut Box<dyn Outbox>>) 
 }
 
 /// Applies the server's announcements until the control stream ends; returns why it ended.
-/// Over TCP the server repeats its health every keepalive interval, so silence for the idle
-/// timeout means the server is gone even when something still answers for its TCP connection.
+/// Over TCP a server without the liveness capability repeats its health every keepalive
+/// interval; the link monitor judges those beats (a dead server or a dead link), and silence for
+/// longer than the blackout tolerance ends the tunnel here too, as a backstop.
 async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dialer) -> String {
+    let heartbeat = heartbeat && !link.has(tether_proto::capability::LIVENESS);
+    let hold = d.liveness.tunnel_idle_timeout();
     loop {
         let next = recv.read_message();
         let msg = if heartbeat {
-            match tokio::time::timeout(d.liveness.idle_timeout, next).await {
+            match tokio::time::timeout(hold, next).await {
                 Ok(m) => m,
-                Err(_) => {
-                    return format!(
-                        "no heartbeat from the server for {:?}",
-                        d.liveness.idle_timeout
-                    )
-                }
+                Err(_) => return format!("no heartbeat from the server for {hold:?}"),
             }
         } else {
             next.await
@@ -637,6 +698,12 @@ async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dia
             Ok(Some(Message::Drain)) => {
                 info!(kind = d.kind, server = %link.server, "server is draining; sending it no new streams");
                 link.set_draining();
+            }
+            Ok(Some(Message::Pong { .. })) => link.ponged(),
+            Ok(Some(Message::ServerDown { server_id })) => {
+                let n = d.pool.report_down(&server_id);
+                info!(kind = d.kind, server = %link.server, down = %server_id, links = n,
+                    "a server reports a peer down; probing it");
             }
             Ok(Some(Message::ServerList { servers })) => {
                 debug!(kind = d.kind, server = %link.server, count = servers.len(), "server list");

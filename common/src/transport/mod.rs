@@ -151,6 +151,32 @@ impl Tunnel {
         }
     }
 
+    /// What the tunnel has received and sent so far, as counts that only grow (see [`Traffic`]).
+    /// The agent's liveness watch samples them.
+    pub fn traffic(&self) -> Traffic {
+        match &self.inner {
+            Inner::Quic(q) => {
+                let s = q.conn.stats();
+                Traffic {
+                    heard: s.udp_rx.datagrams,
+                    answers: s.frame_rx.acks,
+                    questions: s.frame_tx.stream + s.frame_tx.ping,
+                }
+            }
+            Inner::Tcp(t) => {
+                let read = t
+                    .traffic
+                    .received
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                Traffic {
+                    heard: read,
+                    answers: read,
+                    questions: t.traffic.sent.load(std::sync::atomic::Ordering::Relaxed),
+                }
+            }
+        }
+    }
+
     /// Which transport carries the tunnel.
     pub fn kind(&self) -> TransportKind {
         match &self.inner {
@@ -174,6 +200,21 @@ impl Tunnel {
             Inner::Tcp(t) => (!t.peer_certs.is_empty()).then(|| t.peer_certs.clone()),
         }
     }
+}
+
+/// A tunnel's traffic so far, as the liveness watch reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Anything received: QUIC datagrams, or bytes over TCP.
+    pub heard: u64,
+    /// What proves the peer hears us: QUIC ACK frames (a peer acknowledges only what it
+    /// received; on a link that loses one direction, its retransmissions still arrive, but no
+    /// new acknowledgements), or, over TCP, bytes received (new data flows only while our
+    /// acknowledgements reach the peer).
+    pub answers: u64,
+    /// What asks for an answer: QUIC STREAM and PING frames (acknowledgements do not), or bytes
+    /// sent over TCP.
+    pub questions: u64,
 }
 
 /// Both directions of one relayed connection.

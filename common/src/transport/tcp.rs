@@ -12,12 +12,13 @@
 //!
 //! A stream that ends without FIN (the connection died, or the peer dropped it) reads as a reset.
 //!
-//! Windows: yamux grows each stream's receive window on demand from 256 KiB; a tunnel carries
-//! its configured stream limit (at most [`MAX_STREAMS`]), and its total window is 256 KiB for
-//! each of them (a ceiling on data in flight: the relays read as data arrives). A join
-//! connection carries one stream and one window. Liveness: TCP keepalives (every second
-//! on an idle connection, the kernel's finest step) and `TCP_USER_TIMEOUT` (the idle timeout, for
-//! unacknowledged data) close a silent connection in about the same time as QUIC does.
+//! Windows: yamux grows each stream's receive window on demand from 256 KiB towards the link's
+//! bandwidth-delay product; a tunnel carries its configured stream limit (at most
+//! [`MAX_STREAMS`]), and its total window is 256 KiB for each of them plus [`WINDOW_GROWTH`]
+//! shared (a ceiling on data in flight: the relays read as data arrives). A join connection
+//! carries one stream and one window. Liveness: the agent's probes and verdicts
+//! (`link::liveness`), as on QUIC; the socket itself gives up on a silent peer only after the
+//! blackout tolerance ([`tune`]).
 //!
 //! Records: each yamux frame, header and body, leaves as one TLS record and one `write`
 //! ([`super::coalesce`]); frames are cut to fill a record exactly.
@@ -54,6 +55,87 @@ pub struct TcpTunnel {
     pub id: usize,
     pub peer_certs: Vec<CertificateDer<'static>>,
     pub alpn: Option<Vec<u8>>,
+    /// Bytes through the TCP socket, each way: what the agent's liveness watch samples.
+    pub traffic: Arc<Traffic>,
+}
+
+/// Bytes a tunnel's socket has read and written so far.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub received: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
+}
+
+/// A TCP stream that counts what passes (below TLS: every byte on the wire but the headers).
+struct Counted {
+    inner: TcpStream,
+    traffic: Arc<Traffic>,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.traffic
+                .received
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.traffic
+                .sent
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.traffic
+                .sent
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 fn next_id() -> usize {
@@ -63,25 +145,35 @@ fn next_id() -> usize {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// TCP settings that notice a silent peer: keepalive probes on an idle connection, and a user
-/// timeout on unacknowledged data.
+/// TCP settings of a tunnel: no Nagle delay, and a silent peer given up after the blackout
+/// tolerance. `TCP_USER_TIMEOUT` ends a connection whose sent data stays unacknowledged that
+/// long; kernel keepalives, first sent after the tolerance of silence (the agent's probes come
+/// sooner, so on a live tunnel they never fire), end an idle one whose peer vanished (a node
+/// that lost power) three probes later. Before, both were set to the 2.5 s idle timeout, and a
+/// link blackout of a few seconds killed every tunnel: or, worse, left the other end's streams
+/// waiting on a connection only one side had given up.
 fn tune(tcp: &TcpStream, liveness: Liveness) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let sock = socket2::SockRef::from(tcp);
     // The kernel counts keepalive times in whole seconds, at least one.
-    let interval = liveness
-        .keepalive_interval
+    let hold = liveness
+        .blackout_tolerance
+        .max(liveness.idle_timeout)
         .max(std::time::Duration::from_secs(1));
     let ka = socket2::TcpKeepalive::new()
-        .with_time(interval)
-        .with_interval(interval)
-        .with_retries(
-            (liveness.idle_timeout.as_millis() / interval.as_millis().max(1)).clamp(1, 30) as u32,
-        );
+        .with_time(hold)
+        .with_interval((hold / 6).max(std::time::Duration::from_secs(1)))
+        .with_retries(3);
     sock.set_tcp_keepalive(&ka)?;
-    sock.set_tcp_user_timeout(Some(liveness.idle_timeout))?;
+    sock.set_tcp_user_timeout(Some(liveness.tunnel_idle_timeout()))?;
+    // Keep what waits unsent in the kernel small: a bulk stream's bytes queued there would sit
+    // ahead of every other stream's, however small (head-of-line blocking across streams).
+    sock.set_tcp_notsent_lowat(NOTSENT_LOWAT)?;
     Ok(())
 }
+
+/// Unsent bytes the kernel may hold for a tunnel's socket (`TCP_NOTSENT_LOWAT`).
+const NOTSENT_LOWAT: u32 = 128 * 1024;
 
 /// Streams one TCP tunnel carries at once.
 pub const MAX_STREAMS: usize = 2048;
@@ -127,9 +219,18 @@ fn yamux_config(alpn: Option<&[u8]>, mode: yamux::Mode, max_streams: usize) -> y
     // then set the window that fits it.
     c.set_max_connection_receive_window(None);
     c.set_max_num_streams(max_streams);
-    c.set_max_connection_receive_window(Some(256 * 1024 * max_streams));
+    c.set_max_connection_receive_window(Some(256 * 1024 * max_streams + WINDOW_GROWTH));
     c
 }
+
+/// What a tunnel's streams may grow their receive windows by, beyond the 256 KiB each starts
+/// with, all together. yamux doubles a stream's window whenever the sender used it up within
+/// two round trips, so a busy stream's window climbs to the link's bandwidth-delay product
+/// (a 50 Mbit/s link at 100 ms holds 625 KB in flight; 20 Mbit/s at 600 ms, 1.5 MB), and a
+/// quiet one stays at 256 KiB. Without this room, every stream was held to 256 KiB: a fifth of
+/// a continental link. 16 MiB covers 200 Mbit/s at 600 ms; it is also the most that one tunnel
+/// can buffer beyond the 256 KiB per open stream when its readers stall.
+pub const WINDOW_GROWTH: usize = 16 * 1024 * 1024;
 
 impl TcpTunnel {
     /// Dials `addr`, runs TLS as a client (verifying the server as `name`) and yamux on top.
@@ -145,6 +246,11 @@ impl TcpTunnel {
         };
         let tcp = TcpStream::connect(addr).await.map_err(ctx("connect"))?;
         tune(&tcp, liveness).map_err(ctx("socket options"))?;
+        let traffic = Arc::new(Traffic::default());
+        let tcp = Counted {
+            inner: tcp,
+            traffic: traffic.clone(),
+        };
         let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let tls = tokio_rustls::TlsConnector::from(tls)
@@ -158,6 +264,7 @@ impl TcpTunnel {
             addr,
             (peer_certs, alpn),
             max_streams,
+            traffic,
         ))
     }
 
@@ -170,6 +277,11 @@ impl TcpTunnel {
     ) -> io::Result<Self> {
         let remote = tcp.peer_addr()?;
         tune(&tcp, liveness)?;
+        let traffic = Arc::new(Traffic::default());
+        let tcp = Counted {
+            inner: tcp,
+            traffic: traffic.clone(),
+        };
         let tls = acceptor.accept(tcp).await?;
         let (peer_certs, alpn) = session_info(tls.get_ref().1);
         Ok(Self::start(
@@ -178,6 +290,7 @@ impl TcpTunnel {
             remote,
             (peer_certs, alpn),
             max_streams,
+            traffic,
         ))
     }
 
@@ -187,6 +300,7 @@ impl TcpTunnel {
         remote: SocketAddr,
         (peer_certs, alpn): (Vec<CertificateDer<'static>>, Option<Vec<u8>>),
         max_streams: usize,
+        traffic: Arc<Traffic>,
     ) -> Self {
         let config = yamux_config(alpn.as_deref(), mode, max_streams);
         let conn = yamux::Connection::new(io, config, mode);
@@ -204,6 +318,7 @@ impl TcpTunnel {
             id: next_id(),
             peer_certs,
             alpn,
+            traffic,
         }
     }
 
@@ -214,13 +329,13 @@ impl TcpTunnel {
             .await
             .map_err(|_| self.reason())?
             .map_err(|e| CloseReason::Failed(e.to_string()))?;
-        Ok(split(stream))
+        Ok(split(stream, self.closed.clone()))
     }
 
     pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), CloseReason> {
         let mut rx = self.inbound.lock().await;
         match rx.recv().await {
-            Some(s) => Ok(split(s)),
+            Some(s) => Ok(split(s, self.closed.clone())),
             None => Err(self.reason()),
         }
     }
@@ -304,7 +419,11 @@ async fn drive(
         }
     })
     .await;
-    if end.is_local() {
+    let local = end.is_local();
+    // The streams end first (see `tunnel_end`): a goodbye to a peer on a dark link may take the
+    // whole second below, and they must not wait for it.
+    closed_tx.send_replace(Some(end));
+    if local {
         // Our close: say goodbye (yamux GoAway) and flush what is queued, so the peer sees an
         // orderly end rather than a dropped connection.
         let _ = tokio::time::timeout(
@@ -313,7 +432,6 @@ async fn drive(
         )
         .await;
     }
-    closed_tx.send_replace(Some(end));
 }
 
 /// One yamux stream, shared by its two halves. Each poll holds the lock only for itself, and
@@ -333,26 +451,54 @@ fn poll_shared<T>(
     }
 }
 
-fn split(s: yamux::Stream) -> (SendHalf, RecvHalf) {
+/// The tunnel's end, as every stream of it watches it.
+type Closed = watch::Receiver<Option<CloseReason>>;
+
+/// Resolves when the tunnel has closed, with why.
+///
+/// yamux does not end the streams of a connection it closes on our request: a stream waiting
+/// to read (or for window to write) would wait forever. That was the TLS/TCP hang that the WAN
+/// lab found: a tunnel closed while its link was dark left its streams neither carried nor
+/// reset. So every stream also watches the tunnel, and ends with it.
+async fn tunnel_end(closed: &mut Closed) -> StreamError {
+    match closed.wait_for(|r| r.is_some()).await {
+        Ok(r) => StreamError::ConnectionLost(
+            r.as_ref()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "tunnel closed".into()),
+        ),
+        Err(_) => StreamError::ConnectionLost("tunnel closed".into()),
+    }
+}
+
+fn split(s: yamux::Stream, closed: Closed) -> (SendHalf, RecvHalf) {
     let s: Shared = Arc::new(std::sync::Mutex::new(s));
     (
-        SendHalf { w: Some(s.clone()) },
+        SendHalf {
+            w: Some(s.clone()),
+            closed: closed.clone(),
+        },
         RecvHalf {
             r: Some(s),
             buf: BytesMut::new(),
             framing: framing::Decoder::default(),
             ended: None,
+            closed,
         },
     )
 }
 
-/// Writes all of `data` to the shared stream.
-async fn write_all(w: &Shared, data: &[u8]) -> io::Result<()> {
+/// Writes all of `data` to the shared stream, unless the tunnel ends first.
+async fn write_all(w: &Shared, closed: &mut Closed, data: &[u8]) -> io::Result<()> {
     use futures_util::AsyncWrite;
     let mut at = 0;
     while at < data.len() {
-        let n =
-            std::future::poll_fn(|cx| poll_shared(w, |s| s.poll_write(cx, &data[at..]))).await?;
+        let write = std::future::poll_fn(|cx| poll_shared(w, |s| s.poll_write(cx, &data[at..])));
+        let n = tokio::select! {
+            biased;
+            n = write => n?,
+            e = tunnel_end(closed) => return Err(io::Error::other(e.to_string())),
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -370,6 +516,7 @@ async fn close(w: &Shared) -> io::Result<()> {
 /// The sending half of a stream over TCP.
 pub struct SendHalf {
     w: Option<Shared>,
+    closed: Closed,
 }
 
 impl SendHalf {
@@ -384,15 +531,21 @@ impl SendHalf {
         let mut frame = Vec::with_capacity(header.len() + data.len());
         frame.extend_from_slice(&header);
         frame.extend_from_slice(&data);
-        write_all(w, &frame).await.map_err(write_err)
+        write_all(w, &mut self.closed, &frame)
+            .await
+            .map_err(write_err)
     }
 
     /// Writes FIN and closes. Awaited by the caller's own task: yamux wakes one task per
     /// stream, so writing from a task of its own could lose the reading task's wake-up.
     pub async fn finish(&mut self) {
         if let Some(w) = self.w.take() {
-            let _ = write_all(&w, &[framing::FIN]).await;
-            let _ = close(&w).await;
+            if write_all(&w, &mut self.closed, &[framing::FIN])
+                .await
+                .is_ok()
+            {
+                let _ = close(&w).await;
+            }
         }
     }
 
@@ -401,8 +554,9 @@ impl SendHalf {
     pub async fn reset(&mut self, code: u32) {
         if let Some(w) = self.w.take() {
             let m = framing::reset_frame(code);
+            let closed = &mut self.closed;
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-                let _ = write_all(&w, &m).await;
+                let _ = write_all(&w, closed, &m).await;
                 let _ = close(&w).await;
             })
             .await;
@@ -424,6 +578,7 @@ pub struct RecvHalf {
     buf: BytesMut,
     framing: framing::Decoder,
     ended: Option<Result<(), StreamError>>,
+    closed: Closed,
 }
 
 impl RecvHalf {
@@ -434,11 +589,18 @@ impl RecvHalf {
     /// when it is ready, in one poll.
     async fn fill(&mut self) -> Result<bool, StreamError> {
         use futures_util::Stream as _;
-        let RecvHalf { r, buf, .. } = self;
+        let RecvHalf { r, buf, closed, .. } = self;
         let r = r.as_ref().ok_or(StreamError::Closed)?;
-        let frame =
-            std::future::poll_fn(|cx| poll_shared(r, |s| s.poll_next(cx).map(Option::transpose)))
-                .await;
+        let next =
+            std::future::poll_fn(|cx| poll_shared(r, |s| s.poll_next(cx).map(Option::transpose)));
+        // What yamux already holds for the stream (the last bytes and the FIN before the peer
+        // closed the tunnel) is read first; only a stream with nothing more to read ends with
+        // the tunnel.
+        let frame = tokio::select! {
+            biased;
+            f = next => f,
+            e = tunnel_end(closed) => return Err(e),
+        };
         match frame {
             Ok(Some(packet)) => {
                 buf.extend_from_slice(packet.as_ref());
@@ -492,7 +654,60 @@ pub(crate) fn pair() -> (TcpTunnel, TcpTunnel) {
     let (a, b) = tokio::io::duplex(1 << 20);
     let addr = SocketAddr::from(([127, 0, 0, 1], 1));
     let end = |io: tokio::io::DuplexStream, mode| {
-        TcpTunnel::start(Box::new(io.compat()), mode, addr, (Vec::new(), None), 64)
+        TcpTunnel::start(
+            Box::new(io.compat()),
+            mode,
+            addr,
+            (Vec::new(), None),
+            64,
+            Arc::default(),
+        )
     };
     (end(a, yamux::Mode::Client), end(b, yamux::Mode::Server))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Tunnel;
+    use std::time::Duration;
+
+    /// The hang the WAN lab found over TLS/TCP: a tunnel closed by its own side (the agent's
+    /// verdict on a silent link) left its streams waiting forever, because yamux does not end
+    /// the streams of a connection it closes on request. Each end of each stream must end with
+    /// the tunnel: a waiting read, and a write blocked on a full window.
+    #[tokio::test]
+    async fn the_streams_of_a_tunnel_closed_here_end_at_once() {
+        let (ta, tb) = pair();
+        let (ta, tb) = (Tunnel::from_tcp(ta), Tunnel::from_tcp(tb));
+        let mut opened = ta.open_stream().await.unwrap();
+        let hello = tether_proto::Message::Drain;
+        opened.send.write_message(&hello).await.unwrap();
+        let mut accepted = tb.accept_stream().await.unwrap();
+        assert_eq!(accepted.recv.read_message().await.unwrap(), Some(hello));
+        // Fill the peer's window: the peer reads nothing, so a write waits for credit.
+        let mut writer = ta.open_stream().await.unwrap();
+        let blocked = tokio::spawn(async move {
+            let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+            loop {
+                if let Err(e) = writer.send.write_chunk(chunk.clone()).await {
+                    return e;
+                }
+            }
+        });
+        let reading = tokio::spawn(async move { opened.recv.read_chunk(1024).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ta.close(0, "the link is silent");
+        let read = tokio::time::timeout(Duration::from_secs(2), reading)
+            .await
+            .expect("a read on a closed tunnel ends")
+            .unwrap();
+        assert!(read.is_err(), "{read:?}");
+        // The write ends with an error (the loop has no other way out).
+        tokio::time::timeout(Duration::from_secs(2), blocked)
+            .await
+            .expect("a write on a closed tunnel ends")
+            .unwrap();
+        drop(tb);
+    }
 }

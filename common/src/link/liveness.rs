@@ -1,0 +1,616 @@
+//! Dead server or dead link: the agent's verdict on its tunnels, as a state machine with no I/O
+//! and no clock of its own.
+//!
+//! A tunnel that hears nothing is either on a dead server or on a dead link, and the two want
+//! opposite answers. A dead server's streams must be reset at once, so that clients retry on a
+//! server that works. A link that blacks out (a cellular handover, a roaming laptop, a dish
+//! losing the satellite) takes every server away at once and brings them back seconds later:
+//! resetting then would cut every `kubectl exec`, log and watch for nothing, and be the worst of
+//! both, since no server could take the retries anyway.
+//!
+//! The rule: **a server is dead when it stays silent while another server keeps answering**.
+//! Silence is measured from a question: a probe ([`Action::Probe`], a `Ping` on the control
+//! stream) or data this end sent, unanswered. When one tunnel doubts, every tunnel is probed
+//! often, so that the others' answers are fresh evidence: if they answer through a whole window
+//! of [`Settings::dead_after`] (scaled up for long round trips) while the doubted one does not,
+//! its server is dead. When every tunnel is silent, it is the link, and the tunnels are held for
+//! [`Settings::tolerance`] (`--blackout-tolerance`). A server that a surviving server reports
+//! down ([`Watch::reported`]) is probed at once and judged in a shorter window: the report is
+//! itself the evidence that the rest of the control plane is alive.
+//!
+//! On an idle tunnel the machine probes only every [`Settings::idle_probe`]: often enough to
+//! keep NAT bindings open, seldom enough that an idle tunnel costs a few hundred bytes a minute.
+//!
+//! The driver (the agent's link monitor) feeds it each tunnel's count of received packets (or
+//! bytes) and sent ones every tick, with the time, and carries out the actions. The tests below
+//! drive it by hand with made-up instants.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The rules' timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a doubted tunnel may stay silent while another answers, at least (it grows to
+    /// three round trips and a half second for long links).
+    pub dead_after: Duration,
+    /// How long a tunnel may stay silent when every tunnel is silent (a link blackout).
+    pub tolerance: Duration,
+    /// Probe an idle tunnel this often: NAT bindings stay open, and a server that died quietly
+    /// is noticed at the next probe.
+    pub idle_probe: Duration,
+    /// While a tunnel is in doubt, probe every tunnel this often.
+    pub doubt_probe: Duration,
+    /// A question unanswered this long puts its tunnel in doubt (grown for long links too).
+    pub doubt_after: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            dead_after: Duration::from_millis(1500),
+            tolerance: Duration::from_secs(30),
+            idle_probe: Duration::from_secs(25),
+            doubt_probe: Duration::from_millis(250),
+            doubt_after: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What one tunnel looks like at a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Answers received so far (acknowledgements of what we sent, or data): any change means
+    /// the server heard us.
+    pub received: u64,
+    /// Questions sent so far (data or a probe: what the server acknowledges or answers, never
+    /// acknowledgements of ours): a change is a question the server should answer within a
+    /// round trip.
+    pub sent: u64,
+    /// Answers to probes (`Pong`s) so far. While a tunnel is in doubt only these clear it: on
+    /// a link that lost one direction, the server's packets (announcements, retransmissions,
+    /// with acknowledgements of old packets in them) still arrive, but no answer to a probe.
+    pub pongs: u64,
+    /// The transport's smoothed round-trip time (zero when unknown).
+    pub rtt: Duration,
+    /// The server sends on its own often (an older server's keepalives and heartbeats): its
+    /// silence counts from when it was last heard, not from a question.
+    pub beats: bool,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<K> {
+    /// Send a probe on this tunnel.
+    Probe(K),
+    /// The server is dead: close the tunnel, resetting its streams.
+    DeadServer { key: K, silent: Duration },
+    /// The link has been dark for longer than the tolerance: close the tunnel.
+    LinkLost { key: K, silent: Duration },
+}
+
+/// What the machine knows of one tunnel.
+#[derive(Debug, Clone, Copy)]
+struct Tunnel {
+    received: u64,
+    sent: u64,
+    pongs: u64,
+    rtt: Duration,
+    beats: bool,
+    last_heard: Instant,
+    /// The start of the current run of hearing it with no gap longer than the doubt window.
+    streak_since: Instant,
+    /// The first question since it was last heard.
+    asked: Option<Instant>,
+    last_probe: Option<Instant>,
+    reported: Option<Instant>,
+    /// A probe was asked for last tick and has not shown in the sent count yet.
+    probe_unsent: bool,
+    /// Its silence began in a blackout of every tunnel. After a blackout the transports come
+    /// back one by one (each waits out its own retransmission backoff, seconds after a long
+    /// outage), so another tunnel answering first proves nothing: only the tolerance judges it.
+    in_blackout: bool,
+}
+
+impl Tunnel {
+    /// When its silence began, if it is silent: a question unanswered, or (for a server that
+    /// speaks on its own) its last word.
+    fn silent_since(&self) -> Option<Instant> {
+        if self.beats {
+            return Some(self.last_heard);
+        }
+        self.asked
+    }
+}
+
+/// A window of `base`, grown to three round trips and a half second on long links.
+fn window(_: &Settings, rtt: Duration, base: Duration) -> Duration {
+    base.max(rtt * 3 + Duration::from_millis(500))
+}
+
+/// The longest a tunnel may go unheard while probed in doubt and still count as answering.
+fn alive_gap(s: &Settings, rtt: Duration) -> Duration {
+    s.doubt_after.max(rtt * 2) + s.doubt_probe
+}
+
+/// The machine: one per agent, keyed by whatever names a tunnel (its id).
+#[derive(Debug)]
+pub struct Watch<K: Ord + Clone> {
+    settings: Settings,
+    tunnels: BTreeMap<K, Tunnel>,
+}
+
+impl<K: Ord + Clone> Watch<K> {
+    pub fn new(settings: Settings) -> Self {
+        Watch {
+            settings,
+            tunnels: BTreeMap::new(),
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    /// A surviving server said this tunnel's server is down: probe it now, judge it soon.
+    pub fn reported(&mut self, key: &K, now: Instant) {
+        if let Some(t) = self.tunnels.get_mut(key) {
+            t.reported = Some(now);
+        }
+    }
+
+    /// Whether a tunnel is in doubt now (new streams should prefer others).
+    pub fn doubted(&self, key: &K, now: Instant) -> bool {
+        self.tunnels.get(key).is_some_and(|t| self.in_doubt(t, now))
+    }
+
+    fn window(&self, t: &Tunnel, base: Duration) -> Duration {
+        window(&self.settings, t.rtt, base)
+    }
+
+    fn in_doubt(&self, t: &Tunnel, now: Instant) -> bool {
+        t.reported.is_some()
+            || t.silent_since()
+                .is_some_and(|s| now - s >= self.window(t, self.settings.doubt_after))
+    }
+
+    /// One tick: the tunnels as they are now (any tunnel not listed is gone), and what to do.
+    pub fn tick(&mut self, now: Instant, samples: &[(K, Sample)]) -> Vec<Action<K>> {
+        let s = self.settings;
+        self.tunnels
+            .retain(|k, _| samples.iter().any(|(key, _)| key == k));
+        for (key, sample) in samples {
+            let t = self.tunnels.entry(key.clone()).or_insert(Tunnel {
+                received: sample.received,
+                sent: sample.sent,
+                pongs: sample.pongs,
+                rtt: sample.rtt,
+                beats: sample.beats,
+                last_heard: now,
+                streak_since: now,
+                asked: None,
+                last_probe: None,
+                reported: None,
+                probe_unsent: false,
+                in_blackout: false,
+            });
+            t.rtt = sample.rtt;
+            t.beats = sample.beats;
+            // Answers first, then questions: a question sent in the same tick as an answer is
+            // still open (the answer was to something earlier). One exception: the probe this
+            // machine asked for last tick leaves in that tick's count, and on a fast link its
+            // answer comes back within the same tick; it is not a new question.
+            let doubted = t.reported.is_some()
+                || t.asked
+                    .is_some_and(|a| now - a >= window(&s, t.rtt, s.doubt_after));
+            let answered = if t.beats || !doubted {
+                sample.received != t.received || sample.pongs != t.pongs
+            } else {
+                sample.pongs != t.pongs
+            };
+            t.received = sample.received;
+            t.pongs = sample.pongs;
+            if answered {
+                // A gap longer than the doubt window breaks the streak: the tunnel was not
+                // known to be alive through it.
+                if now - t.last_heard > alive_gap(&s, t.rtt) {
+                    t.streak_since = now;
+                }
+                t.last_heard = now;
+                t.asked = None;
+                t.reported = None;
+                t.in_blackout = false;
+            }
+            if sample.sent != t.sent {
+                t.sent = sample.sent;
+                let probe_answered = t.probe_unsent && answered;
+                // Only what asks for an answer is counted (the driver leaves acknowledgements
+                // out): a question asked just after an answer is a question all the same.
+                if t.asked.is_none() && !probe_answered {
+                    t.asked = Some(now);
+                }
+            }
+            t.probe_unsent = false;
+        }
+        // Every tunnel in doubt at once: the link, not the servers.
+        if !self.tunnels.is_empty() && self.tunnels.values().all(|t| self.in_doubt(t, now)) {
+            for t in self.tunnels.values_mut() {
+                t.in_blackout = true;
+            }
+        }
+        let mut actions = Vec::new();
+        let any_doubt = self.tunnels.values().any(|t| self.in_doubt(t, now));
+        let keys: Vec<K> = self.tunnels.keys().cloned().collect();
+        for key in &keys {
+            let Some(t) = self.tunnels.get(key).copied() else {
+                continue;
+            };
+            let probe_every = if any_doubt || t.reported.is_some() {
+                s.doubt_probe
+            } else {
+                s.idle_probe
+            };
+            let last = t.last_probe.map_or(t.last_heard, |p| p.max(t.last_heard));
+            let report_unprobed = t
+                .reported
+                .is_some_and(|r| t.last_probe.is_none_or(|p| p < r));
+            let due = report_unprobed || now - last >= probe_every;
+            if due {
+                if let Some(t) = self.tunnels.get_mut(key) {
+                    t.last_probe = Some(now);
+                    t.probe_unsent = true;
+                    if t.asked.is_none() {
+                        t.asked = Some(now);
+                    }
+                }
+                actions.push(Action::Probe(key.clone()));
+            }
+        }
+        for key in &keys {
+            let Some(t) = self.tunnels.get(key).copied() else {
+                continue;
+            };
+            let Some(since) = t.silent_since() else {
+                continue;
+            };
+            let silent = now - since;
+            if silent >= s.tolerance {
+                actions.push(Action::LinkLost {
+                    key: key.clone(),
+                    silent,
+                });
+                continue;
+            }
+            // Reported down by a server that survives it: a short window to answer.
+            if let Some(at) = t.reported {
+                let asked = t.asked.unwrap_or(at);
+                if now - asked.max(at) >= self.window(&t, s.doubt_after) {
+                    actions.push(Action::DeadServer {
+                        key: key.clone(),
+                        silent,
+                    });
+                    continue;
+                }
+            }
+            // Silent through a whole window in which another tunnel kept answering.
+            if t.in_blackout {
+                continue;
+            }
+            let window = self.window(&t, s.dead_after);
+            let witnessed = self.tunnels.iter().any(|(k, o)| {
+                k != key
+                    && now - o.last_heard <= alive_gap(&s, o.rtt)
+                    && now - since.max(o.streak_since) >= window
+            });
+            if witnessed {
+                actions.push(Action::DeadServer {
+                    key: key.clone(),
+                    silent,
+                });
+            }
+        }
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A simulated agent: tunnels whose servers answer or not, ticking every 50 ms.
+    struct Sim {
+        watch: Watch<u32>,
+        now: Instant,
+        /// Per tunnel: (received, sent, answering, pongs).
+        tunnels: BTreeMap<u32, (u64, u64, bool, u64)>,
+        /// Tunnels whose link lost the agent-to-server direction: the server's own packets
+        /// still arrive (as received), its answers to probes do not.
+        one_way: Vec<u32>,
+        /// Probes sent, awaiting an answer, per tunnel: when they will be answered.
+        pending: Vec<(u32, Instant)>,
+        rtt: Duration,
+        log: Vec<(Duration, Action<u32>)>,
+        start: Instant,
+    }
+
+    impl Sim {
+        fn new(n: u32, rtt: Duration) -> Sim {
+            let now = Instant::now();
+            Sim {
+                watch: Watch::new(Settings::default()),
+                now,
+                tunnels: (0..n).map(|k| (k, (0, 0, true, 0))).collect(),
+                one_way: Vec::new(),
+                pending: Vec::new(),
+                rtt,
+                log: Vec::new(),
+                start: now,
+            }
+        }
+
+        fn set_answering(&mut self, key: u32, answering: bool) {
+            if let Some(t) = self.tunnels.get_mut(&key) {
+                t.2 = answering;
+            }
+        }
+
+        /// Data sent on a tunnel (a request): a question its server answers in a round trip.
+        fn send(&mut self, key: u32) {
+            if let Some(t) = self.tunnels.get_mut(&key) {
+                t.1 += 1;
+            }
+            self.pending.push((key, self.now + self.rtt));
+        }
+
+        fn run_for(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += 50 * MS;
+                let now = self.now;
+                let mut answered = Vec::new();
+                self.pending.retain(|(k, at)| {
+                    if *at <= now {
+                        answered.push(*k);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                for k in answered {
+                    if let Some(t) = self.tunnels.get_mut(&k) {
+                        if t.2 {
+                            t.0 += 1;
+                            t.3 += 1;
+                        }
+                    }
+                }
+                // The server's announcements and retransmissions keep arriving, now and then.
+                if (now - self.start).as_millis() % 700 < 50 {
+                    for k in &self.one_way {
+                        if let Some(t) = self.tunnels.get_mut(k) {
+                            t.0 += 1;
+                        }
+                    }
+                }
+                let samples: Vec<(u32, Sample)> = self
+                    .tunnels
+                    .iter()
+                    .map(|(k, t)| {
+                        (
+                            *k,
+                            Sample {
+                                received: t.0,
+                                sent: t.1,
+                                pongs: t.3,
+                                rtt: self.rtt,
+                                beats: false,
+                            },
+                        )
+                    })
+                    .collect();
+                for a in self.watch.tick(now, &samples) {
+                    match &a {
+                        Action::Probe(k) => {
+                            let k = *k;
+                            self.send(k);
+                        }
+                        Action::DeadServer { key, .. } | Action::LinkLost { key, .. } => {
+                            let key = *key;
+                            self.tunnels.remove(&key);
+                            self.log.push((now - self.start, a.clone()));
+                        }
+                    }
+                }
+            }
+        }
+
+        fn probes(&self) -> usize {
+            self.tunnels.values().map(|t| t.1 as usize).sum()
+        }
+
+        fn verdicts(&self) -> Vec<(Duration, Action<u32>)> {
+            self.log.clone()
+        }
+    }
+
+    #[test]
+    fn an_idle_tunnel_is_probed_only_every_idle_probe() {
+        let mut sim = Sim::new(3, 50 * MS);
+        sim.run_for(Duration::from_secs(120));
+        // Three tunnels, one probe each every 25 s: 4 each in two minutes.
+        assert_eq!(sim.probes(), 12);
+        assert!(sim.verdicts().is_empty());
+    }
+
+    #[test]
+    fn a_server_silent_while_others_answer_is_dead_within_three_seconds() {
+        let mut sim = Sim::new(3, 50 * MS);
+        sim.run_for(Duration::from_secs(10));
+        sim.set_answering(1, false);
+        let died = sim.now - sim.start;
+        // A request on the dead server's tunnel is the question nobody answers.
+        sim.send(1);
+        sim.run_for(Duration::from_secs(5));
+        let v = sim.verdicts();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(matches!(v[0].1, Action::DeadServer { key: 1, .. }), "{v:?}");
+        assert!(v[0].0 - died <= Duration::from_secs(3), "{v:?}");
+    }
+
+    #[test]
+    fn a_server_that_no_longer_hears_us_is_dead_though_its_packets_still_arrive() {
+        let mut sim = Sim::new(2, 20 * MS);
+        sim.run_for(Duration::from_secs(3));
+        sim.set_answering(1, false);
+        sim.one_way.push(1);
+        // The request, and the transport's retransmissions of it.
+        for _ in 0..6 {
+            sim.send(1);
+            sim.run_for(Duration::from_millis(600));
+        }
+        sim.run_for(Duration::from_secs(3));
+        let v = sim.verdicts();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(matches!(v[0].1, Action::DeadServer { key: 1, .. }), "{v:?}");
+    }
+
+    #[test]
+    fn a_blackout_of_every_tunnel_is_held_for_the_tolerance_and_survived() {
+        let mut sim = Sim::new(3, 100 * MS);
+        sim.run_for(Duration::from_secs(10));
+        for k in 0..3 {
+            sim.set_answering(k, false);
+        }
+        sim.send(0);
+        sim.run_for(Duration::from_secs(20));
+        assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
+        // The link comes back, one tunnel before the others (retransmission backoff): nothing
+        // is declared dead on the way.
+        sim.set_answering(2, true);
+        sim.run_for(Duration::from_millis(900));
+        sim.set_answering(1, true);
+        // One transport waits out a long backoff: 8 s more, still within the tolerance.
+        sim.run_for(Duration::from_secs(8));
+        sim.set_answering(0, true);
+        sim.run_for(Duration::from_secs(10));
+        assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
+    }
+
+    #[test]
+    fn a_blackout_longer_than_the_tolerance_closes_every_tunnel() {
+        let mut sim = Sim::new(2, 100 * MS);
+        sim.run_for(Duration::from_secs(5));
+        sim.set_answering(0, false);
+        sim.set_answering(1, false);
+        sim.send(0);
+        sim.run_for(Duration::from_secs(40));
+        let v = sim.verdicts();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v.iter().all(|(_, a)| matches!(a, Action::LinkLost { .. })));
+    }
+
+    #[test]
+    fn with_one_server_a_silence_is_held_for_the_tolerance() {
+        let mut sim = Sim::new(1, 50 * MS);
+        sim.run_for(Duration::from_secs(5));
+        sim.set_answering(0, false);
+        sim.send(0);
+        sim.run_for(Duration::from_secs(25));
+        assert!(sim.verdicts().is_empty());
+        sim.run_for(Duration::from_secs(10));
+        assert!(matches!(
+            sim.verdicts()[0].1,
+            Action::LinkLost { key: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn a_reported_server_is_probed_at_once_and_closed_if_silent() {
+        let mut sim = Sim::new(3, 20 * MS);
+        sim.run_for(Duration::from_secs(3));
+        sim.set_answering(2, false);
+        let at = sim.now;
+        sim.watch.reported(&2, at);
+        sim.run_for(Duration::from_secs(2));
+        let v = sim.verdicts();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(matches!(v[0].1, Action::DeadServer { key: 2, .. }));
+        assert!(
+            v[0].0 - (at - sim.start) <= Duration::from_millis(700),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_false_report_about_a_live_server_changes_nothing() {
+        let mut sim = Sim::new(2, 20 * MS);
+        sim.run_for(Duration::from_secs(3));
+        let at = sim.now;
+        sim.watch.reported(&1, at);
+        sim.run_for(Duration::from_secs(5));
+        assert!(sim.verdicts().is_empty());
+        assert!(!sim.watch.doubted(&1, sim.now));
+    }
+
+    #[test]
+    fn a_satellite_round_trip_is_no_reason_for_doubt() {
+        // 600 ms round trips, a request every 700 ms on one of two tunnels: answers always
+        // come, late; nothing is doubted, nothing declared.
+        let mut sim = Sim::new(2, 600 * MS);
+        for _ in 0..40 {
+            sim.send(0);
+            sim.run_for(700 * MS);
+            assert!(!sim.watch.doubted(&0, sim.now));
+        }
+        assert!(sim.verdicts().is_empty());
+    }
+
+    #[test]
+    fn an_older_server_that_beats_is_judged_from_its_last_word() {
+        let mut w: Watch<u32> = Watch::new(Settings::default());
+        let t0 = Instant::now();
+        let beat = |received| Sample {
+            received,
+            sent: 0,
+            pongs: 0,
+            rtt: 10 * MS,
+            beats: true,
+        };
+        let mut n = 0u64;
+        let mut now = t0;
+        for _ in 0..20 {
+            now += 100 * MS;
+            n += 1;
+            // Tunnel 1 stops at 1 s; tunnel 0 beats on.
+            let one = if now - t0 <= Duration::from_secs(1) {
+                n
+            } else {
+                10
+            };
+            let acts = w.tick(now, &[(0, beat(n)), (1, beat(one))]);
+            assert!(
+                acts.iter().all(|a| matches!(a, Action::Probe(_))),
+                "{acts:?}"
+            );
+        }
+        let mut dead = None;
+        for _ in 0..30 {
+            now += 100 * MS;
+            n += 1;
+            if let Some(a) = w
+                .tick(now, &[(0, beat(n)), (1, beat(10))])
+                .into_iter()
+                .find(|a| !matches!(a, Action::Probe(_)))
+            {
+                dead = Some((now - t0, a));
+                break;
+            }
+        }
+        let (at, a) = dead.expect("tunnel 1 declared dead");
+        assert!(matches!(a, Action::DeadServer { key: 1, .. }));
+        assert!(at <= Duration::from_millis(2600), "{at:?}");
+    }
+}
