@@ -1,5 +1,6 @@
 //! Failover figures: how long new connections fail after the server in use is killed, and how
-//! long an agent takes to notice a server whose packets silently vanish.
+//! long an agent takes to notice a server whose packets silently vanish while another server
+//! answers (a silence of every server is a link blackout, held for the tolerance instead).
 //!
 //! Silence is made without root by a relay the bench owns between the agent and the server
 //! (UDP for QUIC, TCP for the fallback): it forwards until told to drop everything.
@@ -24,7 +25,8 @@ pub struct Failover {
     pub kill_to_first_success_ms: f64,
     /// Connection attempts that failed in between.
     pub failed_attempts: u64,
-    /// From the moment every packet of a tunnel is dropped to the agent closing that tunnel.
+    /// From the moment every packet of a tunnel is dropped, with a request in flight on it and
+    /// another server answering, to the agent closing that tunnel.
     pub silent_drop_detected_ms: f64,
 }
 
@@ -101,23 +103,41 @@ fn silent_drop(work: &Path, pki: &Pki, up: &Upstream, transport: &str) -> Result
         &["--advertise".into(), relay.addr.to_string()],
     )?;
     relay.start(server.addr)?;
+    // A second server that keeps answering: without it, the silence would be the link's.
+    let witness = Server::start(
+        work,
+        pki,
+        &format!("drop-witness-{transport}"),
+        up.echo,
+        up.sink,
+        &[],
+    )?;
     let agent = Agent::start(
         work,
         pki,
         &format!("drop-agent-{transport}"),
-        &[relay.addr.to_string()],
+        &[relay.addr.to_string(), witness.addr.to_string()],
         transport,
-        &[],
+        &["--policy".into(), "ordered".into()],
     )?;
+    // A connection on the relayed server (first in order), proven, then the silence, and a
+    // request on the connection: the question nobody answers.
+    let mut held = TcpStream::connect_timeout(&agent.api, Duration::from_secs(3))?;
+    held.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut back = [0u8; 8];
+    held.write_all(b"request!")?;
+    held.read_exact(&mut back)
+        .context("echo before the silence")?;
     let start = Instant::now();
     relay.blackhole.store(true, Ordering::Relaxed);
+    held.write_all(b"request!")?;
     wait_until(
         "the agent notices the silence",
-        Duration::from_secs(30),
-        || agent.tunnels_up() == 0.0,
+        Duration::from_secs(20),
+        || agent.tunnels_up() == 1.0,
     )?;
     let ms = start.elapsed().as_secs_f64() * 1000.0;
-    drop((agent, server));
+    drop((agent, server, witness, held));
     Ok(ms)
 }
 
