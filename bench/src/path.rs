@@ -20,21 +20,17 @@ pub struct Pki {
 
 impl Pki {
     pub fn create(work: &Path) -> Result<Pki> {
+        Self::create_for(work, "localhost,127.0.0.1,::1", "bench-node")
+    }
+
+    /// Certificates for servers named `sans` (comma-separated) and one node.
+    pub fn create_for(work: &Path, sans: &str, node: &str) -> Result<Pki> {
         let server = sibling("tether-server")?;
         let server_dir = work.join("pki-server");
         let agent_dir = work.join("pki-agent");
         let sd = server_dir.to_string_lossy().into_owned();
         let ad = agent_dir.to_string_lossy().into_owned();
-        run_ok(
-            &server,
-            &[
-                "init",
-                "--data-dir",
-                &sd,
-                "--san",
-                "localhost,127.0.0.1,::1",
-            ],
-        )?;
+        run_ok(&server, &["init", "--data-dir", &sd, "--san", sans])?;
         run_ok(
             &server,
             &[
@@ -42,7 +38,7 @@ impl Pki {
                 "--data-dir",
                 &sd,
                 "--node-name",
-                "bench-node",
+                node,
                 "--out-dir",
                 &ad,
             ],
@@ -55,16 +51,78 @@ impl Pki {
 
     /// A private copy of a data directory, so that processes never share state files.
     fn copy(from: &Path, to: &Path) -> Result<()> {
-        std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::copy(entry.path(), to.join(entry.file_name()))
-                    .with_context(|| format!("copy {}", entry.path().display()))?;
-            }
-        }
-        Ok(())
+        copy_dir(from, to)
     }
+}
+
+/// Copies the files of a directory (not its subdirectories) into another.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))
+                .with_context(|| format!("copy {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `tether-server run` relaying to `echo` (as the apiserver) and `sink` (as `bulk`).
+pub fn server_args(
+    dir: &Path,
+    listen: SocketAddr,
+    (echo, sink): (SocketAddr, SocketAddr),
+    admin: SocketAddr,
+) -> Vec<String> {
+    let mut args = run_args(dir, &listen.to_string(), admin);
+    args.extend([
+        "--upstream".into(),
+        echo.to_string(),
+        "--service".into(),
+        format!("{BULK_SERVICE}={sink}"),
+    ]);
+    args
+}
+
+/// `run` with the settings every bench process has: quiet logs, its data directory, where it
+/// listens and its admin endpoint.
+pub fn run_args(dir: &Path, listen: &str, admin: SocketAddr) -> Vec<String> {
+    [
+        "--log-level",
+        "warn",
+        "run",
+        "--data-dir",
+        &dir.to_string_lossy(),
+        "--listen",
+        listen,
+        "--admin",
+        &admin.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `tether-agent run` listening on `api` (the apiserver) and `bulk`, with tunnels to `servers`.
+pub fn agent_args(
+    dir: &Path,
+    (api, bulk): (SocketAddr, SocketAddr),
+    admin: SocketAddr,
+    transport: &str,
+    servers: &[String],
+) -> Vec<String> {
+    let mut args = run_args(dir, &api.to_string(), admin);
+    args.extend([
+        "--forward".into(),
+        format!("{bulk}={BULK_SERVICE}"),
+        "--transport".into(),
+        transport.into(),
+    ]);
+    for s in servers {
+        args.push("--server".into());
+        args.push(s.clone());
+    }
+    args
 }
 
 /// A running `tether-server`.
@@ -100,23 +158,7 @@ impl Server {
         let dir = work.join(name);
         Pki::copy(&pki.server_dir, &dir)?;
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let mut args: Vec<String> = [
-            "--log-level",
-            "warn",
-            "run",
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--listen",
-            &addr.to_string(),
-            "--upstream",
-            &echo.to_string(),
-            "--service",
-            &format!("{BULK_SERVICE}={sink}"),
-            "--admin",
-            &admin.to_string(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = server_args(&dir, addr, (echo, sink), admin);
         args.extend_from_slice(extra);
         let log = work.join(format!("{name}.log"));
         let mut proc = Proc::spawn(name, &sibling("tether-server")?, &args, &log)?;
@@ -153,27 +195,7 @@ impl Agent {
         let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let bulk = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let mut args: Vec<String> = [
-            "--log-level",
-            "warn",
-            "run",
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--listen",
-            &api.to_string(),
-            "--forward",
-            &format!("{bulk}={BULK_SERVICE}"),
-            "--admin",
-            &admin.to_string(),
-            "--transport",
-            transport,
-        ]
-        .map(String::from)
-        .to_vec();
-        for s in servers {
-            args.push("--server".into());
-            args.push(s.clone());
-        }
+        let mut args = agent_args(&dir, (api, bulk), admin, transport, servers);
         args.extend_from_slice(extra);
         let log = work.join(format!("{name}.log"));
         let mut proc = Proc::spawn(name, &sibling("tether-agent")?, &args, &log)?;

@@ -25,6 +25,7 @@
 //! (report.md, chart.svg, connections.csv, faults.csv) says what ran and what it found.
 
 use crate::load::free_port;
+use crate::path::copy_dir;
 use crate::procs::{run_ok, sibling, wait_until, Proc};
 use crate::svg::{Canvas, GRID, INK, SERIES};
 use anyhow::{bail, Context, Result};
@@ -415,28 +416,18 @@ impl Lab {
             copy_dir(&ca, &dir)?;
             let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let eg = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            let mut args: Vec<String> = [
-                "--log-level",
-                "warn",
-                "run",
-                "--data-dir",
-                &dir.to_string_lossy(),
-                "--listen",
-                &addrs[i],
-                "--upstream",
-                &up.addr.to_string(),
-                "--admin",
-                &admin.to_string(),
-                "--egress-listen",
-                &eg.to_string(),
-                "--drain-timeout",
-                &format!("{}s", DRAIN.as_secs()),
+            let mut args = crate::path::run_args(&dir, &addrs[i], admin);
+            args.extend([
+                "--upstream".into(),
+                up.addr.to_string(),
+                "--egress-listen".into(),
+                eg.to_string(),
+                "--drain-timeout".into(),
+                format!("{}s", DRAIN.as_secs()),
                 // Agents renew under load: due about 100 s after each join or renewal.
-                "--agent-cert-lifetime",
-                &format!("{}s", cert_life.as_secs()),
-            ]
-            .map(String::from)
-            .to_vec();
+                "--agent-cert-lifetime".into(),
+                format!("{}s", cert_life.as_secs()),
+            ]);
             match &etcd {
                 Some(e) => args.extend(e.server_flags(i)),
                 None => {
@@ -509,17 +500,6 @@ impl Lab {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-        }
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

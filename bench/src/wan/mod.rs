@@ -20,7 +20,8 @@ pub mod nat;
 pub mod shape;
 
 use crate::load::{self, percentile, Upstream};
-use crate::procs::{http_get, metric, run_ok, sibling, usage_of, wait_until, Proc};
+use crate::path::Pki;
+use crate::procs::{http_get, metric, sibling, usage_of, wait_until, Proc};
 use crate::svg::{Canvas, GRID, INK, SERIES};
 use anyhow::{bail, Context, Result};
 use lab::{in_ns, Lab, MASTERS_IP};
@@ -570,51 +571,16 @@ fn idle_bytes(
 }
 
 /// The run's certificates: the servers' names include the masters' lab address.
-struct Pki {
-    server_dir: PathBuf,
-    agent_dir: PathBuf,
-}
-
 fn pki(work: &Path) -> Result<Pki> {
-    let server = sibling("tether-server")?;
-    let server_dir = work.join("pki-server");
-    let agent_dir = work.join("pki-agent");
-    let sd = server_dir.to_string_lossy().into_owned();
-    let ad = agent_dir.to_string_lossy().into_owned();
-    let _ = std::fs::remove_dir_all(&server_dir);
-    let _ = std::fs::remove_dir_all(&agent_dir);
-    run_ok(
-        &server,
-        &["init", "--data-dir", &sd, "--san", &MASTERS_IP.to_string()],
-    )?;
-    run_ok(
-        &server,
-        &[
-            "issue-agent",
-            "--data-dir",
-            &sd,
-            "--node-name",
-            "wan-node",
-            "--out-dir",
-            &ad,
-        ],
-    )?;
-    Ok(Pki {
-        server_dir,
-        agent_dir,
-    })
+    let _ = std::fs::remove_dir_all(work.join("pki-server"));
+    let _ = std::fs::remove_dir_all(work.join("pki-agent"));
+    Pki::create_for(work, &MASTERS_IP.to_string(), "wan-node")
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+/// A fresh private copy of a data directory.
+fn fresh_copy(from: &Path, to: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-        }
-    }
-    Ok(())
+    crate::path::copy_dir(from, to)
 }
 
 /// Starts `bin args` inside namespace `ns`.
@@ -639,26 +605,14 @@ fn start_tether(
     for (i, port) in SERVER_PORTS.iter().take(servers).enumerate() {
         let name = format!("server-{transport}-{i}");
         let dir = work.join(&name);
-        copy_dir(&pki.server_dir, &dir)?;
+        fresh_copy(&pki.server_dir, &dir)?;
         let admin = SocketAddr::from(([127, 0, 0, 1], SERVER_ADMIN + i as u16));
         let listen = SocketAddr::from((MASTERS_IP, *port));
-        let mut args: Vec<String> = [
-            "--log-level",
-            "warn",
-            "run",
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--listen",
-            &listen.to_string(),
-            "--upstream",
-            &format!("127.0.0.1:{ECHO_PORT}"),
-            "--service",
-            &format!("{}=127.0.0.1:{SINK_PORT}", crate::path::BULK_SERVICE),
-            "--admin",
-            &admin.to_string(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let upstream = (
+            SocketAddr::from(([127, 0, 0, 1], ECHO_PORT)),
+            SocketAddr::from(([127, 0, 0, 1], SINK_PORT)),
+        );
+        let mut args = crate::path::server_args(&dir, listen, upstream, admin);
         args.extend(a.server_arg.iter().cloned());
         let log = work.join(format!("{name}.log"));
         let mut proc = spawn_in(&lab.masters, &name, &sibling("tether-server")?, &args, &log)?;
@@ -672,29 +626,13 @@ fn start_tether(
     }
     let name = format!("agent-{transport}");
     let dir = work.join(&name);
-    copy_dir(&pki.agent_dir, &dir)?;
+    fresh_copy(&pki.agent_dir, &dir)?;
     let admin = SocketAddr::from(([127, 0, 0, 1], AGENT_ADMIN));
-    let mut args: Vec<String> = [
-        "--log-level",
-        "warn",
-        "run",
-        "--data-dir",
-        &dir.to_string_lossy(),
-        "--listen",
-        &format!("127.0.0.1:{AGENT_API}"),
-        "--forward",
-        &format!("127.0.0.1:{AGENT_BULK}={}", crate::path::BULK_SERVICE),
-        "--admin",
-        &admin.to_string(),
-        "--transport",
-        transport,
-    ]
-    .map(String::from)
-    .to_vec();
-    for s in &dial {
-        args.push("--server".into());
-        args.push(s.clone());
-    }
+    let ends = (
+        SocketAddr::from(([127, 0, 0, 1], AGENT_API)),
+        SocketAddr::from(([127, 0, 0, 1], AGENT_BULK)),
+    );
+    let mut args = crate::path::agent_args(&dir, ends, admin, transport, &dial);
     args.extend(a.agent_arg.iter().cloned());
     let log = work.join(format!("{name}.log"));
     let mut proc = spawn_in(&lab.node, &name, &sibling("tether-agent")?, &args, &log)?;
