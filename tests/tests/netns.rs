@@ -440,7 +440,9 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
         "{failed} of {} new connections failed:\n{report}",
         passed + failed
     );
-    assert!(passed > 500, "the load ran: {report}");
+    // 100 a second for as long as the kills, restarts and drains take (a few seconds now that
+    // a killed server is noticed at once): the load ran.
+    assert!(passed > 200, "the load ran: {report}");
     eprintln!("load through kills, restarts and drains: {passed} passed, {failed} failed");
 
     // A long transfer on a server killed with -9 gets its reset within 3 s.

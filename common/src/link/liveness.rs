@@ -139,6 +139,8 @@ fn alive_gap(s: &Settings, rtt: Duration) -> Duration {
 pub struct Watch<K: Ord + Clone> {
     settings: Settings,
     tunnels: BTreeMap<K, Tunnel>,
+    /// Since when every tunnel has been in doubt, if it has.
+    all_in_doubt: Option<Instant>,
 }
 
 impl<K: Ord + Clone> Watch<K> {
@@ -146,6 +148,7 @@ impl<K: Ord + Clone> Watch<K> {
         Watch {
             settings,
             tunnels: BTreeMap::new(),
+            all_in_doubt: None,
         }
     }
 
@@ -181,10 +184,12 @@ impl<K: Ord + Clone> Watch<K> {
         self.tunnels
             .retain(|k, _| samples.iter().any(|(key, _)| key == k));
         for (key, sample) in samples {
+            // A new tunnel starts from zero, not from its first sample: what it sent before
+            // the first tick (a request made the moment it came up) is a question too.
             let t = self.tunnels.entry(key.clone()).or_insert(Tunnel {
-                received: sample.received,
-                sent: sample.sent,
-                pongs: sample.pongs,
+                received: 0,
+                sent: 0,
+                pongs: 0,
                 rtt: sample.rtt,
                 beats: sample.beats,
                 last_heard: now,
@@ -233,11 +238,25 @@ impl<K: Ord + Clone> Watch<K> {
             }
             t.probe_unsent = false;
         }
-        // Every tunnel in doubt at once: the link, not the servers.
+        // Every tunnel in doubt at once, for longer than probes take to clear a doubt: the
+        // link, not the servers. (Tunnels asked at the same moment fall in doubt together
+        // without a blackout, such as new ones, whose first sample is a question; the first
+        // probe's answer clears those.)
         if !self.tunnels.is_empty() && self.tunnels.values().all(|t| self.in_doubt(t, now)) {
-            for t in self.tunnels.values_mut() {
-                t.in_blackout = true;
+            let since = *self.all_in_doubt.get_or_insert(now);
+            let rtt = self
+                .tunnels
+                .values()
+                .map(|t| t.rtt)
+                .max()
+                .unwrap_or_default();
+            if now - since >= window(&s, rtt, s.doubt_probe * 2) {
+                for t in self.tunnels.values_mut() {
+                    t.in_blackout = true;
+                }
             }
+        } else {
+            self.all_in_doubt = None;
         }
         let mut actions = Vec::new();
         let any_doubt = self.tunnels.values().any(|t| self.in_doubt(t, now));
@@ -497,6 +516,35 @@ mod tests {
         sim.set_answering(0, true);
         sim.run_for(Duration::from_secs(10));
         assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
+    }
+
+    #[test]
+    fn a_request_sent_before_the_first_tick_is_a_question_too() {
+        let mut w: Watch<u32> = Watch::new(Settings::default());
+        let now = Instant::now();
+        let s = |received, sent, pongs| Sample {
+            received,
+            sent,
+            pongs,
+            rtt: MS,
+            beats: false,
+        };
+        // Tunnel 1 came up, carried a request, and went silent, all before the first tick.
+        let mut at = now;
+        let mut dead = None;
+        let mut pongs = 0;
+        for _ in 0..40 {
+            at += 100 * MS;
+            pongs += 1;
+            let acts = w.tick(at, &[(0, s(pongs, pongs, pongs)), (1, s(9, 11, 0))]);
+            if let Some(a) = acts.into_iter().find(|a| !matches!(a, Action::Probe(_))) {
+                dead = Some((at - now, a));
+                break;
+            }
+        }
+        let (after, a) = dead.expect("tunnel 1 judged");
+        assert!(matches!(a, Action::DeadServer { key: 1, .. }), "{a:?}");
+        assert!(after <= Duration::from_secs(3), "{after:?}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_proto::{capability, code};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 /// How often the tunnels are sampled: fine enough for a 1.5 s verdict, and the cost is one
 /// look at each tunnel's counters.
@@ -93,7 +93,7 @@ pub async fn run(pool: Arc<Pool>, settings: Settings, mut stop: ShutdownSignal) 
         for (id, l) in &links {
             let doubted = watch.doubted(id, now);
             if doubted != l.doubted() {
-                info!(server = %l.server, doubted, "server {}", if doubted { "silent: probing every tunnel" } else { "answers again" });
+                debug!(server = %l.server, doubted, "server {}", if doubted { "silent: probing every tunnel" } else { "answers again" });
             }
             l.set_doubted(doubted);
         }
