@@ -11,9 +11,11 @@
 //!
 //! Figures per path: bulk with 1 and 8 streams; round trips (64 bytes) idle and while a bulk
 //! stream shares the path (for tether: the same tunnel); which blackouts an open connection
-//! survives; CPU per GB moved (tether's two processes). Per transport: the link bytes an idle
-//! node with three servers sends a minute, per tunnel. The report (report.md, results.json,
-//! chart.svg) goes to `--out`.
+//! survives; CPU per GB moved (tether's two processes). Per transport, with three peered
+//! servers: the link bytes an idle node sends a minute, per tunnel, and then, while one server
+//! is killed with -9, how many new connections fail and how long the slowest takes (the time to
+//! move new connections off a dead server). The report (report.md, results.json, chart.svg)
+//! goes to `--out`.
 
 pub mod lab;
 pub mod nat;
@@ -253,6 +255,10 @@ pub struct Figures {
     pub cpu_s_per_gb: Option<f64>,
     /// Idle link bytes per minute per tunnel (three servers).
     pub idle_bytes_per_min_per_tunnel: Option<f64>,
+    /// New connections (one after another) that failed while one of three servers was killed.
+    pub failover_failed: Option<u64>,
+    /// The slowest of those new connections, from connect to its echo.
+    pub failover_slowest_ms: Option<f64>,
     pub errors: Vec<String>,
 }
 
@@ -479,7 +485,11 @@ fn run_path(
     drop(procs);
     if path == "quic" || path == "tcp" {
         match idle_bytes(lab, work, pki, path, a, idle_secs) {
-            Ok(b) => f.idle_bytes_per_min_per_tunnel = Some(b),
+            Ok((b, failed, slowest)) => {
+                f.idle_bytes_per_min_per_tunnel = Some(b);
+                f.failover_failed = Some(failed);
+                f.failover_slowest_ms = Some(slowest);
+            }
             Err(e) => f.errors.push(format!("idle bytes: {e:#}")),
         }
     }
@@ -549,7 +559,9 @@ fn through_blackout(lab: &Lab, echo: SocketAddr, secs: f64) -> String {
     outcome
 }
 
-/// Link bytes per minute per tunnel of an idle agent with tunnels to three servers.
+/// Link bytes per minute per tunnel of an idle agent with tunnels to three peered servers;
+/// then new connections, one after another, while one of the servers is killed with -9: how
+/// many failed, and the slowest (the time to move new connections off a dead server).
 fn idle_bytes(
     lab: &Lab,
     work: &Path,
@@ -557,7 +569,7 @@ fn idle_bytes(
     transport: &str,
     a: &WanArgs,
     secs: f64,
-) -> Result<f64> {
+) -> Result<(f64, u64, f64)> {
     let procs = start_tether(lab, work, pki, transport, 3, a)?;
     // Settle: handshakes, announcements and the first renewals check are not idle traffic.
     std::thread::sleep(Duration::from_secs(3));
@@ -566,8 +578,31 @@ fn idle_bytes(
     std::thread::sleep(Duration::from_secs_f64(secs));
     let bytes = lab.counters().bytes() - before;
     let per_min = bytes as f64 * 60.0 / t.elapsed().as_secs_f64() / 3.0;
+    let mut procs = procs;
+    let echo = SocketAddr::from(([127, 0, 0, 1], AGENT_API));
+    let (failed, slowest) = in_ns(&lab.node, || {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let clients = sc.spawn(|| {
+                let (mut failed, mut slowest) = (0u64, Duration::ZERO);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match load::probe(echo, Duration::from_secs(10)) {
+                        Ok(()) => slowest = slowest.max(t.elapsed()),
+                        Err(_) => failed += 1,
+                    }
+                }
+                (failed, slowest)
+            });
+            std::thread::sleep(Duration::from_secs(2));
+            procs[0].kill();
+            std::thread::sleep(Duration::from_secs(8));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            clients.join().unwrap_or((u64::MAX, Duration::ZERO))
+        })
+    })?;
     drop(procs);
-    Ok(per_min)
+    Ok((per_min, failed, slowest.as_secs_f64() * 1000.0))
 }
 
 /// The run's certificates: the servers' names include the masters' lab address.
@@ -613,6 +648,13 @@ fn start_tether(
             SocketAddr::from(([127, 0, 0, 1], SINK_PORT)),
         );
         let mut args = crate::path::server_args(&dir, listen, upstream, admin);
+        // Peered, as masters are: a server that dies is reported to the agent by the others.
+        for (j, other) in SERVER_PORTS.iter().take(servers).enumerate() {
+            if j != i {
+                args.push("--peer".into());
+                args.push(SocketAddr::from((MASTERS_IP, *other)).to_string());
+            }
+        }
         args.extend(a.server_arg.iter().cloned());
         let log = work.join(format!("{name}.log"));
         let mut proc = spawn_in(&lab.masters, &name, &sibling("tether-server")?, &args, &log)?;
@@ -771,11 +813,11 @@ fn markdown(results: &[ProfileResult]) -> String {
           idle bytes per minute per tunnel with three servers.\n";
     for r in results {
         s += &format!("\n## {}: {}\n\n", r.profile.name, r.profile.describe());
-        s += "| path | bulk 1 | bulk 8 | RR p50 idle | RR p99 idle | RR p50 loaded | RR p90 loaded | bulk while loaded | survives blackout | CPU s/GB | idle B/min/tunnel |\n";
-        s += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+        s += "| path | bulk 1 | bulk 8 | RR p50 idle | RR p99 idle | RR p50 loaded | RR p90 loaded | bulk while loaded | survives blackout | CPU s/GB | idle B/min/tunnel | failover: failed, slowest ms |\n";
+        s += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
         for (path, f) in &r.paths {
             s += &format!(
-                "| {path} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {path} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 cell(f.bulk1_mbps, 1),
                 cell(f.bulk8_mbps, 1),
                 cell(f.rr_idle_p50_ms, 1),
@@ -790,6 +832,10 @@ fn markdown(results: &[ProfileResult]) -> String {
                     .join(", "),
                 cell(f.cpu_s_per_gb, 1),
                 cell(f.idle_bytes_per_min_per_tunnel, 0),
+                match (f.failover_failed, f.failover_slowest_ms) {
+                    (Some(n), Some(ms)) => format!("{n}, {ms:.0}"),
+                    _ => "-".into(),
+                },
             );
         }
         for (path, f) in &r.paths {
