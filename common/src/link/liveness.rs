@@ -125,8 +125,15 @@ impl Tunnel {
 }
 
 /// A window of `base`, grown to three round trips and a half second on long links.
-fn window(_: &Settings, rtt: Duration, base: Duration) -> Duration {
+fn window(rtt: Duration, base: Duration) -> Duration {
     base.max(rtt * 3 + Duration::from_millis(500))
+}
+
+/// Whether a tunnel is in doubt: reported down, or silent for the doubt window.
+fn in_doubt(s: &Settings, t: &Tunnel, now: Instant) -> bool {
+    t.reported.is_some()
+        || t.silent_since()
+            .is_some_and(|since| now - since >= window(t.rtt, s.doubt_after))
 }
 
 /// The longest a tunnel may go unheard while probed in doubt and still count as answering.
@@ -152,10 +159,6 @@ impl<K: Ord + Clone> Watch<K> {
         }
     }
 
-    pub fn settings(&self) -> Settings {
-        self.settings
-    }
-
     /// A surviving server said this tunnel's server is down: probe it now, judge it soon.
     pub fn reported(&mut self, key: &K, now: Instant) {
         if let Some(t) = self.tunnels.get_mut(key) {
@@ -165,17 +168,9 @@ impl<K: Ord + Clone> Watch<K> {
 
     /// Whether a tunnel is in doubt now (new streams should prefer others).
     pub fn doubted(&self, key: &K, now: Instant) -> bool {
-        self.tunnels.get(key).is_some_and(|t| self.in_doubt(t, now))
-    }
-
-    fn window(&self, t: &Tunnel, base: Duration) -> Duration {
-        window(&self.settings, t.rtt, base)
-    }
-
-    fn in_doubt(&self, t: &Tunnel, now: Instant) -> bool {
-        t.reported.is_some()
-            || t.silent_since()
-                .is_some_and(|s| now - s >= self.window(t, self.settings.doubt_after))
+        self.tunnels
+            .get(key)
+            .is_some_and(|t| in_doubt(&self.settings, t, now))
     }
 
     /// One tick: the tunnels as they are now (any tunnel not listed is gone), and what to do.
@@ -206,10 +201,7 @@ impl<K: Ord + Clone> Watch<K> {
             // still open (the answer was to something earlier). One exception: the probe this
             // machine asked for last tick leaves in that tick's count, and on a fast link its
             // answer comes back within the same tick; it is not a new question.
-            let doubted = t.reported.is_some()
-                || t.asked
-                    .is_some_and(|a| now - a >= window(&s, t.rtt, s.doubt_after));
-            let answered = if t.beats || !doubted {
+            let answered = if t.beats || !in_doubt(&s, t, now) {
                 sample.received != t.received || sample.pongs != t.pongs
             } else {
                 sample.pongs != t.pongs
@@ -242,7 +234,12 @@ impl<K: Ord + Clone> Watch<K> {
         // link, not the servers. (Tunnels asked at the same moment fall in doubt together
         // without a blackout, such as new ones, whose first sample is a question; the first
         // probe's answer clears those.)
-        if !self.tunnels.is_empty() && self.tunnels.values().all(|t| self.in_doubt(t, now)) {
+        if !self.tunnels.is_empty()
+            && self
+                .tunnels
+                .values()
+                .all(|t| in_doubt(&self.settings, t, now))
+        {
             let since = *self.all_in_doubt.get_or_insert(now);
             let rtt = self
                 .tunnels
@@ -250,7 +247,7 @@ impl<K: Ord + Clone> Watch<K> {
                 .map(|t| t.rtt)
                 .max()
                 .unwrap_or_default();
-            if now - since >= window(&s, rtt, s.doubt_probe * 2) {
+            if now - since >= window(rtt, s.doubt_probe * 2) {
                 for t in self.tunnels.values_mut() {
                     t.in_blackout = true;
                 }
@@ -259,7 +256,10 @@ impl<K: Ord + Clone> Watch<K> {
             self.all_in_doubt = None;
         }
         let mut actions = Vec::new();
-        let any_doubt = self.tunnels.values().any(|t| self.in_doubt(t, now));
+        let any_doubt = self
+            .tunnels
+            .values()
+            .any(|t| in_doubt(&self.settings, t, now));
         let keys: Vec<K> = self.tunnels.keys().cloned().collect();
         for key in &keys {
             let Some(t) = self.tunnels.get(key).copied() else {
@@ -304,7 +304,7 @@ impl<K: Ord + Clone> Watch<K> {
             // Reported down by a server that survives it: a short window to answer.
             if let Some(at) = t.reported {
                 let asked = t.asked.unwrap_or(at);
-                if now - asked.max(at) >= self.window(&t, s.doubt_after) {
+                if now - asked.max(at) >= window(t.rtt, s.doubt_after) {
                     actions.push(Action::DeadServer {
                         key: key.clone(),
                         silent,
@@ -316,7 +316,7 @@ impl<K: Ord + Clone> Watch<K> {
             if t.in_blackout {
                 continue;
             }
-            let window = self.window(&t, s.dead_after);
+            let window = window(t.rtt, s.dead_after);
             let witnessed = self.tunnels.iter().any(|(k, o)| {
                 k != key
                     && now - o.last_heard <= alive_gap(&s, o.rtt)
