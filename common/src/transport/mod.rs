@@ -159,7 +159,7 @@ impl Tunnel {
                 let s = q.conn.stats();
                 Traffic {
                     heard: s.udp_rx.datagrams,
-                    answers: s.frame_rx.acks,
+                    answers: s.path.rtt.as_nanos() as u64,
                     questions: s.frame_tx.stream + s.frame_tx.ping,
                 }
             }
@@ -207,9 +207,11 @@ impl Tunnel {
 pub struct Traffic {
     /// Anything received: QUIC datagrams, or bytes over TCP.
     pub heard: u64,
-    /// What proves the peer hears us: QUIC ACK frames (a peer acknowledges only what it
-    /// received; on a link that loses one direction, its retransmissions still arrive, but no
-    /// new acknowledgements), or, over TCP, bytes received (new data flows only while our
+    /// What proves the peer hears us, as a value that changes with each proof (only a change
+    /// means anything): over QUIC, the smoothed round-trip time in nanoseconds, which moves only
+    /// when the peer acknowledges a packet of ours it had not acknowledged before (on a link
+    /// that lost our direction, the peer's packets still arrive, with its old acknowledgements
+    /// in them, and move nothing); over TCP, bytes received (new data flows only while our
     /// acknowledgements reach the peer).
     pub answers: u64,
     /// What asks for an answer: QUIC STREAM and PING frames (acknowledgements do not), or bytes
