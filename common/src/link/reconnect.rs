@@ -79,6 +79,8 @@ pub const QUIC_HEAD_START: Duration = Duration::from_secs(1);
 pub const QUIC_RETRY: Duration = Duration::from_secs(5);
 /// How often a QUIC link (in `auto`) looks whether the liveness watch doubts it.
 const DOUBT_CHECK: Duration = Duration::from_millis(100);
+/// How long a QUIC link (in `auto`) stays in doubt before a TCP tunnel is tried beside it.
+const DOUBT_BEFORE_TCP: Duration = Duration::from_secs(1);
 
 /// Receives the control messages the reconnect loop does not act on itself.
 pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
@@ -515,6 +517,15 @@ async fn serve(
         loop {
             while !link.doubted() {
                 tokio::time::sleep(DOUBT_CHECK).await;
+            }
+            // A doubt that one probe clears is no sign of a lost path (a new tunnel starts in
+            // doubt until its first answer): only a doubt that lasts sends us to TCP.
+            let since = tokio::time::Instant::now();
+            while link.doubted() && since.elapsed() < DOUBT_BEFORE_TCP {
+                tokio::time::sleep(DOUBT_CHECK).await;
+            }
+            if !link.doubted() {
+                continue;
             }
             let attempt =
                 tokio::time::timeout(d.handshake_timeout, dial(target, d, TransportChoice::Tcp));
