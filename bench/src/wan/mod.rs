@@ -284,6 +284,8 @@ pub fn run(a: WanArgs) -> Result<()> {
         ))
     });
     std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    // sshd resolves its files from `/`: a relative --out would lose them.
+    let out = std::fs::canonicalize(&out).with_context(|| format!("resolve {}", out.display()))?;
     let mut results = Vec::new();
     for name in &profiles {
         let profile = Profile::by_name(name)?;
