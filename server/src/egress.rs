@@ -26,7 +26,10 @@ use tracing::{debug, info, warn};
 
 /// Time a client has to send its request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time to reach the target through the tunnel, before answering 504.
+/// Time to reach the target through the tunnel, before answering 504, at least: a node's link
+/// in a blackout is waited for as long as its tunnel is held (`--blackout-tolerance`), so that an
+/// `exec` started during a cellular handover goes through when the link returns (see
+/// [`open_timeout`]).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most egress connections at once.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -65,13 +68,27 @@ fn refusal(code: StatusCode, message: String) -> Refusal {
     (http, message)
 }
 
+/// How long an open waits for the agent's verdict. The agent answers within its own connect
+/// timeout, so only a silent link runs this out; the server holds a silent agent's tunnel for
+/// the blackout tolerance, and an open on it waits as long (QUIC retransmits the `Open` when
+/// the link returns). Before, an open sent early in a 6 s blackout could be answered 504: the
+/// retransmission, backed off, came after the 10 s.
+pub fn open_timeout(state: &State) -> Duration {
+    OPEN_TIMEOUT.max(state.config.liveness.blackout_tolerance)
+}
+
 /// Opens a stream on `tunnel` asking for `host:port` and waits for the answer.
-async fn ask(tunnel: &Tunnel, req: &ConnectRequest, hops: u8) -> Result<Stream, OpenError> {
+async fn ask(
+    state: &State,
+    tunnel: &Tunnel,
+    req: &ConnectRequest,
+    hops: u8,
+) -> Result<Stream, OpenError> {
     let target = Target::Address {
         host: req.host.clone(),
         port: req.port,
     };
-    open::open(tunnel, target, hops, OPEN_TIMEOUT).await
+    open::open(tunnel, target, hops, open_timeout(state)).await
 }
 
 /// The HTTP answer to a failed open.
@@ -138,7 +155,7 @@ pub async fn route_local(
         if tried.contains(&entry.tunnel.id()) {
             continue;
         }
-        match ask(&entry.tunnel, req, 0).await {
+        match ask(state, &entry.tunnel, req, 0).await {
             Ok(s) => return Ok(s),
             // That tunnel failed: the node's next one may work.
             Err(e @ OpenError::Tunnel(_)) => {
@@ -169,7 +186,7 @@ async fn route_once(
         other => return other,
     }
     for link in state.peers.candidates(Policy::LeastStreams) {
-        match ask(&link.tunnel, req, 1).await {
+        match ask(state, &link.tunnel, req, 1).await {
             Ok(s) => {
                 debug!(node, host = %req.host, peer = %link.server, "egress through peer");
                 return Ok(s);

@@ -238,6 +238,15 @@ impl NatLab {
             .sh_ok(&format!("iptables {op} FORWARD -p udp -j DROP"));
     }
 
+    /// A link blackout: drops (silently) every packet between the node and the control plane,
+    /// both ways, or stops.
+    pub fn blackout(&self, on: bool) {
+        let op = if on { "-I" } else { "-D" };
+        self.nat.sh_ok(&format!(
+            "iptables {op} FORWARD -i eth0 -j DROP && iptables {op} FORWARD -o eth0 -j DROP"
+        ));
+    }
+
     /// Drops (silently) every packet from the node to one control-plane host, or stops.
     pub fn drop_node_to(&self, cp: usize, drop: bool) {
         let op = if drop { "-I" } else { "-D" };

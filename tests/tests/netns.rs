@@ -750,6 +750,65 @@ async fn the_control_plane_reaches_a_kubelet_behind_nat() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("passed=100 failed=0"), "{text}");
     }
+
+    // The node's link blacks out for 12 s (a handover, a dish losing its satellite): a reverse
+    // session open through it (`exec`) stalls and carries on, and one asked for during the
+    // blackout waits for the link and goes through. Before, the server gave up on the open's
+    // verdict after 10 s and answered 504.
+    procs.push(lab.cps[0].spawn(
+        "hold",
+        &probe,
+        &["connect-hold", "127.0.0.1:8131", "edge-1:7001"],
+        log("hold"),
+    ));
+    let read = |n: &str| std::fs::read_to_string(log(n)).unwrap_or_default();
+    wait_host("a held reverse session", Duration::from_secs(10), || {
+        read("hold").contains("hold connected")
+    })
+    .await;
+    lab.blackout(true);
+    let dark = std::time::Instant::now();
+    wait_host("a second into the blackout", Duration::from_secs(5), || {
+        dark.elapsed() >= Duration::from_secs(1)
+    })
+    .await;
+    let during = lab.cps[0].spawn(
+        "connect-during",
+        &probe,
+        &[
+            "connect-check",
+            "127.0.0.1:8131",
+            "edge-1:7001",
+            "4",
+            "65536",
+            "17",
+        ],
+        log("connect-during"),
+    );
+    wait_host("the blackout's end", Duration::from_secs(15), || {
+        dark.elapsed() >= Duration::from_secs(12)
+    })
+    .await;
+    lab.blackout(false);
+    wait_host(
+        "the open asked for in the blackout",
+        Duration::from_secs(30),
+        || read("connect-during").contains("probe: passed="),
+    )
+    .await;
+    let text = read("connect-during");
+    assert!(text.contains("passed=4 failed=0"), "{text}");
+    // The held session answers again, and never broke.
+    let echoes = |t: &str| t.matches("hold echoes=").count();
+    let at_end = echoes(&read("hold"));
+    wait_host(
+        "the held session's echoes after the blackout",
+        Duration::from_secs(20),
+        || echoes(&read("hold")) > at_end + 1,
+    )
+    .await;
+    assert!(!read("hold").contains("broke"), "{}", read("hold"));
+    drop(during);
     drop(procs);
 }
 

@@ -13,8 +13,10 @@
 //!   HTTP CONNECT proxy to TARGET (host:port).
 //! - `tether-probe kubelet ADDR CERT KEY` serves a stand-in kubelet over HTTPS; `kubelet ADDR`
 //!   serves plain HTTP.
-//! - `tether-probe hold ADDR` keeps one connection busy (a small echo every 20 ms) until it
-//!   fails, then prints `probe: hold broke at-ms=T: error`.
+//! - `tether-probe hold ADDR` keeps one connection busy (a small echo every 20 ms, and a line
+//!   `probe: hold echoes=N` every 50) until it fails, then prints
+//!   `probe: hold broke at-ms=T: error`.
+//! - `tether-probe connect-hold PROXY TARGET` is `hold` through an HTTP CONNECT proxy.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -90,7 +92,20 @@ async fn main() {
             }
         }
         Some("load") => load(addr(args.get(1)), num(args.get(2)), args.get(3)).await,
-        Some("hold") => hold(addr(args.get(1))).await,
+        Some("hold") => {
+            let via = addr(args.get(1));
+            hold(async move {
+                tokio::net::TcpStream::connect(via)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        Some("connect-hold") => {
+            let proxy = addr(args.get(1));
+            let target = args.get(2).cloned().unwrap_or_else(|| usage());
+            hold(async move { tether_tests::connect_proxy(proxy, &target).await }).await
+        }
         Some("get") => {
             let path = args.get(2).cloned().unwrap_or_else(|| usage());
             match http_get(addr(args.get(1)), &path).await {
@@ -142,19 +157,21 @@ async fn load(via: SocketAddr, rate: u64, stop: Option<&String>) {
     }
 }
 
-async fn hold(via: SocketAddr) {
+async fn hold(connect: impl std::future::Future<Output = Result<tokio::net::TcpStream, String>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let result: Result<(), String> = async {
-        let mut c = tokio::net::TcpStream::connect(via)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut c = connect.await?;
         let mut buf = [0u8; 64];
         println!("probe: hold connected");
-        loop {
+        for n in 1u64.. {
             c.write_all(&[7u8; 64]).await.map_err(|e| e.to_string())?;
             c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            if n % 50 == 0 {
+                println!("probe: hold echoes={n}");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
     .await;
     if let Err(e) = result {
