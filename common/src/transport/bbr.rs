@@ -15,7 +15,8 @@
 //! test that startup is over) the window is held to [`HEADROOM`] times that product, and the
 //! rate over [`HOST_SLACK`] more: a queue of a quarter of the round trip (and 5 ms) at most, and
 //! room for the rate to grow by a quarter a round trip when the link gets faster. Startup is
-//! BBR's own, so short transfers are as fast as before.
+//! BBR's own, so short transfers are as fast as before. Paths under [`MIN_CAPPED_RTT`] (loopback,
+//! a LAN) are not capped: their queue is short anyway, and the hosts' own delays dominate.
 //!
 //! A window cut to a stale product starves: the rate measured under it falls, and with it the
 //! window, round after round. Two rules keep that from happening. The round trip's minimum is
@@ -50,6 +51,13 @@ const FOREIGN_QUEUE: f64 = 1.5;
 /// without it, on loopback (a round trip of 30 us, acks a millisecond apart) the cap held QUIC
 /// to a fifth of its rate (docs/performance.md). Queues worth capping are longer than this.
 const HOST_SLACK: Duration = Duration::from_millis(5);
+
+/// Paths with a shorter minimum round trip are not capped: their queue, even at BBR's two
+/// products, is a few milliseconds, while the time the hosts themselves add (a receiver busy
+/// with 500 streams acks milliseconds late) dwarfs the round trip, and a window cut to the
+/// product would starve (the forward suite's 500 concurrent streams over loopback were reset
+/// when it was).
+const MIN_CAPPED_RTT: Duration = Duration::from_millis(10);
 
 /// How many round trips a rate maximum stands.
 const BW_WINDOW_ROUNDS: u32 = 10;
@@ -168,6 +176,8 @@ pub struct Estimator {
     log: VecDeque<Sent>,
     bw: WindowedFilter<u64>,
     min_rtt: WindowedFilter<Duration>,
+    /// The round trip, smoothed (RFC 6298's 1/8): the length of a round for the rate's window.
+    srtt: Option<Duration>,
     /// The smallest round trip of the last few ([`RECENT_ROUNDS`]).
     recent_rtt: WindowedFilter<Duration>,
     /// Startup is over once the rate grew less than 25% in three round trips in a row.
@@ -188,8 +198,18 @@ struct Sent {
 }
 
 impl Estimator {
+    /// Whether this path is too short to cap (see [`MIN_CAPPED_RTT`]): then no rate is measured,
+    /// which spares loopback and LAN tunnels the bookkeeping of every send.
+    fn short_path(&self) -> bool {
+        self.min_rtt.get().is_some_and(|m| m < MIN_CAPPED_RTT)
+    }
+
     /// Packets were sent at `now`.
     pub fn on_sent(&mut self, now: Instant) {
+        if self.short_path() {
+            self.log.clear();
+            return;
+        }
         if self.log.back().is_some_and(|s| s.at == now) {
             return; // The same instant's entry serves all its packets.
         }
@@ -209,10 +229,17 @@ impl Estimator {
         self.delivered_at = Some(now);
         let rtt = now.saturating_duration_since(sent);
         if !rtt.is_zero() {
+            self.srtt = Some(match self.srtt {
+                Some(s) => (s * 7 + rtt) / 8,
+                None => rtt,
+            });
             self.min_rtt.update_min(now, rtt, MIN_RTT_WINDOW);
             let recent = self.min_rtt.get().unwrap_or(rtt) * RECENT_ROUNDS;
             self.recent_rtt
                 .update_min(now, rtt, recent.max(Duration::from_millis(200)));
+        }
+        if self.short_path() {
+            return;
         }
         // Sends older than this one were acknowledged or lost; either way they are done.
         while self.log.front().is_some_and(|s| s.at < sent) {
@@ -233,7 +260,7 @@ impl Estimator {
             return;
         }
         let rate = ((self.delivered - entry.delivered) as f64 / interval.as_secs_f64()) as u64;
-        let bw_window = min_rtt * BW_WINDOW_ROUNDS;
+        let bw_window = self.srtt.unwrap_or(min_rtt).max(min_rtt) * BW_WINDOW_ROUNDS;
         if !app_limited || rate >= self.bw.get().unwrap_or(0) {
             self.bw.update_max(now, rate, bw_window);
             self.round_measured |= !app_limited;
@@ -272,6 +299,9 @@ impl Estimator {
             return None;
         }
         let min_rtt = self.min_rtt.get()?;
+        if min_rtt < MIN_CAPPED_RTT {
+            return None;
+        }
         let recent = self.recent_rtt.get()?;
         if recent > min_rtt.mul_f64(FOREIGN_QUEUE) + HOST_SLACK {
             return None;
@@ -353,6 +383,8 @@ mod tests {
         one_way: Duration,
         max_queue: Duration,
         loss: f64,
+        /// Up to this much more before an ack leaves the receiver (a busy host).
+        ack_jitter: Duration,
     }
 
     struct Outcome {
@@ -410,7 +442,9 @@ mod tests {
                 if sent >= half {
                     delays.push(start_tx - entered);
                 }
-                acks.push_back((done + link.one_way, sent));
+                let late = link.ack_jitter.mul_f64(rng.f64());
+                let at = (done + link.one_way + late).max(acks.back().map_or(done, |a| a.0));
+                acks.push_back((at, sent));
             }
             // Packets reach the queue; a full one (by delay) drops them, as does random loss.
             while to_queue.front().is_some_and(|(at, _)| *at <= now) {
@@ -463,7 +497,38 @@ mod tests {
             one_way: Duration::from_millis(50),
             max_queue: Duration::from_millis(100),
             loss: 0.01,
+            ack_jitter: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_busy_receiver_does_not_starve_the_window() {
+        // Acks leave the receiver up to 40 ms late, at random: the round trips the cap sees
+        // swing, and the rate measured under it must not spiral down.
+        let busy = Link {
+            ack_jitter: Duration::from_millis(40),
+            ..continental()
+        };
+        let out = run(busy, None, 30, true);
+        assert!(
+            out.goodput > 0.85 * continental().rate,
+            "goodput {:.1} Mbit/s",
+            out.goodput * 8.0 / 1e6
+        );
+    }
+
+    #[test]
+    fn a_short_path_is_not_capped() {
+        let t = Instant::now();
+        let mut e = Estimator::default();
+        // A second of a saturated 1 ms path: a rate and a round trip, and no cap.
+        for i in 0..1000u32 {
+            let at = t + Duration::from_millis(u64::from(i));
+            e.on_sent(at);
+            e.on_ack(at + Duration::from_millis(1), at, 125_000, false);
+        }
+        assert!(e.min_rtt.get() < Some(MIN_CAPPED_RTT));
+        assert_eq!(e.cap(), None);
     }
 
     #[test]
