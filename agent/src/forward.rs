@@ -15,10 +15,13 @@
 //!   suggest ([`tether_common::link::latency`]), the next server is asked too and the first
 //!   `Ok` wins; the other attempt is reset. A dead server thus costs a few milliseconds, not the
 //!   open timeout. A hedge carries no early bytes until its own `Ok` (the rule above).
+//!
+//! The decisions (which server, when to hedge, when to give up or wait for a new tunnel) are
+//! [`crate::race`]'s, without I/O and tested on paused time; this file does what it decides.
 
 use crate::metrics::{Metrics, OpenFailure};
+use crate::race::{AttemptId, Decision, Race, Step, Timeouts, Timer, Verdict, MAX_ATTEMPTS};
 use bytes::{Bytes, BytesMut};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_common::link::latency::HedgeBudget;
@@ -37,9 +40,6 @@ use tracing::{debug, warn};
 /// Most early bytes kept per connection until a verdict; past it, the client is not read
 /// until one arrives.
 pub const EARLY_LIMIT: usize = 64 * 1024;
-
-/// Most servers asked at once for one connection: the chosen one and one hedge.
-const MAX_ATTEMPTS: usize = 2;
 
 /// Settings of the forwarder.
 #[derive(Debug, Clone)]
@@ -103,14 +103,13 @@ fn reset(conn: TcpStream) {
     let _ = conn.set_zero_linger();
 }
 
-/// One server asked to carry the connection.
+/// One server asked to carry the connection: the I/O of a [`Race`]'s attempt.
 struct Attempt {
+    id: AttemptId,
     link: Arc<Link>,
     /// The candidate's place in the order (0: the first choice).
     place: usize,
     stream: Stream,
-    started: Instant,
-    deadline: Instant,
     /// How many of the kept early bytes this attempt has been sent.
     sent: usize,
     /// Whether early bytes go to it as they arrive (it is the only live attempt, or was).
@@ -128,8 +127,7 @@ enum Event {
         Result<Option<Message>, tether_common::transport::FrameError>,
     ),
     Client(std::io::Result<usize>),
-    Hedge,
-    Expired(usize),
+    Timer(Option<Timer>),
 }
 
 async fn forward(
@@ -146,69 +144,67 @@ async fn forward(
             debug!("a tunnel came up while the connection waited");
         }
     }
-    let mut may_hedge = true;
-    let candidates = pool.candidates(settings.policy);
-    let count = candidates.len();
-    let mut next: VecDeque<(usize, Arc<Link>)> = candidates.into_iter().enumerate().collect();
-    // Every link asked, and whether one failed as a tunnel (no answer, or lost) rather than
-    // with a server's refusal: then, once, a tunnel that came up since is tried too.
-    let mut tried: Vec<Arc<Link>> = Vec::new();
-    let mut tunnel_trouble = false;
-    let mut retried = false;
+    let timeouts = Timeouts {
+        open: settings.stream_open_timeout,
+        last: settings.last_attempt_timeout,
+        grace: settings.reconnect_grace,
+    };
+    let mut race = Race::new(pool.candidates(settings.policy), timeouts);
+    let count = race.candidates();
     let mut attempts: Vec<Attempt> = Vec::with_capacity(MAX_ATTEMPTS);
     let mut kept = BytesMut::new();
     let mut client_ended = false;
     let early = settings.early_data;
     let winner = loop {
-        if attempts.is_empty() && next.is_empty() && tunnel_trouble && !retried {
-            // Every tunnel asked failed as a tunnel: they died together (UDP blocked, the
-            // network changed) before the agent noticed. Their successors (a fallback to TCP,
-            // a reconnect) are moments away: wait for one, as a connection that finds no
-            // tunnel does, and try it.
-            retried = true;
-            let until = Instant::now() + settings.reconnect_grace;
-            if pool.wait_for_new_link(&tried, until).await {
-                metrics.connections_waited.inc();
-                let fresh = pool.candidates(settings.policy);
-                next.extend(
-                    fresh
-                        .into_iter()
-                        .filter(|l| !tried.iter().any(|t| Arc::ptr_eq(t, l)))
-                        .enumerate()
-                        .map(|(i, l)| (count + i, l)),
-                );
+        let timer = match race.poll(Instant::now()) {
+            Step::GiveUp => break None,
+            Step::WaitForLinks { until } => {
+                // Every tunnel asked failed as a tunnel: they died together (UDP blocked, the
+                // network changed) before the agent noticed. Their successors (a fallback to
+                // TCP, a reconnect) are moments away: wait for one, as a connection that finds
+                // no tunnel does, and try it.
+                if pool.wait_for_new_link(race.tried(), until).await {
+                    metrics.connections_waited.inc();
+                    race.add_links(pool.candidates(settings.policy));
+                }
+                continue;
             }
-        }
+            Step::Start {
+                id,
+                link,
+                place,
+                eager,
+                timeout,
+            } => {
+                if !eager {
+                    metrics.hedges.inc();
+                    debug!(server = %link.server, "no answer yet from the first choice: asking the next server too");
+                }
+                let retried = race.more_left();
+                match start(link.clone(), id, place, eager, timeout, &kept, settings).await {
+                    Ok(a) => {
+                        let rtt = a.link.tunnel.rtt();
+                        let hedge_after = a
+                            .link
+                            .open_latency
+                            .hedge_delay(rtt, settings.stream_open_timeout);
+                        race.started(id, hedge_after);
+                        attempts.push(a);
+                    }
+                    Err((why, detail)) => {
+                        race.start_failed(id);
+                        failed(metrics, &link, why, &detail, retried);
+                    }
+                }
+                continue;
+            }
+            Step::Wait { timer } => timer,
+        };
         if attempts.is_empty() {
-            let Some((place, link)) = next.pop_front() else {
-                break None;
-            };
-            tried.push(link.clone());
-            let last = next.is_empty();
-            // The only attempt: it may carry early bytes.
-            match start(link, place, last, true, &kept, settings, metrics).await {
-                Some(a) => attempts.push(a),
-                None => tunnel_trouble = true,
-            }
-            continue;
+            // The race waits only with attempts live; never select over none.
+            debug_assert!(false, "a race waiting with no attempt");
+            break None;
         }
-        // The newest attempt decides when to hedge; the oldest deadline when one expires.
-        let newest = &attempts[attempts.len() - 1];
-        let hedge_at =
-            (may_hedge && attempts.len() < MAX_ATTEMPTS && !next.is_empty()).then(|| {
-                let rtt = newest.link.tunnel.rtt();
-                let wait = newest
-                    .link
-                    .open_latency
-                    .hedge_delay(rtt, settings.stream_open_timeout);
-                newest.started + wait
-            });
-        let (expiring, expires_at) = attempts
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (i, a.deadline))
-            .min_by_key(|(_, d)| *d)
-            .unwrap_or((0, Instant::now()));
         let read_client = early && !client_ended && kept.len() < EARLY_LIMIT;
         let event = {
             let verdicts = futures_util::future::select_all(
@@ -219,91 +215,81 @@ async fn forward(
             tokio::select! {
                 (r, i, _) = verdicts => Event::Verdict(i, r),
                 r = read_some(&mut conn, &mut kept), if read_client => Event::Client(r),
-                _ = sleep_until(hedge_at) => Event::Hedge,
-                _ = tokio::time::sleep_until(expires_at) => Event::Expired(expiring),
+                _ = sleep_until(timer.map(|(at, _)| at)) => Event::Timer(timer.map(|(_, t)| t)),
             }
         };
-        match event {
-            Event::Verdict(
-                i,
-                Ok(Some(Message::Status {
-                    code: StatusCode::Ok,
-                    ..
-                })),
-            ) => {
-                let a = attempts.swap_remove(i);
-                a.link.open_latency.record(a.started.elapsed());
-                a.link.passed.answered();
-                for mut loser in attempts.drain(..) {
-                    // It sat on the open another server answered: try it last for a while.
-                    loser.link.passed.over();
-                    loser.stream.reset(code::RESET).await;
-                }
-                break Some(a);
-            }
+        let decision = match event {
             Event::Verdict(i, r) => {
-                let mut a = attempts.swap_remove(i);
-                let (why, detail) = match r {
-                    Ok(Some(Message::Status { code, message })) => {
-                        a.link.open_latency.record(a.started.elapsed());
+                let id = attempts[i].id;
+                let waited = race.waited(id, Instant::now()).unwrap_or_default();
+                let verdict = match r {
+                    Ok(Some(Message::Status {
+                        code: StatusCode::Ok,
+                        ..
+                    })) => {
+                        let a = &attempts[i];
+                        a.link.open_latency.record(waited);
                         a.link.passed.answered();
-                        (OpenFailure::Refused, format!("{code}: {message}"))
+                        Verdict::Ok
                     }
-                    Ok(Some(other)) => {
-                        a.stream.reset(code::PROTOCOL).await;
-                        let what = format!("unexpected {} message", other.name());
-                        (OpenFailure::Refused, what)
-                    }
-                    Ok(None) => (
-                        OpenFailure::TunnelLost,
-                        "stream closed before status".into(),
-                    ),
-                    Err(e) => {
-                        a.stream.reset(code::PROTOCOL).await;
-                        (OpenFailure::TunnelLost, e.to_string())
+                    r => {
+                        let a = &mut attempts[i];
+                        let (why, detail) = match r {
+                            Ok(Some(Message::Status { code, message })) => {
+                                a.link.open_latency.record(waited);
+                                a.link.passed.answered();
+                                (OpenFailure::Refused, format!("{code}: {message}"))
+                            }
+                            Ok(Some(other)) => {
+                                a.stream.reset(code::PROTOCOL).await;
+                                let what = format!("unexpected {} message", other.name());
+                                (OpenFailure::Refused, what)
+                            }
+                            Ok(None) => (
+                                OpenFailure::TunnelLost,
+                                "stream closed before status".into(),
+                            ),
+                            Err(e) => {
+                                a.stream.reset(code::PROTOCOL).await;
+                                (OpenFailure::TunnelLost, e.to_string())
+                            }
+                        };
+                        failed(metrics, &a.link, why, &detail, race.more_left());
+                        if why == OpenFailure::TunnelLost {
+                            Verdict::Lost
+                        } else {
+                            Verdict::Refused
+                        }
                     }
                 };
-                tunnel_trouble |= why == OpenFailure::TunnelLost;
-                failed(metrics, &a.link, why, &detail, !next.is_empty());
-                promote(&mut attempts, &kept).await;
+                race.verdict(id, verdict)
             }
-            Event::Expired(i) => {
-                let mut a = attempts.swap_remove(i);
-                a.stream.reset(code::RESET).await;
-                let waited = a.deadline.duration_since(a.started);
-                let detail = format!("no status within {waited:?}");
-                tunnel_trouble = true;
-                failed(
-                    metrics,
-                    &a.link,
-                    OpenFailure::Timeout,
-                    &detail,
-                    !next.is_empty(),
-                );
-                promote(&mut attempts, &kept).await;
-            }
-            Event::Hedge if !budget.take() => {
-                // Every server slow, not one dead: no more load on them from this connection.
-                metrics.hedges_denied.inc();
-                may_hedge = false;
-            }
-            Event::Hedge => {
-                if let Some((place, link)) = next.pop_front() {
-                    metrics.hedges.inc();
-                    tried.push(link.clone());
-                    let last = next.is_empty();
-                    debug!(server = %link.server, "no answer yet from the first choice: asking the next server too");
-                    match start(link, place, last, false, &kept, settings, metrics).await {
-                        Some(a) => attempts.push(a),
-                        None => tunnel_trouble = true,
-                    }
+            Event::Timer(Some(Timer::Expired(id))) => {
+                let waited = race.waited(id, Instant::now()).unwrap_or_default();
+                let decision = race.timer(Timer::Expired(id), || false);
+                if let Some(a) = attempts.iter().find(|a| a.id == id) {
+                    let detail = format!("no status within {waited:?}");
+                    failed(
+                        metrics,
+                        &a.link,
+                        OpenFailure::Timeout,
+                        &detail,
+                        race.more_left(),
+                    );
                 }
+                decision
             }
-            Event::Client(Ok(0)) => client_ended = true,
+            Event::Timer(Some(Timer::Hedge)) => race.timer(Timer::Hedge, || budget.take()),
+            Event::Timer(None) => Decision::Nothing,
+            Event::Client(Ok(0)) => {
+                client_ended = true;
+                Decision::Nothing
+            }
             Event::Client(Ok(_)) => {
                 for a in attempts.iter_mut().filter(|a| a.eager) {
                     send_kept(a, &kept).await;
                 }
+                Decision::Nothing
             }
             Event::Client(Err(e)) => {
                 // A server may have answered already and opened its upstream: the client's
@@ -315,11 +301,50 @@ async fn forward(
                 metrics.shared.stream_resets.inc();
                 return;
             }
+        };
+        match decision {
+            Decision::Won { winner, losers } => {
+                let mut won = None;
+                for mut a in attempts.drain(..) {
+                    if a.id == winner {
+                        won = Some(a);
+                    } else if losers.contains(&a.id) {
+                        // It sat on the open another server answered: try it last for a while.
+                        a.link.passed.over();
+                        a.stream.reset(code::RESET).await;
+                    }
+                }
+                break won;
+            }
+            Decision::Lost { reset, promote } => {
+                let mut i = 0;
+                while i < attempts.len() {
+                    let id = attempts[i].id;
+                    if race.link(id).is_none() {
+                        // Ended: by its verdict, or reset here at its deadline.
+                        let mut a = attempts.swap_remove(i);
+                        if reset == Some(id) {
+                            a.stream.reset(code::RESET).await;
+                        }
+                        continue;
+                    }
+                    i += 1;
+                }
+                if let Some(a) = attempts.iter_mut().find(|a| Some(a.id) == promote) {
+                    // The one attempt left may carry the early bytes now.
+                    if a.link.has(capability::EARLY_DATA) {
+                        a.eager = true;
+                        send_kept(a, &kept).await;
+                    }
+                }
+            }
+            Decision::HedgeDenied => metrics.hedges_denied.inc(),
+            Decision::Hedge | Decision::Nothing => {}
         }
     };
     // The links asked and not used stay out of the connection's life: a dead one's tunnel
     // must not be kept alive by a long stream on another.
-    drop((tried, next));
+    drop(race);
     let Some(mut a) = winner else {
         if count == 0 {
             metrics.open_failed(OpenFailure::NoTunnel);
@@ -361,22 +386,17 @@ async fn forward(
         outcome = ?summary.outcome, "stream done");
 }
 
-/// Opens a stream on `link` and sends `Open` (and the kept early bytes, when `eager`).
+/// Opens a stream on `link` and sends `Open` (and the kept early bytes, when `eager`), within
+/// `timeout`; on failure, why and what happened.
 async fn start(
     link: Arc<Link>,
+    id: AttemptId,
     place: usize,
-    last: bool,
     eager: bool,
+    timeout: Duration,
     kept: &BytesMut,
     settings: &Forwarding,
-    metrics: &Metrics,
-) -> Option<Attempt> {
-    let wait = if last {
-        settings.last_attempt_timeout
-    } else {
-        settings.stream_open_timeout
-    };
-    let started = Instant::now();
+) -> Result<Attempt, (OpenFailure, String)> {
     let counted = link.stream_guard();
     let header = Message::Open {
         version: PROTOCOL_VERSION,
@@ -392,34 +412,29 @@ async fn start(
             .map_err(|e| e.to_string())?;
         Ok::<_, String>(stream)
     };
-    match tokio::time::timeout(wait, opened).await {
+    match tokio::time::timeout(timeout, opened).await {
         Ok(Ok(stream)) => {
             // Before the verdict, only to a server that relays what follows an `Open`.
             let eager = eager && link.has(capability::EARLY_DATA);
             let mut a = Attempt {
                 _counted: counted,
+                id,
                 link,
                 place,
                 stream,
-                started,
-                deadline: started + wait,
                 sent: 0,
                 eager,
             };
             if eager {
                 send_kept(&mut a, kept).await;
             }
-            Some(a)
+            Ok(a)
         }
-        Ok(Err(e)) => {
-            failed(metrics, &link, OpenFailure::TunnelLost, &e, !last);
-            None
-        }
-        Err(_) => {
-            let detail = format!("no stream within {wait:?}");
-            failed(metrics, &link, OpenFailure::Timeout, &detail, !last);
-            None
-        }
+        Ok(Err(e)) => Err((OpenFailure::TunnelLost, e)),
+        Err(_) => Err((
+            OpenFailure::Timeout,
+            format!("no stream within {timeout:?}"),
+        )),
     }
 }
 
@@ -429,16 +444,6 @@ fn failed(metrics: &Metrics, link: &Link, why: OpenFailure, detail: &str, retrie
     debug!(server = %link.server, reason = %detail, "stream open failed");
     if retried {
         metrics.retries.inc();
-    }
-}
-
-/// After an attempt was given up (and reset), the one left may carry the early bytes.
-async fn promote(attempts: &mut [Attempt], kept: &BytesMut) {
-    if let [only] = attempts {
-        if only.link.has(capability::EARLY_DATA) {
-            only.eager = true;
-            send_kept(only, kept).await;
-        }
     }
 }
 

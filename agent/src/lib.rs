@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod forward;
 pub mod join;
 pub mod metrics;
+pub mod race;
 pub mod renew;
 pub mod reverse;
 pub mod server_policy;

@@ -1,0 +1,565 @@
+//! Which server to ask, when to ask another, and when to give up: the decisions of one
+//! connection's open, with no I/O and no clock of their own.
+//!
+//! The forwarder ([`crate::forward`]) drives a [`Race`]: it asks [`Race::poll`] what to do next
+//! (start an attempt on a link, wait for a link that is not there yet, wait for events until a
+//! timer, or give up), does it, and reports what happened (an attempt started or not, a
+//! verdict, a timer). The rules, tested below on tokio's paused time:
+//!
+//! - The first choice is asked alone; it may carry the client's early bytes.
+//! - When it has not answered within its hedge delay (the driver's estimate from the link's
+//!   past answers), the next candidate is asked too, if the hedge budget allows: at most
+//!   [`MAX_ATTEMPTS`] at once. A hedge carries no early bytes until it is the only attempt left
+//!   ([`Verdict`]s that end the others promote it).
+//! - The first `Ok` wins and the others are reset. A refusal or a lost tunnel moves on to the
+//!   next candidate; an attempt without a verdict by its deadline is reset and counts as
+//!   tunnel trouble. The last candidate gets the longer timeout.
+//! - When every candidate failed as a tunnel (no answer, or lost) and none refused, the
+//!   tunnels probably died together (UDP blocked, a new network): once, the race waits up to
+//!   the reconnect grace for a link that was not tried, and asks it.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Most servers asked at once for one connection: the chosen one and one hedge.
+pub const MAX_ATTEMPTS: usize = 2;
+
+/// The race's timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For a verdict, when more candidates remain.
+    pub open: Duration,
+    /// For a verdict from the last candidate.
+    pub last: Duration,
+    /// How long to wait, once, for a new link after every tunnel failed as a tunnel.
+    pub grace: Duration,
+}
+
+/// A link handle a race can tell apart from others: the same link, not an equal one.
+pub trait Candidate: Clone {
+    fn same(&self, other: &Self) -> bool;
+}
+
+impl<T> Candidate for std::sync::Arc<T> {
+    fn same(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(self, other)
+    }
+}
+
+impl Candidate for &str {
+    fn same(&self, other: &Self) -> bool {
+        self == other
+    }
+}
+
+/// An attempt's name, for the driver to find its I/O by.
+pub type AttemptId = u64;
+
+/// What the driver does next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<L> {
+    /// Open a stream on `link`, send `Open` (and the kept early bytes if `eager`), within
+    /// `timeout`; report with [`Race::started`] or [`Race::start_failed`].
+    Start {
+        id: AttemptId,
+        link: L,
+        /// The candidate's place in the order (0: the first choice).
+        place: usize,
+        eager: bool,
+        timeout: Duration,
+    },
+    /// Wait until `until` for a link not among [`Race::tried`]; report with [`Race::add_links`].
+    WaitForLinks { until: Instant },
+    /// Wait for verdicts (and client bytes) until the timer, if any; report it with
+    /// [`Race::timer`] when it fires first.
+    Wait { timer: Option<(Instant, Timer)> },
+    /// No candidate is left: the connection is refused.
+    GiveUp,
+}
+
+/// The timers of a race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// Time to ask the next candidate too (if the budget allows).
+    Hedge,
+    /// The attempt's deadline passed without a verdict.
+    Expired(AttemptId),
+}
+
+/// How an attempt ended without winning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The server answered `Ok`.
+    Ok,
+    /// The server answered with a refusal (or a message it should not have).
+    Refused,
+    /// The stream or its tunnel was lost before a verdict.
+    Lost,
+}
+
+/// What a verdict or a timer means for the driver.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// `winner` carries the connection; reset the `losers`.
+    Won {
+        winner: AttemptId,
+        losers: Vec<AttemptId>,
+    },
+    /// Reset `reset`, if any; `promote` (the one attempt left) may now carry early bytes.
+    Lost {
+        reset: Option<AttemptId>,
+        promote: Option<AttemptId>,
+    },
+    /// Ask the next candidate: [`Race::poll`] starts it.
+    Hedge,
+    /// The hedge budget is spent: no more hedges for this connection.
+    HedgeDenied,
+    /// Nothing to do.
+    Nothing,
+}
+
+#[derive(Debug)]
+struct Pending<L> {
+    id: AttemptId,
+    link: L,
+    started: Instant,
+    deadline: Instant,
+    /// When to hedge if this is the newest attempt and it has not answered.
+    hedge_at: Option<Instant>,
+}
+
+/// One connection's open; `L` is the driver's handle of a link.
+#[derive(Debug)]
+pub struct Race<L> {
+    timeouts: Timeouts,
+    next: VecDeque<(usize, L)>,
+    /// Candidates so far (the places of links added later follow on).
+    count: usize,
+    attempts: Vec<Pending<L>>,
+    /// An attempt to start at the next poll (a hedge).
+    hedge_due: bool,
+    tried: Vec<L>,
+    tunnel_trouble: bool,
+    retried: bool,
+    may_hedge: bool,
+    ids: AttemptId,
+    /// The attempt the driver is starting, between `Step::Start` and its report.
+    starting: Option<(AttemptId, L, Instant, bool)>,
+}
+
+impl<L: Candidate> Race<L> {
+    /// A race over `candidates`, best first.
+    pub fn new(candidates: Vec<L>, timeouts: Timeouts) -> Self {
+        Race {
+            timeouts,
+            count: candidates.len(),
+            next: candidates.into_iter().enumerate().collect(),
+            attempts: Vec::with_capacity(MAX_ATTEMPTS),
+            hedge_due: false,
+            tried: Vec::new(),
+            tunnel_trouble: false,
+            retried: false,
+            may_hedge: true,
+            ids: 0,
+            starting: None,
+        }
+    }
+
+    /// How many candidates there were at first.
+    pub fn candidates(&self) -> usize {
+        self.count
+    }
+
+    /// The links asked so far.
+    pub fn tried(&self) -> &[L] {
+        &self.tried
+    }
+
+    /// What to do next.
+    pub fn poll(&mut self, now: Instant) -> Step<L> {
+        debug_assert!(self.starting.is_none(), "a start was not reported");
+        if self.attempts.is_empty() {
+            if self.next.is_empty() && self.tunnel_trouble && !self.retried {
+                self.retried = true;
+                return Step::WaitForLinks {
+                    until: now + self.timeouts.grace,
+                };
+            }
+            // The only attempt: it may carry early bytes.
+            return match self.start_next(now, true) {
+                Some(step) => step,
+                None => Step::GiveUp,
+            };
+        }
+        if std::mem::take(&mut self.hedge_due) {
+            if let Some(step) = self.start_next(now, false) {
+                return step;
+            }
+        }
+        Step::Wait {
+            timer: self.timer_due(),
+        }
+    }
+
+    fn start_next(&mut self, now: Instant, eager: bool) -> Option<Step<L>> {
+        let (place, link) = self.next.pop_front()?;
+        self.tried.push(link.clone());
+        let timeout = if self.next.is_empty() {
+            self.timeouts.last
+        } else {
+            self.timeouts.open
+        };
+        self.ids += 1;
+        let id = self.ids;
+        self.starting = Some((id, link.clone(), now, self.next.is_empty()));
+        Some(Step::Start {
+            id,
+            link,
+            place,
+            eager,
+            timeout,
+        })
+    }
+
+    /// The attempt `id` sent its `Open`; the next candidate is asked `hedge_after` later if it
+    /// has not answered by then.
+    pub fn started(&mut self, id: AttemptId, hedge_after: Duration) {
+        let Some((sid, link, started, last)) = self.starting.take() else {
+            return;
+        };
+        debug_assert_eq!(sid, id);
+        let timeout = if last {
+            self.timeouts.last
+        } else {
+            self.timeouts.open
+        };
+        self.attempts.push(Pending {
+            id,
+            link,
+            started,
+            deadline: started + timeout,
+            hedge_at: Some(started + hedge_after),
+        });
+    }
+
+    /// The attempt `id` could not even send its `Open` (no stream, or not in time): a tunnel's
+    /// trouble.
+    pub fn start_failed(&mut self, id: AttemptId) {
+        if let Some((sid, ..)) = self.starting.take() {
+            debug_assert_eq!(sid, id);
+        }
+        self.tunnel_trouble = true;
+    }
+
+    /// After [`Step::WaitForLinks`]: the links now up (those tried already are skipped).
+    pub fn add_links(&mut self, links: Vec<L>) {
+        let fresh: Vec<L> = links
+            .into_iter()
+            .filter(|l| !self.tried.iter().any(|t| t.same(l)))
+            .collect();
+        let base = self.count;
+        self.next
+            .extend(fresh.into_iter().enumerate().map(|(i, l)| (base + i, l)));
+    }
+
+    /// The attempt `id`'s verdict.
+    pub fn verdict(&mut self, id: AttemptId, verdict: Verdict) -> Decision {
+        let Some(i) = self.attempts.iter().position(|a| a.id == id) else {
+            return Decision::Nothing;
+        };
+        let a = self.attempts.swap_remove(i);
+        if verdict == Verdict::Ok {
+            let losers = self.attempts.drain(..).map(|l| l.id).collect();
+            return Decision::Won {
+                winner: a.id,
+                losers,
+            };
+        }
+        self.tunnel_trouble |= verdict == Verdict::Lost;
+        Decision::Lost {
+            reset: None,
+            promote: self.lone(),
+        }
+    }
+
+    /// A timer of [`Step::Wait`] fired; `budget` is whether the hedge budget gives a hedge
+    /// (asked only for [`Timer::Hedge`]).
+    pub fn timer(&mut self, timer: Timer, budget: impl FnOnce() -> bool) -> Decision {
+        match timer {
+            Timer::Hedge => {
+                if !self.hedge_possible() {
+                    return Decision::Nothing;
+                }
+                if budget() {
+                    self.hedge_due = true;
+                    Decision::Hedge
+                } else {
+                    // Every server slow, not one dead: no more load on them from this
+                    // connection.
+                    self.may_hedge = false;
+                    Decision::HedgeDenied
+                }
+            }
+            Timer::Expired(id) => {
+                let Some(i) = self.attempts.iter().position(|a| a.id == id) else {
+                    return Decision::Nothing;
+                };
+                self.attempts.swap_remove(i);
+                self.tunnel_trouble = true;
+                Decision::Lost {
+                    reset: Some(id),
+                    promote: self.lone(),
+                }
+            }
+        }
+    }
+
+    /// How long the attempt `id` has waited for its verdict.
+    pub fn waited(&self, id: AttemptId, now: Instant) -> Option<Duration> {
+        self.attempts
+            .iter()
+            .find(|a| a.id == id)
+            .map(|a| now.saturating_duration_since(a.started))
+    }
+
+    /// The link of attempt `id`, while it is live.
+    pub fn link(&self, id: AttemptId) -> Option<&L> {
+        self.attempts.iter().find(|a| a.id == id).map(|a| &a.link)
+    }
+
+    /// Whether more candidates remain after the live attempts.
+    pub fn more_left(&self) -> bool {
+        !self.next.is_empty()
+    }
+
+    fn hedge_possible(&self) -> bool {
+        self.may_hedge && self.attempts.len() < MAX_ATTEMPTS && !self.next.is_empty()
+    }
+
+    /// The one attempt left, if exactly one is.
+    fn lone(&self) -> Option<AttemptId> {
+        match self.attempts.as_slice() {
+            [only] => Some(only.id),
+            _ => None,
+        }
+    }
+
+    /// The earliest timer: the newest attempt's hedge, or the oldest deadline.
+    fn timer_due(&self) -> Option<(Instant, Timer)> {
+        let hedge = self
+            .hedge_possible()
+            .then(|| self.attempts.last().and_then(|a| a.hedge_at))
+            .flatten()
+            .map(|at| (at, Timer::Hedge));
+        let expiry = self
+            .attempts
+            .iter()
+            .min_by_key(|a| a.deadline)
+            .map(|a| (a.deadline, Timer::Expired(a.id)));
+        match (hedge, expiry) {
+            (Some(h), Some(e)) if h.0 < e.0 => Some(h),
+            (h, None) => h,
+            (_, e) => e,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            open: 500 * MS,
+            last: 5000 * MS,
+            grace: 3000 * MS,
+        }
+    }
+
+    /// Starts what `poll` says to start, with `hedge_after`; returns its id and link.
+    fn start(race: &mut Race<&'static str>, hedge_after: Duration) -> (AttemptId, &'static str) {
+        match race.poll(Instant::now()) {
+            Step::Start { id, link, .. } => {
+                race.started(id, hedge_after);
+                (id, link)
+            }
+            other => panic!("expected a start, got {other:?}"),
+        }
+    }
+
+    /// Sleeps (paused time) until the timer `poll` names and returns it.
+    async fn wait_timer(race: &mut Race<&'static str>) -> Timer {
+        match race.poll(Instant::now()) {
+            Step::Wait {
+                timer: Some((at, t)),
+            } => {
+                tokio::time::sleep_until(at).await;
+                t
+            }
+            other => panic!("expected a wait, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_choice_alone_carries_early_bytes_and_wins() {
+        let mut race = Race::new(vec!["a", "b"], timeouts());
+        match race.poll(Instant::now()) {
+            Step::Start {
+                link,
+                place,
+                eager,
+                timeout,
+                id,
+            } => {
+                assert_eq!((link, place, eager, timeout), ("a", 0, true, 500 * MS));
+                race.started(id, 20 * MS);
+                assert_eq!(
+                    race.verdict(id, Verdict::Ok),
+                    Decision::Won {
+                        winner: id,
+                        losers: vec![]
+                    }
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_first_choice_is_hedged_after_its_delay_and_the_hedge_wins() {
+        let t0 = Instant::now();
+        let mut race = Race::new(vec!["a", "b", "c"], timeouts());
+        let (a, _) = start(&mut race, 20 * MS);
+        assert_eq!(wait_timer(&mut race).await, Timer::Hedge);
+        assert_eq!(Instant::now() - t0, 20 * MS);
+        assert_eq!(race.timer(Timer::Hedge, || true), Decision::Hedge);
+        match race.poll(Instant::now()) {
+            Step::Start {
+                id, link, eager, ..
+            } => {
+                assert_eq!(
+                    (link, eager),
+                    ("b", false),
+                    "a hedge carries no early bytes"
+                );
+                race.started(id, 20 * MS);
+                // Two attempts at most: no third hedge, only the oldest deadline.
+                assert_eq!(
+                    race.poll(Instant::now()),
+                    Step::Wait {
+                        timer: Some((t0 + 500 * MS, Timer::Expired(a)))
+                    }
+                );
+                assert_eq!(
+                    race.verdict(id, Verdict::Ok),
+                    Decision::Won {
+                        winner: id,
+                        losers: vec![a]
+                    }
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_stops_hedging_for_the_connection() {
+        let t0 = Instant::now();
+        let mut race = Race::new(vec!["a", "b"], timeouts());
+        let (a, _) = start(&mut race, 20 * MS);
+        let t = wait_timer(&mut race).await;
+        assert_eq!(race.timer(t, || false), Decision::HedgeDenied);
+        // Only the deadline is left; there the next candidate gets the last, longer timeout.
+        assert_eq!(wait_timer(&mut race).await, Timer::Expired(a));
+        assert_eq!(Instant::now() - t0, 500 * MS);
+        assert_eq!(
+            race.timer(Timer::Expired(a), || unreachable!()),
+            Decision::Lost {
+                reset: Some(a),
+                promote: None
+            }
+        );
+        match race.poll(Instant::now()) {
+            Step::Start {
+                link,
+                eager,
+                timeout,
+                ..
+            } => assert_eq!((link, eager, timeout), ("b", true, 5000 * MS)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_the_first_choice_fails_the_hedge_is_promoted() {
+        let mut race = Race::new(vec!["a", "b", "c"], timeouts());
+        let (a, _) = start(&mut race, 10 * MS);
+        let t = wait_timer(&mut race).await;
+        race.timer(t, || true);
+        let (b, link) = start(&mut race, 10 * MS);
+        assert_eq!(link, "b");
+        assert_eq!(
+            race.verdict(a, Verdict::Refused),
+            Decision::Lost {
+                reset: None,
+                promote: Some(b)
+            }
+        );
+        // The promoted hedge is now the newest: the third candidate is its hedge.
+        assert_eq!(wait_timer(&mut race).await, Timer::Hedge);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_walk_the_candidates_then_give_up_without_waiting() {
+        let mut race = Race::new(vec!["a", "b"], timeouts());
+        let (a, _) = start(&mut race, 20 * MS);
+        race.verdict(a, Verdict::Refused);
+        let (b, link) = start(&mut race, 20 * MS);
+        assert_eq!(link, "b");
+        race.verdict(b, Verdict::Refused);
+        // A refusal is a server's answer, not a tunnel's trouble: nothing to wait for.
+        assert_eq!(race.poll(Instant::now()), Step::GiveUp);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_every_tunnel_failed_together_a_new_one_is_waited_for_once() {
+        let t0 = Instant::now();
+        let mut race = Race::new(vec!["quic-a", "quic-b"], timeouts());
+        let (a, _) = start(&mut race, 20 * MS);
+        race.verdict(a, Verdict::Lost);
+        match race.poll(Instant::now()) {
+            Step::Start { id, .. } => race.start_failed(id),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            race.poll(Instant::now()),
+            Step::WaitForLinks {
+                until: t0 + 3000 * MS
+            }
+        );
+        assert_eq!(race.tried(), ["quic-a", "quic-b"]);
+        // The fallback's tunnels came up; one tried already is skipped.
+        race.add_links(vec!["quic-a", "tcp-a"]);
+        match race.poll(Instant::now()) {
+            Step::Start {
+                id, link, place, ..
+            } => {
+                assert_eq!((link, place), ("tcp-a", 2));
+                race.started(id, 20 * MS);
+                race.verdict(id, Verdict::Lost);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Only once.
+        assert_eq!(race.poll(Instant::now()), Step::GiveUp);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_candidates_gives_up_at_once() {
+        let mut race: Race<&str> = Race::new(vec![], timeouts());
+        assert_eq!(race.poll(Instant::now()), Step::GiveUp);
+    }
+}
