@@ -1,7 +1,7 @@
 //! Which server to ask, when to ask another, and when to give up: the decisions of one
 //! connection's open, with no I/O and no clock of their own.
 //!
-//! The forwarder ([`crate::forward`]) drives a [`Race`]: it asks [`Race::poll`] what to do next
+//! The forwarder (`forward.rs`) drives a [`Race`]: it asks [`Race::poll`] what to do next
 //! (start an attempt on a link, wait for a link that is not there yet, wait for events until a
 //! timer, or give up), does it, and reports what happened (an attempt started or not, a
 //! verdict, a timer). The rules, tested below on tokio's paused time:

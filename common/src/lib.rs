@@ -3,7 +3,8 @@
 //! - **the tunnel**: [`transport`] (one interface over QUIC and TLS-over-TCP), [`open`] (the
 //!   `Open`/`Status` exchange that begins every relayed stream), [`relay`] (copying
 //!   bytes between a TCP socket and a stream, with half-close and reset), [`tls`] (certificates,
-//!   ALPN, the transports' settings) and [`net`] (addresses and sockets);
+//!   ALPN, the transports' settings), [`congestion`] (QUIC's BBR with a window that follows the
+//!   link) and [`net`] (addresses and sockets);
 //! - **link keeping** ([`link`]): dialing, reconnecting with backoff and choosing a server;
 //! - **local endpoints** ([`endpoint`]): the one HTTP/1 request parser, per-client slots, and the
 //!   admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`);
@@ -15,6 +16,7 @@
 //! The wire codecs are not here: they are the `tether-proto` crate, which has no I/O.
 #![forbid(unsafe_code)]
 
+pub mod congestion;
 pub mod endpoint;
 pub mod link;
 pub mod metrics;

@@ -315,7 +315,7 @@ pub const TUNNEL_IDLE_MARGIN: Duration = Duration::from_secs(5);
 /// BBR is the default: it paces to the bottleneck's measured rate and round-trip time instead of
 /// halving its window at every loss, so a link that drops one packet in a hundred at random
 /// (radio, a busy uplink) still carries near its rate; with the window cap of
-/// [`crate::transport::CappedBbrConfig`] it also keeps the bottleneck's queue short, so a small
+/// [`crate::congestion::CappedBbrConfig`] it also keeps the bottleneck's queue short, so a small
 /// request behind a bulk transfer is not held up. Cubic and NewReno back off on every
 /// loss: on the WAN lab's continental profile (100 ms, 1% loss) Cubic carried a twentieth of the
 /// link (docs/performance.md, "Edge links"). They are kept for comparison and for links where
@@ -421,7 +421,7 @@ fn base_transport(limits: TunnelLimits) -> quinn::TransportConfig {
     t.datagram_receive_buffer_size(None);
     match limits.congestion {
         Congestion::Bbr => {
-            t.congestion_controller_factory(Arc::new(crate::transport::CappedBbrConfig::default()))
+            t.congestion_controller_factory(Arc::new(crate::congestion::CappedBbrConfig::default()))
         }
         Congestion::Cubic => {
             t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))

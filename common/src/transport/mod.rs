@@ -5,13 +5,11 @@
 //! this module, so that QUIC ([`quic`]) and the TLS-over-TCP fallback ([`tcp`]) behave the same to
 //! everything above. Each adapter imports only [`error`]; this file wires them.
 
-mod bbr;
 mod coalesce;
 mod error;
 mod quic;
 pub mod tcp;
 
-pub use bbr::CappedBbrConfig;
 pub use error::{CloseReason, FrameError, StreamError, TransportError};
 
 use bytes::{Bytes, BytesMut};

@@ -50,14 +50,14 @@ const FOREIGN_QUEUE: f64 = 1.5;
 /// scheduler. The window always has room for the rate over this much more than the round trip;
 /// without it, on loopback (a round trip of 30 us, acks a millisecond apart) the cap held QUIC
 /// to a fifth of its rate (docs/performance.md). Queues worth capping are longer than this.
-const HOST_SLACK: Duration = Duration::from_millis(5);
+pub const HOST_SLACK: Duration = Duration::from_millis(5);
 
 /// Paths with a shorter minimum round trip are not capped: their queue, even at BBR's two
 /// products, is a few milliseconds, while the time the hosts themselves add (a receiver busy
 /// with 500 streams acks milliseconds late) dwarfs the round trip, and a window cut to the
 /// product would starve (the forward suite's 500 concurrent streams over loopback were reset
 /// when it was).
-const MIN_CAPPED_RTT: Duration = Duration::from_millis(10);
+pub const MIN_CAPPED_RTT: Duration = Duration::from_millis(10);
 
 /// How many round trips a rate maximum stands.
 const BW_WINDOW_ROUNDS: u32 = 10;
