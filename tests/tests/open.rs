@@ -136,21 +136,36 @@ async fn early_bytes_survive_the_server_dying_under_them() {
     })
     .await;
     let to = agent.listen_addr;
+    // The load runs until told to stop: an early open hedged to the second server puts the
+    // first behind it for a few seconds, and a load of fixed length could end before the
+    // first server carried any of it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let load = tokio::spawn(async move {
         let mut failures = Vec::new();
-        for i in 0..300u64 {
+        let mut i = 0u64;
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
             if let Err(e) = echo_roundtrip(to, random_bytes(3000, i)).await {
                 failures.push(e);
             }
+            i += 1;
         }
         failures
     });
-    wait_for("load under way", Duration::from_secs(10), || async {
+    wait_for("load under way", Duration::from_secs(20), || async {
         first.metrics().shared.streams_total.get() >= 20
     })
     .await;
     // Dropped without a goodbye: its tunnels are gone, its streams with them.
+    let before = second.metrics().shared.streams_total.get();
     first.shutdown().await;
+    wait_for(
+        "load on the second server",
+        Duration::from_secs(30),
+        || async { second.metrics().shared.streams_total.get() >= before + 100 },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let failures = within("the load", Duration::from_secs(60), load)
         .await
         .unwrap();
