@@ -282,11 +282,12 @@ fn shell(cmd: &str) -> String {
 
 fn run() -> Result<()> {
     let mut cli = Cli::parse();
-    if let Some(Sub::Wan(a)) = cli.command.take() {
-        return wan::run(a);
-    }
-    if let Some(Sub::Soak(a)) = cli.command.take() {
-        return soak(a);
+    // One match: a `take()` per subcommand would drop the first one it did not match, and
+    // `soak` would fall through to the loopback benchmark (it did, for a while).
+    match cli.command.take() {
+        Some(Sub::Wan(a)) => return wan::run(a),
+        Some(Sub::Soak(a)) => return soak(a),
+        None => {}
     }
     cli.apply_presets();
     for t in &cli.transports {

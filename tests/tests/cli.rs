@@ -375,3 +375,37 @@ async fn a_taken_local_port_is_reported_with_its_holder() {
         "{err}"
     );
 }
+
+/// Each `tether-bench` subcommand reaches its own code. A soak with a fault that does not exist
+/// is refused at once by the soak's own check; for a while a dispatch bug sent every `soak`
+/// to the loopback benchmark, and CI's "quick soak" measured throughput instead (minutes, and no
+/// error). The child is killed at the deadline, so a regression fails here rather than hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tether_bench_subcommands_reach_their_own_code() {
+    for (args, says) in [
+        (
+            &["soak", "--no-netns", "--faults", "no-such-fault"][..],
+            "no fault",
+        ),
+        (&["wan", "--profiles", "no-such-profile"][..], "no link profile"),
+    ] {
+        let child = Command::new(bin("tether-bench"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("tether-bench {args:?} still runs after 30 s"))
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "tether-bench {args:?}: {err}");
+        assert!(err.contains(says), "tether-bench {args:?}: {err}");
+        assert!(
+            !err.contains("results in target/bench"),
+            "tether-bench {args:?} ran the loopback benchmark: {err}"
+        );
+    }
+}

@@ -269,14 +269,18 @@ struct ProfileResult {
 }
 
 pub fn run(a: WanArgs) -> Result<()> {
-    if let Some(why) = lab::missing_requirement() {
-        bail!("tether-bench wan: {why}");
-    }
     let (profiles, secs, blackouts, idle_secs) = if a.smoke {
         (vec!["lan".to_string()], 1.0, vec![2.0], 5.0)
     } else {
         (a.profiles.clone(), a.secs, a.blackouts.clone(), a.idle_secs)
     };
+    // A misspelt profile is refused before anything is built.
+    for name in &profiles {
+        Profile::by_name(name)?;
+    }
+    if let Some(why) = lab::missing_requirement() {
+        bail!("tether-bench wan: {why}");
+    }
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
             "target/wan/{}",
