@@ -316,19 +316,16 @@ async fn forward(
                 }
                 break won;
             }
-            Decision::Lost { reset, promote } => {
-                let mut i = 0;
-                while i < attempts.len() {
-                    let id = attempts[i].id;
-                    if race.link(id).is_none() {
-                        // Ended: by its verdict, or reset here at its deadline.
-                        let mut a = attempts.swap_remove(i);
-                        if reset == Some(id) {
-                            a.stream.reset(code::RESET).await;
-                        }
-                        continue;
+            Decision::Lost {
+                ended,
+                reset,
+                promote,
+            } => {
+                if let Some(i) = attempts.iter().position(|a| a.id == ended) {
+                    let mut a = attempts.swap_remove(i);
+                    if reset {
+                        a.stream.reset(code::RESET).await;
                     }
-                    i += 1;
                 }
                 if let Some(a) = attempts.iter_mut().find(|a| Some(a.id) == promote) {
                     // The one attempt left may carry the early bytes now.

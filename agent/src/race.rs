@@ -106,9 +106,11 @@ pub enum Decision {
         winner: AttemptId,
         losers: Vec<AttemptId>,
     },
-    /// Reset `reset`, if any; `promote` (the one attempt left) may now carry early bytes.
+    /// The attempt `ended` is over: by its verdict, or, with `reset`, at its deadline (the
+    /// driver resets its stream). `promote` (the one attempt left) may now carry early bytes.
     Lost {
-        reset: Option<AttemptId>,
+        ended: AttemptId,
+        reset: bool,
         promote: Option<AttemptId>,
     },
     /// Ask the next candidate: [`Race::poll`] starts it.
@@ -120,9 +122,8 @@ pub enum Decision {
 }
 
 #[derive(Debug)]
-struct Pending<L> {
+struct Pending {
     id: AttemptId,
-    link: L,
     started: Instant,
     deadline: Instant,
     /// When to hedge if this is the newest attempt and it has not answered.
@@ -136,7 +137,7 @@ pub struct Race<L> {
     next: VecDeque<(usize, L)>,
     /// Candidates so far (the places of links added later follow on).
     count: usize,
-    attempts: Vec<Pending<L>>,
+    attempts: Vec<Pending>,
     /// An attempt to start at the next poll (a hedge).
     hedge_due: bool,
     tried: Vec<L>,
@@ -145,7 +146,7 @@ pub struct Race<L> {
     may_hedge: bool,
     ids: AttemptId,
     /// The attempt the driver is starting, between `Step::Start` and its report.
-    starting: Option<(AttemptId, L, Instant, bool)>,
+    starting: Option<(AttemptId, Instant, bool)>,
 }
 
 impl<L: Candidate> Race<L> {
@@ -212,7 +213,7 @@ impl<L: Candidate> Race<L> {
         };
         self.ids += 1;
         let id = self.ids;
-        self.starting = Some((id, link.clone(), now, self.next.is_empty()));
+        self.starting = Some((id, now, self.next.is_empty()));
         Some(Step::Start {
             id,
             link,
@@ -225,7 +226,7 @@ impl<L: Candidate> Race<L> {
     /// The attempt `id` sent its `Open`; the next candidate is asked `hedge_after` later if it
     /// has not answered by then.
     pub fn started(&mut self, id: AttemptId, hedge_after: Duration) {
-        let Some((sid, link, started, last)) = self.starting.take() else {
+        let Some((sid, started, last)) = self.starting.take() else {
             return;
         };
         debug_assert_eq!(sid, id);
@@ -236,7 +237,6 @@ impl<L: Candidate> Race<L> {
         };
         self.attempts.push(Pending {
             id,
-            link,
             started,
             deadline: started + timeout,
             hedge_at: Some(started + hedge_after),
@@ -278,7 +278,8 @@ impl<L: Candidate> Race<L> {
         }
         self.tunnel_trouble |= verdict == Verdict::Lost;
         Decision::Lost {
-            reset: None,
+            ended: a.id,
+            reset: false,
             promote: self.lone(),
         }
     }
@@ -308,7 +309,8 @@ impl<L: Candidate> Race<L> {
                 self.attempts.swap_remove(i);
                 self.tunnel_trouble = true;
                 Decision::Lost {
-                    reset: Some(id),
+                    ended: id,
+                    reset: true,
                     promote: self.lone(),
                 }
             }
@@ -321,11 +323,6 @@ impl<L: Candidate> Race<L> {
             .iter()
             .find(|a| a.id == id)
             .map(|a| now.saturating_duration_since(a.started))
-    }
-
-    /// The link of attempt `id`, while it is live.
-    pub fn link(&self, id: AttemptId) -> Option<&L> {
-        self.attempts.iter().find(|a| a.id == id).map(|a| &a.link)
     }
 
     /// Whether more candidates remain after the live attempts.
@@ -478,7 +475,8 @@ mod tests {
         assert_eq!(
             race.timer(Timer::Expired(a), || unreachable!()),
             Decision::Lost {
-                reset: Some(a),
+                ended: a,
+                reset: true,
                 promote: None
             }
         );
@@ -504,7 +502,8 @@ mod tests {
         assert_eq!(
             race.verdict(a, Verdict::Refused),
             Decision::Lost {
-                reset: None,
+                ended: a,
+                reset: false,
                 promote: Some(b)
             }
         );
