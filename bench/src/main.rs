@@ -133,6 +133,16 @@ struct SoakArgs {
     /// from the `etcd` on the PATH; adds kill-9-etcd and cut-server-from-etcd to the faults).
     #[arg(long, value_enum, default_value = "dir")]
     datastore: SoakStore,
+    /// Put an edge link of this WAN lab profile between the agents and the servers (lan,
+    /// regional, continental, cellular, satellite): the agents in a node namespace, the
+    /// servers in a masters namespace, and the link's blackouts and NAT rebindings among the
+    /// faults. Needs root; runs the mixed scenario, with the servers' state in their data
+    /// directories. The load is sized for the link (bulk connections up to 8 MiB).
+    #[arg(long, value_name = "PROFILE")]
+    link: Option<String>,
+    /// The tether processes' log level (their --log-level), for looking into a failure.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +160,22 @@ enum Scenario {
 }
 
 fn soak(a: SoakArgs) -> Result<()> {
+    // What --link cannot do is refused before anything is built.
+    let link = a.link.as_deref().map(wan::Profile::by_name).transpose()?;
+    if link.is_some() {
+        if a.scenario != Scenario::Mixed {
+            bail!("soak --link runs the mixed scenario only (the others have no link to cross)");
+        }
+        if a.datastore == SoakStore::Etcd {
+            bail!("soak --link keeps the servers' state in their data directories: drop --datastore etcd");
+        }
+        if a.no_netns {
+            bail!("soak --link builds network namespaces: drop --no-netns");
+        }
+        if let Some(why) = wan::lab::missing_requirement() {
+            bail!("soak --link: {why}");
+        }
+    }
     if !a.no_netns && std::env::var_os(soak::NETNS_ENV).is_none() && soak::can_make_namespace() {
         let code = soak::run_in_namespace(std::env::args_os().skip(1).collect())?;
         std::process::exit(code);
@@ -171,6 +197,12 @@ fn soak(a: SoakArgs) -> Result<()> {
     tether_common::net::raise_fd_limit().context("raise the open file limit")?;
     let mut settings = soak::Settings::new(duration, a.quick, seed, out);
     settings.etcd = a.datastore == SoakStore::Etcd;
+    settings.link = link;
+    settings.log_level = a.log_level.clone();
+    if link.is_some() {
+        // Two bulk workers of up to 8 MiB keep a 20 Mbit/s link busy without starving the rest.
+        settings.bulk_max = settings.bulk_max.min(8 << 20);
+    }
     if settings.etcd && !etcd::available() {
         bail!("soak --datastore etcd: no etcd binary on the PATH (install Debian's etcd-server)");
     }

@@ -63,6 +63,12 @@ pub struct Settings {
     /// The servers keep their shared state in an etcd of the soak's own (`--datastore etcd`)
     /// instead of their data directories and peer links; etcd's faults join the list.
     pub etcd: bool,
+    /// The agents reach the servers across an edge link of this profile (`--link`), with its
+    /// blackouts and NAT rebindings among the faults.
+    pub link: Option<&'static crate::wan::Profile>,
+    /// The tether processes' `--log-level` (`warn` unless asked: an hour at `info` is for
+    /// looking into a failure).
+    pub log_level: String,
 }
 
 impl Settings {
@@ -81,6 +87,8 @@ impl Settings {
                 netns: in_namespace(),
                 faults: None,
                 etcd: false,
+                link: None,
+                log_level: "warn".into(),
             }
         } else {
             Settings {
@@ -96,6 +104,8 @@ impl Settings {
                 netns: in_namespace(),
                 faults: None,
                 etcd: false,
+                link: None,
+                log_level: "warn".into(),
             }
         }
     }
@@ -131,6 +141,44 @@ impl Rng {
 // ---------------------------------------------------------------------------------------------
 // The lab: upstreams, servers and agents, each of which a fault can stop and start again.
 
+/// Where a part of the lab lives: the soak's own network namespace (loopback), or, with
+/// `--link`, one of the WAN lab's namespaces, joined to the other only by the edge link's wire.
+/// Every address the soak holds belongs to one side, and it dials it from there.
+#[derive(Clone, Default)]
+struct Side(Option<Arc<str>>);
+
+impl Side {
+    /// Runs `f` on this side: sockets it makes live there.
+    fn run<T: Send>(&self, f: impl FnOnce() -> std::io::Result<T> + Send) -> std::io::Result<T> {
+        match &self.0 {
+            None => f(),
+            Some(ns) => crate::wan::lab::in_ns(ns, f)
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?,
+        }
+    }
+
+    /// The program and arguments that run `bin args` on this side.
+    fn command(&self, bin: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+        match &self.0 {
+            None => (bin.to_path_buf(), args.to_vec()),
+            Some(ns) => {
+                // `ip netns exec` execs the program: the process keeps the pid that signals and
+                // samples use.
+                let mut all = vec!["netns".into(), "exec".into(), ns.to_string()];
+                all.push(bin.to_string_lossy().into_owned());
+                all.extend_from_slice(args);
+                (PathBuf::from("ip"), all)
+            }
+        }
+    }
+
+    /// A GET of an admin endpoint on this side.
+    fn http_get(&self, addr: SocketAddr, path: &str) -> Result<String> {
+        self.run(|| crate::procs::http_get(addr, path).map_err(std::io::Error::other))
+            .map_err(anyhow::Error::from)
+    }
+}
+
 /// An echo server on a fixed port that can be stopped (new connections refused; the ones open
 /// carry on) and started again: an apiserver going away.
 struct Upstream {
@@ -140,16 +188,36 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn start() -> Result<Upstream> {
+    /// An upstream on `side`'s loopback: its thread lives there, as it binds again after each
+    /// stop.
+    fn start(side: &Side) -> Result<Upstream> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let (down, stop) = (
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
         );
         let (d, s) = (down.clone(), stop.clone());
-        let first = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
-        first.set_nonblocking(true)?;
+        let (bound_tx, bound) = std::sync::mpsc::sync_channel::<Result<()>>(1);
+        let ns = side.0.clone();
         std::thread::spawn(move || {
+            let first = (|| -> Result<TcpListener> {
+                if let Some(ns) = &ns {
+                    crate::wan::lab::enter(ns)?;
+                }
+                let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })();
+            let first = match first {
+                Ok(l) => {
+                    let _ = bound_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = bound_tx.send(Err(e));
+                    return;
+                }
+            };
             let mut listener = Some(first);
             while !s.load(Ordering::Relaxed) {
                 if d.load(Ordering::Relaxed) {
@@ -169,6 +237,9 @@ impl Upstream {
                 }
             }
         });
+        bound
+            .recv()
+            .context("the upstream's thread ended before binding")??;
         Ok(Upstream { addr, down, stop })
     }
 }
@@ -197,9 +268,9 @@ fn echo(mut c: TcpStream) {
     let _ = c.shutdown(Shutdown::Write);
 }
 
-/// A stand-in kubelet: an echo on a port of its own, for the reverse path.
-fn kubelet() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
+/// A stand-in kubelet on `side`'s loopback: an echo on a port of its own, for the reverse path.
+fn kubelet(side: &Side) -> Result<SocketAddr> {
+    let l = side.run(|| TcpListener::bind("127.0.0.1:0"))?;
     let addr = l.local_addr()?;
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
@@ -215,6 +286,8 @@ struct Slot {
     args: Vec<String>,
     log: PathBuf,
     admin: SocketAddr,
+    /// Where the process runs (and its admin address is).
+    side: Side,
     proc: Option<Proc>,
     starts: u32,
 }
@@ -223,19 +296,24 @@ impl Slot {
     fn start(&mut self) -> Result<()> {
         let log = self.log.with_extension(format!("{}.log", self.starts));
         self.starts += 1;
-        let mut p = Proc::spawn(&self.name, &self.bin, &self.args, &log)?;
+        let (bin, args) = self.side.command(&self.bin, &self.args);
+        let mut p = Proc::spawn(&self.name, &bin, &args, &log)?;
         let admin = self.admin;
+        let side = &self.side;
         wait_until(
             &format!("{} ready", self.name),
             Duration::from_secs(30),
             || {
                 p.check_alive().is_ok()
-                    && tether_common::endpoint::http::get_blocking(
-                        &admin.to_string(),
-                        "/readyz",
-                        Duration::from_secs(1),
-                    )
-                    .is_ok_and(|(code, _)| code == 200)
+                    && side
+                        .run(|| {
+                            tether_common::endpoint::http::get_blocking(
+                                &admin.to_string(),
+                                "/readyz",
+                                Duration::from_secs(1),
+                            )
+                        })
+                        .is_ok_and(|(code, _)| code == 200)
             },
         )
         .with_context(|| format!("{} did not start; see {}", self.name, log.display()))?;
@@ -298,6 +376,9 @@ struct Joining {
     /// The servers' tunnel addresses.
     servers: Vec<String>,
     work: PathBuf,
+    /// Where agents run: the nodes' side.
+    side: Side,
+    log_level: String,
 }
 
 impl Joining {
@@ -306,10 +387,10 @@ impl Joining {
         let d = self.work.join(node).to_string_lossy().into_owned();
         let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let kubelet = kubelet()?;
+        let kubelet = kubelet(&self.side)?;
         let mut args: Vec<String> = [
             "--log-level",
-            "warn",
+            &self.log_level,
             "run",
             "--data-dir",
             &d,
@@ -325,6 +406,8 @@ impl Joining {
             node,
             "--reconnect-grace",
             &format!("{}s", GRACE.as_secs()),
+            "--blackout-tolerance",
+            &format!("{}s", BLACKOUT_TOLERANCE.as_secs()),
         ]
         .map(String::from)
         .to_vec();
@@ -338,6 +421,7 @@ impl Joining {
                 args,
                 log: self.work.join(name),
                 admin,
+                side: self.side.clone(),
                 proc: None,
                 starts: 0,
             },
@@ -362,6 +446,35 @@ struct Lab {
     command_dir: PathBuf,
     joining: Joining,
     victims: Mutex<Vec<Victim>>,
+    /// Where the agents (with their kubelets) and the servers (with their upstreams) run.
+    node: Side,
+    masters: Side,
+    /// The edge link between them, with `--link`. Last: dropped after every process, it
+    /// removes the namespaces they ran in.
+    link: Option<Link>,
+}
+
+/// The edge link of `--link PROFILE`: the WAN lab's node and masters namespaces, and the wire
+/// between them with the profile's delay, jitter, loss, rate and queue. Its blackouts and NAT
+/// rebindings are the soak's to make (see [`link_loop`]), so that the record has each one.
+struct Link {
+    profile: &'static crate::wan::Profile,
+    wire: crate::wan::lab::Lab,
+}
+
+impl Link {
+    fn start(profile: &'static crate::wan::Profile, seed: u64) -> Result<Link> {
+        let shape = profile.shape();
+        // No scheduled blackouts, and the NAT on: `link_loop` and `rebind NAT` drive both.
+        let wire = crate::wan::lab::Lab::start(
+            shape,
+            shape,
+            crate::wan::shape::Blackouts::none(),
+            true,
+            seed,
+        )?;
+        Ok(Link { profile, wire })
+    }
 }
 
 /// How long a drained server lets streams finish before it exits.
@@ -372,6 +485,10 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// every agent renews about every 100 s, under load and faults, for the whole run.
 const AGENT_CERT_LIFE: Duration = Duration::from_secs(300);
 
+/// The agents' `--blackout-tolerance` (its default, given explicitly): how long every server may be silent at
+/// once (a dead link) before the agent gives its tunnels up.
+const BLACKOUT_TOLERANCE: Duration = Duration::from_secs(30);
+
 /// How long the agents hold a new connection that finds no tunnel (`--reconnect-grace`, its
 /// default), given explicitly so that the disconnected scenario knows what to expect.
 const GRACE: Duration = Duration::from_secs(3);
@@ -380,21 +497,36 @@ impl Lab {
     /// Three servers and `agents` agents, which join for certificates of `cert_life`. With
     /// `etcd`, the servers share their state through an etcd of the lab's own (and find each
     /// other through it: no `--peer`); otherwise through their data directories and peer links.
-    fn build(work: &Path, agents: usize, cert_life: Duration, etcd: bool) -> Result<Lab> {
+    ///
+    /// With `link`, the agents run in the node namespace of an edge link of that profile and
+    /// the servers in its masters namespace (see [`Link`]).
+    fn build(
+        work: &Path,
+        agents: usize,
+        cert_life: Duration,
+        etcd: bool,
+        link: Option<(&'static crate::wan::Profile, u64)>,
+        log_level: &str,
+    ) -> Result<Lab> {
         let server_bin = sibling("tether-server")?;
         let agent_bin = sibling("tether-agent")?;
+        let link = link.map(|(p, seed)| Link::start(p, seed)).transpose()?;
+        let (node, masters, server_ip) = match &link {
+            Some(l) => (
+                Side(Some(l.wire.node.as_str().into())),
+                Side(Some(l.wire.masters.as_str().into())),
+                std::net::IpAddr::V4(crate::wan::lab::MASTERS_IP),
+            ),
+            None => (
+                Side::default(),
+                Side::default(),
+                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            ),
+        };
         let ca = work.join("ca");
         let cad = ca.to_string_lossy().into_owned();
-        run_ok(
-            &server_bin,
-            &[
-                "init",
-                "--data-dir",
-                &cad,
-                "--san",
-                "localhost,127.0.0.1,::1",
-            ],
-        )?;
+        let sans = format!("localhost,127.0.0.1,::1,{}", crate::wan::lab::MASTERS_IP);
+        run_ok(&server_bin, &["init", "--data-dir", &cad, "--san", &sans])?;
         let n = 3;
         let (etcd, token) = if etcd {
             let (e, token) = crate::etcd::Etcd::start(&work.join("etcd"), n, &server_bin, &ca)?;
@@ -406,17 +538,23 @@ impl Lab {
             (None, token.trim().to_string())
         };
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
-        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let addrs: Vec<String> = ports
+            .iter()
+            .map(|p| SocketAddr::new(server_ip, *p).to_string())
+            .collect();
         let mut upstreams = Vec::new();
         let mut servers = Vec::new();
         let mut egress = Vec::new();
         for i in 0..n {
-            let up = Upstream::start()?;
+            let up = Upstream::start(&masters)?;
             let dir = work.join(format!("server-{i}"));
             copy_dir(&ca, &dir)?;
             let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let eg = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let mut args = crate::path::run_args(&dir, &addrs[i], admin);
+            if let Some(level) = args.iter().position(|a| a == "--log-level") {
+                args[level + 1] = log_level.to_string();
+            }
             args.extend([
                 "--upstream".into(),
                 up.addr.to_string(),
@@ -446,6 +584,7 @@ impl Lab {
                 args,
                 log: work.join(format!("server-{i}")),
                 admin,
+                side: masters.clone(),
                 proc: None,
                 starts: 0,
             }));
@@ -459,6 +598,8 @@ impl Lab {
             token,
             servers: addrs,
             work: work.to_path_buf(),
+            side: node.clone(),
+            log_level: log_level.to_string(),
         };
         let mut agent_slots = Vec::new();
         for j in 0..agents {
@@ -476,6 +617,9 @@ impl Lab {
             command_dir: work.join("server-0"),
             joining,
             victims: Mutex::new(Vec::new()),
+            node,
+            masters,
+            link,
         })
     }
 
@@ -548,9 +692,14 @@ fn may_fail(f: &Fault, kind: &str, from: f64, to: f64) -> bool {
                 in_window
             }
         }
-        // What outlasts the drain timeout is closed; nothing new fails.
-        "drain server" | "restart all servers" => !new_connection && in_window,
-        // Certificate reloads and NAT rebindings must fail nothing.
+        // What outlasts the drain timeout is closed: a long-lived connection, or, on a slow
+        // link, a bulk one that takes longer than the timeout. Nothing quicker fails.
+        "drain server" | "restart all servers" => {
+            in_window && (!new_connection || to - from > DRAIN.as_secs_f64())
+        }
+        // Certificate reloads, NAT rebindings and the link's blackouts (up to the tolerance)
+        // must fail nothing: a blackout only delays.
+        "link blackout" | "link rebinding" | "rebind NAT" | "reload server certificate" => false,
         _ => false,
     }
 }
@@ -644,8 +793,9 @@ fn sha(data: &[u8]) -> Vec<u8> {
     d.finish().as_ref().to_vec()
 }
 
-fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+/// A connection to `addr` on `side`.
+fn connect(side: &Side, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let c = side.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
     c.set_nodelay(true)?;
     c.set_read_timeout(Some(Duration::from_secs(15)))?;
     c.set_write_timeout(Some(Duration::from_secs(15)))?;
@@ -654,8 +804,12 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Sends `data` on one thread while reading the echo on this one, then half-closes and reads
 /// to the end: the bytes back, or why not.
-fn exchange(addr: SocketAddr, data: Arc<Vec<u8>>) -> std::result::Result<Vec<u8>, String> {
-    let c = connect(addr).map_err(|e| format!("connect: {e}"))?;
+fn exchange(
+    side: &Side,
+    addr: SocketAddr,
+    data: Arc<Vec<u8>>,
+) -> std::result::Result<Vec<u8>, String> {
+    let c = connect(side, addr).map_err(|e| format!("connect: {e}"))?;
     let mut w = c.try_clone().map_err(|e| e.to_string())?;
     let sent = data.clone();
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
@@ -691,7 +845,7 @@ fn short_load(run: Arc<Run>, worker: u64, workers: u64) {
         rng.fill(&mut data);
         let start = run.now();
         let data = Arc::new(data);
-        let got = exchange(addr, data.clone());
+        let got = exchange(&run.lab.node, addr, data.clone());
         run.outcome(judge("short", start, run.now(), agent, &data, got));
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
@@ -750,7 +904,7 @@ fn bulk_load(run: Arc<Run>, worker: u64) {
         rng.fill(&mut data);
         let start = run.now();
         let data = Arc::new(data);
-        let got = exchange(addr, data.clone());
+        let got = exchange(&run.lab.node, addr, data.clone());
         let o = judge("bulk", start, run.now(), agent, &data, got);
         let failed = o.failure.is_some();
         run.outcome(o);
@@ -799,7 +953,7 @@ fn trickle(
     life: Duration,
     rng: &mut Rng,
 ) -> std::result::Result<u64, TrickleError> {
-    let mut c = connect(addr).map_err(|e| (0, format!("connect: {e}"), false))?;
+    let mut c = connect(&run.lab.node, addr).map_err(|e| (0, format!("connect: {e}"), false))?;
     // Silent longer than this is stuck: failures are noticed in ~2.5 s, and a reset travels.
     c.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| (0, e.to_string(), false))?;
@@ -848,19 +1002,26 @@ fn reverse_load(run: Arc<Run>) {
         let mut data = vec![0u8; 4096];
         rng.fill(&mut data);
         let start = run.now();
-        let got = connect_through(run.lab.egress[i], &node, kubelet.port(), &data);
+        let got = connect_through(
+            &run.lab.masters,
+            run.lab.egress[i],
+            &node,
+            kubelet.port(),
+            &data,
+        );
         let got = got.map(|_| data.clone());
         run.outcome(judge("reverse", start, run.now(), j, &data, got));
     }
 }
 
 fn connect_through(
+    side: &Side,
     proxy: SocketAddr,
     node: &str,
     port: u16,
     data: &[u8],
 ) -> std::result::Result<(), String> {
-    let mut c = connect(proxy).map_err(|e| format!("connect to the egress proxy: {e}"))?;
+    let mut c = connect(side, proxy).map_err(|e| format!("connect to the egress proxy: {e}"))?;
     let req = format!("CONNECT {node}:{port} HTTP/1.1\r\nHost: {node}:{port}\r\n\r\n");
     c.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut head = Vec::new();
@@ -920,7 +1081,7 @@ fn fault_loop(run: Arc<Run>) {
         .copied()
         .filter(|k| match *k {
             "drop packets to server" | "block UDP" => run.settings.netns,
-            "rebind NAT" => conntrack,
+            "rebind NAT" => conntrack || run.lab.link.is_some(),
             "kill -9 etcd" | "cut server from etcd" => etcd,
             _ => true,
         })
@@ -957,13 +1118,66 @@ fn fault_loop(run: Arc<Run>) {
     }
 }
 
-/// Inserts (`-I`) or deletes (`-D`) one firewall rule.
-fn iptables(op: &str, rule: &str) -> Result<()> {
+/// The link's own weather, with `--link`: a blackout of the profile's length about every
+/// `blackout_every_s`, and a NAT rebinding about every `rebind_every_s` (each a quarter early
+/// or late at random, so that neither falls into step with the faults). Each goes into the
+/// record as a fault that must fail nothing (see [`may_fail`]): streams outlive a blackout up
+/// to the tolerance, and QUIC follows its flows to their new ports.
+fn link_loop(run: Arc<Run>) {
+    let Some(link) = &run.lab.link else { return };
+    let p = link.profile;
+    let wire = link.wire.handle();
+    let mut rng = Rng::new(run.settings.seed ^ 0x11C4);
+    let after = |every: u64, rng: &mut Rng| -> Option<f64> {
+        (every > 0).then(|| {
+            let ms = every * 1000;
+            run.now() + (ms * 3 / 4 + rng.below(ms / 2 + 1)) as f64 / 1000.0
+        })
+    };
+    // The first of each comes early (a quarter of the period in), so that a short run has
+    // them too.
+    let first = |every: u64| (every > 0).then(|| run.now() + every as f64 / 4.0);
+    let mut dark_at = first(p.blackout_every_s);
+    let mut rebind_at = first(p.rebind_every_s);
+    // Like the faults, none in the last moments: the run ends on a working link.
+    while !run.stopped() && run.now() + 15.0 < run.settings.duration.as_secs_f64() {
+        let now = run.now();
+        if dark_at.is_some_and(|t| now >= t) {
+            let (lo, hi) = p.blackout_len_s;
+            let len_ms = lo * 1000 + rng.below(hi.saturating_sub(lo) * 1000 + 1);
+            wire.blackout(Duration::from_millis(len_ms));
+            let len = len_ms as f64 / 1000.0;
+            lock(&run.record).faults.push(Fault {
+                kind: "link blackout",
+                target: format!("every server, {len:.1} s"),
+                start: now,
+                in_effect: now,
+                end: now + len,
+            });
+            dark_at = after(p.blackout_every_s, &mut rng);
+        }
+        if rebind_at.is_some_and(|t| now >= t) {
+            wire.rebind();
+            lock(&run.record).faults.push(Fault {
+                kind: "link rebinding",
+                target: "every UDP flow of the node".into(),
+                start: now,
+                in_effect: now,
+                end: now,
+            });
+            rebind_at = after(p.rebind_every_s, &mut rng);
+        }
+        sleep_unless_stopped(&run, Duration::from_millis(100));
+    }
+}
+
+/// Inserts (`-I`) or deletes (`-D`) one firewall rule, on the servers' side: their own
+/// namespace across a `--link`, or the soak's loopback.
+fn iptables(side: &Side, op: &str, rule: &str) -> Result<()> {
     let mut args = vec![op.to_string()];
     args.extend(rule.split(' ').map(String::from));
-    let st = std::process::Command::new("iptables")
-        .args(&args)
-        .status()?;
+    let (bin, args) = side.command(Path::new("iptables"), &args);
+    let st = std::process::Command::new(bin).args(&args).status()?;
     if !st.success() {
         bail!("iptables {op} {rule} failed");
     }
@@ -1019,7 +1233,7 @@ fn with_rules(run: &Run, rules: &[String], hold: Duration) -> Result<f64> {
     let mut inserted = 0;
     let mut result = Ok(());
     for r in rules {
-        if let Err(e) = iptables("-I", r) {
+        if let Err(e) = iptables(&run.lab.masters, "-I", r) {
             result = Err(e);
             break;
         }
@@ -1031,7 +1245,7 @@ fn with_rules(run: &Run, rules: &[String], hold: Duration) -> Result<f64> {
     }
     // Whatever went in comes out, even when a later rule failed to go in.
     for r in &rules[..inserted] {
-        if let Err(e) = iptables("-D", r) {
+        if let Err(e) = iptables(&run.lab.masters, "-D", r) {
             result = result.and(Err(e));
         }
     }
@@ -1177,6 +1391,19 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
                 in_effect: Some(in_effect),
             })
         }
+        "rebind NAT" if lab.link.is_some() => {
+            // The link's own NAT (see `crate::wan::nat`) gives every UDP flow of the node a
+            // new source port, and again after a while: the same as below, across the link.
+            let wire = lab.link.as_ref().context("no link")?.wire.handle();
+            wire.rebind();
+            let in_effect = run.now();
+            std::thread::sleep(Duration::from_millis(3000 + rng.below(3000)));
+            wire.rebind();
+            Ok(Injected {
+                target: "every UDP flow of the node's link, twice".into(),
+                in_effect: Some(in_effect),
+            })
+        }
         "rebind NAT" => {
             // A NAT in front of the agents forgets its mappings and gives every UDP flow to
             // the servers a new source port: each server sees its agents (and its peers) move
@@ -1186,7 +1413,7 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
                 "POSTROUTING -t nat -p udp -m multiport --dports {} -j SNAT --to-source 127.0.0.1:42000-42999",
                 ports.join(",")
             );
-            iptables("-I", &rule)?;
+            iptables(&Side::default(), "-I", &rule)?;
             let moved = forget_udp_flows().map(|()| {
                 // Keepalives (every 500 ms) move the quiet flows too.
                 std::thread::sleep(Duration::from_millis(1500));
@@ -1194,7 +1421,7 @@ fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
             });
             std::thread::sleep(Duration::from_millis(3000 + rng.below(3000)));
             // And back: the mapping changes a second time.
-            let removed = iptables("-D", &rule);
+            let removed = iptables(&Side::default(), "-D", &rule);
             forget_udp_flows()?;
             removed?;
             Ok(format!("{} UDP flows moved to new ports", moved?).into())
@@ -1288,7 +1515,7 @@ fn revoke_node(run: &Run) -> Result<Injected> {
     let revoked = run_ok(&lab.joining.server_bin, &args);
     let at = run.now();
     // Counted once revoked: a renewal from now on undoes nothing only if it is refused.
-    let renewals_before = renewals_of(a.slot.admin).unwrap_or(0);
+    let renewals_before = renewals_of(&lab.node, a.slot.admin).unwrap_or(0);
     let mut victims = lock(&lab.victims);
     victims.push(Victim {
         slot: a.slot,
@@ -1326,7 +1553,7 @@ fn nodes_on_servers(lab: &Lab) -> Vec<(usize, Vec<String>)> {
     (0..lab.servers.len())
         .filter_map(|i| {
             let admin = lock(&lab.servers[i]).admin;
-            let body = crate::procs::http_get(admin, "/status").ok()?;
+            let body = lab.masters.http_get(admin, "/status").ok()?;
             let v: serde_json::Value = serde_json::from_str(&body).ok()?;
             let nodes = v
                 .get("nodes")?
@@ -1340,8 +1567,8 @@ fn nodes_on_servers(lab: &Lab) -> Vec<(usize, Vec<String>)> {
 }
 
 /// An agent's renewals so far (its admin `/metrics`).
-fn renewals_of(admin: SocketAddr) -> Option<u64> {
-    let m = crate::procs::http_get(admin, "/metrics").ok()?;
+fn renewals_of(side: &Side, admin: SocketAddr) -> Option<u64> {
+    let m = side.http_get(admin, "/metrics").ok()?;
     crate::procs::metric(&m, "tether_renewals_total ").map(|n| n as u64)
 }
 
@@ -1389,7 +1616,7 @@ fn sample_loop(run: Arc<Run>) {
                 (a.slot.pid(), a.slot.admin)
             };
             let Some(pid) = pid else { continue };
-            let n = renewals_of(admin).unwrap_or(0);
+            let n = renewals_of(&run.lab.node, admin).unwrap_or(0);
             let mut rec = lock(&run.record);
             let seen = rec.renewals.entry(pid).or_default();
             let new = n.saturating_sub(*seen);
@@ -1423,7 +1650,8 @@ fn sample_revoked(run: &Run, t: f64) {
         if v.slot.pid().is_none() || !revoked.contains(&v.node) {
             continue;
         }
-        if let Some(n) = renewals_of(v.slot.admin).filter(|&n| n > v.renewals_before) {
+        if let Some(n) = renewals_of(&run.lab.node, v.slot.admin).filter(|&n| n > v.renewals_before)
+        {
             seen.push((
                 t,
                 v.node.clone(),
@@ -1435,10 +1663,15 @@ fn sample_revoked(run: &Run, t: f64) {
 }
 
 /// Sockets in CLOSE_WAIT held by `pids` (from /proc/net/tcp and tcp6, matched by inode).
+/// Sockets in CLOSE_WAIT held by `pids`. Each process's own view of the tables: across a
+/// `--link`, agents and servers are in namespaces of their own.
 fn close_wait(pids: &[u32]) -> usize {
     let mut inodes = std::collections::BTreeSet::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else {
+    let files = pids
+        .iter()
+        .flat_map(|p| [format!("/proc/{p}/net/tcp"), format!("/proc/{p}/net/tcp6")]);
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
             continue;
         };
         for line in text.lines().skip(1) {
@@ -1493,7 +1726,15 @@ pub fn run(settings: Settings) -> Result<Verdict> {
         settings.agents,
         work.display()
     );
-    let lab = Lab::build(&work, settings.agents, AGENT_CERT_LIFE, settings.etcd)?;
+    let link = settings.link.map(|p| (p, settings.seed));
+    let lab = Lab::build(
+        &work,
+        settings.agents,
+        AGENT_CERT_LIFE,
+        settings.etcd,
+        link,
+        &settings.log_level,
+    )?;
     let run = Arc::new(Run {
         lab,
         record: Mutex::new(Record::default()),
@@ -1522,6 +1763,8 @@ pub fn run(settings: Settings) -> Result<Verdict> {
     let r = run.clone();
     let faults = std::thread::spawn(move || fault_loop(r));
     let r = run.clone();
+    let weather = std::thread::spawn(move || link_loop(r));
+    let r = run.clone();
     let sampler = std::thread::spawn(move || sample_loop(r));
 
     let end = Instant::now() + settings.duration;
@@ -1543,6 +1786,7 @@ pub fn run(settings: Settings) -> Result<Verdict> {
     }
     run.stop.store(true, Ordering::Relaxed);
     let _ = faults.join();
+    let _ = weather.join();
     for t in threads {
         let _ = t.join();
     }
@@ -1559,7 +1803,33 @@ pub fn run(settings: Settings) -> Result<Verdict> {
         .collect();
     let rec = std::mem::take(&mut *lock(&run.record));
     let violations = judge_run(&rec, &settings, stuck_sockets);
-    let report = write_report(&settings, &rec, &violations, stuck_sockets, &final_fds)?;
+    let link = run.lab.link.as_ref().map(|l| {
+        let c = l.wire.counters();
+        let blackouts: Vec<f64> = rec
+            .faults
+            .iter()
+            .filter(|f| f.kind == "link blackout")
+            .map(|f| f.end - f.start)
+            .collect();
+        format!(
+            "The agents reach the servers across a `{}` link ({}): {} blackouts of {:.1} s in all, {} NAT rebindings (and those of the `rebind NAT` fault); {} MiB crossed it, {} packets were dropped by it.",
+            l.profile.name,
+            l.profile.describe(),
+            blackouts.len(),
+            blackouts.iter().sum::<f64>(),
+            rec.faults.iter().filter(|f| f.kind == "link rebinding").count(),
+            c.bytes() >> 20,
+            c.dropped.load(Ordering::Relaxed)
+        )
+    });
+    let report = write_report(
+        &settings,
+        &rec,
+        &violations,
+        stuck_sockets,
+        &final_fds,
+        link.as_deref(),
+    )?;
     Ok(Verdict { violations, report })
 }
 
@@ -1611,9 +1881,30 @@ fn resets_after_death(rec: &Record) -> Vec<(&Outcome, f64)> {
                 .filter(|f| f.start <= o.end)
                 .max_by(|a, b| a.start.total_cmp(&b.start))?;
             let related = dying.contains(&f.kind) && f.end + RESET_BOUND >= o.start;
-            related.then(|| (o, o.end - f.start.max(o.start)))
+            related.then(|| (o, o.end - told_apart(&rec.faults, f.start.max(o.start))))
         })
         .collect()
+}
+
+/// How long an agent takes to call a server dead once the others answer (the bound).
+const VERDICT: f64 = 3.0;
+
+/// When a server that died or went silent at `t` can first be told from a dead link: while
+/// the link is dark every server is silent, and the agent holds its streams (up to the
+/// blackout tolerance). So `t`, or the end of a link blackout under way before the verdict was
+/// due. Without `--link` there are none and it is `t`.
+fn told_apart(faults: &[Fault], mut t: f64) -> f64 {
+    loop {
+        let later = faults
+            .iter()
+            .filter(|f| f.kind == "link blackout" && f.start <= t + VERDICT && f.end > t)
+            .map(|f| f.end)
+            .fold(t, f64::max);
+        if later <= t {
+            return t;
+        }
+        t = later;
+    }
 }
 
 /// How soon every server must have closed a revoked node's tunnels: a server applies a
@@ -1737,6 +2028,7 @@ fn write_report(
     violations: &[String],
     close_wait: usize,
     final_fds: &[(String, u64)],
+    link: Option<&str>,
 ) -> Result<PathBuf> {
     use std::fmt::Write as _;
     let mut md = String::new();
@@ -1754,6 +2046,9 @@ fn write_report(
         s.agents,
         s.fault_every
     );
+    if let Some(link) = link {
+        let _ = writeln!(md, "{link}\n");
+    }
     let verdict = if violations.is_empty() {
         "PASS"
     } else {
@@ -2052,7 +2347,14 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
     let work = fresh_dir(&settings.out.join("work-disconnected"))?;
     // Certificates that outlive the outage: an agent whose certificate expired while it was
     // cut off must join again, which is not what this scenario looks at.
-    let lab = Lab::build(&work, 1, outage + Duration::from_secs(3600), false)?;
+    let lab = Lab::build(
+        &work,
+        1,
+        outage + Duration::from_secs(3600),
+        false,
+        None,
+        &settings.log_level,
+    )?;
     for s in &lab.servers {
         lock(s).kill9();
     }
@@ -2064,18 +2366,25 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
             a.slot.pid().context("the agent is not running")?,
         )
     };
-    // Connections made while the agent has not yet noticed (its idle timeout, ~2.5 s) wait
-    // for that; the promise is about the outage once it is known.
-    wait_until("the agent notices", Duration::from_secs(30), || {
-        crate::procs::http_get(admin, "/metrics")
-            .ok()
-            .and_then(|m| crate::procs::metric(&m, "tether_tunnels_up "))
-            == Some(0.0)
-    })?;
+    // Connections made while the agent has not yet noticed wait for that; the promise is
+    // about the outage once it is known. Every server silent at once looks like a dead link,
+    // which the agent sits out for its blackout tolerance (30 s by default) before it gives
+    // its tunnels up.
+    wait_until(
+        "the agent notices",
+        BLACKOUT_TOLERANCE + Duration::from_secs(15),
+        || {
+            lab.node
+                .http_get(admin, "/metrics")
+                .ok()
+                .and_then(|m| crate::procs::metric(&m, "tether_tunnels_up "))
+                == Some(0.0)
+        },
+    )?;
     // A connection in the first moments of the outage waits out the grace (a gap between
     // tunnels may end in it), and is then refused; after the grace, refusals come at once.
     let in_grace = Instant::now();
-    let first = exchange(api, Arc::new(b"anyone?".to_vec()));
+    let first = exchange(&lab.node, api, Arc::new(b"anyone?".to_vec()));
     let grace_wait = in_grace.elapsed();
     let mut violations = Vec::new();
     if first.is_ok_and(|b| !b.is_empty()) {
@@ -2105,7 +2414,7 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
         }
         let start = Instant::now();
         let outcome = (|| -> std::io::Result<usize> {
-            let mut c = connect(api)?;
+            let mut c = connect(&lab.node, api)?;
             c.set_read_timeout(Some(Duration::from_secs(5)))?;
             let _ = c.write_all(b"are you there?\n");
             let mut b = [0u8; 64];
@@ -2124,7 +2433,7 @@ pub fn disconnected(settings: &Settings, outage: Duration) -> Result<Verdict> {
     let data = Arc::new(b"hello again".to_vec());
     let mut reconnected = None;
     while back.elapsed() < Duration::from_secs(60) {
-        if exchange(api, data.clone()).is_ok_and(|b| b == *data) {
+        if exchange(&lab.node, api, data.clone()).is_ok_and(|b| b == *data) {
             reconnected = Some(back.elapsed());
             break;
         }

@@ -387,7 +387,18 @@ async fn tether_bench_subcommands_reach_their_own_code() {
             &["soak", "--no-netns", "--faults", "no-such-fault"][..],
             "no fault",
         ),
-        (&["wan", "--profiles", "no-such-profile"][..], "no link profile"),
+        (
+            &["wan", "--profiles", "no-such-profile"][..],
+            "no link profile",
+        ),
+        (
+            &["soak", "--link", "no-such-profile"][..],
+            "no link profile",
+        ),
+        (
+            &["soak", "--link", "cellular", "--scenario", "storm"][..],
+            "mixed scenario only",
+        ),
     ] {
         let child = Command::new(bin("tether-bench"))
             .args(args)

@@ -250,17 +250,23 @@ async fn wire(from: Arc<Tun>, to: Arc<Tun>, mut dir: Direction, ctl: Arc<Control
 /// Runs `f` on a thread of its own inside namespace `ns`: sockets it makes (and threads it
 /// starts) live there.
 pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let path = format!("/var/run/netns/{ns}");
     std::thread::scope(|s| {
         s.spawn(|| {
-            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("enter {ns}"))?;
+            enter(ns)?;
             Ok(f())
         })
         .join()
         .map_err(|_| anyhow::anyhow!("a thread in {ns} panicked"))?
     })
+}
+
+/// Moves the calling thread into namespace `ns`, for good: what it opens from now on lives
+/// there. For a thread of its own that serves in a namespace (the soak's upstreams).
+pub fn enter(ns: &str) -> Result<()> {
+    let path = format!("/var/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter {ns}"))
 }
 
 /// Whether the lab can run here: root, `ip`, and TUN devices.

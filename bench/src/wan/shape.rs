@@ -183,6 +183,11 @@ impl Blackouts {
         Blackouts { spans }
     }
 
+    /// No blackout but those [`Blackouts::add`] adds later (the soak makes its own).
+    pub fn none() -> Blackouts {
+        Blackouts { spans: Vec::new() }
+    }
+
     /// Adds a blackout (the lab's blackout test, on top of any schedule).
     pub fn add(&mut self, from: Duration, len: Duration) {
         self.spans.push((from, from + len));
