@@ -94,11 +94,13 @@ impl AgentConfig {
             reconnect_max: Duration::from_secs(5),
             max_connections: 16384,
             // The agent probes an idle tunnel every 25 s (under the 30 s that the shortest
-            // common NAT keeps a UDP binding), judges a server dead after 1.5 s of silence while
-            // another answers, and holds every tunnel through a 30 s blackout of the link.
+            // common NAT keeps a UDP binding), judges a server dead after 2 s of silence while
+            // another answers (at once when a surviving server reports it down and it is
+            // silent), and holds every tunnel through a 30 s blackout of the link. 1.5 s reset
+            // live servers' streams on a busy cellular link (docs/operations.md, "Liveness").
             liveness: Liveness {
                 keepalive_interval: Duration::from_secs(25),
-                idle_timeout: Duration::from_millis(1500),
+                idle_timeout: Duration::from_millis(2000),
                 blackout_tolerance: Duration::from_secs(30),
             },
             limits: TunnelLimits {

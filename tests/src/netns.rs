@@ -247,6 +247,25 @@ impl NatLab {
         ));
     }
 
+    /// The NAT forgets its UDP mappings and gives each flow a new source port (from a range that
+    /// alternates with each call), as a carrier-grade NAT does after a blackout.
+    pub fn rebind_udp(&self) {
+        static ROUND: AtomicU32 = AtomicU32::new(0);
+        let round = ROUND.fetch_add(1, Ordering::Relaxed);
+        let (new, old) = if round.is_multiple_of(2) {
+            ("40000-40999", "41000-41999")
+        } else {
+            ("41000-41999", "40000-40999")
+        };
+        let rule = |ports: &str| {
+            format!("POSTROUTING -t nat -o br0 -p udp -j MASQUERADE --to-ports {ports}")
+        };
+        self.nat.sh(&format!("iptables -D {}", rule(old)));
+        self.nat.sh_ok(&format!("iptables -I {}", rule(new)));
+        // conntrack exits 1 when there was nothing to forget.
+        self.nat.sh("conntrack -D -p udp");
+    }
+
     /// Drops (silently) every packet from the node to one control-plane host, or stops.
     pub fn drop_node_to(&self, cp: usize, drop: bool) {
         let op = if drop { "-I" } else { "-D" };

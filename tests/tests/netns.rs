@@ -143,6 +143,61 @@ async fn forward_through_nat_is_byte_exact() {
     );
 }
 
+/// A blackout of the whole link (UDP and TCP alike), with the NAT rebinding in it, keeps the
+/// QUIC tunnel and its streams. When the link returns, a new TCP handshake is answered at once,
+/// while the server hears QUIC again only when the agent next sends, after a retransmission
+/// backoff that grew through the blackout: the soak across a cellular link found the agent
+/// taking that for lost UDP, moving to TCP and resetting every stream of the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_blackout_keeps_quic_and_its_streams() {
+    let Some(s) = setup().await else { return };
+    let hold = s.lab.node.spawn(
+        "hold",
+        &bin("tether-probe"),
+        &["hold", "127.0.0.1:6443"],
+        s.logs.path().join("hold.log"),
+    );
+    let echoes = |t: &str| t.matches("hold echoes=").count();
+    wait_host("a held connection", Duration::from_secs(10), || {
+        echoes(&hold.log_text()) > 0
+    })
+    .await;
+    s.lab.blackout(true);
+    let dark = std::time::Instant::now();
+    wait_host("a second of blackout", Duration::from_secs(10), || {
+        dark.elapsed() >= Duration::from_secs(1)
+    })
+    .await;
+    s.lab.rebind_udp();
+    wait_host("four seconds of blackout", Duration::from_secs(10), || {
+        dark.elapsed() >= Duration::from_secs(4)
+    })
+    .await;
+    s.lab.blackout(false);
+    let at_end = echoes(&hold.log_text());
+    wait_host(
+        "the held connection's echoes after the blackout",
+        Duration::from_secs(20),
+        || echoes(&hold.log_text()) > at_end + 1 || hold.log_text().contains("broke"),
+    )
+    .await;
+    let agent_log = std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default();
+    assert!(
+        !hold.log_text().contains("broke"),
+        "{}\n{agent_log}",
+        hold.log_text()
+    );
+    assert!(!agent_log.contains("moved to TCP"), "{agent_log}");
+    assert_eq!(
+        metric_on(
+            &s.lab.node,
+            "127.0.0.1:9090",
+            "tether_tunnels_by_transport{transport=\"quic\"}",
+        ),
+        Some(1.0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_server_is_noticed_within_seconds() {
     let Some(s) = setup().await else { return };

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tether_proto::{capability, code};
 use tracing::{debug, warn};
 
-/// How often the tunnels are sampled: fine enough for a 1.5 s verdict, and the cost is one
+/// How often the tunnels are sampled: fine enough for a verdict within seconds, and the cost is one
 /// look at each tunnel's counters.
 pub const TICK: Duration = Duration::from_millis(100);
 

@@ -81,6 +81,9 @@ pub const QUIC_RETRY: Duration = Duration::from_secs(5);
 const DOUBT_CHECK: Duration = Duration::from_millis(100);
 /// How long a QUIC link (in `auto`) stays in doubt before a TCP tunnel is tried beside it.
 const DOUBT_BEFORE_TCP: Duration = Duration::from_secs(1);
+/// The longest a QUIC link in doubt is given to answer once a TCP tunnel beside it did (see
+/// `serve`'s downgrade).
+const QUIC_RECOVERY_MAX: Duration = Duration::from_secs(10);
 
 /// Receives the control messages the reconnect loop does not act on itself.
 pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
@@ -530,6 +533,19 @@ async fn serve(
             let attempt =
                 tokio::time::timeout(d.handshake_timeout, dial(target, d, TransportChoice::Tcp));
             if let Ok(Ok(tcp)) = attempt.await {
+                // TCP answers. That is lost UDP only if QUIC stays silent: after a blackout of
+                // the whole link (and a NAT that rebound in it), a new TCP handshake is answered
+                // at once, while QUIC is heard again only at its next retransmission, whose
+                // backoff grew through the blackout. The soak across a cellular link saw tunnels
+                // moved, and their streams reset, 0.6 s after a 3.6 s blackout. So QUIC gets as
+                // long again as the doubt has lasted (a second at least) to answer.
+                let recovery = since
+                    .elapsed()
+                    .clamp(Duration::from_secs(1), QUIC_RECOVERY_MAX);
+                let until = tokio::time::Instant::now() + recovery;
+                while link.doubted() && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(DOUBT_CHECK).await;
+                }
                 if link.doubted() {
                     return tcp;
                 }
