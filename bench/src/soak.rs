@@ -704,9 +704,17 @@ fn may_fail(f: &Fault, kind: &str, from: f64, to: f64) -> bool {
     }
 }
 
+/// Whether a fault aimed at one agent (a restart) hit this connection's agent: a restart of
+/// one node explains nothing on another.
+fn aimed_at(f: &Fault, o: &Outcome) -> bool {
+    f.kind != "restart agent" || f.target == format!("agent-{}", o.agent)
+}
+
 /// The fault that explains a failed connection, if any.
 fn explanation<'a>(faults: &'a [Fault], o: &Outcome) -> Option<&'a Fault> {
-    faults.iter().find(|f| may_fail(f, o.kind, o.start, o.end))
+    faults
+        .iter()
+        .find(|f| may_fail(f, o.kind, o.start, o.end) && aimed_at(f, o))
 }
 
 /// A connection's end.
@@ -1743,7 +1751,15 @@ pub fn run(settings: Settings) -> Result<Verdict> {
         bytes: AtomicU64::new(0),
         settings: settings.clone(),
     });
-    eprintln!("soak: running for {:?}", settings.duration);
+    // The processes' logs are stamped with the wall clock; the record counts from t0.
+    let t0_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    eprintln!(
+        "soak: running for {:?} from Unix time {t0_unix:.3} (the record's 0 s)",
+        settings.duration
+    );
     let mut threads = Vec::new();
     let workers = 4;
     for w in 0..workers {
@@ -2611,6 +2627,23 @@ mod tests {
             may_fail(&agent, "short", 12.0, 12.1),
             "refused while its agent was down"
         );
+        // A restart explains failures through that agent only.
+        let agent = Fault {
+            target: "agent-1".into(),
+            ..agent
+        };
+        let through = |a| Outcome {
+            kind: "short",
+            start: 12.0,
+            end: 12.1,
+            bytes: 0,
+            failure: Some("reset".into()),
+            corrupt: false,
+            agent: a,
+        };
+        let faults = [agent.clone()];
+        assert!(explanation(&faults, &through(1)).is_some());
+        assert!(explanation(&faults, &through(0)).is_none());
         let rebind = Fault {
             kind: "rebind NAT",
             ..kill
