@@ -526,6 +526,39 @@ mod tests {
             }
         }
 
+        /// `silent` tunnels lose every packet for `d` (a lockout, or with all of them a
+        /// blackout) while requests go out on all three; then they answer again.
+        fn silence(&mut self, silent: &[u32], d: Duration) {
+            for &k in silent {
+                self.set_answering(k, false);
+            }
+            self.load(&[0, 1, 2], d);
+            for &k in silent {
+                self.set_answering(k, true);
+            }
+        }
+
+        /// Tunnel `key`'s server dies under a request while `busy` tunnels keep carrying
+        /// requests (none: they are only probed) for `wait`; checks that the one verdict is on
+        /// it, and returns how long after the death it came.
+        fn death_noticed(&mut self, key: u32, busy: &[u32], wait: Duration) -> Duration {
+            self.set_answering(key, false);
+            let died = self.now - self.start;
+            self.send(key);
+            if busy.is_empty() {
+                self.run_for(wait);
+            } else {
+                self.load(busy, wait);
+            }
+            let v = self.verdicts();
+            assert_eq!(v.len(), 1, "{v:?}");
+            assert!(
+                matches!(v[0].1, Action::DeadServer { key: k, .. } if k == key),
+                "{v:?}"
+            );
+            v[0].0 - died
+        }
+
         fn probes(&self) -> usize {
             self.tunnels.values().map(|t| t.1 as usize).sum()
         }
@@ -548,15 +581,9 @@ mod tests {
     fn a_server_silent_while_others_answer_is_dead_within_three_seconds() {
         let mut sim = Sim::new(3, 50 * MS);
         sim.run_for(Duration::from_secs(10));
-        sim.set_answering(1, false);
-        let died = sim.now - sim.start;
         // A request on the dead server's tunnel is the question nobody answers.
-        sim.send(1);
-        sim.run_for(Duration::from_secs(5));
-        let v = sim.verdicts();
-        assert_eq!(v.len(), 1, "{v:?}");
-        assert!(matches!(v[0].1, Action::DeadServer { key: 1, .. }), "{v:?}");
-        assert!(v[0].0 - died <= Duration::from_secs(3), "{v:?}");
+        let took = sim.death_noticed(1, &[], Duration::from_secs(5));
+        assert!(took <= Duration::from_secs(3), "{took:?}");
     }
 
     /// The soak across an emulated cellular link found this: a bottleneck queue kept full by
@@ -571,50 +598,29 @@ mod tests {
         // them), while the others' answers keep coming; then its retransmissions get through.
         // First for 1.5 s: under the first window (2 s), and the machine learns the link's
         // ways.
-        sim.set_answering(1, false);
-        sim.load(&[0, 1, 2], 1500 * MS);
-        sim.set_answering(1, true);
+        sim.silence(&[1], 1500 * MS);
         sim.load(&[0, 1, 2], Duration::from_secs(10));
         // Then for 2.5 s, longer than the first window: a live server all the same.
-        sim.set_answering(1, false);
-        sim.load(&[0, 1, 2], 2500 * MS);
-        sim.set_answering(1, true);
+        sim.silence(&[1], 2500 * MS);
         sim.load(&[0, 2], Duration::from_secs(2));
         sim.load(&[0, 1, 2], Duration::from_secs(10));
         assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
-        // Now its server dies.
-        sim.set_answering(1, false);
-        let died = sim.now - sim.start;
-        sim.send(1);
-        sim.load(&[0, 2], Duration::from_secs(8));
-        let v = sim.verdicts();
-        assert_eq!(v.len(), 1, "{v:?}");
-        assert!(matches!(v[0].1, Action::DeadServer { key: 1, .. }), "{v:?}");
-        // Within twice the longest silence it came back from, capped at 4 s, and a tick.
-        assert!(v[0].0 - died <= Duration::from_millis(4200), "{v:?}");
+        // Now its server dies: found within twice the longest silence it came back from,
+        // capped at 4 s, and a tick.
+        let took = sim.death_noticed(1, &[0, 2], Duration::from_secs(8));
+        assert!(took <= Duration::from_millis(4200), "{took:?}");
     }
 
     #[test]
     fn a_blackout_does_not_slow_the_next_verdict() {
         let mut sim = Sim::new(3, 60 * MS);
         sim.load(&[0, 1, 2], Duration::from_secs(5));
-        for k in 0..3 {
-            sim.set_answering(k, false);
-        }
-        sim.load(&[0, 1, 2], Duration::from_secs(5));
-        for k in 0..3 {
-            sim.set_answering(k, true);
-        }
+        sim.silence(&[0, 1, 2], Duration::from_secs(5));
         sim.load(&[0, 1, 2], Duration::from_secs(5));
         assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
-        sim.set_answering(1, false);
-        let died = sim.now - sim.start;
-        sim.send(1);
-        sim.load(&[0, 2], Duration::from_secs(5));
-        let v = sim.verdicts();
-        assert_eq!(v.len(), 1, "{v:?}");
         // The first window (2 s) and a tick: the blackout's 5 s taught it nothing.
-        assert!(v[0].0 - died <= Duration::from_millis(2200), "{v:?}");
+        let took = sim.death_noticed(1, &[0, 2], Duration::from_secs(5));
+        assert!(took <= Duration::from_millis(2200), "{took:?}");
     }
 
     #[test]
