@@ -578,6 +578,84 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
 }
 
 /// curl's answer through an egress proxy: the CONNECT status, and the body when it worked.
+/// A stream left on a tunnel its successor replaced is reset when its server's host dies, not
+/// left hanging. Here the retired tunnel is the TCP one a link leaves when UDP returns and it moves
+/// to QUIC; in the soak across a cellular link it was the tunnel a certificate renewal left,
+/// and a watch on it hung when its server was killed: nothing watched that tunnel any more
+/// (QUIC's own idle timeout, and TCP's, are the blackout tolerance and 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_retired_tunnel_is_reset_when_its_server_dies() {
+    if !netns::available() {
+        return;
+    }
+    let mut cp = ControlPlane::new();
+    for i in 0..3 {
+        cp.start_upstream(i);
+        cp.start_server(i);
+    }
+    cp.lab.drop_udp(true);
+    let node_dir = cp.pki_dir.path().join("node");
+    let _agent = cp.lab.node.spawn(
+        "agent",
+        &bin("tether-agent"),
+        &[
+            "run",
+            "--server",
+            &format!("{}:9443", cp.lab.cp_ips[0]),
+            "--data-dir",
+            node_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:6443",
+            "--admin",
+            "127.0.0.1:9090",
+        ],
+        cp.pki_dir.path().join("agent.log"),
+    );
+    let by = |t: &str| format!("tether_tunnels_by_transport{{transport=\"{t}\"}}");
+    wait_host("three tunnels over TCP", Duration::from_secs(30), || {
+        cp.agent_metric(&by("tcp")) == 3.0
+    })
+    .await;
+    let hold = cp.lab.node.spawn(
+        "hold",
+        &bin("tether-probe"),
+        &["hold", "127.0.0.1:6443"],
+        cp.pki_dir.path().join("hold.log"),
+    );
+    let mut carrier = None;
+    wait_host("the held stream's server", Duration::from_secs(10), || {
+        carrier = (0..3).find(|&i| {
+            metric_on(&cp.lab.cps[i], "127.0.0.1:9444", "tether_streams_open") == Some(1.0)
+        });
+        carrier.is_some()
+    })
+    .await;
+    let carrier = carrier.unwrap();
+    // UDP returns: the links move to QUIC, and the held stream stays on its TCP tunnel.
+    cp.lab.drop_udp(false);
+    wait_host("three tunnels over QUIC", Duration::from_secs(30), || {
+        cp.agent_metric(&by("quic")) == 3.0
+    })
+    .await;
+    assert!(!hold.log_text().contains("broke"), "{}", hold.log_text());
+    // Its host goes away: killed, and silent (no reset from its kernel either).
+    let killed = std::time::Instant::now();
+    cp.lab.drop_node_to(carrier, true);
+    cp.lab.nat.sh_ok(&format!(
+        "iptables -I FORWARD -s {} -j DROP",
+        cp.lab.cp_ips[carrier]
+    ));
+    cp.servers[carrier].as_ref().unwrap().signal("KILL");
+    let reset = within_host(Duration::from_secs(8), || hold.log_text().contains("broke")).await;
+    let agent_log =
+        std::fs::read_to_string(cp.pki_dir.path().join("agent.log")).unwrap_or_default();
+    assert!(
+        reset,
+        "the stream on the retired tunnel hung for {:?} after its server was killed:\n{agent_log}",
+        killed.elapsed()
+    );
+}
+
 fn curl_via(host: &Host, proxy: &str, url: &str, ca: &std::path::Path) -> (String, String) {
     let out = host.sh(&format!(
         "curl -sS --max-time 20 --proxytunnel --proxy http://{proxy} --cacert {} -w '\\n%{{http_connect}}' {url}",

@@ -78,6 +78,12 @@ pub async fn run(pool: Arc<Pool>, settings: Settings, mut stop: ShutdownSignal) 
                         l.passed.over();
                         l.tunnel
                             .close(code::SHUTDOWN, "server silent while others answer");
+                        // Its tunnels left for this one, still carrying their last streams,
+                        // went with it.
+                        for r in pool.retired_of(&l.server) {
+                            r.tunnel
+                                .close(code::SHUTDOWN, "server silent while others answer");
+                        }
                     }
                 }
                 Action::LinkLost { key, silent } => {
@@ -86,6 +92,10 @@ pub async fn run(pool: Arc<Pool>, settings: Settings, mut stop: ShutdownSignal) 
                             "link silent for longer than the blackout tolerance: closing the tunnel");
                         l.tunnel
                             .close(code::SHUTDOWN, "silent past the blackout tolerance");
+                        for r in pool.retired_of(&l.server) {
+                            r.tunnel
+                                .close(code::SHUTDOWN, "silent past the blackout tolerance");
+                        }
                     }
                 }
             }

@@ -272,6 +272,10 @@ pub fn best_first<T>(items: Vec<T>, policy: Policy, standing: impl Fn(&T) -> Sta
 #[derive(Debug)]
 pub struct Pool {
     links: Mutex<Vec<Arc<Link>>>,
+    /// Links left for a successor (a renewed certificate, QUIC after TCP) that still carry
+    /// their last streams: offered to no new stream, but closed with their server when the
+    /// liveness watch finds it dead (see [`Pool::retired_of`]).
+    retired: Mutex<Vec<Arc<Link>>>,
     /// Since when the pool has had no link (`None` while it has one); every change of the
     /// links notifies, so that a stream waiting for a tunnel (see [`Pool::wait_for_link`])
     /// looks again. Written under the `links` lock, so that it always agrees with it.
@@ -284,6 +288,7 @@ impl Default for Pool {
         let (empty_since, _) = tokio::sync::watch::channel(Some(tokio::time::Instant::now()));
         Pool {
             links: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
             empty_since,
         }
     }
@@ -307,6 +312,36 @@ impl Pool {
                 !was
             });
         }
+    }
+
+    /// Keeps `link` (already removed) among the retired while its last streams finish.
+    pub fn retire(&self, link: Arc<Link>) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(link);
+    }
+
+    /// `link`'s last streams are done (or it closed): it is forgotten.
+    pub fn forget_retired(&self, link: &Arc<Link>) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|l| !Arc::ptr_eq(l, link));
+    }
+
+    /// The retired links to `server`. A server found dead takes them too: the soak across a
+    /// cellular link saw a watch left on the tunnel a renewal had retired hang when its server
+    /// was killed, since nothing watched that tunnel any more (QUIC's own idle timeout is the
+    /// blackout tolerance and 5 s).
+    pub fn retired_of(&self, server: &str) -> Vec<Arc<Link>> {
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| l.server == server)
+            .cloned()
+            .collect()
     }
 
     /// Waits until `until` for a link that is not one of `tried`; whether one is up. For a

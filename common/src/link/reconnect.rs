@@ -615,6 +615,8 @@ async fn serve(
             "moving to a new tunnel; open streams finish on the old one");
         let old = link.clone();
         let hook = d.on_stream.clone();
+        let pool = d.pool.clone();
+        pool.retire(old.clone());
         tokio::spawn(async move {
             // The server may still open a reverse stream here before it learns of the new
             // tunnel: it is served, and counted, like the ones already open.
@@ -628,6 +630,7 @@ async fn serve(
                 _ = accept_incoming(&old, hook.as_ref()) => {}
             }
             old.tunnel.close(code::OK, "moved to a new tunnel");
+            pool.forget_retired(&old);
         });
         return upgraded;
     }
