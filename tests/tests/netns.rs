@@ -388,6 +388,38 @@ impl ControlPlane {
     fn agent_metric(&self, name: &str) -> f64 {
         metric_on(&self.lab.node, "127.0.0.1:9090", name).unwrap_or(-1.0)
     }
+
+    /// Three servers, each with its upstream.
+    fn with_three_servers() -> Self {
+        let mut cp = ControlPlane::new();
+        for i in 0..3 {
+            cp.start_upstream(i);
+            cp.start_server(i);
+        }
+        cp
+    }
+
+    /// The node's agent, given only the first server (it learns the others), its admin on
+    /// 127.0.0.1:9090 and its log in agent.log.
+    fn start_agent(&self) -> Proc {
+        let node_dir = self.pki_dir.path().join("node");
+        self.lab.node.spawn(
+            "agent",
+            &bin("tether-agent"),
+            &[
+                "run",
+                "--server",
+                &format!("{}:9443", self.lab.cp_ips[0]),
+                "--data-dir",
+                node_dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:6443",
+                "--admin",
+                "127.0.0.1:9090",
+            ],
+            self.pki_dir.path().join("agent.log"),
+        )
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,29 +427,8 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
     if !netns::available() {
         return;
     }
-    let mut cp = ControlPlane::new();
-    for i in 0..3 {
-        cp.start_upstream(i);
-        cp.start_server(i);
-    }
-    // The agent is given only the first server.
-    let node_dir = cp.pki_dir.path().join("node");
-    let _agent = cp.lab.node.spawn(
-        "agent",
-        &bin("tether-agent"),
-        &[
-            "run",
-            "--server",
-            &format!("{}:9443", cp.lab.cp_ips[0]),
-            "--data-dir",
-            node_dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:6443",
-            "--admin",
-            "127.0.0.1:9090",
-        ],
-        cp.pki_dir.path().join("agent.log"),
-    );
+    let mut cp = ControlPlane::with_three_servers();
+    let _agent = cp.start_agent();
     wait_host(
         "agent learns all three servers",
         Duration::from_secs(30),
@@ -588,29 +599,9 @@ async fn a_stream_on_a_retired_tunnel_is_reset_when_its_server_dies() {
     if !netns::available() {
         return;
     }
-    let mut cp = ControlPlane::new();
-    for i in 0..3 {
-        cp.start_upstream(i);
-        cp.start_server(i);
-    }
+    let cp = ControlPlane::with_three_servers();
     cp.lab.drop_udp(true);
-    let node_dir = cp.pki_dir.path().join("node");
-    let _agent = cp.lab.node.spawn(
-        "agent",
-        &bin("tether-agent"),
-        &[
-            "run",
-            "--server",
-            &format!("{}:9443", cp.lab.cp_ips[0]),
-            "--data-dir",
-            node_dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:6443",
-            "--admin",
-            "127.0.0.1:9090",
-        ],
-        cp.pki_dir.path().join("agent.log"),
-    );
+    let _agent = cp.start_agent();
     let by = |t: &str| format!("tether_tunnels_by_transport{{transport=\"{t}\"}}");
     wait_host("three tunnels over TCP", Duration::from_secs(30), || {
         cp.agent_metric(&by("tcp")) == 3.0
