@@ -25,6 +25,15 @@ pub fn settings(l: crate::tls::Liveness) -> Settings {
     }
 }
 
+/// Closes `link`'s tunnel, and the tunnels to its server that were left for it and still
+/// carry their last streams (see [`Pool::retired_of`]): they went with it.
+fn close_with_retired(pool: &Pool, link: &Link, reason: &str) {
+    link.tunnel.close(code::SHUTDOWN, reason);
+    for r in pool.retired_of(&link.server) {
+        r.tunnel.close(code::SHUTDOWN, reason);
+    }
+}
+
 /// Runs until shutdown.
 pub async fn run(pool: Arc<Pool>, settings: Settings, mut stop: ShutdownSignal) {
     let mut watch: Watch<usize> = Watch::new(settings);
@@ -76,26 +85,14 @@ pub async fn run(pool: Arc<Pool>, settings: Settings, mut stop: ShutdownSignal) 
                         warn!(server = %l.server, silent_ms = silent.as_millis() as u64, streams = l.streams(),
                             "server silent while another answers: closing its tunnel, resetting its streams");
                         l.passed.over();
-                        l.tunnel
-                            .close(code::SHUTDOWN, "server silent while others answer");
-                        // Its tunnels left for this one, still carrying their last streams,
-                        // went with it.
-                        for r in pool.retired_of(&l.server) {
-                            r.tunnel
-                                .close(code::SHUTDOWN, "server silent while others answer");
-                        }
+                        close_with_retired(&pool, l, "server silent while others answer");
                     }
                 }
                 Action::LinkLost { key, silent } => {
                     if let Some(l) = links.get(&key) {
                         warn!(server = %l.server, silent_ms = silent.as_millis() as u64, streams = l.streams(),
                             "link silent for longer than the blackout tolerance: closing the tunnel");
-                        l.tunnel
-                            .close(code::SHUTDOWN, "silent past the blackout tolerance");
-                        for r in pool.retired_of(&l.server) {
-                            r.tunnel
-                                .close(code::SHUTDOWN, "silent past the blackout tolerance");
-                        }
+                        close_with_retired(&pool, l, "silent past the blackout tolerance");
                     }
                 }
             }

@@ -316,18 +316,12 @@ impl Pool {
 
     /// Keeps `link` (already removed) among the retired while its last streams finish.
     pub fn retire(&self, link: Arc<Link>) {
-        self.retired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(link);
+        self.lock_retired().push(link);
     }
 
     /// `link`'s last streams are done (or it closed): it is forgotten.
     pub fn forget_retired(&self, link: &Arc<Link>) {
-        self.retired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|l| !Arc::ptr_eq(l, link));
+        self.lock_retired().retain(|l| !Arc::ptr_eq(l, link));
     }
 
     /// The retired links to `server`. A server found dead takes them too: the soak across a
@@ -335,9 +329,7 @@ impl Pool {
     /// was killed, since nothing watched that tunnel any more (QUIC's own idle timeout is the
     /// blackout tolerance and 5 s).
     pub fn retired_of(&self, server: &str) -> Vec<Arc<Link>> {
-        self.retired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.lock_retired()
             .iter()
             .filter(|l| l.server == server)
             .cloned()
@@ -440,6 +432,10 @@ impl Pool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Link>>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_retired(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Link>>> {
+        self.retired.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
