@@ -993,6 +993,90 @@ async fn without_udp_the_agent_falls_back_to_tcp_and_returns_to_quic() {
     );
 }
 
+/// A move to TCP leaves the streams open on QUIC there while QUIC may still answer: TCP
+/// answering while QUIC stays silent is lost UDP, or a QUIC connection whose retransmission
+/// backoff grew through a blackout, and the soak across a cellular link saw the second reset
+/// every stream of such tunnels. A QUIC that is heard again keeps its streams; one that stays
+/// silent has them reset, within `QUIC_RETIRED_GRACE` (10 s) of the move, never left hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_left_on_quic_by_a_move_to_tcp_live_if_quic_returns() {
+    let Some((s, _)) = start_pair(false).await else {
+        return;
+    };
+    wait_host("agent up", Duration::from_secs(10), || {
+        agent_ready(&s.lab.node)
+    })
+    .await;
+    let agent_log = || std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default();
+    let echoes = |t: &str| t.matches("hold echoes=").count();
+    let hold = |name: &str| {
+        s.lab.node.spawn(
+            name,
+            &bin("tether-probe"),
+            &["hold", "127.0.0.1:6443"],
+            s.logs.path().join(format!("{name}.log")),
+        )
+    };
+    let first = hold("first");
+    wait_host("a held connection on QUIC", Duration::from_secs(10), || {
+        echoes(&first.log_text()) > 0
+    })
+    .await;
+    // UDP goes: the agent moves to TCP. UDP comes back at once, and QUIC is heard again.
+    s.lab.drop_udp(true);
+    wait_host("moved to TCP", Duration::from_secs(20), || {
+        agent_log().contains("moved to TCP")
+    })
+    .await;
+    s.lab.drop_udp(false);
+    let at_return = echoes(&first.log_text());
+    wait_host(
+        "the held connection's echoes after QUIC returned",
+        Duration::from_secs(20),
+        || echoes(&first.log_text()) > at_return + 1 || first.log_text().contains("broke"),
+    )
+    .await;
+    assert!(
+        !first.log_text().contains("broke"),
+        "{}\n{}",
+        first.log_text(),
+        agent_log()
+    );
+    assert!(
+        !agent_log().contains("QUIC still silent"),
+        "{}",
+        agent_log()
+    );
+
+    // Back on QUIC (the agent tries every 5 s), a second connection; then UDP goes for good.
+    wait_host("back on QUIC", Duration::from_secs(30), || {
+        agent_metric(
+            &s.lab.node,
+            "tether_tunnels_by_transport{transport=\"quic\"}",
+        ) == 1.0
+    })
+    .await;
+    let second = hold("second");
+    wait_host(
+        "a second held connection on QUIC",
+        Duration::from_secs(10),
+        || echoes(&second.log_text()) > 0,
+    )
+    .await;
+    s.lab.drop_udp(true);
+    let blocked = std::time::Instant::now();
+    wait_host(
+        "the stream on a silent QUIC reset",
+        Duration::from_secs(40),
+        || second.log_text().contains("broke"),
+    )
+    .await;
+    let took = blocked.elapsed();
+    // The move to TCP (about 3 s), then the grace.
+    assert!(took <= Duration::from_secs(20), "reset after {took:?}");
+    assert!(agent_log().contains("QUIC still silent"), "{}", agent_log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nat_rebinding_does_not_drop_a_quic_tunnel() {
     let Some((s, _)) = start_pair(false).await else {

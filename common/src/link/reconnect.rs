@@ -84,6 +84,9 @@ const DOUBT_BEFORE_TCP: Duration = Duration::from_secs(1);
 /// The longest a QUIC link in doubt is given to answer once a TCP tunnel beside it did (see
 /// `serve`'s downgrade).
 const QUIC_RECOVERY_MAX: Duration = Duration::from_secs(10);
+/// How long a QUIC tunnel left for TCP keeps its streams while nothing proves it alive (see
+/// `quic_heard_again`).
+pub const QUIC_RETIRED_GRACE: Duration = Duration::from_secs(10);
 
 /// Receives the control messages the reconnect loop does not act on itself.
 pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
@@ -601,21 +604,21 @@ async fn serve(
     d.pool.remove(&link);
     d.stats.up.dec();
     d.changed.notify_one();
-    if udp_lost {
-        // The QUIC path is dead: its streams are reset now, as on a dead server.
-        warn!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
-            "moving to a new tunnel");
-        tunnel.close(code::SHUTDOWN, "UDP is blocked");
-        return upgraded;
-    }
     if upgraded.is_some() {
         // New streams go to the new tunnel from now on; the ones open on the old one finish
         // there.
-        info!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
-            "moving to a new tunnel; open streams finish on the old one");
+        if udp_lost {
+            warn!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
+                "moving to a new tunnel; open streams finish on the old one if QUIC is heard again");
+        } else {
+            info!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
+                "moving to a new tunnel; open streams finish on the old one");
+        }
         let old = link.clone();
         let hook = d.on_stream.clone();
         let pool = d.pool.clone();
+        let kind = d.kind;
+        let label = target.label.clone();
         pool.retire(old.clone());
         tokio::spawn(async move {
             // The server may still open a reverse stream here before it learns of the new
@@ -625,9 +628,22 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             };
+            let heard_again = async {
+                if udp_lost {
+                    quic_heard_again(&old).await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 _ = drained => {}
                 _ = accept_incoming(&old, hook.as_ref()) => {}
+                false = heard_again => {
+                    // UDP really is lost: the streams cannot be carried, and are reset.
+                    warn!(kind, server = %label, streams = old.streams(),
+                        "QUIC still silent after moving to TCP: resetting the streams left on it");
+                    old.tunnel.close(code::SHUTDOWN, "UDP is blocked");
+                }
             }
             old.tunnel.close(code::OK, "moved to a new tunnel");
             pool.forget_retired(&old);
@@ -645,6 +661,27 @@ async fn serve(
             "tunnel down");
     }
     None
+}
+
+/// After a move to TCP, whether the QUIC tunnel left behind proves alive (its peer acknowledges
+/// something new) within [`QUIC_RETIRED_GRACE`]; never returns `true` before it does, so the
+/// caller waits on, and lets the streams finish.
+///
+/// The move to TCP is a guess: TCP answering while QUIC stays silent is lost UDP, or a QUIC
+/// connection whose retransmission backoff grew through a blackout. The soak across a cellular
+/// link saw the second after a 4 s blackout with a NAT rebinding in it: the streams were reset
+/// while QUIC was heard again seconds later. So the streams stay on the old tunnel, and only a
+/// QUIC that stays silent for the grace has its streams reset.
+async fn quic_heard_again(old: &Link) -> bool {
+    let before = old.tunnel.traffic().answers;
+    let until = tokio::time::Instant::now() + QUIC_RETIRED_GRACE;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(DOUBT_CHECK).await;
+        if old.tunnel.traffic().answers != before {
+            return std::future::pending().await;
+        }
+    }
+    false
 }
 
 /// Serves the streams the server opens on the link's tunnel (the reverse path) with `hook`,
