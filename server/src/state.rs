@@ -37,6 +37,9 @@ pub struct State {
     pub(crate) peers: Arc<Pool>,
     pub(crate) announcer: Announcer,
     pub(crate) draining: AtomicBool,
+    /// Streams past the drain check and not yet relaying (reaching an upstream, answering):
+    /// a drain waits for them too, or it would close the tunnel under a stream it let in.
+    pub(crate) opening: tether_common::process::telemetry::Gauge,
     pub(crate) authority: Arc<Authority>,
     pub(crate) join_limiter: JoinLimiter,
     /// Renewals per node: one at a time, and a rate (see `RenewalLimiter`).

@@ -163,6 +163,9 @@ async fn serve_open(
     hops: u8,
     state: &State,
 ) {
+    // Counted from before the drain check until it relays: a drain that begins in between
+    // waits for this stream.
+    let opening = GaugeGuard::new(&state.opening);
     if version != PROTOCOL_VERSION {
         let why = format!("unsupported stream version {version}");
         warn!(node, "stream refused: {why}");
@@ -209,18 +212,18 @@ async fn serve_open(
     let mut last_error = String::from("no healthy peer");
     if healthy {
         match upstream.connect().await {
-            Ok(tcp) => return relay_upstream(stream, tcp, node, state).await,
+            Ok(tcp) => return relay_upstream(stream, tcp, node, state, opening).await,
             Err(e) => last_error = format!("upstream {} unreachable: {e}", upstream.addr()),
         }
     }
     if hops == 0 {
         if let Some((link, peer_stream)) = open_via_peer(state, service).await {
-            return relay_peer(stream, link, peer_stream, node, state).await;
+            return relay_peer(stream, link, peer_stream, node, state, opening).await;
         }
     }
     if !healthy {
         match upstream.connect().await {
-            Ok(tcp) => return relay_upstream(stream, tcp, node, state).await,
+            Ok(tcp) => return relay_upstream(stream, tcp, node, state, opening).await,
             Err(e) => last_error = format!("upstream {} unreachable: {e}", upstream.addr()),
         }
     }
@@ -234,12 +237,19 @@ async fn serve_open(
     .await;
 }
 
-async fn relay_upstream(mut stream: Stream, tcp: tokio::net::TcpStream, node: &str, state: &State) {
+async fn relay_upstream(
+    mut stream: Stream,
+    tcp: tokio::net::TcpStream,
+    node: &str,
+    state: &State,
+    opening: GaugeGuard<'_>,
+) {
     if answer(&mut stream, StatusCode::Ok, "").await.is_err() {
         return;
     }
     state.metrics.shared.streams_total.inc();
     let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
+    drop(opening);
     let node_meter = state.registry.meter(node).unwrap_or_default();
     let summary = relay::relay(tcp, stream, &[&state.metrics.shared.bytes, &*node_meter]).await;
     if summary.outcome != Outcome::Closed {
@@ -267,13 +277,21 @@ async fn open_via_peer(state: &State, service: &str) -> Option<(Arc<Link>, Strea
     None
 }
 
-async fn relay_peer(mut stream: Stream, link: Arc<Link>, peer: Stream, node: &str, state: &State) {
+async fn relay_peer(
+    mut stream: Stream,
+    link: Arc<Link>,
+    peer: Stream,
+    node: &str,
+    state: &State,
+    opening: GaugeGuard<'_>,
+) {
     if answer(&mut stream, StatusCode::Ok, "").await.is_err() {
         return;
     }
     state.metrics.shared.streams_total.inc();
     state.metrics.peer_relayed.inc();
     let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
+    drop(opening);
     let _on_link = link.stream_guard();
     debug!(node, peer = %link.server, "relaying through peer");
     let node_meter = state.registry.meter(node).unwrap_or_default();

@@ -303,6 +303,81 @@ async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
     s2.shutdown().await;
 }
 
+/// A drain that begins while a stream is still reaching its upstream waits for it: before, the
+/// drain counted only streams already relaying, found none, and closed the tunnel under the
+/// stream it had let in. (The soak across a cellular link saw new connections reset this way;
+/// there a stream takes a round trip of 60 ms and more to arrive.) Here the upstream's accept
+/// queue is full, so the server's connect waits for a SYN retransmission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_a_stream_still_reaching_its_upstream() {
+    init_logging();
+    let pki = Pki::new();
+    // A listener with the shortest accept queue, filled by one connection nobody accepts.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let slow = socket.listen(0).unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    let filler = tokio::net::TcpStream::connect(slow_addr).await.unwrap();
+    let echo = Echo::start().await;
+    let mut cfg = server_config(&pki, echo.addr);
+    cfg.services = vec![("slow".into(), slow_addr.to_string())];
+    cfg.connect_timeout = Duration::from_secs(10);
+    let server = tether_server::start(cfg).await.unwrap();
+    let mut acfg = agent_config(&pki, "node-a", &[server.local_addr]);
+    acfg.forwards = vec![("127.0.0.1:0".parse().unwrap(), "slow".into())];
+    acfg.last_attempt_timeout = Duration::from_secs(20);
+    let agent = tether_agent::start(acfg).await.unwrap();
+    wait_for("tunnel up", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 1
+    })
+    .await;
+    let slow_local = agent.forward_addrs[0].0;
+    let mut client = tokio::net::TcpStream::connect(slow_local).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    wait_for(
+        "the stream reaching its upstream",
+        Duration::from_secs(10),
+        || async { server.streams_opening() == 1 },
+    )
+    .await;
+    let drain = tokio::spawn(server.drain(Duration::from_secs(20)));
+    // The upstream takes the connections now: the filler's, then the server's at its SYN's
+    // next retransmission. It echoes what the stream carries.
+    drop(filler);
+    let upstream = tokio::spawn(async move {
+        loop {
+            let (mut c, _) = slow.accept().await.unwrap();
+            let mut buf = [0u8; 4];
+            if c.read_exact(&mut buf).await.is_ok() {
+                c.write_all(&buf).await.unwrap();
+                let mut rest = Vec::new();
+                let _ = c.read_to_end(&mut rest).await;
+                return;
+            }
+        }
+    });
+    let mut back = [0u8; 4];
+    within(
+        "the echo through the draining server",
+        Duration::from_secs(15),
+        client.read_exact(&mut back),
+    )
+    .await
+    .expect("the stream let in before the drain is carried, not cut");
+    assert_eq!(&back, b"ping");
+    drop(client);
+    let left = within(
+        "drain ends once the stream closes",
+        Duration::from_secs(10),
+        drain,
+    )
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    let _ = within("upstream done", Duration::from_secs(5), upstream).await;
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_drains_on_request() {
     init_logging();
