@@ -51,6 +51,8 @@ pub struct Forwarding {
     pub last_attempt_timeout: Duration,
     /// How long a connection that finds no tunnel waits for one (see `Pool::wait_for_link`).
     pub reconnect_grace: Duration,
+    /// The longest an open waits through a dark link (every tunnel silent at once).
+    pub blackout_tolerance: Duration,
     pub max_connections: usize,
     /// The service's traffic is TLS, so its first bytes may travel with the open (see the
     /// module's doc and docs/protocol.md).
@@ -148,6 +150,7 @@ async fn forward(
         open: settings.stream_open_timeout,
         last: settings.last_attempt_timeout,
         grace: settings.reconnect_grace,
+        dark: settings.blackout_tolerance,
     };
     let mut race = Race::new(pool.candidates(settings.policy), timeouts);
     let count = race.candidates();
@@ -266,8 +269,11 @@ async fn forward(
             }
             Event::Timer(Some(Timer::Expired(id))) => {
                 let waited = race.waited(id, Instant::now()).unwrap_or_default();
+                race.set_dark(pool.dark());
                 let decision = race.timer(Timer::Expired(id), || false);
-                if let Some(a) = attempts.iter().find(|a| a.id == id) {
+                if decision == Decision::Held {
+                    debug!(waited = ?waited, "the link is dark: the open waits for it");
+                } else if let Some(a) = attempts.iter().find(|a| a.id == id) {
                     let detail = format!("no status within {waited:?}");
                     failed(
                         metrics,
@@ -336,7 +342,7 @@ async fn forward(
                 }
             }
             Decision::HedgeDenied => metrics.hedges_denied.inc(),
-            Decision::Hedge | Decision::Nothing => {}
+            Decision::Hedge | Decision::Held | Decision::Nothing => {}
         }
     };
     // The links asked and not used stay out of the connection's life: a dead one's tunnel

@@ -289,6 +289,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             stream_open_timeout: config.stream_open_timeout,
             last_attempt_timeout: config.last_attempt_timeout,
             reconnect_grace: config.reconnect_grace,
+            blackout_tolerance: config.liveness.blackout_tolerance,
             max_connections: config.max_connections,
         };
         tasks.spawn(forward::serve(

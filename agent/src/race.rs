@@ -17,6 +17,12 @@
 //! - When every candidate failed as a tunnel (no answer, or lost) and none refused, the
 //!   tunnels probably died together (UDP blocked, a new network): once, the race waits up to
 //!   the reconnect grace for a link that was not tried, and asks it.
+//! - While the link is dark (every tunnel silent at once, the liveness watch's word for a
+//!   blackout; the driver tells the race with [`Race::set_dark`]), an attempt's deadline does
+//!   not end it: no server can answer, and another would not either. It is held, a timeout at a
+//!   time, for up to [`Timeouts::dark`] from its start (the blackout tolerance), and answered
+//!   when the link comes back. The soak across a cellular link saw new connections begun at a
+//!   blackout's start reset in it.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -34,6 +40,8 @@ pub struct Timeouts {
     pub last: Duration,
     /// How long to wait, once, for a new link after every tunnel failed as a tunnel.
     pub grace: Duration,
+    /// The longest an attempt is held past its deadline while the link is dark.
+    pub dark: Duration,
 }
 
 /// A link handle a race can tell apart from others: the same link, not an equal one.
@@ -117,6 +125,8 @@ pub enum Decision {
     Hedge,
     /// The hedge budget is spent: no more hedges for this connection.
     HedgeDenied,
+    /// The link is dark: the attempt whose deadline passed waits on (see [`Race::set_dark`]).
+    Held,
     /// Nothing to do.
     Nothing,
 }
@@ -147,6 +157,8 @@ pub struct Race<L> {
     ids: AttemptId,
     /// The attempt the driver is starting, between `Step::Start` and its report.
     starting: Option<(AttemptId, Instant, bool)>,
+    /// Every tunnel is silent at once (see [`Race::set_dark`]).
+    dark: bool,
 }
 
 impl<L: Candidate> Race<L> {
@@ -164,7 +176,14 @@ impl<L: Candidate> Race<L> {
             may_hedge: true,
             ids: 0,
             starting: None,
+            dark: false,
         }
+    }
+
+    /// Whether the link is dark now (every tunnel silent at once): the driver says so before
+    /// it reports a timer.
+    pub fn set_dark(&mut self, dark: bool) {
+        self.dark = dark;
     }
 
     /// How many candidates there were at first.
@@ -306,6 +325,13 @@ impl<L: Candidate> Race<L> {
                 let Some(i) = self.attempts.iter().position(|a| a.id == id) else {
                     return Decision::Nothing;
                 };
+                let a = &mut self.attempts[i];
+                let held_until = a.started + self.timeouts.dark;
+                if self.dark && a.deadline < held_until {
+                    // The link is dark: held for another timeout, the tolerance at most.
+                    a.deadline = (a.deadline + self.timeouts.open).min(held_until);
+                    return Decision::Held;
+                }
                 self.attempts.swap_remove(i);
                 self.tunnel_trouble = true;
                 Decision::Lost {
@@ -373,6 +399,7 @@ mod tests {
             open: 500 * MS,
             last: 5000 * MS,
             grace: 3000 * MS,
+            dark: 30_000 * MS,
         }
     }
 
@@ -554,6 +581,79 @@ mod tests {
         }
         // Only once.
         assert_eq!(race.poll(Instant::now()), Step::GiveUp);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_on_a_dark_link_is_held_and_answered_when_the_link_returns() {
+        let t0 = Instant::now();
+        let mut race = Race::new(vec!["a", "b"], timeouts());
+        // No hedge for a long while: the first attempt alone, through a blackout.
+        let (a, _) = start(&mut race, 60_000 * MS);
+        race.set_dark(true);
+        for held in 1..=8u32 {
+            let t = wait_timer(&mut race).await;
+            assert_eq!(t, Timer::Expired(a));
+            assert_eq!(race.timer(t, || true), Decision::Held, "hold {held}");
+            assert_eq!(Instant::now() - t0, 500 * MS * held);
+        }
+        // The link came back and the server answered the open it had waited on.
+        race.set_dark(false);
+        assert_eq!(
+            race.verdict(a, Verdict::Ok),
+            Decision::Won {
+                winner: a,
+                losers: vec![]
+            }
+        );
+        assert_eq!(race.tried(), ["a"], "no other server was asked in the dark");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dark_link_holds_an_open_for_the_tolerance_at_most() {
+        let t0 = Instant::now();
+        let mut race = Race::new(vec!["a"], timeouts());
+        let (a, _) = start(&mut race, 60_000 * MS);
+        race.set_dark(true);
+        loop {
+            let t = wait_timer(&mut race).await;
+            match race.timer(t, || true) {
+                Decision::Held => continue,
+                d => {
+                    assert_eq!(
+                        d,
+                        Decision::Lost {
+                            ended: a,
+                            reset: true,
+                            promote: None
+                        }
+                    );
+                    break;
+                }
+            }
+        }
+        assert_eq!(Instant::now() - t0, timeouts().dark);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_the_link_is_lit_a_deadline_ends_the_attempt_again() {
+        let mut race = Race::new(vec!["a", "b"], timeouts());
+        let (a, _) = start(&mut race, 60_000 * MS);
+        race.set_dark(true);
+        let t = wait_timer(&mut race).await;
+        assert_eq!(race.timer(t, || true), Decision::Held);
+        race.set_dark(false);
+        let t = wait_timer(&mut race).await;
+        assert_eq!(
+            race.timer(t, || true),
+            Decision::Lost {
+                ended: a,
+                reset: true,
+                promote: None
+            }
+        );
+        // The next candidate is asked, as after any deadline.
+        let (_, link) = start(&mut race, 60_000 * MS);
+        assert_eq!(link, "b");
     }
 
     #[tokio::test(start_paused = true)]

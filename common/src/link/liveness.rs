@@ -210,6 +210,12 @@ impl<K: Ord + Clone> Watch<K> {
         }
     }
 
+    /// Whether every tunnel is silent at once: the link is dark (a blackout), not a server.
+    /// An open in flight then waits for the link rather than giving up (see the agent's race).
+    pub fn dark(&self) -> bool {
+        self.all_in_doubt.is_some()
+    }
+
     /// Whether a tunnel is in doubt now (new streams should prefer others).
     pub fn doubted(&self, key: &K, now: Instant) -> bool {
         self.tunnels
@@ -660,6 +666,27 @@ mod tests {
         sim.set_answering(0, true);
         sim.run_for(Duration::from_secs(10));
         assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
+    }
+
+    #[test]
+    fn a_blackout_is_dark_and_a_dead_server_is_not() {
+        let mut sim = Sim::new(3, 100 * MS);
+        sim.run_for(Duration::from_secs(5));
+        assert!(!sim.watch.dark());
+        // One server dies under load: the others answer, so the link is lit throughout.
+        sim.set_answering(1, false);
+        for _ in 0..12 {
+            sim.load(&[0, 1, 2], 250 * MS);
+            assert!(!sim.watch.dark());
+        }
+        // Every tunnel falls silent: dark within a second, lit again once one answers.
+        sim.set_answering(0, false);
+        sim.set_answering(2, false);
+        sim.load(&[0, 2], Duration::from_secs(1));
+        assert!(sim.watch.dark());
+        sim.set_answering(2, true);
+        sim.load(&[0, 2], Duration::from_secs(1));
+        assert!(!sim.watch.dark());
     }
 
     #[test]

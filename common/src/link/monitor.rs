@@ -97,6 +97,7 @@ pub async fn run(pool: Arc<Pool>, settings: Settings, mut stop: ShutdownSignal) 
                 }
             }
         }
+        pool.set_dark(watch.dark());
         for (id, l) in &links {
             let doubted = watch.doubted(id, now);
             if doubted != l.doubted() {

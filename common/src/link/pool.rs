@@ -280,6 +280,9 @@ pub struct Pool {
     /// links notifies, so that a stream waiting for a tunnel (see [`Pool::wait_for_link`])
     /// looks again. Written under the `links` lock, so that it always agrees with it.
     empty_since: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+    /// Every tunnel is silent at once (the liveness watch's verdict of a link blackout), as the
+    /// link monitor last saw it.
+    dark: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Pool {
@@ -290,6 +293,7 @@ impl Default for Pool {
             links: Mutex::new(Vec::new()),
             retired: Mutex::new(Vec::new()),
             empty_since,
+            dark: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -312,6 +316,17 @@ impl Pool {
                 !was
             });
         }
+    }
+
+    /// The link monitor's word: every tunnel is silent at once (a link blackout), or not.
+    pub fn set_dark(&self, dark: bool) {
+        self.dark.store(dark, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether every tunnel is silent at once: an open in flight waits for the link to come
+    /// back rather than giving up (see the agent's race).
+    pub fn dark(&self) -> bool {
+        self.dark.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keeps `link` (already removed) among the retired while its last streams finish.
