@@ -17,8 +17,9 @@
 //! - When every candidate failed as a tunnel (no answer, or lost) and none refused, the
 //!   tunnels probably died together (UDP blocked, a new network): once, the race waits up to
 //!   the reconnect grace for a link that was not tried, and asks it.
-//! - While the link is dark (every tunnel silent at once, the liveness watch's word for a
-//!   blackout; the driver tells the race with [`Race::set_dark`]), an attempt's deadline does
+//! - While the link is dark (every tunnel silent at once, or just back from that while the
+//!   transports catch up: the liveness watch's word for a blackout; the driver tells the race
+//!   with [`Race::set_dark`]), an attempt's deadline does
 //!   not end it: no server can answer, and another would not either. It is held, a timeout at a
 //!   time, for up to [`Timeouts::dark`] from its start (the blackout tolerance), and answered
 //!   when the link comes back. The soak across a cellular link saw new connections begun at a
@@ -157,7 +158,7 @@ pub struct Race<L> {
     ids: AttemptId,
     /// The attempt the driver is starting, between `Step::Start` and its report.
     starting: Option<(AttemptId, Instant, bool)>,
-    /// Every tunnel is silent at once (see [`Race::set_dark`]).
+    /// The link is dark (see [`Race::set_dark`]).
     dark: bool,
 }
 
@@ -180,8 +181,8 @@ impl<L: Candidate> Race<L> {
         }
     }
 
-    /// Whether the link is dark now (every tunnel silent at once): the driver says so before
-    /// it reports a timer.
+    /// Whether the link is dark now (every tunnel silent at once, or just back from that): the
+    /// driver says so before it reports a timer.
     pub fn set_dark(&mut self, dark: bool) {
         self.dark = dark;
     }

@@ -176,7 +176,13 @@ pub struct Watch<K: Ord + Clone> {
     /// The longest silence a tunnel came back from lately, on any tunnel (they share the node's
     /// link), and when (see [`SLOW_MEMORY`]).
     slowest: Option<(Instant, Duration)>,
+    /// After a blackout, until when the transports are still catching up (see [`Watch::dark`]).
+    recovering_until: Option<Instant>,
 }
+
+/// The least and the most time the transports get to catch up after a blackout: as long again
+/// as it lasted, within these.
+pub const RECOVERY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(10));
 
 impl<K: Ord + Clone> Watch<K> {
     pub fn new(settings: Settings) -> Self {
@@ -185,6 +191,7 @@ impl<K: Ord + Clone> Watch<K> {
             tunnels: BTreeMap::new(),
             all_in_doubt: None,
             slowest: None,
+            recovering_until: None,
         }
     }
 
@@ -210,10 +217,17 @@ impl<K: Ord + Clone> Watch<K> {
         }
     }
 
-    /// Whether every tunnel is silent at once: the link is dark (a blackout), not a server.
-    /// An open in flight then waits for the link rather than giving up (see the agent's race).
-    pub fn dark(&self) -> bool {
-        self.all_in_doubt.is_some()
+    /// Whether the link is dark: every tunnel silent at once (a blackout, not a server), or
+    /// back from a blackout so recently that the transports are still catching up. An open in
+    /// flight then waits for the link rather than giving up (see the agent's race).
+    ///
+    /// After a blackout each transport is heard again only at its next retransmission, whose
+    /// backoff grew through the blackout: an open sent in the dark is answered seconds after
+    /// the first tunnel is. The hour across a cellular link saw one given up 2 s after a 4 s
+    /// blackout. So the link counts as dark for as long again as the blackout lasted
+    /// ([`RECOVERY`] bounds it) once a tunnel is heard.
+    pub fn dark(&self, now: Instant) -> bool {
+        self.all_in_doubt.is_some() || self.recovering_until.is_some_and(|until| now < until)
     }
 
     /// Whether a tunnel is in doubt now (new streams should prefer others).
@@ -311,8 +325,18 @@ impl<K: Ord + Clone> Watch<K> {
                     t.in_blackout = true;
                 }
             }
-        } else {
-            self.all_in_doubt = None;
+        } else if let Some(since) = self.all_in_doubt.take() {
+            let rtt = self
+                .tunnels
+                .values()
+                .map(|t| t.rtt)
+                .max()
+                .unwrap_or_default();
+            let lasted = now - since;
+            // Only a blackout: not tunnels that fell in doubt together for a probe's time.
+            if lasted >= window(rtt, s.doubt_probe * 2) {
+                self.recovering_until = Some(now + lasted.clamp(RECOVERY.0, RECOVERY.1));
+            }
         }
         let mut actions = Vec::new();
         let any_doubt = self
@@ -672,21 +696,49 @@ mod tests {
     fn a_blackout_is_dark_and_a_dead_server_is_not() {
         let mut sim = Sim::new(3, 100 * MS);
         sim.run_for(Duration::from_secs(5));
-        assert!(!sim.watch.dark());
+        assert!(!sim.watch.dark(sim.now));
         // One server dies under load: the others answer, so the link is lit throughout.
         sim.set_answering(1, false);
         for _ in 0..12 {
             sim.load(&[0, 1, 2], 250 * MS);
-            assert!(!sim.watch.dark());
+            assert!(!sim.watch.dark(sim.now));
         }
         // Every tunnel falls silent: dark within a second, lit again once one answers.
         sim.set_answering(0, false);
         sim.set_answering(2, false);
         sim.load(&[0, 2], Duration::from_secs(1));
-        assert!(sim.watch.dark());
-        sim.set_answering(2, true);
+        assert!(sim.watch.dark(sim.now));
         sim.load(&[0, 2], Duration::from_secs(1));
-        assert!(!sim.watch.dark());
+        // A tunnel is heard again: the transports still catch up, for as long again as the
+        // blackout lasted (a second at least), then the link is lit.
+        sim.set_answering(2, true);
+        sim.load(&[0, 2], 500 * MS);
+        assert!(sim.watch.dark(sim.now));
+        sim.load(&[0, 2], Duration::from_millis(2500));
+        assert!(!sim.watch.dark(sim.now));
+    }
+
+    #[test]
+    fn after_a_long_blackout_the_link_stays_dark_while_the_transports_catch_up() {
+        let mut sim = Sim::new(2, 100 * MS);
+        sim.run_for(Duration::from_secs(5));
+        sim.set_answering(0, false);
+        sim.set_answering(1, false);
+        sim.load(&[0, 1], Duration::from_secs(4));
+        assert!(sim.watch.dark(sim.now));
+        sim.set_answering(0, true);
+        sim.set_answering(1, true);
+        let back = sim.now;
+        while sim.watch.dark(sim.now) {
+            sim.load(&[0, 1], 250 * MS);
+        }
+        // About as long again as the blackout (it began to count half a second in).
+        let caught_up = sim.now - back;
+        assert!(
+            caught_up >= Duration::from_secs(3) && caught_up <= Duration::from_secs(5),
+            "{caught_up:?}"
+        );
+        assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub async fn run(pool: Arc<Pool>, settings: Settings, mut stop: ShutdownSignal) 
                 }
             }
         }
-        pool.set_dark(watch.dark());
+        pool.set_dark(watch.dark(now));
         for (id, l) in &links {
             let doubted = watch.doubted(id, now);
             if doubted != l.doubted() {

@@ -280,8 +280,8 @@ pub struct Pool {
     /// links notifies, so that a stream waiting for a tunnel (see [`Pool::wait_for_link`])
     /// looks again. Written under the `links` lock, so that it always agrees with it.
     empty_since: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
-    /// Every tunnel is silent at once (the liveness watch's verdict of a link blackout), as the
-    /// link monitor last saw it.
+    /// The link is dark: every tunnel silent at once, or just back from that (the liveness
+    /// watch's word, see `Watch::dark`), as the link monitor last saw it.
     dark: std::sync::atomic::AtomicBool,
 }
 
@@ -318,13 +318,13 @@ impl Pool {
         }
     }
 
-    /// The link monitor's word: every tunnel is silent at once (a link blackout), or not.
+    /// The link monitor's word: the link is dark (see `Watch::dark`), or not.
     pub fn set_dark(&self, dark: bool) {
         self.dark.store(dark, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether every tunnel is silent at once: an open in flight waits for the link to come
-    /// back rather than giving up (see the agent's race).
+    /// Whether the link is dark: an open in flight waits for the link to come back rather
+    /// than giving up (see the agent's race).
     pub fn dark(&self) -> bool {
         self.dark.load(std::sync::atomic::Ordering::Relaxed)
     }
