@@ -42,6 +42,18 @@ async fn start_all(configs: Vec<ServerConfig>) -> Vec<ServerHandle> {
 }
 
 /// A dead upstream: a port that refuses connections.
+/// Waits for a server's drain, which must end once its last stream closes, with none left.
+async fn drain_ends_with_nothing_left(drain: tokio::task::JoinHandle<i64>) {
+    let left = within(
+        "drain ends once the stream closes",
+        Duration::from_secs(10),
+        drain,
+    )
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+}
+
 fn dead_upstream() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
@@ -291,14 +303,7 @@ async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
     held.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"b");
     drop(held);
-    let left = within(
-        "drain ends once the stream closes",
-        Duration::from_secs(10),
-        drain,
-    )
-    .await
-    .unwrap();
-    assert_eq!(left, 0);
+    drain_ends_with_nothing_left(drain).await;
     agent.shutdown().await;
     s2.shutdown().await;
 }
@@ -366,14 +371,7 @@ async fn a_drain_waits_for_a_stream_still_reaching_its_upstream() {
     .expect("the stream let in before the drain is carried, not cut");
     assert_eq!(&back, b"ping");
     drop(client);
-    let left = within(
-        "drain ends once the stream closes",
-        Duration::from_secs(10),
-        drain,
-    )
-    .await
-    .unwrap();
-    assert_eq!(left, 0);
+    drain_ends_with_nothing_left(drain).await;
     let _ = within("upstream done", Duration::from_secs(5), upstream).await;
     agent.shutdown().await;
 }

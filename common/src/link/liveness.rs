@@ -307,6 +307,13 @@ impl<K: Ord + Clone> Watch<K> {
         // link, not the servers. (Tunnels asked at the same moment fall in doubt together
         // without a blackout, such as new ones, whose first sample is a question; the first
         // probe's answer clears those.)
+        let rtt = self
+            .tunnels
+            .values()
+            .map(|t| t.rtt)
+            .max()
+            .unwrap_or_default();
+        let blackout_after = window(rtt, s.doubt_probe * 2);
         if !self.tunnels.is_empty()
             && self
                 .tunnels
@@ -314,27 +321,15 @@ impl<K: Ord + Clone> Watch<K> {
                 .all(|t| in_doubt(&self.settings, t, now))
         {
             let since = *self.all_in_doubt.get_or_insert(now);
-            let rtt = self
-                .tunnels
-                .values()
-                .map(|t| t.rtt)
-                .max()
-                .unwrap_or_default();
-            if now - since >= window(rtt, s.doubt_probe * 2) {
+            if now - since >= blackout_after {
                 for t in self.tunnels.values_mut() {
                     t.in_blackout = true;
                 }
             }
         } else if let Some(since) = self.all_in_doubt.take() {
-            let rtt = self
-                .tunnels
-                .values()
-                .map(|t| t.rtt)
-                .max()
-                .unwrap_or_default();
             let lasted = now - since;
             // Only a blackout: not tunnels that fell in doubt together for a probe's time.
-            if lasted >= window(rtt, s.doubt_probe * 2) {
+            if lasted >= blackout_after {
                 self.recovering_until = Some(now + lasted.clamp(RECOVERY.0, RECOVERY.1));
             }
         }
