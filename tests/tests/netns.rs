@@ -237,17 +237,9 @@ async fn a_silent_server_is_noticed_within_seconds() {
         "{text}\n{}",
         std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default()
     );
-    let waited = metric_on(
-        &s.lab.node,
-        "127.0.0.1:9090",
-        "tether_connections_waited_total",
-    );
-    // The connection made before the move waited for the TCP tunnel (the one made after it
-    // found it up).
-    assert!(waited.unwrap_or(0.0) >= 1.0, "{waited:?}");
     wait_host(
         "the unnoticed connection ends",
-        Duration::from_secs(15),
+        Duration::from_secs(20),
         || unnoticed.log_text().contains("probe: passed="),
     )
     .await;
@@ -256,6 +248,15 @@ async fn a_silent_server_is_noticed_within_seconds() {
         "{}",
         unnoticed.log_text()
     );
+    // The connection made before the move waited for the TCP tunnel (the one made after it
+    // found it up). With one server QUIC's silence looks like a dark link, so its open is held
+    // first, until the move and the transports' catching up after it (see `Watch::dark`).
+    let waited = metric_on(
+        &s.lab.node,
+        "127.0.0.1:9090",
+        "tether_connections_waited_total",
+    );
+    assert!(waited.unwrap_or(0.0) >= 1.0, "{waited:?}");
     // The path heals: the agent reconnects by itself and traffic flows again.
     s.lab.drop_udp(false);
     wait_host("agent reconnects", Duration::from_secs(15), || {
