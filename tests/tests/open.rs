@@ -33,8 +33,11 @@ async fn first_bytes_travel_with_the_open_and_arrive_once() {
     for r in within("64 echoes", Duration::from_secs(30), tasks.join_all()).await {
         r.expect("byte-exact echo");
     }
+    // Most, not all: a client's first write races the server's verdict, a loopback round trip
+    // away, and on a machine busy with other test binaries the verdict sometimes wins (CI saw
+    // 49 of 64). Those connections send their bytes after the verdict, which is correct too.
     assert!(
-        agent.metrics().early_data.get() >= 60,
+        agent.metrics().early_data.get() >= 32,
         "the apiserver's first bytes went with the open ({} streams)",
         agent.metrics().early_data.get()
     );
