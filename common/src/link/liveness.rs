@@ -22,11 +22,15 @@
 //! bulk transfers drops a quiet tunnel's packets more often than its share (a drop-tail queue
 //! locks sparse flows out), a lost retransmission doubles the transport's backoff, and over
 //! TLS/TCP a probe waits behind what the socket already holds. A live server can then be silent
-//! for over a second while another tunnel, busy with a bulk transfer, answers all along, and
-//! silence alone looks like death. So the machine remembers the longest silence a tunnel came
-//! back from lately ([`SLOW_MEMORY`]; blackouts of every tunnel left out), and a verdict waits
-//! at least twice that (once that and a probe's interval after a report), up to
-//! [`MAX_GROWN_WINDOW`]. A link that never showed such a silence is judged in the windows above.
+//! for seconds while another tunnel, busy with a bulk transfer, answers all along, and silence
+//! alone looks like death. So the machine remembers the longest silence a tunnel came back from
+//! lately ([`SLOW_MEMORY`]; blackouts of every tunnel left out). On a link that has shown one
+//! longer than the doubt window, an unreported silence is judged in [`SLOW_LINK_WINDOW`] (three
+//! times the longest, 6 to 10 s): there the servers' reports are the evidence of a death, and
+//! silence alone only a hint (new streams go elsewhere while a tunnel is in doubt). A reported
+//! server is judged in its short window grown by that longest silence and a probe's interval,
+//! up to [`MAX_GROWN_WINDOW`]. A link that never showed such a silence is judged in the windows
+//! above.
 //!
 //! On an idle tunnel the machine probes only every [`Settings::idle_probe`]: often enough to
 //! keep NAT bindings open, seldom enough that an idle tunnel costs a few hundred bytes a minute.
@@ -77,6 +81,11 @@ pub const SLOW_MEMORY: Duration = Duration::from_secs(120);
 /// a dead server's streams are reset within this even on the worst link.
 pub const MAX_GROWN_WINDOW: Duration = Duration::from_secs(4);
 
+/// The least and the most a server may stay silent, unreported, while another answers, on a
+/// link that has shown slow answers (see [`Watch::unreported_window`]).
+pub const SLOW_LINK_WINDOW: (Duration, Duration) =
+    (Duration::from_secs(6), Duration::from_secs(10));
+
 /// What one tunnel looks like at a tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
@@ -93,6 +102,8 @@ pub struct Sample {
     pub pongs: u64,
     /// The transport's smoothed round-trip time (zero when unknown).
     pub rtt: Duration,
+    /// Packets the transport declared lost so far (zero when it cannot tell).
+    pub lost: u64,
     /// The server sends on its own often (an older server's keepalives and heartbeats): its
     /// silence counts from when it was last heard, not from a question.
     pub beats: bool,
@@ -116,6 +127,7 @@ struct Tunnel {
     sent: u64,
     pongs: u64,
     rtt: Duration,
+    lost: u64,
     beats: bool,
     last_heard: Instant,
     /// The start of the current run of hearing it with no gap longer than the doubt window.
@@ -178,6 +190,8 @@ pub struct Watch<K: Ord + Clone> {
     slowest: Option<(Instant, Duration)>,
     /// After a blackout, until when the transports are still catching up (see [`Watch::dark`]).
     recovering_until: Option<Instant>,
+    /// When a transport last declared a packet lost (see [`Watch::unreported_window`]).
+    lost_at: Option<Instant>,
 }
 
 /// The least and the most time the transports get to catch up after a blackout: as long again
@@ -192,6 +206,7 @@ impl<K: Ord + Clone> Watch<K> {
             all_in_doubt: None,
             slowest: None,
             recovering_until: None,
+            lost_at: None,
         }
     }
 
@@ -201,6 +216,32 @@ impl<K: Ord + Clone> Watch<K> {
             Some((at, d)) if now - at <= SLOW_MEMORY => d,
             _ => Duration::ZERO,
         }
+    }
+
+    /// How long a tunnel may stay silent while another answers before its server is called
+    /// dead without a report: [`Settings::dead_after`] on a calm link; on a slow one (within
+    /// [`SLOW_MEMORY`], a live tunnel fell in doubt and came back, or a transport declared a
+    /// packet lost) three times the longest silence seen, within [`SLOW_LINK_WINDOW`].
+    ///
+    /// On a slow link silence is weak evidence: the cellular hour saw live servers silent for
+    /// 2 to 2.7 s beside a busy tunnel that answered, four times an hour, and their streams were
+    /// reset for nothing. A link that loses packets is slow before any silence shows it: the
+    /// quick soak across the same link saw a live server called dead a minute in, its first
+    /// silence. (A server behind a dropped link loses no packet in the transport's count: with
+    /// no acknowledgement coming back, QUIC declares nothing lost.) A server that truly dies is reported by the servers that survive it
+    /// (their peer links sit on the masters' LAN and notice within their idle timeout) and is
+    /// judged in the short reported window; so a long wait here costs only when one server is
+    /// cut off from this node alone and still talks to its peers.
+    fn unreported_window(&self, rtt: Duration, now: Instant) -> Duration {
+        let s = &self.settings;
+        let base = window(rtt, s.dead_after);
+        let slowest = self.slowest(now);
+        let lossy = self.lost_at.is_some_and(|at| now - at <= SLOW_MEMORY);
+        if slowest < window(rtt, s.doubt_after) && !lossy {
+            return base;
+        }
+        let slow = (slowest * 3).clamp(SLOW_LINK_WINDOW.0, SLOW_LINK_WINDOW.1);
+        base.max(slow.min(s.tolerance))
     }
 
     /// A tunnel answered after a silence of `delay`: kept if it is the longest within memory.
@@ -242,6 +283,7 @@ impl<K: Ord + Clone> Watch<K> {
         let s = self.settings;
         self.tunnels
             .retain(|k, _| samples.iter().any(|(key, _)| key == k));
+        let mut lost_now = false;
         for (key, sample) in samples {
             // A new tunnel starts from zero, not from its first sample: what it sent before
             // the first tick (a request made the moment it came up) is a question too.
@@ -250,6 +292,7 @@ impl<K: Ord + Clone> Watch<K> {
                 sent: 0,
                 pongs: 0,
                 rtt: sample.rtt,
+                lost: 0,
                 beats: sample.beats,
                 last_heard: now,
                 streak_since: now,
@@ -261,6 +304,10 @@ impl<K: Ord + Clone> Watch<K> {
             });
             t.rtt = sample.rtt;
             t.beats = sample.beats;
+            if sample.lost > t.lost {
+                lost_now = true;
+            }
+            t.lost = sample.lost;
             // Answers first, then questions: a question sent in the same tick as an answer is
             // still open (the answer was to something earlier). One exception: the probe this
             // machine asked for last tick leaves in that tick's count, and on a fast link its
@@ -302,6 +349,9 @@ impl<K: Ord + Clone> Watch<K> {
             if let Some(d) = came_back {
                 self.answered_after(now, d);
             }
+        }
+        if lost_now {
+            self.lost_at = Some(now);
         }
         // Every tunnel in doubt at once, for longer than probes take to clear a doubt: the
         // link, not the servers. (Tunnels asked at the same moment fall in doubt together
@@ -401,7 +451,7 @@ impl<K: Ord + Clone> Watch<K> {
             if t.in_blackout {
                 continue;
             }
-            let window = grown(&s, window(t.rtt, s.dead_after), slowest * 2);
+            let window = self.unreported_window(t.rtt, now);
             let witnessed = self.tunnels.iter().any(|(k, o)| {
                 k != key
                     && now - o.last_heard <= alive_gap(&s, o.rtt)
@@ -439,6 +489,8 @@ mod tests {
         rtt: Duration,
         /// Per tunnel, how much longer than the round trip its answers take (a queue).
         extra: BTreeMap<u32, Duration>,
+        /// Per tunnel, packets its transport declared lost.
+        lost: BTreeMap<u32, u64>,
         log: Vec<(Duration, Action<u32>)>,
         start: Instant,
     }
@@ -454,6 +506,7 @@ mod tests {
                 pending: Vec::new(),
                 rtt,
                 extra: BTreeMap::new(),
+                lost: BTreeMap::new(),
                 log: Vec::new(),
                 start: now,
             }
@@ -530,6 +583,7 @@ mod tests {
                                 sent: t.1,
                                 pongs: t.3,
                                 rtt: self.rtt,
+                                lost: self.lost.get(k).copied().unwrap_or(0),
                                 beats: false,
                             },
                         )
@@ -613,8 +667,9 @@ mod tests {
 
     /// The soak across an emulated cellular link found this: a bottleneck queue kept full by
     /// bulk transfers made live servers silent for 1.5 s (then the window) now and then while
-    /// other tunnels answered, and the agent reset their streams. The silences a live server
-    /// came back from now set the bar; a server that truly dies is still found.
+    /// other tunnels answered, and the agent reset their streams. On a link that has shown
+    /// such silences, an unreported one is judged in the slow link's window; a server that
+    /// truly dies unreported is still found, later.
     #[test]
     fn a_slow_answer_on_a_congested_link_is_not_death() {
         let mut sim = Sim::new(3, 60 * MS);
@@ -630,10 +685,67 @@ mod tests {
         sim.load(&[0, 2], Duration::from_secs(2));
         sim.load(&[0, 1, 2], Duration::from_secs(10));
         assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
-        // Now its server dies: found within twice the longest silence it came back from,
-        // capped at 4 s, and a tick.
-        let took = sim.death_noticed(1, &[0, 2], Duration::from_secs(8));
-        assert!(took <= Duration::from_millis(4200), "{took:?}");
+        // Now its server dies, and no server reports it: found within three times the longest
+        // silence it came back from (7.5 s), and a tick.
+        let took = sim.death_noticed(1, &[0, 2], Duration::from_secs(10));
+        assert!(took <= Duration::from_millis(7700), "{took:?}");
+    }
+
+    /// The cellular hour's second run: four live servers called dead after 2.0 to 2.7 s of
+    /// silence beside a busy tunnel, on a link whose live servers had been silent for a second
+    /// before; twice the longest silence was not enough. Without a report, a slow link waits
+    /// for 6 s at least.
+    #[test]
+    fn on_a_slow_link_a_silence_past_twice_the_longest_is_not_death_unreported() {
+        let mut sim = Sim::new(3, 60 * MS);
+        sim.load(&[0, 1, 2], Duration::from_secs(10));
+        sim.silence(&[2], 1000 * MS);
+        sim.load(&[0, 1, 2], Duration::from_secs(10));
+        sim.silence(&[1], 3500 * MS);
+        sim.load(&[0, 1, 2], Duration::from_secs(10));
+        assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
+    }
+
+    /// The quick soak across a cellular link: a live server called dead after 2.1 s of silence
+    /// a minute in, before any live tunnel had come back from a silence, while the transports
+    /// declared packets lost all along. A link that loses packets is slow from its first loss.
+    #[test]
+    fn a_link_that_loses_packets_is_slow_before_any_silence_shows_it() {
+        let mut sim = Sim::new(3, 60 * MS);
+        sim.load(&[0, 1, 2], Duration::from_secs(10));
+        sim.lost.insert(0, 3);
+        sim.load(&[0, 1, 2], Duration::from_secs(2));
+        sim.silence(&[1], 3500 * MS);
+        sim.load(&[0, 1, 2], Duration::from_secs(10));
+        assert!(sim.verdicts().is_empty(), "{:?}", sim.verdicts());
+        // Without a report, a server that dies on it is found within the slow window's most
+        // (10 s: three times that silence is more).
+        let took = sim.death_noticed(1, &[0, 2], Duration::from_secs(12));
+        assert!(took <= Duration::from_millis(10_200), "{took:?}");
+    }
+
+    /// The slow window is only for unreported silence: a server killed on a slow link is
+    /// reported by its peers (within their 2.5 s idle timeout) and its streams reset within the
+    /// issue's 3 s.
+    #[test]
+    fn on_a_slow_link_a_reported_death_is_still_found_within_three_seconds() {
+        let mut sim = Sim::new(3, 60 * MS);
+        sim.load(&[0, 1, 2], Duration::from_secs(10));
+        sim.silence(&[1], 1500 * MS);
+        sim.load(&[0, 1, 2], Duration::from_secs(10));
+        sim.set_answering(1, false);
+        let died = sim.now;
+        sim.send(1);
+        sim.load(&[0, 2], 2500 * MS);
+        sim.watch.reported(&1, sim.now);
+        sim.load(&[0, 2], Duration::from_secs(3));
+        let v = sim.verdicts();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(matches!(v[0].1, Action::DeadServer { key: 1, .. }), "{v:?}");
+        assert!(
+            v[0].0 - (died - sim.start) <= Duration::from_secs(3),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -745,6 +857,7 @@ mod tests {
             sent,
             pongs,
             rtt: MS,
+            lost: 0,
             beats: false,
         };
         // Tunnel 1 came up, carried a request, and went silent, all before the first tick.
@@ -868,6 +981,7 @@ mod tests {
             sent: 0,
             pongs: 0,
             rtt: 10 * MS,
+            lost: 0,
             beats: true,
         };
         let mut n = 0u64;

@@ -61,6 +61,7 @@ pub async fn run(pool: Arc<Pool>, settings: Settings, mut stop: ShutdownSignal) 
                         sent: t.questions,
                         pongs: l.pongs(),
                         rtt: l.tunnel.rtt(),
+                        lost: t.lost,
                         beats,
                     },
                 )

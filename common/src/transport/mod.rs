@@ -161,6 +161,7 @@ impl Tunnel {
                     heard: s.udp_rx.datagrams,
                     answers: s.path.rtt.as_nanos() as u64,
                     questions: s.frame_tx.stream + s.frame_tx.ping,
+                    lost: s.path.lost_packets,
                 }
             }
             Inner::Tcp(t) => {
@@ -172,6 +173,7 @@ impl Tunnel {
                     heard: read,
                     answers: read,
                     questions: t.traffic.sent.load(std::sync::atomic::Ordering::Relaxed),
+                    lost: 0,
                 }
             }
         }
@@ -217,6 +219,9 @@ pub struct Traffic {
     /// What asks for an answer: QUIC STREAM and PING frames (acknowledgements do not), or bytes
     /// sent over TCP.
     pub questions: u64,
+    /// Packets the transport declared lost (QUIC; TCP's losses stay in the kernel: 0): a link
+    /// that loses packets is one where a live server can be silent for seconds.
+    pub lost: u64,
 }
 
 /// Both directions of one relayed connection.
