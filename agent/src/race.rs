@@ -17,6 +17,12 @@
 //! - When every candidate failed as a tunnel (no answer, or lost) and none refused, the
 //!   tunnels probably died together (UDP blocked, a new network): once, the race waits up to
 //!   the reconnect grace for a link that was not tried, and asks it.
+//! - An attempt that ended at its deadline got no answer, which is not a refusal: its server
+//!   may have been behind a blackout the watch had not called yet. When every other candidate
+//!   has failed too, each such link is asked once more (with the last, longer timeout). The
+//!   soak across a cellular link saw an open sent as a blackout began give up on its first
+//!   choice 0.5 s later, then be refused by the only other server (draining), and reset the
+//!   connection while the first choice, alive, answered again moments later.
 //! - While the link is dark (every tunnel silent at once, or just back from that while the
 //!   transports catch up: the liveness watch's word for a blackout; the driver tells the race
 //!   with [`Race::set_dark`]), an attempt's deadline does
@@ -133,12 +139,25 @@ pub enum Decision {
 }
 
 #[derive(Debug)]
-struct Pending {
+struct Pending<L> {
     id: AttemptId,
+    /// Its link and that link's place, for a second ask if it ends at its deadline.
+    link: L,
+    place: usize,
     started: Instant,
     deadline: Instant,
     /// When to hedge if this is the newest attempt and it has not answered.
     hedge_at: Option<Instant>,
+}
+
+/// An attempt between [`Step::Start`] and its report.
+#[derive(Debug)]
+struct Starting<L> {
+    id: AttemptId,
+    at: Instant,
+    last: bool,
+    link: L,
+    place: usize,
 }
 
 /// One connection's open; `L` is the driver's handle of a link.
@@ -148,7 +167,12 @@ pub struct Race<L> {
     next: VecDeque<(usize, L)>,
     /// Candidates so far (the places of links added later follow on).
     count: usize,
-    attempts: Vec<Pending>,
+    attempts: Vec<Pending<L>>,
+    /// Links whose attempt ended at its deadline without an answer, to be asked once more
+    /// when nothing else is left.
+    unanswered: Vec<(usize, L)>,
+    /// Those were asked again already.
+    reasked: bool,
     /// An attempt to start at the next poll (a hedge).
     hedge_due: bool,
     tried: Vec<L>,
@@ -157,7 +181,7 @@ pub struct Race<L> {
     may_hedge: bool,
     ids: AttemptId,
     /// The attempt the driver is starting, between `Step::Start` and its report.
-    starting: Option<(AttemptId, Instant, bool)>,
+    starting: Option<Starting<L>>,
     /// The link is dark (see [`Race::set_dark`]).
     dark: bool,
 }
@@ -170,6 +194,8 @@ impl<L: Candidate> Race<L> {
             count: candidates.len(),
             next: candidates.into_iter().enumerate().collect(),
             attempts: Vec::with_capacity(MAX_ATTEMPTS),
+            unanswered: Vec::new(),
+            reasked: false,
             hedge_due: false,
             tried: Vec::new(),
             tunnel_trouble: false,
@@ -201,6 +227,10 @@ impl<L: Candidate> Race<L> {
     pub fn poll(&mut self, now: Instant) -> Step<L> {
         debug_assert!(self.starting.is_none(), "a start was not reported");
         if self.attempts.is_empty() {
+            if self.next.is_empty() && !self.unanswered.is_empty() && !self.reasked {
+                self.reasked = true;
+                self.next.extend(self.unanswered.drain(..));
+            }
             if self.next.is_empty() && self.tunnel_trouble && !self.retried {
                 self.retried = true;
                 return Step::WaitForLinks {
@@ -233,7 +263,13 @@ impl<L: Candidate> Race<L> {
         };
         self.ids += 1;
         let id = self.ids;
-        self.starting = Some((id, now, self.next.is_empty()));
+        self.starting = Some(Starting {
+            id,
+            at: now,
+            last: self.next.is_empty(),
+            link: link.clone(),
+            place,
+        });
         Some(Step::Start {
             id,
             link,
@@ -246,28 +282,30 @@ impl<L: Candidate> Race<L> {
     /// The attempt `id` sent its `Open`; the next candidate is asked `hedge_after` later if it
     /// has not answered by then.
     pub fn started(&mut self, id: AttemptId, hedge_after: Duration) {
-        let Some((sid, started, last)) = self.starting.take() else {
+        let Some(st) = self.starting.take() else {
             return;
         };
-        debug_assert_eq!(sid, id);
-        let timeout = if last {
+        debug_assert_eq!(st.id, id);
+        let timeout = if st.last {
             self.timeouts.last
         } else {
             self.timeouts.open
         };
         self.attempts.push(Pending {
             id,
-            started,
-            deadline: started + timeout,
-            hedge_at: Some(started + hedge_after),
+            link: st.link,
+            place: st.place,
+            started: st.at,
+            deadline: st.at + timeout,
+            hedge_at: Some(st.at + hedge_after),
         });
     }
 
     /// The attempt `id` could not even send its `Open` (no stream, or not in time): a tunnel's
     /// trouble.
     pub fn start_failed(&mut self, id: AttemptId) {
-        if let Some((sid, ..)) = self.starting.take() {
-            debug_assert_eq!(sid, id);
+        if let Some(st) = self.starting.take() {
+            debug_assert_eq!(st.id, id);
         }
         self.tunnel_trouble = true;
     }
@@ -333,8 +371,13 @@ impl<L: Candidate> Race<L> {
                     a.deadline = (a.deadline + self.timeouts.open).min(held_until);
                     return Decision::Held;
                 }
-                self.attempts.swap_remove(i);
+                let a = self.attempts.swap_remove(i);
                 self.tunnel_trouble = true;
+                // Not held to the tolerance: no answer is not a refusal, and the link may
+                // answer a second ask.
+                if a.deadline < held_until {
+                    self.unanswered.push((a.place, a.link));
+                }
                 Decision::Lost {
                     ended: id,
                     reset: true,
@@ -655,6 +698,50 @@ mod tests {
         // The next candidate is asked, as after any deadline.
         let (_, link) = start(&mut race, 60_000 * MS);
         assert_eq!(link, "b");
+    }
+
+    /// The soak across a cellular link: the first choice's deadline passed as a blackout began,
+    /// before the watch called the link dark; the only other server was draining and refused.
+    /// The first choice, whose silence was the link's, is asked once more.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_link_is_asked_again_when_every_other_refuses() {
+        let mut race = Race::new(vec!["a", "b"], timeouts());
+        let (a, _) = start(&mut race, 60_000 * MS);
+        let t = wait_timer(&mut race).await;
+        assert_eq!(
+            race.timer(t, || true),
+            Decision::Lost {
+                ended: a,
+                reset: true,
+                promote: None
+            }
+        );
+        let (b, link) = start(&mut race, 60_000 * MS);
+        assert_eq!(link, "b");
+        race.verdict(b, Verdict::Refused);
+        let a2 = match race.poll(Instant::now()) {
+            Step::Start {
+                id,
+                link,
+                place,
+                eager,
+                timeout,
+            } => {
+                assert_eq!((link, place, eager, timeout), ("a", 0, true, 5000 * MS));
+                race.started(id, 60_000 * MS);
+                id
+            }
+            other => panic!("{other:?}"),
+        };
+        // Once: unanswered again, it is not asked a third time.
+        let t = wait_timer(&mut race).await;
+        assert_eq!(t, Timer::Expired(a2));
+        race.timer(t, || true);
+        match race.poll(Instant::now()) {
+            Step::WaitForLinks { .. } => race.add_links(vec!["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(race.poll(Instant::now()), Step::GiveUp);
     }
 
     #[tokio::test(start_paused = true)]
