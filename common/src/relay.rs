@@ -10,11 +10,15 @@
 //! - memory is bounded: at most one chunk is in the relay's hands per direction, and flow control
 //!   (TCP windows on one side, transport windows on the other) pushes back on a fast sender. An
 //!   idle connection holds no buffer at all.
+//! - a stream that ended cleanly counts as open until the far end acknowledged its last bytes,
+//!   so that whoever closes the tunnel once its streams are done (a drain, a move to a renewed
+//!   certificate) does not cut them short.
 
 use crate::transport::{RecvHalf, SendHalf, Stream, StreamError};
 use bytes::BytesMut;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tether_proto::code;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
@@ -24,6 +28,11 @@ use tokio::net::TcpStream;
 pub const CHUNK: usize = 32 * 1024;
 /// Most bytes gathered from a tunnel stream for one write to a socket.
 const GATHER_BYTES: usize = 256 * 1024;
+
+/// The longest a relay that ended cleanly waits for its last bytes to be acknowledged (see
+/// [`SendHalf::delivered`]) before it counts the stream done: past the longest blackout a
+/// tunnel is held through, which ends the wait sooner by losing the tunnel.
+const DELIVERY_LIMIT: Duration = Duration::from_secs(120);
 
 /// Byte counters a relay adds to as data moves (for example the process-wide totals and a
 /// tunnel's own).
@@ -93,7 +102,10 @@ pub async fn relay(tcp: TcpStream, stream: Stream, meters: &[&Meter]) -> Summary
         tunnel_to_tcp(&mut recv, &mut wr, meters, &down),
     );
     let outcome = match result {
-        Ok(_) => Outcome::Closed,
+        Ok(_) => {
+            send.delivered(DELIVERY_LIMIT).await;
+            Outcome::Closed
+        }
         Err(abort) => {
             send.reset(code::RESET).await;
             recv.stop(code::RESET);
@@ -232,7 +244,13 @@ pub async fn splice(a: Stream, b: Stream, meters: &[&Meter]) -> Summary {
         pipe(&mut b_recv, &mut a_send, meters, &ba, false),
     );
     let outcome = match result {
-        Ok(_) => Outcome::Closed,
+        Ok(_) => {
+            tokio::join!(
+                a_send.delivered(DELIVERY_LIMIT),
+                b_send.delivered(DELIVERY_LIMIT)
+            );
+            Outcome::Closed
+        }
         Err(abort) => {
             a_send.reset(code::RESET).await;
             a_recv.stop(code::RESET);
@@ -320,7 +338,10 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite>(
     let from_tunnel = tunnel_to_tcp(&mut recv, &mut wr, meters, &down);
     let result = tokio::try_join!(to_tunnel, from_tunnel);
     let outcome = match result {
-        Ok(_) => Outcome::Closed,
+        Ok(_) => {
+            send.delivered(DELIVERY_LIMIT).await;
+            Outcome::Closed
+        }
         Err(abort) => {
             send.reset(code::RESET).await;
             recv.stop(code::RESET);

@@ -204,3 +204,67 @@ async fn a_probing_agent_gets_pongs_and_no_heartbeats() {
     assert!(tunnel.traffic().answers > before, "the pong was counted");
     server.shutdown().await;
 }
+
+/// Over QUIC a relay that ended cleanly returns only once the far end acknowledged its last
+/// bytes, so a tunnel closed the moment its streams are done (an agent moving to a renewed
+/// certificate, a drain) delivers them whole. QUIC sends a finished stream's data in the
+/// background and a connection's close discards what is left: the soak across a cellular link
+/// lost a reverse stream's answer so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_tunnel_closed_as_its_relay_returns_delivers_every_byte() {
+    use tether_common::relay::relay;
+    use tokio::io::AsyncWriteExt;
+    init_logging();
+    let pki = Pki::new();
+    let dir = pki.server_dir();
+    let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
+    let id = tls::Identity::load(&dir.join("server.crt"), &dir.join("server.key")).unwrap();
+    let cfg = tls::quic_server_config(
+        tls::server_config(roots, id).unwrap(),
+        tls::quic_transport(Default::default(), Default::default()),
+    )
+    .unwrap();
+    let ep = quinn::Endpoint::server(cfg, loopback0()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let far = tokio::spawn(async move {
+        let conn = ep.accept().await.unwrap().await.unwrap();
+        let t = Tunnel::from_quic(conn, 64);
+        let mut s = t.accept_stream().await.unwrap();
+        // Nothing to say back: this direction ends at once.
+        s.send.finish().await;
+        let mut got = Vec::new();
+        let end = loop {
+            match s.recv.read_chunk(1 << 16).await {
+                Ok(Some(b)) => got.extend_from_slice(&b),
+                Ok(None) => break "finished".to_string(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        (got, end)
+    });
+    let conn = raw_client(&pki, Some("mover"), addr).await.unwrap();
+    let tunnel = Tunnel::from_quic(conn, 64);
+    let stream = tunnel.open_stream().await.unwrap();
+    let l = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let (client, near) = tokio::join!(
+        tokio::net::TcpStream::connect(l.local_addr().unwrap()),
+        l.accept()
+    );
+    let (mut client, near) = (client.unwrap(), near.unwrap().0);
+    let relayed = tokio::spawn(async move { relay(near, stream, &[]).await });
+    let data = random_bytes(16 << 20, 7);
+    client.write_all(&data).await.unwrap();
+    client.shutdown().await.unwrap();
+    let summary = within("the relay", Duration::from_secs(30), relayed)
+        .await
+        .unwrap();
+    assert_eq!(summary.to_tunnel, data.len() as u64);
+    // As a retired tunnel is, the moment its last stream is done.
+    tunnel.close(tether_proto::code::OK, "moved to a new tunnel");
+    let (got, end) = within("the far end", Duration::from_secs(30), far)
+        .await
+        .unwrap();
+    assert_eq!(end, "finished");
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "the bytes differ");
+}

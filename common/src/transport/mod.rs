@@ -311,6 +311,21 @@ impl SendHalf {
         }
     }
 
+    /// After [`SendHalf::finish`], waits until the peer has acknowledged all the stream's data
+    /// (or stopped the stream, or the tunnel is lost), for at most `limit`.
+    ///
+    /// QUIC delivers a finished stream's data in the background, and closing its connection
+    /// discards what is not acknowledged yet: a tunnel retired the moment its last stream ended
+    /// cut that stream's last bytes, and the far end lost the stream instead of reading its
+    /// end. The soak across a cellular link lost a reverse stream's whole answer so, at a
+    /// certificate renewal. So a relay counts its stream open until this returns. Over TCP the
+    /// tunnel's close flushes what it holds first: nothing to wait for.
+    pub async fn delivered(&mut self, limit: Duration) {
+        if let SendInner::Quic(s) = &self.inner {
+            let _ = tokio::time::timeout(limit, s.stopped()).await;
+        }
+    }
+
     /// Abandons the stream: the peer reads a reset, and unsent data is dropped.
     pub async fn reset(&mut self, code: u32) {
         match &mut self.inner {
