@@ -297,11 +297,39 @@ async fn pipe(
     }
 }
 
-/// Relays between any byte stream (a TLS or Unix-socket client of the egress proxy) and a
-/// tunnel stream, with the guarantees of [`relay`] except that a reset towards the client can
-/// only be a close: such streams have no reset of their own. `initial` is sent into the tunnel
-/// first (bytes the client sent along with its request).
-pub async fn relay_io<S: AsyncRead + AsyncWrite>(
+/// A client connection of the egress proxy, which a relay may have to end with a reset.
+pub trait Resettable {
+    /// Makes the coming close a reset where the connection has one: TCP's RST, for a plain
+    /// TCP client or the socket under a TLS one. A Unix socket has none, and its client reads
+    /// an end (a TLS client also sees its missing `close_notify`).
+    fn reset_on_close(&self);
+}
+
+impl Resettable for TcpStream {
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Resettable for tokio_rustls::server::TlsStream<TcpStream> {
+    fn reset_on_close(&self) {
+        self.get_ref().0.reset_on_close();
+    }
+}
+
+impl Resettable for tokio::net::UnixStream {
+    fn reset_on_close(&self) {}
+}
+
+/// Relays between any client byte stream (the egress proxy's: TCP, TLS or a Unix socket) and a
+/// tunnel stream, with the guarantees of [`relay`]; a reset towards the client is one where
+/// its connection has a reset (see [`Resettable`]). `initial` is sent into the tunnel first
+/// (bytes the client sent along with its request).
+///
+/// The soak across a cellular link found the close: a reverse stream lost with its tunnel
+/// reached the egress client as a clean end, and the client took a truncated answer for a
+/// whole one.
+pub async fn relay_io<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
     io: S,
     initial: bytes::Bytes,
     stream: Stream,
@@ -345,6 +373,7 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite>(
         Err(abort) => {
             send.reset(code::RESET).await;
             recv.stop(code::RESET);
+            rd.unsplit(wr).reset_on_close();
             abort.into()
         }
     };

@@ -18,7 +18,7 @@ use tether_common::endpoint::http;
 use tether_common::link::pool::Policy;
 use tether_common::open::{self, answer, OpenError};
 use tether_common::process::telemetry::GaugeGuard;
-use tether_common::relay;
+use tether_common::relay::{self, Resettable};
 use tether_common::transport::{Stream, Tunnel};
 use tether_proto::{StatusCode, Target};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -249,7 +249,7 @@ pub async fn route(state: &State, node: &str, req: &ConnectRequest) -> Result<St
 }
 
 /// Serves one egress client.
-pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn serve_client<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
     mut s: S,
     who: &str,
     slot: &ClientSlot,
@@ -373,7 +373,7 @@ fn egress_slots() -> Arc<ClientSlots> {
 }
 
 /// Serves one egress connection in its slot, until it ends or is closed to make room.
-async fn serve_in_slot<S: AsyncRead + AsyncWrite + Unpin>(
+async fn serve_in_slot<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
     conn: S,
     who: &str,
     slot: &ClientSlot,

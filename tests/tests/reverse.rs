@@ -207,6 +207,57 @@ async fn the_egress_proxy_serves_a_unix_socket() {
     server.shutdown().await;
 }
 
+/// A target on the node that resets its connection: the egress client reads a reset, not a
+/// clean end. The relay towards the client used to drop the connection, a FIN, so a client
+/// cut off mid-answer (the node's target gone, or the tunnel lost under it) took what it had
+/// for the whole answer; the soak across a cellular link counted one such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_the_node_reaches_the_egress_client_as_a_reset() {
+    use tokio::io::AsyncReadExt;
+    init_logging();
+    let pki = Pki::new();
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = target.local_addr().unwrap().port();
+    let resetter = tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = target.accept().await else {
+                return;
+            };
+            let mut b = [0u8; 5];
+            let _ = c.read_exact(&mut b).await;
+            let _ = c.write_all(b"half an answer").await;
+            let _ = c.set_zero_linger();
+            drop(c);
+        }
+    });
+    let mut sc = server_config(&pki, "127.0.0.1:9".parse().unwrap());
+    sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = tether_server::start(sc).await.unwrap();
+    let proxy = server.egress_addr.unwrap();
+    let mut ac = agent_config(&pki, "edge-7", &[server.local_addr]);
+    ac.allow_ports = vec![port];
+    let agent = tether_agent::start(ac).await.unwrap();
+    wait_for("tunnel", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 1
+    })
+    .await;
+    let (code, body, mut c) = connect(proxy, &format!("edge-7:{port}")).await;
+    assert_eq!(code, 200, "{body}");
+    c.write_all(b"hello").await.unwrap();
+    let mut got = Vec::new();
+    let end = within(
+        "the answer's end",
+        Duration::from_secs(10),
+        c.read_to_end(&mut got),
+    )
+    .await;
+    let err = end.expect_err("a reset, not a clean end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    resetter.abort();
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
 /// `kubectl exec` or `logs` made while its node's agent restarts (or its tunnels die with the
 /// network and it reconnects) waits for the node's next tunnel, within 3 s, and goes through;
 /// a node that never connected is answered at once, and one that does not come back within
