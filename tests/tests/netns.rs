@@ -125,6 +125,48 @@ fn check_traffic(node: &Host, streams: u32, max: u32, seed: u32) {
     );
 }
 
+/// A long-lived connection through the node's agent (`tether-probe hold`): it echoes a few
+/// bytes now and then, and logs `broke` if the connection ends.
+struct Held(Proc);
+
+impl Held {
+    fn start(node: &Host, name: &str, logs: &std::path::Path) -> Held {
+        Held(node.spawn(
+            name,
+            &bin("tether-probe"),
+            &["hold", "127.0.0.1:6443"],
+            logs.join(format!("{name}.log")),
+        ))
+    }
+
+    fn text(&self) -> String {
+        self.0.log_text()
+    }
+
+    fn echoes(&self) -> usize {
+        self.text().matches("hold echoes=").count()
+    }
+
+    fn broke(&self) -> bool {
+        self.text().contains("broke")
+    }
+
+    /// Waits for its first echo.
+    async fn echoing(&self, what: &str) {
+        wait_host(what, Duration::from_secs(10), || self.echoes() > 0).await;
+    }
+
+    /// Waits for two more echoes than now, or for the break; whether it carried on.
+    async fn carries_on(&self, what: &str) -> bool {
+        let now = self.echoes();
+        wait_host(what, Duration::from_secs(20), || {
+            self.echoes() > now + 1 || self.broke()
+        })
+        .await;
+        !self.broke()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_through_nat_is_byte_exact() {
     let Some(s) = setup().await else { return };
@@ -151,17 +193,8 @@ async fn forward_through_nat_is_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_blackout_keeps_quic_and_its_streams() {
     let Some(s) = setup().await else { return };
-    let hold = s.lab.node.spawn(
-        "hold",
-        &bin("tether-probe"),
-        &["hold", "127.0.0.1:6443"],
-        s.logs.path().join("hold.log"),
-    );
-    let echoes = |t: &str| t.matches("hold echoes=").count();
-    wait_host("a held connection", Duration::from_secs(10), || {
-        echoes(&hold.log_text()) > 0
-    })
-    .await;
+    let hold = Held::start(&s.lab.node, "hold", s.logs.path());
+    hold.echoing("a held connection").await;
     s.lab.blackout(true);
     let dark = std::time::Instant::now();
     wait_host("a second of blackout", Duration::from_secs(10), || {
@@ -174,19 +207,11 @@ async fn a_link_blackout_keeps_quic_and_its_streams() {
     })
     .await;
     s.lab.blackout(false);
-    let at_end = echoes(&hold.log_text());
-    wait_host(
-        "the held connection's echoes after the blackout",
-        Duration::from_secs(20),
-        || echoes(&hold.log_text()) > at_end + 1 || hold.log_text().contains("broke"),
-    )
-    .await;
+    let carried = hold
+        .carries_on("the held connection's echoes after the blackout")
+        .await;
     let agent_log = std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default();
-    assert!(
-        !hold.log_text().contains("broke"),
-        "{}\n{agent_log}",
-        hold.log_text()
-    );
+    assert!(carried, "{}\n{agent_log}", hold.text());
     assert!(!agent_log.contains("moved to TCP"), "{agent_log}");
     assert_eq!(
         metric_on(
@@ -513,16 +538,8 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
     eprintln!("load through kills, restarts and drains: {passed} passed, {failed} failed");
 
     // A long transfer on a server killed with -9 gets its reset within 3 s.
-    let hold = cp.lab.node.spawn(
-        "hold",
-        &bin("tether-probe"),
-        &["hold", "127.0.0.1:6443"],
-        cp.pki_dir.path().join("hold.log"),
-    );
-    wait_host("hold connected", Duration::from_secs(10), || {
-        hold.log_text().contains("connected")
-    })
-    .await;
+    let hold = Held::start(&cp.lab.node, "hold", cp.pki_dir.path());
+    hold.echoing("hold connected").await;
     let mut carrier = None;
     wait_host("find the carrying server", Duration::from_secs(10), || {
         carrier = (0..3).find(|&i| {
@@ -537,11 +554,8 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
         .unwrap()
         .as_millis();
     cp.servers[carrier].as_ref().unwrap().signal("KILL");
-    wait_host("hold broken", Duration::from_secs(10), || {
-        hold.log_text().contains("broke")
-    })
-    .await;
-    let text = hold.log_text();
+    wait_host("hold broken", Duration::from_secs(10), || hold.broke()).await;
+    let text = hold.text();
     let broke: u128 = text
         .split("at-ms=")
         .nth(1)
@@ -608,12 +622,7 @@ async fn a_stream_on_a_retired_tunnel_is_reset_when_its_server_dies() {
         cp.agent_metric(&by("tcp")) == 3.0
     })
     .await;
-    let hold = cp.lab.node.spawn(
-        "hold",
-        &bin("tether-probe"),
-        &["hold", "127.0.0.1:6443"],
-        cp.pki_dir.path().join("hold.log"),
-    );
+    let hold = Held::start(&cp.lab.node, "hold", cp.pki_dir.path());
     let mut carrier = None;
     wait_host("the held stream's server", Duration::from_secs(10), || {
         carrier = (0..3).find(|&i| {
@@ -629,7 +638,7 @@ async fn a_stream_on_a_retired_tunnel_is_reset_when_its_server_dies() {
         cp.agent_metric(&by("quic")) == 3.0
     })
     .await;
-    assert!(!hold.log_text().contains("broke"), "{}", hold.log_text());
+    assert!(!hold.broke(), "{}", hold.text());
     // Its host goes away: killed, and silent (no reset from its kernel either).
     let killed = std::time::Instant::now();
     cp.lab.drop_node_to(carrier, true);
@@ -638,7 +647,7 @@ async fn a_stream_on_a_retired_tunnel_is_reset_when_its_server_dies() {
         cp.lab.cp_ips[carrier]
     ));
     cp.servers[carrier].as_ref().unwrap().signal("KILL");
-    let reset = within_host(Duration::from_secs(8), || hold.log_text().contains("broke")).await;
+    let reset = within_host(Duration::from_secs(8), || hold.broke()).await;
     let agent_log =
         std::fs::read_to_string(cp.pki_dir.path().join("agent.log")).unwrap_or_default();
     assert!(
@@ -962,16 +971,8 @@ async fn without_udp_the_agent_falls_back_to_tcp_and_returns_to_quic() {
     check_traffic(&s.lab.node, 100, 500_000, 11);
 
     // UDP gets through again: the agent moves to QUIC, and traffic keeps flowing throughout.
-    let hold = s.lab.node.spawn(
-        "hold",
-        &bin("tether-probe"),
-        &["hold", "127.0.0.1:6443"],
-        s.logs.path().join("hold.log"),
-    );
-    wait_host("hold connected", Duration::from_secs(10), || {
-        hold.log_text().contains("connected")
-    })
-    .await;
+    let hold = Held::start(&s.lab.node, "hold", s.logs.path());
+    hold.echoing("hold connected").await;
     s.lab.drop_udp(false);
     wait_host("moved to QUIC", Duration::from_secs(30), || {
         agent_metric(
@@ -983,9 +984,9 @@ async fn without_udp_the_agent_falls_back_to_tcp_and_returns_to_quic() {
     eprintln!("phase: traffic over QUIC");
     check_traffic(&s.lab.node, 100, 500_000, 12);
     assert!(
-        !hold.log_text().contains("broke"),
+        !hold.broke(),
         "the stream open on TCP finished there: {}",
-        hold.log_text()
+        hold.text()
     );
     let log = std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default();
     assert!(
@@ -1009,20 +1010,8 @@ async fn streams_left_on_quic_by_a_move_to_tcp_live_if_quic_returns() {
     })
     .await;
     let agent_log = || std::fs::read_to_string(s.logs.path().join("agent.log")).unwrap_or_default();
-    let echoes = |t: &str| t.matches("hold echoes=").count();
-    let hold = |name: &str| {
-        s.lab.node.spawn(
-            name,
-            &bin("tether-probe"),
-            &["hold", "127.0.0.1:6443"],
-            s.logs.path().join(format!("{name}.log")),
-        )
-    };
-    let first = hold("first");
-    wait_host("a held connection on QUIC", Duration::from_secs(10), || {
-        echoes(&first.log_text()) > 0
-    })
-    .await;
+    let first = Held::start(&s.lab.node, "first", s.logs.path());
+    first.echoing("a held connection on QUIC").await;
     // UDP goes: the agent moves to TCP. UDP comes back at once, and QUIC is heard again.
     s.lab.drop_udp(true);
     wait_host("moved to TCP", Duration::from_secs(20), || {
@@ -1030,19 +1019,10 @@ async fn streams_left_on_quic_by_a_move_to_tcp_live_if_quic_returns() {
     })
     .await;
     s.lab.drop_udp(false);
-    let at_return = echoes(&first.log_text());
-    wait_host(
-        "the held connection's echoes after QUIC returned",
-        Duration::from_secs(20),
-        || echoes(&first.log_text()) > at_return + 1 || first.log_text().contains("broke"),
-    )
-    .await;
-    assert!(
-        !first.log_text().contains("broke"),
-        "{}\n{}",
-        first.log_text(),
-        agent_log()
-    );
+    let carried = first
+        .carries_on("the held connection's echoes after QUIC returned")
+        .await;
+    assert!(carried, "{}\n{}", first.text(), agent_log());
     assert!(
         !agent_log().contains("QUIC still silent"),
         "{}",
@@ -1057,19 +1037,14 @@ async fn streams_left_on_quic_by_a_move_to_tcp_live_if_quic_returns() {
         ) == 1.0
     })
     .await;
-    let second = hold("second");
-    wait_host(
-        "a second held connection on QUIC",
-        Duration::from_secs(10),
-        || echoes(&second.log_text()) > 0,
-    )
-    .await;
+    let second = Held::start(&s.lab.node, "second", s.logs.path());
+    second.echoing("a second held connection on QUIC").await;
     s.lab.drop_udp(true);
     let blocked = std::time::Instant::now();
     wait_host(
         "the stream on a silent QUIC reset",
         Duration::from_secs(40),
-        || second.log_text().contains("broke"),
+        || second.broke(),
     )
     .await;
     let took = blocked.elapsed();
@@ -1094,16 +1069,8 @@ async fn a_nat_rebinding_does_not_drop_a_quic_tunnel() {
         ),
         1.0
     );
-    let hold = s.lab.node.spawn(
-        "hold",
-        &bin("tether-probe"),
-        &["hold", "127.0.0.1:6443"],
-        s.logs.path().join("hold.log"),
-    );
-    wait_host("hold connected", Duration::from_secs(10), || {
-        hold.log_text().contains("connected")
-    })
-    .await;
+    let hold = Held::start(&s.lab.node, "hold", s.logs.path());
+    hold.echoing("hold connected").await;
     let before = s.lab.nat.sh("conntrack -L -p udp 2>/dev/null");
     // The NAT host forgets its mapping and maps the node's UDP to a new port range.
     s.lab.nat.sh_ok(
@@ -1118,7 +1085,7 @@ async fn a_nat_rebinding_does_not_drop_a_quic_tunnel() {
         "new mapping: {after}\nbefore: {}",
         String::from_utf8_lossy(&before.stdout)
     );
-    assert!(!hold.log_text().contains("broke"), "{}", hold.log_text());
+    assert!(!hold.broke(), "{}", hold.text());
     assert_eq!(
         agent_metric(&s.lab.node, "tether_tunnel_connects_total"),
         1.0,

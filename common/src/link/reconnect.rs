@@ -85,7 +85,7 @@ const DOUBT_BEFORE_TCP: Duration = Duration::from_secs(1);
 /// `serve`'s downgrade).
 const QUIC_RECOVERY_MAX: Duration = Duration::from_secs(10);
 /// How long a QUIC tunnel left for TCP keeps its streams while nothing proves it alive (see
-/// `quic_heard_again`).
+/// `quic_stays_silent`).
 pub const QUIC_RETIRED_GRACE: Duration = Duration::from_secs(10);
 
 /// Receives the control messages the reconnect loop does not act on itself.
@@ -628,9 +628,9 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             };
-            let heard_again = async {
+            let stays_silent = async {
                 if udp_lost {
-                    quic_heard_again(&old).await
+                    quic_stays_silent(&old).await
                 } else {
                     std::future::pending().await
                 }
@@ -638,7 +638,7 @@ async fn serve(
             tokio::select! {
                 _ = drained => {}
                 _ = accept_incoming(&old, hook.as_ref()) => {}
-                false = heard_again => {
+                _ = stays_silent => {
                     // UDP really is lost: the streams cannot be carried, and are reset.
                     warn!(kind, server = %label, streams = old.streams(),
                         "QUIC still silent after moving to TCP: resetting the streams left on it");
@@ -663,8 +663,8 @@ async fn serve(
     None
 }
 
-/// After a move to TCP, whether the QUIC tunnel left behind proves alive (its peer acknowledges
-/// something new) within [`QUIC_RETIRED_GRACE`]; never returns `true` before it does, so the
+/// After a move to TCP, returns once the QUIC tunnel left behind has stayed silent (its peer
+/// acknowledged nothing new) for [`QUIC_RETIRED_GRACE`]; never returns if it was heard, so the
 /// caller waits on, and lets the streams finish.
 ///
 /// The move to TCP is a guess: TCP answering while QUIC stays silent is lost UDP, or a QUIC
@@ -672,7 +672,7 @@ async fn serve(
 /// link saw the second after a 4 s blackout with a NAT rebinding in it: the streams were reset
 /// while QUIC was heard again seconds later. So the streams stay on the old tunnel, and only a
 /// QUIC that stays silent for the grace has its streams reset.
-async fn quic_heard_again(old: &Link) -> bool {
+async fn quic_stays_silent(old: &Link) {
     let before = old.tunnel.traffic().answers;
     let until = tokio::time::Instant::now() + QUIC_RETIRED_GRACE;
     while tokio::time::Instant::now() < until {
@@ -681,7 +681,6 @@ async fn quic_heard_again(old: &Link) -> bool {
             return std::future::pending().await;
         }
     }
-    false
 }
 
 /// Serves the streams the server opens on the link's tunnel (the reverse path) with `hook`,
