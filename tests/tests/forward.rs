@@ -264,15 +264,18 @@ async fn an_agent_with_a_foreign_certificate_gets_no_tunnel() {
     assert!(server.connected_nodes().is_empty());
     // Its local connections are reset once the reconnect grace (3 s from the agent's start)
     // is over, not left hanging. (The reset may come before connect() even returns.)
-    if let Ok(mut c) = TcpStream::connect(agent.listen_addr).await {
-        let mut buf = [0u8; 8];
-        let r = within(
-            "reset without a tunnel",
-            Duration::from_secs(5),
-            c.read(&mut buf),
-        )
-        .await;
-        assert!(matches!(r, Ok(0) | Err(_)));
+    match TcpStream::connect(agent.listen_addr).await {
+        Ok(mut c) => {
+            let mut buf = [0u8; 8];
+            let r = within(
+                "reset without a tunnel",
+                Duration::from_secs(5),
+                c.read(&mut buf),
+            )
+            .await;
+            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }
     agent.shutdown().await;
     server.shutdown().await;
@@ -437,9 +440,10 @@ async fn named_services_are_carried_and_unknown_ones_refused() {
         "half the streams went to the named service"
     );
 
-    // Reset: which may arrive before connect() even returns.
-    if let Ok(mut c) = TcpStream::connect(nowhere).await {
-        expect_reset(&mut c, "unknown service is reset").await;
+    // Reset: which may arrive before connect() even returns, and then is its error.
+    match TcpStream::connect(nowhere).await {
+        Ok(mut c) => expect_reset(&mut c, "unknown service is reset").await,
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }
     wait_for("refusal counted", Duration::from_secs(5), || async {
         server.metrics().stream_failures.total() >= 1

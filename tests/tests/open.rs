@@ -129,9 +129,17 @@ async fn early_bytes_survive_the_server_dying_under_them() {
     init_logging();
     let pki = Pki::new();
     let echo = Echo::start().await;
-    let first = start_server(&pki, echo.addr).await;
+    let logs = TempDir::new("dying");
+    // The first server is a process of its own, to be killed with -9: no goodbye, no drain.
+    let first = tether_tests::process::ServerProcess::start(
+        &pki.server_dir(),
+        echo.addr,
+        &[],
+        logs.path().join("first.log"),
+    )
+    .await;
     let second = start_server(&pki, echo.addr).await;
-    let mut ac = agent_config(&pki, "node-a", &[first.local_addr, second.local_addr]);
+    let mut ac = agent_config(&pki, "node-a", &[first.addr, second.local_addr]);
     ac.policy = tether_common::link::pool::Policy::Ordered;
     let agent = tether_agent::start(ac).await.unwrap();
     wait_for("both tunnels", Duration::from_secs(10), || async {
@@ -155,13 +163,17 @@ async fn early_bytes_survive_the_server_dying_under_them() {
         }
         failures
     });
+    let carried = || async {
+        let text = http_get(first.admin, "/metrics").await.map(|r| r.1);
+        metric(&text.unwrap_or_default(), "tether_streams_total").unwrap_or(0.0)
+    };
     wait_for("load under way", Duration::from_secs(20), || async {
-        first.metrics().shared.streams_total.get() >= 20
+        carried().await >= 20.0
     })
     .await;
-    // Dropped without a goodbye: its tunnels are gone, its streams with them.
+    // Killed: its tunnels go silent, the streams on them with them.
     let before = second.metrics().shared.streams_total.get();
-    first.shutdown().await;
+    first.proc.signal("KILL");
     wait_for(
         "load on the second server",
         Duration::from_secs(30),

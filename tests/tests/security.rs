@@ -255,6 +255,41 @@ async fn join_attempts_are_rate_limited_per_source() {
     })
     .await;
     third.abort();
+    // Per source: another address joins at once, while this one is still held back.
+    let d = TempDir::new("rate-elsewhere");
+    let elsewhere = joining_agent(&d, "r4", server.local_addr, &token);
+    let endpoint = tether_common::net::quic_endpoint("127.0.0.2:0".parse().unwrap(), None).unwrap();
+    within(
+        "a join from another source",
+        Duration::from_secs(10),
+        tether_agent::join::join(&elsewhere, &endpoint, &token),
+    )
+    .await
+    .unwrap();
+    assert!(d.path().join("agent.crt").exists());
+    let limited = metric(
+        &server_metrics(&server),
+        "tether_limit_hits_total{limit=\"join_rate\"}",
+    );
+    let d = TempDir::new("rate5");
+    let again = tokio::spawn(tether_agent::start(joining_agent(
+        &d,
+        "r5",
+        server.local_addr,
+        &token,
+    )));
+    wait_for(
+        "the first source still held back",
+        Duration::from_secs(10),
+        || async {
+            metric(
+                &server_metrics(&server),
+                "tether_limit_hits_total{limit=\"join_rate\"}",
+            ) > limited
+        },
+    )
+    .await;
+    again.abort();
     server.shutdown().await;
 }
 
