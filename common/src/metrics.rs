@@ -75,6 +75,7 @@ impl Label for StatusCode {
         StatusCode::Timeout,
         StatusCode::NoRoute,
         StatusCode::BadRequest,
+        StatusCode::Contested,
     ];
     fn label(self) -> String {
         StatusCode::label(self).into()

@@ -219,6 +219,8 @@ pub enum StatusCode {
     Timeout,
     NoRoute,
     BadRequest,
+    /// The address asked for is owned by more than one node (reverse path, between peers).
+    Contested,
     /// A code this build does not know; treated as a failure.
     Other(u8),
 }
@@ -235,6 +237,7 @@ impl StatusCode {
             StatusCode::Timeout => 6,
             StatusCode::NoRoute => 7,
             StatusCode::BadRequest => 8,
+            StatusCode::Contested => 9,
             StatusCode::Other(n) => n,
         }
     }
@@ -250,6 +253,7 @@ impl StatusCode {
             6 => StatusCode::Timeout,
             7 => StatusCode::NoRoute,
             8 => StatusCode::BadRequest,
+            9 => StatusCode::Contested,
             n => StatusCode::Other(n),
         }
     }
@@ -266,6 +270,7 @@ impl StatusCode {
             StatusCode::Timeout => "timeout",
             StatusCode::NoRoute => "no_route",
             StatusCode::BadRequest => "bad_request",
+            StatusCode::Contested => "contested",
             StatusCode::Other(_) => "other",
         }
     }

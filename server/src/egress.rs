@@ -54,18 +54,86 @@ async fn respond<S: AsyncWrite + Unpin>(s: &mut S, code: u16, body: &str) {
     .await;
 }
 
-/// Where a route ended, as an HTTP status and a reason.
-type Refusal = (u16, String);
+/// Why a CONNECT is not carried. Each kind is mapped once to the HTTP status its client reads
+/// ([`Refusal::http`]) and once to the wire status a peer asking on a client's behalf reads
+/// ([`Refusal::wire`]), and back ([`Refusal::from_wire`]), so that a verdict keeps its meaning
+/// across a hop. Before, refusals were `(u16, String)` mapped HTTP to wire to HTTP, and a
+/// peer's `busy` reached kube-apiserver as 502, a contested address as 403.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The agent's policy does not allow the target: 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No node by that name is connected (here, or anywhere), or no node owns that address: 404.
+    #[error("{0}")]
+    NoNode(String),
+    /// More than one node owns that address: 409, until an operator releases it.
+    #[error("{0}")]
+    Contested(String),
+    /// A limit was reached, or the server is draining: 503, worth a retry.
+    #[error("{0}")]
+    Busy(String),
+    /// The agent could not reach the target, or no tunnel carried the open: 502.
+    #[error("{0}")]
+    Unreachable(String),
+    /// No answer in time: 504.
+    #[error("{0}")]
+    TimedOut(String),
+}
 
-fn refusal(code: StatusCode, message: String) -> Refusal {
-    let http = match code {
-        StatusCode::RefusedByPolicy => 403,
-        StatusCode::NoRoute => 404,
-        StatusCode::Timeout => 504,
-        StatusCode::Busy | StatusCode::Draining => 503,
-        _ => 502,
-    };
-    (http, message)
+impl Refusal {
+    /// The HTTP status the egress client reads.
+    pub fn http(&self) -> u16 {
+        match self {
+            Refusal::Forbidden(_) => 403,
+            Refusal::NoNode(_) => 404,
+            Refusal::Contested(_) => 409,
+            Refusal::Busy(_) => 503,
+            Refusal::Unreachable(_) => 502,
+            Refusal::TimedOut(_) => 504,
+        }
+    }
+
+    /// The status a peer that asked on a client's behalf reads.
+    pub fn wire(&self) -> StatusCode {
+        match self {
+            Refusal::Forbidden(_) => StatusCode::RefusedByPolicy,
+            Refusal::NoNode(_) => StatusCode::NoRoute,
+            Refusal::Contested(_) => StatusCode::Contested,
+            Refusal::Busy(_) => StatusCode::Busy,
+            Refusal::Unreachable(_) => StatusCode::UpstreamUnreachable,
+            Refusal::TimedOut(_) => StatusCode::Timeout,
+        }
+    }
+
+    /// A refusal as an agent or a peer answered it.
+    pub fn from_wire(code: StatusCode, message: String) -> Self {
+        match code {
+            StatusCode::RefusedByPolicy => Refusal::Forbidden(message),
+            StatusCode::NoRoute => Refusal::NoNode(message),
+            StatusCode::Contested => Refusal::Contested(message),
+            StatusCode::Busy | StatusCode::Draining => Refusal::Busy(message),
+            StatusCode::Timeout => Refusal::TimedOut(message),
+            StatusCode::Ok
+            | StatusCode::UpstreamUnreachable
+            | StatusCode::UnknownService
+            | StatusCode::BadRequest
+            | StatusCode::Other(_) => Refusal::Unreachable(message),
+        }
+    }
+
+    /// The refusal a failed open comes to.
+    fn from_open(e: OpenError) -> Self {
+        match e {
+            OpenError::Refused { code, message } => Refusal::from_wire(code, message),
+            OpenError::TimedOut(_) => Refusal::TimedOut(e.to_string()),
+            OpenError::Tunnel(_) | OpenError::Protocol(_) => Refusal::Unreachable(e.to_string()),
+        }
+    }
+
+    fn no_node(&self) -> bool {
+        matches!(self, Refusal::NoNode(_))
+    }
 }
 
 /// How long an open waits for the agent's verdict. The agent answers within its own connect
@@ -89,15 +157,6 @@ async fn ask(
         port: req.port,
     };
     open::open(tunnel, target, hops, open_timeout(state)).await
-}
-
-/// The HTTP answer to a failed open.
-fn http_refusal(e: OpenError) -> Refusal {
-    match e {
-        OpenError::Refused { code, message } => refusal(code, message),
-        OpenError::TimedOut(_) => (504, e.to_string()),
-        OpenError::Tunnel(_) | OpenError::Protocol(_) => (502, e.to_string()),
-    }
 }
 
 /// Why a route found no stream: the answer to give, and whether it is the node's absence (no
@@ -124,9 +183,8 @@ impl Miss {
 pub fn resolve(state: &State, host: &str) -> Result<String, Refusal> {
     match state.authority.resolve(host) {
         Resolved::Node(node) => Ok(node),
-        Resolved::Unowned(addr) => Err((404, format!("no node owns address {addr}"))),
-        Resolved::Contested(nodes) => Err((
-            409,
+        Resolved::Unowned(addr) => Err(Refusal::NoNode(format!("no node owns address {addr}"))),
+        Resolved::Contested(nodes) => Err(Refusal::Contested(
             format!(
                 "address {host} is owned by more than one node ({}); an operator must release it (`tether-server agent release-address {host}`), or reach the node by its name",
                 nodes.join(", ")
@@ -146,11 +204,11 @@ pub async fn route_local(
     let tunnels = state.registry.find(node);
     if tunnels.is_empty() {
         return Err(Miss {
-            refusal: (404, format!("node {node} is not connected to this server")),
+            refusal: Refusal::NoNode(format!("node {node} is not connected to this server")),
             absent: true,
         });
     }
-    let mut last = (502, String::from("no tunnel answered"));
+    let mut last = Refusal::Unreachable("no tunnel answered".into());
     for entry in tunnels {
         if tried.contains(&entry.tunnel.id()) {
             continue;
@@ -160,10 +218,10 @@ pub async fn route_local(
             // That tunnel failed: the node's next one may work.
             Err(e @ OpenError::Tunnel(_)) => {
                 tried.push(entry.tunnel.id());
-                last = http_refusal(e);
+                last = Refusal::from_open(e);
             }
             // The agent answered (or let the time run out): its verdict stands.
-            Err(e) => return Err(Miss::verdict(http_refusal(e))),
+            Err(e) => return Err(Miss::verdict(Refusal::from_open(e))),
         }
     }
     Err(Miss {
@@ -180,9 +238,7 @@ async fn route_once(
     tried: &mut Vec<usize>,
 ) -> Result<Stream, Miss> {
     match route_local(state, node, req, tried).await {
-        Err(Miss {
-            refusal: (404, _), ..
-        }) => {}
+        Err(miss) if miss.refusal.no_node() => {}
         other => return other,
     }
     for link in state.peers.candidates(Policy::LeastStreams) {
@@ -197,11 +253,11 @@ async fn route_once(
                 ..
             })
             | Err(OpenError::Tunnel(_)) => continue,
-            Err(e) => return Err(Miss::verdict(http_refusal(e))),
+            Err(e) => return Err(Miss::verdict(Refusal::from_open(e))),
         }
     }
     Err(Miss {
-        refusal: (404, format!("node {node} is not connected to any server")),
+        refusal: Refusal::NoNode(format!("node {node} is not connected to any server")),
         absent: true,
     })
 }
@@ -284,11 +340,12 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
     };
     let (node, stream) = match routed {
         Ok(routed) => routed,
-        Err((code, why)) => {
+        Err(refusal) => {
+            let code = refusal.http();
             state.metrics.egress_failed(code);
-            warn!(client = who, node = %req.host, port = req.port, status = code, reason = %why,
+            warn!(client = who, node = %req.host, port = req.port, status = code, reason = %refusal,
                 "egress CONNECT failed");
-            return respond(&mut s, code, &format!("{why}\n")).await;
+            return respond(&mut s, code, &format!("{refusal}\n")).await;
         }
     };
     let established = s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
@@ -320,17 +377,8 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
                 relay::splice(stream, target, &[&state.metrics.shared.bytes]).await;
             }
         }
-        Err(Miss {
-            refusal: (http, message),
-            ..
-        }) => {
-            let code = match http {
-                403 | 409 => StatusCode::RefusedByPolicy,
-                404 => StatusCode::NoRoute,
-                504 => StatusCode::Timeout,
-                _ => StatusCode::UpstreamUnreachable,
-            };
-            let _ = answer(&mut stream, code, message).await;
+        Err(Miss { refusal, .. }) => {
+            let _ = answer(&mut stream, refusal.wire(), refusal.to_string()).await;
         }
     }
 }
@@ -467,4 +515,47 @@ pub fn bind_uds(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_kind() -> Vec<Refusal> {
+        let m = || "why".to_string();
+        vec![
+            Refusal::Forbidden(m()),
+            Refusal::NoNode(m()),
+            Refusal::Contested(m()),
+            Refusal::Busy(m()),
+            Refusal::Unreachable(m()),
+            Refusal::TimedOut(m()),
+        ]
+    }
+
+    /// A verdict keeps its meaning across a peer hop: the asking server reads back the refusal
+    /// the answering one sent, and its client the same HTTP status a local client would. Before,
+    /// a peer's busy reached the client as 502 and a contested address as 403.
+    #[test]
+    fn a_refusal_crosses_a_peer_hop_unchanged() {
+        for r in every_kind() {
+            let back = Refusal::from_wire(r.wire(), r.to_string());
+            assert_eq!(back, r);
+            assert_eq!(back.http(), r.http());
+        }
+        let https: Vec<u16> = every_kind().iter().map(Refusal::http).collect();
+        assert_eq!(https, [403, 404, 409, 503, 502, 504]);
+    }
+
+    /// What an agent answers, as its client reads it.
+    #[test]
+    fn an_agents_verdict_reads_as_its_http_status() {
+        let http = |code| Refusal::from_wire(code, String::new()).http();
+        assert_eq!(http(StatusCode::RefusedByPolicy), 403);
+        assert_eq!(http(StatusCode::Busy), 503);
+        assert_eq!(http(StatusCode::Draining), 503);
+        assert_eq!(http(StatusCode::Timeout), 504);
+        assert_eq!(http(StatusCode::UpstreamUnreachable), 502);
+        assert_eq!(http(StatusCode::Other(200)), 502);
+    }
 }
