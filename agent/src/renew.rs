@@ -72,56 +72,86 @@ pub async fn run(
     }
 }
 
+/// Why a renewal failed; the old identity stays, and the agent tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error("no tunnel is up to renew through")]
+    NoTunnel,
+    #[error("cannot make a key and request: {0}")]
+    Request(tether_certs::CertError),
+    #[error("cannot open a stream for the renewal: {0}")]
+    Open(#[from] tether_common::transport::TransportError),
+    #[error("the renewal's stream failed: {0}")]
+    Stream(#[from] tether_common::transport::StreamError),
+    #[error("the renewal's answer could not be read: {0}")]
+    Frame(#[from] tether_common::transport::FrameError),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer: {0}")]
+    Unexpected(&'static str),
+    #[error("cannot read the pinned CA {path}: {source}")]
+    Ca {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the new certificate does not check out: {0}")]
+    Issued(tether_certs::CertError),
+    #[error("cannot store the new identity: {0}")]
+    Store(tether_certs::CertError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// How long a renewal's exchange may take.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(15);
+
 async fn renew(
     config: &AgentConfig,
     node_name: &str,
     pool: &Pool,
     dialer: &Dialer,
-) -> Result<i64, String> {
-    let link = pool
-        .all()
-        .into_iter()
-        .next()
-        .ok_or("no tunnel is up to renew through")?;
-    let (csr, key_pem) = tether_certs::make_csr(node_name).map_err(|e| e.to_string())?;
+) -> Result<i64, RenewError> {
+    let link = pool.all().into_iter().next().ok_or(RenewError::NoTunnel)?;
+    let (csr, key_pem) = tether_certs::make_csr(node_name).map_err(RenewError::Request)?;
     let exchange = async {
-        let mut s = link.tunnel.open_stream().await.map_err(|e| e.to_string())?;
-        s.send
-            .write_message(&Message::Renew { csr })
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut s = link.tunnel.open_stream().await?;
+        s.send.write_message(&Message::Renew { csr }).await?;
         s.send.finish().await;
-        s.recv.read_message().await.map_err(|e| e.to_string())
+        Ok::<_, RenewError>(s.recv.read_message().await?)
     };
-    let answer = tokio::time::timeout(Duration::from_secs(15), exchange)
+    let answer = tokio::time::timeout(RENEW_TIMEOUT, exchange)
         .await
-        .map_err(|_| "no answer within 15 s".to_string())??;
+        .map_err(|_| RenewError::TimedOut(RENEW_TIMEOUT))??;
     let cert_pem = match answer {
         Some(Message::Certificate {
             code: StatusCode::Ok,
             cert_pem,
             ..
         }) => cert_pem,
-        Some(Message::Certificate { message, .. }) => return Err(format!("refused: {message}")),
-        other => return Err(format!("unexpected answer: {other:?}")),
+        Some(Message::Certificate { message, .. }) => return Err(RenewError::Refused(message)),
+        Some(other) => return Err(RenewError::Unexpected(other.name())),
+        None => return Err(RenewError::Unexpected("the end of the stream")),
     };
     // Checked against the pinned CA before it touches the disk: a bad answer is logged by the
     // caller, and the old identity stays.
-    let ca_pem = std::fs::read_to_string(&config.ca)
-        .map_err(|e| format!("cannot read the pinned CA {}: {e}", config.ca.display()))?;
+    let ca_pem = std::fs::read_to_string(&config.ca).map_err(|source| RenewError::Ca {
+        path: config.ca.clone(),
+        source,
+    })?;
     tether_certs::check_issued(&cert_pem, &ca_pem, node_name, &key_pem, now())
-        .map_err(|e| e.to_string())?;
+        .map_err(RenewError::Issued)?;
     // A crash while storing leaves a matching pair: the old one, or the new one.
     tether_certs::write_identity(&config.cert, &config.key, &cert_pem, &key_pem)
-        .map_err(|e| e.to_string())?;
-    let roots = tls::load_roots(&config.ca).map_err(|e| e.to_string())?;
-    let identity = tls::Identity::load(&config.cert, &config.key).map_err(|e| e.to_string())?;
-    let client = tls::client_config(roots, identity).map_err(|e| e.to_string())?;
+        .map_err(RenewError::Store)?;
+    let roots = tls::load_roots(&config.ca)?;
+    let identity = tls::Identity::load(&config.cert, &config.key)?;
+    let client = tls::client_config(roots, identity)?;
     let quic = tls::quic_client_config(
         client.clone(),
         tls::quic_transport(config.liveness, config.limits),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     dialer.set_client_config(quic, client);
     Ok(due(config).map(|(_, exp)| exp).unwrap_or(0))
 }

@@ -19,6 +19,18 @@ use tracing::{debug, warn};
 /// The kubelet's port.
 pub const KUBELET_PORT: u16 = 10250;
 
+/// Why the node's policy refuses a target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyRefusal {
+    /// Only the node's own name and IP literals are targets: no name is resolved on a
+    /// request's word.
+    #[error("{0:?} is neither this node's name nor an IP address")]
+    NotAnAddress(String),
+    /// The address is not among those the node allows.
+    #[error("{addr} is not allowed on node {node}")]
+    NotAllowed { addr: SocketAddr, node: String },
+}
+
 /// What the control plane may reach on this node.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -55,20 +67,23 @@ impl Policy {
 
     /// Where a requested target goes on this node, if it is allowed. The node's own name means
     /// loopback; anything else must be an IP literal (no name is resolved on a request's word).
-    pub fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, String> {
+    pub fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, PolicyRefusal> {
         let ip = if host.eq_ignore_ascii_case(&self.node_name) || host == "localhost" {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         } else {
             host.trim_start_matches('[')
                 .trim_end_matches(']')
                 .parse::<IpAddr>()
-                .map_err(|_| format!("{host:?} is neither this node's name nor an IP address"))?
+                .map_err(|_| PolicyRefusal::NotAnAddress(host.to_string()))?
         };
         let addr = SocketAddr::new(ip, port);
         if self.allowed.contains(&addr) {
             Ok(addr)
         } else {
-            Err(format!("{addr} is not allowed on node {}", self.node_name))
+            Err(PolicyRefusal::NotAllowed {
+                addr,
+                node: self.node_name.clone(),
+            })
         }
     }
 }
@@ -121,7 +136,7 @@ impl Reverse {
             Err(why) => {
                 self.metrics.reverse_refused.inc();
                 warn!(target = %format!("{host}:{port}"), reason = %why, "reverse stream refused by policy");
-                let _ = answer(&mut stream, StatusCode::RefusedByPolicy, why).await;
+                let _ = answer(&mut stream, StatusCode::RefusedByPolicy, why.to_string()).await;
                 return;
             }
         };

@@ -535,7 +535,7 @@ pub fn renew(
     name: &str,
     current_key: &str,
     new_key: &str,
-) -> Result<Result<(), String>, CertError> {
+) -> Result<Result<(), NameRefusal>, CertError> {
     update(dir, |all| {
         let r = all.renew(name, current_key, new_key);
         let changed = r.is_ok();
@@ -552,8 +552,27 @@ pub fn confirm(dir: &Path, name: &str, key: &str) -> Result<bool, CertError> {
 }
 
 /// [`Records::claim`] on a data directory, under its lock.
-pub fn claim(dir: &Path, name: &str, key: &str) -> Result<Result<(), String>, CertError> {
+pub fn claim(dir: &Path, name: &str, key: &str) -> Result<Result<(), NameRefusal>, CertError> {
     update(dir, |all| all.claim(name, key))
+}
+
+/// Why the records refuse a join's claim or a renewal of a node name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameRefusal {
+    /// The name is revoked: nothing is issued for it until an operator forgets it.
+    #[error(
+        "node name {0:?} is revoked; an operator must run `tether-server agent forget {0}` first"
+    )]
+    Revoked(String),
+    /// The name was forgotten: the node must join again (a renewal cannot bring it back).
+    #[error("node name {0:?} was forgotten; the node must join again")]
+    Forgotten(String),
+    /// Another key owns the name: a join of a reinstalled node, or an impostor.
+    #[error("node name {0:?} is already owned by another key; if the node was reinstalled, an operator must run `tether-server agent forget {0}` first")]
+    OwnedByAnother(String),
+    /// The renewing certificate's key no longer owns the name (a renewal since, or a rejoin).
+    #[error("the key of this certificate no longer owns node name {0:?}")]
+    KeyNoLongerOwns(String),
 }
 
 /// The rules by which names change owner. Each reads and writes only the record of the name
@@ -563,27 +582,26 @@ impl Records {
     /// Moves `name` to `new_key` for a renewal presented with `current_key`: only the current
     /// owner may renew, never a revoked or forgotten name, so a renewal cannot undo a
     /// revocation however it races with one.
-    pub fn renew(&mut self, name: &str, current_key: &str, new_key: &str) -> Result<(), String> {
+    pub fn renew(
+        &mut self,
+        name: &str,
+        current_key: &str,
+        new_key: &str,
+    ) -> Result<(), NameRefusal> {
         let held = self.by_name.get(name).cloned();
         let previous = match held
             .as_ref()
             .map(|r| (&r.state, r.previous.as_deref().filter(|_| !r.seen)))
         {
-            Some((NodeState::Revoked, _)) => return Err(format!("node {name:?} is revoked")),
-            Some((NodeState::Forgotten, _)) => {
-                return Err(format!(
-                    "node name {name:?} was forgotten; the node must join again"
-                ))
-            }
+            Some((NodeState::Revoked, _)) => return Err(NameRefusal::Revoked(name.into())),
+            Some((NodeState::Forgotten, _)) => return Err(NameRefusal::Forgotten(name.into())),
             // The owner renews: its key stays good until the new one is seen.
             Some((NodeState::Owned(k), _)) if k == current_key => current_key,
             // The key before the last renewal renews again: that renewal's answer was lost,
             // and its key never used. It is replaced; the old key stays good.
             Some((NodeState::Owned(_), Some(p))) if p == current_key => current_key,
             Some((NodeState::Owned(_), _)) => {
-                return Err(format!(
-                    "the key of this certificate no longer owns node name {name:?}"
-                ))
+                return Err(NameRefusal::KeyNoLongerOwns(name.into()))
             }
             // No record (a certificate from before records, or whose record has not arrived).
             None => current_key,
@@ -611,17 +629,11 @@ impl Records {
     /// Records the owner of `name` unless another key owns it (the check and the write are one
     /// step under the store's lock or compare-and-swap, so two joins of one name cannot both
     /// win); the second value tells whether anything was written.
-    pub fn claim(&mut self, name: &str, key: &str) -> (Result<(), String>, bool) {
+    pub fn claim(&mut self, name: &str, key: &str) -> (Result<(), NameRefusal>, bool) {
         match self.by_name.get(name).map(|r| r.state.clone()) {
-            Some(NodeState::Revoked) => {
-                return (Err(format!(
-                    "node name {name:?} is revoked; an operator must run `tether-server agent forget {name}` first"
-                )), false)
-            }
+            Some(NodeState::Revoked) => return (Err(NameRefusal::Revoked(name.into())), false),
             Some(NodeState::Owned(k)) if k != key => {
-                return (Err(format!(
-                    "node name {name:?} is already owned by another key; if the node was reinstalled, an operator must run `tether-server agent forget {name}` first"
-                )), false)
+                return (Err(NameRefusal::OwnedByAnother(name.into())), false)
             }
             Some(NodeState::Owned(_)) => return (Ok(()), false),
             _ => {}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::RwLock;
 use std::time::SystemTime;
 use tether_certs::records::{
-    self, AddressClaim, NodeRecord, NodeState, RecordError, Records, Verdict,
+    self, AddressClaim, NameRefusal, NodeRecord, NodeState, RecordError, Records, Verdict,
 };
 use tether_common::link::reconnect::Outbox;
 use tether_proto::capability::{self, Capabilities};
@@ -134,7 +134,7 @@ impl Authority {
         name: &str,
         current: &str,
         new: &str,
-    ) -> Result<Result<(), String>, DatastoreError> {
+    ) -> Result<Result<(), NameRefusal>, DatastoreError> {
         let (r, rec) = self.store.renew(name, current, new).await?;
         self.stored(rec);
         Ok(r)
@@ -153,7 +153,11 @@ impl Authority {
     }
 
     /// Claims a node name for a key (one step in the store).
-    pub async fn claim(&self, name: &str, key: &str) -> Result<Result<(), String>, DatastoreError> {
+    pub async fn claim(
+        &self,
+        name: &str,
+        key: &str,
+    ) -> Result<Result<(), NameRefusal>, DatastoreError> {
         let (r, rec) = self.store.claim(name, key).await?;
         self.stored(rec);
         Ok(r)

@@ -145,7 +145,7 @@ async fn decide(
     }
     match state.authority.claim(node_name, &key).await {
         Ok(Ok(())) => {}
-        Ok(Err(why)) => return refuse(why),
+        Ok(Err(why)) => return refuse(why.to_string()),
         Err(e) if e.is_unavailable() => return unavailable(&e),
         Err(e) => return refuse(format!("server cannot record the node: {e}")),
     }
@@ -178,14 +178,24 @@ async fn decide(
                 state.ca_pem.clone(),
             )
         }
-        Err(why) => refuse(why),
+        Err(why) => refuse(why.to_string()),
     }
 }
 
+/// Why this server could not sign a node's request.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// This server has no usable copy of the CA's key.
+    #[error("this server cannot sign: {0}")]
+    NoCa(tether_certs::CertError),
+    /// The request does not make a certificate (bad signature, bad name).
+    #[error("{0}")]
+    Request(tether_certs::CertError),
+}
+
 /// Signs a node's request with this server's copy of the CA, for the configured lifetime.
-pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<String, String> {
-    let ca = tether_certs::Ca::load(&state.config.data_dir)
-        .map_err(|e| format!("this server cannot sign: {e}"))?;
+pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<String, SignError> {
+    let ca = tether_certs::Ca::load(&state.config.data_dir).map_err(SignError::NoCa)?;
     let now = time::OffsetDateTime::now_utc();
     let life = time::Duration::try_from(state.config.agent_cert_lifetime)
         .unwrap_or(time::Duration::days(365));
@@ -194,7 +204,7 @@ pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<String, String
         not_after: now + life,
     };
     ca.sign_agent_csr(csr, node_name, lifetime)
-        .map_err(|e| e.to_string())
+        .map_err(SignError::Request)
 }
 
 /// A renewal on an authenticated tunnel: the node proves its current identity by the tunnel's
@@ -211,10 +221,10 @@ pub async fn renew(mut stream: Stream, node: &str, current_key: &str, csr: Vec<u
     let reply = match tether_certs::key_hash_of_csr(&csr) {
         Err(e) => fail(StatusCode::BadRequest, e.to_string()),
         Ok(key) => match sign(&csr, node, state) {
-            Err(why) => fail(StatusCode::Busy, why),
+            Err(why) => fail(StatusCode::Busy, why.to_string()),
             Ok(cert) => match state.authority.renew(node, current_key, &key).await {
                 Err(e) => fail(StatusCode::Busy, format!("cannot record the new key: {e}")),
-                Ok(Err(why)) => fail(StatusCode::RefusedByPolicy, why),
+                Ok(Err(why)) => fail(StatusCode::RefusedByPolicy, why.to_string()),
                 Ok(Ok(())) => {
                     state.metrics.shared.renewals.inc();
                     info!(node, "renewed the node's certificate");

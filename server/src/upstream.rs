@@ -28,6 +28,23 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// Why a health check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Unhealthy {
+    #[error("{0}")]
+    Connect(io::Error),
+    #[error("bad upstream name {0:?}")]
+    BadName(String),
+    #[error("TLS: {0}")]
+    Tls(io::Error),
+    #[error("/readyz gave no HTTP answer: {0}")]
+    NoAnswer(io::Error),
+    #[error("/readyz answered {0}")]
+    NotReady(u16),
+    #[error("/readyz did not answer in time")]
+    Slow,
+}
+
 impl Upstream {
     /// `ca`: the CA that signed the apiserver's certificate, to check `/readyz` over HTTPS.
     pub fn new(
@@ -89,30 +106,27 @@ impl Upstream {
     }
 
     /// One health check: a connect, and `GET /readyz` when a CA was given.
-    pub async fn check(&self) -> Result<(), String> {
-        let tcp = self.connect().await.map_err(|e| e.to_string())?;
+    pub async fn check(&self) -> Result<(), Unhealthy> {
+        let tcp = self.connect().await.map_err(Unhealthy::Connect)?;
         let Some(https) = &self.https else {
             return Ok(());
         };
         let host = tether_common::link::reconnect::host_of(&self.addr).to_string();
         let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| format!("bad upstream name {host:?}: {e}"))?;
+            .map_err(|_| Unhealthy::BadName(host.clone()))?;
         let probe = async {
-            let mut tls = https
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
+            let mut tls = https.connect(name, tcp).await.map_err(Unhealthy::Tls)?;
             let (code, _) = http::get(&mut tls, &host, "/readyz", 64 * 1024)
                 .await
-                .map_err(|e| format!("/readyz gave no HTTP answer: {e}"))?;
+                .map_err(Unhealthy::NoAnswer)?;
             match code {
                 200 => Ok(()),
-                code => Err(format!("/readyz answered {code}")),
+                code => Err(Unhealthy::NotReady(code)),
             }
         };
         tokio::time::timeout(self.connect_timeout, probe)
             .await
-            .unwrap_or_else(|_| Err("/readyz did not answer in time".into()))
+            .unwrap_or(Err(Unhealthy::Slow))
     }
 
     /// Checks the upstream every `interval` until the task is dropped, logging each change.

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use tether_certs::records::{self, AddressClaim, NodeRecord, NodeState, Records};
+use tether_certs::records::{self, AddressClaim, NameRefusal, NodeRecord, NodeState, Records};
 use tether_certs::token::{self, Token, TokenEntry, TokenGrant, TokenRejection};
 use tether_certs::CertError;
 
@@ -250,7 +250,7 @@ impl Datastore {
         &self,
         name: &str,
         key: &str,
-    ) -> Result<(Result<(), String>, Option<NodeRecord>), DatastoreError> {
+    ) -> Result<(Result<(), NameRefusal>, Option<NodeRecord>), DatastoreError> {
         self.update(name, |all| all.claim(name, key)).await
     }
 
@@ -260,7 +260,7 @@ impl Datastore {
         name: &str,
         current: &str,
         new: &str,
-    ) -> Result<(Result<(), String>, Option<NodeRecord>), DatastoreError> {
+    ) -> Result<(Result<(), NameRefusal>, Option<NodeRecord>), DatastoreError> {
         self.update(name, |all| {
             let r = all.renew(name, current, new);
             let changed = r.is_ok();
