@@ -112,14 +112,29 @@ impl AgentConfig {
     }
 }
 
+/// Why a `--forward` did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    #[error("{0:?}: expected LISTEN_ADDR=SERVICE")]
+    Shape(String),
+    #[error("{text:?}: not an address ({why})")]
+    Address {
+        text: String,
+        why: std::net::AddrParseError,
+    },
+    #[error(transparent)]
+    Name(#[from] tether_proto::BadServiceName),
+}
+
 /// Parses `LISTEN=NAME` for `--forward`: a local address and the server-side service it reaches.
-pub fn parse_forward(s: &str) -> Result<(SocketAddr, String), String> {
+pub fn parse_forward(s: &str) -> Result<(SocketAddr, String), ForwardError> {
     let (addr, name) = s
         .rsplit_once('=')
-        .ok_or_else(|| format!("{s:?}: expected LISTEN_ADDR=SERVICE"))?;
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| format!("{addr:?}: not an address ({e})"))?;
+        .ok_or_else(|| ForwardError::Shape(s.to_string()))?;
+    let addr: SocketAddr = addr.parse().map_err(|why| ForwardError::Address {
+        text: addr.to_string(),
+        why,
+    })?;
     tether_proto::validate_service_name(name)?;
     Ok((addr, name.to_string()))
 }

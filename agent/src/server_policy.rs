@@ -24,13 +24,22 @@ pub struct Cidr {
     bits: u8,
 }
 
+/// Why a network did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{0:?} is not ADDRESS/BITS (for example 10.0.0.0/8)")]
+    NotANetwork(String),
+    #[error("{text:?}: the prefix length must be 0 to {max}")]
+    PrefixLength { text: String, max: u8 },
+}
+
 impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Self, CidrError> {
         let (a, b) = s.split_once('/').unwrap_or((s, ""));
         let addr: IpAddr = a
             .parse()
-            .map_err(|_| format!("{s:?} is not ADDRESS/BITS (for example 10.0.0.0/8)"))?;
+            .map_err(|_| CidrError::NotANetwork(s.to_string()))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let bits = if b.is_empty() {
             max
@@ -38,7 +47,10 @@ impl std::str::FromStr for Cidr {
             b.parse::<u8>()
                 .ok()
                 .filter(|n| *n <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?
+                .ok_or_else(|| CidrError::PrefixLength {
+                    text: s.to_string(),
+                    max,
+                })?
         };
         Ok(Cidr { addr, bits })
     }

@@ -130,9 +130,14 @@ pub mod capability {
     }
 }
 
+/// A service name that breaks the rule of [`validate_service_name`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("service name {0:?}: use 1 to 63 lowercase letters, digits and dashes")]
+pub struct BadServiceName(pub String);
+
 /// Checks a service name: 1 to 63 lowercase letters, digits and dashes, as in a DNS label, so
 /// that names read the same in flags, logs and metrics.
-pub fn validate_service_name(name: &str) -> Result<(), String> {
+pub fn validate_service_name(name: &str) -> Result<(), BadServiceName> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -141,9 +146,7 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "service name {name:?}: use 1 to 63 lowercase letters, digits and dashes"
-        ))
+        Err(BadServiceName(name.to_string()))
     }
 }
 

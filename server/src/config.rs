@@ -143,19 +143,32 @@ pub struct EgressConfig {
     pub client_ca: Option<std::path::PathBuf>,
 }
 
+/// Why a `--service` did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0:?}: expected NAME=HOST:PORT")]
+    Shape(String),
+    #[error(transparent)]
+    Name(#[from] tether_proto::BadServiceName),
+    #[error("the apiserver is set with --upstream, not --service")]
+    Apiserver,
+    #[error("{0:?}: expected HOST:PORT")]
+    Address(String),
+}
+
 /// Parses `NAME=HOST:PORT` for `--service`. Names are what agents put in their stream header,
 /// so they follow the same rule as node names; `apiserver` is the upstream itself.
-pub fn parse_service(s: &str) -> Result<(String, String), String> {
+pub fn parse_service(s: &str) -> Result<(String, String), ServiceError> {
     let (name, addr) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT"))?;
+        .ok_or_else(|| ServiceError::Shape(s.to_string()))?;
     tether_proto::validate_service_name(name)?;
     if name == tether_proto::SERVICE_APISERVER {
-        return Err("the apiserver is set with --upstream, not --service".into());
+        return Err(ServiceError::Apiserver);
     }
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-        _ => return Err(format!("{addr:?}: expected HOST:PORT")),
+        _ => return Err(ServiceError::Address(addr.to_string())),
     }
     Ok((name.to_string(), addr.to_string()))
 }

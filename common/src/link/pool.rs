@@ -21,14 +21,16 @@ pub enum Policy {
 }
 
 impl FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::process::units::UnknownChoice;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "least-streams" => Ok(Policy::LeastStreams),
             "ordered" => Ok(Policy::Ordered),
-            other => Err(format!(
-                "unknown policy {other:?}: use least-streams or ordered"
-            )),
+            other => Err(crate::process::units::UnknownChoice {
+                what: "policy",
+                got: other.to_string(),
+                choices: "least-streams or ordered",
+            }),
         }
     }
 }

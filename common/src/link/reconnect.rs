@@ -50,15 +50,17 @@ pub enum TransportChoice {
 }
 
 impl std::str::FromStr for TransportChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::process::units::UnknownChoice;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(TransportChoice::Auto),
             "quic" => Ok(TransportChoice::Quic),
             "tcp" => Ok(TransportChoice::Tcp),
-            other => Err(format!(
-                "unknown transport {other:?}: use auto, quic or tcp"
-            )),
+            other => Err(crate::process::units::UnknownChoice {
+                what: "transport",
+                got: other.to_string(),
+                choices: "auto, quic or tcp",
+            }),
         }
     }
 }

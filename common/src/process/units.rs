@@ -2,14 +2,25 @@
 
 use std::time::Duration;
 
+/// Why a duration did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration such as 500ms, 3s, 5m, 1h or 30d")]
+    NotADuration(String),
+    #[error("unknown unit {unit:?} in {text:?}: use ms, s, m, h or d")]
+    UnknownUnit { unit: String, text: String },
+    #[error("{0:?} is too long")]
+    TooLong(String),
+}
+
 /// Parses a whole number followed by a unit (`ms`, `s`, `m`, `h`, `d`); a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 3s, 5m, 1h or 30d"))?;
+        .map_err(|_| DurationError::NotADuration(text.to_string()))?;
     let ms = match unit.trim() {
         "ms" => 1,
         "" | "s" => 1000,
@@ -17,14 +28,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => 3_600_000,
         "d" => 86_400_000,
         other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}: use ms, s, m, h or d"
-            ))
+            return Err(DurationError::UnknownUnit {
+                unit: other.to_string(),
+                text: text.to_string(),
+            })
         }
     };
     n.checked_mul(ms)
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("{text:?} is too long"))
+        .ok_or_else(|| DurationError::TooLong(text.to_string()))
+}
+
+/// A flag's value that is none of its choices (a transport, a policy).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {got:?}: use {choices}")]
+pub struct UnknownChoice {
+    pub what: &'static str,
+    pub got: String,
+    pub choices: &'static str,
 }
 
 /// Seconds since the Unix epoch, as `status` documents carry times.
