@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_common::endpoint::admin::{self, AdminSource};
+use tether_common::endpoint::admin::{self, AdminSource, NotReady};
 use tether_common::link::pool::Pool;
 use tether_common::link::reconnect::Dialer;
 use tether_common::process::shutdown::Shutdown;
@@ -327,11 +327,11 @@ struct AdminView {
 }
 
 impl AdminSource for AdminView {
-    fn ready(&self) -> Result<String, String> {
+    fn ready(&self) -> Result<String, NotReady> {
         if self.metrics.shared.draining.get() > 0 {
-            Err("draining".into())
+            Err(NotReady::Draining)
         } else if self.pool.is_empty() {
-            Err("no tunnel is up".into())
+            Err(NotReady::NoTunnel)
         } else {
             Ok("ok".into())
         }

@@ -166,9 +166,7 @@ fn main() -> Result<()> {
         Command::Run(a) => tether_common::process::runtime::build(a.threads)
             .context("cannot start the async runtime")?
             .block_on(run(*a)),
-        Command::Tools(t) => {
-            tether_common::process::cli::run_tool::<Cli>(t).map_err(anyhow::Error::msg)
-        }
+        Command::Tools(t) => Ok(tether_common::process::cli::run_tool::<Cli>(t)?),
     }
 }
 

@@ -375,9 +375,7 @@ fn main() -> Result<()> {
         Command::Token(t) => runtime(1)?.block_on(token(t)),
         Command::Agent(a) => runtime(1)?.block_on(agent(a)),
         Command::Datastore(d) => runtime(1)?.block_on(datastore(d)),
-        Command::Tools(t) => {
-            tether_common::process::cli::run_tool::<Cli>(t).map_err(anyhow::Error::msg)
-        }
+        Command::Tools(t) => Ok(tether_common::process::cli::run_tool::<Cli>(t)?),
     }
 }
 

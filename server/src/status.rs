@@ -4,7 +4,7 @@ use crate::registry::Entry;
 use crate::state::State;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tether_common::endpoint::admin::AdminSource;
+use tether_common::endpoint::admin::{AdminSource, NotReady};
 use tether_common::process::units::unix_seconds;
 use tether_common::status::{
     ContestedAddress, NodeStatus, RefusedAddress, ServerStatus, Service, Status, Upstream,
@@ -16,9 +16,9 @@ pub(crate) struct AdminView(pub(crate) Arc<State>);
 impl AdminSource for AdminView {
     /// Ready while the upstream answers. An unreachable etcd does not make a server unready:
     /// it keeps serving from the last state it read, and the line says so.
-    fn ready(&self) -> Result<String, String> {
+    fn ready(&self) -> Result<String, NotReady> {
         if self.0.draining.load(Ordering::Relaxed) {
-            Err("draining".into())
+            Err(NotReady::Draining)
         } else if self.0.upstream.is_healthy() {
             if self.0.metrics.datastore.available() {
                 Ok("ok".into())
@@ -26,7 +26,9 @@ impl AdminSource for AdminView {
                 Ok("ok (datastore unavailable: serving from the last state read; joins and renewals are refused)".into())
             }
         } else {
-            Err(format!("upstream {} unreachable", self.0.upstream.addr()))
+            Err(NotReady::UpstreamUnreachable(
+                self.0.upstream.addr().to_string(),
+            ))
         }
     }
 

@@ -21,11 +21,25 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Most admin connections one client address holds at once.
 pub const MAX_PER_CLIENT: usize = 8;
 
+/// Why a process is not ready to serve traffic (`/readyz` answers 503 with it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// It is draining: finishing what it carries, taking nothing new.
+    #[error("draining")]
+    Draining,
+    /// An agent with no tunnel up.
+    #[error("no tunnel is up")]
+    NoTunnel,
+    /// A server whose apiserver does not answer.
+    #[error("upstream {0} unreachable")]
+    UpstreamUnreachable(String),
+}
+
 /// What the admin endpoint shows; each binary implements it.
 pub trait AdminSource: Send + Sync + 'static {
     /// `Ok` when ready to serve traffic, with a line that may say more (`ok`, or what is
     /// degraded but still serving), or why not.
-    fn ready(&self) -> Result<String, String>;
+    fn ready(&self) -> Result<String, NotReady>;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
     /// What `status` shows: the connected parties and their state.

@@ -57,20 +57,47 @@ pub enum Output {
     Json,
 }
 
+/// Why a tool command (`status`, `man`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot read the admin endpoint at {admin}: {source} (is the process running with `run --admin {admin}`?)")]
+    Unreachable {
+        admin: String,
+        source: std::io::Error,
+    },
+    #[error("{admin}: answered {code} (an older tether without /status?)")]
+    NoStatus { admin: String, code: u16 },
+    #[error("{admin}: bad status JSON: {source}")]
+    BadStatus {
+        admin: String,
+        source: serde_json::Error,
+    },
+    #[error("{dir}: {source}")]
+    Man {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Reads `GET /status` from an admin endpoint.
-pub fn fetch_status(admin: &str) -> Result<Status, String> {
-    let (code, body) = crate::endpoint::http::get_blocking(admin, "/status", Duration::from_secs(10))
-        .map_err(|e| {
-            format!(
-                "cannot read the admin endpoint at {admin}: {e} (is the process running with `run --admin {admin}`?)"
-            )
-        })?;
+pub fn fetch_status(admin: &str) -> Result<Status, CliError> {
+    let (code, body) =
+        crate::endpoint::http::get_blocking(admin, "/status", Duration::from_secs(10)).map_err(
+            |source| CliError::Unreachable {
+                admin: admin.to_string(),
+                source,
+            },
+        )?;
     if code != 200 {
-        return Err(format!(
-            "{admin}: answered {code} (an older tether without /status?)"
-        ));
+        return Err(CliError::NoStatus {
+            admin: admin.to_string(),
+            code,
+        });
     }
-    serde_json::from_slice(&body).map_err(|e| format!("{admin}: bad status JSON: {e}"))
+    serde_json::from_slice(&body).map_err(|source| CliError::BadStatus {
+        admin: admin.to_string(),
+        source,
+    })
 }
 
 /// Prints a status document as JSON or as tables.
@@ -357,15 +384,18 @@ pub struct ManArgs {
 }
 
 /// Runs `status`; an unreachable endpoint is an error that says what to check.
-pub fn status(a: &StatusArgs) -> Result<(), String> {
+pub fn status(a: &StatusArgs) -> Result<(), CliError> {
     let v = fetch_status(&a.admin)?;
     print_status(&v, a.output);
     Ok(())
 }
 
 /// Runs `man`.
-pub fn man<C: CommandFactory>(a: &ManArgs) -> Result<(), String> {
-    let files = man_pages::<C>(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+pub fn man<C: CommandFactory>(a: &ManArgs) -> Result<(), CliError> {
+    let files = man_pages::<C>(&a.dir).map_err(|source| CliError::Man {
+        dir: a.dir.clone(),
+        source,
+    })?;
     for f in files {
         println!("{}", f.display());
     }
@@ -387,7 +417,7 @@ pub enum Tools {
 }
 
 /// Runs one of [`Tools`] for the binary whose command line is `C`.
-pub fn run_tool<C: CommandFactory>(tool: Tools) -> Result<(), String> {
+pub fn run_tool<C: CommandFactory>(tool: Tools) -> Result<(), CliError> {
     match tool {
         Tools::Status(a) => status(&a),
         Tools::Config(ConfigCommand::Example) => {

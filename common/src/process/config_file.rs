@@ -192,7 +192,7 @@ fn flags_from(
         }
         for v in values {
             if takes_value(arg) {
-                check_value(arg, key, &v).map_err(|e| bad(key, e))?;
+                check_value(arg, key, &v).map_err(|e| bad(key, first_line(&e.to_string())))?;
                 out.push(OsString::from(format!("--{key}={v}")));
             } else {
                 out.push(OsString::from(format!("--{key}")));
@@ -204,7 +204,7 @@ fn flags_from(
 
 /// Runs `value` through the flag's own parser, alone (without the flag's relations to others,
 /// which the full parse checks later).
-fn check_value(arg: &Arg, key: &str, value: &str) -> Result<(), String> {
+fn check_value(arg: &Arg, key: &str, value: &str) -> Result<(), clap::Error> {
     let probe = Arg::new("value")
         .long(key.to_string())
         .value_parser(arg.get_value_parser().clone())
@@ -214,7 +214,6 @@ fn check_value(arg: &Arg, key: &str, value: &str) -> Result<(), String> {
         .arg(probe)
         .try_get_matches_from([format!("--{key}={value}")])
         .map(|_| ())
-        .map_err(|e| first_line(&e.to_string()))
 }
 
 fn first_line(s: &str) -> String {
