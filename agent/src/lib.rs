@@ -242,7 +242,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         pool: pool.clone(),
         stats: metrics.links.clone(),
         changed: Arc::new(tokio::sync::Notify::new()),
-        kind: "server",
+        kind: tether_common::link::reconnect::LinkKind::Server,
         on_message: None,
         outbox: None,
         after_welcome: vec![tether_proto::Message::NodeInfo {

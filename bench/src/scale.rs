@@ -211,7 +211,7 @@ async fn spawn_agents(
             pool: Arc::new(Pool::default()),
             stats: stats.clone(),
             changed: Arc::new(tokio::sync::Notify::new()),
-            kind: "server",
+            kind: tether_common::link::reconnect::LinkKind::Server,
             on_message: None,
             outbox: None,
             after_welcome: Vec::new(),

@@ -417,7 +417,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         pool: peers,
         stats: metrics.peer_links.clone(),
         changed: state.announcer.changed(),
-        kind: "peer",
+        kind: reconnect::LinkKind::Peer,
         on_message: Some(Box::new({
             let a = state.authority.clone();
             move |m: &Message| a.merge_from_peer("peer", m)

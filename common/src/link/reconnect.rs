@@ -126,6 +126,22 @@ pub type OutboxHook = Box<dyn Fn(&Capabilities) -> Box<dyn Outbox> + Send + Sync
 /// A pinned, boxed, sendable future with no output.
 pub type BoxedFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
+/// Which link a dialer keeps: an agent's to a server, or a server's to a peer. Logs name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    Server,
+    Peer,
+}
+
+impl LinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Server => "server",
+            LinkKind::Peer => "peer",
+        }
+    }
+}
+
 /// What a reconnect loop needs.
 pub struct Dialer {
     pub endpoint: quinn::Endpoint,
@@ -147,8 +163,8 @@ pub struct Dialer {
     pub stats: Arc<LinkStats>,
     /// Notified whenever a link comes, goes, or announces a server list.
     pub changed: Arc<Notify>,
-    /// What kind of link this is, for logs: "server" or "peer".
-    pub kind: &'static str,
+    /// What kind of link this is, for logs.
+    pub kind: LinkKind,
     /// Control messages this module does not act on itself (a server's node records).
     pub on_message: Option<MessageHook>,
     /// Messages sent on the control stream right after the welcome (an agent's node info).
@@ -256,12 +272,12 @@ pub async fn maintain(
                 }
             }
             Err(DialError::Itself) => {
-                info!(kind = dialer.kind, server = %target.label, "this address is this server itself; not dialing it");
+                info!(kind = dialer.kind.as_str(), server = %target.label, "this address is this server itself; not dialing it");
                 stop.wait().await;
                 return;
             }
             Err(e @ DialError::Duplicate(_)) => {
-                debug!(kind = dialer.kind, server = %target.label, "{e}");
+                debug!(kind = dialer.kind.as_str(), server = %target.label, "{e}");
                 delay = Some(DUPLICATE_RETRY);
             }
             Err(e) => {
@@ -270,10 +286,10 @@ pub async fn maintain(
                 // The first failure and then every tenth: a server that stays down for hours
                 // must not flood the log.
                 if failures == 1 || failures.is_multiple_of(10) {
-                    warn!(kind = dialer.kind, server = %target.label, attempts = failures, error = %e,
+                    warn!(kind = dialer.kind.as_str(), server = %target.label, attempts = failures, error = %e,
                         "cannot reach server; retrying");
                 } else {
-                    debug!(kind = dialer.kind, server = %target.label, error = %e, "cannot reach server");
+                    debug!(kind = dialer.kind.as_str(), server = %target.label, error = %e, "cannot reach server");
                 }
             }
         }
@@ -493,11 +509,11 @@ async fn serve(
     d.stats.connects.inc();
     d.stats.up.inc();
     d.changed.notify_one();
-    info!(kind = d.kind, server = %target.label, peer = %tunnel.remote_addr(),
+    info!(kind = d.kind.as_str(), server = %target.label, peer = %tunnel.remote_addr(),
         transport = %tunnel.kind(), "tunnel up");
     for m in &d.after_welcome {
         if let Err(e) = control.send.write_message(m).await {
-            debug!(kind = d.kind, server = %target.label, error = %e, "cannot send after welcome");
+            debug!(kind = d.kind.as_str(), server = %target.label, error = %e, "cannot send after welcome");
         }
     }
     let incoming = accept_incoming(&link, d.on_stream.as_ref());
@@ -610,16 +626,16 @@ async fn serve(
         // New streams go to the new tunnel from now on; the ones open on the old one finish
         // there.
         if udp_lost {
-            warn!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
+            warn!(kind = d.kind.as_str(), server = %target.label, streams = link.streams(), reason = %reason,
                 "moving to a new tunnel; open streams finish on the old one if QUIC is heard again");
         } else {
-            info!(kind = d.kind, server = %target.label, streams = link.streams(), reason = %reason,
+            info!(kind = d.kind.as_str(), server = %target.label, streams = link.streams(), reason = %reason,
                 "moving to a new tunnel; open streams finish on the old one");
         }
         let old = link.clone();
         let hook = d.on_stream.clone();
         let pool = d.pool.clone();
-        let kind = d.kind;
+        let kind = d.kind.as_str();
         let label = target.label.clone();
         pool.retire(old.clone());
         tokio::spawn(async move {
@@ -657,9 +673,9 @@ async fn serve(
         hook(&link);
     }
     if stop.fired() {
-        info!(kind = d.kind, server = %target.label, reason = %reason, "tunnel down");
+        info!(kind = d.kind.as_str(), server = %target.label, reason = %reason, "tunnel down");
     } else {
-        warn!(kind = d.kind, server = %target.label, peer = %tunnel.remote_addr(), reason = %reason,
+        warn!(kind = d.kind.as_str(), server = %target.label, peer = %tunnel.remote_addr(), reason = %reason,
             "tunnel down");
     }
     None
@@ -758,23 +774,23 @@ async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dia
         match msg {
             Ok(Some(Message::Health { upstream_healthy })) => {
                 if upstream_healthy != link.healthy() {
-                    info!(kind = d.kind, server = %link.server, healthy = upstream_healthy,
+                    info!(kind = d.kind.as_str(), server = %link.server, healthy = upstream_healthy,
                         "server's upstream health changed");
                 }
                 link.set_healthy(upstream_healthy);
             }
             Ok(Some(Message::Drain)) => {
-                info!(kind = d.kind, server = %link.server, "server is draining; sending it no new streams");
+                info!(kind = d.kind.as_str(), server = %link.server, "server is draining; sending it no new streams");
                 link.set_draining();
             }
             Ok(Some(Message::Pong { .. })) => link.ponged(),
             Ok(Some(Message::ServerDown { server_id })) => {
                 let n = d.pool.report_down(&server_id);
-                info!(kind = d.kind, server = %link.server, down = %server_id, links = n,
+                info!(kind = d.kind.as_str(), server = %link.server, down = %server_id, links = n,
                     "a server reports a peer down; probing it");
             }
             Ok(Some(Message::ServerList { servers })) => {
-                debug!(kind = d.kind, server = %link.server, count = servers.len(), "server list");
+                debug!(kind = d.kind.as_str(), server = %link.server, count = servers.len(), "server list");
                 link.set_servers(servers);
                 d.changed.notify_one();
             }
