@@ -88,7 +88,7 @@ impl AgentConfig {
             early_data: vec![tether_proto::SERVICE_APISERVER.to_string()],
             stream_open_timeout: Duration::from_millis(500),
             last_attempt_timeout: Duration::from_secs(5),
-            reconnect_grace: Duration::from_secs(3),
+            reconnect_grace: tether_common::link::RECONNECT_GRACE,
             handshake_timeout: Duration::from_secs(5),
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),

@@ -37,8 +37,8 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// `exec`, `logs` or `port-forward`, so this is generous; it keeps one client from taking all).
 pub const MAX_PER_CLIENT: usize = MAX_CONNECTIONS / 4;
 /// How long a CONNECT waits for a node that is gone from here for a moment (see [`route`]): the
-/// agent's own `--reconnect-grace`.
-pub const RECONNECT_GRACE: Duration = Duration::from_secs(3);
+/// agent's own `--reconnect-grace` default.
+pub use tether_common::link::RECONNECT_GRACE;
 /// Time to write an answer (an error, or `200 Connection established`): a client that never
 /// reads it gives its slot back after this.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_common::link::pool::{Link, Policy};
 use tether_common::open::{self, answer};
-use tether_common::process::telemetry::{GaugeGuard, Label};
+use tether_common::process::telemetry::{Counted, GaugeGuard, Label};
 use tether_common::relay::{self, Outcome};
 use tether_common::transport::Stream;
 use tether_proto::capability::Capabilities;
@@ -79,7 +79,7 @@ pub(crate) async fn serve_stream(
         } => {
             let count = StreamCount::new(open_streams);
             let tunnel_limit = state.config.limits.max_streams as usize;
-            if count.current() > tunnel_limit {
+            if count.counter().load(Ordering::Relaxed) > tunnel_limit {
                 let why = "stream limit of the tunnel reached";
                 return busy(
                     &mut stream,
@@ -302,21 +302,4 @@ async fn relay_peer(
 }
 
 /// Counts a tunnel's open streams while alive.
-struct StreamCount(Arc<std::sync::atomic::AtomicUsize>);
-
-impl StreamCount {
-    fn new(c: Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
-        StreamCount(c)
-    }
-
-    fn current(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for StreamCount {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+type StreamCount = Counted<Arc<std::sync::atomic::AtomicUsize>>;

@@ -2,6 +2,7 @@
 //! stream. Agents keep one link per server; servers keep one per peer.
 
 use crate::link::latency::{OpenLatency, Passed};
+use crate::process::telemetry::{Counted, Tally};
 use crate::status::LinkStatus;
 use crate::transport::Tunnel;
 use std::str::FromStr;
@@ -177,8 +178,7 @@ impl Link {
 
     /// Counts a stream for as long as the guard lives.
     pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
-        self.streams.fetch_add(1, Ordering::Relaxed);
-        StreamGuard(self.clone())
+        Counted::new(self.clone())
     }
 
     /// Whether the server's upstream was healthy when it last said.
@@ -230,11 +230,14 @@ impl Link {
 }
 
 /// Counts one open stream on a link.
-pub struct StreamGuard(Arc<Link>);
+pub type StreamGuard = Counted<Arc<Link>>;
 
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+impl Tally for Link {
+    fn up(&self) {
+        self.streams.up();
+    }
+    fn down(&self) {
+        self.streams.down();
     }
 }
 

@@ -149,21 +149,73 @@ impl Gauge {
     }
 }
 
-/// Decrements a gauge when dropped, so that every exit path of a task counts down.
-pub struct GaugeGuard<'a>(&'a Gauge);
+/// Something a [`Counted`] guard counts up while it lives: a gauge, a link's open streams, a
+/// tunnel's stream credit, a server's streams on a tunnel.
+pub trait Tally {
+    fn up(&self);
+    fn down(&self);
+}
 
-impl<'a> GaugeGuard<'a> {
-    pub fn new(g: &'a Gauge) -> Self {
-        g.inc();
-        GaugeGuard(g)
+impl Tally for Gauge {
+    fn up(&self) {
+        self.inc();
+    }
+    fn down(&self) {
+        self.dec();
     }
 }
 
-impl Drop for GaugeGuard<'_> {
+impl Tally for std::sync::atomic::AtomicUsize {
+    fn up(&self) {
+        self.fetch_add(1, Ordering::Relaxed);
+    }
+    fn down(&self) {
+        self.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Tally for std::sync::atomic::AtomicU32 {
+    fn up(&self) {
+        self.fetch_add(1, Ordering::Relaxed);
+    }
+    fn down(&self) {
+        self.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one up on what `P` points to for as long as it lives, and down when dropped, so that
+/// every exit path of a task counts down: the one counting guard (a reference for a gauge
+/// that outlives the task, an `Arc` for a count shared with others).
+pub struct Counted<P: std::ops::Deref>(P)
+where
+    P::Target: Tally;
+
+impl<P: std::ops::Deref> Counted<P>
+where
+    P::Target: Tally,
+{
+    pub fn new(counter: P) -> Self {
+        counter.up();
+        Counted(counter)
+    }
+
+    /// What it counts.
+    pub fn counter(&self) -> &P::Target {
+        &self.0
+    }
+}
+
+impl<P: std::ops::Deref> Drop for Counted<P>
+where
+    P::Target: Tally,
+{
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.down();
     }
 }
+
+/// Counts a gauge up while it lives.
+pub type GaugeGuard<'a> = Counted<&'a Gauge>;
 
 /// Writes metrics in the Prometheus text exposition format.
 #[derive(Default)]

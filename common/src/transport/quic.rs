@@ -2,6 +2,7 @@
 //! tunnel hold little state, and quinn's errors in this module's terms.
 
 use super::error::{CloseReason, StreamError, TransportError};
+use crate::process::telemetry::{Counted, Tally};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
@@ -17,18 +18,21 @@ pub(super) struct QuicTunnel {
 /// [`crate::tls::INITIAL_STREAMS`] and doubles, up to `max`, whenever half of it is in use, so
 /// that an idle tunnel holds little state and a busy one is not throttled.
 #[derive(Debug)]
-struct Credit {
+pub(super) struct Credit {
     open: AtomicU32,
     limit: AtomicU32,
     max: u32,
 }
 
 /// Holds a place in the tunnel's stream count while an accepted stream is open.
-pub(super) struct CreditGuard(Arc<Credit>);
+pub(super) type CreditGuard = Counted<Arc<Credit>>;
 
-impl Drop for CreditGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+impl Tally for Credit {
+    fn up(&self) {
+        self.open.up();
+    }
+    fn down(&self) {
+        self.open.down();
     }
 }
 
@@ -58,14 +62,15 @@ impl QuicTunnel {
     ) -> Result<(quinn::SendStream, quinn::RecvStream, CreditGuard), TransportError> {
         let (send, recv) = self.conn.accept_bi().await.map_err(conn_err)?;
         let credit = &self.credit;
-        let open = credit.open.fetch_add(1, Relaxed) + 1;
+        let guard = Counted::new(credit.clone());
+        let open = credit.open.load(Relaxed);
         let limit = credit.limit.load(Relaxed);
         if open * 2 > limit && limit < credit.max {
             let grown = limit.saturating_mul(2).min(credit.max);
             credit.limit.store(grown, Relaxed);
             self.conn.set_max_concurrent_bi_streams(grown.into());
         }
-        Ok((send, recv, CreditGuard(credit.clone())))
+        Ok((send, recv, guard))
     }
 
     pub(super) fn peer_certificates(
