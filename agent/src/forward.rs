@@ -71,18 +71,13 @@ pub async fn serve(
     let settings = Arc::new(settings);
     let budget = Arc::new(HedgeBudget::default());
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let accepted = tether_common::net::accept_retrying(
+            || listener.accept(),
+            |e| warn!(error = %e, "local accept failed"),
+        );
+        let (conn, peer) = tokio::select! {
+            a = accepted => a,
             _ = stop.wait() => return,
-        };
-        let (conn, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of file descriptors, mostly: wait a little rather than spin.
-                warn!(error = %e, "local accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
         };
         metrics.connections_accepted.inc();
         let Ok(permit) = limit.clone().try_acquire_owned() else {

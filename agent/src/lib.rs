@@ -20,11 +20,11 @@ use crate::config::AgentConfig;
 use crate::metrics::Metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tether_common::endpoint::admin::{self, AdminSource, NotReady};
 use tether_common::link::pool::Pool;
 use tether_common::link::reconnect::Dialer;
-use tether_common::process::shutdown::Shutdown;
+use tether_common::process::shutdown::{self, Shutdown};
 use tether_common::status::{AgentStatus, LinkStatus, Listener, Status};
 use tether_common::tls;
 use tether_proto::SERVICE_APISERVER;
@@ -103,10 +103,8 @@ impl AgentHandle {
         info!(timeout = ?timeout, open = self.metrics.shared.streams_open.get(), "draining: no new connections");
         self.metrics.shared.draining.set(1);
         self.accepting.trigger();
-        let start = Instant::now();
-        while self.metrics.shared.streams_open.get() > 0 && start.elapsed() < timeout {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let metrics = &self.metrics;
+        shutdown::wait_while(timeout, || metrics.shared.streams_open.get() > 0).await;
         let left = self.metrics.shared.streams_open.get();
         self.shutdown().await;
         left

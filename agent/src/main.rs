@@ -230,12 +230,10 @@ async fn run(a: RunArgs) -> Result<()> {
     // retries by itself, and a node must boot even with its control plane out of reach.
     let term = tether_common::process::shutdown::terminate_signal();
     tokio::pin!(term);
-    let first_tunnel = async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while agent.tunnels_up() == 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let first_tunnel =
+        tether_common::process::shutdown::wait_while(Duration::from_secs(10), || {
+            agent.tunnels_up() == 0
+        });
     tokio::select! {
         _ = first_tunnel => {}
         s = &mut term => {

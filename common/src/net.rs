@@ -128,6 +128,29 @@ pub fn port_holder(port: u16) -> Option<String> {
     None
 }
 
+/// How long an accept loop pauses after a failed accept.
+pub const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The next connection from `accept` (a listener's accept, called anew each try). A failed
+/// accept (out of file descriptors, mostly) is passed to `on_error` to log, and the loop pauses
+/// [`ACCEPT_PAUSE`] rather than spin on an error that persists. Cancel-safe: every listener's
+/// accept loop uses it under a `select!` with its stop signal.
+pub async fn accept_retrying<T, F, Fut>(accept: F, on_error: impl Fn(&io::Error)) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = io::Result<T>>,
+{
+    loop {
+        match accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                on_error(&e);
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+            }
+        }
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit and returns the new soft limit.
 ///
 /// A server on TLS over TCP holds one descriptor per agent and per relayed stream, and the

@@ -130,17 +130,16 @@ pub(crate) async fn accept_tcp(
     mut stop: ShutdownSignal,
 ) {
     loop {
-        let (tcp, remote) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(c) => c,
-                Err(e) => {
-                    if let Some(left_out) = state.noisy_log.allow() {
-                        warn!(left_out, error = %e, "TCP accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let accepted = tether_common::net::accept_retrying(
+            || listener.accept(),
+            |e| {
+                if let Some(left_out) = state.noisy_log.allow() {
+                    warn!(left_out, error = %e, "TCP accept failed");
                 }
             },
+        );
+        let (tcp, remote) = tokio::select! {
+            a = accepted => a,
             _ = stop.wait() => return,
         };
         if state.draining.load(Ordering::Relaxed) {

@@ -441,14 +441,11 @@ pub async fn serve_tcp(
 ) {
     let slots = egress_slots();
     loop {
-        let (conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "egress accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (conn, peer) = tether_common::net::accept_retrying(
+            || listener.accept(),
+            |e| warn!(error = %e, "egress accept failed"),
+        )
+        .await;
         let Some(slot) = slots.take(peer.ip()) else {
             warn!(client = %peer, limit = MAX_PER_CLIENT, "egress connection refused: too many from this client, none idle");
             continue;
@@ -484,14 +481,11 @@ pub async fn serve_uds(listener: tokio::net::UnixListener, state: Arc<State>) {
     let slots = egress_slots();
     let socket = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
     loop {
-        let conn = match listener.accept().await {
-            Ok((c, _)) => c,
-            Err(e) => {
-                warn!(error = %e, "egress accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (conn, _) = tether_common::net::accept_retrying(
+            || listener.accept(),
+            |e| warn!(error = %e, "egress accept failed"),
+        )
+        .await;
         let Some(slot) = slots.take(socket) else {
             warn!(
                 limit = MAX_PER_CLIENT,

@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 use tether_common::endpoint::admin;
 use tether_common::link::pool::Pool;
 use tether_common::link::reconnect::{self, Dialer};
-use tether_common::process::shutdown::Shutdown;
+use tether_common::process::shutdown::{self, Shutdown};
 use tether_common::tls;
 use tether_proto::capability::{self, Capabilities};
 use tether_proto::{code, Message};
@@ -129,9 +129,8 @@ impl ServerHandle {
         // least (see `drain_notice`).
         let notice = drain_notice(&self.state).min(timeout);
         let busy = |s: &State| s.metrics.shared.streams_open.get() > 0 || s.opening.get() > 0;
-        while (start.elapsed() < notice || busy(&self.state)) && start.elapsed() < timeout {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let state = &self.state;
+        shutdown::wait_while(timeout, || start.elapsed() < notice || busy(state)).await;
         let left = self.state.metrics.shared.streams_open.get() + self.state.opening.get();
         self.shutdown().await;
         left

@@ -52,14 +52,11 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
     // connections cannot keep a real scrape out.
     let slots = ClientSlots::new(MAX_CONNECTIONS, MAX_PER_CLIENT, Eviction::OldestIdle);
     loop {
-        let (conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (conn, peer) = crate::net::accept_retrying(
+            || listener.accept(),
+            |e| tracing::warn!(error = %e, "admin endpoint: accept failed"),
+        )
+        .await;
         let Some(slot) = slots.take(peer.ip()) else {
             tracing::debug!(%peer, limit = MAX_PER_CLIENT, "admin endpoint: too many connections from this client");
             continue;

@@ -59,3 +59,12 @@ pub async fn terminate_signal() -> std::io::Result<&'static str> {
         _ = int.recv() => "SIGINT",
     })
 }
+
+/// Waits while `busy` holds, looking every 50 ms, for at most `limit`: how a drain waits for
+/// its streams, and the agent's start for its first tunnel.
+pub async fn wait_while(limit: std::time::Duration, busy: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while busy() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
