@@ -471,6 +471,20 @@ mod tests {
         }
     }
 
+    /// Waits (paused time) for the attempt `id`'s deadline, and checks that it ends it, reset,
+    /// with no attempt left to promote.
+    async fn expires(race: &mut Race<&'static str>, id: AttemptId) {
+        let t = wait_timer(race).await;
+        assert_eq!(
+            race.timer(t, || true),
+            Decision::Lost {
+                ended: id,
+                reset: true,
+                promote: None
+            }
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_first_choice_alone_carries_early_bytes_and_wins() {
         let mut race = Race::new(vec!["a", "b"], timeouts());
@@ -686,15 +700,7 @@ mod tests {
         let t = wait_timer(&mut race).await;
         assert_eq!(race.timer(t, || true), Decision::Held);
         race.set_dark(false);
-        let t = wait_timer(&mut race).await;
-        assert_eq!(
-            race.timer(t, || true),
-            Decision::Lost {
-                ended: a,
-                reset: true,
-                promote: None
-            }
-        );
+        expires(&mut race, a).await;
         // The next candidate is asked, as after any deadline.
         let (_, link) = start(&mut race, 60_000 * MS);
         assert_eq!(link, "b");
@@ -707,15 +713,7 @@ mod tests {
     async fn an_unanswered_link_is_asked_again_when_every_other_refuses() {
         let mut race = Race::new(vec!["a", "b"], timeouts());
         let (a, _) = start(&mut race, 60_000 * MS);
-        let t = wait_timer(&mut race).await;
-        assert_eq!(
-            race.timer(t, || true),
-            Decision::Lost {
-                ended: a,
-                reset: true,
-                promote: None
-            }
-        );
+        expires(&mut race, a).await;
         let (b, link) = start(&mut race, 60_000 * MS);
         assert_eq!(link, "b");
         race.verdict(b, Verdict::Refused);
