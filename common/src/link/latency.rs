@@ -59,7 +59,7 @@ impl OpenLatency {
 }
 
 /// How long a server that let a hedge beat it is tried last: long enough for the agent to see a
-/// dead server's tunnel close (the idle timeout, 2.5 s by default), short enough that a server
+/// dead server's tunnel close (about 2 s), short enough that a server
 /// that was only slow for a moment gets its share back soon.
 pub const PASSED_OVER_FOR: Duration = Duration::from_secs(5);
 

@@ -430,16 +430,17 @@ impl<K: Ord + Clone> Watch<K> {
                 continue;
             }
             // Reported down by a server that survives it: dead once silent for a short window
-            // (grown to the link's longest silence lately and a probe's interval), and the
-            // probe sent at the report has had a round trip (a probe's interval at least) to
-            // be answered. A question left unanswered since before the report counts: a
-            // server killed under a request is closed as soon as the report comes.
+            // (grown to the link's longest silence lately and a probe's interval) since a
+            // question. A question left unanswered since before the report is two witnesses
+            // at once, the agent's and the peers': a server killed under a request is closed
+            // as soon as the report comes. Otherwise the probe sent at the report has a round
+            // trip (a probe's interval at least) to be answered.
             let slowest = self.slowest(now);
             if let Some(at) = t.reported {
                 let asked = t.asked.unwrap_or(at);
                 let window = grown(&s, window(t.rtt, s.doubt_after), slowest + s.doubt_probe);
                 let probed = (t.rtt * 2).max(s.doubt_probe);
-                if now - asked >= window && now - at >= probed {
+                if now - asked >= window && (asked < at || now - at >= probed) {
                     actions.push(Action::DeadServer {
                         key: key.clone(),
                         silent,
@@ -725,8 +726,8 @@ mod tests {
     }
 
     /// The slow window is only for unreported silence: a server killed on a slow link is
-    /// reported by its peers (within their 2.5 s idle timeout) and its streams reset within the
-    /// issue's 3 s.
+    /// reported by its peers (within their 1.5 s idle timeout) and its streams reset within the
+    /// issue's 3 s, with a second to spare.
     #[test]
     fn on_a_slow_link_a_reported_death_is_still_found_within_three_seconds() {
         let mut sim = Sim::new(3, 60 * MS);
@@ -736,14 +737,15 @@ mod tests {
         sim.set_answering(1, false);
         let died = sim.now;
         sim.send(1);
-        sim.load(&[0, 2], 2500 * MS);
+        sim.load(&[0, 2], 1500 * MS);
         sim.watch.reported(&1, sim.now);
         sim.load(&[0, 2], Duration::from_secs(3));
         let v = sim.verdicts();
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(matches!(v[0].1, Action::DeadServer { key: 1, .. }), "{v:?}");
+        // The silence it came back from (1.5 s), a probe's interval and a tick.
         assert!(
-            v[0].0 - (died - sim.start) <= Duration::from_secs(3),
+            v[0].0 - (died - sim.start) <= Duration::from_secs(2),
             "{v:?}"
         );
     }
@@ -916,17 +918,20 @@ mod tests {
         sim.run_for(Duration::from_secs(3));
         sim.set_answering(2, false);
         sim.send(2);
-        // Its peers notice 2.5 s later, and tell the agent.
-        sim.run_for(2500 * MS);
+        // Its peers notice 1.5 s later (their idle timeout), and tell the agent.
+        sim.run_for(1500 * MS);
         let at = sim.now;
         sim.watch.reported(&2, at);
         sim.run_for(Duration::from_secs(2));
         let v = sim.verdicts();
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(matches!(v[0].1, Action::DeadServer { key: 2, .. }));
-        // The probe's round trip (a probe's interval at least), not a new window.
+        // At the report's tick: the question unanswered since before it is the agent's own
+        // witness, and no probe's round trip is awaited (the netns suite saw the streams of a
+        // server killed under a transfer reset 3.0 to 3.2 s after the kill with that wait and
+        // the peers' former 2.5 s).
         assert!(
-            v[0].0 - (at - sim.start) <= Duration::from_millis(300),
+            v[0].0 - (at - sim.start) <= Duration::from_millis(50),
             "{v:?}"
         );
     }
