@@ -28,7 +28,7 @@ use tether_common::link::latency::HedgeBudget;
 use tether_common::link::pool::{Link, Policy, Pool, StreamGuard};
 use tether_common::process::shutdown::ShutdownSignal;
 use tether_common::process::telemetry::GaugeGuard;
-use tether_common::relay::{self, Outcome};
+use tether_common::relay;
 use tether_common::transport::Stream;
 use tether_proto::capability;
 use tether_proto::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
@@ -299,7 +299,7 @@ async fn forward(
                 for mut a in attempts.drain(..) {
                     a.stream.reset(code::RESET).await;
                 }
-                metrics.shared.stream_resets.inc();
+                metrics.shared.bytes.reset();
                 return;
             }
         };
@@ -377,9 +377,6 @@ async fn forward(
     // A client that half-closed before the verdict reads as ended again: the relay finishes
     // the stream's direction at once.
     let summary = relay::relay(conn, a.stream, &[&metrics.shared.bytes]).await;
-    if summary.outcome != Outcome::Closed {
-        metrics.shared.stream_resets.inc();
-    }
     debug!(server = %a.link.server, sent = summary.to_tunnel, received = summary.from_tunnel,
         outcome = ?summary.outcome, "stream done");
 }

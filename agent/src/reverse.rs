@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tether_common::open::answer;
 use tether_common::process::telemetry::GaugeGuard;
-use tether_common::relay::{self, Outcome};
+use tether_common::relay;
 use tether_common::transport::Stream;
 use tether_proto::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
 use tokio::sync::Semaphore;
@@ -163,9 +163,7 @@ impl Reverse {
         self.metrics.reverse_streams.inc();
         let _open = GaugeGuard::new(&self.metrics.reverse_open);
         let summary = relay::relay(tcp, stream, &[&self.metrics.shared.bytes]).await;
-        if summary.outcome != Outcome::Closed {
-            self.metrics.shared.stream_resets.inc();
-        }
+        debug!(%target, outcome = ?summary.outcome, "reverse stream done");
     }
 }
 

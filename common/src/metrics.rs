@@ -11,7 +11,6 @@ use tether_proto::StatusCode;
 pub struct Shared {
     pub streams_open: Gauge,
     pub streams_total: Counter,
-    pub stream_resets: Counter,
     pub bytes: Meter,
     pub draining: Gauge,
     pub renewals: Counter,
@@ -20,6 +19,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Relayed streams that ended in a reset, as every relay counts them (see
+    /// [`crate::relay`]).
+    pub fn stream_resets(&self) -> u64 {
+        self.bytes.resets.load(Relaxed)
+    }
+
     pub fn render(&self, e: &mut Exposition) {
         e.gauge(
             "tether_streams_open",
@@ -34,7 +39,7 @@ impl Shared {
         e.counter(
             "tether_stream_resets_total",
             "Relayed streams that ended in a reset (either side).",
-            self.stream_resets.get(),
+            self.stream_resets(),
         );
         e.counter(
             "tether_tunnel_bytes_sent_total",

@@ -1,60 +1,87 @@
-//! Moves bytes between a TCP connection and a tunnel stream, in both directions at once.
+//! Moves bytes between the two ends of a relayed connection, in both directions at once: a
+//! local socket and a tunnel stream (the forward and reverse paths), the egress proxy's client
+//! and a stream, or two streams (a server passing a stream on to a peer).
+//!
+//! One pump serves them all, as linkerd2-proxy's `duplex` does: each end is an [`End`] that
+//! splits into a [`Source`] and a [`Sink`], knows how to wait for its bytes' delivery and how
+//! to reset, and the pump copies, counts and ends. Counting lives here alone: bytes on every
+//! [`Meter`] given, and a reset on each of them when a relay ends in one.
 //!
 //! The relay keeps TCP's meaning intact across the tunnel:
 //! - every byte arrives once and in order (the transport guarantees order; the relay never drops
 //!   or duplicates a chunk);
-//! - a half-close travels: end-of-file from the TCP side finishes the stream, and a finished
-//!   stream shuts down the TCP write side, each direction on its own;
-//! - a reset travels as a reset: a TCP reset resets the stream, and a reset (or stop) of the
-//!   stream resets the TCP connection (`SO_LINGER` 0), never a clean end-of-file;
-//! - memory is bounded: at most one chunk is in the relay's hands per direction, and flow control
-//!   (TCP windows on one side, transport windows on the other) pushes back on a fast sender. An
-//!   idle connection holds no buffer at all.
+//! - a half-close travels: end-of-file from one end finishes the other's direction, each
+//!   direction on its own;
+//! - a reset travels as a reset: a failure on either end resets both, a stream with a reset
+//!   frame and a TCP connection with `SO_LINGER` 0, never a clean end-of-file;
+//! - memory is bounded: at most one gathered batch ([`GATHER_BYTES`]) is in the relay's hands
+//!   per direction, and flow control (TCP windows on one side, transport windows on the other)
+//!   pushes back on a fast sender. An idle socket holds no read buffer.
 //! - a stream that ended cleanly counts as open until the far end acknowledged its last bytes,
 //!   so that whoever closes the tunnel once its streams are done (a drain, a move to a renewed
 //!   certificate) does not cut them short.
 
 use crate::transport::{RecvHalf, SendHalf, Stream, StreamError};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tether_proto::code;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-/// Largest chunk the relay reads at once.
+/// Largest chunk the relay reads from a socket at once.
 pub const CHUNK: usize = 32 * 1024;
-/// Most bytes gathered from a tunnel stream for one write to a socket.
-const GATHER_BYTES: usize = 256 * 1024;
+/// Most bytes gathered from a tunnel stream for one write (one `writev` to a socket).
+pub const GATHER_BYTES: usize = 256 * 1024;
 
 /// The longest a relay that ended cleanly waits for its last bytes to be acknowledged (see
 /// [`SendHalf::delivered`]) before it counts the stream done: past the longest blackout a
 /// tunnel is held through, which ends the wait sooner by losing the tunnel.
 const DELIVERY_LIMIT: Duration = Duration::from_secs(120);
 
-/// Byte counters a relay adds to as data moves (for example the process-wide totals and a
-/// tunnel's own).
+/// Counters a relay adds to as it goes (for example the process-wide totals and a node's own).
 #[derive(Debug, Default)]
 pub struct Meter {
-    /// Bytes read from TCP and sent into the tunnel.
+    /// Bytes from the relay's first end to its second: read from a local connection and sent
+    /// into the tunnel.
     pub to_tunnel: AtomicU64,
-    /// Bytes received from the tunnel and written to TCP.
+    /// Bytes from the second end to the first: received from the tunnel.
     pub from_tunnel: AtomicU64,
+    /// Relays that ended in a reset (either end's).
+    pub resets: AtomicU64,
 }
 
 impl Meter {
-    fn add_to_tunnel(meters: &[&Meter], n: u64) {
+    fn add(meters: &[&Meter], field: impl Fn(&Meter) -> &AtomicU64, n: u64) {
         for m in meters {
-            m.to_tunnel.fetch_add(n, Ordering::Relaxed);
+            field(m).fetch_add(n, Ordering::Relaxed);
         }
     }
 
-    fn add_from_tunnel(meters: &[&Meter], n: u64) {
-        for m in meters {
-            m.from_tunnel.fetch_add(n, Ordering::Relaxed);
-        }
+    /// Counts a reset that ended a connection before it reached a relay (a client gone while
+    /// its open was in flight), as a relay would have.
+    pub fn reset(&self) {
+        self.resets.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What broke one direction of a relay.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Fault {
+    /// A socket's read or write failed (a reset, most often).
+    #[error("socket: {0}")]
+    Socket(io::ErrorKind),
+    /// A tunnel stream was reset, stopped or lost.
+    #[error("stream: {0}")]
+    Stream(#[from] StreamError),
+}
+
+impl From<io::Error> for Fault {
+    fn from(e: io::Error) -> Self {
+        Fault::Socket(e.kind())
     }
 }
 
@@ -63,10 +90,10 @@ impl Meter {
 pub enum Outcome {
     /// Both directions finished cleanly.
     Closed,
-    /// The TCP side reset or failed; the stream was reset.
-    LocalReset(String),
-    /// The stream was reset, stopped or lost; the TCP side was reset.
-    RemoteReset(String),
+    /// The first end (the local connection) failed; both were reset.
+    LocalReset(Fault),
+    /// The second end (the tunnel stream) failed; both were reset.
+    RemoteReset(Fault),
 }
 
 /// Totals of one relayed connection.
@@ -77,43 +104,93 @@ pub struct Summary {
     pub outcome: Outcome,
 }
 
-enum Abort {
-    Local(String),
-    Remote(String),
+/// The half of an [`End`] that bytes come out of.
+pub trait Source: Send {
+    /// Waits for bytes and appends them to `chunks`, returning how many; `None` at a clean end.
+    fn pull(
+        &mut self,
+        chunks: &mut Vec<Bytes>,
+    ) -> impl Future<Output = Result<Option<usize>, Fault>> + Send;
 }
 
-impl From<Abort> for Outcome {
-    fn from(a: Abort) -> Self {
-        match a {
-            Abort::Local(e) => Outcome::LocalReset(e),
-            Abort::Remote(e) => Outcome::RemoteReset(e),
-        }
+/// The half of an [`End`] that bytes go into.
+pub trait Sink: Send {
+    /// Writes every chunk, in order, and empties the list.
+    fn push(&mut self, chunks: &mut Vec<Bytes>) -> impl Future<Output = Result<(), Fault>> + Send;
+    /// Ends this direction cleanly: the far side reads end-of-file after the data.
+    fn finish(&mut self) -> impl Future<Output = Result<(), Fault>> + Send;
+}
+
+/// One end of a relayed connection.
+pub trait End: Send + Sized {
+    type Source: Source;
+    type Sink: Sink;
+    /// The two halves, to be driven at once.
+    fn split(self) -> (Self::Source, Self::Sink);
+    /// After both directions ended cleanly: waits until what was written has reached the far
+    /// side, where the end can tell (see [`SendHalf::delivered`]).
+    fn delivered(sink: &mut Self::Sink) -> impl Future<Output = ()> + Send {
+        let _ = sink;
+        async {}
     }
+    /// After a failure of either end: ends this one with a reset.
+    fn reset(source: Self::Source, sink: Self::Sink) -> impl Future<Output = ()> + Send;
 }
 
-/// Relays until both directions are done or one side resets.
-pub async fn relay(tcp: TcpStream, stream: Stream, meters: &[&Meter]) -> Summary {
-    let _ = tcp.set_nodelay(true);
-    let (mut rd, mut wr) = tcp.into_split();
-    let Stream { mut send, mut recv } = stream;
+/// Relays between `a` (the local end: a socket, or the stream on the node's side of a splice)
+/// and `b` (the tunnel stream) until both directions are done or one end fails.
+pub async fn relay<A: End, B: End>(a: A, b: B, meters: &[&Meter]) -> Summary {
+    relay_with(a, Bytes::new(), b, meters).await
+}
+
+/// [`relay`], with `first` sent from `a` to `b` before anything read from `a`: bytes the
+/// egress proxy's client sent along with its request, counted as any other.
+pub async fn relay_with<A: End, B: End>(a: A, first: Bytes, b: B, meters: &[&Meter]) -> Summary {
+    let (mut a_src, mut a_sink) = a.split();
+    let (mut b_src, mut b_sink) = b.split();
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = tokio::try_join!(
-        tcp_to_tunnel(&mut rd, &mut send, meters, &up),
-        tunnel_to_tcp(&mut recv, &mut wr, meters, &down),
+    let count_up = |n: u64| {
+        up.fetch_add(n, Ordering::Relaxed);
+        Meter::add(meters, |m| &m.to_tunnel, n);
+    };
+    let count_down = |n: u64| {
+        down.fetch_add(n, Ordering::Relaxed);
+        Meter::add(meters, |m| &m.from_tunnel, n);
+    };
+    let forward = async {
+        if !first.is_empty() {
+            let n = first.len() as u64;
+            b_sink
+                .push(&mut vec![first])
+                .await
+                .map_err(Outcome::RemoteReset)?;
+            count_up(n);
+        }
+        pump(
+            &mut a_src,
+            &mut b_sink,
+            count_up,
+            Outcome::LocalReset,
+            Outcome::RemoteReset,
+        )
+        .await
+    };
+    let backward = pump(
+        &mut b_src,
+        &mut a_sink,
+        count_down,
+        Outcome::RemoteReset,
+        Outcome::LocalReset,
     );
-    let outcome = match result {
+    let outcome = match tokio::try_join!(forward, backward) {
         Ok(_) => {
-            send.delivered(DELIVERY_LIMIT).await;
+            tokio::join!(A::delivered(&mut a_sink), B::delivered(&mut b_sink));
             Outcome::Closed
         }
-        Err(abort) => {
-            send.reset(code::RESET).await;
-            recv.stop(code::RESET);
-            if let Ok(tcp) = rd.reunite(wr) {
-                // Dropping with linger 0 sends RST: the far side's reset arrives as a reset.
-                let _ = tcp.set_zero_linger();
-            }
-            abort.into()
+        Err(outcome) => {
+            Meter::add(meters, |m| &m.resets, 1);
+            tokio::join!(A::reset(a_src, a_sink), B::reset(b_src, b_sink));
+            outcome
         }
     };
     Summary {
@@ -123,69 +200,112 @@ pub async fn relay(tcp: TcpStream, stream: Stream, meters: &[&Meter]) -> Summary
     }
 }
 
-async fn tcp_to_tunnel(
-    rd: &mut OwnedReadHalf,
-    send: &mut SendHalf,
-    meters: &[&Meter],
-    total: &AtomicU64,
-) -> Result<(), Abort> {
-    let mut buf = BytesMut::new();
+/// One direction: pulls from `from` and pushes into `to` until `from` ends, then finishes
+/// `to`. A fault says which end it came from (`from_fault`, `to_fault`).
+async fn pump<S: Source, K: Sink>(
+    from: &mut S,
+    to: &mut K,
+    count: impl Fn(u64),
+    from_fault: fn(Fault) -> Outcome,
+    to_fault: fn(Fault) -> Outcome,
+) -> Result<(), Outcome> {
+    let mut chunks = Vec::new();
     loop {
-        rd.readable()
-            .await
-            .map_err(|e| Abort::Local(e.to_string()))?;
-        if buf.capacity() < CHUNK / 4 {
-            buf.reserve(CHUNK);
-        }
-        match rd.try_read_buf(&mut buf) {
-            Ok(0) => {
-                send.finish().await;
-                return Ok(());
+        match from.pull(&mut chunks).await.map_err(from_fault)? {
+            Some(n) => {
+                to.push(&mut chunks).await.map_err(to_fault)?;
+                count(n as u64);
             }
-            Ok(n) => {
-                let chunk = buf.split().freeze();
-                send.write_chunk(chunk).await.map_err(remote)?;
-                total.fetch_add(n as u64, Ordering::Relaxed);
-                Meter::add_to_tunnel(meters, n as u64);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The socket is drained: give the buffer back so an idle connection holds none.
-                buf = BytesMut::new();
-            }
-            Err(e) => return Err(Abort::Local(e.to_string())),
+            None => return to.finish().await.map_err(to_fault),
         }
     }
 }
 
-/// Tunnel to a local writer (a TCP socket, or any byte stream), shutting its write side down
-/// at the end of the stream.
-async fn tunnel_to_tcp<W: AsyncWrite + Unpin>(
-    recv: &mut RecvHalf,
-    wr: &mut W,
-    meters: &[&Meter],
-    total: &AtomicU64,
-) -> Result<(), Abort> {
-    let mut chunks = Vec::with_capacity(crate::transport::MAX_GATHER);
-    loop {
-        match recv
-            .read_chunks(&mut chunks, GATHER_BYTES)
-            .await
-            .map_err(remote)?
-        {
-            Some(n) => {
-                write_all_chunks(wr, &mut chunks)
-                    .await
-                    .map_err(|e| Abort::Local(e.to_string()))?;
-                total.fetch_add(n as u64, Ordering::Relaxed);
-                Meter::add_from_tunnel(meters, n as u64);
+/// A TCP connection's reading half, which holds a buffer only while bytes are coming: an idle
+/// connection (most of them: watches, `exec` sessions) holds none.
+pub struct TcpSource {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl Source for TcpSource {
+    async fn pull(&mut self, chunks: &mut Vec<Bytes>) -> Result<Option<usize>, Fault> {
+        loop {
+            self.rd.readable().await?;
+            if self.buf.capacity() < CHUNK / 4 {
+                self.buf.reserve(CHUNK);
             }
-            None => {
-                wr.shutdown()
-                    .await
-                    .map_err(|e| Abort::Local(e.to_string()))?;
-                return Ok(());
+            match self.rd.try_read_buf(&mut self.buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    chunks.push(self.buf.split().freeze());
+                    return Ok(Some(n));
+                }
+                // The socket is drained: give the buffer back.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = BytesMut::new(),
+                Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+impl Sink for OwnedWriteHalf {
+    async fn push(&mut self, chunks: &mut Vec<Bytes>) -> Result<(), Fault> {
+        Ok(write_all_chunks(self, chunks).await?)
+    }
+    async fn finish(&mut self) -> Result<(), Fault> {
+        Ok(self.shutdown().await?)
+    }
+}
+
+impl End for TcpStream {
+    type Source = TcpSource;
+    type Sink = OwnedWriteHalf;
+    fn split(self) -> (TcpSource, OwnedWriteHalf) {
+        let _ = self.set_nodelay(true);
+        let (rd, wr) = self.into_split();
+        let buf = BytesMut::new();
+        (TcpSource { rd, buf }, wr)
+    }
+    async fn reset(source: TcpSource, sink: OwnedWriteHalf) {
+        if let Ok(tcp) = source.rd.reunite(sink) {
+            // Dropping with linger 0 sends RST: the far side's reset arrives as a reset.
+            let _ = tcp.set_zero_linger();
+        }
+    }
+}
+
+impl Source for RecvHalf {
+    async fn pull(&mut self, chunks: &mut Vec<Bytes>) -> Result<Option<usize>, Fault> {
+        Ok(self.read_chunks(chunks, GATHER_BYTES).await?)
+    }
+}
+
+impl Sink for SendHalf {
+    async fn push(&mut self, chunks: &mut Vec<Bytes>) -> Result<(), Fault> {
+        for chunk in chunks.drain(..) {
+            self.write_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+    async fn finish(&mut self) -> Result<(), Fault> {
+        SendHalf::finish(self).await;
+        Ok(())
+    }
+}
+
+impl End for Stream {
+    type Source = RecvHalf;
+    type Sink = SendHalf;
+    fn split(self) -> (RecvHalf, SendHalf) {
+        (self.recv, self.send)
+    }
+    async fn delivered(sink: &mut SendHalf) {
+        sink.delivered(DELIVERY_LIMIT).await;
+    }
+    async fn reset(mut source: RecvHalf, mut sink: SendHalf) {
+        sink.reset(code::RESET).await;
+        source.stop(code::RESET);
     }
 }
 
@@ -193,7 +313,7 @@ async fn tunnel_to_tcp<W: AsyncWrite + Unpin>(
 /// them all), and empties the list.
 async fn write_all_chunks<W: AsyncWrite + Unpin>(
     wr: &mut W,
-    chunks: &mut Vec<bytes::Bytes>,
+    chunks: &mut Vec<Bytes>,
 ) -> io::Result<()> {
     use bytes::Buf;
     let mut first = 0;
@@ -223,80 +343,6 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn remote(e: StreamError) -> Abort {
-    Abort::Remote(e.to_string())
-}
-
-/// Relays between two tunnel streams (a server passing a stream on to a peer), with the same
-/// guarantees as [`relay`]: order, half-close per direction, resets that travel as resets.
-pub async fn splice(a: Stream, b: Stream, meters: &[&Meter]) -> Summary {
-    let Stream {
-        send: mut a_send,
-        recv: mut a_recv,
-    } = a;
-    let Stream {
-        send: mut b_send,
-        recv: mut b_recv,
-    } = b;
-    let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = tokio::try_join!(
-        pipe(&mut a_recv, &mut b_send, meters, &ab, true),
-        pipe(&mut b_recv, &mut a_send, meters, &ba, false),
-    );
-    let outcome = match result {
-        Ok(_) => {
-            tokio::join!(
-                a_send.delivered(DELIVERY_LIMIT),
-                b_send.delivered(DELIVERY_LIMIT)
-            );
-            Outcome::Closed
-        }
-        Err(abort) => {
-            a_send.reset(code::RESET).await;
-            a_recv.stop(code::RESET);
-            b_send.reset(code::RESET).await;
-            b_recv.stop(code::RESET);
-            abort.into()
-        }
-    };
-    Summary {
-        to_tunnel: ba.load(Ordering::Relaxed),
-        from_tunnel: ab.load(Ordering::Relaxed),
-        outcome,
-    }
-}
-
-/// One direction of a splice. `inbound` tells which meter side the bytes count on.
-async fn pipe(
-    from: &mut RecvHalf,
-    to: &mut SendHalf,
-    meters: &[&Meter],
-    total: &AtomicU64,
-    inbound: bool,
-) -> Result<(), Abort> {
-    loop {
-        match from.read_chunk(CHUNK).await {
-            Ok(Some(chunk)) => {
-                let n = chunk.len() as u64;
-                to.write_chunk(chunk)
-                    .await
-                    .map_err(|e| Abort::Remote(e.to_string()))?;
-                total.fetch_add(n, Ordering::Relaxed);
-                if inbound {
-                    Meter::add_from_tunnel(meters, n);
-                } else {
-                    Meter::add_to_tunnel(meters, n);
-                }
-            }
-            Ok(None) => {
-                to.finish().await;
-                return Ok(());
-            }
-            Err(e) => return Err(Abort::Local(e.to_string())),
-        }
-    }
-}
-
 /// A client connection of the egress proxy, which a relay may have to end with a reset.
 pub trait Resettable {
     /// Makes the coming close a reset where the connection has one: TCP's RST, for a plain
@@ -321,66 +367,52 @@ impl Resettable for tokio::net::UnixStream {
     fn reset_on_close(&self) {}
 }
 
-/// Relays between any client byte stream (the egress proxy's: TCP, TLS or a Unix socket) and a
-/// tunnel stream, with the guarantees of [`relay`]; a reset towards the client is one where
-/// its connection has a reset (see [`Resettable`]). `initial` is sent into the tunnel first
-/// (bytes the client sent along with its request).
+/// Any client byte stream as an [`End`]: the egress proxy's (TCP, TLS or a Unix socket). A
+/// reset towards the client is one where its connection has a reset (see [`Resettable`]).
 ///
-/// The soak across a cellular link found the close: a reverse stream lost with its tunnel
-/// reached the egress client as a clean end, and the client took a truncated answer for a
-/// whole one.
-pub async fn relay_io<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
-    io: S,
-    initial: bytes::Bytes,
-    stream: Stream,
-    meters: &[&Meter],
-) -> Summary {
-    let (mut rd, mut wr) = tokio::io::split(io);
-    let Stream { mut send, mut recv } = stream;
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let to_tunnel = async {
-        if !initial.is_empty() {
-            let n = initial.len() as u64;
-            send.write_chunk(initial).await.map_err(remote)?;
-            up.fetch_add(n, Ordering::Relaxed);
-        }
-        let mut buf = BytesMut::new();
-        loop {
-            buf.reserve(CHUNK);
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => {
-                    send.finish().await;
-                    return Ok(());
-                }
-                Ok(n) => {
-                    send.write_chunk(buf.split().freeze())
-                        .await
-                        .map_err(remote)?;
-                    up.fetch_add(n as u64, Ordering::Relaxed);
-                    Meter::add_to_tunnel(meters, n as u64);
-                }
-                Err(e) => return Err(Abort::Local(e.to_string())),
+/// The soak across a cellular link found why it matters: a reverse stream lost with its
+/// tunnel reached the egress client as a clean end, and the client took a truncated answer
+/// for a whole one.
+pub struct Io<S>(pub S);
+
+/// The reading half of an [`Io`].
+pub struct IoSource<S> {
+    rd: ReadHalf<S>,
+    buf: BytesMut,
+}
+
+impl<S: AsyncRead + Send> Source for IoSource<S> {
+    async fn pull(&mut self, chunks: &mut Vec<Bytes>) -> Result<Option<usize>, Fault> {
+        self.buf.reserve(CHUNK);
+        match self.rd.read_buf(&mut self.buf).await? {
+            0 => Ok(None),
+            n => {
+                chunks.push(self.buf.split().freeze());
+                Ok(Some(n))
             }
         }
-    };
-    let from_tunnel = tunnel_to_tcp(&mut recv, &mut wr, meters, &down);
-    let result = tokio::try_join!(to_tunnel, from_tunnel);
-    let outcome = match result {
-        Ok(_) => {
-            send.delivered(DELIVERY_LIMIT).await;
-            Outcome::Closed
-        }
-        Err(abort) => {
-            send.reset(code::RESET).await;
-            recv.stop(code::RESET);
-            rd.unsplit(wr).reset_on_close();
-            abort.into()
-        }
-    };
-    Summary {
-        to_tunnel: up.load(Ordering::Relaxed),
-        from_tunnel: down.load(Ordering::Relaxed),
-        outcome,
+    }
+}
+
+impl<S: AsyncWrite + Send> Sink for WriteHalf<S> {
+    async fn push(&mut self, chunks: &mut Vec<Bytes>) -> Result<(), Fault> {
+        Ok(write_all_chunks(self, chunks).await?)
+    }
+    async fn finish(&mut self) -> Result<(), Fault> {
+        Ok(self.shutdown().await?)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Resettable + Send + Unpin> End for Io<S> {
+    type Source = IoSource<S>;
+    type Sink = WriteHalf<S>;
+    fn split(self) -> (IoSource<S>, WriteHalf<S>) {
+        let (rd, wr) = tokio::io::split(self.0);
+        let buf = BytesMut::new();
+        (IoSource { rd, buf }, wr)
+    }
+    async fn reset(source: IoSource<S>, sink: WriteHalf<S>) {
+        source.rd.unsplit(sink).reset_on_close();
     }
 }
 
@@ -388,6 +420,7 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
 mod tests {
     use super::*;
     use crate::transport::{tcp, Tunnel};
+    use std::sync::Arc;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -408,6 +441,18 @@ mod tests {
         tokio::task::JoinHandle<Summary>,
         tokio::task::JoinHandle<Summary>,
     ) {
+        relayed_counting(Arc::default()).await
+    }
+
+    /// [`relayed`], the node-side relay counting on `meter`.
+    async fn relayed_counting(
+        meter: Arc<Meter>,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<Summary>,
+        tokio::task::JoinHandle<Summary>,
+    ) {
         let (ta, tb) = tcp::pair();
         let (ta, tb) = (Tunnel::from_tcp(ta), Tunnel::from_tcp(tb));
         let (client, near) = tcp_pair().await;
@@ -422,7 +467,7 @@ mod tests {
         assert_eq!(accepted.recv.read_message().await.unwrap(), Some(hello));
         let a = tokio::spawn(async move {
             let _keep = ta;
-            relay(near, opened, &[]).await
+            relay(near, opened, &[&meter]).await
         });
         let b = tokio::spawn(async move {
             let _keep = tb;
@@ -483,5 +528,64 @@ mod tests {
             "{:?}",
             a.outcome
         );
+    }
+
+    /// Every relay counts its resets where it counts its bytes: the egress proxy's relay once
+    /// counted none, and each caller counted its own.
+    #[tokio::test]
+    async fn a_reset_is_counted_once_on_every_meter() {
+        let meter = Arc::new(Meter::default());
+        let (client, mut server, a, b) = relayed_counting(meter.clone()).await;
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let mut buf = [0u8; 16];
+        let read = within(server.read(&mut buf)).await;
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+        let a = within(a).await.unwrap();
+        assert!(matches!(a.outcome, Outcome::LocalReset(Fault::Socket(_))));
+        within(b).await.unwrap();
+        assert_eq!(meter.resets.load(Ordering::Relaxed), 1);
+    }
+
+    /// The bytes an egress client sent with its request go first and count as relayed: they
+    /// once went into the tunnel uncounted.
+    #[tokio::test]
+    async fn first_bytes_go_first_and_are_counted() {
+        let (ta, tb) = tcp::pair();
+        let (ta, tb) = (Tunnel::from_tcp(ta), Tunnel::from_tcp(tb));
+        let (mut client, near) = tcp_pair().await;
+        let mut opened = ta.open_stream().await.unwrap();
+        let hello = tether_proto::Message::Health {
+            upstream_healthy: true,
+        };
+        opened.send.write_message(&hello).await.unwrap();
+        let mut accepted = tb.accept_stream().await.unwrap();
+        assert_eq!(accepted.recv.read_message().await.unwrap(), Some(hello));
+        let meter = Arc::new(Meter::default());
+        let counted = meter.clone();
+        let relayed = tokio::spawn(async move {
+            let _keep = ta;
+            let first = Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n");
+            relay_with(Io(near), first, opened, &[&counted]).await
+        });
+        client.write_all(b"and more").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let (mut rd, mut wr) = (accepted.recv, accepted.send);
+        while let Some(chunk) = within(rd.read_chunk(CHUNK)).await.unwrap() {
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\nand more");
+        wr.finish().await;
+        let mut end = Vec::new();
+        within(client.read_to_end(&mut end)).await.unwrap();
+        let summary = within(relayed).await.unwrap();
+        assert_eq!(summary.outcome, Outcome::Closed);
+        assert_eq!(summary.to_tunnel, 26);
+        assert_eq!(meter.to_tunnel.load(Ordering::Relaxed), 26);
+        assert_eq!(meter.resets.load(Ordering::Relaxed), 0);
     }
 }

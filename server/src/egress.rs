@@ -305,7 +305,7 @@ pub async fn route(state: &State, node: &str, req: &ConnectRequest) -> Result<St
 }
 
 /// Serves one egress client.
-pub async fn serve_client<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
+pub async fn serve_client<S: AsyncRead + AsyncWrite + Resettable + Send + Unpin>(
     mut s: S,
     who: &str,
     slot: &ClientSlot,
@@ -358,7 +358,9 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
     info!(client = who, host = %req.host, port = req.port, node = %node, "egress CONNECT established");
     state.metrics.egress_streams.inc();
     let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
-    relay::relay_io(s, rest, stream, &[&state.metrics.shared.bytes]).await;
+    let summary =
+        relay::relay_with(relay::Io(s), rest, stream, &[&state.metrics.shared.bytes]).await;
+    debug!(client = who, node = %node, outcome = ?summary.outcome, "egress CONNECT done");
 }
 
 /// A stream from a peer asking for a node connected here: local tunnels only (one hop).
@@ -374,7 +376,8 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
         Ok(target) => {
             if answer(&mut stream, StatusCode::Ok, "").await.is_ok() {
                 let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
-                relay::splice(stream, target, &[&state.metrics.shared.bytes]).await;
+                // The asking peer's stream is the near end, the node's the tunnel.
+                relay::relay(stream, target, &[&state.metrics.shared.bytes]).await;
             }
         }
         Err(Miss { refusal, .. }) => {
@@ -421,7 +424,7 @@ fn egress_slots() -> Arc<ClientSlots> {
 }
 
 /// Serves one egress connection in its slot, until it ends or is closed to make room.
-async fn serve_in_slot<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
+async fn serve_in_slot<S: AsyncRead + AsyncWrite + Resettable + Send + Unpin>(
     conn: S,
     who: &str,
     slot: &ClientSlot,

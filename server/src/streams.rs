@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tether_common::link::pool::{Link, Policy};
 use tether_common::open::{self, answer};
 use tether_common::process::telemetry::{Counted, GaugeGuard, Label};
-use tether_common::relay::{self, Outcome};
+use tether_common::relay;
 use tether_common::transport::Stream;
 use tether_proto::capability::Capabilities;
 use tether_proto::{code, Message, StatusCode, Target, PROTOCOL_VERSION, SERVICE_APISERVER};
@@ -252,9 +252,6 @@ async fn relay_upstream(
     drop(opening);
     let node_meter = state.registry.meter(node).unwrap_or_default();
     let summary = relay::relay(tcp, stream, &[&state.metrics.shared.bytes, &*node_meter]).await;
-    if summary.outcome != Outcome::Closed {
-        state.metrics.shared.stream_resets.inc();
-    }
     debug!(node, up = summary.from_tunnel, down = summary.to_tunnel, outcome = ?summary.outcome,
         "stream done");
 }
@@ -295,10 +292,10 @@ async fn relay_peer(
     let _on_link = link.stream_guard();
     debug!(node, peer = %link.server, "relaying through peer");
     let node_meter = state.registry.meter(node).unwrap_or_default();
-    let summary = relay::splice(stream, peer, &[&state.metrics.shared.bytes, &*node_meter]).await;
-    if summary.outcome != Outcome::Closed {
-        state.metrics.shared.stream_resets.inc();
-    }
+    // The peer's stream is the near end, the node's the tunnel: bytes count as on the way
+    // to or from the node, as for an upstream.
+    let summary = relay::relay(peer, stream, &[&state.metrics.shared.bytes, &*node_meter]).await;
+    debug!(node, peer = %link.server, outcome = ?summary.outcome, "relayed stream done");
 }
 
 /// Counts a tunnel's open streams while alive.

@@ -168,8 +168,7 @@ async fn a_reset_travels_as_a_reset(transport: TransportChoice) {
     expect_reset(&mut c, "upstream reset reaches client").await;
 
     wait_for("resets counted", Duration::from_secs(5), || async {
-        agent.metrics().shared.stream_resets.get() == 2
-            && server.metrics().shared.stream_resets.get() == 2
+        agent.metrics().shared.stream_resets() == 2 && server.metrics().shared.stream_resets() == 2
     })
     .await;
 
@@ -184,7 +183,7 @@ async fn a_reset_travels_as_a_reset(transport: TransportChoice) {
         "the early reset counted",
         Duration::from_secs(5),
         || async {
-            agent.metrics().shared.stream_resets.get() == 3
+            agent.metrics().shared.stream_resets() == 3
                 && agent.metrics().shared.streams_open.get() == 0
         },
     )
