@@ -26,12 +26,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tether_common::link::latency::HedgeBudget;
 use tether_common::link::pool::{Link, Policy, Pool, StreamGuard};
+use tether_common::open::{self, OpenError};
 use tether_common::process::shutdown::ShutdownSignal;
 use tether_common::process::telemetry::GaugeGuard;
 use tether_common::relay;
 use tether_common::transport::Stream;
 use tether_proto::capability;
-use tether_proto::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
+use tether_proto::{code, Message, Target};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -189,9 +190,9 @@ async fn forward(
                         race.started(id, hedge_after);
                         attempts.push(a);
                     }
-                    Err((why, detail)) => {
+                    Err(e) => {
                         race.start_failed(id);
-                        failed(metrics, &link, why, &detail, retried);
+                        failed(metrics, &link, failure(&e), &e, retried);
                     }
                 }
                 continue;
@@ -220,39 +221,21 @@ async fn forward(
             Event::Verdict(i, r) => {
                 let id = attempts[i].id;
                 let waited = race.waited(id, Instant::now()).unwrap_or_default();
-                let verdict = match r {
-                    Ok(Some(Message::Status {
-                        code: StatusCode::Ok,
-                        ..
-                    })) => {
-                        let a = &attempts[i];
+                let a = &mut attempts[i];
+                let verdict = match open::verdict(&mut a.stream, r).await {
+                    Ok(()) => {
                         a.link.open_latency.record(waited);
                         a.link.passed.answered();
                         Verdict::Ok
                     }
-                    r => {
-                        let a = &mut attempts[i];
-                        let (why, detail) = match r {
-                            Ok(Some(Message::Status { code, message })) => {
-                                a.link.open_latency.record(waited);
-                                a.link.passed.answered();
-                                (OpenFailure::Refused, format!("{code}: {message}"))
-                            }
-                            Ok(Some(other)) => {
-                                a.stream.reset(code::PROTOCOL).await;
-                                let what = format!("unexpected {} message", other.name());
-                                (OpenFailure::Refused, what)
-                            }
-                            Ok(None) => (
-                                OpenFailure::TunnelLost,
-                                "stream closed before status".into(),
-                            ),
-                            Err(e) => {
-                                a.stream.reset(code::PROTOCOL).await;
-                                (OpenFailure::TunnelLost, e.to_string())
-                            }
-                        };
-                        failed(metrics, &a.link, why, &detail, race.more_left());
+                    Err(e) => {
+                        let why = failure(&e);
+                        if let OpenError::Refused { .. } = e {
+                            // An answer, if not the one hoped for: the server is alive.
+                            a.link.open_latency.record(waited);
+                            a.link.passed.answered();
+                        }
+                        failed(metrics, &a.link, why, &e, race.more_left());
                         if why == OpenFailure::TunnelLost {
                             Verdict::Lost
                         } else {
@@ -269,14 +252,8 @@ async fn forward(
                 if decision == Decision::Held {
                     debug!(waited = ?waited, "the link is dark: the open waits for it");
                 } else if let Some(a) = attempts.iter().find(|a| a.id == id) {
-                    let detail = format!("no status within {waited:?}");
-                    failed(
-                        metrics,
-                        &a.link,
-                        OpenFailure::Timeout,
-                        &detail,
-                        race.more_left(),
-                    );
+                    let e = OpenError::TimedOut(waited);
+                    failed(metrics, &a.link, failure(&e), &e, race.more_left());
                 }
                 decision
             }
@@ -382,7 +359,7 @@ async fn forward(
 }
 
 /// Opens a stream on `link` and sends `Open` (and the kept early bytes, when `eager`), within
-/// `timeout`; on failure, why and what happened.
+/// `timeout`.
 async fn start(
     link: Arc<Link>,
     id: AttemptId,
@@ -391,23 +368,10 @@ async fn start(
     timeout: Duration,
     kept: &BytesMut,
     settings: &Forwarding,
-) -> Result<Attempt, (OpenFailure, String)> {
+) -> Result<Attempt, OpenError> {
     let counted = link.stream_guard();
-    let header = Message::Open {
-        version: PROTOCOL_VERSION,
-        target: Target::Service(settings.service.clone()),
-        hops: 0,
-    };
-    let opened = async {
-        let mut stream = link.tunnel.open_stream().await.map_err(|e| e.to_string())?;
-        stream
-            .send
-            .write_message(&header)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(stream)
-    };
-    match tokio::time::timeout(timeout, opened).await {
+    let target = Target::Service(settings.service.clone());
+    match tokio::time::timeout(timeout, open::begin(&link.tunnel, target, 0)).await {
         Ok(Ok(stream)) => {
             // Before the verdict, only to a server that relays what follows an `Open`.
             let eager = eager && link.has(capability::EARLY_DATA);
@@ -425,16 +389,28 @@ async fn start(
             }
             Ok(a)
         }
-        Ok(Err(e)) => Err((OpenFailure::TunnelLost, e)),
-        Err(_) => Err((
-            OpenFailure::Timeout,
-            format!("no stream within {timeout:?}"),
-        )),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(OpenError::TimedOut(timeout)),
+    }
+}
+
+/// How a failed open counts in the metrics.
+fn failure(e: &OpenError) -> OpenFailure {
+    match e {
+        OpenError::Refused { .. } | OpenError::Protocol(_) => OpenFailure::Refused,
+        OpenError::Tunnel(_) => OpenFailure::TunnelLost,
+        OpenError::TimedOut(_) => OpenFailure::Timeout,
     }
 }
 
 /// Counts and logs a failed attempt.
-fn failed(metrics: &Metrics, link: &Link, why: OpenFailure, detail: &str, retried: bool) {
+fn failed(
+    metrics: &Metrics,
+    link: &Link,
+    why: OpenFailure,
+    detail: &dyn std::fmt::Display,
+    retried: bool,
+) {
     metrics.open_failed(why);
     debug!(server = %link.server, reason = %detail, "stream open failed");
     if retried {
