@@ -140,3 +140,102 @@ fn the_protocol_crate_and_its_fuzz_targets_stand_alone() {
         "the server does not depend on the agent"
     );
 }
+
+/// One step of a walk in docs/architecture.md: the file and the function a connection is in.
+#[derive(Debug)]
+struct Step {
+    line: String,
+    file: String,
+    function: String,
+}
+
+/// The walks of "Following one connection": a list of steps under each "On ..." or "Through
+/// ..." paragraph.
+fn walks() -> Vec<Vec<Step>> {
+    let doc = std::fs::read_to_string(workspace().join("docs/architecture.md")).unwrap();
+    let section = doc
+        .split("## Following one connection")
+        .nth(1)
+        .expect("docs/architecture.md has its walk")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let mut walks: Vec<Vec<Step>> = Vec::new();
+    for line in section.lines() {
+        if line.starts_with("On ") || line.starts_with("Through ") {
+            walks.push(Vec::new());
+            continue;
+        }
+        // "N. `path` `function`: ..."
+        let Some((number, rest)) = line.split_once(". `") else {
+            continue;
+        };
+        if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let mut ticks = rest.split('`');
+        let file = ticks.next().unwrap_or("").to_string();
+        let _between = ticks.next();
+        let function = ticks.next().unwrap_or("").to_string();
+        walks
+            .last_mut()
+            .expect("a step under an \"On ...\" paragraph")
+            .push(Step {
+                line: line.trim().to_string(),
+                file,
+                function,
+            });
+    }
+    walks
+}
+
+/// Whether `text` calls `name` (as `name(`, `.name(` or `::name(`), not only defines it.
+fn calls(text: &str, name: &str) -> bool {
+    let needle = format!("{name}(");
+    text.match_indices(&needle).any(|(i, _)| {
+        let before = &text[..i];
+        let prev = before.chars().next_back();
+        let ident = prev.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        !ident && !before.ends_with("fn ")
+    })
+}
+
+/// Whether `text` defines `name` as a function.
+fn defines(text: &str, name: &str) -> bool {
+    text.contains(&format!("fn {name}(")) || text.contains(&format!("fn {name}<"))
+}
+
+#[test]
+fn the_architecture_walk_names_files_and_functions_on_the_path() {
+    let walks = walks();
+    assert!(
+        walks.len() >= 5 && walks.iter().all(|w| w.len() >= 4),
+        "the forward, peer and reverse walks: {walks:#?}"
+    );
+    for walk in &walks {
+        for (i, step) in walk.iter().enumerate() {
+            let path = workspace().join(&step.file);
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e} (step \"{}\")", step.file, step.line));
+            assert!(
+                defines(&text, &step.function),
+                "{} defines no function `{}` (step \"{}\")",
+                step.file,
+                step.function,
+                step.line
+            );
+            if i == 0 {
+                continue;
+            }
+            let called = walk[..i].iter().any(|earlier| {
+                let text = std::fs::read_to_string(workspace().join(&earlier.file)).unwrap();
+                calls(&text, &step.function)
+            });
+            assert!(
+                called,
+                "`{}` is not called from any earlier step's file: is step \"{}\" on the path?",
+                step.function, step.line
+            );
+        }
+    }
+}
