@@ -234,14 +234,14 @@ impl Etcd {
 
     /// `kill -9` of member `i`.
     pub fn kill(&self, i: usize) {
-        if let Some(mut p) = crate::soak::lock(&self.members[i]).proc.take() {
+        if let Some(mut p) = crate::procs::lock(&self.members[i]).proc.take() {
             p.kill();
         }
     }
 
     /// Starts member `i` again on its data.
     pub fn restart(&self, i: usize) -> Result<()> {
-        let mut m = crate::soak::lock(&self.members[i]);
+        let mut m = crate::procs::lock(&self.members[i]);
         if m.proc.is_some() {
             bail!("{} is running", m.name);
         }
@@ -304,7 +304,7 @@ impl Gate {
 }
 
 fn hold(held: &Mutex<Vec<TcpStream>>, streams: [Option<TcpStream>; 2]) {
-    let mut h = crate::soak::lock(held);
+    let mut h = crate::procs::lock(held);
     h.extend(streams.into_iter().flatten());
     let over = h.len().saturating_sub(HELD_MAX);
     h.drain(..over);
