@@ -6,6 +6,7 @@
 //! [`liveness`] tells a dead server from a dead link, and [`monitor`] applies its verdicts.
 
 pub mod backoff;
+mod dial;
 pub mod latency;
 pub mod liveness;
 pub mod monitor;
