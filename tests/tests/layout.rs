@@ -1,6 +1,8 @@
 //! The layout the architecture promises (docs/architecture.md), checked on the sources: the
 //! modules of each crate import each other without a circle and never from the crate root;
-//! `tether-proto` depends on `bytes` and `thiserror` alone, and `fuzz/` on `tether-proto` alone.
+//! `tether-proto` depends on `bytes` and `thiserror` alone, and `fuzz/` on `tether-proto` alone;
+//! no source file outside `tests/` is over 800 lines; and the walk of one connection names
+//! functions that exist and call each other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -91,7 +93,7 @@ fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
 
 #[test]
 fn modules_import_without_a_circle_and_never_from_the_root() {
-    for krate in ["proto", "common", "server", "agent"] {
+    for krate in ["proto", "common", "server", "agent", "bench"] {
         let graph = imports(&workspace().join(krate).join("src"));
         let found = circles(&graph);
         assert!(found.is_empty(), "{krate}: import circles: {found:#?}");
@@ -238,4 +240,27 @@ fn the_architecture_walk_names_files_and_functions_on_the_path() {
             );
         }
     }
+}
+
+/// No source file outside `tests/` over 800 lines: a file that grows past it holds more than one
+/// thing (bench/src/soak.rs held seven in 2,788 lines) and is split along its seams.
+#[test]
+fn no_source_file_outside_the_test_suites_is_over_800_lines() {
+    let mut files = Vec::new();
+    for dir in ["proto", "common", "certs", "server", "agent", "bench", "fuzz"] {
+        let dir = workspace().join(dir);
+        if dir.exists() {
+            rust_files(&dir, &mut files);
+        }
+    }
+    let long: Vec<String> = files
+        .iter()
+        .filter(|f| !f.components().any(|c| c.as_os_str() == "target"))
+        .filter_map(|f| {
+            let n = std::fs::read_to_string(f).unwrap().lines().count();
+            (n > 800).then(|| format!("{} ({n} lines)", f.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "files over 800 lines: {long:#?}");
+    assert!(files.len() > 50, "the sources were found: {}", files.len());
 }
