@@ -13,7 +13,8 @@
 //!
 //! The CA's key stays in each master's data directory: etcd holds no private key.
 
-pub mod etcd;
+/// The etcd client, a crate of its own (`etcd/`): a datastore is one of its users.
+pub use tether_etcd as etcd;
 pub mod members;
 
 use etcd::{Compare, Etcd, EtcdError, Op};
