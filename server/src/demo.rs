@@ -9,7 +9,6 @@
 //! Run through `cargo run -p tether-server -- demo`, the agent may not be built yet: then the
 //! demo builds it with the same cargo (the server does not link the agent).
 
-use crate::standin::StandIn;
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +19,7 @@ use tether_certs::{files, Ca, Lifetime};
 use tether_common::endpoint::http;
 use tether_common::status::Status;
 use tether_common::tls;
+use tether_standin::StandIn;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};

@@ -1,5 +1,7 @@
 //! The `tether-server` command: certificates, running a server, and the demo.
 
+mod demo;
+
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -371,7 +373,7 @@ fn main() -> Result<()> {
         Command::Init(a) => init(a),
         Command::IssueAgent(a) => runtime(1)?.block_on(issue_agent(a)),
         Command::Run(a) => runtime(a.threads)?.block_on(run(*a)),
-        Command::Demo => runtime(0)?.block_on(tether_server::demo::run()),
+        Command::Demo => runtime(0)?.block_on(demo::run()),
         Command::Token(t) => runtime(1)?.block_on(token(t)),
         Command::Agent(a) => runtime(1)?.block_on(agent(a)),
         Command::Datastore(d) => runtime(1)?.block_on(datastore(d)),

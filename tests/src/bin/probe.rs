@@ -67,7 +67,7 @@ async fn main() {
                 (Some(cert), Some(key)) => {
                     let id = tether_common::tls::Identity::load(cert.as_ref(), key.as_ref())
                         .unwrap_or_else(|e| panic!("kubelet identity: {e}"));
-                    let _k = tether_server::standin::StandIn::start_on("kubelet", id, at)
+                    let _k = tether_standin::StandIn::start_on("kubelet", id, at)
                         .await
                         .unwrap_or_else(|e| panic!("kubelet: {e}"));
                     println!("probe: kubelet (https) on {at}");
