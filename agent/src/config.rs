@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tether_common::link::pool::Policy;
-use tether_common::tls::{Liveness, TunnelLimits};
+use tether_link::pool::Policy;
+use tether_transport::tls::{Liveness, TunnelLimits};
 
 /// Everything `tether-agent run` can be told.
 #[derive(Debug, Clone)]
@@ -12,7 +12,7 @@ pub struct AgentConfig {
     /// Servers to keep a tunnel to, `host:port` each.
     pub servers: Vec<String>,
     /// QUIC, TLS over TCP, or QUIC with TCP as the fallback.
-    pub transport: tether_common::link::reconnect::TransportChoice,
+    pub transport: tether_link::reconnect::TransportChoice,
     /// A join token, used when the data directory holds no certificate yet.
     pub token: Option<String>,
     /// The node name to join as (default: the host name).
@@ -69,7 +69,7 @@ impl AgentConfig {
     pub fn new(servers: Vec<String>, data_dir: PathBuf) -> Self {
         AgentConfig {
             servers,
-            transport: tether_common::link::reconnect::TransportChoice::Auto,
+            transport: tether_link::reconnect::TransportChoice::Auto,
             node_ips: Vec::new(),
             allow: Vec::new(),
             allow_ports: Vec::new(),
@@ -88,7 +88,7 @@ impl AgentConfig {
             early_data: vec![tether_proto::SERVICE_APISERVER.to_string()],
             stream_open_timeout: Duration::from_millis(500),
             last_attempt_timeout: Duration::from_secs(5),
-            reconnect_grace: tether_common::link::RECONNECT_GRACE,
+            reconnect_grace: tether_link::RECONNECT_GRACE,
             handshake_timeout: Duration::from_secs(5),
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),

@@ -14,9 +14,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::link::backoff::Backoff;
-use tether_common::link::reconnect::{self, DialTarget, Dialer};
-use tether_common::process::shutdown::{Shutdown, ShutdownSignal};
+use tether_link::backoff::Backoff;
+use tether_link::reconnect::{self, DialTarget, Dialer};
+use tether_process::shutdown::{Shutdown, ShutdownSignal};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 

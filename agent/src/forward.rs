@@ -12,7 +12,7 @@
 //!   reach two upstream connections that both stay up. Other services read nothing from the
 //!   client before the verdict.
 //! - **Hedging.** When the chosen server has not answered within the delay its past answers
-//!   suggest ([`tether_common::link::latency`]), the next server is asked too and the first
+//!   suggest ([`tether_link::latency`]), the next server is asked too and the first
 //!   `Ok` wins; the other attempt is reset. A dead server thus costs a few milliseconds, not the
 //!   open timeout. A hedge carries no early bytes until its own `Ok` (the rule above).
 //!
@@ -24,15 +24,15 @@ use crate::race::{AttemptId, Decision, Race, Step, Timeouts, Timer, Verdict, MAX
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::link::latency::HedgeBudget;
-use tether_common::link::pool::{Link, Policy, Pool, StreamGuard};
-use tether_common::open::{self, OpenError};
-use tether_common::process::shutdown::ShutdownSignal;
-use tether_common::process::telemetry::GaugeGuard;
-use tether_common::relay;
-use tether_common::transport::Stream;
+use tether_link::latency::HedgeBudget;
+use tether_link::pool::{Link, Policy, Pool, StreamGuard};
+use tether_process::shutdown::ShutdownSignal;
+use tether_process::telemetry::GaugeGuard;
 use tether_proto::capability;
 use tether_proto::{code, Message, Target};
+use tether_transport::open::{self, OpenError};
+use tether_transport::relay;
+use tether_transport::transport::Stream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -72,7 +72,7 @@ pub async fn serve(
     let settings = Arc::new(settings);
     let budget = Arc::new(HedgeBudget::default());
     loop {
-        let accepted = tether_common::net::accept_retrying(
+        let accepted = tether_endpoint::net::accept_retrying(
             || listener.accept(),
             |e| warn!(error = %e, "local accept failed"),
         );
@@ -122,7 +122,7 @@ struct Attempt {
 enum Event {
     Verdict(
         usize,
-        Result<Option<Message>, tether_common::transport::FrameError>,
+        Result<Option<Message>, tether_transport::transport::FrameError>,
     ),
     Client(std::io::Result<usize>),
     Timer(Option<Timer>),

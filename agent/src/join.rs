@@ -9,11 +9,11 @@
 use crate::config::AgentConfig;
 use std::time::Duration;
 use tether_certs::token::Token;
-use tether_common::link::backoff::Backoff;
-use tether_common::link::reconnect;
-use tether_common::tls;
-use tether_common::transport::Tunnel;
+use tether_link::backoff::Backoff;
+use tether_link::reconnect;
 use tether_proto::{Message, StatusCode};
+use tether_transport::tls;
+use tether_transport::transport::Tunnel;
 use tracing::{info, warn};
 
 /// Why a join failed for good.
@@ -120,7 +120,7 @@ async fn attempt(
         }
         Err(_) => return Err(Attempt::Retry("no answer within 10s".into())),
     };
-    let tunnel = Tunnel::from_quic(conn, tether_common::tls::INITIAL_STREAMS);
+    let tunnel = Tunnel::from_quic(conn, tether_transport::tls::INITIAL_STREAMS);
     let exchange = async {
         let mut s = tunnel.open_stream().await.map_err(|e| e.to_string())?;
         let req = Message::Join {

@@ -21,13 +21,13 @@ use crate::metrics::Metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::endpoint::admin::{self, AdminSource, NotReady};
-use tether_common::link::pool::Pool;
-use tether_common::link::reconnect::Dialer;
-use tether_common::process::shutdown::{self, Shutdown};
-use tether_common::status::{AgentStatus, LinkStatus, Listener, Status};
-use tether_common::tls;
+use tether_endpoint::admin::{self, AdminSource, NotReady};
+use tether_endpoint::status::{AgentStatus, LinkStatus, Listener, Status};
+use tether_link::pool::Pool;
+use tether_link::reconnect::Dialer;
+use tether_process::shutdown::{self, Shutdown};
 use tether_proto::SERVICE_APISERVER;
+use tether_transport::tls;
 use tokio::task::JoinSet;
 use tracing::info;
 
@@ -128,8 +128,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     if config.servers.is_empty() {
         return Err(AgentError::NoServers);
     }
-    let endpoint = tether_common::net::quic_endpoint(SocketAddr::from(([0u16; 8], 0)), None)
-        .or_else(|_| tether_common::net::quic_endpoint(SocketAddr::from(([0u8; 4], 0)), None))
+    let endpoint = tether_endpoint::net::quic_endpoint(SocketAddr::from(([0u16; 8], 0)), None)
+        .or_else(|_| tether_endpoint::net::quic_endpoint(SocketAddr::from(([0u8; 4], 0)), None))
         .map_err(AgentError::Socket)?;
     // A renewal or join that a crash interrupted leaves `NAME.next` files: finish it, or drop
     // the half-written pair, before the identity is read.
@@ -158,9 +158,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let wanted = std::iter::once((config.listen, SERVICE_APISERVER.to_string()))
         .chain(config.forwards.iter().cloned());
     for (addr, service) in wanted {
-        let l = tether_common::net::listen_tcp(addr).map_err(|source| {
+        let l = tether_endpoint::net::listen_tcp(addr).map_err(|source| {
             let holder = (source.kind() == std::io::ErrorKind::AddrInUse)
-                .then(|| tether_common::net::port_holder(addr.port()))
+                .then(|| tether_endpoint::net::port_holder(addr.port()))
                 .flatten();
             match holder {
                 Some(holder) => AgentError::PortTaken { addr, holder },
@@ -187,7 +187,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
 
     let mut admin_addr = None;
     if let Some(addr) = config.admin {
-        let l = tether_common::net::listen_tcp(addr)
+        let l = tether_endpoint::net::listen_tcp(addr)
             .map_err(|source| AgentError::Listen { addr, source })?;
         admin_addr = l.local_addr().ok();
         let view = AdminView {
@@ -211,7 +211,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     // What the control plane may reach on the node: its own addresses, never those of the
     // container, CNI or IPVS interfaces (see `default_route_addresses`).
     let node_ips = if config.node_ips.is_empty() {
-        tether_common::net::default_route_addresses()
+        tether_endpoint::net::default_route_addresses()
     } else {
         config.node_ips.clone()
     };
@@ -240,7 +240,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         pool: pool.clone(),
         stats: metrics.links.clone(),
         changed: Arc::new(tokio::sync::Notify::new()),
-        kind: tether_common::link::reconnect::LinkKind::Server,
+        kind: tether_link::reconnect::LinkKind::Server,
         on_message: None,
         outbox: None,
         after_welcome: vec![tether_proto::Message::NodeInfo {
@@ -253,9 +253,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         identity: Default::default(),
         on_down: None,
     });
-    tasks.spawn(tether_common::link::monitor::run(
+    tasks.spawn(tether_link::monitor::run(
         pool.clone(),
-        tether_common::link::monitor::settings(config.liveness),
+        tether_link::monitor::settings(config.liveness),
         shutdown.signal(),
     ));
     tasks.spawn(renew::run(
@@ -357,7 +357,7 @@ impl AdminSource for AdminView {
             .collect();
         let expiry = self.metrics.shared.cert_expiry.get();
         Status::Agent(AgentStatus {
-            version: tether_common::VERSION.into(),
+            version: tether_process::VERSION.into(),
             node: self.node.clone(),
             draining: self.metrics.shared.draining.get() > 0,
             certificate_expiry: (expiry > 0).then_some(expiry),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tether_agent::config::AgentConfig;
-use tether_common::process::units::{format_duration, parse_duration};
+use tether_process::units::{format_duration, parse_duration};
 
 #[derive(Parser)]
 #[command(
@@ -16,7 +16,7 @@ use tether_common::process::units::{format_duration, parse_duration};
 )]
 struct Cli {
     #[command(flatten)]
-    log: tether_common::process::telemetry::LogArgs,
+    log: tether_process::telemetry::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,7 +26,7 @@ enum Command {
     /// Run the agent.
     Run(Box<RunArgs>),
     #[command(flatten)]
-    Tools(tether_common::process::cli::Tools),
+    Tools(tether_process::cli::Tools),
 }
 
 #[derive(Args)]
@@ -98,8 +98,8 @@ struct RunArgs {
     blackout_tolerance: Duration,
     /// QUIC congestion controller of this end's sending: bbr (holds its rate through random
     /// loss, keeps queues short), cubic or newreno (back off at every loss).
-    #[arg(long, env = "TETHER_CONGESTION", default_value_t = tether_common::tls::Congestion::default())]
-    congestion: tether_common::tls::Congestion,
+    #[arg(long, env = "TETHER_CONGESTION", default_value_t = tether_transport::tls::Congestion::default())]
+    congestion: tether_transport::tls::Congestion,
     /// Upper bound of the reconnect delay.
     #[arg(long, env = "TETHER_RECONNECT_MAX", default_value = format_duration(defaults().reconnect_max), value_parser = parse_duration)]
     reconnect_max: Duration,
@@ -137,10 +137,10 @@ struct RunArgs {
     /// The transport of the tunnels: auto (QUIC, falling back to TLS over TCP when UDP does not
     /// get through, and back to QUIC when it does), quic, or tcp.
     #[arg(long, env = "TETHER_TRANSPORT", default_value_t = defaults().transport)]
-    transport: tether_common::link::reconnect::TransportChoice,
+    transport: tether_link::reconnect::TransportChoice,
     /// How a new connection picks among healthy servers: least-streams or ordered.
     #[arg(long, env = "TETHER_POLICY", default_value_t = defaults().policy)]
-    policy: tether_common::link::pool::Policy,
+    policy: tether_link::pool::Policy,
     /// How long open streams may take to finish after SIGTERM.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = format_duration(defaults().drain_timeout), value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -160,18 +160,18 @@ fn defaults() -> AgentConfig {
 }
 
 fn main() -> Result<()> {
-    let cli: Cli = tether_common::process::cli::parse();
+    let cli: Cli = tether_process::cli::parse();
     cli.log.init("info");
     match cli.command {
-        Command::Run(a) => tether_common::process::runtime::build(a.threads)
+        Command::Run(a) => tether_process::runtime::build(a.threads)
             .context("cannot start the async runtime")?
             .block_on(run(*a)),
-        Command::Tools(t) => Ok(tether_common::process::cli::run_tool::<Cli>(t)?),
+        Command::Tools(t) => Ok(tether_process::cli::run_tool::<Cli>(t)?),
     }
 }
 
 async fn run(a: RunArgs) -> Result<()> {
-    match tether_common::net::raise_fd_limit() {
+    match tether_endpoint::net::raise_fd_limit() {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
@@ -228,12 +228,10 @@ async fn run(a: RunArgs) -> Result<()> {
         .context("tether-agent cannot start")?;
     // Ready for systemd once a first tunnel is up, or after a while without one: kubelet
     // retries by itself, and a node must boot even with its control plane out of reach.
-    let term = tether_common::process::shutdown::terminate_signal();
+    let term = tether_process::shutdown::terminate_signal();
     tokio::pin!(term);
     let first_tunnel =
-        tether_common::process::shutdown::wait_while(Duration::from_secs(10), || {
-            agent.tunnels_up() == 0
-        });
+        tether_process::shutdown::wait_while(Duration::from_secs(10), || agent.tunnels_up() == 0);
     tokio::select! {
         _ = first_tunnel => {}
         s = &mut term => {
@@ -243,10 +241,10 @@ async fn run(a: RunArgs) -> Result<()> {
             return Ok(());
         }
     }
-    tether_common::process::notify::ready(&format!("{} tunnel(s) up", agent.tunnels_up()));
+    tether_process::notify::ready(&format!("{} tunnel(s) up", agent.tunnels_up()));
     let sig = term.await.context("cannot watch for SIGTERM and SIGINT")?;
     tracing::info!(signal = sig, "draining, then exiting");
-    tether_common::process::notify::stopping("draining");
+    tether_process::notify::stopping("draining");
     let left = agent.drain(drain_timeout).await;
     if left > 0 {
         tracing::warn!(

@@ -1,11 +1,11 @@
 //! What an agent counts, and its Prometheus rendering.
 
 use std::sync::Arc;
-use tether_common::link::pool::Pool;
-use tether_common::link::reconnect::LinkStats;
-use tether_common::metrics::Shared;
-use tether_common::process::telemetry::{Counter, CounterFamily, Exposition, Gauge, Label};
-use tether_common::transport::TransportKind;
+use tether_link::pool::Pool;
+use tether_link::reconnect::LinkStats;
+use tether_process::telemetry::{Counter, CounterFamily, Exposition, Gauge, Label};
+use tether_transport::metrics::Shared;
+use tether_transport::transport::TransportKind;
 
 /// Why a stream could not be opened through one server. A fixed label set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,11 +8,11 @@ use crate::config::AgentConfig;
 use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tether_common::link::pool::Pool;
-use tether_common::link::reconnect::Dialer;
-use tether_common::process::shutdown::ShutdownSignal;
-use tether_common::tls;
+use tether_link::pool::Pool;
+use tether_link::reconnect::Dialer;
+use tether_process::shutdown::ShutdownSignal;
 use tether_proto::{Message, StatusCode};
+use tether_transport::tls;
 use tracing::{info, warn};
 
 fn now() -> i64 {
@@ -80,11 +80,11 @@ pub enum RenewError {
     #[error("cannot make a key and request: {0}")]
     Request(tether_certs::CertError),
     #[error("cannot open a stream for the renewal: {0}")]
-    Open(#[from] tether_common::transport::TransportError),
+    Open(#[from] tether_transport::transport::TransportError),
     #[error("the renewal's stream failed: {0}")]
-    Stream(#[from] tether_common::transport::StreamError),
+    Stream(#[from] tether_transport::transport::StreamError),
     #[error("the renewal's answer could not be read: {0}")]
-    Frame(#[from] tether_common::transport::FrameError),
+    Frame(#[from] tether_transport::transport::FrameError),
     #[error("no answer within {0:?}")]
     TimedOut(Duration),
     #[error("refused: {0}")]

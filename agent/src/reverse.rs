@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::open::answer;
-use tether_common::process::telemetry::GaugeGuard;
-use tether_common::relay;
-use tether_common::transport::Stream;
+use tether_process::telemetry::GaugeGuard;
 use tether_proto::{code, Message, StatusCode, Target, PROTOCOL_VERSION};
+use tether_transport::open::answer;
+use tether_transport::relay;
+use tether_transport::transport::Stream;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 

@@ -100,7 +100,7 @@ enum Sub {
 #[derive(clap::Args, Debug)]
 struct SoakArgs {
     /// How long to run (e.g. 1h, 10m); default 1h, or 2m with --quick.
-    #[arg(long, value_parser = tether_common::process::units::parse_duration)]
+    #[arg(long, value_parser = tether_process::units::parse_duration)]
     duration: Option<Duration>,
     /// Two minutes, two agents, a fault every ~6 s: what CI runs.
     #[arg(long)]
@@ -194,7 +194,7 @@ fn soak(a: SoakArgs) -> Result<()> {
     let out = a
         .out
         .unwrap_or_else(|| PathBuf::from(format!("target/soak/{}", shell("date +%Y%m%d-%H%M%S"))));
-    tether_common::net::raise_fd_limit().context("raise the open file limit")?;
+    tether_endpoint::net::raise_fd_limit().context("raise the open file limit")?;
     let mut settings = soak::Settings::new(duration, a.quick, seed, out);
     settings.etcd = a.datastore == SoakStore::Etcd;
     settings.link = link;
@@ -330,7 +330,7 @@ fn run() -> Result<()> {
     if cfg!(debug_assertions) && !cli.smoke {
         eprintln!("tether-bench: WARNING: a debug build measures the compiler's settings, not tether; use `cargo run --release -p tether-bench`");
     }
-    let fds = tether_common::net::raise_fd_limit().context("raise the open file limit")?;
+    let fds = tether_endpoint::net::raise_fd_limit().context("raise the open file limit")?;
     if fds < cli.scale.iter().copied().max().unwrap_or(0) as u64 + 1000 {
         eprintln!("tether-bench: the open file limit is {fds}; larger scale points will fail (raise it with ulimit -Hn)");
     }

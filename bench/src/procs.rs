@@ -208,11 +208,8 @@ pub fn run_ok(bin: &Path, args: &[&str]) -> Result<String> {
 
 /// One GET on the admin endpoint; the body.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    let (_, body) = tether_common::endpoint::http::get_blocking(
-        &addr.to_string(),
-        path,
-        Duration::from_secs(2),
-    )?;
+    let (_, body) =
+        tether_endpoint::http::get_blocking(&addr.to_string(), path, Duration::from_secs(2))?;
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 

@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_common::link::backoff::Backoff;
-use tether_common::link::pool::Pool;
-use tether_common::link::reconnect::{self, Dialer, LinkStats, TransportChoice};
-use tether_common::process::shutdown::Shutdown;
-use tether_common::tls;
+use tether_link::backoff::Backoff;
+use tether_link::pool::Pool;
+use tether_link::reconnect::{self, Dialer, LinkStats, TransportChoice};
+use tether_process::shutdown::Shutdown;
+use tether_transport::tls;
 
 /// New tunnels started per second: a storm of thousands of handshakes at once would measure
 /// the handshake queue, not the cost of an idle agent.
@@ -211,7 +211,7 @@ async fn spawn_agents(
             pool: Arc::new(Pool::default()),
             stats: stats.clone(),
             changed: Arc::new(tokio::sync::Notify::new()),
-            kind: tether_common::link::reconnect::LinkKind::Server,
+            kind: tether_link::reconnect::LinkKind::Server,
             on_message: None,
             outbox: None,
             after_welcome: Vec::new(),
@@ -257,13 +257,13 @@ async fn spawn_agents(
 /// pages cost nothing, but with thousands in one process the allocator hands out recycled
 /// memory that calloc must clear, and the bench, not the server, runs out of memory.
 fn sim_endpoint() -> std::io::Result<quinn::Endpoint> {
-    let sock = tether_common::net::udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let sock = tether_endpoint::net::udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let sock: Arc<dyn quinn::AsyncUdpSocket> =
         Arc::new(PlainUdp(Arc::new(tokio::net::UdpSocket::from_std(sock)?)));
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
     quinn::Endpoint::new_with_abstract_socket(
-        tether_common::net::endpoint_config()?,
+        tether_endpoint::net::endpoint_config()?,
         None,
         sock,
         runtime,

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::endpoint::http;
+use tether_endpoint::http;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -607,7 +607,7 @@ trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
 fn tls_connector(s: &EtcdSettings) -> Result<tokio_rustls::TlsConnector, EtcdError> {
-    use tether_common::tls;
+    use tether_transport::tls;
     let Some(ca) = &s.ca else {
         return Err(EtcdError::Settings(
             "an https etcd endpoint needs --etcd-ca".into(),

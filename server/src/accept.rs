@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::endpoint::client_slots::ClientSlot;
-use tether_common::process::shutdown::ShutdownSignal;
-use tether_common::tls;
-use tether_common::transport::{tcp::TcpTunnel, TransportKind, Tunnel};
+use tether_endpoint::client_slots::ClientSlot;
+use tether_process::shutdown::ShutdownSignal;
 use tether_proto::code;
+use tether_transport::tls;
+use tether_transport::transport::{tcp::TcpTunnel, TransportKind, Tunnel};
 use tracing::warn;
 
 /// Most handshakes in progress at once, over both transports. Past half of it, QUIC clients
@@ -130,7 +130,7 @@ pub(crate) async fn accept_tcp(
     mut stop: ShutdownSignal,
 ) {
     loop {
-        let accepted = tether_common::net::accept_retrying(
+        let accepted = tether_endpoint::net::accept_retrying(
             || listener.accept(),
             |e| {
                 if let Some(left_out) = state.noisy_log.allow() {

@@ -8,10 +8,10 @@ use crate::state::{Party, State};
 use crate::{identity, streams};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tether_common::tls;
-use tether_common::transport::Tunnel;
 use tether_proto::capability::Capabilities;
 use tether_proto::code;
+use tether_transport::tls;
+use tether_transport::transport::Tunnel;
 use tracing::{info, warn};
 
 /// Serves one authenticated tunnel until it closes.
@@ -95,7 +95,7 @@ pub(crate) async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
 
     // A certificate that expires while its tunnel is up ends the tunnel: the node must renew to
     // stay, as it must to connect.
-    let now = tether_common::process::units::unix_seconds(SystemTime::now());
+    let now = tether_process::units::unix_seconds(SystemTime::now());
     let until_expiry = Duration::from_secs(
         u64::try_from(peer.not_after)
             .unwrap_or(0)

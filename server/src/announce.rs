@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tether_common::link::pool::Pool;
-use tether_common::process::shutdown::ShutdownSignal;
+use tether_link::pool::Pool;
+use tether_process::shutdown::ShutdownSignal;
 use tether_proto::{Message, ServerInfo};
 use tokio::sync::{watch, Notify};
 

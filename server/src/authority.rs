@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use tether_certs::records::{
     self, AddressClaim, NameRefusal, NodeRecord, NodeState, RecordError, Records, Verdict,
 };
-use tether_common::link::reconnect::Outbox;
+use tether_link::reconnect::Outbox;
 use tether_proto::capability::{self, Capabilities};
 use tether_proto::{Message, RecordState};
 use tokio::sync::watch;

@@ -5,7 +5,7 @@ use crate::datastore::Kind;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tether_common::tls::{Liveness, TunnelLimits};
+use tether_transport::tls::{Liveness, TunnelLimits};
 
 /// The etcd key prefix unless `--etcd-prefix` says otherwise.
 pub const DEFAULT_ETCD_PREFIX: &str = "/tether/";
@@ -125,7 +125,7 @@ impl ServerConfig {
 
     /// The QUIC transport of the listener (see [`JOIN_WINDOW`]).
     pub fn listener_transport(&self) -> quinn::TransportConfig {
-        let mut t = tether_common::tls::quic_transport(self.liveness, self.transport_limits());
+        let mut t = tether_transport::tls::quic_transport(self.liveness, self.transport_limits());
         t.receive_window(JOIN_WINDOW.into());
         t
     }

@@ -8,9 +8,9 @@
 use crate::announce;
 use crate::authority;
 use crate::state::{Party, State};
-use tether_common::transport::Stream;
 use tether_proto::capability::{self, Capabilities};
 use tether_proto::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tether_transport::transport::Stream;
 use tracing::{debug, warn};
 
 /// What the dialing side said in its hello.

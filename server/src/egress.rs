@@ -13,14 +13,14 @@ use crate::state::State;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_common::endpoint::client_slots::{ClientSlot, ClientSlots, Eviction};
-use tether_common::endpoint::http;
-use tether_common::link::pool::Policy;
-use tether_common::open::{self, answer, OpenError};
-use tether_common::process::telemetry::GaugeGuard;
-use tether_common::relay::{self, Resettable};
-use tether_common::transport::{Stream, Tunnel};
+use tether_endpoint::client_slots::{ClientSlot, ClientSlots, Eviction};
+use tether_endpoint::http;
+use tether_link::pool::Policy;
+use tether_process::telemetry::GaugeGuard;
 use tether_proto::{StatusCode, Target};
+use tether_transport::open::{self, answer, OpenError};
+use tether_transport::relay::{self, Resettable};
+use tether_transport::transport::{Stream, Tunnel};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
@@ -38,12 +38,12 @@ pub const MAX_CONNECTIONS: usize = 4096;
 pub const MAX_PER_CLIENT: usize = MAX_CONNECTIONS / 4;
 /// How long a CONNECT waits for a node that is gone from here for a moment (see [`route`]): the
 /// agent's own `--reconnect-grace` default.
-pub use tether_common::link::RECONNECT_GRACE;
+pub use tether_link::RECONNECT_GRACE;
 /// Time to write an answer (an error, or `200 Connection established`): a client that never
 /// reads it gives its slot back after this.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub use tether_common::endpoint::http::{parse_connect, ConnectRequest};
+pub use tether_endpoint::http::{parse_connect, ConnectRequest};
 
 /// Answers an egress client with an error (the connection then ends).
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, code: u16, body: &str) {
@@ -389,8 +389,8 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
 /// Builds the egress TLS acceptor, when TLS was asked for.
 pub fn tls_acceptor(
     c: &crate::config::EgressConfig,
-) -> Result<Option<tokio_rustls::TlsAcceptor>, tether_common::tls::TlsError> {
-    use tether_common::tls;
+) -> Result<Option<tokio_rustls::TlsAcceptor>, tether_transport::tls::TlsError> {
+    use tether_transport::tls;
     let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) else {
         return Ok(None);
     };
@@ -444,7 +444,7 @@ pub async fn serve_tcp(
 ) {
     let slots = egress_slots();
     loop {
-        let (conn, peer) = tether_common::net::accept_retrying(
+        let (conn, peer) = tether_endpoint::net::accept_retrying(
             || listener.accept(),
             |e| warn!(error = %e, "egress accept failed"),
         )
@@ -484,7 +484,7 @@ pub async fn serve_uds(listener: tokio::net::UnixListener, state: Arc<State>) {
     let slots = egress_slots();
     let socket = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
     loop {
-        let (conn, _) = tether_common::net::accept_retrying(
+        let (conn, _) = tether_endpoint::net::accept_retrying(
             || listener.accept(),
             |e| warn!(error = %e, "egress accept failed"),
         )

@@ -1,7 +1,7 @@
 //! Why a server could not start (or reload): each variant says what to do about it.
 
 use std::net::SocketAddr;
-use tether_common::tls;
+use tether_transport::tls;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]

@@ -22,8 +22,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_certs::records::{self, NodeRecord};
-use tether_common::link::backoff::Backoff;
-use tether_common::process::shutdown::ShutdownSignal;
+use tether_link::backoff::Backoff;
+use tether_process::shutdown::ShutdownSignal;
 use tracing::{info, warn};
 
 /// What the follower updates.

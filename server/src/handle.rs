@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_common::process::shutdown::{self, Shutdown};
+use tether_process::shutdown::{self, Shutdown};
 use tether_proto::code;
 use tokio::task::JoinSet;
 use tracing::info;

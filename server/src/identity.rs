@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tether_certs::files;
 use tether_certs::records::Verdict;
-use tether_common::process::shutdown::ShutdownSignal;
-use tether_common::tls;
+use tether_process::shutdown::ShutdownSignal;
 use tether_proto::code;
+use tether_transport::tls;
 use tracing::{info, warn};
 
 /// The CA roots, this server's identity (its certificate followed by the CA, so that joining

@@ -11,8 +11,8 @@ use crate::state::State;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tether_certs::token::{self, Token};
-use tether_common::transport::{Stream, Tunnel};
 use tether_proto::{code, Message, StatusCode};
+use tether_transport::transport::{Stream, Tunnel};
 use tracing::{info, warn};
 
 fn answer(code: StatusCode, message: String, cert_pem: String, ca_pem: String) -> Message {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tether_common::endpoint::client_slots::source_key;
+use tether_endpoint::client_slots::source_key;
 
 /// Most distinct source addresses the rate limiter remembers; beyond it, the oldest are
 /// forgotten (a flood of spoofed sources cannot grow memory).

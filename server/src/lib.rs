@@ -61,13 +61,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::endpoint::admin;
-use tether_common::link::pool::Pool;
-use tether_common::link::reconnect::{self, Dialer};
-use tether_common::process::shutdown::Shutdown;
-use tether_common::tls;
+use tether_endpoint::admin;
+use tether_link::pool::Pool;
+use tether_link::reconnect::{self, Dialer};
+use tether_process::shutdown::Shutdown;
 use tether_proto::capability::{self, Capabilities};
 use tether_proto::Message;
+use tether_transport::tls;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -83,7 +83,7 @@ fn advertise_address(config: &ServerConfig, bound: SocketAddr) -> Option<String>
         return Some(a.clone());
     }
     let ip = if bound.ip().is_unspecified() {
-        *tether_common::net::host_addresses().first()?
+        *tether_endpoint::net::host_addresses().first()?
     } else {
         bound.ip()
     };
@@ -175,18 +175,20 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let mut attempts = 0;
     let (endpoint, local_addr, tcp_listener) = loop {
         attempts += 1;
-        let endpoint = tether_common::net::quic_endpoint(config.listen, Some(quic_config.clone()))
-            .map_err(|source| ServerError::Listen {
-                addr: config.listen,
-                source,
-            })?;
+        let endpoint =
+            tether_endpoint::net::quic_endpoint(config.listen, Some(quic_config.clone())).map_err(
+                |source| ServerError::Listen {
+                    addr: config.listen,
+                    source,
+                },
+            )?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| ServerError::Listen {
                 addr: config.listen,
                 source,
             })?;
-        match tether_common::net::listen_tcp(local_addr) {
+        match tether_endpoint::net::listen_tcp(local_addr) {
             Ok(l) => break (endpoint, local_addr, l),
             Err(_) if config.listen.port() == 0 && attempts < 20 => continue,
             Err(source) => {
@@ -233,12 +235,12 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         endpoint: endpoint.clone(),
         peer_dialer: std::sync::OnceLock::new(),
         tcp_tls: std::sync::RwLock::new(tcp_tls),
-        noisy_log: tether_common::process::telemetry::Throttle::new(Duration::from_secs(1)),
+        noisy_log: tether_process::telemetry::Throttle::new(Duration::from_secs(1)),
         streams: Arc::new(Semaphore::new(config.max_streams)),
-        handshakes: tether_common::endpoint::client_slots::ClientSlots::new(
+        handshakes: tether_endpoint::client_slots::ClientSlots::new(
             accept::MAX_HANDSHAKES,
             accept::MAX_HANDSHAKES_PER_SOURCE,
-            tether_common::endpoint::client_slots::Eviction::None,
+            tether_endpoint::client_slots::Eviction::None,
         ),
         joins: Arc::new(Semaphore::new(accept::MAX_JOINS)),
         registry: Registry::default(),
@@ -258,7 +260,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
 
     let mut admin_addr = None;
     if let Some(addr) = state.config.admin {
-        let listener = tether_common::net::listen_tcp(addr)
+        let listener = tether_endpoint::net::listen_tcp(addr)
             .map_err(|source| ServerError::Admin { addr, source })?;
         admin_addr = listener.local_addr().ok();
         tasks.spawn(admin::serve(
@@ -274,7 +276,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         if !addr.ip().is_loopback() && (e.client_ca.is_none() || acceptor.is_none()) {
             return Err(ServerError::EgressUnauthenticated(addr));
         }
-        let l = tether_common::net::listen_tcp(addr).map_err(|source| ServerError::Egress {
+        let l = tether_endpoint::net::listen_tcp(addr).map_err(|source| ServerError::Egress {
             what: addr.to_string(),
             source,
         })?;

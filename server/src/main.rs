@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tether_common::process::units::{format_duration, parse_duration};
+use tether_process::units::{format_duration, parse_duration};
 use tether_server::config::ServerConfig;
 use tether_server::datastore::etcd::{Etcd, EtcdSettings};
 use tether_server::datastore::{Datastore, Kind};
@@ -20,7 +20,7 @@ use tether_server::datastore::{Datastore, Kind};
 )]
 struct Cli {
     #[command(flatten)]
-    log: tether_common::process::telemetry::LogArgs,
+    log: tether_process::telemetry::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,7 +34,7 @@ enum Command {
     /// Run the server.
     Run(Box<RunArgs>),
     #[command(flatten)]
-    Tools(tether_common::process::cli::Tools),
+    Tools(tether_process::cli::Tools),
     /// Run a self-contained demo: two servers, an agent, traffic, and a failover.
     Demo,
     /// Manage join tokens.
@@ -318,8 +318,8 @@ struct RunArgs {
     header_timeout: Duration,
     /// QUIC congestion controller of this end's sending: bbr (holds its rate through random
     /// loss, keeps queues short), cubic or newreno (back off at every loss).
-    #[arg(long, env = "TETHER_CONGESTION", default_value_t = tether_common::tls::Congestion::default())]
-    congestion: tether_common::tls::Congestion,
+    #[arg(long, env = "TETHER_CONGESTION", default_value_t = tether_transport::tls::Congestion::default())]
+    congestion: tether_transport::tls::Congestion,
     /// Interval of keepalive packets on links to peer servers, and of heartbeats to agents older
     /// than 0.3 over TCP.
     #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = format_duration(defaults().liveness.keepalive_interval), value_parser = parse_duration)]
@@ -363,7 +363,7 @@ fn defaults() -> ServerConfig {
 }
 
 fn main() -> Result<()> {
-    let cli: Cli = tether_common::process::cli::parse();
+    let cli: Cli = tether_process::cli::parse();
     let default_level = match cli.command {
         Command::Demo => "warn",
         _ => "info",
@@ -377,12 +377,12 @@ fn main() -> Result<()> {
         Command::Token(t) => runtime(1)?.block_on(token(t)),
         Command::Agent(a) => runtime(1)?.block_on(agent(a)),
         Command::Datastore(d) => runtime(1)?.block_on(datastore(d)),
-        Command::Tools(t) => Ok(tether_common::process::cli::run_tool::<Cli>(t)?),
+        Command::Tools(t) => Ok(tether_process::cli::run_tool::<Cli>(t)?),
     }
 }
 
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
-    tether_common::process::runtime::build(threads).context("cannot start the async runtime")
+    tether_process::runtime::build(threads).context("cannot start the async runtime")
 }
 
 fn init(a: InitArgs) -> Result<()> {
@@ -629,7 +629,7 @@ async fn issue_agent(a: IssueAgentArgs) -> Result<()> {
 }
 
 async fn run(a: RunArgs) -> Result<()> {
-    match tether_common::net::raise_fd_limit() {
+    match tether_endpoint::net::raise_fd_limit() {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
@@ -671,23 +671,23 @@ async fn run(a: RunArgs) -> Result<()> {
         .context("tether-server cannot start")?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot watch for SIGHUP")?;
-    let term = tether_common::process::shutdown::terminate_signal();
+    let term = tether_process::shutdown::terminate_signal();
     tokio::pin!(term);
-    tether_common::process::notify::ready(&format!("serving on {}", server.local_addr));
+    tether_process::notify::ready(&format!("serving on {}", server.local_addr));
     let sig = loop {
         tokio::select! {
             s = &mut term => break s.context("cannot watch for SIGTERM and SIGINT")?,
             _ = hup.recv() => {
-                tether_common::process::notify::notify("RELOADING=1");
+                tether_process::notify::notify("RELOADING=1");
                 if let Err(e) = server.reload_certificates() {
                     tracing::error!(error = %e, "SIGHUP: cannot reload the certificate; keeping the old one");
                 }
-                tether_common::process::notify::notify("READY=1");
+                tether_process::notify::notify("READY=1");
             }
         }
     };
     tracing::info!(signal = sig, "draining, then exiting");
-    tether_common::process::notify::stopping("draining");
+    tether_process::notify::stopping("draining");
     let left = server.drain(drain_timeout).await;
     if left > 0 {
         tracing::warn!(

@@ -2,11 +2,11 @@
 
 use crate::datastore::StoreHealth;
 use std::sync::Arc;
-use tether_common::link::pool::Pool;
-use tether_common::link::reconnect::LinkStats;
-use tether_common::metrics::Shared;
-use tether_common::process::telemetry::{Counter, CounterFamily, Exposition, Gauge, Label};
+use tether_link::pool::Pool;
+use tether_link::reconnect::LinkStats;
+use tether_process::telemetry::{Counter, CounterFamily, Exposition, Gauge, Label};
 use tether_proto::StatusCode;
+use tether_transport::metrics::Shared;
 
 /// The limits whose hits are counted (`tether_limit_hits_total{limit}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tether_common::link::backoff::Backoff;
-use tether_common::link::reconnect::{self, Dialer};
-use tether_common::process::shutdown::{Shutdown, ShutdownSignal};
+use tether_link::backoff::Backoff;
+use tether_link::reconnect::{self, Dialer};
+use tether_process::shutdown::{Shutdown, ShutdownSignal};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 

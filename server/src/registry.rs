@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
-use tether_common::transport::Tunnel;
 use tether_proto::capability::Capabilities;
+use tether_transport::transport::Tunnel;
 use tokio::sync::watch;
 
 /// What the registry needs of a tunnel: to tell it apart and to close it. The registry's rules
@@ -48,7 +48,7 @@ pub struct Entry<T = Tunnel> {
     /// Streams open on this tunnel.
     pub streams: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Bytes relayed for streams of this tunnel (for `status`).
-    pub meter: std::sync::Arc<tether_common::relay::Meter>,
+    pub meter: std::sync::Arc<tether_transport::relay::Meter>,
     /// What the agent announced in its hello (empty until the hello, and from a 0.1 agent
     /// nothing but `apiserver`): new behaviour towards it is used only when announced.
     pub capabilities: Capabilities,
@@ -188,7 +188,7 @@ impl<T: TunnelRef> Registry<T> {
     }
 
     /// The byte meter of a node's newest tunnel: where its streams' bytes are counted.
-    pub fn meter(&self, node: &str) -> Option<std::sync::Arc<tether_common::relay::Meter>> {
+    pub fn meter(&self, node: &str) -> Option<std::sync::Arc<tether_transport::relay::Meter>> {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes
             .get(node)

@@ -11,8 +11,8 @@ use crate::registry::Registry;
 use crate::upstream::Upstream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tether_common::link::pool::Pool;
-use tether_common::link::reconnect::Dialer;
+use tether_link::pool::Pool;
+use tether_link::reconnect::Dialer;
 use tokio::sync::Semaphore;
 
 /// Shared state of a running server.
@@ -25,7 +25,7 @@ pub struct State {
     pub(crate) services: std::collections::HashMap<String, Arc<Upstream>>,
     pub(crate) streams: Arc<Semaphore>,
     /// Handshakes in progress, both transports (at most `MAX_HANDSHAKES`, see `accept`).
-    pub(crate) handshakes: Arc<tether_common::endpoint::client_slots::ClientSlots>,
+    pub(crate) handshakes: Arc<tether_endpoint::client_slots::ClientSlots>,
     /// Join connections being served (at most `MAX_JOINS`, see `accept`).
     pub(crate) joins: Arc<Semaphore>,
     /// Random per process start: tells this server apart from its peers, and from itself.
@@ -39,7 +39,7 @@ pub struct State {
     pub(crate) draining: AtomicBool,
     /// Streams past the drain check and not yet relaying (reaching an upstream, answering):
     /// a drain waits for them too, or it would close the tunnel under a stream it let in.
-    pub(crate) opening: tether_common::process::telemetry::Gauge,
+    pub(crate) opening: tether_process::telemetry::Gauge,
     pub(crate) authority: Arc<Authority>,
     pub(crate) join_limiter: JoinLimiter,
     /// Renewals per node: one at a time, and a rate (see `RenewalLimiter`).
@@ -53,7 +53,7 @@ pub struct State {
     pub(crate) tcp_tls: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
     /// One line per second for failures anyone on the network can cause (handshakes that
     /// fail or stall); `left_out` in the next line counts the rest.
-    pub(crate) noisy_log: tether_common::process::telemetry::Throttle,
+    pub(crate) noisy_log: tether_process::telemetry::Throttle,
 }
 
 /// Who is on the other end of an inbound tunnel.

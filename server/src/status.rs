@@ -4,11 +4,11 @@ use crate::registry::Entry;
 use crate::state::State;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tether_common::endpoint::admin::{AdminSource, NotReady};
-use tether_common::process::units::unix_seconds;
-use tether_common::status::{
+use tether_endpoint::admin::{AdminSource, NotReady};
+use tether_endpoint::status::{
     ContestedAddress, NodeStatus, RefusedAddress, ServerStatus, Service, Status, Upstream,
 };
+use tether_process::units::unix_seconds;
 
 /// The admin endpoint's view of a server.
 pub(crate) struct AdminView(pub(crate) Arc<State>);
@@ -73,7 +73,7 @@ impl AdminSource for AdminView {
             .collect();
         let expiry = s.metrics.shared.cert_expiry.get();
         Status::Server(ServerStatus {
-            version: tether_common::VERSION.into(),
+            version: tether_process::VERSION.into(),
             instance: s.instance_id.clone(),
             listen: s.endpoint.local_addr().map(|a| a.to_string()).ok(),
             advertise: s.announcer.advertise().map(String::from),
@@ -104,7 +104,7 @@ impl AdminSource for AdminView {
                 .collect(),
             configured_peers: s.config.peers.clone(),
             peers: s.peers.all().into_iter().map(|l| l.status()).collect(),
-            datastore: tether_common::status::Datastore {
+            datastore: tether_endpoint::status::Datastore {
                 kind: s.config.datastore.name().into(),
                 available: s.metrics.datastore.available(),
                 revision: s.metrics.datastore.revision.load(Ordering::Relaxed),

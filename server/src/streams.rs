@@ -8,13 +8,13 @@ use crate::state::{Party, State};
 use crate::{control, egress, join};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tether_common::link::pool::{Link, Policy};
-use tether_common::open::{self, answer};
-use tether_common::process::telemetry::{Counted, GaugeGuard, Label};
-use tether_common::relay;
-use tether_common::transport::Stream;
+use tether_link::pool::{Link, Policy};
+use tether_process::telemetry::{Counted, GaugeGuard, Label};
 use tether_proto::capability::Capabilities;
 use tether_proto::{code, Message, StatusCode, Target, PROTOCOL_VERSION, SERVICE_APISERVER};
+use tether_transport::open::{self, answer};
+use tether_transport::relay;
+use tether_transport::transport::Stream;
 use tracing::{debug, warn};
 
 /// Serves one stream: the control stream, or a stream to relay.

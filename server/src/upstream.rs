@@ -9,7 +9,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::endpoint::http;
+use tether_endpoint::http;
 use tokio::net::{lookup_host, TcpStream};
 
 /// Where streams go, and whether the last check found it healthy.
@@ -51,13 +51,13 @@ impl Upstream {
         addr: String,
         connect_timeout: Duration,
         ca: Option<rustls::RootCertStore>,
-    ) -> Result<Self, tether_common::tls::TlsError> {
+    ) -> Result<Self, tether_transport::tls::TlsError> {
         let https = match ca {
             Some(roots) => {
                 let cfg =
-                    rustls::ClientConfig::builder_with_provider(tether_common::tls::provider())
+                    rustls::ClientConfig::builder_with_provider(tether_transport::tls::provider())
                         .with_safe_default_protocol_versions()
-                        .map_err(|e| tether_common::tls::TlsError::Config(e.to_string()))?
+                        .map_err(|e| tether_transport::tls::TlsError::Config(e.to_string()))?
                         .with_root_certificates(roots)
                         .with_no_client_auth();
                 Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
@@ -111,7 +111,7 @@ impl Upstream {
         let Some(https) = &self.https else {
             return Ok(());
         };
-        let host = tether_common::link::reconnect::host_of(&self.addr).to_string();
+        let host = tether_link::reconnect::host_of(&self.addr).to_string();
         let name = rustls::pki_types::ServerName::try_from(host.clone())
             .map_err(|_| Unhealthy::BadName(host.clone()))?;
         let probe = async {

@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::endpoint::http;
-use tether_common::tls::{self, Identity};
+use tether_endpoint::http;
+use tether_transport::tls::{self, Identity};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 

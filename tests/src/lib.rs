@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_agent::config::AgentConfig;
 use tether_agent::AgentHandle;
-use tether_common::endpoint::http;
+use tether_endpoint::http;
 use tether_server::config::ServerConfig;
 use tether_server::ServerHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -158,7 +158,7 @@ pub async fn start_agent(pki: &Pki, node: &str, servers: &[SocketAddr]) -> Agent
     start_agent_over(pki, node, servers, TransportChoice::Auto).await
 }
 
-pub use tether_common::link::reconnect::TransportChoice;
+pub use tether_link::reconnect::TransportChoice;
 
 /// Starts an agent on the given transport and waits until all its tunnels are up.
 pub async fn start_agent_over(
@@ -267,7 +267,7 @@ impl Echo {
     }
 
     pub async fn start_on(at: SocketAddr) -> Self {
-        let l = tether_common::net::listen_tcp(at).expect("bind echo");
+        let l = tether_endpoint::net::listen_tcp(at).expect("bind echo");
         let addr = l.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
@@ -315,7 +315,7 @@ pub struct Sink {
 
 impl Sink {
     pub async fn start() -> Self {
-        let l = tether_common::net::listen_tcp(loopback0()).expect("bind sink");
+        let l = tether_endpoint::net::listen_tcp(loopback0()).expect("bind sink");
         let addr = l.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
@@ -504,9 +504,9 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 /// Opens a tunnel's control stream as an agent called `name` would: its hello, then the
 /// server's welcome. The stream is left open for what the test sends next.
 pub async fn say_hello(
-    tunnel: &tether_common::transport::Tunnel,
+    tunnel: &tether_transport::transport::Tunnel,
     name: &str,
-) -> tether_common::transport::Stream {
+) -> tether_transport::transport::Stream {
     say_hello_with(
         tunnel,
         name,
@@ -517,10 +517,10 @@ pub async fn say_hello(
 
 /// [`say_hello`] announcing `capabilities` (an older agent's, say).
 pub async fn say_hello_with(
-    tunnel: &tether_common::transport::Tunnel,
+    tunnel: &tether_transport::transport::Tunnel,
     name: &str,
     capabilities: Vec<String>,
-) -> tether_common::transport::Stream {
+) -> tether_transport::transport::Stream {
     use tether_proto::Message;
     let mut control = tunnel.open_stream().await.expect("control stream");
     let hello = Message::Hello {
@@ -552,20 +552,20 @@ pub async fn raw_client(
 ) -> Result<quinn::Connection, String> {
     let id = identity.map(|node| {
         let dir = pki.agent_dir(node);
-        tether_common::tls::Identity::load(&dir.join("agent.crt"), &dir.join("agent.key"))
+        tether_transport::tls::Identity::load(&dir.join("agent.crt"), &dir.join("agent.key"))
             .expect("agent identity")
     });
-    raw_client_with(pki, id, tether_common::tls::ALPN, server).await
+    raw_client_with(pki, id, tether_transport::tls::ALPN, server).await
 }
 
 /// [`raw_client`] with any identity and ALPN.
 pub async fn raw_client_with(
     pki: &Pki,
-    identity: Option<tether_common::tls::Identity>,
+    identity: Option<tether_transport::tls::Identity>,
     alpn: &[u8],
     server: SocketAddr,
 ) -> Result<quinn::Connection, String> {
-    use tether_common::tls;
+    use tether_transport::tls;
     let roots = tls::load_roots(&pki.server_dir().join("ca.crt")).expect("CA");
     let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::status::Status;
+use tether_endpoint::status::Status;
 use tether_tests::process::{bin, free_port, run_ok, Proc};
 use tether_tests::*;
 

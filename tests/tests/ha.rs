@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::time::Duration;
-use tether_common::link::pool::Policy;
+use tether_link::pool::Policy;
 use tether_proto::{self as protocol, Message, StatusCode, Target};
 use tether_server::config::ServerConfig;
 use tether_server::ServerHandle;
@@ -225,7 +225,7 @@ async fn relayed_streams_never_loop() {
     .await;
     // A stream already relayed once (hops = 1), as a peer would send it: the one-hop guard
     // answers it here instead of passing it on.
-    let id = tether_common::tls::Identity::load(
+    let id = tether_transport::tls::Identity::load(
         &pki.server_dir().join("server.crt"),
         &pki.server_dir().join("server.key"),
     )
@@ -233,7 +233,7 @@ async fn relayed_streams_never_loop() {
     let as_peer = raw_client_with(
         &pki,
         Some(id),
-        tether_common::tls::ALPN,
+        tether_transport::tls::ALPN,
         servers[0].local_addr,
     )
     .await

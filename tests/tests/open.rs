@@ -88,7 +88,7 @@ async fn an_open_the_first_server_sits_on_is_hedged_to_the_next() {
     let fine = tether_server::start(fine).await.unwrap();
 
     let mut ac = agent_config(&pki, "node-a", &[slow.local_addr, fine.local_addr]);
-    ac.policy = tether_common::link::pool::Policy::Ordered;
+    ac.policy = tether_link::pool::Policy::Ordered;
     ac.forwards = vec![(loopback0(), "svc".into())];
     // So long that, without the hedge, the test's deadline would pass first.
     ac.stream_open_timeout = Duration::from_secs(20);
@@ -140,7 +140,7 @@ async fn early_bytes_survive_the_server_dying_under_them() {
     .await;
     let second = start_server(&pki, echo.addr).await;
     let mut ac = agent_config(&pki, "node-a", &[first.addr, second.local_addr]);
-    ac.policy = tether_common::link::pool::Policy::Ordered;
+    ac.policy = tether_link::pool::Policy::Ordered;
     let agent = tether_agent::start(ac).await.unwrap();
     wait_for("both tunnels", Duration::from_secs(10), || async {
         agent.tunnels_up() == 2

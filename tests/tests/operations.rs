@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tether_common::status::Status;
+use tether_endpoint::status::Status;
 use tether_tests::process::{bin, free_port, run_ok, Proc};
 use tether_tests::*;
 

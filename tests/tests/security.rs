@@ -258,7 +258,8 @@ async fn join_attempts_are_rate_limited_per_source() {
     // Per source: another address joins at once, while this one is still held back.
     let d = TempDir::new("rate-elsewhere");
     let elsewhere = joining_agent(&d, "r4", server.local_addr, &token);
-    let endpoint = tether_common::net::quic_endpoint("127.0.0.2:0".parse().unwrap(), None).unwrap();
+    let endpoint =
+        tether_endpoint::net::quic_endpoint("127.0.0.2:0".parse().unwrap(), None).unwrap();
     within(
         "a join from another source",
         Duration::from_secs(10),

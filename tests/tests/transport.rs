@@ -5,14 +5,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::status::Status;
-use tether_common::tls;
-use tether_common::transport::tcp::TcpTunnel;
-use tether_common::transport::CloseReason;
-use tether_common::transport::Tunnel;
+use tether_endpoint::status::Status;
 use tether_proto::capability::{self, Capabilities};
 use tether_proto::{self as protocol, Message};
 use tether_tests::*;
+use tether_transport::tls;
+use tether_transport::transport::tcp::TcpTunnel;
+use tether_transport::transport::CloseReason;
+use tether_transport::transport::Tunnel;
 
 /// TLS for a node's tunnel: the agent identity of `node` from the test PKI.
 fn agent_tls(pki: &Pki, node: &str) -> Arc<rustls::ClientConfig> {
@@ -212,7 +212,7 @@ async fn a_probing_agent_gets_pongs_and_no_heartbeats() {
 /// lost a reverse stream's answer so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_tunnel_closed_as_its_relay_returns_delivers_every_byte() {
-    use tether_common::relay::relay;
+    use tether_transport::relay::relay;
     use tokio::io::AsyncWriteExt;
     init_logging();
     let pki = Pki::new();

@@ -10,11 +10,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tether_certs::records::{write_local, NodeState};
-use tether_common::tls;
-use tether_common::transport::Tunnel;
 use tether_proto::capability::Capabilities;
 use tether_proto::{self as protocol, Message, StatusCode};
 use tether_tests::*;
+use tether_transport::tls;
+use tether_transport::transport::Tunnel;
 use tokio::io::AsyncReadExt;
 
 /// Sends one CONNECT through the egress proxy; returns the status code and the answer's text.
@@ -69,9 +69,9 @@ async fn receives_a_stream(t: &Tunnel) -> bool {
         .is_ok_and(|s| s.is_ok())
 }
 
-fn server_status(text: &str) -> tether_common::status::ServerStatus {
+fn server_status(text: &str) -> tether_endpoint::status::ServerStatus {
     match serde_json::from_str(text).unwrap() {
-        tether_common::status::Status::Server(s) => s,
+        tether_endpoint::status::Status::Server(s) => s,
         other => panic!("not a server's status: {other:?}"),
     }
 }
@@ -452,14 +452,14 @@ async fn a_certificate_that_expires_while_its_tunnel_is_up_ends_the_tunnel() {
 async fn tcp_join_connection(
     pki: &Pki,
     server: SocketAddr,
-) -> std::io::Result<tether_common::transport::tcp::TcpTunnel> {
+) -> std::io::Result<tether_transport::transport::tcp::TcpTunnel> {
     let token: tether_certs::token::Token = std::fs::read_to_string(pki.server_dir().join("token"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
     let cfg = tls::join_client_config(&token.ca_hash).unwrap();
-    tether_common::transport::tcp::TcpTunnel::connect(
+    tether_transport::transport::tcp::TcpTunnel::connect(
         server,
         "localhost",
         cfg.into(),
@@ -643,7 +643,7 @@ async fn clients_that_stall_cannot_lock_others_out_of_the_admin_endpoint() {
     let admin = server.admin_addr.unwrap();
     // One address opens every slot the endpoint has and sends nothing.
     let mut stalled = Vec::new();
-    for _ in 0..tether_common::endpoint::admin::MAX_CONNECTIONS {
+    for _ in 0..tether_endpoint::admin::MAX_CONNECTIONS {
         stalled.push(tokio::net::TcpStream::connect(admin).await.unwrap());
     }
     // Another address is served at once, not after the stalled ones time out.
@@ -654,13 +654,13 @@ async fn clients_that_stall_cannot_lock_others_out_of_the_admin_endpoint() {
     let (code, _) = within(
         "served",
         Duration::from_secs(3),
-        tether_common::endpoint::http::get(&mut c, "x", "/healthz", 1024),
+        tether_endpoint::http::get(&mut c, "x", "/healthz", 1024),
     )
     .await
     .unwrap();
     assert_eq!(code, 200);
     assert!(
-        start.elapsed() < tether_common::endpoint::admin::REQUEST_TIMEOUT,
+        start.elapsed() < tether_endpoint::admin::REQUEST_TIMEOUT,
         "waited {:?} behind stalled clients",
         start.elapsed()
     );
@@ -673,9 +673,7 @@ async fn clients_that_stall_cannot_lock_others_out_of_the_admin_endpoint() {
         }
     }
     assert!(
-        closed
-            >= tether_common::endpoint::admin::MAX_CONNECTIONS
-                - tether_common::endpoint::admin::MAX_PER_CLIENT,
+        closed >= tether_endpoint::admin::MAX_CONNECTIONS - tether_endpoint::admin::MAX_PER_CLIENT,
         "only {closed} of the stalled connections were refused"
     );
     server.shutdown().await;
@@ -748,8 +746,8 @@ async fn silent_tcp_connections_from_one_source_cannot_lock_out_new_tunnels() {
     }
     // A node from another address connects at once, over QUIC and over TCP.
     for transport in [
-        tether_common::link::reconnect::TransportChoice::Quic,
-        tether_common::link::reconnect::TransportChoice::Tcp,
+        tether_link::reconnect::TransportChoice::Quic,
+        tether_link::reconnect::TransportChoice::Tcp,
     ] {
         let mut c = agent_config(&pki, "fresh", &[server.local_addr]);
         c.transport = transport;
@@ -863,7 +861,7 @@ async fn a_spoofed_server_id_does_not_keep_the_agent_off_the_real_server() {
         tls::quic_transport(Default::default(), Default::default()),
     )
     .unwrap();
-    let endpoint = tether_common::net::quic_endpoint(loopback0(), Some(cfg)).unwrap();
+    let endpoint = tether_endpoint::net::quic_endpoint(loopback0(), Some(cfg)).unwrap();
     let rogue_addr = endpoint.local_addr().unwrap();
     let served = tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {

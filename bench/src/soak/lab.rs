@@ -202,7 +202,7 @@ impl Slot {
                 p.check_alive().is_ok()
                     && side
                         .run(|| {
-                            tether_common::endpoint::http::get_blocking(
+                            tether_endpoint::http::get_blocking(
                                 &admin.to_string(),
                                 "/readyz",
                                 Duration::from_secs(1),

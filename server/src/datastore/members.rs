@@ -10,7 +10,7 @@ use crate::announce::Announcer;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_common::process::shutdown::ShutdownSignal;
+use tether_process::shutdown::ShutdownSignal;
 use tracing::{info, warn};
 
 /// Seconds a server stays listed after its last keepalive.

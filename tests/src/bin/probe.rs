@@ -65,7 +65,7 @@ async fn main() {
             let at = addr(args.get(1));
             match (args.get(2), args.get(3)) {
                 (Some(cert), Some(key)) => {
-                    let id = tether_common::tls::Identity::load(cert.as_ref(), key.as_ref())
+                    let id = tether_transport::tls::Identity::load(cert.as_ref(), key.as_ref())
                         .unwrap_or_else(|e| panic!("kubelet identity: {e}"));
                     let _k = tether_standin::StandIn::start_on("kubelet", id, at)
                         .await

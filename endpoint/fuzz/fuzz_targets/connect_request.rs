@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    match tether_common::endpoint::http::parse_connect(data) {
+    match tether_endpoint::http::parse_connect(data) {
         Ok(r) => assert!(!r.host.is_empty() && r.host.len() <= 253),
         Err((code, _)) => assert!(matches!(code, 400 | 405 | 431)),
     }

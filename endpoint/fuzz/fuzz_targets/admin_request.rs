@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = tether_common::endpoint::http::parse_request(data);
+    let _ = tether_endpoint::http::parse_request(data);
 });

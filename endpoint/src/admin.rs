@@ -4,8 +4,8 @@
 //! bounded in size and time, a bounded number of connections at once. Monitoring needs nothing
 //! more, and a small surface is easy to keep safe on a port that operators may expose.
 
-use crate::endpoint::client_slots::{ClientSlot, ClientSlots, Eviction};
-use crate::endpoint::http::{self, respond, HeadError};
+use crate::client_slots::{ClientSlot, ClientSlots, Eviction};
+use crate::http::{self, respond, HeadError};
 use crate::status::Status;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,9 +1,7 @@
-//! Link keeping: how an agent (or a server, towards its peers) keeps one tunnel up to each server
-//! it knows, and picks one for each new stream.
-//!
-//! [`reconnect`] dials, redials with [`backoff`] and hands each live tunnel to the [`pool`], which
-//! chooses among them; [`latency`] learns how fast each server answers an open, for hedging;
-//! [`liveness`] tells a dead server from a dead link, and [`monitor`] applies its verdicts.
+//! Link keeping: one tunnel per server kept up (dialing QUIC, then TLS over TCP, and again with
+//! backoff), the pool of live tunnels an agent chooses from, and the liveness watch that tells
+//! a dead server from a dead link, with the monitor that drives it.
+#![forbid(unsafe_code)]
 
 pub mod backoff;
 mod dial;

@@ -3,16 +3,16 @@
 
 use super::dial::*;
 pub use super::dial::{host_of, resolve};
-use crate::link::backoff::Backoff;
-use crate::link::pool::{Link, Pool};
-use crate::process::shutdown::ShutdownSignal;
-use crate::process::telemetry::{Counter, Gauge};
-use crate::transport::{RecvHalf, SendHalf, Stream, TransportKind};
+use crate::backoff::Backoff;
+use crate::pool::{Link, Pool};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tether_process::shutdown::ShutdownSignal;
+use tether_process::telemetry::{Counter, Gauge};
 use tether_proto::capability::Capabilities;
 use tether_proto::{code, Message};
+use tether_transport::transport::{RecvHalf, SendHalf, Stream, TransportKind};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -52,13 +52,13 @@ pub enum TransportChoice {
 }
 
 impl std::str::FromStr for TransportChoice {
-    type Err = crate::process::units::UnknownChoice;
+    type Err = tether_process::units::UnknownChoice;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(TransportChoice::Auto),
             "quic" => Ok(TransportChoice::Quic),
             "tcp" => Ok(TransportChoice::Tcp),
-            other => Err(crate::process::units::UnknownChoice {
+            other => Err(tether_process::units::UnknownChoice {
                 what: "transport",
                 got: other.to_string(),
                 choices: "auto, quic or tcp",
@@ -152,7 +152,7 @@ pub struct Dialer {
     /// The same identity for TLS over TCP.
     pub tcp_tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
     pub transport: TransportChoice,
-    pub liveness: crate::tls::Liveness,
+    pub liveness: tether_transport::tls::Liveness,
     /// Most streams the far side may open at once on a tunnel (its limit grows up to this).
     pub max_streams: u32,
     /// Sent in the hello: the node name (agents) or the advertised address (servers).

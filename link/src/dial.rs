@@ -2,10 +2,10 @@
 //! protocol. [`super::reconnect`] keeps the tunnel up with it.
 
 use super::reconnect::*;
-use crate::transport::{Stream, Tunnel};
 use std::time::Duration;
 use tether_proto::capability::Capabilities;
 use tether_proto::{code, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tether_transport::transport::{Stream, Tunnel};
 
 /// Why one dial failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,7 @@ pub(super) async fn dial_quic(target: &DialTarget, d: &Dialer) -> Result<Tunnel,
 }
 
 pub(super) async fn dial_tcp(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError> {
-    let t = crate::transport::tcp::TcpTunnel::connect(
+    let t = tether_transport::transport::tcp::TcpTunnel::connect(
         target.addr,
         &target.name,
         d.tcp_tls(),
@@ -109,7 +109,7 @@ pub(super) async fn dial(
     }
     let server_key = tunnel
         .peer_certificates()
-        .and_then(|c| c.first().and_then(crate::tls::peer_info))
+        .and_then(|c| c.first().and_then(tether_transport::tls::peer_info))
         .map(|i| i.key_hash)
         .unwrap_or_default();
     if d.pool

@@ -4,7 +4,7 @@
 //!
 //! Parsing is `httparse`'s, the parser under hyper: a head is bytes a stranger sends, and a
 //! well-fuzzed parser is worth more than a hand-written one. The functions here bound what they
-//! read and never panic (`common/fuzz` fuzzes both request parsers).
+//! read and never panic (`endpoint/fuzz` fuzzes both request parsers).
 
 use bytes::Bytes;
 use std::io;

@@ -2,10 +2,9 @@
 //! relayed (streams, resets, bytes) and the process's own state (draining, certificate expiry,
 //! renewals). Each binary adds its own families around these.
 
-use crate::process::telemetry::{Counter, Exposition, Gauge, Label};
 use crate::relay::Meter;
 use std::sync::atomic::Ordering::Relaxed;
-use tether_proto::StatusCode;
+use tether_process::telemetry::{Counter, Exposition, Gauge};
 
 #[derive(Debug, Default)]
 pub struct Shared {
@@ -66,23 +65,5 @@ impl Shared {
             "When this process's certificate expires (Unix time).",
             self.cert_expiry.get(),
         );
-    }
-}
-
-/// Streams refused with a status are counted by it: every status but `ok`.
-impl Label for StatusCode {
-    const ALL: &'static [Self] = &[
-        StatusCode::UpstreamUnreachable,
-        StatusCode::RefusedByPolicy,
-        StatusCode::UnknownService,
-        StatusCode::Busy,
-        StatusCode::Draining,
-        StatusCode::Timeout,
-        StatusCode::NoRoute,
-        StatusCode::BadRequest,
-        StatusCode::Contested,
-    ];
-    fn label(self) -> String {
-        StatusCode::label(self).into()
     }
 }

@@ -4,10 +4,10 @@
 
 use super::liveness::{Action, Sample, Settings, Watch};
 use super::pool::{Link, Pool};
-use crate::process::shutdown::ShutdownSignal;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tether_process::shutdown::ShutdownSignal;
 use tether_proto::{capability, code};
 use tracing::{debug, warn};
 
@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 pub const TICK: Duration = Duration::from_millis(100);
 
 /// The watch's settings from the agent's liveness settings.
-pub fn settings(l: crate::tls::Liveness) -> Settings {
+pub fn settings(l: tether_transport::tls::Liveness) -> Settings {
     Settings {
         dead_after: l.idle_timeout,
         tolerance: l.blackout_tolerance,

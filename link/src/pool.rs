@@ -1,16 +1,16 @@
 //! The live links to servers, what each server announced, and the choice of one link for a new
 //! stream. Agents keep one link per server; servers keep one per peer.
 
-use crate::link::latency::{OpenLatency, Passed};
-use crate::process::telemetry::{Counted, Tally};
-use crate::status::LinkStatus;
-use crate::transport::Tunnel;
+use crate::latency::{OpenLatency, Passed};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
+use tether_endpoint::status::LinkStatus;
+use tether_process::telemetry::{Counted, Tally};
 use tether_proto::capability::Capabilities;
 use tether_proto::ServerInfo;
+use tether_transport::transport::Tunnel;
 
 /// How a new stream picks among healthy links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,12 +22,12 @@ pub enum Policy {
 }
 
 impl FromStr for Policy {
-    type Err = crate::process::units::UnknownChoice;
+    type Err = tether_process::units::UnknownChoice;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "least-streams" => Ok(Policy::LeastStreams),
             "ordered" => Ok(Policy::Ordered),
-            other => Err(crate::process::units::UnknownChoice {
+            other => Err(tether_process::units::UnknownChoice {
                 what: "policy",
                 got: other.to_string(),
                 choices: "least-streams or ordered",
@@ -211,7 +211,7 @@ impl Link {
             draining: self.draining(),
             streams: self.streams() as u64,
             rtt_ms: Some((self.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0),
-            connected_since: Some(crate::process::units::unix_seconds(self.since_wall)),
+            connected_since: Some(tether_process::units::unix_seconds(self.since_wall)),
             capabilities: self.capabilities.names(),
         }
     }

@@ -328,6 +328,25 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Streams refused with a status are counted by it: every status but `ok`. (Here, beside the
+/// trait, as the orphan rule asks: the protocol crate knows nothing of metrics.)
+impl Label for tether_proto::StatusCode {
+    const ALL: &'static [Self] = &[
+        tether_proto::StatusCode::UpstreamUnreachable,
+        tether_proto::StatusCode::RefusedByPolicy,
+        tether_proto::StatusCode::UnknownService,
+        tether_proto::StatusCode::Busy,
+        tether_proto::StatusCode::Draining,
+        tether_proto::StatusCode::Timeout,
+        tether_proto::StatusCode::NoRoute,
+        tether_proto::StatusCode::BadRequest,
+        tether_proto::StatusCode::Contested,
+    ];
+    fn label(self) -> String {
+        tether_proto::StatusCode::label(self).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,12 +1,12 @@
 //! What both command-line tools share beyond their flags: reading the settings file, the
 //! `status` command's table, shell completions and man pages.
 
-use crate::process::config_file;
-use crate::status::Status;
+use crate::config_file;
 use clap::CommandFactory;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tether_endpoint::status::Status;
 
 /// Parses the command line with `run --config FILE` merged in (see [`config_file`]). A bad
 /// file stops here, like a bad flag, with exit code 2 and the key and file named.
@@ -82,7 +82,7 @@ pub enum CliError {
 /// Reads `GET /status` from an admin endpoint.
 pub fn fetch_status(admin: &str) -> Result<Status, CliError> {
     let (code, body) =
-        crate::endpoint::http::get_blocking(admin, "/status", Duration::from_secs(10)).map_err(
+        tether_endpoint::http::get_blocking(admin, "/status", Duration::from_secs(10)).map_err(
             |source| CliError::Unreachable {
                 admin: admin.to_string(),
                 source,

@@ -2,10 +2,10 @@
 //! tunnel hold little state, and quinn's errors in this module's terms.
 
 use super::error::{CloseReason, StreamError, TransportError};
-use crate::process::telemetry::{Counted, Tally};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
+use tether_process::telemetry::{Counted, Tally};
 
 /// A QUIC connection and the credit of streams its peer may open.
 #[derive(Clone, Debug)]
