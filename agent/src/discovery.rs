@@ -207,7 +207,7 @@ impl Discovery {
         for s in list {
             text.push_str(&format!("{s} {now}\n"));
         }
-        if let Err(e) = tether_certs::write_file(path, text.as_bytes(), 0o644) {
+        if let Err(e) = tether_trust::write_file(path, text.as_bytes(), 0o644) {
             warn!(file = %path.display(), error = %e, "cannot save the server list");
         }
     }

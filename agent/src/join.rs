@@ -8,12 +8,12 @@
 
 use crate::config::AgentConfig;
 use std::time::Duration;
-use tether_certs::token::Token;
 use tether_link::backoff::Backoff;
 use tether_link::reconnect;
 use tether_proto::{Message, StatusCode};
 use tether_transport::tls;
 use tether_transport::transport::Tunnel;
+use tether_trust::token::Token;
 use tracing::{info, warn};
 
 /// Why a join failed for good.
@@ -22,13 +22,13 @@ pub enum JoinError {
     #[error("the agent has no certificate in its data directory and no --token to join with: pass the token that `tether-server init` printed (or one from `tether-server token create`) with --token, or copy in the files of `tether-server issue-agent`")]
     NoToken,
     #[error("invalid --token: {0}")]
-    BadToken(#[from] tether_certs::token::TokenFormatError),
+    BadToken(#[from] tether_trust::token::TokenFormatError),
     #[error("join refused: {0}")]
     CaMismatch(String),
     #[error("the server refused the join: {0}")]
     Refused(String),
     #[error("cannot store the certificate: {0}")]
-    Store(#[from] tether_certs::CertError),
+    Store(#[from] tether_trust::CertError),
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
 }
@@ -43,14 +43,14 @@ pub async fn join(
     let node_name = config
         .node_name
         .clone()
-        .or_else(tether_certs::hostname)
+        .or_else(tether_trust::hostname)
         .unwrap_or_else(|| "node".into());
-    tether_certs::validate_node_name(&node_name)?;
+    tether_trust::validate_node_name(&node_name)?;
     let client = tls::quic_client_config(
         tls::join_client_config(&token.ca_hash)?,
         tls::quic_transport(config.liveness, config.limits),
     )?;
-    let (csr, key_pem) = tether_certs::make_csr(&node_name)?;
+    let (csr, key_pem) = tether_trust::make_csr(&node_name)?;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut attempts = 0u32;
     loop {
@@ -171,8 +171,8 @@ impl Answer<'_> {
     /// Checked before anything is stored: the CA handed over must be the one the token pins
     /// (the one TLS verified), and the certificate a good identity for this node under it.
     fn verify(&self, token: &Token, node_name: &str) -> Result<(), JoinError> {
-        let ca_der = tether_certs::pem_to_der(self.ca_pem, std::path::Path::new("(CA sent)"))?;
-        if tether_certs::token::ca_hash(&ca_der) != token.ca_hash {
+        let ca_der = tether_trust::pem_to_der(self.ca_pem, std::path::Path::new("(CA sent)"))?;
+        if tether_trust::token::ca_hash(&ca_der) != token.ca_hash {
             return Err(JoinError::CaMismatch(
                 "the CA sent with the certificate is not the one the token pins".into(),
             ));
@@ -180,7 +180,7 @@ impl Answer<'_> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        tether_certs::check_issued(self.cert_pem, self.ca_pem, node_name, self.key_pem, now)?;
+        tether_trust::check_issued(self.cert_pem, self.ca_pem, node_name, self.key_pem, now)?;
         Ok(())
     }
 }
@@ -188,13 +188,13 @@ impl Answer<'_> {
 fn store(config: &AgentConfig, answer: &Answer<'_>) -> Result<(), JoinError> {
     for p in [&config.ca, &config.cert, &config.key] {
         if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| tether_certs::CertError::Write {
+            std::fs::create_dir_all(dir).map_err(|source| tether_trust::CertError::Write {
                 path: dir.to_owned(),
                 source,
             })?;
         }
     }
-    tether_certs::write_file(&config.ca, answer.ca_pem.as_bytes(), 0o644)?;
-    tether_certs::write_identity(&config.cert, &config.key, answer.cert_pem, answer.key_pem)?;
+    tether_trust::write_file(&config.ca, answer.ca_pem.as_bytes(), 0o644)?;
+    tether_trust::write_identity(&config.cert, &config.key, answer.cert_pem, answer.key_pem)?;
     Ok(())
 }

@@ -52,7 +52,7 @@ pub enum AgentError {
     #[error(transparent)]
     Join(#[from] join::JoinError),
     #[error("cannot finish storing a renewed certificate: {0}")]
-    Identity(tether_certs::CertError),
+    Identity(tether_trust::CertError),
 }
 
 /// A running agent. Call [`AgentHandle::shutdown`] or [`AgentHandle::drain`] to stop it.
@@ -133,7 +133,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         .map_err(AgentError::Socket)?;
     // A renewal or join that a crash interrupted leaves `NAME.next` files: finish it, or drop
     // the half-written pair, before the identity is read.
-    if tether_certs::recover_identity(&config.cert, &config.key).map_err(AgentError::Identity)? {
+    if tether_trust::recover_identity(&config.cert, &config.key).map_err(AgentError::Identity)? {
         info!(cert = %config.cert.display(), "finished storing a certificate that a crash interrupted");
     }
     if !config.cert.exists() || !config.key.exists() {

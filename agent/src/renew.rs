@@ -78,7 +78,7 @@ pub enum RenewError {
     #[error("no tunnel is up to renew through")]
     NoTunnel,
     #[error("cannot make a key and request: {0}")]
-    Request(tether_certs::CertError),
+    Request(tether_trust::CertError),
     #[error("cannot open a stream for the renewal: {0}")]
     Open(#[from] tether_transport::transport::TransportError),
     #[error("the renewal's stream failed: {0}")]
@@ -97,9 +97,9 @@ pub enum RenewError {
         source: std::io::Error,
     },
     #[error("the new certificate does not check out: {0}")]
-    Issued(tether_certs::CertError),
+    Issued(tether_trust::CertError),
     #[error("cannot store the new identity: {0}")]
-    Store(tether_certs::CertError),
+    Store(tether_trust::CertError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
@@ -114,7 +114,7 @@ async fn renew(
     dialer: &Dialer,
 ) -> Result<i64, RenewError> {
     let link = pool.all().into_iter().next().ok_or(RenewError::NoTunnel)?;
-    let (csr, key_pem) = tether_certs::make_csr(node_name).map_err(RenewError::Request)?;
+    let (csr, key_pem) = tether_trust::make_csr(node_name).map_err(RenewError::Request)?;
     let exchange = async {
         let mut s = link.tunnel.open_stream().await?;
         s.send.write_message(&Message::Renew { csr }).await?;
@@ -140,10 +140,10 @@ async fn renew(
         path: config.ca.clone(),
         source,
     })?;
-    tether_certs::check_issued(&cert_pem, &ca_pem, node_name, &key_pem, now())
+    tether_trust::check_issued(&cert_pem, &ca_pem, node_name, &key_pem, now())
         .map_err(RenewError::Issued)?;
     // A crash while storing leaves a matching pair: the old one, or the new one.
-    tether_certs::write_identity(&config.cert, &config.key, &cert_pem, &key_pem)
+    tether_trust::write_identity(&config.cert, &config.key, &cert_pem, &key_pem)
         .map_err(RenewError::Store)?;
     let roots = tls::load_roots(&config.ca)?;
     let identity = tls::Identity::load(&config.cert, &config.key)?;

@@ -71,8 +71,8 @@ impl Etcd {
     ) -> Result<(Etcd, String)> {
         let pki = work.join("pki");
         std::fs::create_dir_all(&pki).with_context(|| format!("create {}", pki.display()))?;
-        let life = tether_certs::Lifetime::days(10);
-        let ca = tether_certs::Ca::generate("soak-etcd-ca", life)?;
+        let life = tether_trust::Lifetime::days(10);
+        let ca = tether_trust::Ca::generate("soak-etcd-ca", life)?;
         let names = ["127.0.0.1".to_string(), "localhost".to_string()];
         let (ca_crt, crt, key) = (
             pki.join("ca.crt"),

@@ -84,11 +84,11 @@ pub fn measure(
 /// TLS settings of `n` simulated agents named `PREFIX-i`, each with a certificate of its own
 /// from the bench's CA.
 fn agent_identities(pki: &Pki, prefix: &str, n: usize) -> Result<Vec<Arc<rustls::ClientConfig>>> {
-    let ca = tether_certs::Ca::load(&pki.server_dir).context("load the bench CA")?;
-    let roots = tls::load_roots(&pki.server_dir.join(tether_certs::files::CA_CERT))?;
+    let ca = tether_trust::Ca::load(&pki.server_dir).context("load the bench CA")?;
+    let roots = tls::load_roots(&pki.server_dir.join(tether_trust::files::CA_CERT))?;
     let mut configs = Vec::with_capacity(n);
     for i in 0..n {
-        let issued = ca.issue_agent(&format!("{prefix}-{i}"), tether_certs::Lifetime::days(1))?;
+        let issued = ca.issue_agent(&format!("{prefix}-{i}"), tether_trust::Lifetime::days(1))?;
         let id = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem)?;
         configs.push(Arc::new(tls::client_config(roots.clone(), id)?));
     }

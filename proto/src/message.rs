@@ -164,7 +164,7 @@ pub struct ServerInfo {
     pub draining: bool,
 }
 
-/// The state of a node name, as servers tell each other (see `tether_certs::records`).
+/// The state of a node name, as servers tell each other (see `tether_trust::records`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RecordState {
     /// Owned by the key with this hex SHA-256.

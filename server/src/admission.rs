@@ -27,7 +27,7 @@ pub(crate) async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
         tunnel.close(code::REFUSED, "a client certificate is required");
         return;
     };
-    let (Some(peer), Some(key)) = (tls::peer_info(&cert), tether_certs::key_hash_of_cert(&cert))
+    let (Some(peer), Some(key)) = (tls::peer_info(&cert), tether_trust::key_hash_of_cert(&cert))
     else {
         state.metrics.handshake_failures.inc();
         warn!(peer = %remote, "refused tunnel: client certificate has no common name");
@@ -41,7 +41,7 @@ pub(crate) async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
     };
     let name = peer.common_name;
     if party == Party::Agent {
-        if let Err(e) = tether_certs::validate_node_name(&name) {
+        if let Err(e) = tether_trust::validate_node_name(&name) {
             state.metrics.handshake_failures.inc();
             warn!(peer = %remote, error = %e, "refused tunnel: the certificate's node name is not valid");
             tunnel.close(code::REFUSED, "invalid node name");

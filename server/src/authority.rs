@@ -11,12 +11,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::RwLock;
 use std::time::SystemTime;
-use tether_certs::records::{
-    self, AddressClaim, NameRefusal, NodeRecord, NodeState, RecordError, Records, Verdict,
-};
 use tether_link::reconnect::Outbox;
 use tether_proto::capability::{self, Capabilities};
 use tether_proto::{Message, RecordState};
+use tether_trust::records::{
+    self, AddressClaim, NameRefusal, NodeRecord, NodeState, RecordError, Records, Verdict,
+};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
@@ -119,7 +119,7 @@ impl Authority {
     }
 
     /// Merges a peer's records into the file (under its lock) and memory.
-    fn merge(&self, recs: Vec<NodeRecord>) -> Result<bool, tether_certs::CertError> {
+    fn merge(&self, recs: Vec<NodeRecord>) -> Result<bool, tether_trust::CertError> {
         let Datastore::Dir(dir) = &self.store else {
             return Ok(false);
         };
@@ -417,7 +417,7 @@ pub fn from_message(
             }
         }
         Message::NodeRecord { name, state, at_ms } => {
-            tether_certs::validate_node_name(name).map_err(|_| RecordError::Name(name.clone()))?;
+            tether_trust::validate_node_name(name).map_err(|_| RecordError::Name(name.clone()))?;
             check_time(*at_ms)?;
             match NodeRecord::from_v1(name, local_state(state), *at_ms, held(name).as_ref()) {
                 Some(r) => r,

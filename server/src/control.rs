@@ -183,7 +183,7 @@ async fn claim_addresses(state: &State, node: &str, tunnel_id: usize, reported: 
         refused.push((address.to_string(), owner.unwrap_or_default()));
     }
     // What status shows is bounded like the claim itself.
-    refused.truncate(tether_certs::records::MAX_ADDRESSES);
+    refused.truncate(tether_trust::records::MAX_ADDRESSES);
     let owned = claim.owned.iter().map(|a| a.to_string()).collect();
     state
         .registry

@@ -15,11 +15,11 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_certs::{files, Ca, Lifetime};
 use tether_endpoint::http;
 use tether_endpoint::status::Status;
 use tether_standin::StandIn;
 use tether_transport::tls;
+use tether_trust::{files, Ca, Lifetime};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -292,16 +292,16 @@ pub async fn run() -> Result<()> {
         root.join("server-2"),
         root.join("node"),
     );
-    let loopback: Vec<String> = tether_certs::LOOPBACK_NAMES
+    let loopback: Vec<String> = tether_trust::LOOPBACK_NAMES
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let report = tether_certs::init(&d1, &loopback, 1, 1)?;
+    let report = tether_trust::init(&d1, &loopback, 1, 1)?;
     std::fs::create_dir_all(&d2)?;
     for f in [files::CA_CERT, files::CA_KEY] {
         std::fs::copy(d1.join(f), d2.join(f))?;
     }
-    tether_certs::init(&d2, &loopback, 1, 1)?;
+    tether_trust::init(&d2, &loopback, 1, 1)?;
     println!(
         " 1. made a CA, server certificates and a join token in {}",
         root.display()

@@ -21,7 +21,7 @@ pub enum ServerError {
     #[error("the egress proxy would listen on {0}, which is not loopback, without client certificates: anyone who reaches it could reach every node's kubelet. Add --egress-tls-cert, --egress-tls-key and --egress-client-ca, listen on 127.0.0.1, or use --egress-uds (kube-apiserver's EgressSelectorConfiguration supports a Unix socket)")]
     EgressUnauthenticated(SocketAddr),
     #[error("cannot read the node records: {0}")]
-    Records(#[from] tether_certs::CertError),
+    Records(#[from] tether_trust::CertError),
     #[error("datastore: {0}")]
     Datastore(#[from] crate::datastore::etcd::EtcdError),
     #[error("cannot read the datastore: {0}")]

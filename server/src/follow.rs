@@ -21,9 +21,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_certs::records::{self, NodeRecord};
 use tether_link::backoff::Backoff;
 use tether_process::shutdown::ShutdownSignal;
+use tether_trust::records::{self, NodeRecord};
 use tracing::{info, warn};
 
 /// What the follower updates.

@@ -6,11 +6,11 @@ use crate::error::ServerError;
 use crate::state::State;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tether_certs::files;
-use tether_certs::records::Verdict;
 use tether_process::shutdown::ShutdownSignal;
 use tether_proto::code;
 use tether_transport::tls;
+use tether_trust::files;
+use tether_trust::records::Verdict;
 use tracing::{info, warn};
 
 /// The CA roots, this server's identity (its certificate followed by the CA, so that joining

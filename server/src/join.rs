@@ -10,9 +10,9 @@ use crate::metrics::Limit;
 use crate::state::State;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tether_certs::token::{self, Token};
 use tether_proto::{code, Message, StatusCode};
 use tether_transport::transport::{Stream, Tunnel};
+use tether_trust::token::{self, Token};
 use tracing::{info, warn};
 
 fn answer(code: StatusCode, message: String, cert_pem: String, ca_pem: String) -> Message {
@@ -128,10 +128,10 @@ async fn decide(
         Err(e) if e.is_unavailable() => return unavailable(&e),
         Err(e) => return refuse(format!("server cannot read its token store: {e}")),
     };
-    if let Err(e) = tether_certs::validate_node_name(node_name) {
+    if let Err(e) = tether_trust::validate_node_name(node_name) {
         return refuse(e.to_string());
     }
-    let key = match tether_certs::key_hash_of_csr(csr) {
+    let key = match tether_trust::key_hash_of_csr(csr) {
         Ok(k) => k,
         Err(e) => return refuse(e.to_string()),
     };
@@ -187,19 +187,19 @@ async fn decide(
 pub enum SignError {
     /// This server has no usable copy of the CA's key.
     #[error("this server cannot sign: {0}")]
-    NoCa(tether_certs::CertError),
+    NoCa(tether_trust::CertError),
     /// The request does not make a certificate (bad signature, bad name).
     #[error("{0}")]
-    Request(tether_certs::CertError),
+    Request(tether_trust::CertError),
 }
 
 /// Signs a node's request with this server's copy of the CA, for the configured lifetime.
 pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<String, SignError> {
-    let ca = tether_certs::Ca::load(&state.config.data_dir).map_err(SignError::NoCa)?;
+    let ca = tether_trust::Ca::load(&state.config.data_dir).map_err(SignError::NoCa)?;
     let now = time::OffsetDateTime::now_utc();
     let life = time::Duration::try_from(state.config.agent_cert_lifetime)
         .unwrap_or(time::Duration::days(365));
-    let lifetime = tether_certs::Lifetime {
+    let lifetime = tether_trust::Lifetime {
         not_before: now - time::Duration::minutes(5),
         not_after: now + life,
     };
@@ -218,7 +218,7 @@ pub async fn renew(mut stream: Stream, node: &str, current_key: &str, csr: Vec<u
         warn!(node, reason = %why, "refused renewal");
         answer(code, why, String::new(), String::new())
     };
-    let reply = match tether_certs::key_hash_of_csr(&csr) {
+    let reply = match tether_trust::key_hash_of_csr(&csr) {
         Err(e) => fail(StatusCode::BadRequest, e.to_string()),
         Ok(key) => match sign(&csr, node, state) {
             Err(why) => fail(StatusCode::Busy, why.to_string()),

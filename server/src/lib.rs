@@ -96,9 +96,9 @@ fn advertise_address(config: &ServerConfig, bound: SocketAddr) -> Option<String>
 async fn open_datastore(
     config: &ServerConfig,
     health: &datastore::StoreHealth,
-) -> Result<(Datastore, tether_certs::records::Records), ServerError> {
+) -> Result<(Datastore, tether_trust::records::Records), ServerError> {
     use std::sync::atomic::Ordering;
-    use tether_certs::records::{self, Records};
+    use tether_trust::records::{self, Records};
     match config.datastore {
         datastore::Kind::Dir => {
             health.available.store(true, Ordering::Relaxed);
@@ -140,9 +140,9 @@ async fn open_datastore(
 async fn restore_locked_out(
     store: &Datastore,
     dir: &std::path::Path,
-    records: &mut tether_certs::records::Records,
+    records: &mut tether_trust::records::Records,
 ) -> Result<(), ServerError> {
-    use tether_certs::records::{self, NodeState, Records};
+    use tether_trust::records::{self, NodeState, Records};
     let cached = Records::load(dir)?;
     for rec in cached.by_name.into_values() {
         if matches!(rec.state, NodeState::Owned(_)) || rec.expired(records::now_ms()) {

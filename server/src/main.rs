@@ -222,10 +222,10 @@ struct InitArgs {
     #[arg(long = "san", env = "TETHER_SAN", value_delimiter = ',')]
     sans: Vec<String>,
     /// Lifetime of a new CA, in days.
-    #[arg(long, env = "TETHER_CA_DAYS", default_value_t = tether_certs::CA_DAYS)]
+    #[arg(long, env = "TETHER_CA_DAYS", default_value_t = tether_trust::CA_DAYS)]
     ca_days: u32,
     /// Lifetime of the server certificate, in days.
-    #[arg(long, env = "TETHER_DAYS", default_value_t = tether_certs::LEAF_DAYS)]
+    #[arg(long, env = "TETHER_DAYS", default_value_t = tether_trust::LEAF_DAYS)]
     days: u32,
 }
 
@@ -241,7 +241,7 @@ struct IssueAgentArgs {
     #[arg(long, env = "TETHER_OUT_DIR")]
     out_dir: PathBuf,
     /// Lifetime of the certificate, in days.
-    #[arg(long, env = "TETHER_DAYS", default_value_t = tether_certs::LEAF_DAYS)]
+    #[arg(long, env = "TETHER_DAYS", default_value_t = tether_trust::LEAF_DAYS)]
     days: u32,
     /// An IP address of the node, owned by it from now on (repeatable): the egress proxy
     /// sends a CONNECT to it to this node alone, so no other node can claim it first.
@@ -386,7 +386,7 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
 }
 
 fn init(a: InitArgs) -> Result<()> {
-    let report = tether_certs::init(&a.data_dir, &a.sans, a.ca_days, a.days)
+    let report = tether_trust::init(&a.data_dir, &a.sans, a.ca_days, a.days)
         .with_context(|| format!("cannot initialise {}", a.data_dir.display()))?;
     let dir = a.data_dir.display();
     if report.created_ca {
@@ -412,7 +412,7 @@ async fn token(t: TokenCommand) -> Result<()> {
             store,
         } => {
             let secs = ttl.map(|d| d.as_secs().max(1)).unwrap_or(0);
-            let grant = tether_certs::token::TokenGrant { uses, addresses };
+            let grant = tether_trust::token::TokenGrant { uses, addresses };
             let tok = store
                 .open(&data_dir)?
                 .create_token(&data_dir, secs, &description, &grant)
@@ -508,7 +508,7 @@ fn human(secs: i64) -> String {
 }
 
 async fn agent(a: AgentCommand) -> Result<()> {
-    use tether_certs::records::NodeState;
+    use tether_trust::records::NodeState;
     let (name, dir, store, state, what) = match a {
         AgentCommand::ReleaseAddress {
             address,
@@ -558,7 +558,7 @@ async fn agent(a: AgentCommand) -> Result<()> {
             "forgotten: the next join under this name may use a new key",
         ),
     };
-    tether_certs::validate_node_name(&name)?;
+    tether_trust::validate_node_name(&name)?;
     store
         .open(&dir)?
         .set_state(&name, state)
@@ -569,7 +569,7 @@ async fn agent(a: AgentCommand) -> Result<()> {
 }
 
 async fn issue_agent(a: IssueAgentArgs) -> Result<()> {
-    tether_certs::validate_node_name(&a.node_name)?;
+    tether_trust::validate_node_name(&a.node_name)?;
     // With etcd, the store must answer before a certificate exists that it does not know of.
     let store = a.store.open(&a.data_dir)?;
     if let Datastore::Etcd(_) = &store {
@@ -578,15 +578,15 @@ async fn issue_agent(a: IssueAgentArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot reach {}", a.store.describe(&a.data_dir)))?;
     }
-    tether_certs::issue_agent_files(&a.data_dir, &a.node_name, &a.out_dir, a.days)
+    tether_trust::issue_agent_files(&a.data_dir, &a.node_name, &a.out_dir, a.days)
         .with_context(|| format!("cannot issue a certificate for node {:?}", a.node_name))?;
     let out = a.out_dir.display();
     if let Datastore::Etcd(_) = &store {
-        let cert = std::fs::read_to_string(a.out_dir.join(tether_certs::files::AGENT_CERT))
+        let cert = std::fs::read_to_string(a.out_dir.join(tether_trust::files::AGENT_CERT))
             .with_context(|| format!("cannot read {out}/agent.crt"))?;
-        let key = tether_certs::key_hash_of_cert_pem(&cert)?;
+        let key = tether_trust::key_hash_of_cert_pem(&cert)?;
         store
-            .set_state(&a.node_name, tether_certs::records::NodeState::Owned(key))
+            .set_state(&a.node_name, tether_trust::records::NodeState::Owned(key))
             .await
             .with_context(|| {
                 format!(

@@ -59,14 +59,14 @@ impl EtcdCluster {
         let dir = TempDir::new("etcd");
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).expect("pki dir");
-        let ca = tether_certs::Ca::generate("etcd-ca", tether_certs::Lifetime::days(10))
+        let ca = tether_trust::Ca::generate("etcd-ca", tether_trust::Lifetime::days(10))
             .expect("etcd CA");
         let names = ["127.0.0.1".to_string(), "localhost".to_string()];
         let server = ca
-            .issue_server(&names, tether_certs::Lifetime::days(10))
+            .issue_server(&names, tether_trust::Lifetime::days(10))
             .expect("etcd server certificate");
         let client = ca
-            .issue_agent("tether-etcd-client", tether_certs::Lifetime::days(10))
+            .issue_agent("tether-etcd-client", tether_trust::Lifetime::days(10))
             .expect("etcd client certificate");
         let path = |f: &str| pki.join(f);
         std::fs::write(path("ca.crt"), ca.cert_pem()).expect("write");

@@ -1,6 +1,6 @@
 //! The shared harness of tether's integration and end-to-end tests.
 //!
-//! Everything here is real: certificates made by `tether-certs`, servers and agents started
+//! Everything here is real: certificates made by `tether-trust`, servers and agents started
 //! in-process through their libraries (or as processes from the built binaries), TCP and UDP
 //! sockets on loopback, TLS end to end. Nothing is mocked. Waits are for conditions, each with a
 //! deadline, never bare sleeps.
@@ -70,7 +70,7 @@ pub struct Pki {
 /// `localhost`, `127.0.0.1` and `::1`: what a server certificate must name for tests to dial it
 /// on loopback.
 pub fn loopback_names() -> Vec<String> {
-    tether_certs::LOOPBACK_NAMES
+    tether_trust::LOOPBACK_NAMES
         .iter()
         .map(|s| s.to_string())
         .collect()
@@ -87,7 +87,7 @@ impl Pki {
         let dir = TempDir::new("pki");
         let mut names = loopback_names();
         names.extend(sans.iter().cloned());
-        tether_certs::init(&dir.path().join("server"), &names, 3650, 365).expect("init");
+        tether_trust::init(&dir.path().join("server"), &names, 3650, 365).expect("init");
         Pki { dir }
     }
 
@@ -99,7 +99,7 @@ impl Pki {
     pub fn agent_dir(&self, node: &str) -> PathBuf {
         let out = self.dir.path().join(format!("agent-{node}"));
         if !out.join("agent.crt").exists() {
-            tether_certs::issue_agent_files(&self.server_dir(), node, &out, 365)
+            tether_trust::issue_agent_files(&self.server_dir(), node, &out, 365)
                 .expect("issue agent");
         }
         out
@@ -109,12 +109,12 @@ impl Pki {
 impl Pki {
     /// An agent certificate for `node` valid from `from` to `until`, relative to now (seconds;
     /// negative for the past), signed by this PKI's CA and recorded nowhere.
-    pub fn agent_cert(&self, node: &str, from: i64, until: i64) -> tether_certs::Issued {
-        let ca = tether_certs::Ca::load(&self.server_dir()).expect("CA");
+    pub fn agent_cert(&self, node: &str, from: i64, until: i64) -> tether_trust::Issued {
+        let ca = tether_trust::Ca::load(&self.server_dir()).expect("CA");
         let now = time::OffsetDateTime::now_utc();
         ca.issue_agent(
             node,
-            tether_certs::Lifetime {
+            tether_trust::Lifetime {
                 not_before: now + time::Duration::seconds(from),
                 not_after: now + time::Duration::seconds(until),
             },
@@ -626,7 +626,7 @@ impl PeeredPair {
         for f in ["ca.crt", "ca.key"] {
             std::fs::copy(pki.server_dir().join(f), second.path().join(f)).expect("copy CA");
         }
-        tether_certs::init(second.path(), &loopback_names(), 1, 1).expect("init the second server");
+        tether_trust::init(second.path(), &loopback_names(), 1, 1).expect("init the second server");
         let echo = Echo::start().await;
         let port = || crate::process::free_port();
         let addrs: [SocketAddr; 2] = [

@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_certs::records::NodeState;
 use tether_server::config::ServerConfig;
 use tether_server::datastore::etcd::{Etcd, EtcdSettings};
 use tether_server::datastore::{Datastore, Kind};
 use tether_server::ServerHandle;
 use tether_tests::etcd::{etcd_or_skip, Cutter, EtcdCluster};
 use tether_tests::*;
+use tether_trust::records::NodeState;
 
 /// A running etcd cluster of `members` for `test`, with the test's logging on; `None` (after a
 /// loud SKIPPED) where there is no etcd and this is not CI.

@@ -264,7 +264,7 @@ fn no_source_file_outside_the_test_suites_is_over_800_lines() {
         "endpoint",
         "transport",
         "link",
-        "certs",
+        "trust",
         "etcd",
         "standin",
         "server",

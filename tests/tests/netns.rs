@@ -714,10 +714,10 @@ async fn the_control_plane_reaches_a_kubelet_behind_nat() {
         ],
     );
     // The kubelet's serving certificate names the node and its address.
-    let ca = tether_certs::Ca::load(&d0).unwrap();
+    let ca = tether_trust::Ca::load(&d0).unwrap();
     ca.issue_server(
         &["edge-1".into(), lab.node_ip.clone()],
-        tether_certs::Lifetime::days(1),
+        tether_trust::Lifetime::days(1),
     )
     .unwrap()
     .save(

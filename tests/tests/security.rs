@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tether_agent::join::JoinError;
 use tether_agent::AgentError;
-use tether_certs::records::{write_local, NodeState};
 use tether_proto::{self as protocol, Message, StatusCode, Target};
 use tether_tests::*;
+use tether_trust::records::{write_local, NodeState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The token `init` wrote for the test PKI.
@@ -83,11 +83,11 @@ async fn a_token_joins_no_more_than_its_uses_and_the_cluster_no_more_than_max_no
     let server = tether_server::start(sc).await.unwrap();
     let dir = pki.server_dir();
     let ip: std::net::IpAddr = "127.0.0.42".parse().unwrap();
-    let grant = tether_certs::token::TokenGrant {
+    let grant = tether_trust::token::TokenGrant {
         uses: 2,
         addresses: vec![ip],
     };
-    let two = tether_certs::token::create_with(&dir, 3600, "two", &grant)
+    let two = tether_trust::token::create_with(&dir, 3600, "two", &grant)
         .unwrap()
         .to_string();
     let join = |node: &'static str, token: String| {
@@ -101,7 +101,7 @@ async fn a_token_joins_no_more_than_its_uses_and_the_cluster_no_more_than_max_no
     let (_d1, first) = join("u1", two.clone()).await;
     first.expect("first use").shutdown().await;
     // The token's address is the first node's, before it ever claimed it.
-    let records = tether_certs::records::Records::load(&dir).unwrap();
+    let records = tether_trust::records::Records::load(&dir).unwrap();
     assert_eq!(records.owners_of(ip), vec!["u1"]);
     // Its second use: the address is taken, so this join is refused (and spends the use).
     let (_d2, second) = join("u2", two.clone()).await;
@@ -112,7 +112,7 @@ async fn a_token_joins_no_more_than_its_uses_and_the_cluster_no_more_than_max_no
     assert!(err.contains("bad token"), "a token past its uses: {err}");
 
     // Any number of uses, but the cluster is full at 3 records (u1, u2 and one more).
-    let any = tether_certs::token::create(&dir, 3600, "any")
+    let any = tether_trust::token::create(&dir, 3600, "any")
         .unwrap()
         .to_string();
     let (_d4, fourth) = join("u4", any.clone()).await;
@@ -164,7 +164,7 @@ async fn bad_tokens_and_taken_names_are_refused_clearly() {
 
     // A revoked token, and one created while the server runs.
     let dir = pki.server_dir();
-    let fresh = tether_certs::token::create(&dir, 3600, "test")
+    let fresh = tether_trust::token::create(&dir, 3600, "test")
         .unwrap()
         .to_string();
     let d = TempDir::new("fresh");
@@ -173,7 +173,7 @@ async fn bad_tokens_and_taken_names_are_refused_clearly() {
         .expect("new token works at once");
     a.shutdown().await;
     let id = fresh.split("::").nth(1).unwrap().split('.').next().unwrap();
-    assert!(tether_certs::token::revoke(&dir, id).unwrap());
+    assert!(tether_trust::token::revoke(&dir, id).unwrap());
     let d = TempDir::new("revoked-token");
     let err = tether_agent::start(joining_agent(&d, "n2", server.local_addr, &fresh))
         .await
@@ -510,7 +510,7 @@ async fn a_revoked_node_loses_its_tunnels_on_every_server_within_seconds() {
 /// Agent settings with the certificate `issued` (and the PKI's CA) stored in `dir`.
 fn agent_with_cert(
     pki: &Pki,
-    issued: &tether_certs::Issued,
+    issued: &tether_trust::Issued,
     dir: &TempDir,
     server: SocketAddr,
 ) -> tether_agent::config::AgentConfig {
@@ -607,7 +607,7 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
     // Rotate the server certificate by replacing its files.
     let mut names = loopback_names();
     names.push("rotated.example".into());
-    tether_certs::init(&pki.server_dir(), &names, 1, 1).unwrap();
+    tether_trust::init(&pki.server_dir(), &names, 1, 1).unwrap();
     wait_for("server reloads", Duration::from_secs(10), || async {
         server.metrics().cert_reloads.get() >= 1
     })

@@ -9,12 +9,12 @@
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether_certs::records::{write_local, NodeState};
 use tether_proto::capability::Capabilities;
 use tether_proto::{self as protocol, Message, StatusCode};
 use tether_tests::*;
 use tether_transport::tls;
 use tether_transport::transport::Tunnel;
+use tether_trust::records::{write_local, NodeState};
 use tokio::io::AsyncReadExt;
 
 /// Sends one CONNECT through the egress proxy; returns the status code and the answer's text.
@@ -177,7 +177,7 @@ async fn a_pinned_address_leads_to_its_node_alone_before_it_connects_and_through
         "the pin reaches the peer",
         Duration::from_secs(10),
         || async {
-            tether_certs::records::Records::load(pair.second.path())
+            tether_trust::records::Records::load(pair.second.path())
                 .map(|r| r.owners_of(ip) == vec!["edge-1"])
                 .unwrap_or(false)
         },
@@ -215,15 +215,15 @@ async fn a_pinned_address_leads_to_its_node_alone_before_it_connects_and_through
 fn node_names_that_read_as_addresses_are_refused() {
     let pki = Pki::new();
     for name in ["10.0.0.5", "::1", "fe80::1", "127.0.0.1"] {
-        assert!(tether_certs::validate_node_name(name).is_err(), "{name}");
+        assert!(tether_trust::validate_node_name(name).is_err(), "{name}");
         let out = pki
             .dir
             .path()
             .join(format!("out-{}", name.replace(':', "_")));
-        let err = tether_certs::issue_agent_files(&pki.server_dir(), name, &out, 1).unwrap_err();
+        let err = tether_trust::issue_agent_files(&pki.server_dir(), name, &out, 1).unwrap_err();
         assert!(err.to_string().contains("not an IP address"), "{err}");
     }
-    assert!(tether_certs::validate_node_name("node-10.0.0.5").is_ok());
+    assert!(tether_trust::validate_node_name("node-10.0.0.5").is_ok());
 }
 
 /// Sends a renewal request on a tunnel opened with `conn`; returns the answer.
@@ -286,7 +286,7 @@ async fn a_renewal_flood_signs_no_more_than_the_nodes_burst() {
     let before = records();
     let mut asks = Vec::new();
     for _ in 0..40 {
-        let (csr, _) = tether_certs::make_csr("flood").unwrap();
+        let (csr, _) = tether_trust::make_csr("flood").unwrap();
         let conn = conn.clone();
         asks.push(tokio::spawn(async move { renew_on(&conn, csr).await }));
     }
@@ -332,8 +332,8 @@ async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
     // The operator revokes on the first server; the thief renews at once on both, before the
     // first server has looked at its records file and before the second has heard of it.
     write_local(&p.pki.server_dir(), "thief", NodeState::Revoked).unwrap();
-    let (csr1, _) = tether_certs::make_csr("thief").unwrap();
-    let (csr2, key2) = tether_certs::make_csr("thief").unwrap();
+    let (csr1, _) = tether_trust::make_csr("thief").unwrap();
+    let (csr2, key2) = tether_trust::make_csr("thief").unwrap();
     let (r1, r2) = tokio::join!(renew_on(&c1, csr1), renew_on(&c2, csr2));
     if let Ok((code, msg)) = &r1 {
         assert_ne!(*code, StatusCode::Ok, "the revoking server renewed: {msg}");
@@ -371,7 +371,7 @@ async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
     // Renewing again is refused with a reason.
     let c = raw_client(&p.pki, Some("thief"), s2.local_addr).await;
     if let Ok(c) = c {
-        let (csr, _) = tether_certs::make_csr("thief").unwrap();
+        let (csr, _) = tether_trust::make_csr("thief").unwrap();
         if let Ok((code, _)) = renew_on(&c, csr).await {
             assert_ne!(code, StatusCode::Ok);
         }
@@ -453,7 +453,7 @@ async fn tcp_join_connection(
     pki: &Pki,
     server: SocketAddr,
 ) -> std::io::Result<tether_transport::transport::tcp::TcpTunnel> {
-    let token: tether_certs::token::Token = std::fs::read_to_string(pki.server_dir().join("token"))
+    let token: tether_trust::token::Token = std::fs::read_to_string(pki.server_dir().join("token"))
         .unwrap()
         .trim()
         .parse()
@@ -597,7 +597,7 @@ async fn a_renewal_whose_answer_is_lost_does_not_lock_the_node_out() {
     })
     .await;
     // The server signs and records the new key; the answer never reaches the node.
-    let (csr, _lost_key) = tether_certs::make_csr("unlucky").unwrap();
+    let (csr, _lost_key) = tether_trust::make_csr("unlucky").unwrap();
     let (code, _) = renew_on(&conn, csr).await.unwrap();
     assert_eq!(code, StatusCode::Ok);
     conn.close(0u32.into(), b"crashed");
@@ -605,7 +605,7 @@ async fn a_renewal_whose_answer_is_lost_does_not_lock_the_node_out() {
     let conn = raw_client(&pki, Some("unlucky"), server.local_addr)
         .await
         .expect("the key before the renewal is still good");
-    let (csr, key) = tether_certs::make_csr("unlucky").unwrap();
+    let (csr, key) = tether_trust::make_csr("unlucky").unwrap();
     let (code, cert_pem) = renew_on(&conn, csr).await.unwrap();
     assert_eq!(code, StatusCode::Ok, "{cert_pem}");
     // The new pair works; once it has been seen, the old one is done for new tunnels.
@@ -850,9 +850,9 @@ async fn a_spoofed_server_id_does_not_keep_the_agent_off_the_real_server() {
 
     // The impostor: its own server certificate from the same CA, answering every hello with
     // the real server's id.
-    let ca = tether_certs::Ca::load(&pki.server_dir()).unwrap();
+    let ca = tether_trust::Ca::load(&pki.server_dir()).unwrap();
     let issued = ca
-        .issue_server(&loopback_names(), tether_certs::Lifetime::days(1))
+        .issue_server(&loopback_names(), tether_trust::Lifetime::days(1))
         .unwrap();
     let identity = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem).unwrap();
     let roots = tls::load_roots(&pki.server_dir().join("ca.crt")).unwrap();

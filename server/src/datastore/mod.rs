@@ -8,7 +8,7 @@
 //!   line the `nodes` file holds), one per token (`PREFIX tokens/ID`, hashes only, the TTL an
 //!   etcd lease), one per running server (`PREFIX servers/ID`, under a lease of
 //!   [`members::MEMBER_TTL`]). Every change of a record is a compare-and-swap on the key's
-//!   revision, running the same rules as the files (`tether_certs::records`), so two servers
+//!   revision, running the same rules as the files (`tether_trust::records`), so two servers
 //!   can never both give one name to two keys, and no clock decides anything.
 //!
 //! The CA's key stays in each master's data directory: etcd holds no private key.
@@ -22,9 +22,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use tether_certs::records::{self, AddressClaim, NameRefusal, NodeRecord, NodeState, Records};
-use tether_certs::token::{self, Token, TokenEntry, TokenGrant, TokenRejection};
-use tether_certs::CertError;
+use tether_trust::records::{self, AddressClaim, NameRefusal, NodeRecord, NodeState, Records};
+use tether_trust::token::{self, Token, TokenEntry, TokenGrant, TokenRejection};
+use tether_trust::CertError;
 
 /// Whether the store answers, and (etcd) the revision applied last; read by metrics,
 /// readiness and status. The data directory is always available.
@@ -148,7 +148,7 @@ pub fn parse_record(key: &str, value: &[u8]) -> Result<NodeRecord, DatastoreErro
             rec.name
         )));
     }
-    tether_certs::validate_node_name(&rec.name).map_err(|e| corrupt(e.to_string()))?;
+    tether_trust::validate_node_name(&rec.name).map_err(|e| corrupt(e.to_string()))?;
     Ok(rec)
 }
 
@@ -199,7 +199,7 @@ impl Datastore {
         }
     }
 
-    /// Runs a record rule (`tether_certs::records`) on the record of `name` and stores the
+    /// Runs a record rule (`tether_trust::records`) on the record of `name` and stores the
     /// result when the rule changed it: under the directory's lock, or as a compare-and-swap
     /// on the etcd key's revision, retried when another writer came first. Returns the rule's
     /// answer and the record as stored after it.

@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(line) = std::str::from_utf8(data) {
-        if let Ok(r) = tether_certs::records::parse_line(line) {
+        if let Ok(r) = tether_trust::records::parse_line(line) {
             assert!(r.validate().is_ok());
         }
     }

@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = tether_certs::key_hash_of_csr(data);
+    let _ = tether_trust::key_hash_of_csr(data);
 });

@@ -727,7 +727,7 @@ mod tests {
     }
 
     fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("tether-certs-{name}-{}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("tether-trust-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
     }

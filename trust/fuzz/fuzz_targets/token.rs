@@ -4,8 +4,8 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {
-        if let Ok(t) = s.parse::<tether_certs::token::Token>() {
-            assert_eq!(t.to_string().parse::<tether_certs::token::Token>().ok(), Some(t));
+        if let Ok(t) = s.parse::<tether_trust::token::Token>() {
+            assert_eq!(t.to_string().parse::<tether_trust::token::Token>().ok(), Some(t));
         }
     }
 });
