@@ -214,9 +214,9 @@ fn soak(a: SoakArgs) -> Result<()> {
                 .replace("kill 9", "kill -9")
                 .replace("udp", "UDP")
                 .replace("nat", "NAT");
-            if !soak::FAULTS.contains(&kind.as_str()) {
+            let Some(kind) = soak::FaultKind::from_name(&kind) else {
                 bail!("soak: no fault {k:?} (see --help)");
-            }
+            };
             kinds.push(kind);
         }
         settings.faults = Some(kinds);

@@ -12,7 +12,9 @@ use tether_process::shutdown::ShutdownSignal;
 use tether_process::telemetry::{Counter, Gauge};
 use tether_proto::capability::Capabilities;
 use tether_proto::{code, Message};
-use tether_transport::transport::{RecvHalf, SendHalf, Stream, TransportKind};
+use tether_transport::transport::{
+    FrameError, RecvHalf, SendHalf, Stream, StreamError, TransportError, TransportKind,
+};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -414,18 +416,18 @@ async fn serve(
         e = send_control(&mut control.send, outbox.as_mut(), &link) => e,
         q = upgrade => {
             upgraded = Some(q);
-            "moved to QUIC".to_string()
+            LinkEnd::MovedToQuic
         }
         t = downgrade => {
             upgraded = Some(t);
             udp_lost = true;
-            "QUIC went silent while TCP answers: moved to TCP".to_string()
+            LinkEnd::MovedToTcp
         }
         r = rotate => {
             upgraded = Some(r);
-            "moved to the renewed certificate".to_string()
+            LinkEnd::MovedToRenewed
         }
-        _ = stop.wait() => "shutting down".to_string(),
+        _ = stop.wait() => LinkEnd::Shutdown,
     };
     d.pool.remove(&link);
     d.stats.up.dec();
@@ -489,6 +491,32 @@ async fn serve(
     None
 }
 
+/// Why a link's tunnel stopped being served: logged as the tunnel's end, and, for the moves, why
+/// its open streams finish on it while new ones go to its successor.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkEnd {
+    /// Accepting the server's streams failed: the tunnel is gone.
+    #[error(transparent)]
+    Tunnel(TransportError),
+    #[error("control stream failed: {0}")]
+    ControlWrite(StreamError),
+    #[error("control stream failed: {0}")]
+    ControlRead(FrameError),
+    #[error("server closed the control stream")]
+    ControlClosed,
+    /// A server older than the liveness capability went silent over TCP past the tolerance.
+    #[error("no heartbeat from the server for {0:?}")]
+    NoHeartbeat(Duration),
+    #[error("moved to QUIC")]
+    MovedToQuic,
+    #[error("QUIC went silent while TCP answers: moved to TCP")]
+    MovedToTcp,
+    #[error("moved to the renewed certificate")]
+    MovedToRenewed,
+    #[error("shutting down")]
+    Shutdown,
+}
+
 /// After a move to TCP, returns once the QUIC tunnel left behind has stayed silent (its peer
 /// acknowledged nothing new) for [`QUIC_RETIRED_GRACE`]; never returns if it was heard, so the
 /// caller waits on, and lets the streams finish.
@@ -513,7 +541,7 @@ async fn quic_stays_silent(old: &Link) {
 /// each counted among the link's streams while it runs, so that a tunnel being left for a
 /// new one stays up until they end (a `kubectl exec` is not cut by a renewal); returns why
 /// accepting stopped.
-async fn accept_incoming(link: &Arc<Link>, hook: Option<&StreamHook>) -> String {
+async fn accept_incoming(link: &Arc<Link>, hook: Option<&StreamHook>) -> LinkEnd {
     loop {
         match link.tunnel.accept_stream().await {
             Ok(mut s) => match hook {
@@ -527,7 +555,7 @@ async fn accept_incoming(link: &Arc<Link>, hook: Option<&StreamHook>) -> String 
                 }
                 None => s.reset(code::PROTOCOL).await,
             },
-            Err(e) => return e.to_string(),
+            Err(e) => return LinkEnd::Tunnel(e),
         }
     }
 }
@@ -538,7 +566,7 @@ async fn send_control(
     send: &mut SendHalf,
     mut outbox: Option<&mut Box<dyn Outbox>>,
     link: &Link,
-) -> String {
+) -> LinkEnd {
     let mut nonce = 0u64;
     loop {
         let next = async {
@@ -556,7 +584,7 @@ async fn send_control(
         };
         for m in msgs {
             if let Err(e) = send.write_message(&m).await {
-                return format!("control stream failed: {e}");
+                return LinkEnd::ControlWrite(e);
             }
         }
     }
@@ -566,7 +594,7 @@ async fn send_control(
 /// Over TCP a server without the liveness capability repeats its health every keepalive
 /// interval; the link monitor judges those beats (a dead server or a dead link), and silence for
 /// longer than the blackout tolerance ends the tunnel here too, as a backstop.
-async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dialer) -> String {
+async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dialer) -> LinkEnd {
     let heartbeat = heartbeat && !link.has(tether_proto::capability::LIVENESS);
     let hold = d.liveness.tunnel_idle_timeout();
     loop {
@@ -574,7 +602,7 @@ async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dia
         let msg = if heartbeat {
             match tokio::time::timeout(hold, next).await {
                 Ok(m) => m,
-                Err(_) => return format!("no heartbeat from the server for {hold:?}"),
+                Err(_) => return LinkEnd::NoHeartbeat(hold),
             }
         } else {
             next.await
@@ -606,8 +634,8 @@ async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dia
                 Some(f) => f(&m),
                 None => debug!(message = m.name(), "control message ignored"),
             },
-            Ok(None) => return "server closed the control stream".into(),
-            Err(e) => return format!("control stream failed: {e}"),
+            Ok(None) => return LinkEnd::ControlClosed,
+            Err(e) => return LinkEnd::ControlRead(e),
         }
     }
 }

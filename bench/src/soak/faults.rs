@@ -3,19 +3,74 @@
 use super::*;
 
 /// Every kind of fault, as `--faults` names them (dashes for spaces).
-pub const FAULTS: &[&str] = &[
-    "kill -9 server",
-    "drain server",
-    "stop upstream",
-    "restart agent",
-    "reload server certificate",
-    "restart all servers",
-    "drop packets to server",
-    "block UDP",
-    "rebind NAT",
-    "kill -9 etcd",
-    "cut server from etcd",
-    "revoke node",
+/// What a fault does. The soak injects the first twelve (in this order, which with the seed makes
+/// the run); the link of `--link` makes the last two on its own schedule. The names are what the
+/// report, `faults.csv` and `--faults` say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    KillServer,
+    DrainServer,
+    StopUpstream,
+    RestartAgent,
+    ReloadCertificate,
+    RestartAllServers,
+    DropPackets,
+    BlockUdp,
+    RebindNat,
+    KillEtcd,
+    CutFromEtcd,
+    RevokeNode,
+    LinkBlackout,
+    LinkRebinding,
+}
+
+impl FaultKind {
+    /// The fault's name in the report and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillServer => "kill -9 server",
+            FaultKind::DrainServer => "drain server",
+            FaultKind::StopUpstream => "stop upstream",
+            FaultKind::RestartAgent => "restart agent",
+            FaultKind::ReloadCertificate => "reload server certificate",
+            FaultKind::RestartAllServers => "restart all servers",
+            FaultKind::DropPackets => "drop packets to server",
+            FaultKind::BlockUdp => "block UDP",
+            FaultKind::RebindNat => "rebind NAT",
+            FaultKind::KillEtcd => "kill -9 etcd",
+            FaultKind::CutFromEtcd => "cut server from etcd",
+            FaultKind::RevokeNode => "revoke node",
+            FaultKind::LinkBlackout => "link blackout",
+            FaultKind::LinkRebinding => "link rebinding",
+        }
+    }
+
+    /// The kind with this name, as `--faults` gives it.
+    pub fn from_name(name: &str) -> Option<FaultKind> {
+        FAULTS.iter().copied().find(|k| k.name() == name)
+    }
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The faults the soak injects, in order.
+pub const FAULTS: &[FaultKind] = &[
+    FaultKind::KillServer,
+    FaultKind::DrainServer,
+    FaultKind::StopUpstream,
+    FaultKind::RestartAgent,
+    FaultKind::ReloadCertificate,
+    FaultKind::RestartAllServers,
+    FaultKind::DropPackets,
+    FaultKind::BlockUdp,
+    FaultKind::RebindNat,
+    FaultKind::KillEtcd,
+    FaultKind::CutFromEtcd,
+    FaultKind::RevokeNode,
 ];
 
 pub(super) fn fault_loop(run: Arc<Run>) {
@@ -25,18 +80,18 @@ pub(super) fn fault_loop(run: Arc<Run>) {
     // Those that can run here, in the order of FAULTS (which, with the seed, makes the run).
     let conntrack = run.settings.netns && runs("conntrack", &["-V"]);
     let etcd = run.lab.etcd.is_some();
-    let mut kinds: Vec<&'static str> = FAULTS
+    let mut kinds: Vec<FaultKind> = FAULTS
         .iter()
         .copied()
         .filter(|k| match *k {
-            "drop packets to server" | "block UDP" => run.settings.netns,
-            "rebind NAT" => conntrack || run.lab.link.is_some(),
-            "kill -9 etcd" | "cut server from etcd" => etcd,
+            FaultKind::DropPackets | FaultKind::BlockUdp => run.settings.netns,
+            FaultKind::RebindNat => conntrack || run.lab.link.is_some(),
+            FaultKind::KillEtcd | FaultKind::CutFromEtcd => etcd,
             _ => true,
         })
         .collect();
     if let Some(only) = &run.settings.faults {
-        kinds.retain(|k| only.iter().any(|o| o == k));
+        kinds.retain(|k| only.contains(k));
     }
     if kinds.is_empty() {
         return;
@@ -45,8 +100,8 @@ pub(super) fn fault_loop(run: Arc<Run>) {
     while !run.stopped() && run.now() + 15.0 < run.settings.duration.as_secs_f64() {
         // Every kind comes round; the rolling restart, the longest, a little less often.
         let mut kind = kinds[rng.below(kinds.len() as u64) as usize];
-        if kind == "restart all servers" && n % 2 == 1 {
-            kind = "kill -9 server";
+        if kind == FaultKind::RestartAllServers && n % 2 == 1 {
+            kind = FaultKind::KillServer;
         }
         n += 1;
         let start = run.now();
@@ -97,7 +152,7 @@ pub(super) fn link_loop(run: Arc<Run>) {
             wire.blackout(Duration::from_millis(len_ms));
             let len = len_ms as f64 / 1000.0;
             lock(&run.record).faults.push(Fault {
-                kind: "link blackout",
+                kind: FaultKind::LinkBlackout,
                 target: format!("every server, {len:.1} s"),
                 start: now,
                 in_effect: now,
@@ -108,7 +163,7 @@ pub(super) fn link_loop(run: Arc<Run>) {
         if rebind_at.is_some_and(|t| now >= t) {
             wire.rebind();
             lock(&run.record).faults.push(Fault {
-                kind: "link rebinding",
+                kind: FaultKind::LinkRebinding,
                 target: "every UDP flow of the node".into(),
                 start: now,
                 in_effect: now,
@@ -225,11 +280,11 @@ impl From<String> for Injected {
 }
 
 /// Injects one fault and repairs it; returns what it hit.
-pub(super) fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
+pub(super) fn inject(run: &Run, kind: FaultKind, rng: &mut Rng) -> Result<Injected> {
     let lab = &run.lab;
     let i = rng.below(lab.servers.len() as u64) as usize;
     match kind {
-        "kill -9 server" => {
+        FaultKind::KillServer => {
             let mut s = lock(&lab.servers[i]);
             s.kill9();
             let in_effect = run.now();
@@ -241,31 +296,31 @@ pub(super) fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
                 in_effect: Some(in_effect),
             })
         }
-        "drain server" => {
+        FaultKind::DrainServer => {
             lock(&lab.servers[i]).terminate(DRAIN + Duration::from_secs(5));
             lock(&lab.servers[i]).start()?;
             Ok(format!("server-{i}").into())
         }
-        "stop upstream" => {
+        FaultKind::StopUpstream => {
             lab.upstreams[i].down.store(true, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(4000 + rng.below(4000)));
             lab.upstreams[i].down.store(false, Ordering::Relaxed);
             Ok(format!("upstream of server-{i}").into())
         }
-        "restart agent" => {
+        FaultKind::RestartAgent => {
             let j = rng.below(lab.agents.len() as u64) as usize;
             let mut a = lock(&lab.agents[j]);
             a.slot.terminate(Duration::from_secs(35));
             a.slot.start()?;
             Ok(format!("agent-{j}").into())
         }
-        "reload server certificate" => {
+        FaultKind::ReloadCertificate => {
             if let Some(p) = lock(&lab.servers[i]).pid() {
                 signal(p, "HUP");
             }
             Ok(format!("server-{i}").into())
         }
-        "drop packets to server" => {
+        FaultKind::DropPackets => {
             // Both directions of the server's port (agents' and peers' tunnels, both
             // transports): a silent partition, noticed only by liveness.
             let port = lab.ports[i];
@@ -281,7 +336,7 @@ pub(super) fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
                 in_effect: Some(in_effect),
             })
         }
-        "block UDP" => {
+        FaultKind::BlockUdp => {
             // QUIC dies everywhere: agents fall back to TLS over TCP, and return after.
             let rules = ["INPUT -p udp -j DROP".to_string()];
             let in_effect =
@@ -291,7 +346,7 @@ pub(super) fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
                 in_effect: Some(in_effect),
             })
         }
-        "rebind NAT" if lab.link.is_some() => {
+        FaultKind::RebindNat if lab.link.is_some() => {
             // The link's own NAT (see `crate::wan::nat`) gives every UDP flow of the node a
             // new source port, and again after a while: the same as below, across the link.
             let wire = lab.link.as_ref().context("no link")?.wire.handle();
@@ -304,7 +359,7 @@ pub(super) fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
                 in_effect: Some(in_effect),
             })
         }
-        "rebind NAT" => {
+        FaultKind::RebindNat => {
             // A NAT in front of the agents forgets its mappings and gives every UDP flow to
             // the servers a new source port: each server sees its agents (and its peers) move
             // to a new address, and QUIC must carry on across the change, losing nothing.
@@ -326,14 +381,14 @@ pub(super) fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
             removed?;
             Ok(format!("{} UDP flows moved to new ports", moved?).into())
         }
-        "restart all servers" => {
+        FaultKind::RestartAllServers => {
             for s in &lab.servers {
                 lock(s).terminate(DRAIN + Duration::from_secs(5));
                 lock(s).start()?;
             }
             Ok(Injected::from("every server in turn".to_string()))
         }
-        "kill -9 etcd" => {
+        FaultKind::KillEtcd => {
             let etcd = lab.etcd.as_ref().context("no etcd in this lab")?;
             let n = etcd.members();
             let m = rng.below(n as u64) as usize;
@@ -364,7 +419,7 @@ pub(super) fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
                 in_effect: Some(in_effect),
             })
         }
-        "cut server from etcd" => {
+        FaultKind::CutFromEtcd => {
             // A black hole between one server and every etcd member; the connections it had
             // stay silent after (see `crate::etcd::Gate`).
             let etcd = lab.etcd.as_ref().context("no etcd in this lab")?;
@@ -377,8 +432,8 @@ pub(super) fn inject(run: &Run, kind: &str, rng: &mut Rng) -> Result<Injected> {
                 in_effect: Some(in_effect),
             })
         }
-        "revoke node" => revoke_node(run),
-        other => bail!("unknown fault {other}"),
+        FaultKind::RevokeNode => revoke_node(run),
+        other => bail!("{other} is not a fault the soak injects"),
     }
 }
 

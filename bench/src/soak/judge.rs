@@ -6,7 +6,7 @@ use super::*;
 /// A fault, from its start to its end (seconds since the run began).
 #[derive(Debug, Clone)]
 pub(super) struct Fault {
-    pub(super) kind: &'static str,
+    pub(super) kind: FaultKind,
     pub(super) target: String,
     pub(super) start: f64,
     /// When it was fully in effect: the kill sent, every firewall rule in (`iptables` takes a
@@ -34,11 +34,11 @@ pub(super) fn may_fail(f: &Fault, kind: &str, from: f64, to: f64) -> bool {
     let in_window = f.start <= to && f.end + NOTICE >= from;
     match f.kind {
         // The agent itself went away: what it carried, and what was refused while it was down.
-        "restart agent" => in_window,
+        FaultKind::RestartAgent => in_window,
         // The upstream's closing listener resets what it had queued, as a dying apiserver
         // would: connections in flight at that instant. Later ones go to another upstream.
-        "stop upstream" => in_flight_at(f.start, 0.5),
-        "kill -9 server" | "drop packets to server" | "block UDP" => {
+        FaultKind::StopUpstream => in_flight_at(f.start, 0.5),
+        FaultKind::KillServer | FaultKind::DropPackets | FaultKind::BlockUdp => {
             if new_connection {
                 // Begun before the fault was in full effect, ended after it began.
                 from <= f.in_effect && to >= f.start
@@ -48,12 +48,15 @@ pub(super) fn may_fail(f: &Fault, kind: &str, from: f64, to: f64) -> bool {
         }
         // What outlasts the drain timeout is closed: a long-lived connection, or, on a slow
         // link, a bulk one that takes longer than the timeout. Nothing quicker fails.
-        "drain server" | "restart all servers" => {
+        FaultKind::DrainServer | FaultKind::RestartAllServers => {
             in_window && (!new_connection || to - from > DRAIN.as_secs_f64())
         }
         // Certificate reloads, NAT rebindings and the link's blackouts (up to the tolerance)
         // must fail nothing: a blackout only delays.
-        "link blackout" | "link rebinding" | "rebind NAT" | "reload server certificate" => false,
+        FaultKind::LinkBlackout
+        | FaultKind::LinkRebinding
+        | FaultKind::RebindNat
+        | FaultKind::ReloadCertificate => false,
         _ => false,
     }
 }
@@ -61,7 +64,7 @@ pub(super) fn may_fail(f: &Fault, kind: &str, from: f64, to: f64) -> bool {
 /// Whether a fault aimed at one agent (a restart) hit this connection's agent: a restart of
 /// one node explains nothing on another.
 pub(super) fn aimed_at(f: &Fault, o: &Outcome) -> bool {
-    f.kind != "restart agent" || f.target == format!("agent-{}", o.agent)
+    f.kind != FaultKind::RestartAgent || f.target == format!("agent-{}", o.agent)
 }
 
 /// The fault that explains a failed connection, if any.
@@ -136,7 +139,7 @@ pub(super) const RESET_BOUND: f64 = 6.0;
 /// to begin before the connection ended, and only if it was a death or a silence: a watch
 /// outlives many faults, and only the last can have ended it.
 pub(super) fn resets_after_death(rec: &Record) -> Vec<(&Outcome, f64)> {
-    let dying = ["kill -9 server", "drop packets to server"];
+    let dying = [FaultKind::KillServer, FaultKind::DropPackets];
     rec.outcomes
         .iter()
         .filter(|o| o.kind == "long" && o.failure.is_some() && !o.corrupt)
@@ -164,7 +167,7 @@ pub(super) fn told_apart(faults: &[Fault], mut t: f64) -> f64 {
     loop {
         let later = faults
             .iter()
-            .filter(|f| f.kind == "link blackout" && f.start <= t + VERDICT && f.end > t)
+            .filter(|f| f.kind == FaultKind::LinkBlackout && f.start <= t + VERDICT && f.end > t)
             .map(|f| f.end)
             .fold(t, f64::max);
         if later <= t {

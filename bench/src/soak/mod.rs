@@ -59,7 +59,7 @@ pub struct Settings {
     /// firewall (dropped packets, blocked UDP) are on.
     pub netns: bool,
     /// Only these kinds of fault (default: all that can run here).
-    pub faults: Option<Vec<String>>,
+    pub faults: Option<Vec<FaultKind>>,
     /// The servers keep their shared state in an etcd of the soak's own (`--datastore etcd`)
     /// instead of their data directories and peer links; etcd's faults join the list.
     pub etcd: bool,
@@ -128,7 +128,7 @@ use load::*;
 use report::*;
 use sample::*;
 
-pub use faults::FAULTS;
+pub use faults::FaultKind;
 pub use scenarios::{disconnected, storm};
 
 /// The variable that tells a soak it runs inside the namespace it made.
@@ -304,7 +304,7 @@ pub fn run(settings: Settings) -> Result<Verdict> {
         let blackouts: Vec<f64> = rec
             .faults
             .iter()
-            .filter(|f| f.kind == "link blackout")
+            .filter(|f| f.kind == FaultKind::LinkBlackout)
             .map(|f| f.end - f.start)
             .collect();
         format!(
@@ -313,7 +313,7 @@ pub fn run(settings: Settings) -> Result<Verdict> {
             l.profile.describe(),
             blackouts.len(),
             blackouts.iter().sum::<f64>(),
-            rec.faults.iter().filter(|f| f.kind == "link rebinding").count(),
+            rec.faults.iter().filter(|f| f.kind == FaultKind::LinkRebinding).count(),
             c.bytes() >> 20,
             c.dropped.load(Ordering::Relaxed)
         )

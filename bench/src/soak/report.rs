@@ -121,7 +121,7 @@ pub(super) fn write_report(
             "outlived two renewals of its key"
         } else {
             explanation(&rec.faults, o)
-                .map(|f| f.kind)
+                .map(|f| f.kind.name())
                 .unwrap_or("NO FAULT")
         };
         let why = o.failure.as_deref().unwrap_or("");
@@ -301,7 +301,7 @@ pub(super) fn chart(s: &Settings, rec: &Record) -> Vec<u8> {
         c.text(
             x + 2,
             600 - (i as i64 % 3) * 10,
-            f.kind.split(' ').next().unwrap_or(""),
+            f.kind.name().split(' ').next().unwrap_or(""),
             1,
             INK,
         );

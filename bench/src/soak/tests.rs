@@ -3,7 +3,7 @@ use super::*;
 #[test]
 fn failures_are_explained_only_by_what_the_fault_took_away() {
     let kill = Fault {
-        kind: "kill -9 server",
+        kind: FaultKind::KillServer,
         target: "server-1".into(),
         start: 10.0,
         in_effect: 10.05,
@@ -27,7 +27,7 @@ fn failures_are_explained_only_by_what_the_fault_took_away() {
     assert!(may_fail(&kill, "reverse", 18.0, 18.5));
     assert!(!may_fail(&kill, "reverse", 20.0, 21.0));
     let block = Fault {
-        kind: "block UDP",
+        kind: FaultKind::BlockUdp,
         ..kill.clone()
     };
     assert!(may_fail(&block, "bulk", 9.0, 12.0));
@@ -36,19 +36,19 @@ fn failures_are_explained_only_by_what_the_fault_took_away() {
         "began during the block"
     );
     let stopped = Fault {
-        kind: "stop upstream",
+        kind: FaultKind::StopUpstream,
         ..kill.clone()
     };
     assert!(may_fail(&stopped, "short", 9.8, 10.1));
     assert!(!may_fail(&stopped, "short", 11.0, 11.1));
     let drain = Fault {
-        kind: "drain server",
+        kind: FaultKind::DrainServer,
         ..kill.clone()
     };
     assert!(!may_fail(&drain, "short", 9.0, 12.5));
     assert!(may_fail(&drain, "long", 9.0, 12.5));
     let agent = Fault {
-        kind: "restart agent",
+        kind: FaultKind::RestartAgent,
         ..kill.clone()
     };
     assert!(
@@ -73,7 +73,7 @@ fn failures_are_explained_only_by_what_the_fault_took_away() {
     assert!(explanation(&faults, &through(1)).is_some());
     assert!(explanation(&faults, &through(0)).is_none());
     let rebind = Fault {
-        kind: "rebind NAT",
+        kind: FaultKind::RebindNat,
         ..kill
     };
     assert!(!may_fail(&rebind, "long", 9.0, 12.5));
@@ -141,7 +141,7 @@ fn a_long_connection_reset_late_after_its_server_died_fails_the_run() {
         agent: 0,
     };
     let kill = Fault {
-        kind: "kill -9 server",
+        kind: FaultKind::KillServer,
         target: "server-0".into(),
         start: 10.0,
         in_effect: 10.05,
