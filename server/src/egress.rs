@@ -281,15 +281,8 @@ pub async fn route(state: &State, node: &str, req: &ConnectRequest) -> Result<St
         Err(miss) if !miss.absent => return Err(miss.refusal),
         Err(miss) => miss,
     };
-    let since = if tried.is_empty() {
-        state.registry.left_at(node).or(Some(state.started))
-    } else {
-        Some(Instant::now())
-    };
-    let Some(until) = since
-        .map(|t| t + RECONNECT_GRACE)
-        .filter(|u| *u > Instant::now())
-    else {
+    let left_at = state.registry.left_at(node);
+    let Some(until) = wait_until(!tried.is_empty(), left_at, state.started, Instant::now()) else {
         return Err(miss.refusal);
     };
     state.metrics.egress_waited.inc();
@@ -302,6 +295,26 @@ pub async fn route(state: &State, node: &str, req: &ConnectRequest) -> Result<St
     route_once(state, node, req, &mut tried)
         .await
         .map_err(|m| m.refusal)
+}
+
+/// Until when a CONNECT whose node has no tunnel here waits for one (the rule of [`route`]),
+/// or `None` to answer at once: the grace after a tunnel of the node failed under the request
+/// (`failed_here`), else after the node left this server, else, for a node never seen, after
+/// this server started. Never past `now` and the grace: a request waits at most
+/// [`RECONNECT_GRACE`].
+pub fn wait_until(
+    failed_here: bool,
+    left_at: Option<Instant>,
+    started: Instant,
+    now: Instant,
+) -> Option<Instant> {
+    let since = if failed_here {
+        now
+    } else {
+        left_at.unwrap_or(started)
+    };
+    let until = since + RECONNECT_GRACE;
+    (until > now).then(|| until.min(now + RECONNECT_GRACE))
 }
 
 /// Serves one egress client.
@@ -554,5 +567,51 @@ mod tests {
         assert_eq!(http(StatusCode::Timeout), 504);
         assert_eq!(http(StatusCode::UpstreamUnreachable), 502);
         assert_eq!(http(StatusCode::Other(200)), 502);
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_node_that_left_a_moment_ago_is_waited_for_until_the_grace_ends() {
+        let t0 = Instant::now();
+        let now = t0 + 100 * S;
+        assert_eq!(
+            wait_until(false, Some(now - S), t0, now),
+            Some(now - S + RECONNECT_GRACE)
+        );
+        // Gone longer than the grace: answered at once.
+        assert_eq!(wait_until(false, Some(now - 10 * S), t0, now), None);
+        // Never seen, on a server up for long: at once.
+        assert_eq!(wait_until(false, None, t0, now), None);
+        // Never seen, on a server that just started: until the grace after its start.
+        assert_eq!(
+            wait_until(false, None, now - S, now),
+            Some(now - S + RECONNECT_GRACE)
+        );
+        // A tunnel failed under the request: the grace from now.
+        assert_eq!(
+            wait_until(true, Some(now - 10 * S), t0, now),
+            Some(now + RECONNECT_GRACE)
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the node's history and the server's age, a request waits at most the grace.
+        #[test]
+        fn a_request_waits_at_most_the_grace(
+            failed_here: bool,
+            left_ms in proptest::option::of(0u64..20_000),
+            started_ms in 0u64..20_000,
+            late_ms in 0u64..5_000,
+        ) {
+            let t0 = Instant::now();
+            let now = t0 + Duration::from_millis(20_000 + late_ms);
+            let left_at = left_ms.map(|ms| t0 + Duration::from_millis(ms));
+            let started = t0 + Duration::from_millis(started_ms);
+            if let Some(until) = wait_until(failed_here, left_at, started, now) {
+                proptest::prop_assert!(until > now);
+                proptest::prop_assert!(until <= now + RECONNECT_GRACE);
+            }
+        }
     }
 }
