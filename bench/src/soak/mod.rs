@@ -27,7 +27,6 @@
 use crate::load::free_port;
 use crate::path::copy_dir;
 use crate::procs::{lock, run_ok, sibling, wait_until, Proc};
-use crate::svg::{Canvas, GRID, INK, SERIES};
 use anyhow::{bail, Context, Result};
 use ring::digest::{Context as Digest, SHA256};
 use std::collections::BTreeMap;

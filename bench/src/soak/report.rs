@@ -210,32 +210,43 @@ pub(super) fn write_report(
         );
     }
     std::fs::write(s.out.join("faults.csv"), csv)?;
-    std::fs::write(s.out.join("chart.svg"), chart(s, rec))?;
+    std::fs::write(s.out.join("chart.svg"), chart(s, rec)?)?;
     Ok(s.out.join("report.md"))
 }
 
 /// Two panels over time: connections per 5 s (checked, failed) and RSS per process; faults as
 /// vertical marks with their kind.
-pub(super) fn chart(s: &Settings, rec: &Record) -> Vec<u8> {
-    let (w, h) = (1000i64, 620i64);
-    let mut c = Canvas::new(w as usize, h as usize);
-    let (left, right) = (70i64, w - 20);
+/// The soak's chart: three panels on one time axis (seconds since the start). Connections
+/// ended per 5 s, checked and failed; each process's resident memory; and the faults, one row
+/// per kind, each a bar from its start to its end. The legend sits above the panels, where it
+/// covers nothing.
+pub(super) fn chart(s: &Settings, rec: &Record) -> Result<Vec<u8>> {
+    let mut svg = String::new();
+    draw_chart(s, rec, &mut svg).map_err(|e| anyhow::anyhow!("drawing the chart: {e}"))?;
+    Ok(svg.into_bytes())
+}
+
+fn draw_chart(
+    s: &Settings,
+    rec: &Record,
+    svg: &mut String,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
     let total = s.duration.as_secs_f64().max(1.0);
-    let x_of = |t: f64| left + ((t / total) * (right - left) as f64) as i64;
-    c.text(left, 6, "tether soak: connections per 5 s (grey: checked, red: failed); RSS per process; faults marked", 2, INK);
-    let panels = [(40i64, 260i64), (330i64, 260i64)];
-    for (top, ph) in panels {
-        c.line((left, top + ph), (right, top + ph), INK);
-        c.line((left, top), (left, top + ph), INK);
-        for f in &rec.faults {
-            let x = x_of(f.start);
-            c.line((x, top), (x, top + ph), GRID);
-        }
-    }
-    // Connections per 5 s bucket.
+    let root = SVGBackend::with_string(svg, (1100, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (head, body) = root.split_vertically(60);
+    let panels = body.split_by_breakpoints([] as [i32; 0], [300, 560]);
+    let (conns, rss, faults) = (&panels[0], &panels[1], &panels[2]);
+    let title = format!(
+        "tether soak, {:.0} s, seed {}: connections, memory and faults on one time axis",
+        total, s.seed
+    );
+    head.draw(&Text::new(title, (10, 8), ("sans-serif", 17).into_font()))?;
+
+    // Connections ended per 5 s.
     let buckets = (total / 5.0).ceil() as usize + 1;
-    let mut ok = vec![0u64; buckets];
-    let mut failed = vec![0u64; buckets];
+    let (mut ok, mut failed) = (vec![0u64; buckets], vec![0u64; buckets]);
     for o in &rec.outcomes {
         let b = ((o.end / 5.0) as usize).min(buckets - 1);
         if o.failure.is_some() {
@@ -244,76 +255,179 @@ pub(super) fn chart(s: &Settings, rec: &Record) -> Vec<u8> {
             ok[b] += 1;
         }
     }
-    let top_n = ok
-        .iter()
-        .chain(failed.iter())
-        .copied()
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let (top, ph) = panels[0];
-    c.text(4, top, &format!("{top_n}"), 1, INK);
-    let bw = ((right - left) as f64 / buckets as f64).max(1.0) as i64;
-    for b in 0..buckets {
-        let x = x_of(b as f64 * 5.0);
-        let hk = (ok[b] as f64 / top_n as f64 * ph as f64) as i64;
-        c.rect(x, top + ph - hk, bw.max(1), hk, SERIES[0]);
-        let hf = (failed[b] as f64 / top_n as f64 * ph as f64) as i64;
-        c.rect(x, top + ph - hf, bw.max(1), hf, 6);
-    }
-    // RSS per process name.
-    let (top, ph) = panels[1];
-    let max_rss = rec
+    let top = ok.iter().chain(&failed).copied().max().unwrap_or(1).max(1) as f64 * 1.1;
+    let mut c = ChartBuilder::on(conns)
+        .margin(8)
+        .margin_right(30)
+        .x_label_area_size(28)
+        .y_label_area_size(Y_LABELS)
+        .build_cartesian_2d(0f64..total, 0f64..top)?;
+    c.configure_mesh()
+        .y_desc("connections per 5 s")
+        .x_desc("seconds since the start")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(WHITE)
+        .draw()?;
+    let grey = RGBColor(160, 160, 160);
+    let bar = |b: usize, v: u64, colour: RGBColor| {
+        let x = b as f64 * 5.0;
+        Rectangle::new([(x, 0.0), (x + 5.0, v as f64)], colour.filled())
+    };
+    c.draw_series((0..buckets).map(|b| bar(b, ok[b], grey)))?;
+    c.draw_series((0..buckets).map(|b| bar(b, failed[b], RED)))?;
+    fault_marks(&mut c, rec, top)?;
+
+    // Resident memory per process.
+    let mut names: Vec<&String> = rec.samples.iter().map(|x| &x.name).collect();
+    names.sort();
+    names.dedup();
+    let max_mib = rec
         .samples
         .iter()
         .map(|x| x.rss_kib)
         .max()
         .unwrap_or(1)
-        .max(1);
-    c.text(4, top, &format!("{} MiB", max_rss >> 10), 1, INK);
-    let mut names: Vec<&String> = rec.samples.iter().map(|x| &x.name).collect();
-    names.sort();
-    names.dedup();
+        .max(1) as f64
+        / 1024.0;
+    let mut c = ChartBuilder::on(rss)
+        .margin(8)
+        .margin_right(30)
+        .x_label_area_size(28)
+        .y_label_area_size(Y_LABELS)
+        .build_cartesian_2d(0f64..total, 0f64..max_mib * 1.1)?;
+    c.configure_mesh()
+        .y_desc("resident memory, MiB")
+        .x_desc("seconds since the start")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(WHITE)
+        .draw()?;
+    fault_marks(&mut c, rec, max_mib * 1.1)?;
+    let colours = [
+        BLUE,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        RGBColor(255, 127, 14),
+        RGBColor(140, 86, 75),
+        BLACK,
+    ];
     for (k, name) in names.iter().enumerate() {
-        let colour = SERIES[1 + k % (SERIES.len() - 1)];
-        let pts: Vec<(i64, i64)> = rec
+        let colour = colours[k % colours.len()];
+        let points = rec
             .samples
             .iter()
             .filter(|x| &x.name == *name)
-            .map(|x| {
-                let y = x.rss_kib as f64 / max_rss as f64 * ph as f64;
-                (x_of(x.t), top + ph - y as i64)
-            })
-            .collect();
-        for pair in pts.windows(2) {
-            c.line(pair[0], pair[1], colour);
+            .map(|x| (x.t, x.rss_kib as f64 / 1024.0));
+        c.draw_series(LineSeries::new(points, colour.stroke_width(1)))?;
+    }
+
+    // Faults, one row per kind.
+    let mut kinds: Vec<FaultKind> = rec.faults.iter().map(|f| f.kind).collect();
+    kinds.sort();
+    kinds.dedup();
+    let rows = kinds.len().max(1) as f64;
+    let mut c = ChartBuilder::on(faults)
+        .margin(8)
+        .margin_right(30)
+        .x_label_area_size(28)
+        .y_label_area_size(Y_LABELS)
+        .build_cartesian_2d(0f64..total, 0f64..rows)?;
+    let labels = kinds.clone();
+    c.configure_mesh()
+        .x_desc("seconds since the start")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_labels(kinds.len().max(1) * 2 + 1)
+        .y_label_formatter(&move |y: &f64| {
+            let row = y - 0.5;
+            let i = row.round();
+            if (row - i).abs() < 0.01 && i >= 0.0 {
+                labels
+                    .get(i as usize)
+                    .map(|k| k.name().to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .light_line_style(WHITE)
+        .draw()?;
+    c.draw_series(rec.faults.iter().map(|f| {
+        let row = kinds.iter().position(|k| *k == f.kind).unwrap_or(0) as f64;
+        let end = f.end.max(f.start + total / 500.0);
+        Rectangle::new(
+            [(f.start, row + 0.2), (end, row + 0.8)],
+            fault_colour(f.kind).filled(),
+        )
+    }))?;
+
+    // The legend, above the panels.
+    let mut x = 10;
+    let mut entry = |label: &str, colour: RGBColor| -> Result<(), Box<dyn std::error::Error>> {
+        head.draw(&Rectangle::new([(x, 38), (x + 12, 50)], colour.filled()))?;
+        head.draw(&Text::new(
+            label.to_string(),
+            (x + 16, 37),
+            ("sans-serif", 13).into_font(),
+        ))?;
+        x += 24 + 7 * label.len() as i32;
+        Ok(())
+    };
+    entry("checked", grey)?;
+    entry("failed", RED)?;
+    entry("a fault begins (vertical lines)", RGBColor(230, 170, 170))?;
+    for (k, name) in names.iter().enumerate().take(12) {
+        entry(name, colours[k % colours.len()])?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Room for the y labels, the same on every panel so that their time axes line up (the fault
+/// panel's labels are the longest: "reload server certificate").
+const Y_LABELS: u32 = 190;
+
+/// A colour per kind of fault: deaths red, drains and restarts orange, the link's own events
+/// blue, the rest grey.
+fn fault_colour(k: FaultKind) -> plotters::style::RGBColor {
+    use plotters::style::RGBColor;
+    match k {
+        FaultKind::KillServer | FaultKind::KillEtcd | FaultKind::DropPackets => {
+            RGBColor(214, 39, 40)
         }
-        c.text(
-            left + 10 + (k as i64 % 5) * 180,
-            top + ph + 14 + (k as i64 / 5) * 12,
-            name,
-            1,
-            colour,
-        );
+        FaultKind::DrainServer | FaultKind::RestartAllServers | FaultKind::RestartAgent => {
+            RGBColor(255, 127, 14)
+        }
+        FaultKind::LinkBlackout
+        | FaultKind::LinkRebinding
+        | FaultKind::RebindNat
+        | FaultKind::BlockUdp => RGBColor(31, 119, 180),
+        _ => RGBColor(127, 127, 127),
     }
-    for (i, f) in rec.faults.iter().enumerate() {
-        let x = x_of(f.start);
-        c.text(
-            x + 2,
-            600 - (i as i64 % 3) * 10,
-            f.kind.name().split(' ').next().unwrap_or(""),
-            1,
-            INK,
-        );
-    }
-    c.text(
-        right - 60,
-        panels[1].0 + panels[1].1 + 40,
-        &format!("{:.0} s", total),
-        1,
-        INK,
-    );
-    c.encode()
+}
+
+/// Marks each fault's start on a panel: a faint vertical line.
+fn fault_marks<'a, DB: plotters::prelude::DrawingBackend + 'a>(
+    c: &mut plotters::prelude::ChartContext<
+        'a,
+        DB,
+        plotters::prelude::Cartesian2d<
+            plotters::coord::types::RangedCoordf64,
+            plotters::coord::types::RangedCoordf64,
+        >,
+    >,
+    rec: &Record,
+    top: f64,
+) -> Result<(), plotters::drawing::DrawingAreaErrorKind<DB::ErrorType>> {
+    use plotters::prelude::*;
+    let faint = RGBColor(230, 170, 170);
+    c.draw_series(
+        rec.faults
+            .iter()
+            .map(|f| PathElement::new(vec![(f.start, 0.0), (f.start, top)], faint.stroke_width(1))),
+    )?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

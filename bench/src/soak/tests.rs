@@ -203,3 +203,64 @@ fn payloads_are_deterministic() {
     assert_eq!(x, y);
     assert!(a.below(10) < 10);
 }
+
+/// The chart draws every panel with its axis titles and puts the legend above them. With
+/// `TETHER_SOAK_CHART=PATH` the test also writes it, to look at.
+#[test]
+fn the_chart_has_a_time_axis_units_and_a_legend_above_the_panels() {
+    let s = Settings::new(Duration::from_secs(120), true, 7, PathBuf::new());
+    let mut rec = Record::default();
+    for i in 0..200 {
+        let t = i as f64 * 0.6;
+        rec.outcomes.push(Outcome {
+            kind: "short",
+            start: t,
+            end: t + 0.1,
+            bytes: 64,
+            failure: (i % 50 == 0).then(|| "reset".to_string()),
+            corrupt: false,
+            agent: 0,
+        });
+    }
+    for (i, name) in ["server-0", "agent-0"].iter().enumerate() {
+        for k in 0..60 {
+            rec.samples.push(Sample {
+                t: k as f64 * 2.0,
+                name: name.to_string(),
+                pid: i as u32,
+                rss_kib: 20_000 + 100 * k,
+                fds: 10,
+                threads: 4,
+            });
+        }
+    }
+    for (kind, start) in [
+        (FaultKind::KillServer, 20.0),
+        (FaultKind::LinkBlackout, 50.0),
+        (FaultKind::KillServer, 80.0),
+    ] {
+        rec.faults.push(Fault {
+            kind,
+            target: "server-0".into(),
+            start,
+            in_effect: start,
+            end: start + 3.0,
+        });
+    }
+    let svg = String::from_utf8(chart(&s, &rec).unwrap()).unwrap();
+    if let Some(path) = std::env::var_os("TETHER_SOAK_CHART") {
+        std::fs::write(path, &svg).unwrap();
+    }
+    for text in [
+        "seconds since the start",
+        "connections per 5 s",
+        "resident memory, MiB",
+        "kill -9 server",
+        "link blackout",
+        "checked",
+        "failed",
+        "server-0",
+    ] {
+        assert!(svg.contains(text), "the chart says {text:?}");
+    }
+}
