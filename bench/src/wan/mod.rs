@@ -29,7 +29,6 @@ use report::*;
 use crate::load::{self, percentile, Upstream};
 use crate::path::Pki;
 use crate::procs::{http_get, metric, sibling, usage_of, wait_until, Proc};
-use crate::svg::{Canvas, GRID, INK, SERIES};
 use anyhow::{bail, Context, Result};
 use lab::{in_ns, Lab, MASTERS_IP};
 use serde::Serialize;
@@ -310,7 +309,7 @@ pub fn run(a: WanArgs) -> Result<()> {
         )?;
     }
     std::fs::write(out.join("report.md"), markdown(&results))?;
-    std::fs::write(out.join("chart.svg"), chart(&results))?;
+    std::fs::write(out.join("chart.svg"), chart(&results)?)?;
     println!("{}", out.join("report.md").display());
     Ok(())
 }

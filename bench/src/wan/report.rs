@@ -50,39 +50,149 @@ pub(super) fn markdown(results: &[ProfileResult]) -> String {
 }
 
 /// Bulk (one stream) of every path on every profile, as a fraction of the best path there.
-pub(super) fn chart(results: &[ProfileResult]) -> Vec<u8> {
-    let mut c = Canvas::new(1200, 120 + 150 * results.len().max(1));
-    c.text(20, 14, "TETHER-BENCH WAN: BULK, 1 STREAM, MBIT/S", 3, INK);
-    let (x0, w) = (160i64, 1000i64);
-    for (i, r) in results.iter().enumerate() {
-        let y0 = 70 + 150 * i as i64;
-        c.text(20, y0, &r.profile.name.to_uppercase(), 2, INK);
-        let top = r
-            .paths
-            .values()
-            .filter_map(|f| f.bulk1_mbps)
-            .fold(0.0f64, f64::max)
-            .max(0.001);
-        c.rect(x0, y0 + 125, w, 1, GRID);
-        for (j, (path, f)) in r.paths.iter().enumerate() {
-            let y = y0 + 22 * j as i64;
-            let v = f.bulk1_mbps.unwrap_or(0.0);
-            c.text(40, y + 12, path, 2, INK);
-            c.rect(
-                x0,
-                y + 2,
-                (w as f64 * v / top) as i64,
-                16,
-                SERIES[j % SERIES.len()],
-            );
-            c.text(
-                x0 + (w as f64 * v / top) as i64 + 6,
-                y + 12,
-                &format!("{v:.1}"),
-                2,
-                INK,
-            );
+/// The WAN lab's chart: one panel per profile, a pair of bars per path (bulk with 1 and with 8
+/// streams, Mbit/s) against a line at the link's rate, the value written at each bar's end.
+pub(super) fn chart(results: &[ProfileResult]) -> Result<Vec<u8>> {
+    let mut svg = String::new();
+    draw_chart(results, &mut svg).map_err(|e| anyhow::anyhow!("drawing the chart: {e}"))?;
+    Ok(svg.into_bytes())
+}
+
+fn draw_chart(
+    results: &[ProfileResult],
+    svg: &mut String,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let height = 70 + 190 * results.len().max(1) as u32;
+    let root = SVGBackend::with_string(svg, (1100, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (head, body) = root.split_vertically(60);
+    head.draw(&Text::new(
+        "tether-bench wan: bulk throughput per path, Mbit/s".to_string(),
+        (10, 8),
+        ("sans-serif", 17).into_font(),
+    ))?;
+    let one = RGBColor(31, 119, 180);
+    let eight = RGBColor(255, 127, 14);
+    for (x, label, colour) in [(10, "1 stream", one), (110, "8 streams", eight)] {
+        head.draw(&Rectangle::new([(x, 38), (x + 12, 50)], colour.filled()))?;
+        head.draw(&Text::new(
+            label,
+            (x + 16, 37),
+            ("sans-serif", 13).into_font(),
+        ))?;
+    }
+    let panels = body.split_evenly((results.len().max(1), 1));
+    for (r, area) in results.iter().zip(panels.iter()) {
+        let paths: Vec<(&String, &Figures)> = r.paths.iter().collect();
+        let top = paths
+            .iter()
+            .flat_map(|(_, f)| [f.bulk1_mbps, f.bulk8_mbps])
+            .flatten()
+            .fold(r.profile.rate_mbps as f64, f64::max)
+            .max(0.001)
+            * 1.12;
+        let rows = paths.len().max(1) as f64;
+        let names: Vec<String> = paths.iter().map(|(p, _)| p.to_string()).collect();
+        let caption = format!(
+            "{}: RTT {} ms, {}% loss, {} Mbit/s",
+            r.profile.name,
+            r.profile.rtt_ms,
+            r.profile.loss * 100.0,
+            r.profile.rate_mbps
+        );
+        let mut c = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 14))
+            .margin(8)
+            .margin_right(40)
+            .x_label_area_size(30)
+            .y_label_area_size(110)
+            .build_cartesian_2d(0f64..top, 0f64..rows)?;
+        c.configure_mesh()
+            .x_desc("Mbit/s")
+            .y_labels(paths.len().max(1) * 2 + 1)
+            .y_label_formatter(&|y: &f64| {
+                let row = y - 0.5;
+                let i = row.round();
+                if (row - i).abs() < 0.01 && i >= 0.0 {
+                    names.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .light_line_style(WHITE)
+            .draw()?;
+        // The link's rate: what a path could carry at most.
+        let rate = r.profile.rate_mbps as f64;
+        c.draw_series([PathElement::new(
+            vec![(rate, 0.0), (rate, rows)],
+            BLACK.stroke_width(1),
+        )])?;
+        c.draw_series([Text::new(
+            format!("link {rate:.0}"),
+            (rate + top / 200.0, rows - 0.1),
+            ("sans-serif", 11).into_font(),
+        )])?;
+        for (i, (_, f)) in paths.iter().enumerate() {
+            let row = i as f64;
+            for (v, lo, colour) in [(f.bulk1_mbps, 0.5, one), (f.bulk8_mbps, 0.15, eight)] {
+                let Some(v) = v else { continue };
+                c.draw_series([Rectangle::new(
+                    [(0.0, row + lo), (v, row + lo + 0.33)],
+                    colour.filled(),
+                )])?;
+                c.draw_series([Text::new(
+                    format!("{v:.1}"),
+                    (v + top / 200.0, row + lo + 0.3),
+                    ("sans-serif", 11).into_font(),
+                )])?;
+            }
         }
     }
-    c.encode()
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every profile gets a panel with its link, every path its bars and values. With
+    /// `TETHER_WAN_CHART=PATH` the test also writes the chart, to look at.
+    #[test]
+    fn the_chart_names_each_profile_path_and_unit() {
+        let figures = |b1: f64, b8: f64| Figures {
+            bulk1_mbps: Some(b1),
+            bulk8_mbps: Some(b8),
+            ..Figures::default()
+        };
+        let results: Vec<ProfileResult> = PROFILES[1..3]
+            .iter()
+            .map(|p| ProfileResult {
+                profile: p.clone(),
+                paths: [
+                    ("direct".to_string(), figures(41.5, 38.2)),
+                    ("quic".to_string(), figures(43.8, 46.8)),
+                    ("ssh".to_string(), figures(38.8, 46.1)),
+                    ("tcp".to_string(), figures(40.1, 44.6)),
+                ]
+                .into_iter()
+                .collect(),
+            })
+            .collect();
+        let svg = String::from_utf8(chart(&results).unwrap()).unwrap();
+        if let Some(path) = std::env::var_os("TETHER_WAN_CHART") {
+            std::fs::write(path, &svg).unwrap();
+        }
+        for text in [
+            "Mbit/s",
+            "continental: RTT 100 ms, 1% loss, 50 Mbit/s",
+            "quic",
+            "43.8",
+            "8 streams",
+        ] {
+            assert!(svg.contains(text), "the chart says {text:?}");
+        }
+    }
 }
