@@ -11,7 +11,6 @@ mod procs;
 mod report;
 mod scale;
 mod soak;
-mod svg;
 mod wan;
 
 use anyhow::{bail, Context, Result};
@@ -421,7 +420,7 @@ fn run() -> Result<()> {
         out.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    std::fs::write(out.join("chart.svg"), results.chart())?;
+    std::fs::write(out.join("chart.svg"), results.chart()?)?;
     println!("{md}");
     eprintln!(
         "tether-bench: wrote {0}/report.md, {0}/results.json and {0}/chart.svg",
