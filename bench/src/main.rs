@@ -7,6 +7,7 @@ mod etcd;
 mod failover;
 mod load;
 mod path;
+mod plot;
 mod procs;
 mod report;
 mod scale;

@@ -516,15 +516,7 @@ impl Results {
         c.configure_mesh()
             .y_desc("Gbit/s")
             .x_labels(bars.len() * 2 + 1)
-            .x_label_formatter(&|x: &f64| {
-                let slot = x - 0.5;
-                let i = slot.round();
-                if (slot - i).abs() < 0.01 && i >= 0.0 {
-                    names.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .x_label_formatter(&|x: &f64| crate::plot::category_label(&names, *x))
             .y_label_formatter(&|y| format!("{y:.1}"))
             .light_line_style(WHITE)
             .draw()?;

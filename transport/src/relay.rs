@@ -433,6 +433,22 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// Two ends of a TCP tunnel and a stream opened across it: the opening side's stream and
+    /// the accepting side's. As in use, a frame opens the stream (the peer sees it once it
+    /// carries a byte); it is read before the stream is handed out.
+    async fn stream_pair() -> (Tunnel, Tunnel, Stream, Stream) {
+        let (ta, tb) = tcp::pair();
+        let (ta, tb) = (Tunnel::from_tcp(ta), Tunnel::from_tcp(tb));
+        let mut opened = ta.open_stream().await.unwrap();
+        let hello = tether_proto::Message::Health {
+            upstream_healthy: true,
+        };
+        opened.send.write_message(&hello).await.unwrap();
+        let mut accepted = tb.accept_stream().await.unwrap();
+        assert_eq!(accepted.recv.read_message().await.unwrap(), Some(hello));
+        (ta, tb, opened, accepted)
+    }
+
     /// client ◄─TCP─► relay ◄─stream─► relay ◄─TCP─► server: returns the client's and the
     /// server's sockets, and the two relays' summaries to come.
     async fn relayed() -> (
@@ -453,18 +469,9 @@ mod tests {
         tokio::task::JoinHandle<Summary>,
         tokio::task::JoinHandle<Summary>,
     ) {
-        let (ta, tb) = tcp::pair();
-        let (ta, tb) = (Tunnel::from_tcp(ta), Tunnel::from_tcp(tb));
         let (client, near) = tcp_pair().await;
         let (far, server) = tcp_pair().await;
-        // As in use, a frame opens the stream (the peer sees it once it carries a byte).
-        let mut opened = ta.open_stream().await.unwrap();
-        let hello = tether_proto::Message::Health {
-            upstream_healthy: true,
-        };
-        opened.send.write_message(&hello).await.unwrap();
-        let mut accepted = tb.accept_stream().await.unwrap();
-        assert_eq!(accepted.recv.read_message().await.unwrap(), Some(hello));
+        let (ta, tb, opened, accepted) = stream_pair().await;
         let a = tokio::spawn(async move {
             let _keep = ta;
             relay(near, opened, &[&meter]).await
@@ -554,16 +561,8 @@ mod tests {
     /// once went into the tunnel uncounted.
     #[tokio::test]
     async fn first_bytes_go_first_and_are_counted() {
-        let (ta, tb) = tcp::pair();
-        let (ta, tb) = (Tunnel::from_tcp(ta), Tunnel::from_tcp(tb));
         let (mut client, near) = tcp_pair().await;
-        let mut opened = ta.open_stream().await.unwrap();
-        let hello = tether_proto::Message::Health {
-            upstream_healthy: true,
-        };
-        opened.send.write_message(&hello).await.unwrap();
-        let mut accepted = tb.accept_stream().await.unwrap();
-        assert_eq!(accepted.recv.read_message().await.unwrap(), Some(hello));
+        let (ta, _tb, opened, accepted) = stream_pair().await;
         let meter = Arc::new(Meter::default());
         let counted = meter.clone();
         let relayed = tokio::spawn(async move {

@@ -334,23 +334,12 @@ fn draw_chart(
         .x_label_area_size(28)
         .y_label_area_size(Y_LABELS)
         .build_cartesian_2d(0f64..total, 0f64..rows)?;
-    let labels = kinds.clone();
+    let labels: Vec<String> = kinds.iter().map(|k| k.name().to_string()).collect();
     c.configure_mesh()
         .x_desc("seconds since the start")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_labels(kinds.len().max(1) * 2 + 1)
-        .y_label_formatter(&move |y: &f64| {
-            let row = y - 0.5;
-            let i = row.round();
-            if (row - i).abs() < 0.01 && i >= 0.0 {
-                labels
-                    .get(i as usize)
-                    .map(|k| k.name().to_string())
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .y_label_formatter(&|y: &f64| crate::plot::category_label(&labels, *y))
         .light_line_style(WHITE)
         .draw()?;
     c.draw_series(rec.faults.iter().map(|f| {

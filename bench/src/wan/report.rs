@@ -111,15 +111,7 @@ fn draw_chart(
         c.configure_mesh()
             .x_desc("Mbit/s")
             .y_labels(paths.len().max(1) * 2 + 1)
-            .y_label_formatter(&|y: &f64| {
-                let row = y - 0.5;
-                let i = row.round();
-                if (row - i).abs() < 0.01 && i >= 0.0 {
-                    names.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .y_label_formatter(&|y: &f64| crate::plot::category_label(&names, *y))
             .x_label_formatter(&|x| format!("{x:.0}"))
             .light_line_style(WHITE)
             .draw()?;
