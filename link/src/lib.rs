@@ -6,6 +6,7 @@
 pub mod backoff;
 mod dial;
 pub mod latency;
+pub mod lifecycle;
 pub mod liveness;
 pub mod monitor;
 pub mod pool;

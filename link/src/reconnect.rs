@@ -4,6 +4,7 @@
 use super::dial::*;
 pub use super::dial::{host_of, resolve};
 use crate::backoff::Backoff;
+use crate::lifecycle::{MoveToTcp, Step};
 use crate::pool::{Link, Pool};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,11 +86,6 @@ pub const QUIC_HEAD_START: Duration = Duration::from_secs(1);
 pub const QUIC_RETRY: Duration = Duration::from_secs(5);
 /// How often a QUIC link (in `auto`) looks whether the liveness watch doubts it.
 const DOUBT_CHECK: Duration = Duration::from_millis(100);
-/// How long a QUIC link (in `auto`) stays in doubt before a TCP tunnel is tried beside it.
-const DOUBT_BEFORE_TCP: Duration = Duration::from_secs(1);
-/// The longest a QUIC link in doubt is given to answer once a TCP tunnel beside it did (see
-/// `serve`'s downgrade).
-const QUIC_RECOVERY_MAX: Duration = Duration::from_secs(10);
 /// How long a QUIC tunnel left for TCP keeps its streams while nothing proves it alive (see
 /// `quic_stays_silent`).
 pub const QUIC_RETIRED_GRACE: Duration = Duration::from_secs(10);
@@ -340,49 +336,37 @@ async fn serve(
             }
         }
     };
-    // In `auto`, a QUIC tunnel the liveness watch doubts may have lost UDP alone (a firewall
-    // that starts dropping it), which looks like a blackout from here. A TCP tunnel to the same
-    // server tells them apart: if it comes up while QUIC stays silent, UDP is blocked, and the
-    // link moves to TCP at once rather than holding a dead path for the blackout tolerance.
+    // In `auto`, a QUIC tunnel the liveness watch doubts for long, while a TCP tunnel to the
+    // same server answers, has lost UDP: the link moves to TCP (the rule and its reasons are
+    // `lifecycle::MoveToTcp`'s).
     let downgrade = async {
         if d.transport != TransportChoice::Auto || tunnel.kind() != TransportKind::Quic {
             return std::future::pending().await;
         }
+        let mut rule = MoveToTcp::default();
+        let mut dialed: Option<Established> = None;
         loop {
-            while !link.doubted() {
-                tokio::time::sleep(DOUBT_CHECK).await;
-            }
-            // A doubt that one probe clears is no sign of a lost path (a new tunnel starts in
-            // doubt until its first answer): only a doubt that lasts sends us to TCP.
-            let since = tokio::time::Instant::now();
-            while link.doubted() && since.elapsed() < DOUBT_BEFORE_TCP {
-                tokio::time::sleep(DOUBT_CHECK).await;
-            }
-            if !link.doubted() {
-                continue;
-            }
-            let attempt =
-                tokio::time::timeout(d.handshake_timeout, dial(target, d, TransportChoice::Tcp));
-            if let Ok(Ok(tcp)) = attempt.await {
-                // TCP answers. That is lost UDP only if QUIC stays silent: after a blackout of
-                // the whole link (and a NAT that rebound in it), a new TCP handshake is answered
-                // at once, while QUIC is heard again only at its next retransmission, whose
-                // backoff grew through the blackout. The soak across a cellular link saw tunnels
-                // moved, and their streams reset, 0.6 s after a 3.6 s blackout. So QUIC gets as
-                // long again as the doubt has lasted (a second at least) to answer.
-                let recovery = since
-                    .elapsed()
-                    .clamp(Duration::from_secs(1), QUIC_RECOVERY_MAX);
-                let until = tokio::time::Instant::now() + recovery;
-                while link.doubted() && tokio::time::Instant::now() < until {
-                    tokio::time::sleep(DOUBT_CHECK).await;
+            match rule.check(tokio::time::Instant::now(), link.doubted()) {
+                Step::Wait => tokio::time::sleep(DOUBT_CHECK).await,
+                Step::DialTcp => {
+                    let attempt = tokio::time::timeout(
+                        d.handshake_timeout,
+                        dial(target, d, TransportChoice::Tcp),
+                    );
+                    dialed = attempt.await.ok().and_then(Result::ok);
+                    rule.dialed(tokio::time::Instant::now(), dialed.is_some());
                 }
-                if link.doubted() {
-                    return tcp;
+                Step::Move => {
+                    if let Some(tcp) = dialed.take() {
+                        return tcp;
+                    }
                 }
-                tcp.tunnel.close(code::OK, "QUIC answered after all");
+                Step::KeepQuic => {
+                    if let Some(tcp) = dialed.take() {
+                        tcp.tunnel.close(code::OK, "QUIC answered after all");
+                    }
+                }
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     };
     let mut udp_lost = false;
