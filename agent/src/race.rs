@@ -747,4 +747,100 @@ mod tests {
         let mut race: Race<&str> = Race::new(vec![], timeouts());
         assert_eq!(race.poll(Instant::now()), Step::GiveUp);
     }
+
+    /// One step of a made-up driver: which verdict or timer comes next.
+    #[derive(Debug, Clone, Copy)]
+    enum Event {
+        Verdict(Verdict),
+        Hedge { budget: bool },
+        Expired { dark: bool },
+    }
+
+    fn event() -> impl proptest::strategy::Strategy<Value = (Event, usize, u64)> {
+        use proptest::prelude::*;
+        let event = prop_oneof![
+            Just(Event::Verdict(Verdict::Ok)),
+            Just(Event::Verdict(Verdict::Refused)),
+            Just(Event::Verdict(Verdict::Lost)),
+            any::<bool>().prop_map(|budget| Event::Hedge { budget }),
+            any::<bool>().prop_map(|dark| Event::Expired { dark }),
+        ];
+        (event, 0usize..8, 1u64..2000)
+    }
+
+    proptest::proptest! {
+        /// Whatever the servers answer, in whatever order, and whatever the timers do: early
+        /// bytes go with at most one live attempt at a time (so at most one upstream that stays
+        /// up gets them), a winner is a live attempt, and a wait for new links lasts at most
+        /// the grace.
+        #[test]
+        fn early_bytes_ride_with_one_live_attempt_at_most(
+            n in 1usize..5,
+            fail_starts in proptest::collection::vec(proptest::bool::weighted(0.15), 8),
+            events in proptest::collection::vec(event(), 1..80),
+        ) {
+            let links = ["a", "b", "c", "d", "e"];
+            let mut race = Race::new(links[..n].to_vec(), timeouts());
+            let mut now = Instant::now();
+            // The driver's view: live attempts and whether each carries early bytes.
+            let mut live: Vec<(AttemptId, bool)> = Vec::new();
+            let mut starts = 0usize;
+            for (ev, pick, ms) in events {
+                loop {
+                    match race.poll(now) {
+                        Step::Start { id, eager, .. } => {
+                            let failed = fail_starts.get(starts).copied().unwrap_or(false);
+                            starts += 1;
+                            if failed {
+                                race.start_failed(id);
+                            } else {
+                                race.started(id, 100 * MS);
+                                live.push((id, eager));
+                            }
+                        }
+                        Step::WaitForLinks { until } => {
+                            proptest::prop_assert!(until <= now + timeouts().grace);
+                            race.add_links(Vec::new());
+                        }
+                        Step::Wait { .. } => break,
+                        Step::GiveUp => return Ok(()),
+                    }
+                    let eager = live.iter().filter(|a| a.1).count();
+                    proptest::prop_assert!(eager <= 1, "{live:?}");
+                }
+                now += Duration::from_millis(ms);
+                let decision = match ev {
+                    Event::Verdict(v) => {
+                        let (id, _) = live[pick % live.len()];
+                        race.verdict(id, v)
+                    }
+                    Event::Hedge { budget } => race.timer(Timer::Hedge, || budget),
+                    Event::Expired { dark } => {
+                        race.set_dark(dark);
+                        let (id, _) = live[pick % live.len()];
+                        race.timer(Timer::Expired(id), || true)
+                    }
+                };
+                match decision {
+                    Decision::Won { winner, losers } => {
+                        proptest::prop_assert!(live.iter().any(|a| a.0 == winner));
+                        proptest::prop_assert_eq!(losers.len(), live.len() - 1);
+                        return Ok(());
+                    }
+                    Decision::Lost { ended, promote, .. } => {
+                        live.retain(|a| a.0 != ended);
+                        if let Some(p) = promote {
+                            proptest::prop_assert_eq!(live.len(), 1);
+                            if let Some(a) = live.iter_mut().find(|a| a.0 == p) {
+                                a.1 = true;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                let eager = live.iter().filter(|a| a.1).count();
+                proptest::prop_assert!(eager <= 1, "{live:?}");
+            }
+        }
+    }
 }
