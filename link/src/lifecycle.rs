@@ -1,5 +1,6 @@
 //! The link lifecycle's decision in `auto`: when a QUIC link moves to TLS over TCP, as a state
-//! machine of observations and time, without I/O ([`crate::reconnect`] drives it).
+//! machine of observations and time, without I/O (the reconnect loop, `reconnect::serve`,
+//! drives it).
 //!
 //! A QUIC tunnel the liveness watch doubts may have lost UDP alone (a firewall that starts
 //! dropping it), which looks like a blackout from here. A TCP tunnel to the same server tells

@@ -212,18 +212,18 @@ async fn serve_open(
     let mut last_error = String::from("no healthy peer");
     if healthy {
         match upstream.connect().await {
-            Ok(tcp) => return relay_upstream(stream, tcp, node, state, opening).await,
+            Ok(tcp) => return relay_answered(stream, tcp, None, node, state, opening).await,
             Err(e) => last_error = format!("upstream {} unreachable: {e}", upstream.addr()),
         }
     }
     if hops == 0 {
         if let Some((link, peer_stream)) = open_via_peer(state, service).await {
-            return relay_peer(stream, link, peer_stream, node, state, opening).await;
+            return relay_answered(stream, peer_stream, Some(link), node, state, opening).await;
         }
     }
     if !healthy {
         match upstream.connect().await {
-            Ok(tcp) => return relay_upstream(stream, tcp, node, state, opening).await,
+            Ok(tcp) => return relay_answered(stream, tcp, None, node, state, opening).await,
             Err(e) => last_error = format!("upstream {} unreachable: {e}", upstream.addr()),
         }
     }
@@ -237,9 +237,13 @@ async fn serve_open(
     .await;
 }
 
-async fn relay_upstream(
+/// Answers the node's stream `Ok` and relays it to `near`: the upstream's socket, or the stream
+/// of the peer it goes `through`. Counted on the server, on the node, and on the peer's link
+/// (which is then not retired under it).
+async fn relay_answered<A: relay::End>(
     mut stream: Stream,
-    tcp: tokio::net::TcpStream,
+    near: A,
+    through: Option<Arc<Link>>,
     node: &str,
     state: &State,
     opening: GaugeGuard<'_>,
@@ -248,11 +252,18 @@ async fn relay_upstream(
         return;
     }
     state.metrics.shared.streams_total.inc();
+    if through.is_some() {
+        state.metrics.peer_relayed.inc();
+    }
     let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
     drop(opening);
+    let _on_link = through.as_ref().map(|l| l.stream_guard());
+    let peer = through.as_ref().map(|l| l.server.clone());
     let node_meter = state.registry.meter(node).unwrap_or_default();
-    let summary = relay::relay(tcp, stream, &[&state.metrics.shared.bytes, &*node_meter]).await;
-    debug!(node, up = summary.from_tunnel, down = summary.to_tunnel, outcome = ?summary.outcome,
+    // The near end first, the node's stream as the tunnel: bytes count as on the way to or from
+    // the node.
+    let summary = relay::relay(near, stream, &[&state.metrics.shared.bytes, &*node_meter]).await;
+    debug!(node, ?peer, up = summary.from_tunnel, down = summary.to_tunnel, outcome = ?summary.outcome,
         "stream done");
 }
 
@@ -272,30 +283,6 @@ async fn open_via_peer(state: &State, service: &str) -> Option<(Arc<Link>, Strea
         }
     }
     None
-}
-
-async fn relay_peer(
-    mut stream: Stream,
-    link: Arc<Link>,
-    peer: Stream,
-    node: &str,
-    state: &State,
-    opening: GaugeGuard<'_>,
-) {
-    if answer(&mut stream, StatusCode::Ok, "").await.is_err() {
-        return;
-    }
-    state.metrics.shared.streams_total.inc();
-    state.metrics.peer_relayed.inc();
-    let _open = GaugeGuard::new(&state.metrics.shared.streams_open);
-    drop(opening);
-    let _on_link = link.stream_guard();
-    debug!(node, peer = %link.server, "relaying through peer");
-    let node_meter = state.registry.meter(node).unwrap_or_default();
-    // The peer's stream is the near end, the node's the tunnel: bytes count as on the way
-    // to or from the node, as for an upstream.
-    let summary = relay::relay(peer, stream, &[&state.metrics.shared.bytes, &*node_meter]).await;
-    debug!(node, peer = %link.server, outcome = ?summary.outcome, "relayed stream done");
 }
 
 /// Counts a tunnel's open streams while alive.
