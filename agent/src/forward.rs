@@ -149,6 +149,9 @@ async fn forward(
         dark: settings.blackout_tolerance,
     };
     let mut race = Race::new(pool.candidates(settings.policy), timeouts);
+    if race.candidates() == 0 && !pool.is_empty() {
+        race.none_usable();
+    }
     let count = race.candidates();
     let mut attempts: Vec<Attempt> = Vec::with_capacity(MAX_ATTEMPTS);
     let mut kept = BytesMut::new();
@@ -159,8 +162,9 @@ async fn forward(
             Step::GiveUp => break None,
             Step::WaitForLinks { until } => {
                 // Every tunnel asked failed as a tunnel: they died together (UDP blocked, the
-                // network changed) before the agent noticed. Their successors (a fallback to
-                // TCP, a reconnect) are moments away: wait for one, as a connection that finds
+                // network changed) before the agent noticed; or none could be asked (every
+                // server draining). Their successors (a fallback to TCP, a reconnect, a
+                // restarted server) are moments away: wait for one, as a connection that finds
                 // no tunnel does, and try it.
                 if pool.wait_for_new_link(race.tried(), until).await {
                     metrics.connections_waited.inc();

@@ -207,6 +207,17 @@ impl<L: Candidate> Race<L> {
         }
     }
 
+    /// Tunnels are up but none may be asked now (every server draining, or the usable ones gone
+    /// a moment ago): wait once, for the reconnect grace, for a link that may, as when every
+    /// tunnel asked failed together. The cellular soak's rolling restart met it: one server
+    /// restarting, one draining, the third not yet reconnected across the link; a new
+    /// connection was reset at once, and a tunnel came up 0.2 s later.
+    pub fn none_usable(&mut self) {
+        if self.next.is_empty() && self.attempts.is_empty() {
+            self.tunnel_trouble = true;
+        }
+    }
+
     /// Whether the link is dark now (every tunnel silent at once, or just back from that): the
     /// driver says so before it reports a timer.
     pub fn set_dark(&mut self, dark: bool) {

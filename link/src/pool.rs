@@ -363,10 +363,11 @@ impl Pool {
         tried: &[Arc<Link>],
         until: tokio::time::Instant,
     ) -> bool {
+        // A draining link takes no new stream: it is not what the caller waits for.
         let fresh = || {
             self.lock()
                 .iter()
-                .any(|l| !tried.iter().any(|t| Arc::ptr_eq(t, l)))
+                .any(|l| !l.draining() && !tried.iter().any(|t| Arc::ptr_eq(t, l)))
         };
         let mut changes = self.empty_since.subscribe();
         loop {

@@ -472,3 +472,70 @@ async fn a_connection_in_the_gap_between_tunnels_waits_for_the_next() {
     );
     agent.shutdown().await;
 }
+
+/// The cellular soak's rolling restart: the agent's only tunnel drains (a long stream keeps it
+/// up) while the next server is not up yet. A new connection waits, up to the reconnect
+/// grace, for a tunnel that takes streams, instead of being reset at once because the only
+/// tunnel up refuses new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_tunnel_draining_a_new_connection_waits_for_the_next_server() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let first = start_server(&pki, echo.addr).await;
+    // The second server's address is known to the agent from the start, but nothing listens
+    // there yet: the agent keeps dialing it.
+    let second_at: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cfg = agent_config(&pki, "node-a", &[first.local_addr, second_at]);
+    cfg.reconnect_grace = Duration::from_secs(10);
+    let agent = tether_agent::start(cfg).await.unwrap();
+    wait_for("the first tunnel", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 1
+    })
+    .await;
+
+    // A long stream holds the first server in its drain.
+    let mut held = tokio::net::TcpStream::connect(agent.listen_addr)
+        .await
+        .unwrap();
+    held.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).await.unwrap();
+    let first_at = first.local_addr;
+    let drain = tokio::spawn(first.drain(Duration::from_secs(30)));
+    wait_for(
+        "the agent sees the drain",
+        Duration::from_secs(5),
+        || async { agent.draining_servers() == vec![first_at.to_string()] },
+    )
+    .await;
+
+    // A new connection now has no tunnel to take it: it waits for one.
+    let accepted = agent.metrics().connections_accepted.get();
+    let client = tokio::spawn(echo_roundtrip(agent.listen_addr, random_bytes(5000, 3)));
+    wait_for(
+        "the agent takes the connection",
+        Duration::from_secs(5),
+        || async { agent.metrics().connections_accepted.get() > accepted },
+    )
+    .await;
+    let mut cfg = server_config(&pki, echo.addr);
+    cfg.listen = second_at;
+    let second = tether_server::start(cfg)
+        .await
+        .expect("the second server starts");
+    within(
+        "the waiting connection is carried by the second server",
+        Duration::from_secs(15),
+        client,
+    )
+    .await
+    .unwrap()
+    .expect("carried, not reset");
+    assert_eq!(agent.metrics().connections_failed.get(), 0);
+    assert!(second.metrics().shared.streams_total.get() >= 1);
+
+    drop(held);
+    drain_ends_with_nothing_left(drain).await;
+    second.shutdown().await;
+}

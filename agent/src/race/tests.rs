@@ -312,6 +312,31 @@ async fn no_candidates_gives_up_at_once() {
     assert_eq!(race.poll(Instant::now()), Step::GiveUp);
 }
 
+/// Tunnels up, none usable (every server draining): the connection waits once, for the grace,
+/// for one that is; the cellular soak's rolling restart reset one at once.
+#[tokio::test(start_paused = true)]
+async fn with_every_server_draining_a_usable_tunnel_is_waited_for_once() {
+    let mut race: Race<&str> = Race::new(vec![], timeouts());
+    race.none_usable();
+    let now = Instant::now();
+    assert_eq!(
+        race.poll(now),
+        Step::WaitForLinks {
+            until: now + timeouts().grace
+        }
+    );
+    // A restarted server's tunnel comes up: it is asked.
+    race.add_links(vec!["b"]);
+    assert!(matches!(race.poll(now), Step::Start { link: "b", .. }));
+
+    // None comes: given up after the one wait.
+    let mut race: Race<&str> = Race::new(vec![], timeouts());
+    race.none_usable();
+    assert!(matches!(race.poll(now), Step::WaitForLinks { .. }));
+    race.add_links(vec![]);
+    assert_eq!(race.poll(now), Step::GiveUp);
+}
+
 /// One step of a made-up driver: which verdict or timer comes next.
 #[derive(Debug, Clone, Copy)]
 enum Event {
