@@ -94,12 +94,15 @@ fn draw_chart(
             * 1.12;
         let rows = paths.len().max(1) as f64;
         let names: Vec<String> = paths.iter().map(|(p, _)| p.to_string()).collect();
+        let rate = match r.profile.rate_mbps {
+            0 => "no rate limit".to_string(),
+            n => format!("{n} Mbit/s"),
+        };
         let caption = format!(
-            "{}: RTT {} ms, {}% loss, {} Mbit/s",
+            "{}: RTT {} ms, {}% loss, {rate}",
             r.profile.name,
             r.profile.rtt_ms,
             r.profile.loss * 100.0,
-            r.profile.rate_mbps
         );
         let mut c = ChartBuilder::on(area)
             .caption(caption, ("sans-serif", 14))
@@ -115,17 +118,19 @@ fn draw_chart(
             .x_label_formatter(&|x| format!("{x:.0}"))
             .light_line_style(WHITE)
             .draw()?;
-        // The link's rate: what a path could carry at most.
+        // The link's rate, when it has one: what a path could carry at most.
         let rate = r.profile.rate_mbps as f64;
-        c.draw_series([PathElement::new(
-            vec![(rate, 0.0), (rate, rows)],
-            BLACK.stroke_width(1),
-        )])?;
-        c.draw_series([Text::new(
-            format!("link {rate:.0}"),
-            (rate + top / 200.0, rows - 0.1),
-            ("sans-serif", 11).into_font(),
-        )])?;
+        if rate > 0.0 {
+            c.draw_series([PathElement::new(
+                vec![(rate, 0.0), (rate, rows)],
+                BLACK.stroke_width(1),
+            )])?;
+            c.draw_series([Text::new(
+                format!("link {rate:.0}"),
+                (rate + top / 200.0, rows - 0.1),
+                ("sans-serif", 11).into_font(),
+            )])?;
+        }
         for (i, (_, f)) in paths.iter().enumerate() {
             let row = i as f64;
             for (v, lo, colour) in [(f.bulk1_mbps, 0.5, one), (f.bulk8_mbps, 0.15, eight)] {
