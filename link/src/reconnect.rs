@@ -4,7 +4,7 @@
 use super::dial::*;
 pub use super::dial::{host_of, resolve};
 use crate::backoff::Backoff;
-use crate::lifecycle::{MoveToTcp, Step};
+use crate::lifecycle::{Action, Lifecycle, Purpose, Retire, Retiring};
 use crate::pool::{Link, Pool};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,13 +82,7 @@ impl std::fmt::Display for TransportChoice {
 
 /// How long QUIC has, in `auto`, before TLS over TCP is tried beside it.
 pub const QUIC_HEAD_START: Duration = Duration::from_secs(1);
-/// How often a link on TCP (in `auto`) tries to move to QUIC.
-pub const QUIC_RETRY: Duration = Duration::from_secs(5);
-/// How often a QUIC link (in `auto`) looks whether the liveness watch doubts it.
-const DOUBT_CHECK: Duration = Duration::from_millis(100);
-/// How long a QUIC tunnel left for TCP keeps its streams while nothing proves it alive (see
-/// `quic_stays_silent`).
-pub const QUIC_RETIRED_GRACE: Duration = Duration::from_secs(10);
+pub use crate::lifecycle::{QUIC_RETIRED_GRACE, QUIC_RETRY};
 
 /// Receives the control messages the reconnect loop does not act on itself.
 pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
@@ -323,93 +317,23 @@ async fn serve(
         }
     }
     let incoming = accept_incoming(&link, d.on_stream.as_ref());
-    let upgrade = async {
-        if d.transport != TransportChoice::Auto || tunnel.kind() != TransportKind::Tcp {
-            return std::future::pending().await;
-        }
-        loop {
-            tokio::time::sleep(QUIC_RETRY).await;
-            let attempt =
-                tokio::time::timeout(d.handshake_timeout, dial(target, d, TransportChoice::Quic));
-            if let Ok(Ok(quic)) = attempt.await {
-                return quic;
-            }
-        }
-    };
-    // In `auto`, a QUIC tunnel the liveness watch doubts for long, while a TCP tunnel to the
-    // same server answers, has lost UDP: the link moves to TCP (the rule and its reasons are
-    // `lifecycle::MoveToTcp`'s).
-    let downgrade = async {
-        if d.transport != TransportChoice::Auto || tunnel.kind() != TransportKind::Quic {
-            return std::future::pending().await;
-        }
-        let mut rule = MoveToTcp::default();
-        let mut dialed: Option<Established> = None;
-        loop {
-            match rule.check(tokio::time::Instant::now(), link.doubted()) {
-                Step::Wait => tokio::time::sleep(DOUBT_CHECK).await,
-                Step::DialTcp => {
-                    let attempt = tokio::time::timeout(
-                        d.handshake_timeout,
-                        dial(target, d, TransportChoice::Tcp),
-                    );
-                    dialed = attempt.await.ok().and_then(Result::ok);
-                    rule.dialed(tokio::time::Instant::now(), dialed.is_some());
-                }
-                Step::Move => {
-                    if let Some(tcp) = dialed.take() {
-                        return tcp;
-                    }
-                }
-                Step::KeepQuic => {
-                    if let Some(tcp) = dialed.take() {
-                        tcp.tunnel.close(code::OK, "QUIC answered after all");
-                    }
-                }
-            }
-        }
-    };
-    let mut udp_lost = false;
-    // A new identity (a renewed certificate): a tunnel with it, over the same transport.
-    let mut identity = d.identity.0.subscribe();
-    let same = match tunnel.kind() {
-        TransportKind::Quic => TransportChoice::Quic,
-        TransportKind::Tcp => TransportChoice::Tcp,
-    };
-    let rotate = async {
-        // A renewal that came while this tunnel was being dialed counts too: without this,
-        // the tunnel kept the old key until the next renewal, when the server, which keeps
-        // only the previous key, closed it with its streams (the hour-long soak saw it).
-        if *identity.borrow_and_update() == dialed_with && identity.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        loop {
-            let attempt = tokio::time::timeout(d.handshake_timeout, dial(target, d, same));
-            if let Ok(Ok(renewed)) = attempt.await {
-                return renewed;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    };
+    let moves = lifecycle(target, d, &link, dialed_with);
     let heartbeat = control.needs_heartbeat();
     let mut outbox = d.outbox.as_ref().map(|make| make(link.capabilities()));
     let mut upgraded = None;
+    let mut udp_lost = false;
     let reason = tokio::select! {
         e = incoming => e,
         r = read_control(&mut control.recv, heartbeat, &link, d) => r,
         e = send_control(&mut control.send, outbox.as_mut(), &link) => e,
-        q = upgrade => {
-            upgraded = Some(q);
-            LinkEnd::MovedToQuic
-        }
-        t = downgrade => {
-            upgraded = Some(t);
-            udp_lost = true;
-            LinkEnd::MovedToTcp
-        }
-        r = rotate => {
-            upgraded = Some(r);
-            LinkEnd::MovedToRenewed
+        (next, purpose) = moves => {
+            upgraded = Some(next);
+            udp_lost = purpose == Purpose::TcpBeside;
+            match purpose {
+                Purpose::Quic => LinkEnd::MovedToQuic,
+                Purpose::TcpBeside => LinkEnd::MovedToTcp,
+                Purpose::Renewed => LinkEnd::MovedToRenewed,
+            }
         }
         _ = stop.wait() => LinkEnd::Shutdown,
     };
@@ -426,40 +350,7 @@ async fn serve(
             info!(kind = d.kind.as_str(), server = %target.label, streams = link.streams(), reason = %reason,
                 "moving to a new tunnel; open streams finish on the old one");
         }
-        let old = link.clone();
-        let hook = d.on_stream.clone();
-        let pool = d.pool.clone();
-        let kind = d.kind.as_str();
-        let label = target.label.clone();
-        pool.retire(old.clone());
-        tokio::spawn(async move {
-            // The server may still open a reverse stream here before it learns of the new
-            // tunnel: it is served, and counted, like the ones already open.
-            let drained = async {
-                while old.streams() > 0 && old.tunnel.close_reason().is_none() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            };
-            let stays_silent = async {
-                if udp_lost {
-                    quic_stays_silent(&old).await
-                } else {
-                    std::future::pending().await
-                }
-            };
-            tokio::select! {
-                _ = drained => {}
-                _ = accept_incoming(&old, hook.as_ref()) => {}
-                _ = stays_silent => {
-                    // UDP really is lost: the streams cannot be carried, and are reset.
-                    warn!(kind, server = %label, streams = old.streams(),
-                        "QUIC still silent after moving to TCP: resetting the streams left on it");
-                    old.tunnel.close(code::SHUTDOWN, "UDP is blocked");
-                }
-            }
-            old.tunnel.close(code::OK, "moved to a new tunnel");
-            pool.forget_retired(&old);
-        });
+        retire(link.clone(), d, udp_lost, target.label.clone());
         return upgraded;
     }
     tunnel.close(code::SHUTDOWN, "tunnel closed");
@@ -501,24 +392,103 @@ pub enum LinkEnd {
     Shutdown,
 }
 
-/// After a move to TCP, returns once the QUIC tunnel left behind has stayed silent (its peer
-/// acknowledged nothing new) for [`QUIC_RETIRED_GRACE`]; never returns if it was heard, so the
-/// caller waits on, and lets the streams finish.
-///
-/// The move to TCP is a guess: TCP answering while QUIC stays silent is lost UDP, or a QUIC
-/// connection whose retransmission backoff grew through a blackout. The soak across a cellular
-/// link saw the second after a 4 s blackout with a NAT rebinding in it: the streams were reset
-/// while QUIC was heard again seconds later. So the streams stay on the old tunnel, and only a
-/// QUIC that stays silent for the grace has its streams reset.
-async fn quic_stays_silent(old: &Link) {
-    let before = old.tunnel.traffic().answers;
-    let until = tokio::time::Instant::now() + QUIC_RETIRED_GRACE;
-    while tokio::time::Instant::now() < until {
-        tokio::time::sleep(DOUBT_CHECK).await;
-        if old.tunnel.traffic().answers != before {
-            return std::future::pending().await;
+/// Drives the served tunnel's [`Lifecycle`]: dials what it asks for, beside the tunnel, and
+/// returns the tunnel the link moves to, and why.
+async fn lifecycle(
+    target: &DialTarget,
+    d: &Dialer,
+    link: &Link,
+    dialed_with: u64,
+) -> (Established, Purpose) {
+    use tokio::time::Instant;
+    let auto = d.transport == TransportChoice::Auto;
+    let mut m = Lifecycle::new(Instant::now(), auto, link.tunnel.kind(), dialed_with);
+    let mut identity = d.identity.0.subscribe();
+    let mut watching = true;
+    let mut held: Option<Established> = None;
+    loop {
+        let now = Instant::now();
+        let generation = *identity.borrow_and_update();
+        match m.step(now, link.doubted(), generation) {
+            Action::Wait(until) => {
+                let timer = async {
+                    match until {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let renewed = async {
+                    if !watching || identity.changed().await.is_err() {
+                        // The dialer is gone: no renewal will come.
+                        watching = false;
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    _ = timer => {}
+                    _ = renewed => {}
+                }
+            }
+            Action::Dial { purpose, transport } => {
+                let choice = match transport {
+                    TransportKind::Quic => TransportChoice::Quic,
+                    TransportKind::Tcp => TransportChoice::Tcp,
+                };
+                let attempt = tokio::time::timeout(d.handshake_timeout, dial(target, d, choice));
+                let dialed = attempt.await.ok().and_then(Result::ok);
+                debug!(kind = d.kind.as_str(), server = %target.label, ?purpose, ok = dialed.is_some(),
+                    "dialed a tunnel beside");
+                m.dialed(Instant::now(), dialed.as_ref().map(|e| e.identity));
+                held = dialed;
+            }
+            Action::Move(purpose) => {
+                if let Some(next) = held.take() {
+                    return (next, purpose);
+                }
+            }
+            Action::Discard => {
+                if let Some(extra) = held.take() {
+                    extra.tunnel.close(code::OK, "not needed after all");
+                }
+            }
         }
     }
+}
+
+/// Retires a tunnel the link moved away from, on a task of its own, by the rule of
+/// [`Retiring`]: its streams finish there (or are reset, when it was left for lost UDP and QUIC
+/// stays silent), and the server's reverse streams opened on it meanwhile are served.
+fn retire(old: Arc<Link>, d: &Dialer, udp_lost: bool, label: String) {
+    let hook = d.on_stream.clone();
+    let pool = d.pool.clone();
+    let kind = d.kind.as_str();
+    pool.retire(old.clone());
+    tokio::spawn(async move {
+        let now = tokio::time::Instant::now();
+        let mut rule = Retiring::new(now, udp_lost, old.tunnel.traffic().answers);
+        let accepting = accept_incoming(&old, hook.as_ref());
+        tokio::pin!(accepting);
+        loop {
+            let now = tokio::time::Instant::now();
+            let closed = old.tunnel.close_reason().is_some();
+            match rule.step(now, old.streams(), closed, old.tunnel.traffic().answers) {
+                Retire::Wait(until) => tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    // The tunnel is gone.
+                    _ = &mut accepting => break,
+                },
+                Retire::Close => break,
+                Retire::Reset => {
+                    warn!(kind, server = %label, streams = old.streams(),
+                        "QUIC still silent after moving to TCP: resetting the streams left on it");
+                    old.tunnel.close(code::SHUTDOWN, "UDP is blocked");
+                    break;
+                }
+            }
+        }
+        old.tunnel.close(code::OK, "moved to a new tunnel");
+        pool.forget_retired(&old);
+    });
 }
 
 /// Serves the streams the server opens on the link's tunnel (the reverse path) with `hook`,

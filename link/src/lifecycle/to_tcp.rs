@@ -1,6 +1,5 @@
-//! The link lifecycle's decision in `auto`: when a QUIC link moves to TLS over TCP, as a state
-//! machine of observations and time, without I/O (the reconnect loop, `reconnect::serve`,
-//! drives it).
+//! When a QUIC link in `auto` moves to TLS over TCP: the part of the link's lifecycle
+//! ([`super::Lifecycle`]) that reads the liveness watch's doubt.
 //!
 //! A QUIC tunnel the liveness watch doubts may have lost UDP alone (a firewall that starts
 //! dropping it), which looks like a blackout from here. A TCP tunnel to the same server tells
