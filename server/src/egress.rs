@@ -9,6 +9,9 @@
 //! 404 (no such node connected anywhere), 502 (the agent could not connect), 504 (timeout).
 
 use crate::authority::Resolved;
+use crate::identity;
+use crate::route::{self, Answer, Route, Scope};
+pub use crate::route::{wait_until, Refusal};
 use crate::state::State;
 use std::path::Path;
 use std::sync::Arc;
@@ -54,88 +57,6 @@ async fn respond<S: AsyncWrite + Unpin>(s: &mut S, code: u16, body: &str) {
     .await;
 }
 
-/// Why a CONNECT is not carried. Each kind is mapped once to the HTTP status its client reads
-/// ([`Refusal::http`]) and once to the wire status a peer asking on a client's behalf reads
-/// ([`Refusal::wire`]), and back ([`Refusal::from_wire`]), so that a verdict keeps its meaning
-/// across a hop. Before, refusals were `(u16, String)` mapped HTTP to wire to HTTP, and a
-/// peer's `busy` reached kube-apiserver as 502, a contested address as 403.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// The agent's policy does not allow the target: 403.
-    #[error("{0}")]
-    Forbidden(String),
-    /// No node by that name is connected (here, or anywhere), or no node owns that address: 404.
-    #[error("{0}")]
-    NoNode(String),
-    /// More than one node owns that address: 409, until an operator releases it.
-    #[error("{0}")]
-    Contested(String),
-    /// A limit was reached, or the server is draining: 503, worth a retry.
-    #[error("{0}")]
-    Busy(String),
-    /// The agent could not reach the target, or no tunnel carried the open: 502.
-    #[error("{0}")]
-    Unreachable(String),
-    /// No answer in time: 504.
-    #[error("{0}")]
-    TimedOut(String),
-}
-
-impl Refusal {
-    /// The HTTP status the egress client reads.
-    pub fn http(&self) -> u16 {
-        match self {
-            Refusal::Forbidden(_) => 403,
-            Refusal::NoNode(_) => 404,
-            Refusal::Contested(_) => 409,
-            Refusal::Busy(_) => 503,
-            Refusal::Unreachable(_) => 502,
-            Refusal::TimedOut(_) => 504,
-        }
-    }
-
-    /// The status a peer that asked on a client's behalf reads.
-    pub fn wire(&self) -> StatusCode {
-        match self {
-            Refusal::Forbidden(_) => StatusCode::RefusedByPolicy,
-            Refusal::NoNode(_) => StatusCode::NoRoute,
-            Refusal::Contested(_) => StatusCode::Contested,
-            Refusal::Busy(_) => StatusCode::Busy,
-            Refusal::Unreachable(_) => StatusCode::UpstreamUnreachable,
-            Refusal::TimedOut(_) => StatusCode::Timeout,
-        }
-    }
-
-    /// A refusal as an agent or a peer answered it.
-    pub fn from_wire(code: StatusCode, message: String) -> Self {
-        match code {
-            StatusCode::RefusedByPolicy => Refusal::Forbidden(message),
-            StatusCode::NoRoute => Refusal::NoNode(message),
-            StatusCode::Contested => Refusal::Contested(message),
-            StatusCode::Busy | StatusCode::Draining => Refusal::Busy(message),
-            StatusCode::Timeout => Refusal::TimedOut(message),
-            StatusCode::Ok
-            | StatusCode::UpstreamUnreachable
-            | StatusCode::UnknownService
-            | StatusCode::BadRequest
-            | StatusCode::Other(_) => Refusal::Unreachable(message),
-        }
-    }
-
-    /// The refusal a failed open comes to.
-    fn from_open(e: OpenError) -> Self {
-        match e {
-            OpenError::Refused { code, message } => Refusal::from_wire(code, message),
-            OpenError::TimedOut(_) => Refusal::TimedOut(e.to_string()),
-            OpenError::Tunnel(_) | OpenError::Protocol(_) => Refusal::Unreachable(e.to_string()),
-        }
-    }
-
-    fn no_node(&self) -> bool {
-        matches!(self, Refusal::NoNode(_))
-    }
-}
-
 /// How long an open waits for the agent's verdict. The agent answers within its own connect
 /// timeout, so only a silent link runs this out; the server holds a silent agent's tunnel for
 /// the blackout tolerance, and an open on it waits as long (QUIC retransmits the `Open` when
@@ -159,24 +80,6 @@ async fn ask(
     open::open(tunnel, target, hops, open_timeout(state)).await
 }
 
-/// Why a route found no stream: the answer to give, and whether it is the node's absence (no
-/// tunnel here or at a peer, or every tunnel failed as a tunnel) rather than an agent's or a
-/// peer's verdict. Only an absence is worth waiting out.
-#[derive(Debug)]
-pub struct Miss {
-    pub refusal: Refusal,
-    pub absent: bool,
-}
-
-impl Miss {
-    fn verdict(refusal: Refusal) -> Self {
-        Miss {
-            refusal,
-            absent: false,
-        }
-    }
-}
-
 /// The node a CONNECT's host leads to: the node of that name, or the one node that owns that
 /// IP address (whether or not it is connected: an address never leads to another node because
 /// its owner is away). An address no node owns, or more than one, leads nowhere.
@@ -193,77 +96,37 @@ pub fn resolve(state: &State, host: &str) -> Result<String, Refusal> {
     }
 }
 
-/// Reaches `host:port` through a local tunnel of `node` (newest first), skipping those in
-/// `tried`; each tunnel that fails as a tunnel is added there.
-pub async fn route_local(
-    state: &State,
-    node: &str,
-    req: &ConnectRequest,
-    tried: &mut Vec<usize>,
-) -> Result<Stream, Miss> {
-    let tunnels = state.registry.find(node);
-    if tunnels.is_empty() {
-        return Err(Miss {
-            refusal: Refusal::NoNode(format!("node {node} is not connected to this server")),
-            absent: true,
-        });
-    }
-    let mut last = Refusal::Unreachable("no tunnel answered".into());
-    for entry in tunnels {
-        if tried.contains(&entry.tunnel.id()) {
-            continue;
-        }
-        match ask(state, &entry.tunnel, req, 0).await {
-            Ok(s) => return Ok(s),
-            // That tunnel failed: the node's next one may work.
-            Err(e @ OpenError::Tunnel(_)) => {
-                tried.push(entry.tunnel.id());
-                last = Refusal::from_open(e);
-            }
-            // The agent answered (or let the time run out): its verdict stands.
-            Err(e) => return Err(Miss::verdict(Refusal::from_open(e))),
-        }
-    }
-    Err(Miss {
-        refusal: last,
-        absent: true,
-    })
+/// The node's tunnels here, newest first, each with whether the node records admit its
+/// certificate now (see [`crate::route`]).
+fn local_tunnels(state: &State, node: &str) -> Vec<route::Local<Tunnel>> {
+    state
+        .registry
+        .find(node)
+        .into_iter()
+        .map(|e| route::Local {
+            id: e.tunnel.id(),
+            admitted: identity::carries(&state.authority.check(node, &e.key_hash)),
+            via: e.tunnel,
+        })
+        .collect()
 }
 
-/// Reaches `host:port` through this server's tunnels, else through a peer that has the node.
-async fn route_once(
-    state: &State,
-    node: &str,
-    req: &ConnectRequest,
-    tried: &mut Vec<usize>,
-) -> Result<Stream, Miss> {
-    match route_local(state, node, req, tried).await {
-        Err(miss) if miss.refusal.no_node() => {}
-        other => return other,
+/// The peer links a client's CONNECT may ask, least busy first.
+fn peer_tunnels(state: &State, scope: Scope) -> Vec<Tunnel> {
+    match scope {
+        Scope::Client => state
+            .peers
+            .candidates(Policy::LeastStreams)
+            .into_iter()
+            .map(|l| l.tunnel.clone())
+            .collect(),
+        Scope::ForPeer => Vec::new(),
     }
-    for link in state.peers.candidates(Policy::LeastStreams) {
-        match ask(state, &link.tunnel, req, 1).await {
-            Ok(s) => {
-                debug!(node, host = %req.host, peer = %link.server, "egress through peer");
-                return Ok(s);
-            }
-            // Not that peer's node, or the peer's tunnel failed: ask the next.
-            Err(OpenError::Refused {
-                code: StatusCode::NoRoute,
-                ..
-            })
-            | Err(OpenError::Tunnel(_)) => continue,
-            Err(e) => return Err(Miss::verdict(Refusal::from_open(e))),
-        }
-    }
-    Err(Miss {
-        refusal: Refusal::NoNode(format!("node {node} is not connected to any server")),
-        absent: true,
-    })
 }
 
-/// Reaches `host:port` through this server's tunnels, else through a peer that has the node;
-/// when the node is gone from here for a moment, through its next tunnel.
+/// Reaches `host:port` on `node` by the rule of [`crate::route`]: through this server's
+/// tunnels, else through a peer that has the node; when the node is gone from here for a
+/// moment, through its next tunnel.
 ///
 /// A node is gone for a moment when its tunnels here died under the request (its network
 /// changed, UDP was blocked: the agent falls back to TCP or redials within a second or two), or
@@ -274,47 +137,56 @@ async fn route_once(
 /// `exec`, `logs` and `port-forward` do not retry, so the request waits for the node's return,
 /// as the agent's own connections do (`--reconnect-grace`), and then goes through, here or at
 /// a peer. A node that never connected, or left longer ago, is answered at once.
-pub async fn route(state: &State, node: &str, req: &ConnectRequest) -> Result<Stream, Refusal> {
-    let mut tried = Vec::new();
-    let miss = match route_once(state, node, req, &mut tried).await {
-        Ok(s) => return Ok(s),
-        Err(miss) if !miss.absent => return Err(miss.refusal),
-        Err(miss) => miss,
-    };
-    let left_at = state.registry.left_at(node);
-    let Some(until) = wait_until(!tried.is_empty(), left_at, state.started, Instant::now()) else {
-        return Err(miss.refusal);
-    };
-    state.metrics.egress_waited.inc();
-    debug!(
-        node,
-        "egress: the node is gone from here for now; waiting for its next tunnel"
-    );
-    // Then once more, whether or not a tunnel came here: a peer may have the node by now.
-    state.registry.wait_for_tunnel(node, &tried, until).await;
-    route_once(state, node, req, &mut tried)
-        .await
-        .map_err(|m| m.refusal)
+pub async fn route(
+    state: &State,
+    node: &str,
+    req: &ConnectRequest,
+    scope: Scope,
+) -> Result<Stream, Refusal> {
+    let mut r = Route::new(node, scope);
+    r.offer(local_tunnels(state, node), peer_tunnels(state, scope));
+    loop {
+        let history = route::History {
+            left_at: state.registry.left_at(node),
+            started: state.started,
+        };
+        match r.next(Instant::now(), history) {
+            route::Step::Ask { via, hops } => match ask(state, &via, req, hops).await {
+                Ok(s) => {
+                    if hops > 0 {
+                        debug!(node, host = %req.host, "egress through a peer");
+                    }
+                    return Ok(s);
+                }
+                Err(e) => r.answered(answer_of(e, hops)),
+            },
+            route::Step::Wait { until } => {
+                state.metrics.egress_waited.inc();
+                debug!(
+                    node,
+                    "egress: the node is gone from here for now; waiting for its next tunnel"
+                );
+                state.registry.wait_for_tunnel(node, r.tried(), until).await;
+                // Then once more, whether or not a tunnel came here: a peer may have the node
+                // by now.
+                r.offer(local_tunnels(state, node), peer_tunnels(state, scope));
+            }
+            route::Step::Refuse(refusal) => return Err(refusal),
+        }
+    }
 }
 
-/// Until when a CONNECT whose node has no tunnel here waits for one (the rule of [`route`]),
-/// or `None` to answer at once: the grace after a tunnel of the node failed under the request
-/// (`failed_here`), else after the node left this server, else, for a node never seen, after
-/// this server started. Never past `now` and the grace: a request waits at most
-/// [`RECONNECT_GRACE`].
-pub fn wait_until(
-    failed_here: bool,
-    left_at: Option<Instant>,
-    started: Instant,
-    now: Instant,
-) -> Option<Instant> {
-    let since = if failed_here {
-        now
-    } else {
-        left_at.unwrap_or(started)
-    };
-    let until = since + RECONNECT_GRACE;
-    (until > now).then(|| until.min(now + RECONNECT_GRACE))
+/// What a failed open means to the route: from a tunnel here, a tunnel failure or the agent's
+/// verdict; from a peer, also "not mine".
+fn answer_of(e: OpenError, hops: u8) -> Answer {
+    match e {
+        OpenError::Refused {
+            code: StatusCode::NoRoute,
+            ..
+        } if hops > 0 => Answer::NotThere,
+        e @ OpenError::Tunnel(_) => Answer::TunnelFailed(Refusal::from_open(e)),
+        e => Answer::Verdict(Refusal::from_open(e)),
+    }
 }
 
 /// Serves one egress client.
@@ -348,7 +220,9 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Resettable + Send + Unpin>
         }
     };
     let routed = match resolve(state, &req.host) {
-        Ok(node) => route(state, &node, &req).await.map(|s| (node, s)),
+        Ok(node) => route(state, &node, &req, Scope::Client)
+            .await
+            .map(|s| (node, s)),
         Err(refusal) => Err(refusal),
     };
     let (node, stream) = match routed {
@@ -382,8 +256,8 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
     // The asking server waits for a node that is gone for a moment; its peers answer at once.
     // The host leads where this server's records say, by the same rule as at the asker.
     let routed = match resolve(state, &req.host) {
-        Ok(node) => route_local(state, &node, &req, &mut Vec::new()).await,
-        Err(refusal) => Err(Miss::verdict(refusal)),
+        Ok(node) => route(state, &node, &req, Scope::ForPeer).await,
+        Err(refusal) => Err(refusal),
     };
     match routed {
         Ok(target) => {
@@ -393,7 +267,7 @@ pub async fn serve_peer_request(mut stream: Stream, host: String, port: u16, sta
                 relay::relay(stream, target, &[&state.metrics.shared.bytes]).await;
             }
         }
-        Err(Miss { refusal, .. }) => {
+        Err(refusal) => {
             let _ = answer(&mut stream, refusal.wire(), refusal.to_string()).await;
         }
     }
@@ -525,93 +399,4 @@ pub fn bind_uds(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn every_kind() -> Vec<Refusal> {
-        let m = || "why".to_string();
-        vec![
-            Refusal::Forbidden(m()),
-            Refusal::NoNode(m()),
-            Refusal::Contested(m()),
-            Refusal::Busy(m()),
-            Refusal::Unreachable(m()),
-            Refusal::TimedOut(m()),
-        ]
-    }
-
-    /// A verdict keeps its meaning across a peer hop: the asking server reads back the refusal
-    /// the answering one sent, and its client the same HTTP status a local client would. Before,
-    /// a peer's busy reached the client as 502 and a contested address as 403.
-    #[test]
-    fn a_refusal_crosses_a_peer_hop_unchanged() {
-        for r in every_kind() {
-            let back = Refusal::from_wire(r.wire(), r.to_string());
-            assert_eq!(back, r);
-            assert_eq!(back.http(), r.http());
-        }
-        let https: Vec<u16> = every_kind().iter().map(Refusal::http).collect();
-        assert_eq!(https, [403, 404, 409, 503, 502, 504]);
-    }
-
-    /// What an agent answers, as its client reads it.
-    #[test]
-    fn an_agents_verdict_reads_as_its_http_status() {
-        let http = |code| Refusal::from_wire(code, String::new()).http();
-        assert_eq!(http(StatusCode::RefusedByPolicy), 403);
-        assert_eq!(http(StatusCode::Busy), 503);
-        assert_eq!(http(StatusCode::Draining), 503);
-        assert_eq!(http(StatusCode::Timeout), 504);
-        assert_eq!(http(StatusCode::UpstreamUnreachable), 502);
-        assert_eq!(http(StatusCode::Other(200)), 502);
-    }
-
-    const S: Duration = Duration::from_secs(1);
-
-    #[test]
-    fn a_node_that_left_a_moment_ago_is_waited_for_until_the_grace_ends() {
-        let t0 = Instant::now();
-        let now = t0 + 100 * S;
-        assert_eq!(
-            wait_until(false, Some(now - S), t0, now),
-            Some(now - S + RECONNECT_GRACE)
-        );
-        // Gone longer than the grace: answered at once.
-        assert_eq!(wait_until(false, Some(now - 10 * S), t0, now), None);
-        // Never seen, on a server up for long: at once.
-        assert_eq!(wait_until(false, None, t0, now), None);
-        // Never seen, on a server that just started: until the grace after its start.
-        assert_eq!(
-            wait_until(false, None, now - S, now),
-            Some(now - S + RECONNECT_GRACE)
-        );
-        // A tunnel failed under the request: the grace from now.
-        assert_eq!(
-            wait_until(true, Some(now - 10 * S), t0, now),
-            Some(now + RECONNECT_GRACE)
-        );
-    }
-
-    proptest::proptest! {
-        /// Whatever the node's history and the server's age, a request waits at most the grace.
-        #[test]
-        fn a_request_waits_at_most_the_grace(
-            failed_here: bool,
-            left_ms in proptest::option::of(0u64..20_000),
-            started_ms in 0u64..20_000,
-            late_ms in 0u64..5_000,
-        ) {
-            let t0 = Instant::now();
-            let now = t0 + Duration::from_millis(20_000 + late_ms);
-            let left_at = left_ms.map(|ms| t0 + Duration::from_millis(ms));
-            let started = t0 + Duration::from_millis(started_ms);
-            if let Some(until) = wait_until(failed_here, left_at, started, now) {
-                proptest::prop_assert!(until > now);
-                proptest::prop_assert!(until <= now + RECONNECT_GRACE);
-            }
-        }
-    }
 }

@@ -134,6 +134,13 @@ pub(crate) fn refusal(verdict: &Verdict) -> Option<(u32, &'static str)> {
     }
 }
 
+/// Whether the records let a tunnel whose certificate has this verdict carry streams: an
+/// admitted key, or the key before a renewal (its tunnels are the same node's). The egress
+/// route asks only such tunnels, and [`close_refused`] closes the others.
+pub(crate) fn carries(verdict: &Verdict) -> bool {
+    matches!(verdict, Verdict::Allowed | Verdict::Superseded)
+}
+
 /// Closes the tunnels whose certificate the records no longer admit: revoked nodes, names that
 /// were forgotten (a certificate from before a forget is what the forget is for), and keys that
 /// another key owns the name for. The tunnels of a renewed node's previous key stay up: they are
@@ -142,7 +149,7 @@ pub(crate) fn close_refused(state: &State) {
     for name in state.registry.node_names() {
         for e in state.registry.tunnels(&name) {
             let verdict = state.authority.check(&name, &e.key_hash);
-            if verdict == Verdict::Superseded {
+            if carries(&verdict) {
                 continue;
             }
             let Some((code, why)) = refusal(&verdict) else {

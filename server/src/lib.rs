@@ -38,6 +38,7 @@ pub mod join_rate;
 pub mod metrics;
 pub mod peers;
 pub mod registry;
+pub mod route;
 pub mod state;
 pub mod status;
 pub mod streams;
