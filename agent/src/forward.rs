@@ -226,11 +226,18 @@ async fn forward(
                 let id = attempts[i].id;
                 let waited = race.waited(id, Instant::now()).unwrap_or_default();
                 let a = &mut attempts[i];
+                let mut target_reset = false;
                 let verdict = match open::verdict(&mut a.stream, r).await {
                     Ok(()) => {
                         a.link.open_latency.record(waited);
                         a.link.passed.answered();
                         Verdict::Ok
+                    }
+                    Err(OpenError::Reset) => {
+                        a.link.open_latency.record(waited);
+                        a.link.passed.answered();
+                        target_reset = true;
+                        Verdict::Refused
                     }
                     Err(e) => {
                         let why = failure(&e);
@@ -247,6 +254,19 @@ async fn forward(
                         }
                     }
                 };
+                if target_reset {
+                    // The server answered, and its upstream reset the connection at once (the
+                    // reset took the answer with it): the connection was carried, and is
+                    // reset, as a reset travels. No other server is asked: the upstream may
+                    // have had the early bytes.
+                    debug!(server = %attempts[i].link.server, "the upstream reset the connection as it was answered");
+                    for mut a in attempts.drain(..) {
+                        a.stream.reset(code::RESET).await;
+                    }
+                    metrics.shared.bytes.reset();
+                    reset(conn);
+                    return;
+                }
                 race.verdict(id, verdict)
             }
             Event::Timer(Some(Timer::Expired(id))) => {
@@ -401,7 +421,9 @@ async fn start(
 /// How a failed open counts in the metrics.
 fn failure(e: &OpenError) -> OpenFailure {
     match e {
-        OpenError::Refused { .. } | OpenError::Protocol(_) => OpenFailure::Refused,
+        OpenError::Refused { .. } | OpenError::Protocol(_) | OpenError::Reset => {
+            OpenFailure::Refused
+        }
         OpenError::Tunnel(_) => OpenFailure::TunnelLost,
         OpenError::TimedOut(_) => OpenFailure::Timeout,
     }

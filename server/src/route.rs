@@ -295,7 +295,9 @@ impl Refusal {
         match e {
             OpenError::Refused { code, message } => Refusal::from_wire(code, message),
             OpenError::TimedOut(_) => Refusal::TimedOut(e.to_string()),
-            OpenError::Tunnel(_) | OpenError::Protocol(_) => Refusal::Unreachable(e.to_string()),
+            OpenError::Tunnel(_) | OpenError::Protocol(_) | OpenError::Reset => {
+                Refusal::Unreachable(e.to_string())
+            }
         }
     }
 }

@@ -27,6 +27,13 @@ pub enum OpenError {
     /// No answer before the deadline; the stream was reset.
     #[error("no answer within {0:?}")]
     TimedOut(Duration),
+    /// The other side reset the stream with the relay's code ([`code::RESET`]) before its
+    /// answer arrived: it answered `Ok`, its target then reset the connection, and the reset
+    /// took the answer with it (QUIC drops what a reset stream had not delivered). Not a
+    /// tunnel failure: the target may have had the early bytes, so no other server may be
+    /// asked with them; the client's connection is reset, as a reset travels.
+    #[error("the target reset the connection as it was answered")]
+    Reset,
 }
 
 /// Opens a stream on `tunnel` to `target` and waits up to `wait` in all for an `Ok` status.
@@ -99,6 +106,7 @@ pub async fn verdict(
             )))
         }
         Ok(None) => Err(OpenError::Tunnel("stream closed before its status".into())),
+        Err(FrameError::Stream(StreamError::Reset(code::RESET))) => Err(OpenError::Reset),
         Err(e) => {
             stream.reset(code::PROTOCOL).await;
             Err(OpenError::Tunnel(e.to_string()))
