@@ -4,123 +4,50 @@
 
 use anyhow::{bail, Context, Result};
 use socket2::{Domain, Socket, Type};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use tether_testkit::upstream;
 
 /// Request and response size of the round-trip and connection-rate tests.
 pub const MESSAGE: usize = 64;
 /// What a bulk client writes per call.
 const BULK_CHUNK: usize = 256 * 1024;
-/// Threads of the upstream and of `hold` need little stack.
-const SMALL_STACK: usize = 128 * 1024;
 /// Longest a single blocking socket call may take before a run counts it as an error.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds a loopback listener with a deep backlog (connection bursts of the rate test).
 pub fn listen() -> Result<TcpListener> {
-    listen_at(([127, 0, 0, 1], 0).into())
+    Ok(upstream::listen(upstream::loopback0())?)
 }
 
-/// [`listen`] on a given address (the WAN lab's upstream listens on every address).
-pub fn listen_at(addr: SocketAddr) -> Result<TcpListener> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).context("socket")?;
-    s.set_reuse_address(true).context("SO_REUSEADDR")?;
-    s.bind(&addr.into())
-        .with_context(|| format!("bind {addr}"))?;
-    s.listen(4096).context("listen")?;
-    Ok(s.into())
-}
+pub use tether_testkit::free_port;
 
-/// A free loopback port: bound, then released for a child process to take.
-pub fn free_port() -> Result<u16> {
-    Ok(listen()?.local_addr()?.port())
-}
-
-/// The upstream every path leads to: an echo server and a sink that answers the byte count.
+/// The upstream every path leads to: an echo server and a sink that answers the byte count
+/// (the kit's, as the tests use).
 pub struct Upstream {
     pub echo: SocketAddr,
     pub sink: SocketAddr,
-    stop: Arc<AtomicBool>,
+    _servers: (upstream::Echo, upstream::Sink),
 }
 
 impl Upstream {
     pub fn start() -> Result<Upstream> {
-        Self::start_at(([127, 0, 0, 1], 0).into(), ([127, 0, 0, 1], 0).into())
+        let lo = upstream::loopback0();
+        Self::start_at(lo, lo)
     }
 
-    /// The upstream on given addresses.
+    /// The upstream on given addresses (the WAN lab's listens on every address).
     pub fn start_at(echo: SocketAddr, sink: SocketAddr) -> Result<Upstream> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let echo = serve(listen_at(echo)?, stop.clone(), echo_conn)?;
-        let sink = serve(listen_at(sink)?, stop.clone(), sink_conn)?;
-        Ok(Upstream { echo, sink, stop })
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loops so that they see the flag.
-        let _ = TcpStream::connect_timeout(&self.echo, Duration::from_millis(100));
-        let _ = TcpStream::connect_timeout(&self.sink, Duration::from_millis(100));
-    }
-}
-
-fn serve(l: TcpListener, stop: Arc<AtomicBool>, conn: fn(TcpStream)) -> Result<SocketAddr> {
-    let addr = l.local_addr()?;
-    thread::Builder::new()
-        .name("upstream-accept".into())
-        .spawn(move || {
-            for c in l.incoming() {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(c) = c else {
-                    thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let _ = c.set_nodelay(true);
-                let _ = thread::Builder::new()
-                    .stack_size(SMALL_STACK)
-                    .spawn(move || conn(c));
-            }
+        let e = upstream::Echo::start_on(echo)?;
+        let s = upstream::Sink::start_on(sink, upstream::SinkAnswer::Count)?;
+        Ok(Upstream {
+            echo: e.addr,
+            sink: s.addr,
+            _servers: (e, s),
         })
-        .context("spawn the upstream")?;
-    Ok(addr)
-}
-
-fn echo_conn(mut c: TcpStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match c.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if c.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }
     }
-    let _ = c.shutdown(Shutdown::Write);
-}
-
-fn sink_conn(mut c: TcpStream) {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        match c.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        }
-    }
-    let _ = c.write_all(&total.to_be_bytes());
-    let _ = c.shutdown(Shutdown::Write);
 }
 
 fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {

@@ -1,61 +1,13 @@
-//! The processes under test: starting them with their logs kept, reading their memory and CPU
-//! from /proc, pinning them to CPUs, and killing them (on purpose, with SIGKILL, for failover).
+//! The processes under test (the kit's [`Proc`]: started with their logs kept, killed when
+//! dropped), their memory and CPU read from /proc, and their pinning to CPUs.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// A child process that is killed when dropped.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-}
-
-impl Proc {
-    /// Starts `bin args` with stdout and stderr in `log`.
-    pub fn spawn(name: &str, bin: &Path, args: &[String], log: &Path) -> Result<Proc> {
-        let out =
-            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let err = out.try_clone()?;
-        let child = Command::new(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
-        Ok(Proc {
-            name: name.into(),
-            child,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL and reap: what `kill -9` does to a server in the failover test.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Fails when the process has already exited.
-    pub fn check_alive(&mut self) -> Result<()> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            bail!("{} exited ({status}); see its log", self.name);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+pub use tether_testkit::{run as run_ok, Proc};
 
 /// Memory and CPU of one process (all its threads).
 #[derive(Debug, Clone, Copy, Default)]
@@ -187,23 +139,6 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(p)
-}
-
-/// Runs a command to completion, failing with its output.
-pub fn run_ok(bin: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(bin)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {}", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} {} failed: {}",
-            bin.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One GET on the admin endpoint; the body.

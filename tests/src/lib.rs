@@ -9,8 +9,7 @@ use ring::digest::{Context, SHA256};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tether_agent::config::AgentConfig;
 use tether_agent::AgentHandle;
@@ -254,102 +253,17 @@ pub fn loopback0() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-/// An upstream that echoes every byte and half-closes when its client does.
-pub struct Echo {
-    pub addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
+pub use tether_testkit::upstream::{Echo, Sink, SinkAnswer};
+
+/// An echo upstream on a fresh loopback port (the kit's [`Echo`]).
+pub fn start_echo() -> Echo {
+    Echo::start().unwrap_or_else(|e| panic!("cannot start an echo upstream: {e}"))
 }
 
-impl Echo {
-    pub async fn start() -> Self {
-        Self::start_on(loopback0()).await
-    }
-
-    pub async fn start_on(at: SocketAddr) -> Self {
-        let l = tether_endpoint::net::listen_tcp(at).expect("bind echo");
-        let addr = l.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut c, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = c.split();
-                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
-                        let _ = w.shutdown().await;
-                    }
-                });
-            }
-        });
-        Echo {
-            addr,
-            accepted,
-            task,
-        }
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::Relaxed)
-    }
-
-    /// Stops accepting; the port refuses connections from then on.
-    pub fn stop(&self) {
-        self.task.abort();
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// An upstream that hashes everything it receives and, at end of stream, answers with the
-/// hex SHA-256 and the byte count.
-pub struct Sink {
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Sink {
-    pub async fn start() -> Self {
-        let l = tether_endpoint::net::listen_tcp(loopback0()).expect("bind sink");
-        let addr = l.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut c, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let mut ctx = Context::new(&SHA256);
-                    let mut buf = vec![0u8; 256 * 1024];
-                    let mut n = 0u64;
-                    loop {
-                        match c.read(&mut buf).await {
-                            Ok(0) => break,
-                            Ok(k) => {
-                                ctx.update(&buf[..k]);
-                                n += k as u64;
-                            }
-                            Err(_) => return,
-                        }
-                    }
-                    let answer = format!("{} {n}", hex::encode(ctx.finish().as_ref()));
-                    let _ = c.write_all(answer.as_bytes()).await;
-                    let _ = c.shutdown().await;
-                });
-            }
-        });
-        Sink { addr, task }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// A sink upstream on a fresh loopback port that answers the SHA-256 and the count of what it
+/// got (the kit's [`Sink`]).
+pub fn start_sink() -> Sink {
+    Sink::start(SinkAnswer::Sha256).unwrap_or_else(|e| panic!("cannot start a sink upstream: {e}"))
 }
 
 /// Sends `data` through `addr` to an echo upstream, half-closes, reads the echo to the end, and
@@ -627,7 +541,7 @@ impl PeeredPair {
             std::fs::copy(pki.server_dir().join(f), second.path().join(f)).expect("copy CA");
         }
         tether_trust::init(second.path(), &loopback_names(), 1, 1).expect("init the second server");
-        let echo = Echo::start().await;
+        let echo = start_echo();
         let port = || crate::process::free_port();
         let addrs: [SocketAddr; 2] = [
             ([127, 0, 0, 1], port()).into(),

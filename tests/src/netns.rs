@@ -9,7 +9,7 @@
 //! The suite needs root, `ip` and `iptables`. Without them it says so loudly and skips; under
 //! CI (`CI=true`) it fails instead, so that CI can never pass without running it.
 
-use crate::process::Proc;
+use crate::process::{spawn_cmd, Proc};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -140,11 +140,11 @@ impl Host {
         args: &[&str],
         log: std::path::PathBuf,
     ) -> Proc {
-        let mut cmd = tokio::process::Command::new("ip");
+        let mut cmd = std::process::Command::new("ip");
         cmd.args(["netns", "exec", &self.ns])
             .arg(program)
             .args(args);
-        Proc::spawn_cmd(name, &mut cmd, log)
+        spawn_cmd(name, &mut cmd, log)
     }
 }
 

@@ -2,8 +2,7 @@
 //! network-namespace suite.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use tokio::process::{Child, Command};
+use std::process::Command;
 
 /// The built `tether-server`, `tether-agent` or `tether-probe` binary beside the test binary.
 ///
@@ -24,83 +23,36 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A child process, killed when dropped, its output in a log file.
-pub struct Proc {
-    pub child: Child,
-    pub log: PathBuf,
-    pub name: String,
+pub use tether_testkit::Proc;
+
+/// Starts `program args` with its output in `log` (the kit's [`Proc`]); panics when it cannot.
+pub fn spawn(name: &str, program: &Path, args: &[&str], log: PathBuf) -> Proc {
+    Proc::spawn(name, program, args, &log).unwrap_or_else(|e| panic!("{e}"))
 }
 
-impl Proc {
-    pub fn spawn(name: &str, program: &Path, args: &[&str], log: PathBuf) -> Self {
-        Self::spawn_cmd(name, Command::new(program).args(args), log)
-    }
+/// Starts `cmd` with its output in `log`; panics when it cannot.
+pub fn spawn_cmd(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+    Proc::spawn_cmd(name, cmd, &log).unwrap_or_else(|e| panic!("{e}"))
+}
 
-    pub fn spawn_cmd(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
-        let out = std::fs::File::create(&log).expect("create log");
-        let err = out.try_clone().expect("clone log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            child,
-            log,
-            name: name.to_string(),
+/// Waits for `p` to exit, and returns how it did (wrap it in `within` for a deadline).
+pub async fn exit(p: &mut Proc) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = p.exited() {
+            return status;
         }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
-    }
-
-    /// Sends a signal by name (`KILL`, `TERM`).
-    pub fn signal(&self, sig: &str) {
-        let _ = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status();
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Whether the process is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
 /// A port free on loopback for both TCP and UDP right now.
 pub fn free_port() -> u16 {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    tether_testkit::free_port().unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 /// Runs a command to completion and returns its stdout; panics with its output on failure.
 pub fn run_ok(program: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed: {}{}",
-        program.display(),
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    tether_testkit::run(program, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A `tether-server run` process on loopback, with an admin endpoint.
@@ -140,7 +92,7 @@ impl ServerProcess {
             &admin_s,
         ];
         args.extend_from_slice(extra);
-        let proc = Proc::spawn("server", &bin("tether-server"), &args, log);
+        let proc = spawn("server", &bin("tether-server"), &args, log);
         crate::wait_ready(admin, "server").await;
         ServerProcess { proc, addr, admin }
     }

@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
 use std::time::Duration;
-use tether_tests::process::{bin, free_port, run_ok, Proc};
+use tether_tests::process::{bin, exit, free_port, run_ok, spawn, spawn_cmd};
 use tether_tests::*;
-use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_issue_agent_and_run_as_documented() {
@@ -78,11 +78,11 @@ async fn init_issue_agent_and_run_as_documented() {
         assert!(node.join(f).exists(), "{f} written");
     }
 
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let (port, sadmin, aport, aadmin) = (free_port(), free_port(), free_port(), free_port());
     let listen = format!("127.0.0.1:{port}");
     let sadmin_s = format!("127.0.0.1:{sadmin}");
-    let mut server = Proc::spawn(
+    let mut server = spawn(
         "server",
         &server_bin,
         &[
@@ -105,7 +105,7 @@ async fn init_issue_agent_and_run_as_documented() {
         .env("TETHER_DATA_DIR", &node)
         .env("TETHER_LISTEN", format!("127.0.0.1:{aport}"))
         .env("TETHER_ADMIN", format!("127.0.0.1:{aadmin}"));
-    let mut agent = Proc::spawn_cmd("agent", &mut cmd, tmp.path().join("agent.log"));
+    let mut agent = spawn_cmd("agent", &mut cmd, tmp.path().join("agent.log"));
 
     let aadmin_addr: SocketAddr = format!("127.0.0.1:{aadmin}").parse().unwrap();
     wait_ready(aadmin_addr, "agent").await;
@@ -143,13 +143,7 @@ async fn init_issue_agent_and_run_as_documented() {
     agent.signal("TERM");
     server.signal("TERM");
     for p in [&mut agent, &mut server] {
-        let status = within(
-            "exit after SIGTERM",
-            Duration::from_secs(10),
-            p.child.wait(),
-        )
-        .await
-        .unwrap();
+        let status = within("exit after SIGTERM", Duration::from_secs(10), exit(p)).await;
         assert!(
             status.success(),
             "{} exited with {status}: {}",
@@ -202,7 +196,7 @@ async fn a_foreign_agent_is_refused_and_logged_with_its_address() {
     );
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let server = Proc::spawn(
+    let server = spawn(
         "server",
         &server_bin,
         &[
@@ -218,7 +212,7 @@ async fn a_foreign_agent_is_refused_and_logged_with_its_address() {
     );
     // The intruder trusts our CA but holds a certificate from another one.
     let aport = free_port();
-    let agent = Proc::spawn(
+    let agent = spawn(
         "agent",
         &bin("tether-agent"),
         &[
@@ -303,7 +297,7 @@ async fn errors_a_new_user_meets_say_what_to_do() {
 async fn an_agent_joins_with_a_token_file_that_stays_off_its_command_line() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let tmp = TempDir::new("token-file");
     let token_file = pki.server_dir().join("token");
@@ -323,7 +317,7 @@ async fn an_agent_joins_with_a_token_file_that_stays_off_its_command_line() {
         "--listen",
         &listen,
     ];
-    let mut agent = Proc::spawn(
+    let mut agent = spawn(
         "agent",
         &bin("tether-agent"),
         &args,
@@ -333,13 +327,13 @@ async fn an_agent_joins_with_a_token_file_that_stays_off_its_command_line() {
         data.join("agent.crt").exists()
     })
     .await;
-    let pid = agent.child.id().unwrap();
+    let pid = agent.pid();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(
         !String::from_utf8_lossy(&cmdline).contains(token.trim()),
         "the token is on the command line"
     );
-    let _ = agent.child.kill().await;
+    agent.kill();
     // A token file that cannot be read is a clear error.
     let out = std::process::Command::new(bin("tether-agent"))
         .args(["run", "--data-dir", tmp.path().join("n2").to_str().unwrap()])
@@ -400,7 +394,7 @@ async fn tether_bench_subcommands_reach_their_own_code() {
             "mixed scenario only",
         ),
     ] {
-        let child = Command::new(bin("tether-bench"))
+        let child = tokio::process::Command::new(bin("tether-bench"))
             .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

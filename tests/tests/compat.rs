@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tether_endpoint::status::Status;
-use tether_tests::process::{bin, free_port, run_ok, Proc};
+use tether_tests::process::{bin, free_port, run_ok, spawn, Proc};
 use tether_tests::*;
 
 /// One release's pair of binaries.
@@ -191,8 +191,8 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
     }
 
     // Step: two peered servers, each with its own upstream, admin endpoint and egress proxy.
-    let upstreams = [Echo::start().await, Echo::start().await];
-    let kubelet = Echo::start().await;
+    let upstreams = [start_echo(), start_echo()];
+    let kubelet = start_echo();
     let port = [free_port(), free_port()];
     let admin = [free_port(), free_port()];
     let egress = [free_port(), free_port()];
@@ -214,7 +214,7 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = m.log(&format!("server{i}"));
-        m.procs.push(Proc::spawn(
+        m.procs.push(spawn(
             &format!("server{i} ({})", servers[i].name),
             &servers[i].server,
             &args,
@@ -257,7 +257,7 @@ async fn run(name: &str, agent: &Release, servers: [&Release; 2], agent_knows_bo
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let log = m.log("agent");
-    m.procs.push(Proc::spawn(
+    m.procs.push(spawn(
         &format!("agent ({})", agent.name),
         &agent.agent,
         &args,

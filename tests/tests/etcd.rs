@@ -13,7 +13,7 @@ use tether_server::config::ServerConfig;
 use tether_server::datastore::etcd::{Etcd, EtcdSettings};
 use tether_server::datastore::{Datastore, Kind};
 use tether_server::ServerHandle;
-use tether_tests::etcd::{etcd_or_skip, Cutter, EtcdCluster};
+use tether_tests::etcd::{etcd_or_skip, EtcdCluster, Gate};
 use tether_tests::*;
 use tether_trust::records::NodeState;
 
@@ -76,7 +76,7 @@ async fn servers_share_etcd_with_no_peer_list() {
     let settings = cluster.settings("/share/");
     let pki = Pki::new();
     let root = TempDir::new("etcd-share");
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let dirs: Vec<PathBuf> = (0..3)
         .map(|i| server_dir(&pki, &root, &format!("s{i}")))
         .collect();
@@ -232,11 +232,11 @@ async fn a_silent_watch_is_noticed_and_a_revocation_made_meanwhile_holds() {
     else {
         return;
     };
-    let cutter = Cutter::start(cluster.client_addr(0)).await;
-    let through = cluster.settings_for(vec![format!("https://{}", cutter.addr)], "/silent/");
+    let cutter = Gate::start(&[cluster.client_addr(0)]).expect("gate");
+    let through = cluster.settings_for(vec![format!("https://{}", cutter.addr())], "/silent/");
     let pki = Pki::new();
     let root = TempDir::new("etcd-silent");
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = etcd_server(&server_dir(&pki, &root, "s"), echo.addr, through).await;
     let mut c = agent_config(&pki, "node-s", &[server.local_addr]);
     c.node_ips = vec!["192.0.2.5".parse().unwrap()];
@@ -312,7 +312,7 @@ async fn a_silent_watch_is_noticed_and_a_revocation_made_meanwhile_holds() {
 /// had read still holds, and a node it knew still connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_started_while_etcd_is_down_keeps_its_revocations() {
-    let Some(mut cluster) = etcd_cluster(
+    let Some(cluster) = etcd_cluster(
         "a_server_started_while_etcd_is_down_keeps_its_revocations",
         1,
     )
@@ -323,7 +323,7 @@ async fn a_server_started_while_etcd_is_down_keeps_its_revocations() {
     let settings = cluster.settings("/cache/");
     let pki = Pki::new();
     let root = TempDir::new("etcd-cache");
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let dir = server_dir(&pki, &root, "s");
     store(&settings)
         .set_state("gone", NodeState::Revoked)
@@ -335,7 +335,7 @@ async fn a_server_started_while_etcd_is_down_keeps_its_revocations() {
     })
     .await;
     first.shutdown().await;
-    cluster.kill(0).await;
+    cluster.kill(0);
 
     let again = etcd_server(&dir, echo.addr, settings.clone()).await;
     assert!(!again.metrics().datastore.available());
@@ -373,7 +373,7 @@ async fn a_revocation_lost_by_an_etcd_restore_is_written_back() {
     let settings = cluster.settings("/restore/");
     let pki = Pki::new();
     let root = TempDir::new("etcd-restore");
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let dir = server_dir(&pki, &root, "s");
     let first = etcd_server(&dir, echo.addr, settings.clone()).await;
     store(&settings)
@@ -469,7 +469,7 @@ async fn two_servers_racing_for_one_name_never_both_win() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_failures_fail_static_and_nothing_is_lost() {
-    let Some(mut cluster) = etcd_cluster("etcd_failures_fail_static_and_nothing_is_lost", 3).await
+    let Some(cluster) = etcd_cluster("etcd_failures_fail_static_and_nothing_is_lost", 3).await
     else {
         return;
     };
@@ -477,18 +477,18 @@ async fn etcd_failures_fail_static_and_nothing_is_lost() {
     // Server A reaches etcd through proxies that can cut it off; server B directly.
     let mut cutters = Vec::new();
     for i in 0..3 {
-        cutters.push(Cutter::start(cluster.client_addr(i)).await);
+        cutters.push(Gate::start(&[cluster.client_addr(i)]).expect("gate"));
     }
     let through = cluster.settings_for(
         cutters
             .iter()
-            .map(|c| format!("https://{}", c.addr))
+            .map(|c| format!("https://{}", c.addr()))
             .collect(),
         "/faults/",
     );
     let pki = Pki::new();
     let root = TempDir::new("etcd-faults");
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let a = etcd_server(&server_dir(&pki, &root, "a"), echo.addr, through).await;
     let b_dir = server_dir(&pki, &root, "b");
     let b = etcd_server(&b_dir, echo.addr, direct.clone()).await;
@@ -510,7 +510,7 @@ async fn etcd_failures_fail_static_and_nothing_is_lost() {
     .await;
 
     // One member killed: everything keeps working, joins included.
-    cluster.kill(0).await;
+    cluster.kill(0);
     let token = store(&direct)
         .create_token(&b_dir, 3600, "one member down", &Default::default())
         .await
@@ -534,7 +534,7 @@ async fn etcd_failures_fail_static_and_nothing_is_lost() {
 
     // A cut off from etcd: it says so, and its agents keep forwarding.
     for c in &cutters {
-        c.cut();
+        c.refuse();
     }
     wait_for(
         "A knows etcd is unreachable",
@@ -572,7 +572,7 @@ async fn etcd_failures_fail_static_and_nothing_is_lost() {
     // Every member killed: tunnels and new connections of known nodes keep working; joins
     // and commands are refused with "datastore unavailable" and record nothing.
     for i in 0..3 {
-        cluster.kill(i).await;
+        cluster.kill(i);
     }
     wait_for(
         "both servers know etcd is down",

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 async fn five_hundred_concurrent_streams_are_byte_exact(transport: TransportChoice) {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let agent = start_agent_over(&pki, "node-a", &[server.local_addr], transport).await;
 
@@ -55,7 +55,7 @@ async fn five_hundred_concurrent_streams_are_byte_exact(transport: TransportChoi
 async fn one_gibibyte_transfer_is_byte_exact(transport: TransportChoice) {
     init_logging();
     let pki = Pki::new();
-    let sink = Sink::start().await;
+    let sink = start_sink();
     let server = start_server(&pki, sink.addr).await;
     let agent = start_agent_over(&pki, "node-a", &[server.local_addr], transport).await;
     within(
@@ -112,7 +112,7 @@ async fn half_close_travels_both_ways(transport: TransportChoice) {
     assert_eq!(seen, b"client still talking");
 
     // And the plain direction: the client half-closes first, the echo answers after it.
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server2 = start_server(&pki, echo.addr).await;
     let agent2 = start_agent_over(&pki, "node-b", &[server2.local_addr], transport).await;
     echo_roundtrip(agent2.listen_addr, b"after my FIN".to_vec())
@@ -258,7 +258,7 @@ async fn an_upstream_reset_as_answered_reaches_the_client_once(transport: Transp
 async fn upstream_down_closes_the_local_connection_promptly(transport: TransportChoice) {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let agent = start_agent_over(&pki, "node-a", &[server.local_addr], transport).await;
     echo_roundtrip(agent.listen_addr, b"up".to_vec())
@@ -311,7 +311,7 @@ async fn an_agent_with_a_foreign_certificate_gets_no_tunnel() {
     init_logging();
     let pki = Pki::new();
     let stranger = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     // The stranger's agent trusts our CA (so it would accept the server) but its own
     // certificate comes from another CA.
@@ -348,7 +348,7 @@ async fn a_server_with_a_foreign_certificate_is_refused_by_the_agent() {
     init_logging();
     let pki = Pki::new();
     let impostor = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&impostor, echo.addr).await;
     let agent = tether_agent::start(agent_config(&pki, "node-a", &[server.local_addr]))
         .await
@@ -367,7 +367,7 @@ async fn a_server_with_a_foreign_certificate_is_refused_by_the_agent() {
 async fn garbage_datagrams_leave_the_server_serving() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
 
@@ -403,7 +403,7 @@ async fn garbage_datagrams_leave_the_server_serving() {
 async fn admin_endpoint_serves_health_readiness_and_metrics() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.admin = Some("127.0.0.1:0".parse().unwrap());
     let server = tether_server::start(sc).await.unwrap();
@@ -470,8 +470,8 @@ async fn admin_endpoint_serves_health_readiness_and_metrics() {
 async fn named_services_are_carried_and_unknown_ones_refused() {
     init_logging();
     let pki = Pki::new();
-    let api = Echo::start().await;
-    let other = Echo::start().await;
+    let api = start_echo();
+    let other = start_echo();
     let mut sc = server_config(&pki, api.addr);
     sc.services = vec![("bulk".into(), other.addr.to_string())];
     let server = tether_server::start(sc).await.expect("server starts");

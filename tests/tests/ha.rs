@@ -62,11 +62,7 @@ fn dead_upstream() -> SocketAddr {
 async fn an_agent_given_one_server_learns_the_others_and_remembers_them() {
     init_logging();
     let pki = Pki::new();
-    let echoes = [
-        Echo::start().await,
-        Echo::start().await,
-        Echo::start().await,
-    ];
+    let echoes = [start_echo(), start_echo(), start_echo()];
     let servers = start_all(mesh(
         &pki,
         &echoes.iter().map(|e| e.addr).collect::<Vec<_>>(),
@@ -132,7 +128,7 @@ async fn an_agent_given_one_server_learns_the_others_and_remembers_them() {
 async fn a_server_with_a_dead_upstream_relays_through_a_healthy_peer() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut configs = mesh(&pki, &[dead_upstream(), echo.addr]);
     // The agent must reach only the first server: the second advertises an address that goes
     // nowhere (peers still dial it by its real one).
@@ -211,7 +207,7 @@ async fn relayed_streams_never_loop() {
     let pki = Pki::new();
     // The first server's upstream is dead, the second's is alive: the first relays through the
     // second, but only a stream that no server has relayed yet.
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let servers = start_all(mesh(&pki, &[dead_upstream(), echo.addr])).await;
     wait_for(
         "peers linked, first unhealthy",
@@ -259,11 +255,39 @@ async fn relayed_streams_never_loop() {
     }
 }
 
+/// A long-lived connection through `agent`, carried (one byte echoed).
+async fn held_stream(agent: &tether_agent::AgentHandle) -> tokio::net::TcpStream {
+    let mut held = tokio::net::TcpStream::connect(agent.listen_addr)
+        .await
+        .unwrap();
+    held.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).await.unwrap();
+    held
+}
+
+/// Starts draining `server` (for at most `timeout`), and returns once `agent` sees the drain.
+async fn drain_seen(
+    agent: &tether_agent::AgentHandle,
+    server: tether_server::ServerHandle,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<i64> {
+    let at = server.local_addr.to_string();
+    let drain = tokio::spawn(server.drain(timeout));
+    wait_for(
+        "the agent sees the drain",
+        Duration::from_secs(5),
+        || async { agent.draining_servers() == vec![at.clone()] },
+    )
+    .await;
+    drain
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
     init_logging();
     let pki = Pki::new();
-    let echoes = [Echo::start().await, Echo::start().await];
+    let echoes = [start_echo(), start_echo()];
     let mut servers = start_all(mesh(&pki, &[echoes[0].addr, echoes[1].addr]))
         .await
         .into_iter();
@@ -277,21 +301,11 @@ async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
     .await;
 
     // A long-lived stream on the first server (ordered policy: it takes everything).
-    let mut held = tokio::net::TcpStream::connect(agent.listen_addr)
-        .await
-        .unwrap();
-    held.write_all(b"a").await.unwrap();
-    let mut b = [0u8; 1];
-    held.read_exact(&mut b).await.unwrap();
+    let mut held = held_stream(&agent).await;
     assert_eq!(s1.metrics().shared.streams_open.get(), 1);
 
-    let s1_addr = s1.local_addr;
     let s2_before = s2.metrics().shared.streams_total.get();
-    let drain = tokio::spawn(s1.drain(Duration::from_secs(20)));
-    wait_for("agent sees the drain", Duration::from_secs(5), || async {
-        agent.draining_servers() == vec![s1_addr.to_string()]
-    })
-    .await;
+    let drain = drain_seen(&agent, s1, Duration::from_secs(20)).await;
     // New connections go to the second server; the held one still works.
     for i in 0..10 {
         echo_roundtrip(agent.listen_addr, random_bytes(1000, i))
@@ -300,6 +314,7 @@ async fn a_draining_server_finishes_its_streams_and_gets_no_new_ones() {
     }
     assert_eq!(s2.metrics().shared.streams_total.get(), s2_before + 10);
     held.write_all(b"b").await.unwrap();
+    let mut b = [0u8; 1];
     held.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"b");
     drop(held);
@@ -323,7 +338,7 @@ async fn a_drain_waits_for_a_stream_still_reaching_its_upstream() {
     let slow = socket.listen(0).unwrap();
     let slow_addr = slow.local_addr().unwrap();
     let filler = tokio::net::TcpStream::connect(slow_addr).await.unwrap();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut cfg = server_config(&pki, echo.addr);
     cfg.services = vec![("slow".into(), slow_addr.to_string())];
     cfg.connect_timeout = Duration::from_secs(10);
@@ -380,7 +395,7 @@ async fn a_drain_waits_for_a_stream_still_reaching_its_upstream() {
 async fn an_agent_drains_on_request() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
     let addr = agent.listen_addr;
@@ -412,7 +427,7 @@ async fn an_agent_drains_on_request() {
 async fn a_connection_in_the_gap_between_tunnels_waits_for_the_next() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let at = server.local_addr;
     let grace = Duration::from_secs(5);
@@ -481,7 +496,7 @@ async fn a_connection_in_the_gap_between_tunnels_waits_for_the_next() {
 async fn with_every_tunnel_draining_a_new_connection_waits_for_the_next_server() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let first = start_server(&pki, echo.addr).await;
     // The second server's address is known to the agent from the start, but nothing listens
     // there yet: the agent keeps dialing it.
@@ -495,20 +510,8 @@ async fn with_every_tunnel_draining_a_new_connection_waits_for_the_next_server()
     .await;
 
     // A long stream holds the first server in its drain.
-    let mut held = tokio::net::TcpStream::connect(agent.listen_addr)
-        .await
-        .unwrap();
-    held.write_all(b"a").await.unwrap();
-    let mut b = [0u8; 1];
-    held.read_exact(&mut b).await.unwrap();
-    let first_at = first.local_addr;
-    let drain = tokio::spawn(first.drain(Duration::from_secs(30)));
-    wait_for(
-        "the agent sees the drain",
-        Duration::from_secs(5),
-        || async { agent.draining_servers() == vec![first_at.to_string()] },
-    )
-    .await;
+    let held = held_stream(&agent).await;
+    let drain = drain_seen(&agent, first, Duration::from_secs(30)).await;
 
     // A new connection now has no tunnel to take it: it waits for one.
     let accepted = agent.metrics().connections_accepted.get();

@@ -104,6 +104,7 @@ fn modules_import_without_a_circle_and_never_from_the_root() {
         "server",
         "agent",
         "bench",
+        "testkit",
     ] {
         let graph = imports(&workspace().join(krate).join("src"));
         let found = circles(&graph);
@@ -270,6 +271,7 @@ fn no_source_file_outside_the_test_suites_is_over_800_lines() {
         "server",
         "agent",
         "bench",
+        "testkit",
         "fuzz",
     ] {
         let dir = workspace().join(dir);

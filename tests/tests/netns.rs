@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 use tether_tests::netns::{self, Host, NatLab};
-use tether_tests::process::{bin, Proc};
+use tether_tests::process::{bin, exit, Proc};
 use tether_tests::*;
 
 /// The agent's readiness, asked from inside the node.
@@ -491,10 +491,9 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
         let status = within(
             "drained server exits",
             Duration::from_secs(15),
-            p.child.wait(),
+            exit(&mut p),
         )
-        .await
-        .unwrap();
+        .await;
         assert!(status.success(), "server {i} exit after SIGTERM: {status}");
         cp.start_server(i);
         wait_host(
@@ -506,9 +505,7 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
     }
     std::fs::write(&stop, b"").unwrap();
     let mut load = load;
-    within("load ends", Duration::from_secs(30), load.child.wait())
-        .await
-        .unwrap();
+    within("load ends", Duration::from_secs(30), exit(&mut load)).await;
     let report = load.log_text();
     let failed: usize = report
         .lines()
@@ -578,14 +575,20 @@ async fn three_servers_survive_kills_restarts_drains_and_partitions() {
     cp.lab.drop_node_to(1, true);
     cp.lab.drop_node_to(2, true);
     cp.upstreams[0] = None; // killed on drop
-                            // Idle tunnels to the unreachable servers are probed only every 25 s, but the new
-                            // connections below ask them, are hedged to the first server meanwhile, and the silence
-                            // while the first server answers closes them.
+
+    // Idle tunnels to the unreachable servers are probed only every 25 s, but new connections
+    // ask them (when the policy picks them, or as a hedge while the first server relays through
+    // its peers), are carried by the first server meanwhile, and the silence while the first
+    // server answers closes them. New connections keep coming while the test waits: which
+    // server a connection asks depends on timing: once, with the whole suite running, the
+    // twenty connections above left the others unasked through the wait (the reason is a
+    // guess: no log survived).
     check_traffic(&cp.lab.node, 20, 100_000, 9);
     wait_host(
         "only the first server left, unhealthy",
         Duration::from_secs(15),
         || {
+            check_traffic(&cp.lab.node, 2, 10_000, 9);
             cp.agent_metric("tether_tunnels_up") == 1.0
                 && cp.agent_metric(&format!(
                     "tether_server_healthy{{server=\"{}:9443\"}}",

@@ -20,7 +20,7 @@ async fn black_hole() -> (tokio::net::TcpListener, TcpStream) {
 async fn first_bytes_travel_with_the_open_and_arrive_once() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let agent = start_agent(&pki, "node-a", &[server.local_addr]).await;
     let mut tasks = tokio::task::JoinSet::new();
@@ -49,8 +49,8 @@ async fn first_bytes_travel_with_the_open_and_arrive_once() {
 async fn a_service_not_marked_tls_sends_nothing_before_the_verdict() {
     init_logging();
     let pki = Pki::new();
-    let api = Echo::start().await;
-    let plain = Echo::start().await;
+    let api = start_echo();
+    let plain = start_echo();
     let mut sc = server_config(&pki, api.addr);
     sc.services = vec![("plain".into(), plain.addr.to_string())];
     let server = tether_server::start(sc).await.unwrap();
@@ -77,7 +77,7 @@ async fn a_service_not_marked_tls_sends_nothing_before_the_verdict() {
 async fn an_open_the_first_server_sits_on_is_hedged_to_the_next() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let (_hole, _filler) = black_hole().await;
     let mut slow = server_config(&pki, echo.addr);
     slow.services = vec![("svc".into(), _hole.local_addr().unwrap().to_string())];
@@ -128,7 +128,7 @@ async fn an_open_the_first_server_sits_on_is_hedged_to_the_next() {
 async fn early_bytes_survive_the_server_dying_under_them() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let logs = TempDir::new("dying");
     // The first server is a process of its own, to be killed with -9: no goodbye, no drain.
     let first = tether_tests::process::ServerProcess::start(

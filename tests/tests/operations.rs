@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tether_endpoint::status::Status;
-use tether_tests::process::{bin, free_port, run_ok, Proc};
+use tether_tests::process::{bin, free_port, run_ok, spawn, spawn_cmd};
 use tether_tests::*;
 
 fn repo() -> PathBuf {
@@ -67,7 +67,7 @@ fn status_json(binary: &str, admin: &str) -> Status {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_files_status_and_metrics_work_together() {
     let tmp = TempDir::new("ops");
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let sdir = tmp.path().join("server");
     let adir = tmp.path().join("agent");
     let (s, a) = (sdir.to_str().unwrap(), adir.to_str().unwrap());
@@ -109,7 +109,7 @@ async fn settings_files_status_and_metrics_work_together() {
     let agent_file = tmp.path().join("agent.toml");
     std::fs::write(&agent_file, &agent_toml).unwrap();
 
-    let server = Proc::spawn(
+    let server = spawn(
         "server",
         &bin("tether-server"),
         &["run", "--config", server_file.to_str().unwrap()],
@@ -123,9 +123,9 @@ async fn settings_files_status_and_metrics_work_together() {
     .await;
     // The flag beats the file's listen; the variable beats the file's admin.
     let listen = format!("127.0.0.1:{}", free_port());
-    let agent = Proc::spawn_cmd(
+    let agent = spawn_cmd(
         "agent",
-        tokio::process::Command::new(bin("tether-agent"))
+        std::process::Command::new(bin("tether-agent"))
             .args(["run", "--config", agent_file.to_str().unwrap()])
             .args(["--listen", &listen])
             .env("TETHER_ADMIN", format!("127.0.0.1:{aadmin_env}")),

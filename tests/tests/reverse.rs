@@ -42,10 +42,10 @@ async fn echo_through<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 /// An echo listening on the same port on 127.0.0.1 and 127.0.0.2 (the test node's "address").
 async fn node_echo() -> (Echo, Echo, u16) {
     loop {
-        let a = Echo::start().await;
+        let a = start_echo();
         let port = a.addr.port();
         if std::net::TcpListener::bind(("127.0.0.2", port)).is_ok() {
-            let b = Echo::start_on(SocketAddr::from(([127, 0, 0, 2], port))).await;
+            let b = Echo::start_on(SocketAddr::from(([127, 0, 0, 2], port))).expect("echo");
             return (a, b, port);
         }
     }

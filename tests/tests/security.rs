@@ -22,7 +22,7 @@ fn init_token(pki: &Pki) -> String {
 async fn a_node_joins_with_a_token_and_keeps_its_certificate() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let node_dir = TempDir::new("join");
     let agent = tether_agent::start(joining_agent(
@@ -76,7 +76,7 @@ async fn a_node_joins_with_a_token_and_keeps_its_certificate() {
 async fn a_token_joins_no_more_than_its_uses_and_the_cluster_no_more_than_max_nodes() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     // The server's own records hold none yet; three joins fill it.
     sc.max_nodes = 3;
@@ -130,7 +130,7 @@ async fn a_token_joins_no_more_than_its_uses_and_the_cluster_no_more_than_max_no
 async fn bad_tokens_and_taken_names_are_refused_clearly() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let token = init_token(&pki);
 
@@ -218,7 +218,7 @@ async fn bad_tokens_and_taken_names_are_refused_clearly() {
 async fn join_attempts_are_rate_limited_per_source() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.join_rate_per_minute = 2;
     let server = tether_server::start(sc).await.unwrap();
@@ -302,7 +302,7 @@ fn server_metrics(server: &tether_server::ServerHandle) -> String {
 async fn expired_and_foreign_certificates_get_no_tunnel() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let old = pki.agent_cert("stale", -30 * 86400, -86400);
     let d = TempDir::new("expired");
@@ -331,7 +331,7 @@ async fn expired_and_foreign_certificates_get_no_tunnel() {
 async fn no_certificate_bad_headers_and_stalls_are_refused_and_bounded() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.header_timeout = Duration::from_millis(300);
     let server = tether_server::start(sc).await.unwrap();
@@ -533,7 +533,7 @@ async fn a_forged_renewal_answer_never_reaches_the_disk() {
     init_logging();
     let pki = Pki::new();
     let other = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let dir = TempDir::new("forging-server");
     for f in ["ca.crt", "server.crt", "server.key"] {
         std::fs::copy(pki.server_dir().join(f), dir.path().join(f)).unwrap();
@@ -573,7 +573,7 @@ async fn a_forged_renewal_answer_never_reaches_the_disk() {
 async fn certificates_renew_and_rotate_without_dropping_streams() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.reload_interval = Duration::from_millis(200);
     let server = tether_server::start(sc).await.unwrap();
@@ -656,7 +656,7 @@ async fn certificates_renew_and_rotate_without_dropping_streams() {
 async fn a_renewal_moves_tunnels_to_the_new_certificate_before_the_old_expires() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     // Due for renewal in about a second (two thirds of its life), expiring in 10 s.
     let short = pki.agent_cert("mover", -16, 10);
@@ -702,8 +702,8 @@ async fn a_renewal_moves_tunnels_to_the_new_certificate_before_the_old_expires()
 async fn a_reverse_stream_outlives_the_renewal_that_moves_its_tunnel() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
-    let target = Echo::start().await;
+    let echo = start_echo();
+    let target = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
     let server = tether_server::start(sc).await.unwrap();
@@ -754,7 +754,7 @@ async fn a_reverse_stream_outlives_the_renewal_that_moves_its_tunnel() {
 async fn limits_bite_with_a_metric() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.max_tunnels_per_node = 1;
     sc.limits.max_streams = 2;
@@ -848,7 +848,7 @@ async fn flood(pki: &Pki, udp: SocketAddr, admin: SocketAddr, round: u64) {
 async fn a_flood_of_bad_input_leaves_the_process_serving_and_its_memory_flat() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let logs = TempDir::new("flood");
     let server = tether_tests::process::ServerProcess::start(
         &pki.server_dir(),

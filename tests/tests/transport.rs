@@ -94,7 +94,7 @@ async fn a_local_close_of_a_tcp_tunnel_flushes_and_says_goodbye() {
 async fn a_control_frame_split_byte_by_byte_arrives_whole_while_heartbeats_tick() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.admin = Some("127.0.0.1:0".parse().unwrap());
     // Heartbeats (TCP tunnels) every 10 ms: the control loop's `select!` fires between bytes.
@@ -163,7 +163,7 @@ async fn a_control_frame_split_byte_by_byte_arrives_whole_while_heartbeats_tick(
 async fn a_probing_agent_gets_pongs_and_no_heartbeats() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.liveness.keepalive_interval = Duration::from_millis(10);
     let server = tether_server::start(sc).await.unwrap();

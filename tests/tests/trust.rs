@@ -27,7 +27,7 @@ async fn connect_status(proxy: SocketAddr, target: &str) -> (u16, String) {
 /// A server with the egress proxy and the admin endpoint (no upstream: the reverse path alone),
 /// and a kubelet stand-in on the node.
 async fn egress_lab(pki: &Pki) -> (tether_server::ServerHandle, Echo) {
-    let kubelet = Echo::start().await;
+    let kubelet = start_echo();
     let mut sc = server_config(pki, "127.0.0.1:9".parse().unwrap());
     sc.egress.listen = Some("127.0.0.1:0".parse().unwrap());
     sc.admin = Some("127.0.0.1:0".parse().unwrap());
@@ -161,7 +161,7 @@ async fn a_pinned_address_leads_to_its_node_alone_before_it_connects_and_through
         c.egress.listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
-    let kubelet = Echo::start().await;
+    let kubelet = start_echo();
     let port = kubelet.addr.port();
     // The node is issued with its address pinned, in the first server's data directory, as
     // `tether-server issue-agent --address 127.0.0.1` does.
@@ -383,7 +383,7 @@ async fn a_renewal_cannot_undo_a_revocation_on_any_server() {
 async fn forget_does_not_bring_an_old_certificate_back() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let agent = start_agent(&pki, "reinstalled", &[server.local_addr]).await;
     write_local(&pki.server_dir(), "reinstalled", NodeState::Revoked).unwrap();
@@ -428,7 +428,7 @@ async fn forget_does_not_bring_an_old_certificate_back() {
 async fn a_certificate_that_expires_while_its_tunnel_is_up_ends_the_tunnel() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let short = pki.agent_cert("brief", -60, 3);
     let id = tls::Identity::from_pem(&short.cert_pem, &short.key_pem).unwrap();
@@ -473,7 +473,7 @@ async fn tcp_join_connection(
 async fn strangers_cannot_make_a_server_hold_memory_through_joins() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let logs = TempDir::new("join-flood");
     let server = tether_tests::process::ServerProcess::start(
         &pki.server_dir(),
@@ -587,7 +587,7 @@ async fn strangers_cannot_make_a_server_hold_memory_through_joins() {
 async fn a_renewal_whose_answer_is_lost_does_not_lock_the_node_out() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     let conn = raw_client(&pki, Some("unlucky"), server.local_addr)
         .await
@@ -636,7 +636,7 @@ async fn a_renewal_whose_answer_is_lost_does_not_lock_the_node_out() {
 async fn clients_that_stall_cannot_lock_others_out_of_the_admin_endpoint() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.admin = Some("127.0.0.1:0".parse().unwrap());
     let server = tether_server::start(sc).await.unwrap();
@@ -732,7 +732,7 @@ async fn a_corrupt_records_file_stops_the_start_naming_file_and_line() {
 async fn silent_tcp_connections_from_one_source_cannot_lock_out_new_tunnels() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let server = start_server(&pki, echo.addr).await;
     // 4,100 silent connections from 127.0.0.2.
     let mut silent = Vec::new();
@@ -815,7 +815,7 @@ async fn idle_egress_connections_from_the_apiservers_address_do_not_block_its_co
 async fn a_link_local_announcement_is_not_dialed() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.advertise = Some("169.254.169.254:80".into());
     let server = tether_server::start(sc).await.unwrap();
@@ -841,7 +841,7 @@ async fn a_link_local_announcement_is_not_dialed() {
 async fn a_spoofed_server_id_does_not_keep_the_agent_off_the_real_server() {
     init_logging();
     let pki = Pki::new();
-    let echo = Echo::start().await;
+    let echo = start_echo();
     let mut sc = server_config(&pki, echo.addr);
     sc.admin = Some("127.0.0.1:0".parse().unwrap());
     let real = tether_server::start(sc).await.unwrap();

@@ -302,9 +302,9 @@ pub(super) fn inject(run: &Run, kind: FaultKind, rng: &mut Rng) -> Result<Inject
             Ok(format!("server-{i}").into())
         }
         FaultKind::StopUpstream => {
-            lab.upstreams[i].down.store(true, Ordering::Relaxed);
+            lab.upstreams[i].stop();
             std::thread::sleep(Duration::from_millis(4000 + rng.below(4000)));
-            lab.upstreams[i].down.store(false, Ordering::Relaxed);
+            lab.upstreams[i].start_again()?;
             Ok(format!("upstream of server-{i}").into())
         }
         FaultKind::RestartAgent => {

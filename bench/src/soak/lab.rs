@@ -74,105 +74,23 @@ impl Side {
     }
 }
 
-/// An echo server on a fixed port that can be stopped (new connections refused; the ones open
-/// carry on) and started again: an apiserver going away.
-pub(super) struct Upstream {
-    pub(super) addr: SocketAddr,
-    pub(super) down: Arc<AtomicBool>,
-    pub(super) stop: Arc<AtomicBool>,
-}
-
-impl Upstream {
-    /// An upstream on `side`'s loopback: its thread lives there, as it binds again after each
-    /// stop.
-    pub(super) fn start(side: &Side) -> Result<Upstream> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let (down, stop) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (d, s) = (down.clone(), stop.clone());
-        let (bound_tx, bound) = std::sync::mpsc::sync_channel::<Result<()>>(1);
-        let ns = side.0.clone();
-        std::thread::spawn(move || {
-            let first = (|| -> Result<TcpListener> {
-                if let Some(ns) = &ns {
-                    crate::wan::lab::enter(ns)?;
-                }
-                let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })();
-            let first = match first {
-                Ok(l) => {
-                    let _ = bound_tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = bound_tx.send(Err(e));
-                    return;
-                }
-            };
-            let mut listener = Some(first);
-            while !s.load(Ordering::Relaxed) {
-                if d.load(Ordering::Relaxed) {
-                    listener = None;
-                } else if listener.is_none() {
-                    listener = TcpListener::bind(addr).ok();
-                    if let Some(l) = &listener {
-                        let _ = l.set_nonblocking(true);
-                    }
-                }
-                match listener.as_ref().map(|l| l.accept()) {
-                    Some(Ok((c, _))) => {
-                        let _ = c.set_nonblocking(false);
-                        std::thread::spawn(move || echo(c));
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        bound
-            .recv()
-            .context("the upstream's thread ended before binding")??;
-        Ok(Upstream { addr, down, stop })
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Echoes until the client's FIN, then sends its own: half-close both ways.
-pub(super) fn echo(mut c: TcpStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match c.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if c.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        }
-    }
-    let _ = c.shutdown(Shutdown::Write);
+/// An echo server on a fixed port of `side`'s loopback (the kit's, bound inside the side's
+/// namespace, again after each stop) that a fault can stop (new connections refused; the ones
+/// open carry on) and start again: an apiserver going away.
+pub(super) fn upstream(side: &Side) -> Result<Echo> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let side = side.clone();
+    Ok(Echo::start_with(Arc::new(move || {
+        side.run(|| TcpListener::bind(addr))
+    }))?)
 }
 
 /// A stand-in kubelet on `side`'s loopback: an echo on a port of its own, for the reverse path.
-pub(super) fn kubelet(side: &Side) -> Result<SocketAddr> {
-    let l = side.run(|| TcpListener::bind("127.0.0.1:0"))?;
-    let addr = l.local_addr()?;
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || echo(c));
-        }
-    });
-    Ok(addr)
+pub(super) fn kubelet(side: &Side) -> Result<Echo> {
+    let side = side.clone();
+    Ok(Echo::start_with(Arc::new(move || {
+        side.run(|| TcpListener::bind("127.0.0.1:0"))
+    }))?)
 }
 
 pub(super) struct Slot {
@@ -250,7 +168,8 @@ pub(super) struct Agent {
     pub(super) slot: Slot,
     pub(super) node: String,
     pub(super) api: SocketAddr,
-    pub(super) kubelet: SocketAddr,
+    /// The stand-in kubelet the reverse path reaches.
+    pub(super) kubelet: Echo,
 }
 
 /// A node that joins only to be revoked: it keeps running after, as
@@ -294,7 +213,7 @@ impl Joining {
             "--admin",
             &admin.to_string(),
             "--allow",
-            &kubelet.to_string(),
+            &kubelet.addr.to_string(),
             "--token",
             &self.token,
             "--node-name",
@@ -330,7 +249,7 @@ impl Joining {
 pub(super) struct Lab {
     /// The servers' tunnel ports (UDP and TCP).
     pub(super) ports: Vec<u16>,
-    pub(super) upstreams: Vec<Upstream>,
+    pub(super) upstreams: Vec<Echo>,
     pub(super) servers: Vec<Mutex<Slot>>,
     /// Egress proxy of each server.
     pub(super) egress: Vec<SocketAddr>,
@@ -432,7 +351,7 @@ impl Lab {
                 std::fs::read_to_string(ca.join("token")).context("the join token init wrote")?;
             (None, token.trim().to_string())
         };
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let addrs: Vec<String> = ports
             .iter()
             .map(|p| SocketAddr::new(server_ip, *p).to_string())
@@ -441,7 +360,7 @@ impl Lab {
         let mut servers = Vec::new();
         let mut egress = Vec::new();
         for i in 0..n {
-            let up = Upstream::start(&masters)?;
+            let up = upstream(&masters)?;
             let dir = work.join(format!("server-{i}"));
             copy_dir(&ca, &dir)?;
             let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));

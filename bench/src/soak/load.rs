@@ -237,7 +237,7 @@ pub(super) fn reverse_load(run: Arc<Run>) {
         let j = rng.below(run.lab.agents.len() as u64) as usize;
         let (node, kubelet) = {
             let a = lock(&run.lab.agents[j]);
-            (a.node.clone(), a.kubelet)
+            (a.node.clone(), a.kubelet.addr)
         };
         let mut data = vec![0u8; 4096];
         rng.fill(&mut data);

@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tether_testkit::upstream::Echo;
 
 /// How the soak runs.
 #[derive(Debug, Clone)]

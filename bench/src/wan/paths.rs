@@ -26,7 +26,7 @@ pub(super) fn spawn_in(
     let mut all: Vec<String> = vec!["netns".into(), "exec".into(), ns.into()];
     all.push(bin.to_string_lossy().into_owned());
     all.extend_from_slice(args);
-    Proc::spawn(name, Path::new("ip"), &all, log)
+    Ok(Proc::spawn(name, Path::new("ip"), &all, log)?)
 }
 
 /// `servers` tether-servers in the masters and an agent in the node with tunnels to all.

@@ -40,7 +40,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("echo") => {
-            let _echo = Echo::start_on(addr(args.get(1))).await;
+            let _echo = Echo::start_on(addr(args.get(1))).expect("echo");
             println!("probe: echo listening");
             std::future::pending::<()>().await;
         }
