@@ -4,12 +4,30 @@
 //! what changed since it last sent.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tether_link::pool::Pool;
 use tether_process::shutdown::ShutdownSignal;
 use tether_proto::{Message, ServerInfo};
 use tokio::sync::{watch, Notify};
+
+/// The address to announce: the configured one, else the listen address when it names one,
+/// else the host's first address with the listen port.
+pub fn advertise_address(
+    config: &crate::config::ServerConfig,
+    bound: SocketAddr,
+) -> Option<String> {
+    if let Some(a) = &config.advertise {
+        return Some(a.clone());
+    }
+    let ip = if bound.ip().is_unspecified() {
+        *tether_endpoint::net::host_addresses().first()?
+    } else {
+        bound.ip()
+    };
+    Some(SocketAddr::new(ip, bound.port()).to_string())
+}
 
 /// How often the announcement is recomputed even when nothing pokes it (peer health comes from
 /// the peers' own control streams).

@@ -14,7 +14,7 @@
 //! | [`control`] | the control stream: version, announcements, heartbeats, reports |
 //! | [`identity`] | certificate load and reload, the revocation sweep |
 //! | [`join`], [`join_rate`] | joins and renewals; the join rate limit |
-//! | [`egress`] | the egress proxy (CONNECT to nodes) |
+//! | [`egress`], [`route`] | the egress proxy (CONNECT to nodes); where a CONNECT goes, without I/O |
 //! | [`status`] | readiness, metrics and the status document |
 //! | [`datastore`], [`follow`] | records, tokens and membership in the data directory or etcd; following etcd's changes |
 //! | [`peers`] | links to the other servers, configured or found in etcd |
@@ -58,7 +58,6 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::State;
 use crate::upstream::Upstream;
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,20 +74,6 @@ use tracing::{info, warn};
 
 fn random_id() -> String {
     format!("{:016x}", fastrand::u64(..))
-}
-
-/// The address to announce: the configured one, else the listen address when it names one,
-/// else the host's first address with the listen port.
-fn advertise_address(config: &ServerConfig, bound: SocketAddr) -> Option<String> {
-    if let Some(a) = &config.advertise {
-        return Some(a.clone());
-    }
-    let ip = if bound.ip().is_unspecified() {
-        *tether_endpoint::net::host_addresses().first()?
-    } else {
-        bound.ip()
-    };
-    Some(SocketAddr::new(ip, bound.port()).to_string())
 }
 
 /// Opens the configured datastore and reads its records. With etcd, a server that cannot reach
@@ -225,7 +210,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (store, records) = open_datastore(&config, &metrics.datastore).await?;
     let authority = Authority::new(store, records);
     let instance_id = random_id();
-    let advertise = advertise_address(&config, local_addr);
+    let advertise = announce::advertise_address(&config, local_addr);
     let peers = Arc::new(Pool::default());
     let announcer = Announcer::new(advertise.clone(), config.peers.clone(), peers.clone());
     let state = Arc::new(State {
