@@ -12,14 +12,11 @@ use tether_process::shutdown::ShutdownSignal;
 use tether_proto::{Message, ServerInfo};
 use tokio::sync::{watch, Notify};
 
-/// The address to announce: the configured one, else the listen address when it names one,
-/// else the host's first address with the listen port.
-pub fn advertise_address(
-    config: &crate::config::ServerConfig,
-    bound: SocketAddr,
-) -> Option<String> {
-    if let Some(a) = &config.advertise {
-        return Some(a.clone());
+/// The address to announce: the configured one (`--advertise`), else the listen address when
+/// it names one, else the host's first address with the listen port.
+pub fn advertise_address(configured: Option<&str>, bound: SocketAddr) -> Option<String> {
+    if let Some(a) = configured {
+        return Some(a.to_string());
     }
     let ip = if bound.ip().is_unspecified() {
         *tether_endpoint::net::host_addresses().first()?

@@ -152,7 +152,8 @@ async fn restore_locked_out(
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let dir = &config.data_dir;
     let (roots, identity, ca_pem) = identity::load_identity(dir)?;
-    let tls_config = tls::server_config(roots.clone(), identity.clone())?;
+    let tls_config =
+        tls::server_config(roots.clone(), identity.clone(), config.limits.post_quantum)?;
     let tcp_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config.clone()));
     let transport = config.listener_transport();
     let quic_config = tls::quic_server_config(tls_config, transport)?;
@@ -186,7 +187,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
     };
     // Towards peers this server is a client, presenting its own server certificate.
-    let peer_tls = tls::client_config(roots, identity)?;
+    let peer_tls = tls::client_config(roots, identity, config.limits.post_quantum)?;
     let peer_client = tls::quic_client_config(
         peer_tls.clone(),
         tls::peer_quic_transport(config.liveness, config.limits),
@@ -210,7 +211,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (store, records) = open_datastore(&config, &metrics.datastore).await?;
     let authority = Authority::new(store, records);
     let instance_id = random_id();
-    let advertise = announce::advertise_address(&config, local_addr);
+    let advertise = announce::advertise_address(config.advertise.as_deref(), local_addr);
     let peers = Arc::new(Pool::default());
     let announcer = Announcer::new(advertise.clone(), config.peers.clone(), peers.clone());
     let state = Arc::new(State {
