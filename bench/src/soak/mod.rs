@@ -72,41 +72,36 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The hour's settings, or, `quick`, CI's: a shorter warm-up, faults twice as often, two
+    /// agents and smaller transfers.
     pub fn new(duration: Duration, quick: bool, seed: u64, out: PathBuf) -> Settings {
-        if quick {
-            Settings {
-                duration,
-                warmup: Duration::from_secs(20),
-                fault_every: Duration::from_secs(6),
-                agents: 2,
-                rr_rate: 20,
-                bulk_max: 8 << 20,
-                long_life: (Duration::from_secs(10), Duration::from_secs(40)),
-                seed,
-                out,
-                netns: in_namespace(),
-                faults: None,
-                etcd: false,
-                link: None,
-                log_level: "warn".into(),
-            }
-        } else {
-            Settings {
-                duration,
-                warmup: Duration::from_secs(120),
-                fault_every: Duration::from_secs(12),
-                agents: 3,
-                rr_rate: 30,
-                bulk_max: 48 << 20,
-                long_life: (Duration::from_secs(60), Duration::from_secs(300)),
-                seed,
-                out,
-                netns: in_namespace(),
-                faults: None,
-                etcd: false,
-                link: None,
-                log_level: "warn".into(),
-            }
+        let hour = Settings {
+            duration,
+            warmup: Duration::from_secs(120),
+            fault_every: Duration::from_secs(12),
+            agents: 3,
+            rr_rate: 30,
+            bulk_max: 48 << 20,
+            long_life: (Duration::from_secs(60), Duration::from_secs(300)),
+            seed,
+            out,
+            netns: in_namespace(),
+            faults: None,
+            etcd: false,
+            link: None,
+            log_level: "warn".into(),
+        };
+        if !quick {
+            return hour;
+        }
+        Settings {
+            warmup: Duration::from_secs(20),
+            fault_every: Duration::from_secs(6),
+            agents: 2,
+            rr_rate: 20,
+            bulk_max: 8 << 20,
+            long_life: (Duration::from_secs(10), Duration::from_secs(40)),
+            ..hour
         }
     }
 }
