@@ -47,7 +47,7 @@ pub async fn join(
         .unwrap_or_else(|| "node".into());
     tether_trust::validate_node_name(&node_name)?;
     let client = tls::quic_client_config(
-        tls::join_client_config(&token.ca_hash)?,
+        tls::join_client_config(&token.ca_hash, config.limits.post_quantum)?,
         tls::quic_transport(config.liveness, config.limits),
     )?;
     let (csr, key_pem) = tether_trust::make_csr(&node_name)?;

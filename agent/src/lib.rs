@@ -148,7 +148,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         .and_then(tls::peer_info)
         .map(|p| p.common_name)
         .ok_or(AgentError::NoNodeName)?;
-    let tls_config = tls::client_config(roots, identity)?;
+    let tls_config = tls::client_config(roots, identity, config.limits.post_quantum)?;
     let transport = tls::quic_transport(config.liveness, config.limits);
     let client_config = tls::quic_client_config(tls_config.clone(), transport)?;
 

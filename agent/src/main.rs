@@ -100,6 +100,11 @@ struct RunArgs {
     /// loss, keeps queues short), cubic or newreno (back off at every loss).
     #[arg(long, env = "TETHER_CONGESTION", default_value_t = tether_transport::tls::Congestion::default())]
     congestion: tether_transport::tls::Congestion,
+    /// The key exchange of tunnels and joins: prefer (X25519MLKEM768, the post-quantum hybrid,
+    /// first; X25519 for peers without it, such as 0.2) or require (the hybrid only: a peer
+    /// without it fails the handshake).
+    #[arg(long, env = "TETHER_POST_QUANTUM", default_value_t = tether_transport::tls::PostQuantum::default())]
+    post_quantum: tether_transport::tls::PostQuantum,
     /// Upper bound of the reconnect delay.
     #[arg(long, env = "TETHER_RECONNECT_MAX", default_value = format_duration(defaults().reconnect_max), value_parser = parse_duration)]
     reconnect_max: Duration,
@@ -198,6 +203,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.liveness.blackout_tolerance = a.blackout_tolerance;
     config.reconnect_max = a.reconnect_max;
     config.limits.congestion = a.congestion;
+    config.limits.post_quantum = a.post_quantum;
     config.max_connections = a.max_connections;
     config.policy = a.policy;
     config.token = match (&a.token, &a.token_file) {

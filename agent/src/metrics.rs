@@ -200,6 +200,12 @@ impl Metrics {
             "Stream opens retried on another server.",
             self.retries.get(),
         );
+        tether_transport::metrics::render_key_exchanges(
+            &mut e,
+            "tether_tunnels_key_exchange",
+            "Tunnels to servers up now, by the key-exchange group their handshake agreed (X25519MLKEM768 is post-quantum).",
+            pool.all().iter().map(|l| l.tunnel.key_exchange()),
+        );
         self.shared.render(&mut e);
         e.finish()
     }

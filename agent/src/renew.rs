@@ -147,7 +147,7 @@ async fn renew(
         .map_err(RenewError::Store)?;
     let roots = tls::load_roots(&config.ca)?;
     let identity = tls::Identity::load(&config.cert, &config.key)?;
-    let client = tls::client_config(roots, identity)?;
+    let client = tls::client_config(roots, identity, config.limits.post_quantum)?;
     let quic = tls::quic_client_config(
         client.clone(),
         tls::quic_transport(config.liveness, config.limits),

@@ -90,7 +90,11 @@ fn agent_identities(pki: &Pki, prefix: &str, n: usize) -> Result<Vec<Arc<rustls:
     for i in 0..n {
         let issued = ca.issue_agent(&format!("{prefix}-{i}"), tether_trust::Lifetime::days(1))?;
         let id = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem)?;
-        configs.push(Arc::new(tls::client_config(roots.clone(), id)?));
+        configs.push(Arc::new(tls::client_config(
+            roots.clone(),
+            id,
+            tls::PostQuantum::Prefer,
+        )?));
     }
     Ok(configs)
 }

@@ -82,6 +82,8 @@ pub struct NodeStatus {
     /// address, or past the bound (no owner).
     pub refused_addresses: Vec<RefusedAddress>,
     pub transport: Option<String>,
+    /// The newest tunnel's key-exchange group (`X25519MLKEM768`: post-quantum).
+    pub key_exchange: Option<String>,
     pub tunnels: usize,
     pub streams: u64,
     pub bytes_from_node: u64,
@@ -119,6 +121,8 @@ pub struct LinkStatus {
     pub instance: Option<String>,
     pub remote: Option<String>,
     pub transport: Option<String>,
+    /// The tunnel's key-exchange group (`X25519MLKEM768`: post-quantum).
+    pub key_exchange: Option<String>,
     /// Whether the server's upstream was healthy when it last said.
     pub healthy: Option<bool>,
     pub draining: bool,

@@ -207,6 +207,7 @@ impl Link {
             instance: Some(self.server_id.clone()),
             remote: Some(self.tunnel.remote_addr().to_string()),
             transport: Some(self.tunnel.kind().to_string()),
+            key_exchange: self.tunnel.key_exchange().map(String::from),
             healthy: Some(self.healthy()),
             draining: self.draining(),
             streams: self.streams() as u64,

@@ -223,6 +223,7 @@ pub fn render_status(v: &Status) -> String {
                         n.name.clone(),
                         or_dash(&n.address),
                         or_dash(&n.transport),
+                        or_dash(&n.key_exchange),
                         n.tunnels.to_string(),
                         n.streams.to_string(),
                         bytes(n.bytes_from_node),
@@ -238,6 +239,7 @@ pub fn render_status(v: &Status) -> String {
                     "name",
                     "address",
                     "transport",
+                    "key exchange",
                     "tunnels",
                     "streams",
                     "from node",
@@ -254,6 +256,7 @@ pub fn render_status(v: &Status) -> String {
                     vec![
                         p.address.clone(),
                         or_dash(&p.transport),
+                        or_dash(&p.key_exchange),
                         healthy(p.healthy, "unhealthy"),
                         yes_no(p.draining),
                         or_dash(&p.rtt_ms),
@@ -262,7 +265,14 @@ pub fn render_status(v: &Status) -> String {
                 .collect();
             out.push_str(&format!("\nPEERS ({})\n", peers.len()));
             out.push_str(&table(
-                &["address", "transport", "upstream", "draining", "rtt ms"],
+                &[
+                    "address",
+                    "transport",
+                    "key exchange",
+                    "upstream",
+                    "draining",
+                    "rtt ms",
+                ],
                 &peers,
             ));
         }
@@ -281,6 +291,7 @@ pub fn render_status(v: &Status) -> String {
                     vec![
                         x.address.clone(),
                         or_dash(&x.transport),
+                        or_dash(&x.key_exchange),
                         x.state.clone(),
                         healthy(x.healthy, "unhealthy"),
                         yes_no(x.draining),
@@ -295,6 +306,7 @@ pub fn render_status(v: &Status) -> String {
                 &[
                     "address",
                     "transport",
+                    "key exchange",
                     "state",
                     "upstream",
                     "draining",

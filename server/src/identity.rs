@@ -48,7 +48,8 @@ pub(crate) fn cert_expiry(state: &State) {
 /// peers); tunnels that are up keep going.
 pub(crate) fn reload_certificates(state: &State) -> Result<(), ServerError> {
     let (roots, identity, _) = load_identity(&state.config.data_dir)?;
-    let cfg = tls::server_config(roots.clone(), identity.clone())?;
+    let pq = state.config.limits.post_quantum;
+    let cfg = tls::server_config(roots.clone(), identity.clone(), pq)?;
     *state.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) =
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg.clone()));
     let transport = state.config.listener_transport();
@@ -56,7 +57,7 @@ pub(crate) fn reload_certificates(state: &State) -> Result<(), ServerError> {
         .endpoint
         .set_server_config(Some(tls::quic_server_config(cfg, transport)?));
     if let Some(d) = state.peer_dialer.get() {
-        let client = tls::client_config(roots, identity)?;
+        let client = tls::client_config(roots, identity, pq)?;
         let transport = tls::peer_quic_transport(state.config.liveness, state.config.limits);
         d.set_client_config(tls::quic_client_config(client.clone(), transport)?, client);
     }

@@ -320,6 +320,11 @@ struct RunArgs {
     /// loss, keeps queues short), cubic or newreno (back off at every loss).
     #[arg(long, env = "TETHER_CONGESTION", default_value_t = tether_transport::tls::Congestion::default())]
     congestion: tether_transport::tls::Congestion,
+    /// The key exchange of tunnels and joins: prefer (X25519MLKEM768, the post-quantum hybrid,
+    /// first; X25519 for peers without it, such as 0.2) or require (the hybrid only: a peer
+    /// without it fails the handshake).
+    #[arg(long, env = "TETHER_POST_QUANTUM", default_value_t = tether_transport::tls::PostQuantum::default())]
+    post_quantum: tether_transport::tls::PostQuantum,
     /// Interval of keepalive packets on links to peer servers, and of heartbeats to agents older
     /// than 0.3 over TCP.
     #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = format_duration(defaults().liveness.keepalive_interval), value_parser = parse_duration)]
@@ -648,6 +653,7 @@ async fn run(a: RunArgs) -> Result<()> {
     config.liveness.blackout_tolerance = a.blackout_tolerance;
     config.limits.max_streams = a.max_streams_per_tunnel;
     config.limits.congestion = a.congestion;
+    config.limits.post_quantum = a.post_quantum;
     config.max_streams = a.max_streams;
     config.max_streams_per_node = a.max_streams_per_node;
     config.peers = a.peers;

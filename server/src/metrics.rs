@@ -124,7 +124,7 @@ impl Metrics {
         self.stream_failures.inc(code);
     }
 
-    pub fn render(&self, peers: &Pool) -> String {
+    pub fn render(&self, peers: &Pool, registry: &crate::registry::Registry) -> String {
         let mut e = Exposition::new();
         e.gauge(
             "tether_tunnels_up",
@@ -264,6 +264,21 @@ impl Metrics {
             "CONNECT requests that failed, by the HTTP status answered.",
             "code",
             &self.egress_failures,
+        );
+        let agents = registry.snapshot();
+        tether_transport::metrics::render_key_exchanges(
+            &mut e,
+            "tether_tunnels_key_exchange",
+            "Agent tunnels connected now, by the key-exchange group their handshake agreed (X25519MLKEM768 is post-quantum).",
+            agents
+                .iter()
+                .flat_map(|(_, tunnels)| tunnels.iter().map(|t| t.tunnel.key_exchange())),
+        );
+        tether_transport::metrics::render_key_exchanges(
+            &mut e,
+            "tether_peer_links_key_exchange",
+            "Links to peer servers up now, by the key-exchange group their handshake agreed.",
+            peers.all().iter().map(|l| l.tunnel.key_exchange()),
         );
         self.shared.render(&mut e);
         e.finish()

@@ -33,7 +33,7 @@ impl AdminSource for AdminView {
     }
 
     fn metrics(&self) -> String {
-        self.0.metrics.render(&self.0.peers)
+        self.0.metrics.render(&self.0.peers, &self.0.registry)
     }
 
     fn status(&self) -> Status {
@@ -61,6 +61,9 @@ impl AdminSource for AdminView {
                         })
                         .unwrap_or_default(),
                     transport: newest.map(|e| e.tunnel.kind().to_string()),
+                    key_exchange: newest
+                        .and_then(|e| e.tunnel.key_exchange())
+                        .map(String::from),
                     tunnels: tunnels.len(),
                     streams: sum(|e| e.streams.load(Ordering::Relaxed) as u64),
                     bytes_from_node: sum(|e| e.meter.from_tunnel.load(Ordering::Relaxed)),

@@ -292,7 +292,9 @@ async fn upstream_down_closes_the_local_connection_promptly(transport: Transport
         );
         assert!(start.elapsed() < Duration::from_secs(2));
     }
-    let m = server.metrics().render(&Default::default());
+    let m = server
+        .metrics()
+        .render(&Default::default(), &Default::default());
     assert!(
         metric(
             &m,

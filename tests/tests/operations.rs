@@ -159,6 +159,8 @@ async fn settings_files_status_and_metrics_work_together() {
     assert_eq!(v.node, "edge-1");
     assert_eq!(v.servers[0].state, "up");
     assert_eq!(v.servers[0].transport.as_deref(), Some("quic"));
+    // The post-quantum hybrid, by default, read from `status --output json`.
+    assert_eq!(v.servers[0].key_exchange.as_deref(), Some("X25519MLKEM768"));
     assert_eq!(v.listeners[0].address, listen);
     let table = run_ok(&bin("tether-agent"), &["status", "--admin", &aadmin]);
     assert!(
@@ -177,6 +179,7 @@ async fn settings_files_status_and_metrics_work_together() {
     let node = &v.nodes[0];
     assert_eq!(node.name, "edge-1");
     assert_eq!(node.transport.as_deref(), Some("quic"));
+    assert_eq!(node.key_exchange.as_deref(), Some("X25519MLKEM768"));
     assert!(node.bytes_from_node > 0, "{v:?}");
     let table = run_ok(&bin("tether-server"), &["status", "--admin", &sadmin]);
     assert!(

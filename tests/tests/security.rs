@@ -295,7 +295,9 @@ async fn join_attempts_are_rate_limited_per_source() {
 }
 
 fn server_metrics(server: &tether_server::ServerHandle) -> String {
-    server.metrics().render(&Default::default())
+    server
+        .metrics()
+        .render(&Default::default(), &Default::default())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ fn agent_tls(pki: &Pki, node: &str) -> Arc<rustls::ClientConfig> {
     let dir = pki.agent_dir(node);
     let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
     let id = tls::Identity::load(&dir.join("agent.crt"), &dir.join("agent.key")).unwrap();
-    Arc::new(tls::client_config(roots, id).unwrap())
+    Arc::new(tls::client_config(roots, id, tls::PostQuantum::Prefer).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,8 +29,9 @@ async fn a_local_close_of_a_tcp_tunnel_flushes_and_says_goodbye() {
     let dir = pki.server_dir();
     let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
     let id = tls::Identity::load(&dir.join("server.crt"), &dir.join("server.key")).unwrap();
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(roots, id).unwrap()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        tls::server_config(roots, id, tls::PostQuantum::Prefer).unwrap(),
+    ));
     let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -220,7 +221,7 @@ async fn a_quic_tunnel_closed_as_its_relay_returns_delivers_every_byte() {
     let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
     let id = tls::Identity::load(&dir.join("server.crt"), &dir.join("server.key")).unwrap();
     let cfg = tls::quic_server_config(
-        tls::server_config(roots, id).unwrap(),
+        tls::server_config(roots, id, tls::PostQuantum::Prefer).unwrap(),
         tls::quic_transport(Default::default(), Default::default()),
     )
     .unwrap();
@@ -267,4 +268,160 @@ async fn a_quic_tunnel_closed_as_its_relay_returns_delivers_every_byte() {
     assert_eq!(end, "finished");
     assert_eq!(got.len(), data.len());
     assert!(got == data, "the bytes differ");
+}
+
+/// TLS as tether 0.2 spoke it: the `ring` provider, whose key exchanges are X25519 and the NIST
+/// curves, no ML-KEM.
+fn classic_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A node's tunnel TLS as a 0.2 agent makes it.
+fn classic_agent_tls(pki: &Pki, node: &str) -> Arc<rustls::ClientConfig> {
+    let dir = pki.agent_dir(node);
+    let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
+    let id = tls::Identity::load(&dir.join("agent.crt"), &dir.join("agent.key")).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(classic_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(id.chain, id.key)
+        .unwrap();
+    cfg.alpn_protocols = vec![tls::ALPN.to_vec()];
+    Arc::new(cfg)
+}
+
+/// The tunnels' key exchange is the post-quantum hybrid on both transports, as `status` and
+/// the metrics say; a 0.2 agent (X25519 only) still connects to a server that prefers it, and
+/// is refused by one that requires it; an agent that requires it does not connect to a 0.2
+/// server. Fails without the aws-lc-rs provider and its group order (the tunnels agreed X25519).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_agree_the_post_quantum_hybrid_and_require_it_when_asked() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = start_echo();
+    let mut cfg = server_config(&pki, echo.addr);
+    cfg.admin = Some(loopback0());
+    let server = tether_server::start(cfg).await.unwrap();
+    for transport in [
+        tether_link::reconnect::TransportChoice::Quic,
+        tether_link::reconnect::TransportChoice::Tcp,
+    ] {
+        let mut acfg = agent_config(&pki, "node-pq", &[server.local_addr]);
+        acfg.transport = transport;
+        acfg.admin = Some(loopback0());
+        let agent = tether_agent::start(acfg).await.unwrap();
+        wait_for("the tunnel", Duration::from_secs(10), || async {
+            agent.tunnels_up() == 1
+        })
+        .await;
+        let (_, text) = http_get(agent.admin_addr.unwrap(), "/status")
+            .await
+            .unwrap();
+        let Ok(Status::Agent(v)) = serde_json::from_str::<Status>(&text) else {
+            panic!("not an agent's status: {text}");
+        };
+        assert_eq!(
+            v.servers[0].key_exchange.as_deref(),
+            Some("X25519MLKEM768"),
+            "{transport}"
+        );
+        let (_, m) = http_get(agent.admin_addr.unwrap(), "/metrics")
+            .await
+            .unwrap();
+        assert_eq!(
+            metric(&m, "tether_tunnels_key_exchange{group=\"X25519MLKEM768\"}"),
+            Some(1.0),
+            "{m}"
+        );
+        let (_, text) = http_get(server.admin_addr.unwrap(), "/status")
+            .await
+            .unwrap();
+        let Ok(Status::Server(v)) = serde_json::from_str::<Status>(&text) else {
+            panic!("not a server's status: {text}");
+        };
+        assert_eq!(
+            v.nodes[0].key_exchange.as_deref(),
+            Some("X25519MLKEM768"),
+            "{transport}"
+        );
+        agent.shutdown().await;
+    }
+
+    // A 0.2 agent: X25519 against a server that prefers the hybrid.
+    let old = TcpTunnel::connect(
+        server.local_addr,
+        "localhost",
+        classic_agent_tls(&pki, "node-old"),
+        Default::default(),
+        64,
+    )
+    .await
+    .expect("a 0.2 agent connects");
+    assert_eq!(Tunnel::from_tcp(old).key_exchange(), Some("X25519"));
+
+    // A server that requires the hybrid refuses it.
+    let mut cfg = server_config(&pki, echo.addr);
+    cfg.limits.post_quantum = tls::PostQuantum::Require;
+    let strict = tether_server::start(cfg).await.unwrap();
+    let refused = TcpTunnel::connect(
+        strict.local_addr,
+        "localhost",
+        classic_agent_tls(&pki, "node-old"),
+        Default::default(),
+        64,
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "a 0.2 agent got through a server that requires the hybrid"
+    );
+    let new = TcpTunnel::connect(
+        strict.local_addr,
+        "localhost",
+        agent_tls(&pki, "node-new"),
+        Default::default(),
+        64,
+    )
+    .await
+    .expect("an agent of this release connects to it");
+    assert_eq!(Tunnel::from_tcp(new).key_exchange(), Some("X25519MLKEM768"));
+
+    // An agent that requires it does not connect to a 0.2 server.
+    let dir = pki.server_dir();
+    let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
+    let id = tls::Identity::load(&dir.join("server.crt"), &dir.join("server.key")).unwrap();
+    let mut old_server = rustls::ServerConfig::builder_with_provider(classic_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                classic_provider(),
+            )
+            .build()
+            .unwrap(),
+        )
+        .with_single_cert(id.chain, id.key)
+        .unwrap();
+    old_server.alpn_protocols = vec![tls::ALPN.to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(old_server));
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = TcpTunnel::accept(tcp, acceptor.clone(), Default::default(), 64).await;
+        }
+    });
+    let dir = pki.agent_dir("node-strict");
+    let roots = tls::load_roots(&dir.join("ca.crt")).unwrap();
+    let id = tls::Identity::load(&dir.join("agent.crt"), &dir.join("agent.key")).unwrap();
+    let strict_agent = Arc::new(tls::client_config(roots, id, tls::PostQuantum::Require).unwrap());
+    let refused = TcpTunnel::connect(addr, "localhost", strict_agent, Default::default(), 64).await;
+    assert!(
+        refused.is_err(),
+        "an agent that requires the hybrid reached a 0.2 server"
+    );
+    server.shutdown().await;
+    strict.shutdown().await;
 }

@@ -458,7 +458,7 @@ async fn tcp_join_connection(
         .trim()
         .parse()
         .unwrap();
-    let cfg = tls::join_client_config(&token.ca_hash).unwrap();
+    let cfg = tls::join_client_config(&token.ca_hash, tls::PostQuantum::Prefer).unwrap();
     tether_transport::transport::tcp::TcpTunnel::connect(
         server,
         "localhost",
@@ -857,7 +857,7 @@ async fn a_spoofed_server_id_does_not_keep_the_agent_off_the_real_server() {
     let identity = tls::Identity::from_pem(&issued.cert_pem, &issued.key_pem).unwrap();
     let roots = tls::load_roots(&pki.server_dir().join("ca.crt")).unwrap();
     let cfg = tls::quic_server_config(
-        tls::server_config(roots, identity).unwrap(),
+        tls::server_config(roots, identity, tls::PostQuantum::Prefer).unwrap(),
         tls::quic_transport(Default::default(), Default::default()),
     )
     .unwrap();

@@ -17,6 +17,38 @@ pub struct Shared {
     pub cert_expiry: Gauge,
 }
 
+/// The key-exchange groups a tunnel can report (see [`crate::tls::group_name`]): the labels of
+/// the `..._key_exchange` families, a fixed set.
+pub const KEY_EXCHANGE_GROUPS: [&str; 6] = [
+    "X25519MLKEM768",
+    "X25519",
+    "secp256r1",
+    "secp384r1",
+    "secp521r1",
+    "other",
+];
+
+/// Renders a gauge family `name{group=...}`: how many of `tunnels` (each its key-exchange
+/// group, if known) agreed each group. Every group is rendered, zeros too, so that an alert on
+/// tunnels that are not post-quantum reads a number.
+pub fn render_key_exchanges<'a>(
+    e: &mut Exposition,
+    name: &str,
+    help: &str,
+    tunnels: impl IntoIterator<Item = Option<&'a str>>,
+) {
+    let mut counts = [0i64; KEY_EXCHANGE_GROUPS.len()];
+    for g in tunnels.into_iter().flatten() {
+        let i = KEY_EXCHANGE_GROUPS
+            .iter()
+            .position(|k| *k == g)
+            .unwrap_or(KEY_EXCHANGE_GROUPS.len() - 1);
+        counts[i] += 1;
+    }
+    let values: Vec<(&str, i64)> = KEY_EXCHANGE_GROUPS.iter().copied().zip(counts).collect();
+    e.labeled(name, help, "gauge", "group", &values);
+}
+
 impl Shared {
     /// Relayed streams that ended in a reset, as every relay counts them (see
     /// [`crate::relay`]).

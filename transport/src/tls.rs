@@ -1,9 +1,15 @@
 //! TLS and QUIC endpoint setup shared by the agent and the server.
 //!
-//! Both sides use TLS 1.3 only, the `ring` crypto provider (set explicitly, never picked up from
-//! process-wide defaults), and mutual authentication against the cluster CA: the server requires
-//! a client certificate signed by the CA, and the agent trusts only servers whose certificate the
-//! CA signed. Nothing else is trusted: no system roots.
+//! Both sides use TLS 1.3 only, the `aws-lc-rs` crypto provider (set explicitly, never picked up
+//! from process-wide defaults), and mutual authentication against the cluster CA: the server
+//! requires a client certificate signed by the CA, and the agent trusts only servers whose
+//! certificate the CA signed. Nothing else is trusted: no system roots.
+//!
+//! The key exchange prefers the post-quantum hybrid X25519MLKEM768 (X25519 and ML-KEM-768
+//! together: as strong as the stronger of the two), so that traffic recorded today (`kubectl
+//! exec`, secrets in API responses) cannot be decrypted by a quantum computer later. X25519
+//! alone stays allowed, for peers of 0.2, unless [`PostQuantum::Require`] is set. `ring`, the
+//! provider before, has no ML-KEM; aws-lc-rs seals as fast on this CPU (docs/performance.md).
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -38,9 +44,80 @@ pub enum TlsError {
     Config(String),
 }
 
-/// The crypto provider every TLS context of tether uses.
+/// Whether a tunnel's key exchange must be post-quantum (`--post-quantum`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PostQuantum {
+    /// X25519MLKEM768 first; X25519 (and the NIST curves) for peers without it.
+    #[default]
+    Prefer,
+    /// X25519MLKEM768 only: a peer without it fails the handshake.
+    Require,
+}
+
+impl std::str::FromStr for PostQuantum {
+    type Err = tether_process::units::UnknownChoice;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "prefer" => Ok(PostQuantum::Prefer),
+            "require" => Ok(PostQuantum::Require),
+            other => Err(tether_process::units::UnknownChoice {
+                what: "post-quantum",
+                got: other.to_string(),
+                choices: "prefer or require",
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for PostQuantum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PostQuantum::Prefer => "prefer",
+            PostQuantum::Require => "require",
+        })
+    }
+}
+
+/// The crypto provider of every TLS context of tether but the tunnels' own (the egress proxy,
+/// the apiserver and etcd clients, joins): the hybrid key exchange preferred.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    provider_for(PostQuantum::Prefer)
+}
+
+/// The crypto provider with the key exchanges `pq` allows, the hybrid first.
+pub fn provider_for(pq: PostQuantum) -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{self, kx_group};
+    let kx_groups = match pq {
+        PostQuantum::Prefer => vec![
+            kx_group::X25519MLKEM768,
+            kx_group::X25519,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+        ],
+        PostQuantum::Require => vec![kx_group::X25519MLKEM768],
+    };
+    Arc::new(CryptoProvider {
+        kx_groups,
+        ..aws_lc_rs::default_provider()
+    })
+}
+
+/// The name of a key-exchange group, as status, metrics and logs show it.
+pub fn group_name(g: rustls::NamedGroup) -> &'static str {
+    use rustls::NamedGroup;
+    match g {
+        NamedGroup::X25519MLKEM768 => "X25519MLKEM768",
+        NamedGroup::X25519 => "X25519",
+        NamedGroup::secp256r1 => "secp256r1",
+        NamedGroup::secp384r1 => "secp384r1",
+        NamedGroup::secp521r1 => "secp521r1",
+        _ => "other",
+    }
+}
+
+/// Whether a key-exchange group (by [`group_name`]) is post-quantum.
+pub fn is_post_quantum(name: &str) -> bool {
+    name == "X25519MLKEM768"
 }
 
 /// A certificate chain and its key, as loaded from PEM files.
@@ -139,8 +216,9 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 pub fn server_config(
     roots: RootCertStore,
     identity: Identity,
+    pq: PostQuantum,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let provider = provider();
+    let provider = provider_for(pq);
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
@@ -163,12 +241,15 @@ pub fn server_config(
 /// Client side TLS for a join: no client certificate; the server is trusted only if its chain
 /// carries a CA whose SHA-256 (of the DER) is `ca_hash`, and its certificate verifies against
 /// that CA for the dialed name.
-pub fn join_client_config(ca_hash: &str) -> Result<rustls::ClientConfig, TlsError> {
+pub fn join_client_config(
+    ca_hash: &str,
+    pq: PostQuantum,
+) -> Result<rustls::ClientConfig, TlsError> {
     let verifier = Arc::new(PinnedCa {
         pin: ca_hash.to_ascii_lowercase(),
-        provider: provider(),
+        provider: provider_for(pq),
     });
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider_for(pq))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
@@ -260,8 +341,9 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
 pub fn client_config(
     roots: RootCertStore,
     identity: Identity,
+    pq: PostQuantum,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider_for(pq))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots)
@@ -370,6 +452,8 @@ pub struct TunnelLimits {
     pub conn_window: u32,
     /// The QUIC congestion controller.
     pub congestion: Congestion,
+    /// Whether the key exchange must be post-quantum (both transports, and joins).
+    pub post_quantum: PostQuantum,
 }
 
 impl Default for TunnelLimits {
@@ -379,6 +463,7 @@ impl Default for TunnelLimits {
             stream_window: 2 * 1024 * 1024,
             conn_window: 4 * 1024 * 1024,
             congestion: Congestion::default(),
+            post_quantum: PostQuantum::default(),
         }
     }
 }
@@ -477,6 +562,17 @@ pub struct PeerInfo {
 }
 
 /// The ALPN protocol a QUIC connection agreed on.
+/// The key-exchange group a QUIC connection's handshake agreed. quinn reports it only with its
+/// feature `__rustls-post-quantum-test` (enabled in the workspace; the lock file pins the
+/// version that has it).
+pub fn key_exchange_of(conn: &quinn::Connection) -> Option<&'static str> {
+    let data = conn
+        .handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    Some(group_name(data.negotiated_key_exchange_group))
+}
+
 pub fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?
         .downcast::<quinn::crypto::rustls::HandshakeData>()

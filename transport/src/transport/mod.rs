@@ -195,6 +195,15 @@ impl Tunnel {
         }
     }
 
+    /// The key-exchange group the handshake agreed (`X25519MLKEM768`, `X25519`, ...; see
+    /// [`crate::tls::group_name`]).
+    pub fn key_exchange(&self) -> Option<&'static str> {
+        match &self.inner {
+            Inner::Quic(q) => crate::tls::key_exchange_of(&q.conn),
+            Inner::Tcp(t) => t.key_exchange,
+        }
+    }
+
     /// The certificate chain the peer presented during the handshake.
     pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
         match &self.inner {

@@ -55,6 +55,8 @@ pub struct TcpTunnel {
     pub id: usize,
     pub peer_certs: Vec<CertificateDer<'static>>,
     pub alpn: Option<Vec<u8>>,
+    /// The key-exchange group the handshake agreed (see [`crate::tls::group_name`]).
+    pub key_exchange: Option<&'static str>,
     /// Bytes through the TCP socket, each way: what the agent's liveness watch samples.
     pub traffic: Arc<Traffic>,
 }
@@ -179,14 +181,24 @@ const NOTSENT_LOWAT: u32 = 128 * 1024;
 pub const MAX_STREAMS: usize = 2048;
 
 /// The peer's certificates and the agreed ALPN protocol of a finished TLS handshake.
-fn session_info<D>(
-    session: &rustls::ConnectionCommon<D>,
-) -> (Vec<CertificateDer<'static>>, Option<Vec<u8>>) {
-    let certs = session
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
-    (certs, session.alpn_protocol().map(|a| a.to_vec()))
+/// What a finished handshake agreed: the peer's certificates, the protocol, the key exchange.
+struct Session {
+    peer_certs: Vec<CertificateDer<'static>>,
+    alpn: Option<Vec<u8>>,
+    key_exchange: Option<&'static str>,
+}
+
+fn session_info<D>(session: &rustls::ConnectionCommon<D>) -> Session {
+    Session {
+        peer_certs: session
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default(),
+        alpn: session.alpn_protocol().map(|a| a.to_vec()),
+        key_exchange: session
+            .negotiated_key_exchange_group()
+            .map(|g| crate::tls::group_name(g.name())),
+    }
 }
 
 /// Most plaintext in one TLS record.
@@ -257,12 +269,12 @@ impl TcpTunnel {
             .connect(server_name, tcp)
             .await
             .map_err(ctx("TLS"))?;
-        let (peer_certs, alpn) = session_info(tls.get_ref().1);
+        let session = session_info(tls.get_ref().1);
         Ok(Self::start(
             Box::new(Coalesce::new(tls).compat()),
             yamux::Mode::Client,
             addr,
-            (peer_certs, alpn),
+            session,
             max_streams,
             traffic,
         ))
@@ -283,12 +295,12 @@ impl TcpTunnel {
             traffic: traffic.clone(),
         };
         let tls = acceptor.accept(tcp).await?;
-        let (peer_certs, alpn) = session_info(tls.get_ref().1);
+        let session = session_info(tls.get_ref().1);
         Ok(Self::start(
             Box::new(Coalesce::new(tls).compat()),
             yamux::Mode::Server,
             remote,
-            (peer_certs, alpn),
+            session,
             max_streams,
             traffic,
         ))
@@ -298,10 +310,15 @@ impl TcpTunnel {
         io: Io,
         mode: yamux::Mode,
         remote: SocketAddr,
-        (peer_certs, alpn): (Vec<CertificateDer<'static>>, Option<Vec<u8>>),
+        session: Session,
         max_streams: usize,
         traffic: Arc<Traffic>,
     ) -> Self {
+        let Session {
+            peer_certs,
+            alpn,
+            key_exchange,
+        } = session;
         let config = yamux_config(alpn.as_deref(), mode, max_streams);
         let conn = yamux::Connection::new(io, config, mode);
         let (open_tx, open_rx) = mpsc::channel(64);
@@ -318,6 +335,7 @@ impl TcpTunnel {
             id: next_id(),
             peer_certs,
             alpn,
+            key_exchange,
             traffic,
         }
     }
@@ -658,7 +676,11 @@ pub(crate) fn pair() -> (TcpTunnel, TcpTunnel) {
             Box::new(io.compat()),
             mode,
             addr,
-            (Vec::new(), None),
+            Session {
+                peer_certs: Vec::new(),
+                alpn: None,
+                key_exchange: None,
+            },
             64,
             Arc::default(),
         )
