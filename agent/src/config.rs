@@ -13,6 +13,8 @@ pub struct AgentConfig {
     pub servers: Vec<String>,
     /// QUIC, TLS over TCP, or QUIC with TCP as the fallback.
     pub transport: tether_link::reconnect::TransportChoice,
+    /// The HTTP proxy TLS over TCP and the join dial through (`--proxy`, or `HTTPS_PROXY`).
+    pub proxy: Option<tether_link::proxy::Proxy>,
     /// A join token, used when the data directory holds no certificate yet.
     pub token: Option<String>,
     /// The node name to join as (default: the host name).
@@ -70,6 +72,7 @@ impl AgentConfig {
         AgentConfig {
             servers,
             transport: tether_link::reconnect::TransportChoice::Auto,
+            proxy: None,
             node_ips: Vec::new(),
             allow: Vec::new(),
             allow_ports: Vec::new(),

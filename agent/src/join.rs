@@ -14,7 +14,7 @@ use tether_proto::{Message, StatusCode};
 use tether_transport::tls;
 use tether_transport::transport::Tunnel;
 use tether_trust::token::Token;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Why a join failed for good.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +46,16 @@ pub async fn join(
         .or_else(tether_trust::hostname)
         .unwrap_or_else(|| "node".into());
     tether_trust::validate_node_name(&node_name)?;
-    let client = tls::quic_client_config(
-        tls::join_client_config(&token.ca_hash, config.limits.post_quantum)?,
-        tls::quic_transport(config.liveness, config.limits),
-    )?;
+    let tls_config = tls::join_client_config(&token.ca_hash, config.limits.post_quantum)?;
+    let client = Dial {
+        quic: tls::quic_client_config(
+            tls_config.clone(),
+            tls::quic_transport(config.liveness, config.limits),
+        )?,
+        tcp: std::sync::Arc::new(tls_config),
+        endpoint,
+        config,
+    };
     let (csr, key_pem) = tether_trust::make_csr(&node_name)?;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut attempts = 0u32;
@@ -63,7 +69,7 @@ pub async fn join(
                 }
             };
             for t in targets {
-                match attempt(&client, endpoint, &t, &token, &node_name, &csr).await {
+                match attempt(&client, &t, &token, &node_name, &csr).await {
                     Ok((cert_pem, ca_pem)) => {
                         let answer = Answer {
                             cert_pem: &cert_pem,
@@ -98,29 +104,98 @@ enum Attempt {
     Retry(String),
 }
 
+/// How a join reaches a server: QUIC, or TLS over TCP (directly or through the proxy), as the
+/// agent's `--transport` says; in `auto`, TCP when QUIC gets no answer.
+struct Dial<'a> {
+    quic: quinn::ClientConfig,
+    tcp: std::sync::Arc<rustls::ClientConfig>,
+    endpoint: &'a quinn::Endpoint,
+    config: &'a AgentConfig,
+}
+
+/// How long a join's handshake may take.
+const JOIN_HANDSHAKE: Duration = Duration::from_secs(10);
+/// How long a join in `auto` waits for QUIC before it tries TLS over TCP.
+const QUIC_JOIN_HEAD_START: Duration = Duration::from_secs(3);
+
+impl Dial<'_> {
+    async fn quic(&self, t: &reconnect::DialTarget, within: Duration) -> Result<Tunnel, Attempt> {
+        let connecting = self
+            .endpoint
+            .connect_with(self.quic.clone(), t.addr, &t.name)
+            .map_err(|e| Attempt::Retry(e.to_string()))?;
+        match tokio::time::timeout(within, connecting).await {
+            Ok(Ok(c)) => Ok(Tunnel::from_quic(c, tls::INITIAL_STREAMS)),
+            Ok(Err(e)) => Err(failed(e.to_string())),
+            Err(_) => Err(Attempt::Retry(format!(
+                "no answer over QUIC within {within:?}"
+            ))),
+        }
+    }
+
+    async fn tcp(&self, t: &reconnect::DialTarget) -> Result<Tunnel, Attempt> {
+        use tether_transport::transport::tcp::TcpTunnel;
+        let (c, tls) = (self.config, self.tcp.clone());
+        let max = tls::INITIAL_STREAMS as usize;
+        let proxy = c
+            .proxy
+            .as_ref()
+            .filter(|p| p.applies_to(reconnect::host_of(&t.label)));
+        let dial = async {
+            match proxy {
+                Some(p) => {
+                    let s = p
+                        .connect(&t.label, JOIN_HANDSHAKE)
+                        .await
+                        .map_err(|e| Attempt::Retry(e.to_string()))?;
+                    TcpTunnel::connect_over(s, t.addr, &t.name, tls, c.liveness, max).await
+                }
+                None => TcpTunnel::connect(t.addr, &t.name, tls, c.liveness, max).await,
+            }
+            .map_err(|e| failed(e.to_string()))
+        };
+        match tokio::time::timeout(JOIN_HANDSHAKE, dial).await {
+            Ok(r) => r.map(Tunnel::from_tcp),
+            Err(_) => Err(Attempt::Retry("no answer over TCP within 10s".into())),
+        }
+    }
+
+    /// A tunnel for the join by the agent's transport.
+    async fn tunnel(&self, t: &reconnect::DialTarget) -> Result<Tunnel, Attempt> {
+        use tether_link::reconnect::TransportChoice;
+        match self.config.transport {
+            TransportChoice::Quic => self.quic(t, JOIN_HANDSHAKE).await,
+            TransportChoice::Tcp => self.tcp(t).await,
+            // QUIC gets a few seconds (a slow link's handshake), then TCP: where UDP is
+            // blocked, or a proxy is the only way out, the join still goes through.
+            TransportChoice::Auto => match self.quic(t, QUIC_JOIN_HEAD_START).await {
+                Err(Attempt::Retry(why)) => {
+                    debug!(server = %t.label, error = %why, "join: no QUIC; trying TLS over TCP");
+                    self.tcp(t).await
+                }
+                other => other,
+            },
+        }
+    }
+}
+
+/// A handshake that failed: fatal when the server's CA is not the one the token pins.
+fn failed(text: String) -> Attempt {
+    if text.contains("does not match the join token") {
+        Attempt::Fatal(JoinError::CaMismatch(text))
+    } else {
+        Attempt::Retry(text)
+    }
+}
+
 async fn attempt(
-    client: &quinn::ClientConfig,
-    endpoint: &quinn::Endpoint,
+    dial: &Dial<'_>,
     t: &reconnect::DialTarget,
     token: &Token,
     node_name: &str,
     csr: &[u8],
 ) -> Result<(String, String), Attempt> {
-    let connecting = endpoint
-        .connect_with(client.clone(), t.addr, &t.name)
-        .map_err(|e| Attempt::Retry(e.to_string()))?;
-    let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let text = e.to_string();
-            if text.contains("does not match the join token") {
-                return Err(Attempt::Fatal(JoinError::CaMismatch(text)));
-            }
-            return Err(Attempt::Retry(text));
-        }
-        Err(_) => return Err(Attempt::Retry("no answer within 10s".into())),
-    };
-    let tunnel = Tunnel::from_quic(conn, tether_transport::tls::INITIAL_STREAMS);
+    let tunnel = dial.tunnel(t).await?;
     let exchange = async {
         let mut s = tunnel.open_stream().await.map_err(|e| e.to_string())?;
         let req = Message::Join {

@@ -198,6 +198,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
                 .chain(forward_addrs.iter().cloned())
                 .collect(),
             seeds: config.servers.clone(),
+            proxy: config.proxy.as_ref().map(|p| p.to_string()),
         };
         let mut stop = shutdown.signal();
         tasks.spawn(async move {
@@ -241,6 +242,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         stats: metrics.links.clone(),
         changed: Arc::new(tokio::sync::Notify::new()),
         kind: tether_link::reconnect::LinkKind::Server,
+        proxy: config.proxy.clone(),
         on_message: None,
         outbox: None,
         after_welcome: vec![tether_proto::Message::NodeInfo {
@@ -322,6 +324,8 @@ struct AdminView {
     listeners: Vec<(SocketAddr, String)>,
     /// The servers given with `--server`, shown as down while no tunnel to them is up.
     seeds: Vec<String>,
+    /// The HTTP proxy TLS over TCP dials through, as shown (no password).
+    proxy: Option<String>,
 }
 
 impl AdminSource for AdminView {
@@ -363,6 +367,7 @@ impl AdminSource for AdminView {
             certificate_expiry: (expiry > 0).then_some(expiry),
             servers,
             listeners,
+            proxy: self.proxy.clone(),
         })
     }
 }

@@ -143,6 +143,11 @@ struct RunArgs {
     /// get through, and back to QUIC when it does), quic, or tcp.
     #[arg(long, env = "TETHER_TRANSPORT", default_value_t = defaults().transport)]
     transport: tether_link::reconnect::TransportChoice,
+    /// An HTTP proxy for TLS over TCP and the join, http://[user:password@]host:port (sites
+    /// that reach the outside only through one; QUIC is still tried directly first). Unset, the
+    /// standard HTTPS_PROXY and NO_PROXY are read; empty, no proxy at all.
+    #[arg(long, env = "TETHER_PROXY")]
+    proxy: Option<String>,
     /// How a new connection picks among healthy servers: least-streams or ordered.
     #[arg(long, env = "TETHER_POLICY", default_value_t = defaults().policy)]
     policy: tether_link::pool::Policy,
@@ -222,6 +227,8 @@ async fn run(a: RunArgs) -> Result<()> {
         tracing::warn!("--token puts the join token on the command line, where any local user can read it; use --token-file or TETHER_TOKEN");
     }
     config.transport = a.transport;
+    config.proxy =
+        tether_link::proxy::Proxy::from_settings(a.proxy.as_deref(), |k| std::env::var(k).ok())?;
     config.node_ips = a.node_ips;
     config.allow = a.allow;
     config.allow_ports = a.allow_ports;

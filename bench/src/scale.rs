@@ -216,6 +216,7 @@ async fn spawn_agents(
             stats: stats.clone(),
             changed: Arc::new(tokio::sync::Notify::new()),
             kind: tether_link::reconnect::LinkKind::Server,
+            proxy: None,
             on_message: None,
             outbox: None,
             after_welcome: Vec::new(),

@@ -155,6 +155,8 @@ pub struct AgentStatus {
     pub certificate_expiry: Option<i64>,
     pub servers: Vec<LinkStatus>,
     pub listeners: Vec<Listener>,
+    /// The HTTP proxy TLS over TCP and joins go through (`http://[user@]host:port`), if any.
+    pub proxy: Option<String>,
 }
 
 /// A local address the agent forwards, and the service it carries.

@@ -34,14 +34,23 @@ pub(super) async fn dial_quic(target: &DialTarget, d: &Dialer) -> Result<Tunnel,
 }
 
 pub(super) async fn dial_tcp(target: &DialTarget, d: &Dialer) -> Result<Tunnel, DialError> {
-    let t = tether_transport::transport::tcp::TcpTunnel::connect(
-        target.addr,
-        &target.name,
-        d.tcp_tls(),
-        d.liveness,
-        d.max_streams as usize,
-    )
-    .await
+    use tether_transport::transport::tcp::TcpTunnel;
+    let (tls, max) = (d.tcp_tls(), d.max_streams as usize);
+    let proxy = d
+        .proxy
+        .as_ref()
+        .filter(|p| p.applies_to(host_of(&target.label)));
+    let t = match proxy {
+        // The proxy is given the server as configured or announced, and resolves it itself.
+        Some(p) => {
+            let s = p
+                .connect(&target.label, d.handshake_timeout)
+                .await
+                .map_err(|e| DialError::Connect(e.to_string()))?;
+            TcpTunnel::connect_over(s, target.addr, &target.name, tls, d.liveness, max).await
+        }
+        None => TcpTunnel::connect(target.addr, &target.name, tls, d.liveness, max).await,
+    }
     .map_err(|e| DialError::Connect(format!("over TCP: {e}")))?;
     Ok(Tunnel::from_tcp(t))
 }

@@ -10,6 +10,7 @@ pub mod lifecycle;
 pub mod liveness;
 pub mod monitor;
 pub mod pool;
+pub mod proxy;
 pub mod reconnect;
 
 /// How long a connection waits for its peer's next tunnel when it finds none (the agent's

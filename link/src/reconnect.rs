@@ -159,6 +159,8 @@ pub struct Dialer {
     pub changed: Arc<Notify>,
     /// What kind of link this is, for logs.
     pub kind: LinkKind,
+    /// The HTTP proxy TLS over TCP dials through (agents at sites that allow only that).
+    pub proxy: Option<crate::proxy::Proxy>,
     /// Control messages this module does not act on itself (a server's node records).
     pub on_message: Option<MessageHook>,
     /// Messages sent on the control stream right after the welcome (an agent's node info).

@@ -278,12 +278,16 @@ pub fn render_status(v: &Status) -> String {
         }
         Status::Agent(v) => {
             out.push_str(&format!(
-                "tether-agent {}  node {}  certificate expires {}{}\n\n",
+                "tether-agent {}  node {}  certificate expires {}{}\n",
                 v.version,
                 v.node,
                 when(v.certificate_expiry),
                 draining(v.draining)
             ));
+            out.push_str(&match &v.proxy {
+                Some(p) => format!("TLS over TCP and joins through the proxy {p}\n\n"),
+                None => "\n".to_string(),
+            });
             let servers: Vec<Vec<String>> = v
                 .servers
                 .iter()

@@ -305,6 +305,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         stats: metrics.peer_links.clone(),
         changed: state.announcer.changed(),
         kind: reconnect::LinkKind::Peer,
+        proxy: None,
         on_message: Some(Box::new({
             let a = state.authority.clone();
             move |m: &Message| a.merge_from_peer("peer", m)

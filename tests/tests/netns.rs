@@ -1095,3 +1095,219 @@ async fn a_nat_rebinding_does_not_drop_a_quic_tunnel() {
         "no reconnect"
     );
 }
+
+/// Whether squid (Debian's `squid`) is installed; without it the proxy test says SKIPPED
+/// loudly, and under CI (`.ci/run` installs it) fails.
+fn squid_or_skip(test: &str) -> bool {
+    if std::path::Path::new("/usr/sbin/squid").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: no squid under CI (install Debian's squid)"
+    );
+    eprintln!("\n**********\n*** SKIPPED: {test}: no /usr/sbin/squid\n**********\n");
+    false
+}
+
+/// Starts squid on `host`, listening on `ip:3128`, with basic authentication (`tether` /
+/// `secret`) and CONNECT allowed to port 9443 alone; returns it and its access log.
+async fn start_squid(host: &Host, ip: &str, dir: &std::path::Path) -> (Proc, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    // squid started as root runs as the user `proxy`, which must write here.
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let hash = tether_tests::process::run_ok(
+        std::path::Path::new("openssl"),
+        &["passwd", "-apr1", "secret"],
+    );
+    let passwd = dir.join("passwd");
+    std::fs::write(&passwd, format!("tether:{}\n", hash.trim())).unwrap();
+    let d = dir.display();
+    let access = dir.join("access.log");
+    let conf = dir.join("squid.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "http_port {ip}:3128\n\
+             pid_filename {d}/squid.pid\n\
+             access_log stdio:{d}/access.log\n\
+             cache_log {d}/cache.log\n\
+             netdb_filename none\n\
+             coredump_dir {d}\n\
+             cache deny all\n\
+             shutdown_lifetime 1 seconds\n\
+             auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd\n\
+             auth_param basic realm tether\n\
+             acl tunnel_port port 9443\n\
+             acl CONNECT method CONNECT\n\
+             acl authed proxy_auth REQUIRED\n\
+             http_access deny !CONNECT\n\
+             http_access deny CONNECT !tunnel_port\n\
+             http_access allow authed\n\
+             http_access deny all\n"
+        ),
+    )
+    .unwrap();
+    let squid = host.spawn(
+        "squid",
+        std::path::Path::new("/usr/sbin/squid"),
+        &["-N", "-f", conf.to_str().unwrap()],
+        dir.join("squid.out"),
+    );
+    wait_host("squid listening", Duration::from_secs(20), || {
+        host.sh("ss -Hltn 'sport = :3128' | grep -q LISTEN")
+            .status
+            .success()
+    })
+    .await;
+    (squid, access)
+}
+
+/// A node at a site that reaches the outside only through an HTTP proxy (squid, with basic
+/// authentication): the NAT host forwards nothing from the node, so QUIC gets nowhere. The
+/// agent, told of the proxy by `HTTPS_PROXY`, joins with a token through it and keeps its
+/// tunnel over TLS/TCP through the proxy's `CONNECT`; `status` names the proxy, and squid's
+/// access log shows the CONNECTs. With a wrong password (`--proxy`) squid answers 407 and
+/// nothing gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_behind_an_http_proxy_joins_and_tunnels_through_it() {
+    let test = "an_agent_behind_an_http_proxy_joins_and_tunnels_through_it";
+    if !netns::available() || !squid_or_skip(test) {
+        return;
+    }
+    let lab = NatLab::new();
+    // The proxy listens on the NAT host's address on the node's side; nothing from the node is
+    // forwarded beyond it.
+    let proxy_ip = format!("{}.1", lab.node_ip.rsplit_once('.').unwrap().0);
+    lab.nat
+        .sh_ok(&format!("iptables -I FORWARD -s {} -j DROP", lab.node_ip));
+    let pki = Pki::with_sans(&[lab.cp_ip().to_string()]);
+    let logs = TempDir::new("netns-proxy");
+    let (_squid, access) = start_squid(&lab.nat, &proxy_ip, &logs.path().join("squid")).await;
+    let probe = bin("tether-probe");
+    let _echo = lab.cp().spawn(
+        "echo",
+        &probe,
+        &["echo", "127.0.0.1:7000"],
+        logs.path().join("echo.log"),
+    );
+    let _server = lab.cp().spawn(
+        "server",
+        &bin("tether-server"),
+        &[
+            "run",
+            "--data-dir",
+            pki.server_dir().to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:9443",
+            "--upstream",
+            "127.0.0.1:7000",
+        ],
+        logs.path().join("server.log"),
+    );
+    wait_host("server listening", Duration::from_secs(10), || {
+        lab.cp()
+            .sh("ss -Hltn 'sport = :9443' | grep -q LISTEN")
+            .status
+            .success()
+    })
+    .await;
+    let token_file = pki.server_dir().join("token");
+    let data = logs.path().join("node");
+    let agent_bin = bin("tether-agent");
+    let server_at = format!("{}:9443", lab.cp_ip());
+    let agent_args = |proxy: &str| -> Vec<String> {
+        let mut v: Vec<String> = vec!["env".into()];
+        if !proxy.is_empty() {
+            v.push(format!("HTTPS_PROXY={proxy}"));
+        }
+        v.extend(
+            [
+                agent_bin.to_str().unwrap(),
+                "run",
+                "--server",
+                &server_at,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--token-file",
+                token_file.to_str().unwrap(),
+                "--node-name",
+                "edge-proxied",
+                "--listen",
+                "127.0.0.1:6443",
+                "--admin",
+                "127.0.0.1:9090",
+            ]
+            .map(String::from),
+        );
+        v
+    };
+
+    // A wrong password: squid refuses the CONNECT, and the node gets nowhere.
+    let mut args = agent_args("");
+    args.push("--proxy".into());
+    args.push(format!("http://tether:wrong@{proxy_ip}:3128"));
+    let refs: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+    let refused_log = logs.path().join("agent-refused.log");
+    let refused = lab.node.spawn(
+        "agent",
+        std::path::Path::new("/usr/bin/env"),
+        &refs,
+        refused_log.clone(),
+    );
+    wait_host(
+        "the proxy's 407 in the agent's log",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&refused_log)
+                .unwrap_or_default()
+                .contains("407")
+        },
+    )
+    .await;
+    assert!(
+        !data.join("agent.crt").exists(),
+        "joined without the proxy's consent"
+    );
+    drop(refused);
+
+    // The right one, from HTTPS_PROXY: the join, then the tunnel, through the proxy.
+    let args = agent_args(&format!("http://tether:secret@{proxy_ip}:3128"));
+    let refs: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+    let _agent = lab.node.spawn(
+        "agent",
+        std::path::Path::new("/usr/bin/env"),
+        &refs,
+        logs.path().join("agent.log"),
+    );
+    wait_host(
+        "the agent joined and is ready",
+        Duration::from_secs(60),
+        || agent_ready(&lab.node),
+    )
+    .await;
+    assert!(data.join("agent.crt").exists());
+    check_traffic(&lab.node, 50, 100_000, 21);
+    let status = lab.node.sh(&format!(
+        "{} status --admin 127.0.0.1:9090 --output json",
+        agent_bin.display()
+    ));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(!text.contains("secret"), "the password is shown: {text}");
+    let Ok(tether_endpoint::status::Status::Agent(v)) = serde_json::from_str(&text) else {
+        panic!("not an agent's status: {text}");
+    };
+    assert_eq!(
+        v.proxy.as_deref(),
+        Some(format!("http://tether@{proxy_ip}:3128").as_str())
+    );
+    assert_eq!(v.servers[0].transport.as_deref(), Some("tcp"), "{text}");
+    // squid logs a CONNECT when it ends: the join's is there (the tunnel's is still open).
+    let log = std::fs::read_to_string(&access).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("CONNECT {server_at}")) && l.contains(" tether ")),
+        "squid's access log: {log}"
+    );
+}

@@ -257,6 +257,22 @@ impl TcpTunnel {
             move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
         };
         let tcp = TcpStream::connect(addr).await.map_err(ctx("connect"))?;
+        Self::connect_over(tcp, addr, name, tls, liveness, max_streams).await
+    }
+
+    /// Runs TLS as a client, and yamux on top, on `tcp`: a connection to the server at `addr`,
+    /// made directly or through an HTTP proxy's `CONNECT`.
+    pub async fn connect_over(
+        tcp: TcpStream,
+        addr: SocketAddr,
+        name: &str,
+        tls: Arc<rustls::ClientConfig>,
+        liveness: Liveness,
+        max_streams: usize,
+    ) -> io::Result<Self> {
+        let ctx = |what: &'static str| {
+            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
         tune(&tcp, liveness).map_err(ctx("socket options"))?;
         let traffic = Arc::new(Traffic::default());
         let tcp = Counted {
