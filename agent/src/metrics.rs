@@ -200,11 +200,24 @@ impl Metrics {
             "Stream opens retried on another server.",
             self.retries.get(),
         );
+        let links = pool.all();
+        let skews: Vec<(String, f64)> = links
+            .iter()
+            .filter_map(|l| Some((l.server.clone(), l.clock_skew_ms()? as f64 / 1000.0)))
+            .collect();
+        let skews: Vec<(&str, f64)> = skews.iter().map(|(s, v)| (s.as_str(), *v)).collect();
+        e.labeled(
+            "tether_server_clock_skew_seconds",
+            "How far each server's clock is ahead of this node's (negative: behind), as the server said when its tunnel came up (servers of 0.3 and later).",
+            "gauge",
+            "server",
+            &skews,
+        );
         tether_transport::metrics::render_key_exchanges(
             &mut e,
             "tether_tunnels_key_exchange",
             "Tunnels to servers up now, by the key-exchange group their handshake agreed (X25519MLKEM768 is post-quantum).",
-            pool.all().iter().map(|l| l.tunnel.key_exchange()),
+            links.iter().map(|l| l.tunnel.key_exchange()),
         );
         self.shared.render(&mut e);
         e.finish()

@@ -131,6 +131,9 @@ pub struct LinkStatus {
     /// Unix seconds.
     pub connected_since: Option<u64>,
     pub capabilities: Vec<String>,
+    /// How far the server's clock is ahead of this one's, milliseconds (negative: behind), as
+    /// its `Clock` said when the tunnel came up; unknown from a server before 0.3.
+    pub clock_skew_ms: Option<i64>,
 }
 
 impl LinkStatus {

@@ -5,7 +5,7 @@ use crate::latency::{OpenLatency, Passed};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tether_endpoint::status::LinkStatus;
 use tether_process::telemetry::{Counted, Tally};
 use tether_proto::capability::Capabilities;
@@ -85,7 +85,17 @@ pub struct Link {
     doubted: AtomicBool,
     /// Answers to probes received (`Pong`s).
     pongs: std::sync::atomic::AtomicU64,
+    /// How far the server's clock is ahead of ours, milliseconds ([`NO_SKEW`] until its
+    /// `Clock` came).
+    clock_skew_ms: std::sync::atomic::AtomicI64,
 }
+
+/// [`Link::clock_skew`] not known (a server before 0.3, or its `Clock` not read yet).
+const NO_SKEW: i64 = i64::MIN;
+
+/// How far a server's clock may be from ours before the agent warns: certificates and tokens
+/// are checked against clocks, and a join or a renewal fails on a node minutes off.
+pub const CLOCK_SKEW_WARN: Duration = Duration::from_secs(30);
 
 impl Link {
     /// The key the server's certificate proves (see [`Link::server_key`]).
@@ -114,7 +124,27 @@ impl Link {
             reported_down: AtomicBool::new(false),
             doubted: AtomicBool::new(false),
             pongs: std::sync::atomic::AtomicU64::new(0),
+            clock_skew_ms: std::sync::atomic::AtomicI64::new(NO_SKEW),
         }
+    }
+
+    /// Notes the server's clock (`unix_ms`, from its `Clock`), read now: the difference from
+    /// ours, taking the message to have spent half a round trip on the way. Returns it.
+    pub fn clock(&self, unix_ms: u64) -> Duration {
+        let now = tether_process::units::unix_millis(SystemTime::now()) as i64;
+        let half_rtt = (self.tunnel.rtt().as_millis() / 2) as i64;
+        let skew = (unix_ms.min(i64::MAX as u64) as i64)
+            .saturating_add(half_rtt)
+            .saturating_sub(now);
+        self.clock_skew_ms
+            .store(skew.max(NO_SKEW + 1), Ordering::Relaxed);
+        Duration::from_millis(skew.unsigned_abs())
+    }
+
+    /// How far the server's clock is ahead of ours (negative: behind), in milliseconds.
+    pub fn clock_skew_ms(&self) -> Option<i64> {
+        let v = self.clock_skew_ms.load(Ordering::Relaxed);
+        (v != NO_SKEW).then_some(v)
     }
 
     /// Counts an answer to a probe.
@@ -214,6 +244,7 @@ impl Link {
             rtt_ms: Some((self.tunnel.rtt().as_secs_f64() * 1e4).round() / 10.0),
             connected_since: Some(tether_process::units::unix_seconds(self.since_wall)),
             capabilities: self.capabilities.names(),
+            clock_skew_ms: self.clock_skew_ms(),
         }
     }
 

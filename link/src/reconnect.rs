@@ -576,6 +576,14 @@ async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dia
                 link.set_draining();
             }
             Ok(Some(Message::Pong { .. })) => link.ponged(),
+            Ok(Some(Message::Clock { unix_ms })) => {
+                let off = link.clock(unix_ms);
+                if off >= crate::pool::CLOCK_SKEW_WARN {
+                    warn!(kind = d.kind.as_str(), server = %link.server, skew_ms = link.clock_skew_ms(),
+                        "this host's clock is {}s off the server's: certificates, tokens and renewals are checked by the clock; set up NTP",
+                        off.as_secs());
+                }
+            }
             Ok(Some(Message::ServerDown { server_id })) => {
                 let n = d.pool.report_down(&server_id);
                 info!(kind = d.kind.as_str(), server = %link.server, down = %server_id, links = n,

@@ -48,6 +48,12 @@ pub struct UnknownChoice {
     pub choices: &'static str,
 }
 
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_millis(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(u64::MAX as u128) as u64)
+}
+
 /// Seconds since the Unix epoch, as `status` documents carry times.
 pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)

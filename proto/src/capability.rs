@@ -27,6 +27,10 @@ pub const EARLY_DATA: &str = "early-data";
 /// (docs/operations.md, "Liveness: a dead server, or a dead link").
 pub const LIVENESS: &str = "liveness";
 
+/// Since 0.3, said by agents: send [`super::Message::Clock`] after the welcome, so that the
+/// agent can show how far its clock is from the server's.
+pub const CLOCK: &str = "clock";
+
 /// What this build announces on every tunnel, besides the role-specific [`PEER`].
 pub const ANNOUNCED: &[&str] = &[
     APISERVER,
@@ -35,6 +39,7 @@ pub const ANNOUNCED: &[&str] = &[
     EARLY_DATA,
     RECORDS_ADDRESSES,
     LIVENESS,
+    CLOCK,
 ];
 
 /// Longest capability name kept; longer ones are ignored.

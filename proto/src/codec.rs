@@ -89,6 +89,10 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             body.put_u64(*nonce);
             kind::PONG
         }
+        Message::Clock { unix_ms } => {
+            body.put_u64(*unix_ms);
+            kind::CLOCK
+        }
         Message::ServerDown { server_id } => {
             put_str(&mut body, server_id, name)?;
             kind::SERVER_DOWN
@@ -293,6 +297,10 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
         kind::PONG => {
             r.msg = "pong";
             Message::Pong { nonce: r.u64()? }
+        }
+        kind::CLOCK => {
+            r.msg = "clock";
+            Message::Clock { unix_ms: r.u64()? }
         }
         kind::SERVER_DOWN => {
             r.msg = "server-down";

@@ -51,6 +51,8 @@ pub(crate) mod kind {
     pub const PING: u8 = 0x0a;
     pub const PONG: u8 = 0x0b;
     pub const SERVER_DOWN: u8 = 0x0c;
+    /// The server's clock (since 0.3, behind [`crate::capability::CLOCK`]).
+    pub const CLOCK: u8 = 0x0d;
     pub const OPEN: u8 = 0x10;
     pub const STATUS: u8 = 0x11;
     pub const JOIN: u8 = 0x20;
@@ -256,6 +258,11 @@ pub enum Message {
     /// (the `server_id` of that server's welcome). An agent takes it as a reason to probe that
     /// server at once, never as a verdict by itself.
     ServerDown { server_id: String },
+    /// A server's clock when it sent this, Unix milliseconds (control stream, server to agent,
+    /// right after the welcome). The agent compares it with its own: certificates, tokens and
+    /// records expire by the clock, and a node whose clock is minutes off fails in ways that
+    /// are hard to read (`status` and a metric show the difference).
+    Clock { unix_ms: u64 },
     /// A frame of a type this build does not know. Control streams skip it.
     Unknown { kind: u8, len: usize },
 }
@@ -279,6 +286,7 @@ impl Message {
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
             Message::ServerDown { .. } => "server-down",
+            Message::Clock { .. } => "clock",
             Message::Unknown { .. } => "unknown",
         }
     }

@@ -60,6 +60,17 @@ pub(crate) async fn control(
     if stream.send.write_message(&welcome).await.is_err() {
         return;
     }
+    if capabilities.has(capability::CLOCK) {
+        let unix_ms = tether_process::units::unix_millis(std::time::SystemTime::now());
+        if stream
+            .send
+            .write_message(&Message::Clock { unix_ms })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
     let mut rx = state.announcer.subscribe();
     let mut sent: Option<announce::Announcement> = None;
     // Over TCP the health is repeated every keepalive interval to agents older than the

@@ -161,6 +161,12 @@ async fn settings_files_status_and_metrics_work_together() {
     assert_eq!(v.servers[0].transport.as_deref(), Some("quic"));
     // The post-quantum hybrid, by default, read from `status --output json`.
     assert_eq!(v.servers[0].key_exchange.as_deref(), Some("X25519MLKEM768"));
+    // The server said its clock after the welcome: the same host's, so within a second.
+    let skew = v.servers[0].clock_skew_ms;
+    assert!(
+        skew.is_some_and(|ms| ms.abs() < 1000),
+        "clock skew {skew:?}"
+    );
     assert_eq!(v.listeners[0].address, listen);
     let table = run_ok(&bin("tether-agent"), &["status", "--admin", &aadmin]);
     assert!(
