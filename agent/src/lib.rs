@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod diagnose;
 pub mod discovery;
 pub mod forward;
 pub mod join;

@@ -25,8 +25,21 @@ struct Cli {
 enum Command {
     /// Run the agent.
     Run(Box<RunArgs>),
+    /// Check, one step at a time with the settings of `run`, why this node can or cannot
+    /// connect: settings, certificate, DNS, QUIC, TCP, TLS, the proxy, clocks, the listener,
+    /// the running agent. Exit status 0: all ok; 1: a warning; 2: a failure.
+    Diagnose(Box<DiagnoseArgs>),
     #[command(flatten)]
     Tools(tether_process::cli::Tools),
+}
+
+#[derive(Args)]
+struct DiagnoseArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// text (one line per check, with a hint when it is not ok) or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
 }
 
 #[derive(Args)]
@@ -176,8 +189,38 @@ fn main() -> Result<()> {
         Command::Run(a) => tether_process::runtime::build(a.threads)
             .context("cannot start the async runtime")?
             .block_on(run(*a)),
+        Command::Diagnose(d) => {
+            let code = tether_process::runtime::build(d.run.threads)
+                .context("cannot start the async runtime")?
+                .block_on(diagnose(*d));
+            std::process::exit(code)
+        }
         Command::Tools(t) => Ok(tether_process::cli::run_tool::<Cli>(t)?),
     }
+}
+
+/// Runs `diagnose`, prints its report, and returns the exit status.
+async fn diagnose(d: DiagnoseArgs) -> i32 {
+    use tether_process::diagnose::{Check, Report};
+    let report = match settings(d.run) {
+        Ok(config) => tether_agent::diagnose::diagnose(&config).await,
+        Err(e) => Report {
+            checks: vec![Check::fail(
+                "settings",
+                format!("{e:#}"),
+                "fix the setting named (`tether-agent config example` lists them all)",
+            )],
+        },
+    };
+    let out = match d.output.as_str() {
+        "json" => report.json() + "\n",
+        _ => report.text(),
+    };
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+    report.exit_code()
 }
 
 async fn run(a: RunArgs) -> Result<()> {
@@ -185,6 +228,43 @@ async fn run(a: RunArgs) -> Result<()> {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
+    let config = settings(a)?;
+    let drain_timeout = config.drain_timeout;
+    let agent = tether_agent::start(config)
+        .await
+        .context("tether-agent cannot start")?;
+    // Ready for systemd once a first tunnel is up, or after a while without one: kubelet
+    // retries by itself, and a node must boot even with its control plane out of reach.
+    let term = tether_process::shutdown::terminate_signal();
+    tokio::pin!(term);
+    let first_tunnel =
+        tether_process::shutdown::wait_while(Duration::from_secs(10), || agent.tunnels_up() == 0);
+    tokio::select! {
+        _ = first_tunnel => {}
+        s = &mut term => {
+            let s = s.context("cannot watch for SIGTERM and SIGINT")?;
+            tracing::info!(signal = s, "stopping before the first tunnel");
+            agent.drain(Duration::ZERO).await;
+            return Ok(());
+        }
+    }
+    tether_process::notify::ready(&format!("{} tunnel(s) up", agent.tunnels_up()));
+    let sig = term.await.context("cannot watch for SIGTERM and SIGINT")?;
+    tracing::info!(signal = sig, "draining, then exiting");
+    tether_process::notify::stopping("draining");
+    let left = agent.drain(drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            streams = left,
+            "drain timeout: closed streams that were still open"
+        );
+    }
+    Ok(())
+}
+
+/// The agent's settings from its flags (and settings file and variables): the same for `run`
+/// and `diagnose`.
+fn settings(a: RunArgs) -> Result<AgentConfig> {
     let mut config = AgentConfig::new(a.servers, a.data_dir);
     if let Some(ca) = a.ca {
         config.ca = ca;
@@ -235,35 +315,5 @@ async fn run(a: RunArgs) -> Result<()> {
     config.allow_server_networks = a.allow_server_networks;
     config.node_name = a.node_name;
     config.drain_timeout = a.drain_timeout;
-    let drain_timeout = config.drain_timeout;
-    let agent = tether_agent::start(config)
-        .await
-        .context("tether-agent cannot start")?;
-    // Ready for systemd once a first tunnel is up, or after a while without one: kubelet
-    // retries by itself, and a node must boot even with its control plane out of reach.
-    let term = tether_process::shutdown::terminate_signal();
-    tokio::pin!(term);
-    let first_tunnel =
-        tether_process::shutdown::wait_while(Duration::from_secs(10), || agent.tunnels_up() == 0);
-    tokio::select! {
-        _ = first_tunnel => {}
-        s = &mut term => {
-            let s = s.context("cannot watch for SIGTERM and SIGINT")?;
-            tracing::info!(signal = s, "stopping before the first tunnel");
-            agent.drain(Duration::ZERO).await;
-            return Ok(());
-        }
-    }
-    tether_process::notify::ready(&format!("{} tunnel(s) up", agent.tunnels_up()));
-    let sig = term.await.context("cannot watch for SIGTERM and SIGINT")?;
-    tracing::info!(signal = sig, "draining, then exiting");
-    tether_process::notify::stopping("draining");
-    let left = agent.drain(drain_timeout).await;
-    if left > 0 {
-        tracing::warn!(
-            streams = left,
-            "drain timeout: closed streams that were still open"
-        );
-    }
-    Ok(())
+    Ok(config)
 }

@@ -12,7 +12,10 @@ use tether_endpoint::status::Status;
 /// file stops here, like a bad flag, with exit code 2 and the key and file named.
 pub fn parse<C: clap::Parser>() -> C {
     let args: Vec<OsString> = std::env::args_os().collect();
-    match config_file::merge(&C::command(), "run", args) {
+    // `diagnose` reads the same settings as `run`, so the same settings file.
+    let merged = config_file::merge(&C::command(), "run", args)
+        .and_then(|a| config_file::merge(&C::command(), "diagnose", a));
+    match merged {
         Ok(args) => C::parse_from(args),
         Err(e) => {
             eprintln!("error: {e}");
@@ -121,20 +124,7 @@ fn yes_no(b: bool) -> String {
 
 /// Seconds since the epoch as a UTC date and time.
 fn when<T: Copy + Into<i64>>(t: Option<T>) -> String {
-    let Some(t) = t.map(Into::into) else {
-        return "-".into();
-    };
-    match time::OffsetDateTime::from_unix_timestamp(t) {
-        Ok(d) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}Z",
-            d.year(),
-            u8::from(d.month()),
-            d.day(),
-            d.hour(),
-            d.minute()
-        ),
-        Err(_) => t.to_string(),
-    }
+    t.map_or_else(|| "-".into(), |t| crate::units::format_unix(t.into()))
 }
 
 fn since(t: Option<u64>) -> String {

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config_file;
+pub mod diagnose;
 pub mod notify;
 pub mod runtime;
 pub mod shutdown;

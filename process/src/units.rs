@@ -48,6 +48,21 @@ pub struct UnknownChoice {
     pub choices: &'static str,
 }
 
+/// A time in Unix seconds as `status` and `diagnose` print it: `2027-11-22 03:33Z`.
+pub fn format_unix(t: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(t) {
+        Ok(d) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}Z",
+            d.year(),
+            u8::from(d.month()),
+            d.day(),
+            d.hour(),
+            d.minute()
+        ),
+        Err(_) => t.to_string(),
+    }
+}
+
 /// Milliseconds since the Unix epoch (0 before it).
 pub fn unix_millis(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)

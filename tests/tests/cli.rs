@@ -414,3 +414,91 @@ async fn tether_bench_subcommands_reach_their_own_code() {
         );
     }
 }
+
+/// `tether-agent diagnose` with the settings of a running agent: every check ok and exit 0 on
+/// a healthy node; with its server gone, the TCP check fails (and QUIC warns, `auto` falling
+/// back), and it exits 2. The same as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnose_passes_on_a_healthy_node_and_fails_when_its_server_is_gone() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = start_echo();
+    let server = start_server(&pki, echo.addr).await;
+    let tmp = TempDir::new("diagnose");
+    let (listen, admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let data = pki.agent_dir("diag");
+    let settings: Vec<String> = [
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--server",
+        &server.local_addr.to_string(),
+        "--listen",
+        &listen,
+        "--admin",
+        &admin,
+    ]
+    .map(String::from)
+    .to_vec();
+    let run_args: Vec<&str> = std::iter::once("run")
+        .chain(settings.iter().map(String::as_str))
+        .collect();
+    let _agent = spawn(
+        "agent",
+        &bin("tether-agent"),
+        &run_args,
+        tmp.path().join("agent.log"),
+    );
+    wait_ready(admin.parse().unwrap(), "agent").await;
+    let diagnose = |json: bool| {
+        let mut cmd = Command::new(bin("tether-agent"));
+        cmd.arg("diagnose").args(&settings);
+        if json {
+            cmd.args(["--output", "json"]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = diagnose(false);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for check in [
+        "certificate",
+        "dns ",
+        "quic ",
+        "tcp ",
+        "tls ",
+        "clock ",
+        "proxy",
+        "listener ",
+        "admin ",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "no ok line for {check}: {text}"
+        );
+    }
+    assert!(text.contains("held by the running agent"), "{text}");
+    assert!(text.contains("X25519MLKEM768"), "{text}");
+
+    // The server gone: nothing to connect to.
+    server.shutdown().await;
+    let out = diagnose(true);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["result"], "fail");
+    let result = |prefix: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"].as_str().unwrap_or("").starts_with(prefix))
+            .map(|c| c["result"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(result("tcp ").as_deref(), Some("fail"), "{text}");
+    assert_eq!(result("quic ").as_deref(), Some("warn"), "{text}");
+    assert_eq!(result("certificate").as_deref(), Some("ok"), "{text}");
+}
