@@ -28,6 +28,7 @@ pub mod authority;
 pub mod config;
 pub mod control;
 pub mod datastore;
+pub mod diagnose;
 pub mod egress;
 pub mod error;
 pub mod follow;

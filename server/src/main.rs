@@ -33,6 +33,10 @@ enum Command {
     IssueAgent(IssueAgentArgs),
     /// Run the server.
     Run(Box<RunArgs>),
+    /// Check, with the settings of `run`, what stands between this master and its job:
+    /// certificates, the datastore, the upstream, the listener, the peers, the egress proxy,
+    /// the running server. Exit status 0: all ok; 1: a warning; 2: a failure.
+    Diagnose(Box<DiagnoseArgs>),
     #[command(flatten)]
     Tools(tether_process::cli::Tools),
     /// Run a self-contained demo: two servers, an agent, traffic, and a failover.
@@ -378,6 +382,10 @@ fn main() -> Result<()> {
         Command::Init(a) => init(a),
         Command::IssueAgent(a) => runtime(1)?.block_on(issue_agent(a)),
         Command::Run(a) => runtime(a.threads)?.block_on(run(*a)),
+        Command::Diagnose(d) => {
+            let code = runtime(1)?.block_on(diagnose(*d));
+            std::process::exit(code)
+        }
         Command::Demo => runtime(0)?.block_on(demo::run()),
         Command::Token(t) => runtime(1)?.block_on(token(t)),
         Command::Agent(a) => runtime(1)?.block_on(agent(a)),
@@ -638,6 +646,43 @@ async fn run(a: RunArgs) -> Result<()> {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
+    let config = settings(a);
+    let drain_timeout = config.drain_timeout;
+    let server = tether_server::start(config)
+        .await
+        .context("tether-server cannot start")?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch for SIGHUP")?;
+    let term = tether_process::shutdown::terminate_signal();
+    tokio::pin!(term);
+    tether_process::notify::ready(&format!("serving on {}", server.local_addr));
+    let sig = loop {
+        tokio::select! {
+            s = &mut term => break s.context("cannot watch for SIGTERM and SIGINT")?,
+            _ = hup.recv() => {
+                tether_process::notify::notify("RELOADING=1");
+                if let Err(e) = server.reload_certificates() {
+                    tracing::error!(error = %e, "SIGHUP: cannot reload the certificate; keeping the old one");
+                }
+                tether_process::notify::notify("READY=1");
+            }
+        }
+    };
+    tracing::info!(signal = sig, "draining, then exiting");
+    tether_process::notify::stopping("draining");
+    let left = server.drain(drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            streams = left,
+            "drain timeout: closed streams that were still open"
+        );
+    }
+    Ok(())
+}
+
+/// The server's settings from its flags (and settings file and variables): the same for `run`
+/// and `diagnose`.
+fn settings(a: RunArgs) -> ServerConfig {
     let mut config = ServerConfig::new(a.data_dir);
     config.datastore = a.store.datastore;
     config.etcd = a.store.etcd.settings();
@@ -671,35 +716,28 @@ async fn run(a: RunArgs) -> Result<()> {
         tls_key: a.egress_tls_key,
         client_ca: a.egress_client_ca,
     };
-    let drain_timeout = config.drain_timeout;
-    let server = tether_server::start(config)
-        .await
-        .context("tether-server cannot start")?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot watch for SIGHUP")?;
-    let term = tether_process::shutdown::terminate_signal();
-    tokio::pin!(term);
-    tether_process::notify::ready(&format!("serving on {}", server.local_addr));
-    let sig = loop {
-        tokio::select! {
-            s = &mut term => break s.context("cannot watch for SIGTERM and SIGINT")?,
-            _ = hup.recv() => {
-                tether_process::notify::notify("RELOADING=1");
-                if let Err(e) = server.reload_certificates() {
-                    tracing::error!(error = %e, "SIGHUP: cannot reload the certificate; keeping the old one");
-                }
-                tether_process::notify::notify("READY=1");
-            }
-        }
+    config
+}
+
+#[derive(clap::Args)]
+struct DiagnoseArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// text (one line per check, with a hint when it is not ok) or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+}
+
+/// Runs `diagnose`, prints its report, and returns the exit status.
+async fn diagnose(d: DiagnoseArgs) -> i32 {
+    let report = tether_server::diagnose::diagnose(&settings(d.run)).await;
+    let out = match d.output.as_str() {
+        "json" => report.json() + "\n",
+        _ => report.text(),
     };
-    tracing::info!(signal = sig, "draining, then exiting");
-    tether_process::notify::stopping("draining");
-    let left = server.drain(drain_timeout).await;
-    if left > 0 {
-        tracing::warn!(
-            streams = left,
-            "drain timeout: closed streams that were still open"
-        );
-    }
-    Ok(())
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+    report.exit_code()
 }

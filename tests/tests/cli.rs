@@ -502,3 +502,79 @@ async fn diagnose_passes_on_a_healthy_node_and_fails_when_its_server_is_gone() {
     assert_eq!(result("quic ").as_deref(), Some("warn"), "{text}");
     assert_eq!(result("certificate").as_deref(), Some("ok"), "{text}");
 }
+
+/// `tether-server diagnose` with the settings of a running server that has a peer: every check
+/// ok and exit 0; with its upstream gone, the upstream check fails and it exits 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_diagnose_passes_on_a_healthy_master_and_fails_without_its_upstream() {
+    init_logging();
+    let pki = Pki::new();
+    let echo = start_echo();
+    let peer = start_server(&pki, echo.addr).await;
+    let tmp = TempDir::new("server-diagnose");
+    let (listen, admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let settings: Vec<String> = [
+        "--data-dir",
+        pki.server_dir().to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--upstream",
+        &echo.addr.to_string(),
+        "--admin",
+        &admin,
+        "--peer",
+        &peer.local_addr.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let run_args: Vec<&str> = std::iter::once("run")
+        .chain(settings.iter().map(String::as_str))
+        .collect();
+    let _server = spawn(
+        "server",
+        &bin("tether-server"),
+        &run_args,
+        tmp.path().join("server.log"),
+    );
+    wait_ready(admin.parse().unwrap(), "server").await;
+    let diagnose = || {
+        Command::new(bin("tether-server"))
+            .arg("diagnose")
+            .args(&settings)
+            .output()
+            .unwrap()
+    };
+    let out = diagnose();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for check in [
+        "certificates",
+        "datastore",
+        "upstream",
+        "listener ",
+        "peer ",
+        "egress",
+        "admin ",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "no ok line for {check}: {text}"
+        );
+    }
+    assert!(text.contains("held by the running server"), "{text}");
+
+    echo.stop();
+    let out = diagnose();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fail") && l.contains("upstream")),
+        "{text}"
+    );
+    peer.shutdown().await;
+}
