@@ -8,7 +8,7 @@
 use crate::config::AgentConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 use tether_link::reconnect::{self, DialTarget, TransportChoice};
 use tether_process::diagnose::{Check, Report};
 use tether_proto::{capability, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
@@ -79,8 +79,19 @@ pub async fn diagnose(config: &AgentConfig) -> Report {
             "see the checks above; the node cannot connect until one can",
         ));
     }
-    listener(config, &mut r).await;
-    admin(config, &mut r).await;
+    r.push(tether_process::diagnose::listener(
+        config.listen,
+        "tether-agent",
+        "--listen",
+    ));
+    let admin = config.admin;
+    r.push(
+        tokio::task::spawn_blocking(move || {
+            tether_process::diagnose::admin(admin, "tether-agent", "127.0.0.1:8182")
+        })
+        .await
+        .unwrap_or_else(|e| Check::fail("admin", e.to_string(), "a bug: report it")),
+    );
     r
 }
 
@@ -454,69 +465,6 @@ async fn proxy(config: &AgentConfig, r: &mut Report) {
             "proxy",
             format!("{p} does not answer"),
             "check --proxy (or HTTPS_PROXY) and that the proxy runs",
-        )),
-    }
-}
-
-/// The local listener: free, or held by the running agent.
-async fn listener(config: &AgentConfig, r: &mut Report) {
-    let name = format!("listener {}", config.listen);
-    match tether_endpoint::net::listen_tcp(config.listen) {
-        Ok(_) => r.push(Check::ok(name, "free: `run` can listen there")),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let holder = tether_endpoint::net::port_holder(config.listen.port());
-            match holder {
-                Some(h) if h.contains("tether-agent") => {
-                    r.push(Check::ok(name, format!("held by the running agent ({h})")))
-                }
-                Some(h) => r.push(Check::fail(
-                    name,
-                    format!("held by {h}"),
-                    "another process listens there (an nginx-proxy static pod?): stop it, or use --listen",
-                )),
-                None => r.push(Check::warn(
-                    name,
-                    "in use, by a process this user cannot see",
-                    "run diagnose as root to see which, or `ss -ltnp`",
-                )),
-            }
-        }
-        Err(e) => r.push(Check::fail(name, e.to_string(), "check --listen")),
-    }
-}
-
-/// The running agent's admin endpoint, when one is set.
-async fn admin(config: &AgentConfig, r: &mut Report) {
-    let Some(addr) = config.admin else {
-        r.push(Check::warn(
-            "admin",
-            "no --admin: a running agent cannot be asked",
-            "set --admin 127.0.0.1:8182 (also for metrics and `status`)",
-        ));
-        return;
-    };
-    let name = format!("admin {addr}");
-    let got = tokio::task::spawn_blocking(move || {
-        tether_endpoint::http::get_blocking(&addr.to_string(), "/readyz", Duration::from_secs(2))
-    })
-    .await;
-    match got {
-        Ok(Ok((200, _))) => r.push(Check::ok(
-            name,
-            "the running agent is ready: a tunnel is up",
-        )),
-        Ok(Ok((code, body))) => r.push(Check::warn(
-            name,
-            format!(
-                "the running agent is not ready ({code}: {})",
-                String::from_utf8_lossy(&body).trim()
-            ),
-            "its log says why; `tether-agent status` shows each server",
-        )),
-        _ => r.push(Check::warn(
-            name,
-            "no agent answers there",
-            "the agent is not running (`systemctl status tether-agent`), or its --admin differs",
         )),
     }
 }

@@ -212,15 +212,7 @@ async fn diagnose(d: DiagnoseArgs) -> i32 {
             )],
         },
     };
-    let out = match d.output.as_str() {
-        "json" => report.json() + "\n",
-        _ => report.text(),
-    };
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
-    report.exit_code()
+    report.print(&d.output)
 }
 
 async fn run(a: RunArgs) -> Result<()> {

@@ -50,12 +50,7 @@ impl Check {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Self {
-        Check {
-            name: name.into(),
-            verdict: Verdict::Warn,
-            detail: detail.into(),
-            hint: Some(hint.into()),
-        }
+        Self::ok(name, detail).with(Verdict::Warn, hint)
     }
 
     pub fn fail(
@@ -63,12 +58,13 @@ impl Check {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Self {
-        Check {
-            name: name.into(),
-            verdict: Verdict::Fail,
-            detail: detail.into(),
-            hint: Some(hint.into()),
-        }
+        Self::ok(name, detail).with(Verdict::Fail, hint)
+    }
+
+    fn with(mut self, verdict: Verdict, hint: impl Into<String>) -> Self {
+        self.verdict = verdict;
+        self.hint = Some(hint.into());
+        self
     }
 }
 
@@ -136,6 +132,83 @@ impl Report {
             })
             .collect();
         serde_json::json!({ "result": self.worst().as_str(), "checks": checks }).to_string()
+    }
+}
+
+impl Report {
+    /// Prints the report to stdout as `output` asks (`json`, else text) and returns the exit
+    /// status.
+    pub fn print(&self, output: &str) -> i32 {
+        use std::io::Write as _;
+        let out = match output {
+            "json" => self.json() + "\n",
+            _ => self.text(),
+        };
+        let mut stdout = std::io::stdout();
+        let _ = stdout.write_all(out.as_bytes());
+        let _ = stdout.flush();
+        self.exit_code()
+    }
+}
+
+/// The local listener `run` would bind, for the process called `program`: free, or held by
+/// the running one.
+pub fn listener(addr: std::net::SocketAddr, program: &str, flag: &str) -> Check {
+    let name = format!("listener {addr}");
+    match tether_endpoint::net::listen_tcp(addr) {
+        Ok(_) => Check::ok(name, "free: `run` can listen there"),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            match tether_endpoint::net::port_holder(addr.port()) {
+                Some(h) if h.contains(program) => {
+                    Check::ok(name, format!("held by the running {program}, pid {h}"))
+                }
+                Some(h) => Check::fail(
+                    name,
+                    format!("held by {h}"),
+                    format!("another process listens there: stop it, or use {flag}"),
+                ),
+                None => Check::warn(
+                    name,
+                    "in use, by a process this user cannot see",
+                    "run diagnose as root to see which, or `ss -ltnp`",
+                ),
+            }
+        }
+        Err(e) => Check::fail(name, e.to_string(), format!("check {flag}")),
+    }
+}
+
+/// The running `program`'s admin endpoint (`--admin`), asked for `/readyz`. Blocking: call it
+/// on a blocking thread from async code.
+pub fn admin(addr: Option<std::net::SocketAddr>, program: &str, example: &str) -> Check {
+    let Some(addr) = addr else {
+        return Check::warn(
+            "admin",
+            format!("no --admin: a running {program} cannot be asked"),
+            format!("set --admin {example} (also for metrics and `status`)"),
+        );
+    };
+    let name = format!("admin {addr}");
+    let got = tether_endpoint::http::get_blocking(
+        &addr.to_string(),
+        "/readyz",
+        std::time::Duration::from_secs(2),
+    );
+    match got {
+        Ok((200, _)) => Check::ok(name, format!("the running {program} is ready")),
+        Ok((code, body)) => Check::warn(
+            name,
+            format!(
+                "the running {program} is not ready ({code}: {})",
+                String::from_utf8_lossy(&body).trim()
+            ),
+            format!("its log says why; `{program} status` shows more"),
+        ),
+        Err(_) => Check::warn(
+            name,
+            format!("no {program} answers there"),
+            format!("it is not running (`systemctl status {program}`), or its --admin differs"),
+        ),
     }
 }
 

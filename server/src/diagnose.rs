@@ -33,14 +33,25 @@ pub async fn diagnose(config: &ServerConfig) -> Report {
     let peer_tls = certificates(config, &mut r);
     datastore(config, &mut r).await;
     upstream(config, &mut r).await;
-    listener(config, &mut r);
+    r.push(tether_process::diagnose::listener(
+        config.listen,
+        "tether-server",
+        "--listen",
+    ));
     if let Some(tls_config) = peer_tls {
         for peer in &config.peers {
             peer_link(config, peer, &tls_config, &mut r).await;
         }
     }
     egress(config, &mut r);
-    admin(config, &mut r).await;
+    let admin = config.admin;
+    r.push(
+        tokio::task::spawn_blocking(move || {
+            tether_process::diagnose::admin(admin, "tether-server", "127.0.0.1:8181")
+        })
+        .await
+        .unwrap_or_else(|e| Check::fail("admin", e.to_string(), "a bug: report it")),
+    );
     r
 }
 
@@ -203,35 +214,6 @@ async fn upstream(config: &ServerConfig, r: &mut Report) {
     }
 }
 
-/// The tunnel listener: free, or held by the running server.
-fn listener(config: &ServerConfig, r: &mut Report) {
-    let name = format!("listener {}", config.listen);
-    match tether_endpoint::net::listen_tcp(config.listen) {
-        Ok(_) => r.push(Check::ok(
-            name,
-            "free: `run` can listen there (TCP; QUIC on the same UDP port)",
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            match tether_endpoint::net::port_holder(config.listen.port()) {
-                Some(h) if h.contains("tether-server") => {
-                    r.push(Check::ok(name, format!("held by the running server ({h})")))
-                }
-                Some(h) => r.push(Check::fail(
-                    name,
-                    format!("held by {h}"),
-                    "another process listens there: stop it, or use --listen",
-                )),
-                None => r.push(Check::warn(
-                    name,
-                    "in use, by a process this user cannot see",
-                    "run diagnose as root to see which, or `ss -ltnp`",
-                )),
-            }
-        }
-        Err(e) => r.push(Check::fail(name, e.to_string(), "check --listen")),
-    }
-}
-
 /// A configured peer: reachable over TLS/TCP with this server's certificate.
 async fn peer_link(
     config: &ServerConfig,
@@ -327,37 +309,4 @@ fn egress(config: &ServerConfig, r: &mut Report) {
             }
         ),
     ));
-}
-
-/// The running server's admin endpoint, when one is set.
-async fn admin(config: &ServerConfig, r: &mut Report) {
-    let Some(addr) = config.admin else {
-        r.push(Check::warn(
-            "admin",
-            "no --admin: a running server cannot be asked",
-            "set --admin 127.0.0.1:8181 (also for metrics and `status`)",
-        ));
-        return;
-    };
-    let name = format!("admin {addr}");
-    let got = tokio::task::spawn_blocking(move || {
-        tether_endpoint::http::get_blocking(&addr.to_string(), "/readyz", Duration::from_secs(2))
-    })
-    .await;
-    match got {
-        Ok(Ok((200, _))) => r.push(Check::ok(name, "the running server is ready")),
-        Ok(Ok((code, body))) => r.push(Check::warn(
-            name,
-            format!(
-                "the running server is not ready ({code}: {})",
-                String::from_utf8_lossy(&body).trim()
-            ),
-            "its log says why; `tether-server status` shows the upstream and the peers",
-        )),
-        _ => r.push(Check::warn(
-            name,
-            "no server answers there",
-            "the server is not running (`systemctl status tether-server`), or its --admin differs",
-        )),
-    }
 }

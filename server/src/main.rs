@@ -731,13 +731,5 @@ struct DiagnoseArgs {
 /// Runs `diagnose`, prints its report, and returns the exit status.
 async fn diagnose(d: DiagnoseArgs) -> i32 {
     let report = tether_server::diagnose::diagnose(&settings(d.run)).await;
-    let out = match d.output.as_str() {
-        "json" => report.json() + "\n",
-        _ => report.text(),
-    };
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
-    report.exit_code()
+    report.print(&d.output)
 }

@@ -480,7 +480,7 @@ async fn diagnose_passes_on_a_healthy_node_and_fails_when_its_server_is_gone() {
             "no ok line for {check}: {text}"
         );
     }
-    assert!(text.contains("held by the running agent"), "{text}");
+    assert!(text.contains("held by the running tether-agent"), "{text}");
     assert!(text.contains("X25519MLKEM768"), "{text}");
 
     // The server gone: nothing to connect to.
@@ -565,7 +565,7 @@ async fn server_diagnose_passes_on_a_healthy_master_and_fails_without_its_upstre
             "no ok line for {check}: {text}"
         );
     }
-    assert!(text.contains("held by the running server"), "{text}");
+    assert!(text.contains("held by the running tether-server"), "{text}");
 
     echo.stop();
     let out = diagnose();

@@ -43,24 +43,14 @@ async fn setup() -> Option<Setup> {
     Some(s)
 }
 
-/// A server on the control plane and an agent (default transport: auto) behind the NAT host,
-/// the NAT host dropping UDP or not; with the time the agent was started.
-async fn start_pair(udp_blocked: bool) -> Option<(Setup, std::time::Instant)> {
-    if !netns::available() {
-        return None;
-    }
-    let lab = NatLab::new();
-    if udp_blocked {
-        lab.drop_udp(true);
-    }
-    let pki = Pki::with_sans(&[lab.cp_ip().to_string()]);
-    let logs = TempDir::new("netns-logs");
-    let probe = bin("tether-probe");
+/// An echo upstream and a server listening on 0.0.0.0:9443 on the lab's control-plane host;
+/// returns once the server listens.
+async fn start_cp_server(lab: &NatLab, pki: &Pki, logs: &std::path::Path) -> Vec<Proc> {
     let echo = lab.cp().spawn(
         "echo",
-        &probe,
+        &bin("tether-probe"),
         &["echo", "127.0.0.1:7000"],
-        logs.path().join("echo.log"),
+        logs.join("echo.log"),
     );
     let server = lab.cp().spawn(
         "server",
@@ -74,9 +64,8 @@ async fn start_pair(udp_blocked: bool) -> Option<(Setup, std::time::Instant)> {
             "--upstream",
             "127.0.0.1:7000",
         ],
-        logs.path().join("server.log"),
+        logs.join("server.log"),
     );
-    // The server is listening before the clock starts.
     wait_host("server listening", Duration::from_secs(10), || {
         lab.cp()
             .sh("ss -Hltn 'sport = :9443' | grep -q LISTEN")
@@ -84,6 +73,23 @@ async fn start_pair(udp_blocked: bool) -> Option<(Setup, std::time::Instant)> {
             .success()
     })
     .await;
+    vec![echo, server]
+}
+
+/// A server on the control plane and an agent (default transport: auto) behind the NAT host,
+/// the NAT host dropping UDP or not; with the time the agent was started.
+async fn start_pair(udp_blocked: bool) -> Option<(Setup, std::time::Instant)> {
+    if !netns::available() {
+        return None;
+    }
+    let lab = NatLab::new();
+    if udp_blocked {
+        lab.drop_udp(true);
+    }
+    let pki = Pki::with_sans(&[lab.cp_ip().to_string()]);
+    let logs = TempDir::new("netns-logs");
+    // The server is listening before the clock starts.
+    let mut procs = start_cp_server(&lab, &pki, logs.path()).await;
     let started = std::time::Instant::now();
     let agent = lab.node.spawn(
         "agent",
@@ -101,9 +107,10 @@ async fn start_pair(udp_blocked: bool) -> Option<(Setup, std::time::Instant)> {
         ],
         logs.path().join("agent.log"),
     );
+    procs.push(agent);
     Some((
         Setup {
-            _procs: vec![echo, server, agent],
+            _procs: procs,
             lab,
             _pki: pki,
             logs,
@@ -1185,34 +1192,7 @@ async fn an_agent_behind_an_http_proxy_joins_and_tunnels_through_it() {
     let pki = Pki::with_sans(&[lab.cp_ip().to_string()]);
     let logs = TempDir::new("netns-proxy");
     let (_squid, access) = start_squid(&lab.nat, &proxy_ip, &logs.path().join("squid")).await;
-    let probe = bin("tether-probe");
-    let _echo = lab.cp().spawn(
-        "echo",
-        &probe,
-        &["echo", "127.0.0.1:7000"],
-        logs.path().join("echo.log"),
-    );
-    let _server = lab.cp().spawn(
-        "server",
-        &bin("tether-server"),
-        &[
-            "run",
-            "--data-dir",
-            pki.server_dir().to_str().unwrap(),
-            "--listen",
-            "0.0.0.0:9443",
-            "--upstream",
-            "127.0.0.1:7000",
-        ],
-        logs.path().join("server.log"),
-    );
-    wait_host("server listening", Duration::from_secs(10), || {
-        lab.cp()
-            .sh("ss -Hltn 'sport = :9443' | grep -q LISTEN")
-            .status
-            .success()
-    })
-    .await;
+    let _cp = start_cp_server(&lab, &pki, logs.path()).await;
     let token_file = pki.server_dir().join("token");
     let data = logs.path().join("node");
     let agent_bin = bin("tether-agent");

@@ -244,6 +244,11 @@ fn yamux_config(alpn: Option<&[u8]>, mode: yamux::Mode, max_streams: usize) -> y
 /// can buffer beyond the 256 KiB per open stream when its readers stall.
 pub const WINDOW_GROWTH: usize = 16 * 1024 * 1024;
 
+/// Says which step an I/O error came from (`connect: …`, `TLS: …`).
+fn ctx(what: &'static str) -> impl Fn(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
 impl TcpTunnel {
     /// Dials `addr`, runs TLS as a client (verifying the server as `name`) and yamux on top.
     pub async fn connect(
@@ -253,9 +258,6 @@ impl TcpTunnel {
         liveness: Liveness,
         max_streams: usize,
     ) -> io::Result<Self> {
-        let ctx = |what: &'static str| {
-            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
-        };
         let tcp = TcpStream::connect(addr).await.map_err(ctx("connect"))?;
         Self::connect_over(tcp, addr, name, tls, liveness, max_streams).await
     }
@@ -270,9 +272,6 @@ impl TcpTunnel {
         liveness: Liveness,
         max_streams: usize,
     ) -> io::Result<Self> {
-        let ctx = |what: &'static str| {
-            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
-        };
         tune(&tcp, liveness).map_err(ctx("socket options"))?;
         let traffic = Arc::new(Traffic::default());
         let tcp = Counted {
