@@ -102,18 +102,49 @@ impl Drop for Proc {
 }
 
 /// A port free on loopback for both TCP and UDP right now (a server listens on both), for a
-/// child process to take.
+/// child process to take, and to take again after a restart.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`, 32768 and up by default):
+/// a port from that range is free only until an outgoing connection is given it, and the soak
+/// makes thousands. A CI run saw a killed server unable to start again because its egress
+/// port had become a client connection's local port. Each port is handed out once per process.
 pub fn free_port() -> Result<u16, KitError> {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").map_err(KitError::io("bind UDP"))?;
-        let port = udp
-            .local_addr()
-            .map_err(KitError::io("UDP address"))?
-            .port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let top = ephemeral_low().min(32768);
+    let bottom = 20000.min(top.saturating_sub(1000));
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    // Start at a place of this process's own, so that concurrent test binaries rarely meet.
+    let span = u32::from(top - bottom);
+    let mut at = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(given.len() as u32 * 13)
+        % span;
+    for _ in 0..span {
+        let port = bottom + at as u16;
+        at = (at + 1) % span;
+        if given.contains(&port) {
+            continue;
+        }
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        if udp.is_ok() && tcp.is_ok() {
+            given.push(port);
             return Ok(port);
         }
     }
+    Err(KitError::Io {
+        what: format!("no free port between {bottom} and {top}"),
+        source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+    })
+}
+
+/// The lowest port the kernel gives outgoing connections.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
 /// Runs `program args` to completion and returns its stdout, or an error with its output.
@@ -137,4 +168,20 @@ pub fn run<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> Result<String, KitErr
         });
     }
     Ok(stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_never_given_twice() {
+        let ports: Vec<u16> = (0..200).map(|_| free_port().expect("a port")).collect();
+        let low = ephemeral_low();
+        assert!(ports.iter().all(|p| *p < low), "{ports:?}");
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len());
+    }
 }
