@@ -31,6 +31,11 @@ pub const LIVENESS: &str = "liveness";
 /// agent can show how far its clock is from the server's.
 pub const CLOCK: &str = "clock";
 
+/// Since 0.3, said by agents: the server may send [`super::Message::RenewNow`] (a CA
+/// rotation asks every connected node to renew at once). Agents without it renew when their
+/// certificate is due, as before.
+pub const RENEW_NOW: &str = "renew-now";
+
 /// What this build announces on every tunnel, besides the role-specific [`PEER`].
 pub const ANNOUNCED: &[&str] = &[
     APISERVER,
@@ -40,6 +45,7 @@ pub const ANNOUNCED: &[&str] = &[
     RECORDS_ADDRESSES,
     LIVENESS,
     CLOCK,
+    RENEW_NOW,
 ];
 
 /// Longest capability name kept; longer ones are ignored.

@@ -93,6 +93,11 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
             body.put_u64(*unix_ms);
             kind::CLOCK
         }
+        Message::RenewNow { issuer, trusted } => {
+            put_str(&mut body, issuer, name)?;
+            put_str_list(&mut body, trusted, name)?;
+            kind::RENEW_NOW
+        }
         Message::ServerDown { server_id } => {
             put_str(&mut body, server_id, name)?;
             kind::SERVER_DOWN
@@ -301,6 +306,13 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
         kind::CLOCK => {
             r.msg = "clock";
             Message::Clock { unix_ms: r.u64()? }
+        }
+        kind::RENEW_NOW => {
+            r.msg = "renew-now";
+            Message::RenewNow {
+                issuer: r.string()?,
+                trusted: r.string_list()?,
+            }
         }
         kind::SERVER_DOWN => {
             r.msg = "server-down";

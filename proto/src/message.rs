@@ -53,6 +53,9 @@ pub(crate) mod kind {
     pub const SERVER_DOWN: u8 = 0x0c;
     /// The server's clock (since 0.3, behind [`crate::capability::CLOCK`]).
     pub const CLOCK: u8 = 0x0d;
+    /// A server asks an agent to renew now (since 0.3, behind
+    /// [`crate::capability::RENEW_NOW`]).
+    pub const RENEW_NOW: u8 = 0x0e;
     pub const OPEN: u8 = 0x10;
     pub const STATUS: u8 = 0x11;
     pub const JOIN: u8 = 0x20;
@@ -263,6 +266,16 @@ pub enum Message {
     /// records expire by the clock, and a node whose clock is minutes off fails in ways that
     /// are hard to read (`status` and a metric show the difference).
     Clock { unix_ms: u64 },
+    /// A server asks its agent to renew its certificate now, unless it holds one from `issuer`
+    /// and trusts exactly the CAs in `trusted` (hex SHA-256 of each CA certificate's DER).
+    /// Sent after the welcome and whenever the server's CAs change: a CA rotation moves every
+    /// connected node to the new CA at once, and its end takes the old CA out of every
+    /// node's trust. The agent checks the certificate it gets as it checks any renewal; the
+    /// message itself grants nothing.
+    RenewNow {
+        issuer: String,
+        trusted: Vec<String>,
+    },
     /// A frame of a type this build does not know. Control streams skip it.
     Unknown { kind: u8, len: usize },
 }
@@ -287,6 +300,7 @@ impl Message {
             Message::Pong { .. } => "pong",
             Message::ServerDown { .. } => "server-down",
             Message::Clock { .. } => "clock",
+            Message::RenewNow { .. } => "renew-now",
             Message::Unknown { .. } => "unknown",
         }
     }

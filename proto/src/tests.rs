@@ -214,6 +214,8 @@ fn any_message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         any::<u64>().prop_map(|unix_ms| Message::Clock { unix_ms }),
+        (small_string(), string_list())
+            .prop_map(|(issuer, trusted)| Message::RenewNow { issuer, trusted }),
         small_string().prop_map(|server_id| Message::ServerDown { server_id }),
         string_list().prop_map(|addresses| Message::NodeInfo { addresses }),
         (any::<u8>(), any_target(), any::<u8>()).prop_map(|(version, target, hops)| {
