@@ -8,11 +8,15 @@
 #![forbid(unsafe_code)]
 
 pub mod records;
+pub mod rotation;
+mod store;
 pub mod token;
 
+pub use store::{recover_identity, write_identity};
+
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use ring::rand::SecureRandom;
 use std::fs;
@@ -116,17 +120,7 @@ impl Ca {
     /// Creates a new self-signed CA.
     pub fn generate(common_name: &str, lifetime: Lifetime) -> Result<Self, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(common_name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = lifetime.not_before;
-        params.not_after = lifetime.not_after;
-        params.serial_number = Some(random_serial()?);
+        let params = rotation::ca_params(common_name, lifetime)?;
         let cert = params.self_signed(&key).map_err(gen)?;
         Ok(Ca {
             cert_pem: cert.pem(),
@@ -424,6 +418,17 @@ pub(crate) fn lock_file(dir: &Path) -> Result<DirLock, CertError> {
     Ok(DirLock(f))
 }
 
+/// The DER of every certificate in a PEM text, in order (a CA bundle).
+pub fn pem_ders(pem_text: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = pem_text.as_bytes();
+    while let Ok((r, p)) = x509_parser::pem::parse_x509_pem(rest) {
+        out.push(p.contents);
+        rest = r;
+    }
+    out
+}
+
 /// The DER of the first certificate in a PEM text.
 pub fn pem_to_der(pem_text: &str, path: &Path) -> Result<Vec<u8>, CertError> {
     x509_parser::pem::parse_x509_pem(pem_text.as_bytes())
@@ -468,16 +473,25 @@ pub fn check_issued(
     use x509_parser::prelude::FromDer;
     let bad = |why: String| CertError::NotOurs(why);
     let cert_der = pem_to_der(cert_pem, Path::new("(issued certificate)"))?;
-    let ca_der = pem_to_der(ca_pem, Path::new("(pinned CA)"))?;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
         .map_err(|e| bad(format!("unreadable: {e}")))?;
-    let (_, ca) = x509_parser::certificate::X509Certificate::from_der(&ca_der)
-        .map_err(|e| bad(format!("unreadable CA: {e}")))?;
-    if cert.issuer() != ca.subject() {
-        return Err(bad("not issued by the pinned CA".into()));
+    // Any CA of the bundle (two while a CA rotation runs) may have issued it.
+    let cas = pem_ders(ca_pem);
+    if cas.is_empty() {
+        return Err(CertError::Invalid {
+            path: "(pinned CA)".into(),
+            what: "PEM certificate",
+            detail: "no certificate".into(),
+        });
     }
-    cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| bad("its signature is not the pinned CA's".into()))?;
+    let issued_by = |der: &Vec<u8>| {
+        x509_parser::certificate::X509Certificate::from_der(der).is_ok_and(|(_, ca)| {
+            cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
+        })
+    };
+    if !cas.iter().any(issued_by) {
+        return Err(bad("it is not signed by a CA this node trusts".into()));
+    }
     let cn = cert
         .subject()
         .iter_common_name()
@@ -555,85 +569,6 @@ pub fn key_hash_of_key_pem(key_pem: &str) -> Result<String, CertError> {
     Ok(sha256_hex(&key.subject_public_key_info()))
 }
 
-fn next_path(p: &Path) -> PathBuf {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    p.with_file_name(format!("{name}.next"))
-}
-
-/// Whether the certificate at `cert` is for the key at `key`; false when either is unreadable.
-fn pair_matches(cert: &Path, key: &Path) -> bool {
-    let (Ok(c), Ok(k)) = (fs::read_to_string(cert), fs::read_to_string(key)) else {
-        return false;
-    };
-    match (key_hash_of_cert_pem(&c), key_hash_of_key_pem(&k)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
-/// Stores a new key and its certificate so that a crash at any point leaves a matching pair:
-/// both are written beside their places as `NAME.next` first, then moved, the key first.
-/// [`recover_identity`], run before the pair is loaded, finishes a move a crash interrupted or
-/// drops a pair that was not completely written.
-pub fn write_identity(
-    cert: &Path,
-    key: &Path,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<(), CertError> {
-    let (cert_next, key_next) = (next_path(cert), next_path(key));
-    write_file(&key_next, key_pem.as_bytes(), 0o600)?;
-    write_file(&cert_next, cert_pem.as_bytes(), 0o644)?;
-    let mv = |from: &Path, to: &Path| {
-        fs::rename(from, to).map_err(|source| CertError::Write {
-            path: to.to_owned(),
-            source,
-        })
-    };
-    mv(&key_next, key)?;
-    mv(&cert_next, cert)
-}
-
-/// Finishes or undoes a [`write_identity`] that a crash interrupted; true when it changed
-/// anything. Whatever it finds, `cert` and `key` afterwards match, if they matched before the
-/// interrupted write or the new pair was written whole.
-pub fn recover_identity(cert: &Path, key: &Path) -> Result<bool, CertError> {
-    let (cert_next, key_next) = (next_path(cert), next_path(key));
-    let rm = |p: &Path| {
-        let _ = fs::remove_file(p);
-    };
-    let mv = |from: &Path, to: &Path| {
-        fs::rename(from, to).map_err(|source| CertError::Write {
-            path: to.to_owned(),
-            source,
-        })
-    };
-    let mut changed = false;
-    if key_next.exists() {
-        // The crash came before the key moved: move the new pair if it was written whole.
-        if pair_matches(&cert_next, &key_next) {
-            mv(&key_next, key)?;
-        } else {
-            rm(&key_next);
-            rm(&cert_next);
-        }
-        changed = true;
-    }
-    if cert_next.exists() {
-        // The key moved; its certificate is next to it.
-        if pair_matches(&cert_next, key) {
-            mv(&cert_next, cert)?;
-        } else {
-            rm(&cert_next);
-        }
-        changed = true;
-    }
-    Ok(changed)
-}
-
 /// Writes a file atomically with the given mode: a temporary file beside it, then a rename.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     let err = |source| CertError::Write {
@@ -661,6 +596,7 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{next_path, pair_matches};
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
