@@ -38,6 +38,32 @@ pub struct ServerStatus {
     pub configured_peers: Vec<String>,
     pub peers: Vec<LinkStatus>,
     pub datastore: Datastore,
+    pub ca: CaStatus,
+}
+
+/// The CAs of a server, and the CA rotation it takes part in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CaStatus {
+    /// The CA this server issues from (hex SHA-256 of its certificate, as tokens pin it).
+    pub issuer: String,
+    /// Every CA it trusts, the issuing one first: two while a rotation runs.
+    pub trusted: Vec<String>,
+    /// The datastore's last rotation, running or finished.
+    pub rotation: Option<RotationStatus>,
+    /// Nodes still on the old CA of the running rotation (none when none runs).
+    pub nodes_on_old_ca: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RotationStatus {
+    pub old: String,
+    pub new: String,
+    /// Unix seconds.
+    pub started: i64,
+    /// Unix seconds; none while it runs.
+    pub finished: Option<i64>,
 }
 
 /// Where a server keeps records and tokens, and whether it answers.
@@ -93,6 +119,9 @@ pub struct NodeStatus {
     /// Unix seconds.
     pub certificate_expiry: Option<i64>,
     pub capabilities: Vec<String>,
+    /// The CA that issued the newest tunnel's certificate (its hash); none for one this server
+    /// trusts no more.
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

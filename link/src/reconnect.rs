@@ -84,8 +84,9 @@ impl std::fmt::Display for TransportChoice {
 pub const QUIC_HEAD_START: Duration = Duration::from_secs(1);
 pub use crate::lifecycle::{QUIC_RETIRED_GRACE, QUIC_RETRY};
 
-/// Receives the control messages the reconnect loop does not act on itself.
-pub type MessageHook = Box<dyn Fn(&Message) + Send + Sync>;
+/// Receives the control messages the reconnect loop does not act on itself, with the link they
+/// came on.
+pub type MessageHook = Box<dyn Fn(&Link, &Message) + Send + Sync>;
 
 /// Told of a link that went down.
 pub type DownHook = Box<dyn Fn(&Link) + Send + Sync>;
@@ -595,7 +596,7 @@ async fn read_control(recv: &mut RecvHalf, heartbeat: bool, link: &Link, d: &Dia
                 d.changed.notify_one();
             }
             Ok(Some(m)) => match &d.on_message {
-                Some(f) => f(&m),
+                Some(f) => f(link, &m),
                 None => debug!(message = m.name(), "control message ignored"),
             },
             Ok(None) => return LinkEnd::ControlClosed,

@@ -205,6 +205,18 @@ pub fn render_status(v: &Status) -> String {
                 healthy(Some(v.upstream.healthy), "UNHEALTHY"),
                 when(v.certificate_expiry)
             ));
+            if let Some(r) = v.ca.rotation.as_ref().filter(|r| r.finished.is_none()) {
+                out.push_str(&format!(
+                    "CA rotation running since {}: {} node(s) on the old CA{}\n\n",
+                    when(Some(r.started)),
+                    v.ca.nodes_on_old_ca.len(),
+                    if v.ca.issuer == r.new {
+                        ""
+                    } else {
+                        " (this server does not hold the new CA yet: `tether-server ca rotate --from`)"
+                    }
+                ));
+            }
             let nodes: Vec<Vec<String>> = v
                 .nodes
                 .iter()

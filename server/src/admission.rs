@@ -78,6 +78,7 @@ pub(crate) async fn serve_tunnel(tunnel: Tunnel, state: Arc<State>) {
                 since: SystemTime::now(),
                 cert_not_after: peer.not_after,
                 key_hash: key.clone(),
+                issuer: state.trust.borrow().issuer_of(&cert),
                 addresses: Vec::new(),
                 refused: Vec::new(),
                 streams: open_streams.clone(),

@@ -267,6 +267,11 @@ impl Authority {
         self.version.subscribe()
     }
 
+    /// Runs `f` over the records in memory.
+    pub fn with_records<T>(&self, f: impl FnOnce(&Records) -> T) -> T {
+        f(&self.read())
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Records> {
         self.records.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -71,6 +71,16 @@ pub(crate) async fn control(
             return;
         }
     }
+    // A node is asked to renew at once when it is not on the CA this server issues from, or
+    // trusts other CAs than this server: now, and whenever the CAs change (a CA rotation).
+    let renew_now = party == Party::Agent && capabilities.has(capability::RENEW_NOW);
+    let mut trust = state.trust.subscribe();
+    if renew_now {
+        let ask = trust.borrow_and_update().renew_now();
+        if stream.send.write_message(&ask).await.is_err() {
+            return;
+        }
+    }
     let mut rx = state.announcer.subscribe();
     let mut sent: Option<announce::Announcement> = None;
     // Over TCP the health is repeated every keepalive interval to agents older than the
@@ -95,6 +105,15 @@ pub(crate) async fn control(
         sent = Some(now);
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
+            r = trust.changed(), if renew_now => {
+                if r.is_err() {
+                    return;
+                }
+                let ask = trust.borrow_and_update().renew_now();
+                if stream.send.write_message(&ask).await.is_err() {
+                    return;
+                }
+            }
             msgs = next_records(&mut records) => {
                 for m in msgs {
                     if stream.send.write_message(&m).await.is_err() {

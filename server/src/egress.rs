@@ -98,14 +98,18 @@ pub fn resolve(state: &State, host: &str) -> Result<String, Refusal> {
 
 /// The node's tunnels here, newest first, each with whether the node records admit its
 /// certificate now (see [`crate::route`]).
+/// A tunnel whose certificate is from a CA trusted no more (a rotation finished) carries the
+/// streams it has, and no new one.
 fn local_tunnels(state: &State, node: &str) -> Vec<route::Local<Tunnel>> {
+    let trust = state.trust.borrow().clone();
     state
         .registry
         .find(node)
         .into_iter()
         .map(|e| route::Local {
             id: e.tunnel.id(),
-            admitted: identity::carries(&state.authority.check(node, &e.key_hash)),
+            admitted: identity::carries(&state.authority.check(node, &e.key_hash))
+                && trust.trusts(e.issuer.as_deref()),
             via: e.tunnel,
         })
         .collect()

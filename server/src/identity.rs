@@ -4,6 +4,7 @@
 
 use crate::error::ServerError;
 use crate::state::State;
+use crate::trust::Trust;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tether_process::shutdown::ShutdownSignal;
@@ -11,27 +12,50 @@ use tether_proto::code;
 use tether_transport::tls;
 use tether_trust::files;
 use tether_trust::records::Verdict;
+use tether_trust::rotation;
 use tracing::{info, warn};
 
-/// The CA roots, this server's identity (its certificate followed by the CA, so that joining
-/// agents can check the CA against their token), and the CA in PEM.
+/// The CA roots (the issuing CA, and the old one while a rotation runs), this server's
+/// identity, and the CAs as [`Trust`].
+///
+/// The identity's chain is the certificate, the cross-signed certificate of the last rotation
+/// (nodes that trust only the old CA reach the new one through it), then every trusted CA (a
+/// joining agent finds the CA its token pins among them).
 pub(crate) fn load_identity(
     dir: &std::path::Path,
-) -> Result<(rustls::RootCertStore, tls::Identity, String), tls::TlsError> {
-    let ca_path = dir.join(files::CA_CERT);
-    let roots = tls::load_roots(&ca_path)?;
+) -> Result<(rustls::RootCertStore, tls::Identity, Trust), tls::TlsError> {
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(&path).map_err(|source| tls::TlsError::Read { path, source })
+    };
+    let mut bundle = read(dir.join(files::CA_CERT))?;
+    let mut cas = tls::load_certs(&dir.join(files::CA_CERT))?;
+    let old = dir.join(rotation::CA_OLD);
+    if old.exists() {
+        cas.extend(tls::load_certs(&old)?);
+        if !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+        bundle.push_str(&read(old)?);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in &cas {
+        roots.add(ca.clone()).map_err(|e| tls::TlsError::BadCa {
+            path: dir.join(files::CA_CERT),
+            detail: e.to_string(),
+        })?;
+    }
     let mut identity =
         tls::Identity::load(&dir.join(files::SERVER_CERT), &dir.join(files::SERVER_KEY))?;
-    for ca in tls::load_certs(&ca_path)? {
+    let cross = dir.join(rotation::CA_CROSS);
+    if cross.exists() {
+        identity.chain.extend(tls::load_certs(&cross)?);
+    }
+    for ca in cas {
         if !identity.chain.contains(&ca) {
             identity.chain.push(ca);
         }
     }
-    let ca_pem = std::fs::read_to_string(&ca_path).map_err(|source| tls::TlsError::Read {
-        path: ca_path,
-        source,
-    })?;
-    Ok((roots, identity, ca_pem))
+    Ok((roots, identity, Trust::new(&bundle)))
 }
 
 pub(crate) fn cert_expiry(state: &State) {
@@ -47,7 +71,7 @@ pub(crate) fn cert_expiry(state: &State) {
 /// Reloads the certificate and key from disk and uses them for new handshakes (agents and
 /// peers); tunnels that are up keep going.
 pub(crate) fn reload_certificates(state: &State) -> Result<(), ServerError> {
-    let (roots, identity, _) = load_identity(&state.config.data_dir)?;
+    let (roots, identity, trust) = load_identity(&state.config.data_dir)?;
     let pq = state.config.limits.post_quantum;
     let cfg = tls::server_config(roots.clone(), identity.clone(), pq)?;
     *state.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) =
@@ -64,18 +88,38 @@ pub(crate) fn reload_certificates(state: &State) -> Result<(), ServerError> {
     state.metrics.cert_reloads.inc();
     cert_expiry(state);
     info!("reloaded the server certificate");
+    // The CAs changed (a rotation started, reached this master, or finished): the agents are
+    // asked to renew (`control` sends each a `RenewNow`), and tunnels from a CA trusted no more
+    // close.
+    let changed = state.trust.send_if_modified(|t| {
+        let changed = t.hashes() != trust.hashes();
+        *t = trust;
+        changed
+    });
+    if changed {
+        let t = state.trust.borrow();
+        info!(issuer = %t.issuer(), trusted = t.hashes().len(), "the CAs changed; asking the agents to renew");
+        drop(t);
+        crate::ca::close_untrusted(state);
+    }
     Ok(())
 }
 
 fn files_mtime(dir: &std::path::Path) -> Vec<Option<SystemTime>> {
-    [files::CA_CERT, files::SERVER_CERT, files::SERVER_KEY]
-        .iter()
-        .map(|f| {
-            std::fs::metadata(dir.join(f))
-                .and_then(|m| m.modified())
-                .ok()
-        })
-        .collect()
+    [
+        files::CA_CERT,
+        files::SERVER_CERT,
+        files::SERVER_KEY,
+        rotation::CA_OLD,
+        rotation::CA_CROSS,
+    ]
+    .iter()
+    .map(|f| {
+        std::fs::metadata(dir.join(f))
+            .and_then(|m| m.modified())
+            .ok()
+    })
+    .collect()
 }
 
 /// How often expired forgotten records are looked for.

@@ -111,6 +111,11 @@ async fn decide(
     let Ok(tok) = parsed else {
         return refuse("malformed token credential".into());
     };
+    // Checked before the token's use is spent: the node tries another server.
+    if let Err(why) = crate::ca::may_issue(state) {
+        warn!(peer = %remote, node = node_name, reason = %why, "refused join for now");
+        return answer(StatusCode::Busy, why, String::new(), String::new());
+    }
     // The token's use is spent here, before the checks below: a join refused after this
     // point still used it (a name taken, the bound of nodes), which errs on the safe side.
     let grant = match state.authority.store().redeem_token(&tok).await {
@@ -168,15 +173,10 @@ async fn decide(
         }
     }
     match sign(csr, node_name, state) {
-        Ok(cert_pem) => {
+        Ok((cert_pem, ca_pem)) => {
             state.metrics.joins.inc();
             info!(peer = %remote, node = node_name, token = token_id, "node joined");
-            answer(
-                StatusCode::Ok,
-                String::new(),
-                cert_pem,
-                state.ca_pem.clone(),
-            )
+            answer(StatusCode::Ok, String::new(), cert_pem, ca_pem)
         }
         Err(why) => refuse(why.to_string()),
     }
@@ -194,8 +194,12 @@ pub enum SignError {
 }
 
 /// Signs a node's request with this server's copy of the CA, for the configured lifetime.
-pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<String, SignError> {
-    let ca = tether_trust::Ca::load(&state.config.data_dir).map_err(SignError::NoCa)?;
+/// Returns the certificate and the CAs the node is to trust (the issuing one first, and the
+/// old one while a rotation runs), read together from the data directory.
+pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<(String, String), SignError> {
+    let dir = &state.config.data_dir;
+    let ca = tether_trust::Ca::load(dir).map_err(SignError::NoCa)?;
+    let bundle = tether_trust::rotation::trusted(dir).map_err(SignError::NoCa)?;
     let now = time::OffsetDateTime::now_utc();
     let life = time::Duration::try_from(state.config.agent_cert_lifetime)
         .unwrap_or(time::Duration::days(365));
@@ -203,8 +207,20 @@ pub fn sign(csr: &[u8], node_name: &str, state: &State) -> Result<String, SignEr
         not_before: now - time::Duration::minutes(5),
         not_after: now + life,
     };
-    ca.sign_agent_csr(csr, node_name, lifetime)
-        .map_err(SignError::Request)
+    let mut cert = ca
+        .sign_agent_csr(csr, node_name, lifetime)
+        .map_err(SignError::Request)?;
+    // While a rotation runs, the certificate the old CA signed for the new one comes after the
+    // node's: a node that trusts only the old CA takes the new one on its word.
+    if tether_trust::rotation::running_in(dir) {
+        if let Ok(Some(cross)) = tether_trust::rotation::cross(dir) {
+            if !cert.ends_with('\n') {
+                cert.push('\n');
+            }
+            cert.push_str(&cross);
+        }
+    }
+    Ok((cert, bundle))
 }
 
 /// A renewal on an authenticated tunnel: the node proves its current identity by the tunnel's
@@ -218,17 +234,21 @@ pub async fn renew(mut stream: Stream, node: &str, current_key: &str, csr: Vec<u
         warn!(node, reason = %why, "refused renewal");
         answer(code, why, String::new(), String::new())
     };
-    let reply = match tether_trust::key_hash_of_csr(&csr) {
-        Err(e) => fail(StatusCode::BadRequest, e.to_string()),
-        Ok(key) => match sign(&csr, node, state) {
+    let reply = match (
+        tether_trust::key_hash_of_csr(&csr),
+        crate::ca::may_issue(state),
+    ) {
+        (Err(e), _) => fail(StatusCode::BadRequest, e.to_string()),
+        (Ok(_), Err(why)) => fail(StatusCode::Busy, why),
+        (Ok(key), Ok(())) => match sign(&csr, node, state) {
             Err(why) => fail(StatusCode::Busy, why.to_string()),
-            Ok(cert) => match state.authority.renew(node, current_key, &key).await {
+            Ok((cert, ca_pem)) => match state.authority.renew(node, current_key, &key).await {
                 Err(e) => fail(StatusCode::Busy, format!("cannot record the new key: {e}")),
                 Ok(Err(why)) => fail(StatusCode::RefusedByPolicy, why.to_string()),
                 Ok(Ok(())) => {
                     state.metrics.shared.renewals.inc();
                     info!(node, "renewed the node's certificate");
-                    answer(StatusCode::Ok, String::new(), cert, state.ca_pem.clone())
+                    answer(StatusCode::Ok, String::new(), cert, ca_pem)
                 }
             },
         },

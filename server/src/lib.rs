@@ -25,6 +25,7 @@ pub mod accept;
 pub mod admission;
 pub mod announce;
 pub mod authority;
+pub mod ca;
 pub mod config;
 pub mod control;
 pub mod datastore;
@@ -39,10 +40,12 @@ pub mod join_rate;
 pub mod metrics;
 pub mod peers;
 pub mod registry;
+pub mod rotate;
 pub mod route;
 pub mod state;
 pub mod status;
 pub mod streams;
+pub mod trust;
 pub mod upstream;
 
 pub use accept::{MAX_HANDSHAKES, MAX_JOINS};
@@ -152,7 +155,7 @@ async fn restore_locked_out(
 /// Loads the certificates, binds the listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let dir = &config.data_dir;
-    let (roots, identity, ca_pem) = identity::load_identity(dir)?;
+    let (roots, identity, trust) = identity::load_identity(dir)?;
     let tls_config =
         tls::server_config(roots.clone(), identity.clone(), config.limits.post_quantum)?;
     let tcp_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config.clone()));
@@ -219,7 +222,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         authority: Arc::new(authority),
         join_limiter: JoinLimiter::new(config.join_rate_per_minute),
         renewals: join_rate::RenewalLimiter::for_lifetime(config.agent_cert_lifetime),
-        ca_pem,
+        trust: tokio::sync::watch::channel(trust).0,
+        rotation: std::sync::RwLock::new(None),
         endpoint: endpoint.clone(),
         peer_dialer: std::sync::OnceLock::new(),
         tcp_tls: std::sync::RwLock::new(tcp_tls),
@@ -309,7 +313,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         proxy: None,
         on_message: Some(Box::new({
             let a = state.authority.clone();
-            move |m: &Message| a.merge_from_peer("peer", m)
+            move |_: &tether_link::pool::Link, m: &Message| a.merge_from_peer("peer", m)
         })),
         after_welcome: Vec::new(),
         // Records travel both ways: the peers this server dials get them too (0.1 servers
@@ -367,6 +371,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     }
     tasks.spawn(state.announcer.clone().run(shutdown.signal()));
     tasks.spawn(identity::watch_files(state.clone(), shutdown.signal()));
+    tasks.spawn(ca::follow(state.clone(), shutdown.signal()));
     tasks.spawn(accept::accept_quic(
         endpoint.clone(),
         state.clone(),

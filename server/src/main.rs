@@ -1,5 +1,6 @@
 //! The `tether-server` command: certificates, running a server, and the demo.
 
+mod ca_command;
 mod demo;
 
 use anyhow::{Context, Result};
@@ -50,6 +51,9 @@ enum Command {
     /// Move records and tokens between a data directory and etcd.
     #[command(subcommand)]
     Datastore(DatastoreCommand),
+    /// Replace the cluster's CA without re-joining a node: rotate, watch, finish.
+    #[command(subcommand)]
+    Ca(ca_command::CaCommand),
 }
 
 #[derive(Subcommand)]
@@ -390,6 +394,7 @@ fn main() -> Result<()> {
         Command::Token(t) => runtime(1)?.block_on(token(t)),
         Command::Agent(a) => runtime(1)?.block_on(agent(a)),
         Command::Datastore(d) => runtime(1)?.block_on(datastore(d)),
+        Command::Ca(c) => runtime(1)?.block_on(ca_command::run(c)),
         Command::Tools(t) => Ok(tether_process::cli::run_tool::<Cli>(t)?),
     }
 }

@@ -100,6 +100,10 @@ pub struct Metrics {
     /// Tunnels closed because their certificate expired while they were up.
     pub expired_closed: Counter,
     pub cert_reloads: Counter,
+    /// 1 while a CA rotation runs.
+    pub ca_rotation: Gauge,
+    /// Nodes still on the old CA of the running rotation.
+    pub ca_old_nodes: Gauge,
     pub limit_hits: CounterFamily<Limit>,
     pub egress_streams: Counter,
     /// CONNECT requests that waited for a node gone from here for a moment.
@@ -237,6 +241,16 @@ impl Metrics {
             "tether_certificate_reloads_total",
             "Times the server certificate was reloaded from disk.",
             self.cert_reloads.get(),
+        );
+        e.gauge(
+            "tether_ca_rotation_running",
+            "1 while a CA rotation runs (servers trust the old and the new CA).",
+            self.ca_rotation.get(),
+        );
+        e.gauge(
+            "tether_ca_old_nodes",
+            "Nodes still on the old CA of the running rotation (0 when none runs): `ca finish` waits for 0.",
+            self.ca_old_nodes.get(),
         );
         e.family(
             "tether_limit_hits_total",

@@ -40,6 +40,9 @@ pub struct Entry<T = Tunnel> {
     pub cert_not_after: i64,
     /// SHA-256 of the certificate's public key: checked against the node records.
     pub key_hash: String,
+    /// The hash of the CA that issued the certificate (`trust::Trust::issuer_of`); `None` for
+    /// one trusted no more.
+    pub issuer: Option<String>,
     /// The addresses the node owns, as its agent claimed them on this tunnel.
     pub addresses: Vec<String>,
     /// Addresses its agent claimed that another node owns (address, owner), or that were past
@@ -254,6 +257,7 @@ mod tests {
             since: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
             cert_not_after: 0,
             key_hash: format!("key-{id}"),
+            issuer: None,
             addresses: Vec::new(),
             refused: Vec::new(),
             streams: Arc::default(),

@@ -44,8 +44,10 @@ pub struct State {
     pub(crate) join_limiter: JoinLimiter,
     /// Renewals per node: one at a time, and a rate (see `RenewalLimiter`).
     pub(crate) renewals: crate::join_rate::RenewalLimiter,
-    /// The CA certificate, handed to joining nodes.
-    pub(crate) ca_pem: String,
+    /// The CAs this server issues from and trusts (see `ca`); changed when the files change.
+    pub(crate) trust: tokio::sync::watch::Sender<crate::trust::Trust>,
+    /// The datastore's CA rotation record, as `ca::follow` last read it.
+    pub(crate) rotation: std::sync::RwLock<Option<tether_trust::rotation::Rotation>>,
     pub(crate) endpoint: quinn::Endpoint,
     /// The dialer of peer links, whose client identity is reloaded with the certificate.
     pub(crate) peer_dialer: std::sync::OnceLock<Arc<Dialer>>,

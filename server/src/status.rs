@@ -6,9 +6,26 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_endpoint::admin::{AdminSource, NotReady};
 use tether_endpoint::status::{
-    ContestedAddress, NodeStatus, RefusedAddress, ServerStatus, Service, Status, Upstream,
+    CaStatus, ContestedAddress, NodeStatus, RefusedAddress, RotationStatus, ServerStatus, Service,
+    Status, Upstream,
 };
 use tether_process::units::unix_seconds;
+
+fn ca_status(s: &State) -> CaStatus {
+    let trust = s.trust.borrow().clone();
+    let rotation = s.rotation.read().unwrap_or_else(|p| p.into_inner()).clone();
+    CaStatus {
+        issuer: trust.issuer().to_string(),
+        trusted: trust.hashes(),
+        rotation: rotation.map(|r| RotationStatus {
+            old: r.old,
+            new: r.new,
+            started: r.started,
+            finished: r.finished,
+        }),
+        nodes_on_old_ca: crate::ca::pending(s),
+    }
+}
 
 /// The admin endpoint's view of a server.
 pub(crate) struct AdminView(pub(crate) Arc<State>);
@@ -71,6 +88,7 @@ impl AdminSource for AdminView {
                     connected_since: tunnels.iter().map(|e| unix_seconds(e.since)).min(),
                     certificate_expiry: newest.map(|e| e.cert_not_after),
                     capabilities: newest.map(|e| e.capabilities.names()).unwrap_or_default(),
+                    ca: newest.and_then(|e| e.issuer.clone()),
                 }
             })
             .collect();
@@ -118,6 +136,7 @@ impl AdminSource for AdminView {
                     .map(|e| e.endpoints())
                     .unwrap_or_default(),
             },
+            ca: ca_status(s),
         })
     }
 }

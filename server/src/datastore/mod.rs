@@ -16,6 +16,7 @@
 /// The etcd client, a crate of its own (`etcd/`): a datastore is one of its users.
 pub use tether_etcd as etcd;
 pub mod members;
+pub mod rotation;
 
 use etcd::{Compare, Etcd, EtcdError, Op};
 use std::net::IpAddr;
