@@ -76,12 +76,15 @@ pub async fn join(
                             ca_pem: &ca_pem,
                             key_pem: &key_pem,
                         };
-                        if let Err(e) = answer.verify(&token, &node_name) {
-                            attempts += 1;
-                            warn!(server = %server, error = %e, "join: the answer is not a good identity for this node; nothing stored, trying the next server");
-                            continue;
-                        }
-                        store(config, &answer)?;
+                        let cas = match answer.verify(&token, &node_name) {
+                            Ok(cas) => cas,
+                            Err(e) => {
+                                attempts += 1;
+                                warn!(server = %server, error = %e, "join: the answer is not a good identity for this node; nothing stored, trying the next server");
+                                continue;
+                            }
+                        };
+                        store(config, &answer, &cas)?;
                         info!(node = %node_name, server = %server, "joined the cluster; certificate stored");
                         return Ok(());
                     }
@@ -243,24 +246,27 @@ struct Answer<'a> {
 }
 
 impl Answer<'_> {
-    /// Checked before anything is stored: the CA handed over must be the one the token pins
-    /// (the one TLS verified), and the certificate a good identity for this node under it.
-    fn verify(&self, token: &Token, node_name: &str) -> Result<(), JoinError> {
-        let ca_der = tether_trust::pem_to_der(self.ca_pem, std::path::Path::new("(CA sent)"))?;
-        if tether_trust::token::ca_hash(&ca_der) != token.ca_hash {
+    /// Checked before anything is stored: the CAs handed over must hold the one the token pins
+    /// (the one TLS verified), and the certificate be a good identity for this node under them.
+    /// Returns the CAs to trust: the pinned one, and those it vouches for (while a CA rotation
+    /// runs, a token made before it pins the old CA, and the certificate the old CA signed for
+    /// the new one comes after the node's own).
+    fn verify(&self, token: &Token, node_name: &str) -> Result<String, JoinError> {
+        let Some(pinned) = tether_trust::rotation::pinned(self.ca_pem, &token.ca_hash) else {
             return Err(JoinError::CaMismatch(
-                "the CA sent with the certificate is not the one the token pins".into(),
+                "the CAs sent with the certificate do not hold the one the token pins".into(),
             ));
-        }
+        };
+        let cas = tether_trust::rotation::accepted(self.ca_pem, &pinned, self.cert_pem);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        tether_trust::check_issued(self.cert_pem, self.ca_pem, node_name, self.key_pem, now)?;
-        Ok(())
+        tether_trust::check_issued(self.cert_pem, &cas, node_name, self.key_pem, now)?;
+        Ok(cas)
     }
 }
 
-fn store(config: &AgentConfig, answer: &Answer<'_>) -> Result<(), JoinError> {
+fn store(config: &AgentConfig, answer: &Answer<'_>, cas: &str) -> Result<(), JoinError> {
     for p in [&config.ca, &config.cert, &config.key] {
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir).map_err(|source| tether_trust::CertError::Write {
@@ -269,7 +275,7 @@ fn store(config: &AgentConfig, answer: &Answer<'_>) -> Result<(), JoinError> {
             })?;
         }
     }
-    tether_trust::write_file(&config.ca, answer.ca_pem.as_bytes(), 0o644)?;
+    tether_trust::write_file(&config.ca, cas.as_bytes(), 0o644)?;
     tether_trust::write_identity(&config.cert, &config.key, answer.cert_pem, answer.key_pem)?;
     Ok(())
 }

@@ -228,6 +228,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         metrics: metrics.clone(),
         limit: Arc::new(tokio::sync::Semaphore::new(reverse::MAX_REVERSE_STREAMS)),
     });
+    // A server's `RenewNow` goes to the renewal loop, with the server it came from.
+    let (ask, asks) = tokio::sync::mpsc::channel(renew::ASKS);
     let dialer = Arc::new(Dialer {
         endpoint: endpoint.clone(),
         client_config: std::sync::RwLock::new(client_config),
@@ -244,7 +246,15 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         changed: Arc::new(tokio::sync::Notify::new()),
         kind: tether_link::reconnect::LinkKind::Server,
         proxy: config.proxy.clone(),
-        on_message: None,
+        on_message: Some(Box::new(move |link, m| {
+            if let tether_proto::Message::RenewNow { issuer, trusted } = m {
+                let _ = ask.try_send(renew::Ask {
+                    server: link.server.clone(),
+                    issuer: issuer.clone(),
+                    trusted: trusted.clone(),
+                });
+            }
+        })),
         outbox: None,
         after_welcome: vec![tether_proto::Message::NodeInfo {
             addresses: node_ips.iter().take(64).map(|ip| ip.to_string()).collect(),
@@ -267,6 +277,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         pool.clone(),
         dialer.clone(),
         metrics.clone(),
+        asks,
         shutdown.signal(),
     ));
     let discovery = discovery::Discovery {
