@@ -824,3 +824,149 @@ async fn commands_import_and_export_work_against_etcd() {
     let (good, text) = server_cmd(&args);
     assert!(!good && text.contains("datastore unavailable"), "{text}");
 }
+
+/// A CA rotation with etcd as the store: one `ca rotate` and one `ca finish` on the first
+/// master; the second adopts the new CA with `--from` and finishes by itself when etcd says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_through_etcd_reaches_every_master() {
+    let Some(cluster) = etcd_cluster("a_ca_rotation_through_etcd_reaches_every_master", 1).await
+    else {
+        return;
+    };
+    let settings = cluster.settings("/rotation/");
+    let flags = etcd_flags(&settings);
+    let pki = Pki::new();
+    let echo = start_echo();
+    let root = TempDir::new("etcd-rotation");
+    let (a, b) = (server_dir(&pki, &root, "a"), server_dir(&pki, &root, "b"));
+    let (da, db) = (
+        a.to_string_lossy().into_owned(),
+        b.to_string_lossy().into_owned(),
+    );
+    let start = |dir: PathBuf| {
+        let settings = settings.clone();
+        async move {
+            let mut c = ServerConfig::new(dir);
+            c.listen = "127.0.0.1:0".parse().unwrap();
+            c.upstream = echo.addr.to_string();
+            c.admin = Some("127.0.0.1:0".parse().unwrap());
+            c.datastore = Kind::Etcd;
+            c.etcd = settings;
+            c.reload_interval = Duration::from_millis(200);
+            tether_server::start(c).await.expect("server starts")
+        }
+    };
+    let (sa, sb) = (start(a.clone()).await, start(b.clone()).await);
+    // A node issued with its ownership in etcd, connected to both.
+    let node = root.path().join("node");
+    let n = node.to_string_lossy().into_owned();
+    ok(
+        &[
+            "issue-agent",
+            "--data-dir",
+            &da,
+            "--node-name",
+            "n1",
+            "--out-dir",
+            &n,
+        ],
+        &flags,
+    );
+    let mut c = tether_agent::config::AgentConfig::new(
+        vec![sa.local_addr.to_string(), sb.local_addr.to_string()],
+        node.clone(),
+    );
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.state_dir = None;
+    let agent = tether_agent::start(c).await.unwrap();
+    wait_for("the node's tunnels", Duration::from_secs(10), || async {
+        agent.tunnels_up() == 2
+    })
+    .await;
+
+    let token = ok(&["token", "create", "--data-dir", &da], &flags)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    ok(&["ca", "rotate", "--data-dir", &da], &flags);
+    let new_ca =
+        tether_trust::rotation::hashes(&std::fs::read_to_string(a.join("ca.crt")).unwrap());
+    // The second master sees the rotation in etcd, and says it lacks the new CA.
+    let lagging = ok(&["ca", "status", "--data-dir", &db], &flags);
+    assert!(lagging.contains("DOES NOT HOLD THE NEW CA"), "{lagging}");
+    // Until it holds it, it signs nothing: a join through it waits (answered busy, retried).
+    wait_for(
+        "the lagging master reads the rotation",
+        Duration::from_secs(10),
+        || async {
+            http_get_admin(&sb, "/status")
+                .await
+                .1
+                .contains("\"rotation\":{")
+        },
+    )
+    .await;
+    let joiner = TempDir::new("etcd-rotation-join");
+    let joined = tokio::spawn(tether_agent::start(joining_agent(
+        &joiner,
+        "n2",
+        sb.local_addr,
+        &token,
+    )));
+    let signed =
+        || async { sb.metrics().joins.get() > 0 || joiner.path().join("agent.crt").exists() };
+    assert!(
+        !eventually(Duration::from_secs(2), signed).await,
+        "a master without the new CA signed a certificate during the rotation"
+    );
+    ok(&["ca", "rotate", "--data-dir", &db, "--from", &da], &flags);
+    let n2 = within("the join goes through", Duration::from_secs(20), joined)
+        .await
+        .unwrap()
+        .expect("n2 joins");
+    let ca_of_n2 = std::fs::read_to_string(joiner.path().join("ca.crt")).unwrap();
+    assert_eq!(tether_trust::rotation::hashes(&ca_of_n2)[0], new_ca[0]);
+    n2.shutdown().await;
+    wait_for(
+        "the node moves to the new CA",
+        Duration::from_secs(20),
+        || async {
+            let s = ok(
+                &["ca", "status", "--output", "json", "--data-dir", &da],
+                &flags,
+            );
+            s.contains("\"nodes_on_old_ca\": []")
+                && tether_trust::rotation::hashes(
+                    &std::fs::read_to_string(node.join("ca.crt")).unwrap_or_default(),
+                )
+                .len()
+                    == 2
+        },
+    )
+    .await;
+    ok(&["ca", "finish", "--data-dir", &da], &flags);
+    // The second master finishes by itself, and the node drops the old CA.
+    wait_for(
+        "the second master finishes",
+        Duration::from_secs(10),
+        || async { !tether_trust::rotation::running_in(&b) },
+    )
+    .await;
+    wait_for(
+        "the node trusts the new CA alone",
+        Duration::from_secs(15),
+        || async {
+            tether_trust::rotation::hashes(
+                &std::fs::read_to_string(node.join("ca.crt")).unwrap_or_default(),
+            ) == new_ca
+        },
+    )
+    .await;
+    echo_roundtrip(agent.listen_addr, random_bytes(20_000, 4))
+        .await
+        .unwrap();
+    agent.shutdown().await;
+    sa.shutdown().await;
+    sb.shutdown().await;
+}

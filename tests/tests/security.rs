@@ -571,6 +571,56 @@ async fn a_forged_renewal_answer_never_reaches_the_disk() {
     server.shutdown().await;
 }
 
+/// A server with a real server certificate but a CA of its own (a stolen `server.key` on a
+/// rogue host) passes itself off as mid-rotation: it trusts its CA and the cluster's, asks the
+/// node to renew, and answers with a certificate from its CA and both CAs. The node must take
+/// neither: a CA it does not trust is taken only when one it trusts vouches for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_the_ca_key_cannot_hand_a_node_a_ca_of_its_own() {
+    init_logging();
+    let pki = Pki::new();
+    let rogue = Pki::new();
+    let echo = start_echo();
+    let dir = TempDir::new("rogue-rotation");
+    for f in ["server.crt", "server.key"] {
+        std::fs::copy(pki.server_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    for f in ["ca.crt", "ca.key"] {
+        std::fs::copy(rogue.server_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        pki.server_dir().join("ca.crt"),
+        dir.path().join(tether_trust::rotation::CA_OLD),
+    )
+    .unwrap();
+    let mut sc = server_config(&pki, echo.addr);
+    sc.data_dir = dir.path().to_path_buf();
+    let server = tether_server::start(sc).await.unwrap();
+    let d = TempDir::new("rogue-rotation-node");
+    let issued = pki.agent_cert("steady", -60, 3600);
+    let agent = tether_agent::start(agent_with_cert(&pki, &issued, &d, server.local_addr))
+        .await
+        .unwrap();
+    wait_for(
+        "the rogue server signs a renewal",
+        Duration::from_secs(15),
+        || async { server.metrics().shared.renewals.get() >= 1 },
+    )
+    .await;
+    let ca_before = std::fs::read_to_string(pki.server_dir().join("ca.crt")).unwrap();
+    let untouched = || async {
+        std::fs::read_to_string(d.path().join("agent.crt")).unwrap() == issued.cert_pem
+            && std::fs::read_to_string(d.path().join("ca.crt")).unwrap() == ca_before
+    };
+    assert!(
+        !eventually(Duration::from_secs(2), || async { !untouched().await }).await,
+        "the node took the rogue server's certificate or CA"
+    );
+    assert_eq!(agent.metrics().shared.renewals.get(), 0);
+    agent.shutdown().await;
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_renew_and_rotate_without_dropping_streams() {
     init_logging();
