@@ -148,10 +148,15 @@ async fn datastore(config: &ServerConfig, r: &mut Report) {
         Datastore::Etcd(_) => format!("etcd ({})", config.etcd.endpoints.join(", ")),
     };
     match tokio::time::timeout(Duration::from_secs(5), store.load_records()).await {
-        Ok(Ok((records, _))) => r.push(Check::ok(
-            "datastore",
-            format!("{what}: {} node records", records.by_name.len()),
-        )),
+        Ok(Ok((records, _))) => {
+            r.push(Check::ok(
+                "datastore",
+                format!("{what}: {} node records", records.by_name.len()),
+            ));
+            if let Ok(report) = crate::rotate::status(&config.data_dir, &store).await {
+                r.push(rotation_check(&report));
+            }
+        }
         Ok(Err(e)) => r.push(Check::fail(
             "datastore",
             format!("{what}: {e}"),
@@ -162,6 +167,26 @@ async fn datastore(config: &ServerConfig, r: &mut Report) {
             format!("{what}: no answer within 5 s"),
             "etcd does not answer: a partition, or etcd down",
         )),
+    }
+}
+
+/// A CA rotation that runs is a warning until it finishes; a master without its new CA fails.
+fn rotation_check(report: &crate::rotate::CaReport) -> Check {
+    match &report.rotation {
+        Some(rot) if rot.finished.is_none() && report.issuer != rot.new => Check::fail(
+            "ca rotation",
+            "a CA rotation runs and this master does not hold its new CA: it signs no join or renewal",
+            "`tether-server ca rotate --from` with a copy of the data directory of the master that started it",
+        ),
+        Some(rot) if rot.finished.is_none() => Check::warn(
+            "ca rotation",
+            format!(
+                "a CA rotation runs; {} node(s) on the old CA",
+                report.nodes_on_old_ca.len()
+            ),
+            "`tether-server ca status` lists them; `ca finish` ends the rotation once none is left",
+        ),
+        _ => Check::ok("ca rotation", "none runs"),
     }
 }
 

@@ -553,6 +553,7 @@ async fn server_diagnose_passes_on_a_healthy_master_and_fails_without_its_upstre
     for check in [
         "certificates",
         "datastore",
+        "ca rotation",
         "upstream",
         "listener ",
         "peer ",

@@ -895,6 +895,16 @@ async fn a_ca_rotation_through_etcd_reaches_every_master() {
     // The second master sees the rotation in etcd, and says it lacks the new CA.
     let lagging = ok(&["ca", "status", "--data-dir", &db], &flags);
     assert!(lagging.contains("DOES NOT HOLD THE NEW CA"), "{lagging}");
+    let mut config = ServerConfig::new(b.clone());
+    config.datastore = Kind::Etcd;
+    config.etcd = settings.clone();
+    let diagnosed = tether_server::diagnose::diagnose(&config).await.text();
+    assert!(
+        diagnosed
+            .lines()
+            .any(|l| l.starts_with("fail") && l.contains("ca rotation")),
+        "{diagnosed}"
+    );
     // Until it holds it, it signs nothing: a join through it waits (answered busy, retried).
     wait_for(
         "the lagging master reads the rotation",

@@ -37,6 +37,23 @@ fn old_nodes(dir: &Path) -> Vec<String> {
     serde_json::from_value(ca_status(dir)["nodes_on_old_ca"].clone()).unwrap_or_default()
 }
 
+/// A join token made with `token create` on a master.
+fn token(dir: &str, description: &str) -> String {
+    run_ok(
+        &bin("tether-server"),
+        &[
+            "token",
+            "create",
+            "--data-dir",
+            dir,
+            "--description",
+            description,
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
 fn hashes_of(path: &Path) -> Vec<String> {
     rotation::hashes(&std::fs::read_to_string(path).unwrap_or_default())
 }
@@ -204,19 +221,7 @@ async fn three_masters_rotate_the_ca_under_checked_traffic_with_no_failed_connec
     .await;
     let away = issued_node(&m, "away");
     let late = issued_node(&m, "late");
-    let token_before = run_ok(
-        &bin("tether-server"),
-        &[
-            "token",
-            "create",
-            "--data-dir",
-            &d[0],
-            "--description",
-            "before",
-        ],
-    )
-    .trim()
-    .to_string();
+    let token_before = token(&d[0], "before");
     let load = traffic(busy.listen_addr);
     // A stream held open across the whole rotation.
     let mut held = tokio::net::TcpStream::connect(busy.listen_addr)
@@ -312,17 +317,7 @@ async fn three_masters_rotate_the_ca_under_checked_traffic_with_no_failed_connec
         vec![new_ca[0].clone(), old_ca[0].clone()]
     );
     // A token made now pins the new CA.
-    let token_after = run_ok(
-        &bin("tether-server"),
-        &[
-            "token",
-            "create",
-            "--data-dir",
-            &d[0],
-            "--description",
-            "after",
-        ],
-    );
+    let token_after = token(&d[0], "after");
     assert!(
         token_after.contains(&format!("K10{}::", new_ca[0])),
         "{token_after}"

@@ -426,20 +426,26 @@ pub fn rotate(dir: &Path, ca_days: u32, leaf_days: u32) -> Result<Rotated, Rotat
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let new = Ca::generate(&format!("tether CA {now}"), lifetime)?;
     let cross = old.cross_sign(&new, lifetime)?;
-    write_file(&dir.join(CA_OLD), old.cert_pem.as_bytes(), 0o644)?;
-    write_file(&dir.join(CA_CROSS), cross.as_bytes(), 0o644)?;
-    write_identity(
-        &dir.join(files::CA_CERT),
-        &dir.join(files::CA_KEY),
-        &new.cert_pem,
-        &new.issuer.key().serialize_pem(),
-    )?;
+    write_cas(dir, &old.cert_pem, &cross, &new)?;
     let names = reissue_server(dir, &new, leaf_days)?;
     Ok(Rotated {
         old: old.hash()?,
         new: new.hash()?,
         names,
     })
+}
+
+/// Writes a rotation's CAs in the order a reloading server can use at any moment: the old CA
+/// kept and the cross-signed certificate written before `ca.crt` and `ca.key` change.
+fn write_cas(dir: &Path, old_pem: &str, cross: &str, new: &Ca) -> Result<(), CertError> {
+    write_file(&dir.join(CA_OLD), old_pem.as_bytes(), 0o644)?;
+    write_file(&dir.join(CA_CROSS), cross.as_bytes(), 0o644)?;
+    write_identity(
+        &dir.join(files::CA_CERT),
+        &dir.join(files::CA_KEY),
+        &new.cert_pem,
+        &new.issuer.key().serialize_pem(),
+    )
 }
 
 /// Brings a rotation started on another master (`from`: a copy of its `ca.crt`, `ca.key`,
@@ -463,14 +469,7 @@ pub fn adopt(dir: &Path, from: &Path, leaf_days: u32) -> Result<Rotated, Rotatio
         });
     }
     check_cross(&cross, &from_old, &new.cert_pem)?;
-    write_file(&dir.join(CA_OLD), from_old.as_bytes(), 0o644)?;
-    write_file(&dir.join(CA_CROSS), cross.as_bytes(), 0o644)?;
-    write_identity(
-        &dir.join(files::CA_CERT),
-        &dir.join(files::CA_KEY),
-        &new.cert_pem,
-        &new.issuer.key().serialize_pem(),
-    )?;
+    write_cas(dir, &from_old, &cross, &new)?;
     if from.join(ROTATION_FILE).exists() {
         let text = read_string(&from.join(ROTATION_FILE))?;
         write_file(&dir.join(ROTATION_FILE), text.as_bytes(), 0o644)?;
