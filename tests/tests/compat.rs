@@ -5,7 +5,9 @@
 //! servers, and one old and one new server peered. The steps are what a fleet half-way through
 //! an upgrade must still do: a join with a token, byte-exact forward traffic, a `CONNECT`
 //! through the reverse path on every server, a `kill -9` of a server with new connections
-//! still served, and a revocation that holds. A failure names the mixing and the step, with the processes' last log lines.
+//! still served, and a revocation that holds. Then an agent of the last release across a CA
+//! rotation of current servers. A failure names the mixing and the step, with the processes'
+//! last log lines.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -461,4 +463,134 @@ async fn an_old_and_a_new_server_work_as_peers() {
     run("old and new servers peered", &new, [&old, &new], false).await;
     // And the other way round: an old agent that knows only the new server, which is killed.
     run("new and old servers peered", &old, [&new, &old], false).await;
+}
+
+/// An agent of the last release, which knows nothing of CA rotations, across one: it renews at
+/// its usual time (here: a certificate of a few seconds) from the new CA, keeps only the old CA
+/// in its `ca.crt` (it never rewrites it), and still verifies the servers, through the
+/// certificate the old CA signed for the new one, before and after the rotation finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_agent_moves_to_a_new_ca_at_its_usual_renewal() {
+    init_logging();
+    let old = previous();
+    let mut m = Mixing {
+        name: "old agent across a CA rotation".into(),
+        dir: TempDir::new("compat-rotation"),
+        procs: Vec::new(),
+    };
+    let server_dir = m.dir.path().join("server");
+    let d = server_dir.to_str().expect("utf-8 path").to_string();
+    run_ok(
+        &bin("tether-server"),
+        &["init", "--data-dir", &d, "--san", "localhost,127.0.0.1,::1"],
+    );
+    // A certificate due for renewal at two thirds of its 12 s, made before the rotation.
+    let agent_dir = m.dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).expect("mkdir");
+    let now = time::OffsetDateTime::now_utc();
+    let issued = tether_trust::Ca::load(&server_dir)
+        .expect("CA")
+        .issue_agent(
+            "edge-old",
+            tether_trust::Lifetime {
+                not_before: now - time::Duration::seconds(1),
+                not_after: now + time::Duration::seconds(12),
+            },
+        )
+        .expect("issue");
+    issued
+        .save(&agent_dir.join("agent.crt"), &agent_dir.join("agent.key"))
+        .expect("save");
+    std::fs::copy(server_dir.join("ca.crt"), agent_dir.join("ca.crt")).expect("ca");
+    let old_ca = std::fs::read_to_string(agent_dir.join("ca.crt")).expect("ca");
+
+    let upstream = start_echo();
+    let (port, admin) = (free_port(), free_port());
+    let server_args = [
+        "run".to_string(),
+        "--data-dir".into(),
+        d.clone(),
+        "--listen".into(),
+        loopback(port).to_string(),
+        "--upstream".into(),
+        upstream.addr.to_string(),
+        "--admin".into(),
+        loopback(admin).to_string(),
+    ];
+    let args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let log = m.log("server");
+    m.procs
+        .push(spawn("server (current)", &bin("tether-server"), &args, log));
+    let (listen, agent_admin) = (free_port(), free_port());
+    let agent_args = [
+        "run".to_string(),
+        "--data-dir".into(),
+        agent_dir.to_str().expect("utf-8 path").into(),
+        "--server".into(),
+        loopback(port).to_string(),
+        "--listen".into(),
+        loopback(listen).to_string(),
+        "--admin".into(),
+        loopback(agent_admin).to_string(),
+    ];
+    let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let start_agent = |m: &mut Mixing| {
+        let log = m.log("agent");
+        m.procs.push(spawn(
+            &format!("agent ({})", old.name),
+            &old.agent,
+            &agent_args,
+            log,
+        ));
+    };
+    start_agent(&mut m);
+    let up = || async { metric_of(loopback(agent_admin), "tether_tunnels_up").await == Some(1.0) };
+    if !eventually(Duration::from_secs(30), up).await {
+        m.fail("tunnel", "no tunnel within 30 s");
+    }
+    run_ok(&bin("tether-server"), &["ca", "rotate", "--data-dir", &d]);
+    let new_ca = std::fs::read_to_string(server_dir.join("ca.crt")).expect("new ca");
+
+    // Its usual renewal gives it a certificate from the new CA; its ca.crt stays the old CA.
+    let renewed = eventually(Duration::from_secs(30), || async {
+        let cert = std::fs::read_to_string(agent_dir.join("agent.crt")).unwrap_or_default();
+        let key = std::fs::read_to_string(agent_dir.join("agent.key")).unwrap_or_default();
+        let t = time::OffsetDateTime::now_utc().unix_timestamp();
+        tether_trust::check_issued(&cert, &new_ca, "edge-old", &key, t).is_ok()
+    })
+    .await;
+    if !renewed {
+        m.fail("renewal", "no certificate from the new CA within 30 s");
+    }
+    assert_eq!(
+        std::fs::read_to_string(agent_dir.join("ca.crt")).expect("ca"),
+        old_ca
+    );
+    // The old certificate expires and its tunnel closes: the next one is the new CA's, and the
+    // agent verifies the server through the cross-signed certificate.
+    let via = loopback(listen);
+    let carried = eventually(Duration::from_secs(30), || async {
+        up().await && checked_echoes(via, 8, 64 * 1024).await.is_ok()
+    })
+    .await;
+    if !carried {
+        m.fail(
+            "after the renewal",
+            "no working tunnel with the new certificate",
+        );
+    }
+    // The rotation ends; a restarted old agent still connects and carries.
+    run_ok(&bin("tether-server"), &["ca", "finish", "--data-dir", &d]);
+    m.procs.pop();
+    start_agent(&mut m);
+    let carried = eventually(Duration::from_secs(30), || async {
+        up().await && checked_echoes(via, 8, 64 * 1024).await.is_ok()
+    })
+    .await;
+    if !carried {
+        m.fail(
+            "after the finish",
+            "the restarted old agent carries no traffic",
+        );
+    }
 }
