@@ -75,28 +75,16 @@ impl Ask {
         let Ok(bundle) = std::fs::read_to_string(&config.ca) else {
             return Answer::Renew;
         };
-        let cas: Vec<(String, Vec<u8>)> = tether_trust::pem_ders(&bundle)
-            .into_iter()
-            .filter_map(|d| {
-                let (subject, _) = tether_trust::rotation::names_of(&d)?;
-                Some((tether_trust::token::ca_hash(&d), subject))
-            })
-            .collect();
-        let by = tls::load_certs(&config.cert)
+        // The CA this node's certificate is from, among those it trusts.
+        let mine = tls::load_certs(&config.cert)
             .ok()
             .and_then(|c| c.into_iter().next())
-            .and_then(|c| tether_trust::rotation::names_of(&c))
-            .map(|(_, by)| by);
-        // The CA this node's certificate is from, among those it trusts.
-        let mine = cas
-            .iter()
-            .find(|(_, subject)| Some(subject) == by.as_ref())
-            .map(|(h, _)| h);
+            .and_then(|c| tether_trust::rotation::Cas::parse(&bundle).issuer_of(&c));
         match mine {
-            Some(m) if *m == self.issuer => {}
+            Some(m) if m == self.issuer => {}
             // A server that does not trust this node's CA is one that has not heard of a
             // rotation yet (a tunnel from before it): renewing there would go backwards.
-            Some(m) if !self.trusted.contains(m) => return Answer::Nothing,
+            Some(m) if !self.trusted.contains(&m) => return Answer::Nothing,
             _ => return Answer::Renew,
         }
         // Trusting fewer CAs than the server is fine (a node that joined with a token made

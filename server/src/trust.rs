@@ -8,45 +8,36 @@ use tether_trust::rotation;
 /// The CAs this server uses now.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Trust {
-    /// Each CA's hash and subject (DER), the issuing one first.
-    cas: Vec<(String, Vec<u8>)>,
+    /// The issuing one first.
+    cas: rotation::Cas,
 }
 
 impl Trust {
     /// The CAs of a PEM bundle, the issuing one first.
     pub(crate) fn new(bundle: &str) -> Self {
-        let cas = tether_trust::pem_ders(bundle)
-            .into_iter()
-            .filter_map(|der| {
-                let (subject, _) = rotation::names_of(&der)?;
-                Some((tether_trust::token::ca_hash(&der), subject))
-            })
-            .collect();
-        Trust { cas }
+        Trust {
+            cas: rotation::Cas::parse(bundle),
+        }
     }
 
     /// The hash of the CA this server issues from.
     pub(crate) fn issuer(&self) -> &str {
-        self.cas.first().map_or("", |(h, _)| h.as_str())
+        self.cas.first()
     }
 
     pub(crate) fn hashes(&self) -> Vec<String> {
-        self.cas.iter().map(|(h, _)| h.clone()).collect()
+        self.cas.hashes()
     }
 
-    /// Which trusted CA issued a certificate the handshake verified, by the issuer's name
-    /// (CAs that rotate have distinct names); `None` for one this server trusts no more.
+    /// Which trusted CA issued a certificate the handshake verified; `None` for one this server
+    /// trusts no more.
     pub(crate) fn issuer_of(&self, cert_der: &[u8]) -> Option<String> {
-        let (_, issuer) = rotation::names_of(cert_der)?;
-        self.cas
-            .iter()
-            .find(|(_, subject)| *subject == issuer)
-            .map(|(h, _)| h.clone())
+        self.cas.issuer_of(cert_der)
     }
 
     /// Whether a tunnel whose certificate `issuer_of` gave this is from a CA trusted now.
     pub(crate) fn trusts(&self, issuer: Option<&str>) -> bool {
-        issuer.is_some_and(|i| self.cas.iter().any(|(h, _)| h == i))
+        issuer.is_some_and(|i| self.cas.contains(i))
     }
 
     /// What an agent is asked after the welcome and whenever this changes.

@@ -58,16 +58,12 @@ fn hashes_of(path: &Path) -> Vec<String> {
     rotation::hashes(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
-/// The hash of the CA whose name is the issuer of the certificate in `cert`.
+/// The hash of the CA of `cas` that issued the certificate in `cert`.
 fn issuer_of(cert: &Path, cas: &Path) -> Option<String> {
     let cert = tether_trust::pem_ders(&std::fs::read_to_string(cert).ok()?)
         .into_iter()
         .next()?;
-    let (_, by) = rotation::names_of(&cert)?;
-    tether_trust::pem_ders(&std::fs::read_to_string(cas).ok()?)
-        .into_iter()
-        .find(|ca| rotation::names_of(ca).is_some_and(|(subject, _)| subject == by))
-        .map(|ca| tether_trust::token::ca_hash(&ca))
+    rotation::Cas::parse(&std::fs::read_to_string(cas).ok()?).issuer_of(&cert)
 }
 
 /// Three masters on loopback, each with its own data directory holding a copy of one CA, peered

@@ -132,6 +132,46 @@ pub fn pinned(text: &str, hash: &str) -> Option<String> {
         .map(|(block, _)| block)
 }
 
+/// The CAs of a PEM bundle, in order, each by its hash and its name: which of them issued a
+/// certificate is the one whose name is the certificate's issuer (the CAs of successive
+/// rotations have distinct names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cas(Vec<(String, Vec<u8>)>);
+
+impl Cas {
+    pub fn parse(pem_text: &str) -> Self {
+        Cas(crate::pem_ders(pem_text)
+            .into_iter()
+            .filter_map(|der| {
+                let (subject, _) = names_of(&der)?;
+                Some((crate::token::ca_hash(&der), subject))
+            })
+            .collect())
+    }
+
+    /// The first CA's hash (a server's issuing CA); empty for none.
+    pub fn first(&self) -> &str {
+        self.0.first().map_or("", |(h, _)| h.as_str())
+    }
+
+    pub fn hashes(&self) -> Vec<String> {
+        self.0.iter().map(|(h, _)| h.clone()).collect()
+    }
+
+    pub fn contains(&self, hash: &str) -> bool {
+        self.0.iter().any(|(h, _)| h == hash)
+    }
+
+    /// The hash of the CA among these that issued a certificate (DER), by its issuer's name.
+    pub fn issuer_of(&self, cert_der: &[u8]) -> Option<String> {
+        let (_, issuer) = names_of(cert_der)?;
+        self.0
+            .iter()
+            .find(|(_, subject)| *subject == issuer)
+            .map(|(h, _)| h.clone())
+    }
+}
+
 /// What a rotation has done so far, kept in the datastore (`DIR/ca-rotation`, or one etcd key),
 /// so that every master and every command sees the same.
 #[derive(Debug, Clone, PartialEq, Eq)]
