@@ -97,7 +97,12 @@ pub(crate) fn close_untrusted(state: &State) {
 /// Follows the rotation record until shutdown (see the module's documentation).
 pub(crate) async fn follow(state: Arc<State>, mut stop: ShutdownSignal) {
     loop {
-        match state.authority.store().rotation().await {
+        let known = state
+            .rotation
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match state.authority.store().rotation(known.as_ref()).await {
             Ok(r) => {
                 let finished = r.as_ref().is_some_and(|r| !r.running()).then(|| r.clone());
                 *state.rotation.write().unwrap_or_else(|p| p.into_inner()) = r;

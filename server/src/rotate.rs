@@ -69,7 +69,7 @@ pub async fn rotate(
                 // Started here before, and the record never written (a crash, etcd down):
                 // written now; any other case is a rotation that runs.
                 let mine = rotation::hashes(&rotation::trusted(dir).map_err(RotationError::from)?);
-                match store.rotation().await? {
+                match store.rotation(None).await? {
                     Some(r) if !r.running() || Some(&r.new) != mine.first() => {}
                     Some(_) => return Err(RotationError::Running(d).into()),
                     None => {}
@@ -88,7 +88,7 @@ pub async fn rotate(
         return status(dir, store).await;
     };
     let done = rotation::adopt(dir, from, leaf_days)?;
-    match store.rotation().await? {
+    match store.rotation(None).await? {
         Some(r) if r.new == done.new => {}
         Some(r) => {
             return Err(CaCommandError::OtherRotation {
@@ -111,7 +111,7 @@ pub async fn rotate(
 /// `ca status`: this master's CAs, the store's rotation, and the nodes still on the old CA.
 pub async fn status(dir: &Path, store: &Datastore) -> Result<CaReport, CaCommandError> {
     let trusted = rotation::hashes(&rotation::trusted(dir).map_err(RotationError::from)?);
-    let r = store.rotation().await?;
+    let r = store.rotation(None).await?;
     let pending = match &r {
         Some(r) if r.running() => {
             let (records, _) = store.load_records().await?;
@@ -141,7 +141,10 @@ pub async fn finish(
     store: &Datastore,
     force: bool,
 ) -> Result<CaReport, CaCommandError> {
-    let mut r = store.rotation().await?.ok_or(CaCommandError::NoRotation)?;
+    let mut r = store
+        .rotation(None)
+        .await?
+        .ok_or(CaCommandError::NoRotation)?;
     let mine = rotation::hashes(&rotation::trusted(dir).map_err(RotationError::from)?);
     if mine.first() != Some(&r.new) {
         return Err(CaCommandError::NotAdopted(dir.display().to_string()));

@@ -980,3 +980,36 @@ async fn a_ca_rotation_through_etcd_reaches_every_master() {
     sa.shutdown().await;
     sb.shutdown().await;
 }
+
+/// A rotation record of any size fits etcd: its nodes are kept in parts, read back whole, and a
+/// smaller record that follows leaves no part of the larger one behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_rotation_record_is_kept_in_parts() {
+    let Some(cluster) = etcd_cluster("a_large_rotation_record_is_kept_in_parts", 1).await else {
+        return;
+    };
+    let s = store(&cluster.settings("/rotation-parts/"));
+    let mut big = tether_trust::rotation::Rotation {
+        old: "1".repeat(64),
+        new: "2".repeat(64),
+        started: 1_800_000_000,
+        finished: None,
+        nodes: (0..9_500)
+            .map(|i| {
+                (
+                    format!("node-{i:05}-of-a-large-edge-fleet"),
+                    format!("{i:064x}"),
+                )
+            })
+            .collect(),
+    };
+    s.put_rotation(&big).await.unwrap();
+    assert_eq!(s.rotation(None).await.unwrap().as_ref(), Some(&big));
+    // Read again knowing it: the same, without the parts.
+    assert_eq!(s.rotation(Some(&big)).await.unwrap().as_ref(), Some(&big));
+    big.finished = Some(1_800_000_100);
+    big.nodes
+        .retain(|n, _| n.ends_with("fleet") && n < &"node-00002".to_string());
+    s.put_rotation(&big).await.unwrap();
+    assert_eq!(s.rotation(None).await.unwrap().as_ref(), Some(&big));
+}

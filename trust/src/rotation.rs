@@ -32,9 +32,10 @@ pub const CA_CROSS: &str = "ca-cross.crt";
 /// The rotation record of a data-directory store.
 pub const ROTATION_FILE: &str = "ca-rotation";
 
-/// Most nodes a rotation record lists: far above any cluster tether serves, and small enough
-/// (about 100 bytes each) for one etcd value.
-pub const MAX_NODES: usize = 10_000;
+/// Most nodes a rotation record lists: a bound on what is read back, far above what the node
+/// records hold (`--max-nodes`, 50,000 by default). A record past it is refused when read,
+/// loudly: it is never cut short, since a node left out would not be waited for.
+pub const MAX_NODES: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
@@ -198,7 +199,6 @@ impl Rotation {
                 NodeState::Owned(k) => Some((r.name.clone(), k.clone())),
                 _ => None,
             })
-            .take(MAX_NODES)
             .collect();
         Rotation {
             old,
