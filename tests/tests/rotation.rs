@@ -371,6 +371,26 @@ async fn three_masters_rotate_the_ca_under_checked_traffic_with_no_failed_connec
         )
         .await;
     }
+    // A token made before the rotation joins no more: the masters no longer present its CA.
+    let too_late_tmp = TempDir::new("too-late");
+    let too_late = within(
+        "a join with a token from before a finished rotation",
+        Duration::from_secs(30),
+        tether_agent::start(joining_agent(
+            &too_late_tmp,
+            "too-late",
+            m.servers[0].local_addr,
+            &token_before,
+        )),
+    )
+    .await;
+    match too_late {
+        Err(e) => assert!(
+            e.to_string().contains("does not match the join token"),
+            "{e}"
+        ),
+        Ok(_) => panic!("a token from before a finished rotation joined"),
+    }
     // The node left on the old CA gets no tunnel any more.
     let away = tether_agent::start(away).await.expect("agent starts");
     assert!(
