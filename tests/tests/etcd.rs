@@ -242,18 +242,26 @@ async fn a_silent_watch_is_noticed_and_a_revocation_made_meanwhile_holds() {
     c.node_ips = vec!["192.0.2.5".parse().unwrap()];
     let agent = tether_agent::start(c).await.expect("agent starts");
     // Its address claim is written before the watch goes silent: the one change to be
-    // noticed is the revocation.
+    // noticed is the revocation. And the server's watch has brought it: the watch is up
+    // before it is silenced (a watch that started late, on a new connection, would not be).
     let direct = store(&cluster.settings("/silent/"));
+    let direct_etcd = Etcd::new(&cluster.settings("/silent/")).unwrap();
     wait_for(
-        "node-s and its address recorded",
-        Duration::from_secs(5),
+        "node-s and its address recorded, and the server's watch up to date",
+        Duration::from_secs(10),
         || async {
             let claimed = direct.load_records().await.is_ok_and(|(r, _)| {
                 r.by_name
                     .get("node-s")
                     .is_some_and(|n| !n.addresses.is_empty())
             });
-            claimed && has_node(&server, "node-s")
+            let latest = direct_etcd.latest_change().await.unwrap_or(i64::MAX);
+            let applied = metric(
+                &http_get_admin(&server, "/metrics").await.1,
+                "tether_datastore_revision",
+            )
+            .unwrap_or(0.0);
+            claimed && has_node(&server, "node-s") && applied >= latest as f64
         },
     )
     .await;
