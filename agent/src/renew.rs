@@ -130,10 +130,9 @@ pub async fn run(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            a = asks.recv() => {
-                if let Some(a) = a {
-                    asked = Some(a);
-                }
+            // A closed channel (no sender left) disables this arm rather than waking it.
+            Some(a) = asks.recv() => {
+                asked = Some(a);
                 continue;
             }
             _ = stop.wait() => return,
