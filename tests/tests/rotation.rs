@@ -37,6 +37,22 @@ fn old_nodes(dir: &Path) -> Vec<String> {
     serde_json::from_value(ca_status(dir)["nodes_on_old_ca"].clone()).unwrap_or_default()
 }
 
+/// A node that joins through the first master with `token`, as `name`, keeping its files in
+/// `dir`: started, or why not, within 30 s.
+async fn join(
+    m: &Masters,
+    dir: &TempDir,
+    name: &str,
+    token: &str,
+) -> Result<tether_agent::AgentHandle, tether_agent::AgentError> {
+    within(
+        &format!("a join of {name}"),
+        Duration::from_secs(30),
+        tether_agent::start(joining_agent(dir, name, m.servers[0].local_addr, token)),
+    )
+    .await
+}
+
 /// A join token made with `token create` on a master.
 fn token(dir: &str, description: &str) -> String {
     run_ok(
@@ -289,18 +305,9 @@ async fn three_masters_rotate_the_ca_under_checked_traffic_with_no_failed_connec
 
     // A token made before the rotation still joins, and the node gets both CAs.
     let joined_tmp = TempDir::new("joined");
-    let joined = within(
-        "a join with a token from before the rotation",
-        Duration::from_secs(30),
-        tether_agent::start(joining_agent(
-            &joined_tmp,
-            "joined",
-            m.servers[0].local_addr,
-            &token_before,
-        )),
-    )
-    .await
-    .expect("a token from before the rotation joins");
+    let joined = join(&m, &joined_tmp, "joined", &token_before)
+        .await
+        .expect("a token from before the rotation joins");
     assert_eq!(
         issuer_of(
             &joined_tmp.path().join("agent.crt"),
@@ -373,17 +380,7 @@ async fn three_masters_rotate_the_ca_under_checked_traffic_with_no_failed_connec
     }
     // A token made before the rotation joins no more: the masters no longer present its CA.
     let too_late_tmp = TempDir::new("too-late");
-    let too_late = within(
-        "a join with a token from before a finished rotation",
-        Duration::from_secs(30),
-        tether_agent::start(joining_agent(
-            &too_late_tmp,
-            "too-late",
-            m.servers[0].local_addr,
-            &token_before,
-        )),
-    )
-    .await;
+    let too_late = join(&m, &too_late_tmp, "too-late", &token_before).await;
     match too_late {
         Err(e) => assert!(
             e.to_string().contains("does not match the join token"),
